@@ -1,0 +1,305 @@
+//! The `runner` command line: a thin layer over the engine modules.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::cache::Cache;
+use crate::exec::{self, Outcome, Selection};
+use crate::graph::{self, Dag};
+use crate::plan::{self, Overrides, Plan};
+use crate::recipe::{self, LoadError, Recipe};
+use crate::stage::Registry;
+use crate::{gc, report, schema};
+
+/// Exit codes, stable for scripts.
+pub mod exit {
+    /// Everything asked for is done.
+    pub const OK: i32 = 0;
+    /// A stage failed (others may have finished and stay cached).
+    pub const STAGE_FAILED: i32 = 1;
+    /// The recipe or the command line is wrong; nothing ran.
+    pub const USAGE: i32 = 2;
+    /// Interrupted with Ctrl-C; finished stages stay cached, a training stage checkpointed.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "runner",
+    version,
+    about = "Declarative, cached, resumable two-stage LoRA fine-tuning (SFT, then DPO)",
+    long_about = "Declarative, cached, resumable two-stage LoRA fine-tuning (SFT, then DPO).\n\n\
+        A TOML recipe declares stages (base, adapter, sft, dpo, merge, eval, export) that refer to \
+        each other by name. `runner plan` shows what would run and why; `runner run` runs it, \
+        skipping every stage whose inputs have not changed since it last ran.\n\n\
+        Exit codes: 0 done, 1 a stage failed, 2 bad recipe or usage, 130 interrupted."
+)]
+pub struct Cli {
+    /// Cache folder (artifacts, keys, checkpoints).
+    #[arg(long, global = true, env = "RUNNER_CACHE", default_value = "cache")]
+    pub cache: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Dry run: every stage in execution order, cached or to run, and why.
+    Plan {
+        recipe: PathBuf,
+        /// Machine-readable output (schemas/plan.schema.json).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the recipe: stages whose inputs are unchanged are skipped.
+    Run {
+        recipe: PathBuf,
+        /// Rerun this stage even if cached (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Run only this stage; its inputs must be cached.
+        #[arg(long, value_name = "STAGE", conflicts_with = "until")]
+        only: Option<String>,
+        /// Run this stage and its inputs, nothing after it.
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+    },
+    /// Each stage's state: cached artifact, when it finished, its headline metrics.
+    Status { recipe: PathBuf },
+    /// A stage's manifest, metrics, lineage and artifact path.
+    Show {
+        recipe: PathBuf,
+        stage: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a stage's cached artifact to DIR (PEFT or Hugging Face layout).
+    Export {
+        recipe: PathBuf,
+        stage: String,
+        dir: PathBuf,
+    },
+    /// Print the JSON schema of recipes.
+    Schema {
+        /// Print the schema of `runner plan --json` output instead.
+        #[arg(long)]
+        plan: bool,
+    },
+    /// Remove artifacts no given recipe reaches (dry run unless --delete).
+    Gc {
+        /// Recipes whose stages (and their lineage) are kept.
+        recipes: Vec<PathBuf>,
+        /// Actually delete.
+        #[arg(long)]
+        delete: bool,
+    },
+}
+
+/// An error with the exit code it maps to.
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::USAGE,
+            message: message.into(),
+        }
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Failure {
+            code: exit::STAGE_FAILED,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::internal(format!("error: {e}"))
+    }
+}
+
+fn color() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn recipe_failure(e: crate::recipe::diag::RecipeError) -> Failure {
+    Failure::usage(e.render(color()))
+}
+
+/// The program's entry point with the built-in stage kinds.
+pub fn main() -> i32 {
+    run_with(std::env::args_os(), &crate::kinds::builtin())
+}
+
+/// Parse `args` and run, with the given stage kinds. Returns the exit code.
+pub fn run_with<I, T>(args: I, registry: &Registry) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { exit::USAGE } else { exit::OK };
+        }
+    };
+    match dispatch(cli, registry) {
+        Ok(code) => code,
+        Err(f) => {
+            eprint!("{}", f.message);
+            if !f.message.ends_with('\n') {
+                eprintln!();
+            }
+            f.code
+        }
+    }
+}
+
+/// A recipe loaded and type-checked.
+pub struct Checked {
+    pub recipe: Recipe,
+    pub dag: Dag,
+}
+
+pub fn check(path: &Path, registry: &Registry) -> Result<Checked, Failure> {
+    let recipe = recipe::load(path, registry).map_err(|e| match e {
+        LoadError::Io { .. } => Failure::usage(format!("error: {e}")),
+        LoadError::Invalid(e) => recipe_failure(e),
+    })?;
+    let dag = graph::build(&recipe).map_err(recipe_failure)?;
+    Ok(Checked { recipe, dag })
+}
+
+fn make_plan(checked: &Checked, cache: &Cache, overrides: &Overrides) -> Result<Plan, Failure> {
+    plan::plan(&checked.recipe, &checked.dag, cache, overrides).map_err(|e| match e {
+        plan::PlanError::Recipe(e) => recipe_failure(e),
+        plan::PlanError::Io(e) => Failure::internal(format!("error: {e}")),
+    })
+}
+
+fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
+    let open_cache = || Cache::open(&cli.cache).map_err(|e| Failure::internal(format!("error: cache {}: {e}", cli.cache.display())));
+    match &cli.command {
+        Command::Schema { plan } => {
+            let schema = if *plan { schema::plan_schema() } else { schema::recipe_schema(registry) };
+            println!("{}", serde_json::to_string_pretty(&schema).expect("schema serializes"));
+            Ok(exit::OK)
+        }
+        Command::Plan { recipe, json } => {
+            let checked = check(recipe, registry)?;
+            let cache = open_cache()?;
+            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report::plan_json(&checked.recipe, &plan)).expect("plan serializes"));
+            } else {
+                print!("{}", report::plan_text(&checked.recipe, &plan, &cache));
+            }
+            Ok(exit::OK)
+        }
+        Command::Run { recipe, force, only, until } => {
+            let checked = check(recipe, registry)?;
+            for name in force.iter().chain(only).chain(until) {
+                if checked.recipe.stage(name).is_none() {
+                    return Err(Failure::usage(format!("error: no stage `{name}` in {}", recipe.display())));
+                }
+            }
+            let cache = open_cache()?;
+            let overrides = Overrides { force: force.clone() };
+            let plan = make_plan(&checked, &cache, &overrides)?;
+            let selection = Selection { only: only.clone(), until: until.clone() };
+            let selected = exec::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(|e| match e {
+                exec::ExecError::Io(e) => Failure::internal(format!("error: {e}")),
+                other => Failure::usage(format!("error: {other}")),
+            })?;
+            let interrupt = install_interrupt();
+            let reporter = crate::progress::reporter();
+            let outcome = exec::execute(&checked.recipe, &cache, &plan, &selected, reporter.as_ref(), &interrupt)
+                .map_err(|e| Failure::internal(format!("error: {e}")))?;
+            let ran = outcome.stages.iter().filter(|(_, o)| matches!(o, Outcome::Ran { .. })).count();
+            let cached = outcome.stages.iter().filter(|(_, o)| *o == Outcome::Cached).count();
+            eprintln!("{ran} stage(s) ran, {cached} cached, {} not done", outcome.stages.len() - ran - cached);
+            Ok(if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
+                exit::INTERRUPTED
+            } else if outcome.failed() {
+                exit::STAGE_FAILED
+            } else {
+                exit::OK
+            })
+        }
+        Command::Status { recipe } => {
+            let checked = check(recipe, registry)?;
+            let cache = open_cache()?;
+            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            print!("{}", report::status_text(&checked.recipe, &plan, &cache));
+            Ok(exit::OK)
+        }
+        Command::Show { recipe, stage, json } => {
+            let checked = check(recipe, registry)?;
+            let cache = open_cache()?;
+            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let planned = plan
+                .by_name(stage)
+                .ok_or_else(|| Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display())))?;
+            let out = report::show(&cache, planned, *json).map_err(Failure::usage)?;
+            println!("{out}");
+            Ok(exit::OK)
+        }
+        Command::Export { recipe, stage, dir } => {
+            let checked = check(recipe, registry)?;
+            let cache = open_cache()?;
+            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let planned = plan
+                .by_name(stage)
+                .ok_or_else(|| Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display())))?;
+            let plan::Status::Cached { artifact } = &planned.status else {
+                return Err(Failure::usage(format!(
+                    "error: stage `{stage}` has no cached artifact ({}); run `runner run {} --until {stage}` first",
+                    planned.reason(),
+                    recipe.display()
+                )));
+            };
+            let from = crate::kinds::export::payload_dir(&cache.artifact_dir(artifact)).map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+            let files = crate::kinds::export::export_folder(&from, dir).map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+            eprintln!("exported `{stage}` ({} files) to {}", files.len(), dir.display());
+            Ok(exit::OK)
+        }
+        Command::Gc { recipes, delete } => {
+            let cache = open_cache()?;
+            let mut keep = Vec::new();
+            for r in recipes {
+                let checked = check(r, registry)?;
+                let plan = make_plan(&checked, &cache, &Overrides::default())?;
+                keep.extend(plan.stages.iter().map(|s| s.key.clone()));
+            }
+            let summary = gc::collect(&cache, &keep, *delete)?;
+            print!("{summary}");
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Ctrl-C sets a flag that stages check between steps; a second Ctrl-C exits at once.
+fn install_interrupt() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        let _ = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                std::process::exit(exit::INTERRUPTED);
+            }
+            eprintln!("\ninterrupted: finishing the current step (Ctrl-C again to quit now)");
+        });
+        flag
+    })
+    .clone()
+}

@@ -1,0 +1,281 @@
+//! Execution: run a plan's stages in order, skipping cached ones, each
+//! under its lock, promoting each result atomically into the cache.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use crate::cache::{self, Cache, Manifest, Parent, InputFile};
+use crate::graph::Dag;
+use crate::plan::{Plan, PlannedStage, Status};
+use crate::progress::Reporter;
+use crate::recipe::Recipe;
+use crate::stage::{InputArtifact, Interrupted, RunContext};
+
+/// Which stages to run.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Run only this stage (its inputs must be cached).
+    pub only: Option<String>,
+    /// Run this stage and what it depends on, nothing after.
+    pub until: Option<String>,
+}
+
+/// How each stage ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Cached,
+    Ran { artifact: String, seconds: f64 },
+    Failed(String),
+    /// Not run because an input failed or was not run.
+    Blocked(String),
+    Interrupted,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    /// (stage, outcome) in execution order.
+    pub stages: Vec<(String, Outcome)>,
+}
+
+impl Report {
+    pub fn failed(&self) -> bool {
+        self.stages
+            .iter()
+            .any(|(_, o)| matches!(o, Outcome::Failed(_) | Outcome::Blocked(_)))
+    }
+    pub fn interrupted(&self) -> bool {
+        self.stages.iter().any(|(_, o)| *o == Outcome::Interrupted)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("unknown stage `{0}`")]
+    UnknownStage(String),
+    #[error("--only {stage}: its input `{input}` is not cached; run `runner run --until {stage}` instead")]
+    InputNotCached { stage: String, input: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Stage indices selected to run, in plan order.
+pub fn select(recipe: &Recipe, dag: &Dag, plan: &Plan, selection: &Selection) -> Result<Vec<usize>, ExecError> {
+    let index_of = |name: &str| {
+        recipe
+            .stages
+            .iter()
+            .position(|s| s.name.value == name)
+            .ok_or_else(|| ExecError::UnknownStage(name.to_string()))
+    };
+    let mut chosen: Vec<usize> = plan.stages.iter().map(|s| s.index).collect();
+    if let Some(until) = &selection.until {
+        let keep = dag.ancestors_and_self(index_of(until)?);
+        chosen.retain(|i| keep.contains(i));
+    }
+    if let Some(only) = &selection.only {
+        let i = index_of(only)?;
+        for (_, d) in dag.deps(i) {
+            if plan.by_index(d).status.will_run() {
+                return Err(ExecError::InputNotCached {
+                    stage: only.clone(),
+                    input: recipe.stages[d].name.value.clone(),
+                });
+            }
+        }
+        chosen.retain(|&c| c == i);
+    }
+    Ok(chosen)
+}
+
+/// Run the selected stages of a plan.
+pub fn execute(
+    recipe: &Recipe,
+    cache: &Cache,
+    plan: &Plan,
+    selected: &[usize],
+    reporter: &dyn Reporter,
+    interrupt: &AtomicBool,
+) -> Result<Report, ExecError> {
+    let _shared = cache.lock_shared()?;
+    let mut report = Report::default();
+    // Artifact of each stage available so far (cached or just made).
+    let mut artifacts: BTreeMap<usize, String> = BTreeMap::new();
+    for p in &plan.stages {
+        if let Status::Cached { artifact } = &p.status {
+            artifacts.insert(p.index, artifact.clone());
+        }
+    }
+    reporter.start_pipeline(selected.len());
+    let mut not_available: BTreeMap<usize, String> = BTreeMap::new();
+
+    for p in plan.stages.iter().filter(|p| selected.contains(&p.index)) {
+        if interrupt.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        if let Some((_, d)) = p.deps.iter().find(|(_, d)| !artifacts.contains_key(d)) {
+            let why = not_available
+                .get(d)
+                .cloned()
+                .unwrap_or_else(|| format!("input `{}` was not run", recipe.stages[*d].name.value));
+            reporter.stage_line(&format!("{}: skipped ({why})", p.name));
+            not_available.insert(p.index, format!("input `{}` failed", p.name));
+            report.stages.push((p.name.clone(), Outcome::Blocked(why)));
+            continue;
+        }
+        if let Status::Cached { artifact } = &p.status {
+            cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
+            reporter.stage_line(&format!("{}: cached ({})", p.name, cache::short(artifact)));
+            report.stages.push((p.name.clone(), Outcome::Cached));
+            continue;
+        }
+        let outcome = run_one(recipe, cache, p, &artifacts, reporter, interrupt)?;
+        match &outcome {
+            Outcome::Ran { artifact, seconds } => {
+                artifacts.insert(p.index, artifact.clone());
+                reporter.stage_line(&format!("{}: done in {seconds:.1}s ({})", p.name, cache::short(artifact)));
+            }
+            Outcome::Cached => {
+                let record = cache.key_record(&p.key).expect("just found");
+                artifacts.insert(p.index, record.artifact);
+                reporter.stage_line(&format!("{}: cached (computed by another process)", p.name));
+            }
+            Outcome::Failed(e) => {
+                not_available.insert(p.index, format!("input `{}` failed", p.name));
+                reporter.stage_line(&format!("{}: FAILED: {e}", p.name));
+            }
+            Outcome::Interrupted => reporter.stage_line(&format!("{}: interrupted", p.name)),
+            Outcome::Blocked(_) => {}
+        }
+        let stop = outcome == Outcome::Interrupted;
+        report.stages.push((p.name.clone(), outcome));
+        if stop {
+            break;
+        }
+    }
+    reporter.finish();
+    Ok(report)
+}
+
+fn run_one(
+    recipe: &Recipe,
+    cache: &Cache,
+    p: &PlannedStage,
+    artifacts: &BTreeMap<usize, String>,
+    reporter: &dyn Reporter,
+    interrupt: &AtomicBool,
+) -> Result<Outcome, ExecError> {
+    let stage = &recipe.stages[p.index];
+    let _lock = cache.lock_stage(&p.key, |pid| {
+        let holder = pid.map_or("another process".to_string(), |pid| format!("process {pid}"));
+        reporter.stage_line(&format!("{}: waiting for {holder}, which is running this stage", p.name));
+    })?;
+    // Another process may have finished it while we waited.
+    if let Some(record) = cache.key_record(&p.key) {
+        if cache.verify(&record.artifact) == cache::Integrity::Whole && !matches!(p.reasons.first(), Some(r) if r.starts_with("forced")) {
+            cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
+            return Ok(Outcome::Cached);
+        }
+    }
+
+    let mut inputs = BTreeMap::new();
+    let mut parents = Vec::new();
+    for (field, d) in &p.deps {
+        let artifact = &artifacts[d];
+        let dir = cache.artifact_dir(artifact);
+        let manifest = std::fs::read(dir.join(cache::MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let up = &recipe.stages[*d];
+        let up_key = p.key_inputs.inputs[*field].clone();
+        parents.push(Parent {
+            field: field.to_string(),
+            stage: up.name.value.clone(),
+            key: up_key.clone(),
+            artifact: artifact.clone(),
+        });
+        inputs.insert(
+            field.to_string(),
+            InputArtifact {
+                stage: up.name.value.clone(),
+                kind: up.kind.name().to_string(),
+                key: up_key,
+                dir,
+                manifest,
+            },
+        );
+    }
+    let files: BTreeMap<String, std::path::PathBuf> = stage
+        .params
+        .files()
+        .into_iter()
+        .map(|f| (f.field, f.path))
+        .collect();
+
+    let staging = cache.staging_dir(&p.key)?;
+    let work_dir = cache.work_dir(&p.key);
+    std::fs::create_dir_all(&work_dir)?;
+    let started = cache::now_rfc3339();
+    let clock = Instant::now();
+    let progress = reporter.start_stage(&p.name, &p.kind, &p.reason());
+    let mut ctx = RunContext {
+        stage: p.name.clone(),
+        key: p.key.clone(),
+        out_dir: staging.clone(),
+        work_dir: work_dir.clone(),
+        inputs,
+        files: files.clone(),
+        seed: recipe.header.seed.value,
+        progress: progress.as_ref(),
+        metrics: serde_json::Map::new(),
+        interrupt,
+    };
+    let result = stage.kind.run(stage.params.as_ref(), &mut ctx);
+    let metrics = std::mem::take(&mut ctx.metrics);
+    drop(ctx);
+    drop(progress);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        if e.is::<Interrupted>() {
+            return Ok(Outcome::Interrupted);
+        }
+        return Ok(Outcome::Failed(format!("{e:#}")));
+    }
+
+    let manifest = Manifest {
+        artifact: String::new(),
+        stage: p.name.clone(),
+        kind: p.kind.clone(),
+        kind_version: stage.kind.version(),
+        key: p.key.clone(),
+        recipe: recipe.path.display().to_string(),
+        recipe_name: recipe.header.name.value.clone(),
+        seed: recipe.header.seed.value,
+        params: p.key_inputs.params.clone(),
+        parents,
+        inputs: p
+            .files
+            .iter()
+            .map(|(field, d)| InputFile {
+                field: field.clone(),
+                path: d.path.clone(),
+                hash: p.key_inputs.files[field].clone(),
+            })
+            .collect(),
+        metrics,
+        files: BTreeMap::new(),
+        program: format!("runner {}", env!("CARGO_PKG_VERSION")),
+        started,
+        finished: cache::now_rfc3339(),
+        wall_seconds: clock.elapsed().as_secs_f64(),
+    };
+    let (artifact, _) = cache.promote(&staging, manifest)?;
+    // Checkpoints are only for resuming this key; the result is safe now.
+    let _ = std::fs::remove_dir_all(&work_dir);
+    cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
+    Ok(Outcome::Ran {
+        artifact,
+        seconds: clock.elapsed().as_secs_f64(),
+    })
+}

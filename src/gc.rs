@@ -1,0 +1,98 @@
+//! `runner gc`: remove what no given recipe reaches.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+use crate::cache::Cache;
+
+/// Keys to keep -> reachable artifacts (through key records and lineage);
+/// everything else in `artifacts/`, `keys/`, `work/` and `tmp/` goes.
+pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Result<String> {
+    let _exclusive = if delete { Some(cache.lock_exclusive()?) } else { None };
+    let mut reachable: BTreeSet<String> = BTreeSet::new();
+    let mut stack: Vec<String> = keep_keys
+        .iter()
+        .filter_map(|k| cache.key_record(k).map(|r| r.artifact))
+        .collect();
+    while let Some(a) = stack.pop() {
+        if reachable.insert(a.clone()) {
+            if let Some(m) = cache.manifest(&a) {
+                stack.extend(m.parents.into_iter().map(|p| p.artifact));
+            }
+        }
+    }
+    let keep: BTreeSet<&String> = keep_keys.iter().collect();
+    let mut doomed = Vec::new();
+    for entry in std::fs::read_dir(cache.root.join("artifacts"))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !reachable.contains(&name) {
+            doomed.push(entry.path());
+        }
+    }
+    for record in cache.all_key_records()? {
+        if !keep.contains(&record.key) && !reachable.contains(&record.artifact) {
+            doomed.push(cache.root.join("keys").join(format!("{}.json", record.key)));
+        }
+    }
+    for folder in ["work", "tmp"] {
+        for entry in std::fs::read_dir(cache.root.join(folder))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Unfinished work of a kept stage is a checkpoint to resume from.
+            if folder == "work" && keep.contains(&name) {
+                continue;
+            }
+            // A run in progress holds the shared lock; only delete tmp under the exclusive one.
+            doomed.push(entry.path());
+        }
+    }
+    let mut out = String::new();
+    let mut bytes = 0u64;
+    for path in &doomed {
+        let size = du(path);
+        bytes += size;
+        let _ = writeln!(out, "{} {} ({})", if delete { "removed" } else { "would remove" }, path.display(), human(size));
+        if delete {
+            if path.is_dir() {
+                std::fs::remove_dir_all(path)?;
+            } else {
+                std::fs::remove_file(path)?;
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} {} item(s), {}{}",
+        if delete { "removed" } else { "would remove" },
+        doomed.len(),
+        human(bytes),
+        if delete { "" } else { " (dry run: add --delete)" }
+    );
+    Ok(out)
+}
+
+fn du(path: &std::path::Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|rd| rd.filter_map(Result::ok).map(|e| du(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

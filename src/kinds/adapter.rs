@@ -1,0 +1,130 @@
+//! `adapter`: import a LoRA adapter trained elsewhere (a PEFT folder) so it
+//! can be continued, merged or evaluated like one trained here.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{file_input, key_json, parse_table, stage_ref, MODEL};
+use crate::fsutil;
+use crate::recipe::diag::Problem;
+use crate::recipe::params::{LoraSpec, Targets};
+use crate::recipe::span::Sp;
+use crate::recipe::ParseContext;
+use crate::stage::{ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef};
+
+pub struct Adapter;
+
+/// `[stages.<name>]` with `kind = "adapter"`.
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterParams {
+    /// The model stage the adapter was trained on.
+    pub model: Sp<String>,
+    /// A PEFT folder (adapter_config.json, adapter_model.safetensors), relative to the recipe.
+    pub path: Sp<String>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    folder: PathBuf,
+}
+
+/// The files of a PEFT adapter folder that make up the adapter.
+pub const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
+
+/// r, alpha, targets and rslora from a PEFT adapter_config.json, when readable.
+pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
+    let text = std::fs::read_to_string(folder.join("adapter_config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let targets = match &json["target_modules"] {
+        serde_json::Value::String(s) => Targets::Pattern(s.clone()),
+        serde_json::Value::Array(a) => {
+            Targets::List(a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        }
+        _ => return None,
+    };
+    Some(LoraSpec {
+        r: Sp::implicit(json["r"].as_u64()? as u32),
+        alpha: Sp::implicit(json["lora_alpha"].as_f64()?),
+        dropout: Sp::implicit(json["lora_dropout"].as_f64().unwrap_or(0.0)),
+        targets: Sp::implicit(targets),
+        rslora: Sp::implicit(json["use_rslora"].as_bool().unwrap_or(false)),
+    })
+}
+
+impl StageParams for AdapterParams {
+    fn key_params(&self) -> serde_json::Value {
+        let mut v = key_json(self);
+        v["path"] = serde_json::Value::String(self.folder.display().to_string());
+        v
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        vec![stage_ref("model", &self.model, MODEL)]
+    }
+    fn files(&self) -> Vec<FileInput> {
+        let mut f = file_input("path", &self.path, std::path::Path::new("/"));
+        f.path = self.folder.clone();
+        vec![f]
+    }
+    fn lora(&self) -> LoraUse<'_> {
+        LoraUse::Imported(read_peft_shape(&self.folder))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl StageKind for Adapter {
+    fn name(&self) -> &'static str {
+        "adapter"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output(&self) -> ArtifactKind {
+        ArtifactKind::Adapter
+    }
+    fn summary(&self) -> &'static str {
+        "import an existing PEFT adapter folder trained on `model`"
+    }
+
+    fn parse(
+        &self,
+        table: toml::Spanned<toml::de::DeValue<'_>>,
+        ctx: &ParseContext,
+    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
+        let mut params: AdapterParams = parse_table(table, ctx, |p: &AdapterParams, problems| {
+            let folder = ctx.resolve(&p.path);
+            if !folder.join("adapter_config.json").is_file() {
+                problems.push(
+                    Problem::new(format!(
+                        "no PEFT adapter at {} (expected adapter_config.json there)",
+                        folder.display()
+                    ))
+                    .at(p.path.span.clone(), "adapter folder"),
+                );
+            }
+        })?;
+        let folder = ctx.resolve(&params.path);
+        params.folder = folder.canonicalize().unwrap_or(folder);
+        Ok(Box::new(params))
+    }
+
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        generator.subschema_for::<AdapterParams>()
+    }
+
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let params = params
+            .as_any()
+            .downcast_ref::<AdapterParams>()
+            .expect("adapter stage params");
+        // Adapters are small: copy them, so the artifact stands on its own.
+        for name in PEFT_FILES {
+            let from = params.folder.join(name);
+            let bytes = std::fs::read(&from)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", from.display()))?;
+            fsutil::write_atomic(&ctx.out_dir.join(name), &bytes)?;
+        }
+        Ok(())
+    }
+}

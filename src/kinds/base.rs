@@ -1,0 +1,245 @@
+//! `base`: the model everything starts from. Either a Hugging Face folder
+//! (referenced by content hash, not copied) or `init`, a seeded random model
+//! the program makes itself.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{file_input, key_json, parse_table};
+use crate::fsutil;
+use crate::hfconfig;
+use crate::recipe::diag::Problem;
+use crate::recipe::params::{at_least, positive};
+use crate::recipe::span::Sp;
+use crate::recipe::ParseContext;
+use crate::stage::{ArtifactKind, FileInput, RunContext, StageKind, StageParams, StageRef};
+
+pub struct Base;
+
+/// Shape of a model made by `init`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InitSpec {
+    /// Architecture family: "llama", "mistral" or "qwen2".
+    #[serde(default = "default_arch")]
+    pub arch: Sp<hfconfig::Arch>,
+    pub hidden: Sp<u32>,
+    pub layers: Sp<u32>,
+    pub heads: Sp<u32>,
+    pub kv_heads: Sp<u32>,
+    pub ffn: Sp<u32>,
+    /// Vocabulary size; at least the tokenizer's own tokens.
+    pub vocab: Sp<u32>,
+    /// Per-head size; hidden / heads when left out.
+    #[serde(default)]
+    pub head_dim: Option<Sp<u32>>,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: Sp<f64>,
+    /// Share the input embedding with the output head.
+    #[serde(default = "yes")]
+    pub tie_embeddings: Sp<bool>,
+    #[serde(default = "default_max_positions")]
+    pub max_positions: Sp<u32>,
+}
+
+fn default_arch() -> Sp<hfconfig::Arch> {
+    Sp::implicit(hfconfig::Arch::Qwen2)
+}
+fn default_rope_theta() -> Sp<f64> {
+    Sp::implicit(10000.0)
+}
+fn yes() -> Sp<bool> {
+    Sp::implicit(true)
+}
+fn default_max_positions() -> Sp<u32> {
+    Sp::implicit(2048)
+}
+
+/// `[stages.<name>]` with `kind = "base"`.
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BaseParams {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json), relative to the recipe.
+    #[serde(default)]
+    pub path: Option<Sp<String>>,
+    /// Make a seeded random model of this shape instead of loading one.
+    #[serde(default)]
+    pub init: Option<InitSpec>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    resolved: Option<PathBuf>,
+}
+
+impl BaseParams {
+    /// The model folder when the stage loads one.
+    pub fn folder(&self) -> Option<&PathBuf> {
+        self.resolved.as_ref()
+    }
+}
+
+impl InitSpec {
+    fn check(&self, problems: &mut Vec<Problem>) {
+        for (key, v) in [
+            ("init.hidden", &self.hidden),
+            ("init.layers", &self.layers),
+            ("init.heads", &self.heads),
+            ("init.kv_heads", &self.kv_heads),
+            ("init.ffn", &self.ffn),
+            ("init.vocab", &self.vocab),
+        ] {
+            at_least(problems, key, v, 1);
+        }
+        positive(problems, "init.rope_theta", &self.rope_theta);
+        if self.kv_heads.value > 0 && self.heads.value % self.kv_heads.value != 0 {
+            problems.push(
+                Problem::new(format!(
+                    "`init.heads` ({}) must be a multiple of `init.kv_heads` ({})",
+                    self.heads.value, self.kv_heads.value
+                ))
+                .at(self.kv_heads.span.clone(), "does not divide heads"),
+            );
+        }
+        let head_dim = self.head_dim.as_ref().map(|h| h.value);
+        if head_dim.is_none() && self.heads.value > 0 && self.hidden.value % self.heads.value != 0 {
+            problems.push(
+                Problem::new(format!(
+                    "`init.hidden` ({}) is not a multiple of `init.heads` ({}); set `init.head_dim`",
+                    self.hidden.value, self.heads.value
+                ))
+                .at(self.hidden.span.clone(), "not divisible"),
+            );
+        }
+        if head_dim.unwrap_or(2) % 2 != 0 || (head_dim.is_none() && self.heads.value > 0 && (self.hidden.value / self.heads.value) % 2 != 0) {
+            problems.push(
+                Problem::new("the head size must be even for rotary embeddings")
+                    .at(self.hidden.span.clone(), "odd head size"),
+            );
+        }
+    }
+}
+
+impl StageParams for BaseParams {
+    fn key_params(&self) -> serde_json::Value {
+        let mut v = key_json(self);
+        // The folder's absolute location, so an artifact always points at a folder that had this content.
+        if let Some(p) = &self.resolved {
+            v["path"] = serde_json::Value::String(p.display().to_string());
+        }
+        v
+    }
+
+    fn refs(&self) -> Vec<StageRef> {
+        Vec::new()
+    }
+
+    fn files(&self) -> Vec<FileInput> {
+        match (&self.path, &self.resolved) {
+            (Some(written), Some(resolved)) => {
+                let mut f = file_input("path", written, std::path::Path::new("/"));
+                f.path = resolved.clone();
+                vec![f]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn model_modules(&self) -> Option<Result<Vec<String>, Problem>> {
+        if let Some(init) = &self.init {
+            return Some(Ok(hfconfig::linear_module_names(init.arch.value, init.layers.value as usize)));
+        }
+        let (written, folder) = (self.path.as_ref()?, self.resolved.as_ref()?);
+        let config = folder.join("config.json");
+        Some(
+            hfconfig::read_shape(&config)
+                .map(|(arch, layers)| hfconfig::linear_module_names(arch, layers))
+                .map_err(|e| Problem::new(e.to_string()).at(written.span.clone(), "this model folder")),
+        )
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl StageKind for Base {
+    fn name(&self) -> &'static str {
+        "base"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn output(&self) -> ArtifactKind {
+        ArtifactKind::Model
+    }
+    fn summary(&self) -> &'static str {
+        "the base model: a Hugging Face folder (`path`) or a seeded random model (`init`)"
+    }
+
+    fn parse(
+        &self,
+        table: toml::Spanned<toml::de::DeValue<'_>>,
+        ctx: &ParseContext,
+    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
+        let span = table.span();
+        let mut params: BaseParams = parse_table(table, ctx, |p: &BaseParams, problems| {
+            match (&p.path, &p.init) {
+                (Some(path), Some(_)) => problems.push(
+                    Problem::new(format!("stage `{}` sets both `path` and `init`", ctx.stage))
+                        .at(path.span.clone(), "load this folder")
+                        .help("keep `path` to load a model, or `init` to make one"),
+                ),
+                (None, None) => problems.push(
+                    Problem::new(format!("stage `{}` needs `path` or `init`", ctx.stage))
+                        .at(span.start..span.start, "this stage")
+                        .help("path = \"models/my-model\" (a Hugging Face folder) or init = { hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128, vocab = 512 }"),
+                ),
+                _ => {}
+            }
+            if let Some(init) = &p.init {
+                init.check(problems);
+            }
+            if let Some(path) = &p.path {
+                let folder = ctx.resolve(path);
+                if !folder.join("config.json").is_file() {
+                    problems.push(
+                        Problem::new(format!(
+                            "no model folder at {} (expected config.json there)",
+                            folder.display()
+                        ))
+                        .at(path.span.clone(), "model folder"),
+                    );
+                }
+            }
+        })?;
+        params.resolved = params.path.as_ref().map(|p| {
+            let folder = ctx.resolve(p);
+            folder.canonicalize().unwrap_or(folder)
+        });
+        Ok(Box::new(params))
+    }
+
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        generator.subschema_for::<BaseParams>()
+    }
+
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let params = params
+            .as_any()
+            .downcast_ref::<BaseParams>()
+            .expect("base stage params");
+        match (&params.resolved, &params.init) {
+            (Some(folder), _) => {
+                // Referenced, not copied: the artifact records where the model is.
+                let source = serde_json::json!({ "path": folder.display().to_string() });
+                fsutil::write_atomic(
+                    &ctx.out_dir.join(crate::cache::SOURCE_FILE),
+                    serde_json::to_string_pretty(&source)?.as_bytes(),
+                )?;
+                Ok(())
+            }
+            (None, Some(_)) => Err(super::not_yet("base (init)")),
+            (None, None) => unreachable!("checked when parsing"),
+        }
+    }
+}

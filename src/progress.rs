@@ -1,0 +1,163 @@
+//! Progress display: indicatif bars on a terminal (the pipeline and the
+//! current stage), plain log lines elsewhere.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::stage::Progress;
+
+/// How the run is shown.
+pub trait Reporter: Send + Sync {
+    fn start_pipeline(&self, stages: usize);
+    /// A stage begins running; returns where it reports its steps.
+    fn start_stage(&self, name: &str, kind: &str, why: &str) -> Box<dyn Progress + '_>;
+    /// A stage was skipped, finished or failed: one line for the record.
+    fn stage_line(&self, line: &str);
+    fn finish(&self);
+}
+
+/// Bars when stderr is a terminal, lines otherwise.
+pub fn reporter() -> Box<dyn Reporter> {
+    if std::io::stderr().is_terminal() && std::env::var_os("RUNNER_PLAIN").is_none() {
+        Box::new(Bars::new())
+    } else {
+        Box::new(Lines)
+    }
+}
+
+/// Plain lines on stderr: for logs, CI and pipes.
+pub struct Lines;
+
+struct LineStage {
+    name: String,
+    total: Mutex<(u64, Instant)>,
+}
+
+impl Progress for LineStage {
+    fn set_total(&self, total: u64) {
+        self.total.lock().expect("progress lock").0 = total;
+    }
+    fn set_position(&self, done: u64, message: &str) {
+        let mut state = self.total.lock().expect("progress lock");
+        let (total, last) = *state;
+        // At most one line every few seconds, and always the last step.
+        if done == total || last.elapsed() >= Duration::from_secs(5) {
+            state.1 = Instant::now();
+            eprintln!("[runner] {}: step {done}/{total} {message}", self.name);
+        }
+    }
+    fn log(&self, line: &str) {
+        eprintln!("[runner] {}: {line}", self.name);
+    }
+}
+
+impl Reporter for Lines {
+    fn start_pipeline(&self, stages: usize) {
+        eprintln!("[runner] {stages} stage(s) to consider");
+    }
+    fn start_stage(&self, name: &str, kind: &str, why: &str) -> Box<dyn Progress + '_> {
+        eprintln!("[runner] {name} ({kind}): running ({why})");
+        Box::new(LineStage {
+            name: name.to_string(),
+            total: Mutex::new((0, Instant::now() - Duration::from_secs(60))),
+        })
+    }
+    fn stage_line(&self, line: &str) {
+        eprintln!("[runner] {line}");
+    }
+    fn finish(&self) {}
+}
+
+/// indicatif bars: one for the pipeline, one for the running stage.
+pub struct Bars {
+    multi: MultiProgress,
+    pipeline: ProgressBar,
+}
+
+impl Bars {
+    fn new() -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let pipeline = multi.add(ProgressBar::new(0));
+        pipeline.set_style(
+            ProgressStyle::with_template("pipeline [{bar:30}] {pos}/{len} stages {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        Bars { multi, pipeline }
+    }
+}
+
+struct BarStage {
+    bar: ProgressBar,
+    multi: MultiProgress,
+}
+
+impl Progress for BarStage {
+    fn set_total(&self, total: u64) {
+        self.bar.set_length(total);
+    }
+    fn set_position(&self, done: u64, message: &str) {
+        self.bar.set_position(done);
+        self.bar.set_message(message.to_string());
+    }
+    fn log(&self, line: &str) {
+        let _ = self.multi.println(line);
+    }
+}
+
+impl Drop for BarStage {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+        self.multi.remove(&self.bar);
+    }
+}
+
+impl Reporter for Bars {
+    fn start_pipeline(&self, stages: usize) {
+        self.pipeline.set_length(stages as u64);
+    }
+    fn start_stage(&self, name: &str, kind: &str, why: &str) -> Box<dyn Progress + '_> {
+        let _ = self.multi.println(format!("{name} ({kind}): running ({why})"));
+        let bar = self.multi.add(ProgressBar::new(0));
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{name:>12} [{{bar:30}}] {{pos}}/{{len}} {{msg}} eta {{eta}}"
+            ))
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Box::new(BarStage {
+            bar,
+            multi: self.multi.clone(),
+        })
+    }
+    fn stage_line(&self, line: &str) {
+        self.pipeline.inc(1);
+        let _ = self.multi.println(line);
+    }
+    fn finish(&self) {
+        self.pipeline.finish_and_clear();
+    }
+}
+
+/// A sink that shows nothing (for library callers and tests).
+pub struct Silent;
+
+impl Progress for Silent {
+    fn set_total(&self, _: u64) {}
+    fn set_position(&self, _: u64, _: &str) {}
+    fn log(&self, _: &str) {}
+}
+
+impl Reporter for Silent {
+    fn start_pipeline(&self, _: usize) {}
+    fn start_stage(&self, _: &str, _: &str, _: &str) -> Box<dyn Progress + '_> {
+        Box::new(Silent)
+    }
+    fn stage_line(&self, _: &str) {}
+    fn finish(&self) {}
+}

@@ -1,0 +1,190 @@
+//! Recipe diagnostics: every problem points at the file, line and column
+//! of what the user wrote, and is rendered with the offending line shown.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use miette::{Diagnostic, LabeledSpan, NamedSource, SourceCode};
+
+/// One thing wrong with a recipe.
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub message: String,
+    /// The primary span and its label. None when there is nothing to point at.
+    pub span: Option<(Range<usize>, String)>,
+    /// More places involved (the other end of a cycle, the default that set a value...).
+    pub others: Vec<(Range<usize>, String)>,
+    pub help: Option<String>,
+}
+
+impl Problem {
+    pub fn new(message: impl Into<String>) -> Self {
+        Problem {
+            message: message.into(),
+            span: None,
+            others: Vec::new(),
+            help: None,
+        }
+    }
+
+    /// Point at `span` with `label`. An empty span (a default value) is ignored.
+    pub fn at(mut self, span: Range<usize>, label: impl Into<String>) -> Self {
+        if !span.is_empty() || span.start > 0 {
+            self.span = Some((span, label.into()));
+        }
+        self
+    }
+
+    pub fn also(mut self, span: Range<usize>, label: impl Into<String>) -> Self {
+        if !span.is_empty() {
+            self.others.push((span, label.into()));
+        }
+        self
+    }
+
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+/// All problems found in one recipe file, with its text for rendering.
+#[derive(Clone, Debug)]
+pub struct RecipeError {
+    pub path: PathBuf,
+    pub source: Arc<String>,
+    pub problems: Vec<Problem>,
+}
+
+impl RecipeError {
+    pub fn new(path: &Path, source: Arc<String>, problems: Vec<Problem>) -> Self {
+        RecipeError {
+            path: path.to_path_buf(),
+            source,
+            problems,
+        }
+    }
+
+    /// `file:line:col` of the first problem: what a terse message or a test checks.
+    pub fn location(&self, problem: &Problem) -> String {
+        match &problem.span {
+            Some((span, _)) => {
+                let (line, col) = line_col(&self.source, span.start);
+                format!("{}:{line}:{col}", self.path.display())
+            }
+            None => self.path.display().to_string(),
+        }
+    }
+
+    /// Render every problem as a miette report, followed by one
+    /// `file:line:col: message` line each so that logs and editors can jump there.
+    pub fn render(&self, color: bool) -> String {
+        let handler = if color {
+            miette::GraphicalReportHandler::new()
+        } else {
+            miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
+        };
+        let mut out = String::new();
+        for problem in &self.problems {
+            let report = ProblemReport {
+                problem,
+                source: NamedSource::new(self.path.display().to_string(), self.source.clone()),
+            };
+            let _ = handler.render_report(&mut out, &report);
+            out.push('\n');
+        }
+        let n = self.problems.len();
+        out.push_str(&format!(
+            "{} problem{} in {}\n",
+            n,
+            if n == 1 { "" } else { "s" },
+            self.path.display()
+        ));
+        out
+    }
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for problem in &self.problems {
+            writeln!(f, "{}: {}", self.location(problem), problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RecipeError {}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..floor_char_boundary(text, offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn floor_char_boundary(text: &str, mut i: usize) -> usize {
+    while i > 0 && !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+struct ProblemReport<'a> {
+    problem: &'a Problem,
+    source: NamedSource<Arc<String>>,
+}
+
+impl fmt::Debug for ProblemReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problem.message)
+    }
+}
+
+impl fmt::Display for ProblemReport<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problem.message)
+    }
+}
+
+impl std::error::Error for ProblemReport<'_> {}
+
+impl Diagnostic for ProblemReport<'_> {
+    fn source_code(&self) -> Option<&dyn SourceCode> {
+        Some(&self.source)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        let primary = self
+            .problem
+            .span
+            .iter()
+            .map(|(span, label)| LabeledSpan::new_primary_with_span(Some(label.clone()), span.clone()));
+        let others = self
+            .problem
+            .others
+            .iter()
+            .map(|(span, label)| LabeledSpan::new_with_span(Some(label.clone()), span.clone()));
+        Some(Box::new(primary.chain(others)))
+    }
+
+    fn help(&self) -> Option<Box<dyn fmt::Display + '_>> {
+        self.problem
+            .help
+            .as_ref()
+            .map(|h| Box::new(h.clone()) as Box<dyn fmt::Display>)
+    }
+}
+
+/// The closest candidate to `word`, if it is close enough to be a likely typo.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}

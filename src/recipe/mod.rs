@@ -1,0 +1,399 @@
+//! Recipes: TOML files declaring stages. Parsing keeps every span so that
+//! each problem points at what the user wrote.
+
+pub mod diag;
+pub mod params;
+pub mod span;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use crate::stage::{Registry, StageKind, StageParams};
+use diag::{did_you_mean, Problem, RecipeError};
+use span::Sp;
+
+/// The `[recipe]` table.
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeHeader {
+    /// A name for humans and reports.
+    pub name: Sp<String>,
+    /// Seed for every random choice (initialisation, data order, dropout).
+    #[serde(default)]
+    pub seed: Sp<u64>,
+    /// Default dtype of stages that compute: "f32", "bf16" or "f16".
+    #[serde(default)]
+    pub dtype: Sp<params::Dtype>,
+    /// Default device: "auto", "cpu" or "cuda:N".
+    #[serde(default)]
+    pub device: Sp<params::DeviceSpec>,
+}
+
+/// What a stage kind's parser needs besides the table.
+pub struct ParseContext<'a> {
+    pub stage: &'a str,
+    /// The folder relative paths are resolved against.
+    pub recipe_dir: &'a Path,
+    pub header: &'a RecipeHeader,
+}
+
+impl ParseContext<'_> {
+    /// Resolve a path written in the recipe against the recipe's folder.
+    pub fn resolve(&self, written: &str) -> PathBuf {
+        let p = Path::new(written);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.recipe_dir.join(p)
+        }
+    }
+}
+
+/// One parsed stage.
+#[derive(Debug)]
+pub struct Stage {
+    pub name: Sp<String>,
+    pub kind: Arc<dyn StageKind>,
+    pub params: Box<dyn StageParams>,
+    /// Span of the whole `[stages.<name>]` table.
+    pub span: Range<usize>,
+    /// Whether the stage's own table (not its defaults) wrote `lora`.
+    pub explicit_lora: bool,
+}
+
+impl std::fmt::Debug for dyn StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A whole recipe, parsed and checked stage by stage (the DAG is checked in `graph`).
+#[derive(Debug)]
+pub struct Recipe {
+    /// The recipe file as given (used in messages).
+    pub path: PathBuf,
+    /// The recipe file, canonicalized (identifies it in the cache's records).
+    pub canonical: PathBuf,
+    pub source: Arc<String>,
+    pub header: RecipeHeader,
+    /// Stages in the order they were written.
+    pub stages: Vec<Stage>,
+}
+
+impl Recipe {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name.value == name)
+    }
+
+    pub fn error(&self, problems: Vec<Problem>) -> RecipeError {
+        RecipeError::new(&self.path, self.source.clone(), problems)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.canonical.parent().unwrap_or(Path::new("."))
+    }
+}
+
+/// Errors loading a recipe: the file cannot be read, or it has problems.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read recipe {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] RecipeError),
+}
+
+const TOP_LEVEL: [&str; 3] = ["recipe", "defaults", "stages"];
+
+/// Read and parse a recipe file.
+pub fn load(path: &Path, registry: &Registry) -> Result<Recipe, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let shown = path.to_path_buf();
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let lossy = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            // In the lossy text the bad byte became U+FFFD at the same offset.
+            let problem = Problem::new("the recipe is not valid UTF-8")
+                .at(valid..valid + 1, "invalid byte here")
+                .help("save the file as UTF-8");
+            return Err(RecipeError::new(&shown, Arc::new(lossy), vec![problem]).into());
+        }
+    };
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    parse(&shown, &canonical, Arc::new(text), registry).map_err(LoadError::from)
+}
+
+/// Parse recipe text. `shown` is the path used in messages; `canonical` locates relative paths.
+pub fn parse(
+    shown: &Path,
+    canonical: &Path,
+    source: Arc<String>,
+    registry: &Registry,
+) -> Result<Recipe, RecipeError> {
+    let fail = |problems: Vec<Problem>| RecipeError::new(shown, source.clone(), problems);
+    let root = DeTable::parse(&source).map_err(|e| fail(vec![toml_problem(&e, "invalid TOML")]))?;
+    let root_span = root.span();
+    let root = root.into_inner();
+    let mut problems = Vec::new();
+
+    for (key, _) in root.iter() {
+        if !TOP_LEVEL.contains(&key.get_ref().as_ref()) {
+            problems.push(unknown_key(key, &TOP_LEVEL, "top-level table"));
+        }
+    }
+
+    let header: Option<RecipeHeader> = match root.get("recipe") {
+        Some(v) => match RecipeHeader::deserialize(toml::de::ValueDeserializer::from(v.clone())) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                problems.push(toml_problem(&e, "in [recipe]"));
+                None
+            }
+        },
+        None => {
+            problems.push(
+                Problem::new("the recipe has no [recipe] table")
+                    .at(root_span.start..root_span.start, "expected [recipe] with at least `name`")
+                    .help("add:\n[recipe]\nname = \"my-recipe\"\nseed = 0"),
+            );
+            None
+        }
+    };
+
+    let defaults = parse_defaults(root.get("defaults"), registry, &mut problems);
+    let recipe_dir = canonical.parent().unwrap_or(Path::new(".")).to_path_buf();
+
+    let mut stages = Vec::new();
+    match root.get("stages") {
+        None => problems.push(
+            Problem::new("the recipe declares no stages")
+                .at(root_span.start..root_span.start, "expected [stages.<name>] tables"),
+        ),
+        Some(v) => match v.get_ref() {
+            DeValue::Table(table) => {
+                if let Some(header) = &header {
+                    for (name, value) in table.iter() {
+                        let ctx = ParseContext {
+                            stage: name.get_ref(),
+                            recipe_dir: &recipe_dir,
+                            header,
+                        };
+                        match parse_stage(name, value, &defaults, registry, &ctx) {
+                            Ok(stage) => stages.push(stage),
+                            Err(mut p) => problems.append(&mut p),
+                        }
+                    }
+                }
+            }
+            other => problems.push(
+                Problem::new(format!("`stages` must be a table, found {}", other.type_str()))
+                    .at(v.span(), "expected [stages.<name>] tables"),
+            ),
+        },
+    }
+    // Written order: tables are stored sorted, spans keep the file's order.
+    stages.sort_by_key(|s| s.span.start);
+
+    match header {
+        Some(header) if problems.is_empty() => Ok(Recipe {
+            path: shown.to_path_buf(),
+            canonical: canonical.to_path_buf(),
+            source: source.clone(),
+            header,
+            stages,
+        }),
+        _ => Err(fail(problems)),
+    }
+}
+
+type Defaults<'a> = BTreeMap<String, &'a Spanned<DeValue<'a>>>;
+
+fn parse_defaults<'a>(
+    value: Option<&'a Spanned<DeValue<'a>>>,
+    registry: &Registry,
+    problems: &mut Vec<Problem>,
+) -> Defaults<'a> {
+    let mut defaults = BTreeMap::new();
+    let Some(value) = value else { return defaults };
+    let DeValue::Table(table) = value.get_ref() else {
+        problems.push(
+            Problem::new("`defaults` must be a table of tables, one per stage kind")
+                .at(value.span(), "expected [defaults.<kind>]"),
+        );
+        return defaults;
+    };
+    let kinds: Vec<&str> = registry.names().collect();
+    for (kind, v) in table.iter() {
+        if registry.get(kind.get_ref()).is_none() {
+            problems.push(unknown_key(kind, &kinds, "stage kind"));
+        } else if !v.get_ref().is_table() {
+            problems.push(
+                Problem::new(format!("[defaults.{}] must be a table", kind.get_ref()))
+                    .at(v.span(), "expected a table"),
+            );
+        } else {
+            defaults.insert(kind.get_ref().to_string(), v);
+        }
+    }
+    defaults
+}
+
+fn parse_stage(
+    name: &Spanned<std::borrow::Cow<'_, str>>,
+    value: &Spanned<DeValue<'_>>,
+    defaults: &Defaults<'_>,
+    registry: &Registry,
+    ctx: &ParseContext,
+) -> Result<Stage, Vec<Problem>> {
+    let stage_name = name.get_ref().to_string();
+    let DeValue::Table(table) = value.get_ref() else {
+        return Err(vec![Problem::new(format!(
+            "stage `{stage_name}` must be a table"
+        ))
+        .at(value.span(), "expected a table with `kind = \"...\"`")]);
+    };
+    if let Err(p) = check_stage_name(&stage_name, name.span()) {
+        return Err(vec![p]);
+    }
+    let kind_name = match table.get("kind") {
+        Some(k) => match k.get_ref().as_str() {
+            Some(s) => Sp::new(s.to_string(), k.span()),
+            None => {
+                return Err(vec![Problem::new("`kind` must be a string")
+                    .at(k.span(), "expected a stage kind name")])
+            }
+        },
+        None => {
+            let kinds: Vec<_> = registry.names().collect();
+            return Err(vec![Problem::new(format!("stage `{stage_name}` has no `kind`"))
+                .at(name.span(), "this stage")
+                .help(format!("add `kind = \"...\"`, one of: {}", kinds.join(", ")))]);
+        }
+    };
+    let Some(kind) = registry.get(&kind_name) else {
+        let kinds: Vec<_> = registry.names().collect();
+        let mut p = Problem::new(format!("unknown stage kind `{}`", kind_name.value))
+            .at(kind_name.span.clone(), "not a stage kind");
+        p = match did_you_mean(&kind_name, kinds.iter().copied()) {
+            Some(s) => p.help(format!("did you mean `{s}`?")),
+            None => p.help(format!("stage kinds are: {}", kinds.join(", "))),
+        };
+        return Err(vec![p]);
+    };
+
+    let mut merged = table.clone();
+    merged.remove("kind");
+    let explicit_lora = merged.get("lora").is_some();
+    if let Some(adapter) = merged.get("adapter") {
+        if let Some(lora) = merged.get("lora") {
+            return Err(vec![Problem::new(format!(
+                "stage `{stage_name}` sets both `adapter` (continue an existing adapter) and `lora` (a new one)"
+            ))
+            .at(lora.span(), "a new adapter")
+            .also(adapter.span(), "continues this adapter")
+            .help(
+                "remove `lora` to keep training the adapter with its own r/alpha/targets (scheme one), \
+                 or remove `adapter` and merge it first to train a new one (scheme two)",
+            )]);
+        }
+    }
+    if let Some(d) = defaults.get(kind.name()) {
+        if let DeValue::Table(dt) = d.get_ref() {
+            merge_tables(&mut merged, dt);
+        }
+    }
+    let spanned = Spanned::new(value.span(), DeValue::Table(merged));
+    let params = kind.parse(spanned, ctx)?;
+    Ok(Stage {
+        name: Sp::new(stage_name, name.span()),
+        kind: kind.clone(),
+        params,
+        span: value.span(),
+        explicit_lora,
+    })
+}
+
+/// Stage names become file names and appear in messages: keep them plain.
+fn check_stage_name(name: &str, span: Range<usize>) -> Result<(), Problem> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Problem::new(format!("invalid stage name `{name}`"))
+            .at(span, "use letters, digits, `_` and `-` (at most 64)"))
+    }
+}
+
+/// Deep-merge `defaults` into `table`: keys the stage wrote win; nested tables merge.
+fn merge_tables<'i>(table: &mut DeTable<'i>, defaults: &DeTable<'i>) {
+    for (key, dvalue) in defaults.iter() {
+        match table.get_mut(key.get_ref().as_ref()) {
+            None => {
+                table.insert(key.clone(), dvalue.clone());
+            }
+            Some(existing) => {
+                if let (DeValue::Table(t), DeValue::Table(d)) =
+                    (existing.get_mut(), dvalue.get_ref())
+                {
+                    merge_tables(t, d);
+                }
+            }
+        }
+    }
+}
+
+fn unknown_key(key: &Spanned<std::borrow::Cow<'_, str>>, known: &[&str], what: &str) -> Problem {
+    let word = key.get_ref();
+    let p = Problem::new(format!("unknown {what} `{word}`")).at(key.span(), format!("unknown {what}"));
+    match did_you_mean(word, known.iter().copied()) {
+        Some(s) => p.help(format!("did you mean `{s}`?")),
+        None => p.help(format!("expected one of: {}", known.join(", "))),
+    }
+}
+
+/// Turn a toml/serde error into a problem, adding "did you mean" to unknown keys.
+pub fn toml_problem(e: &toml::de::Error, context: &str) -> Problem {
+    let message = e.message().trim().to_string();
+    let span = e.span().unwrap_or(0..0);
+    let mut problem = Problem::new(message.clone()).at(span, context.to_string());
+    if let Some((word, expected)) = parse_unknown_field(&message) {
+        let candidates: Vec<&str> = expected.iter().map(String::as_str).collect();
+        problem.message = format!("unknown key `{word}`");
+        problem = match did_you_mean(&word, candidates.iter().copied()) {
+            Some(s) => problem.help(format!("did you mean `{s}`?")),
+            None => problem.help(format!("expected one of: {}", candidates.join(", "))),
+        };
+    }
+    problem
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`").
+fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (word, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    Some((word.to_string(), expected))
+}

@@ -1,0 +1,220 @@
+//! Human and machine renderings of plans, statuses and manifests.
+
+use serde::Serialize;
+
+use crate::cache::{self, Cache, Manifest};
+use crate::plan::{Plan, PlannedStage, Status};
+use crate::recipe::Recipe;
+
+/// `runner plan --json` output (schemas/plan.schema.json).
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct PlanJson {
+    /// The recipe file as given.
+    pub recipe: String,
+    /// Stages in execution order.
+    pub stages: Vec<PlanStageJson>,
+}
+
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct PlanStageJson {
+    pub name: String,
+    pub kind: String,
+    /// "cached", "run" or "resume".
+    pub status: String,
+    /// For "resume": the checkpoint's step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_step: Option<u64>,
+    /// Why the stage runs, or which artifact it is cached as.
+    pub reason: String,
+    /// Every reason, when there are several.
+    pub reasons: Vec<String>,
+    /// The full stage key (blake3, hex).
+    pub key: String,
+    /// The cached artifact, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
+    /// Names of the stages it reads from.
+    pub deps: Vec<String>,
+}
+
+fn dep_names(recipe: &Recipe, p: &PlannedStage) -> Vec<String> {
+    p.deps.iter().map(|(_, d)| recipe.stages[*d].name.value.clone()).collect()
+}
+
+pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
+    PlanJson {
+        recipe: recipe.path.display().to_string(),
+        stages: plan
+            .stages
+            .iter()
+            .map(|p| PlanStageJson {
+                name: p.name.clone(),
+                kind: p.kind.clone(),
+                status: match p.status {
+                    Status::Cached { .. } => "cached",
+                    Status::Run => "run",
+                    Status::Resume { .. } => "resume",
+                }
+                .into(),
+                resume_step: match p.status {
+                    Status::Resume { step } => Some(step),
+                    _ => None,
+                },
+                reason: p.reason(),
+                reasons: p.reasons.clone(),
+                key: p.key.clone(),
+                artifact: match &p.status {
+                    Status::Cached { artifact } => Some(artifact.clone()),
+                    _ => None,
+                },
+                deps: dep_names(recipe, p),
+            })
+            .collect(),
+    }
+}
+
+fn table(rows: Vec<Vec<String>>) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| if i + 1 == row.len() { cell.clone() } else { format!("{cell:<w$}", w = widths[i]) })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
+    let to_run = plan.stages.iter().filter(|s| s.status.will_run()).count();
+    let mut rows = vec![vec!["STAGE".into(), "KIND".into(), "STATUS".into(), "KEY".into(), "REASON".into()]];
+    for p in &plan.stages {
+        rows.push(vec![
+            p.name.clone(),
+            p.kind.clone(),
+            p.status.label(),
+            cache::short(&p.key).to_string(),
+            p.reason(),
+        ]);
+    }
+    format!(
+        "plan for {} (recipe `{}`, cache {})\n{}{} of {} stage(s) to run\n",
+        recipe.path.display(),
+        recipe.header.name.value,
+        cache.root.display(),
+        table(rows),
+        to_run,
+        plan.stages.len()
+    )
+}
+
+pub fn status_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
+    let mut rows = vec![vec!["STAGE".into(), "KIND".into(), "STATUS".into(), "ARTIFACT".into(), "FINISHED".into(), "METRICS".into()]];
+    for p in &plan.stages {
+        let (artifact, finished, metrics) = match &p.status {
+            Status::Cached { artifact } => {
+                let m = cache.manifest(artifact);
+                (
+                    cache::short(artifact).to_string(),
+                    m.as_ref().map(|m| m.finished.clone()).unwrap_or_default(),
+                    m.map(|m| headline(&m)).unwrap_or_default(),
+                )
+            }
+            _ => ("-".into(), "-".into(), p.reason()),
+        };
+        rows.push(vec![p.name.clone(), p.kind.clone(), p.status.label(), artifact, finished, metrics]);
+    }
+    format!("{} (recipe `{}`)\n{}", recipe.path.display(), recipe.header.name.value, table(rows))
+}
+
+/// A few scalar metrics, for one line.
+fn headline(m: &Manifest) -> String {
+    m.metrics
+        .iter()
+        .filter_map(|(k, v)| v.as_f64().map(|x| format!("{k}={x:.4}")).or_else(|| v.as_u64().map(|x| format!("{k}={x}"))))
+        .take(4)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `runner show`: the manifest, its lineage as a tree and the artifact path.
+pub fn show(cache: &Cache, p: &PlannedStage, json: bool) -> Result<String, String> {
+    let Status::Cached { artifact } = &p.status else {
+        return Err(format!("error: stage `{}` has no cached artifact ({})", p.name, p.reason()));
+    };
+    let manifest = cache
+        .manifest(artifact)
+        .ok_or_else(|| format!("error: artifact {artifact} has no readable manifest"))?;
+    let path = cache.artifact_dir(artifact);
+    if json {
+        let value = serde_json::json!({
+            "path": path.display().to_string(),
+            "manifest": manifest,
+            "lineage": lineage_json(cache, artifact, 0),
+        });
+        return Ok(serde_json::to_string_pretty(&value).expect("serializes"));
+    }
+    let mut out = format!(
+        "stage     {} ({} v{})\nkey       {}\nartifact  {}\npath      {}\nrecipe    {} (`{}`)\nran       {} → {} ({:.1}s)\nprogram   {}\n",
+        manifest.stage,
+        manifest.kind,
+        manifest.kind_version,
+        manifest.key,
+        manifest.artifact,
+        path.display(),
+        manifest.recipe,
+        manifest.recipe_name,
+        manifest.started,
+        manifest.finished,
+        manifest.wall_seconds,
+        manifest.program
+    );
+    out.push_str(&format!("params    {}\n", serde_json::to_string(&manifest.params).expect("serializes")));
+    for input in &manifest.inputs {
+        out.push_str(&format!("input     {} = {} ({})\n", input.field, input.path, cache::short(&input.hash)));
+    }
+    if !manifest.metrics.is_empty() {
+        out.push_str("metrics\n");
+        for (k, v) in &manifest.metrics {
+            out.push_str(&format!("  {k}: {v}\n"));
+        }
+    }
+    out.push_str("lineage\n");
+    lineage_text(cache, artifact, "", &mut out, 0);
+    Ok(out)
+}
+
+fn lineage_text(cache: &Cache, artifact: &str, indent: &str, out: &mut String, depth: usize) {
+    let Some(m) = cache.manifest(artifact) else {
+        out.push_str(&format!("{indent}? {} (manifest missing)\n", cache::short(artifact)));
+        return;
+    };
+    out.push_str(&format!("{indent}{} ({}) {}\n", m.stage, m.kind, cache::short(artifact)));
+    if depth > 64 {
+        return;
+    }
+    for parent in &m.parents {
+        out.push_str(&format!("{indent}  └─ via `{}`:\n", parent.field));
+        lineage_text(cache, &parent.artifact, &format!("{indent}     "), out, depth + 1);
+    }
+}
+
+fn lineage_json(cache: &Cache, artifact: &str, depth: usize) -> serde_json::Value {
+    let Some(m) = cache.manifest(artifact) else {
+        return serde_json::json!({ "artifact": artifact, "missing": true });
+    };
+    let parents: Vec<serde_json::Value> = if depth > 64 {
+        Vec::new()
+    } else {
+        m.parents
+            .iter()
+            .map(|p| serde_json::json!({ "field": p.field, "node": lineage_json(cache, &p.artifact, depth + 1) }))
+            .collect()
+    };
+    serde_json::json!({ "artifact": artifact, "stage": m.stage, "kind": m.kind, "parents": parents })
+}
