@@ -95,7 +95,15 @@ pub struct Cache {
     pub hasher: Hasher,
 }
 
-const FOLDERS: [&str; 7] = ["artifacts", "keys", "records", "work", "tmp", "locks", "memo"];
+const FOLDERS: [&str; 7] = [
+    "artifacts",
+    "keys",
+    "records",
+    "work",
+    "tmp",
+    "locks",
+    "memo",
+];
 
 impl Cache {
     /// Open (creating if needed) a cache at `root`.
@@ -178,7 +186,11 @@ impl Cache {
     /// A fresh folder for a stage to write its artifact into.
     pub fn staging_dir(&self, key: &str) -> std::io::Result<PathBuf> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{}-{}-", &key[..16.min(key.len())], std::process::id()))
+            .prefix(&format!(
+                "{}-{}-",
+                &key[..16.min(key.len())],
+                std::process::id()
+            ))
             .tempdir_in(self.root.join("tmp"))?;
         Ok(dir.keep())
     }
@@ -234,20 +246,38 @@ impl Cache {
     }
 
     /// What `stage` of `recipe` looked like when it last ran or was found cached.
-    pub fn stage_record<T: serde::de::DeserializeOwned>(&self, recipe: &Path, stage: &str) -> Option<T> {
+    pub fn stage_record<T: serde::de::DeserializeOwned>(
+        &self,
+        recipe: &Path,
+        stage: &str,
+    ) -> Option<T> {
         let bytes = std::fs::read(self.record_path(recipe, stage)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
-    pub fn write_stage_record<T: Serialize>(&self, recipe: &Path, stage: &str, record: &T) -> std::io::Result<()> {
+    pub fn write_stage_record<T: Serialize>(
+        &self,
+        recipe: &Path,
+        stage: &str,
+        record: &T,
+    ) -> std::io::Result<()> {
         fsutil::write_json_atomic(&self.record_path(recipe, stage), record)
     }
 
     /// Take the lock of stage `key`, waiting if another process holds it.
     /// `waiting` is called once with the holder's PID (when known) before blocking.
-    pub fn lock_stage(&self, key: &str, waiting: impl FnOnce(Option<u32>)) -> std::io::Result<StageLock> {
+    pub fn lock_stage(
+        &self,
+        key: &str,
+        waiting: impl FnOnce(Option<u32>),
+    ) -> std::io::Result<StageLock> {
         let path = self.root.join("locks").join(format!("{key}.lock"));
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -267,13 +297,21 @@ impl Cache {
 
     /// Shared lock on the whole cache held by runs; `gc` takes it exclusively.
     pub fn lock_shared(&self) -> std::io::Result<File> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(self.root.join("locks").join("cache.lock"))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join("cache.lock"))?;
         file.lock_shared()?;
         Ok(file)
     }
 
     pub fn lock_exclusive(&self) -> std::io::Result<File> {
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(self.root.join("locks").join("cache.lock"))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join("cache.lock"))?;
         file.lock()?;
         Ok(file)
     }

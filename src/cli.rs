@@ -149,7 +149,11 @@ where
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { exit::USAGE } else { exit::OK };
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
         }
     };
     match dispatch(cli, registry) {
@@ -187,11 +191,21 @@ fn make_plan(checked: &Checked, cache: &Cache, overrides: &Overrides) -> Result<
 }
 
 fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
-    let open_cache = || Cache::open(&cli.cache).map_err(|e| Failure::internal(format!("error: cache {}: {e}", cli.cache.display())));
+    let open_cache = || {
+        Cache::open(&cli.cache)
+            .map_err(|e| Failure::internal(format!("error: cache {}: {e}", cli.cache.display())))
+    };
     match &cli.command {
         Command::Schema { plan } => {
-            let schema = if *plan { schema::plan_schema() } else { schema::recipe_schema(registry) };
-            println!("{}", serde_json::to_string_pretty(&schema).expect("schema serializes"));
+            let schema = if *plan {
+                schema::plan_schema()
+            } else {
+                schema::recipe_schema(registry)
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&schema).expect("schema serializes")
+            );
             Ok(exit::OK)
         }
         Command::Plan { recipe, json } => {
@@ -199,41 +213,80 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             let cache = open_cache()?;
             let plan = make_plan(&checked, &cache, &Overrides::default())?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report::plan_json(&checked.recipe, &plan)).expect("plan serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report::plan_json(&checked.recipe, &plan))
+                        .expect("plan serializes")
+                );
             } else {
                 print!("{}", report::plan_text(&checked.recipe, &plan, &cache));
             }
             Ok(exit::OK)
         }
-        Command::Run { recipe, force, only, until } => {
+        Command::Run {
+            recipe,
+            force,
+            only,
+            until,
+        } => {
             let checked = check(recipe, registry)?;
             for name in force.iter().chain(only).chain(until) {
                 if checked.recipe.stage(name).is_none() {
-                    return Err(Failure::usage(format!("error: no stage `{name}` in {}", recipe.display())));
+                    return Err(Failure::usage(format!(
+                        "error: no stage `{name}` in {}",
+                        recipe.display()
+                    )));
                 }
             }
             let cache = open_cache()?;
-            let overrides = Overrides { force: force.clone() };
+            let overrides = Overrides {
+                force: force.clone(),
+            };
             let plan = make_plan(&checked, &cache, &overrides)?;
-            let selection = Selection { only: only.clone(), until: until.clone() };
-            let selected = exec::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(|e| match e {
-                exec::ExecError::Io(e) => Failure::internal(format!("error: {e}")),
-                other => Failure::usage(format!("error: {other}")),
-            })?;
+            let selection = Selection {
+                only: only.clone(),
+                until: until.clone(),
+            };
+            let selected = exec::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(
+                |e| match e {
+                    exec::ExecError::Io(e) => Failure::internal(format!("error: {e}")),
+                    other => Failure::usage(format!("error: {other}")),
+                },
+            )?;
             let interrupt = install_interrupt();
             let reporter = crate::progress::reporter();
-            let outcome = exec::execute(&checked.recipe, &cache, &plan, &selected, reporter.as_ref(), &interrupt)
-                .map_err(|e| Failure::internal(format!("error: {e}")))?;
-            let ran = outcome.stages.iter().filter(|(_, o)| matches!(o, Outcome::Ran { .. })).count();
-            let cached = outcome.stages.iter().filter(|(_, o)| *o == Outcome::Cached).count();
-            eprintln!("{ran} stage(s) ran, {cached} cached, {} not done", outcome.stages.len() - ran - cached);
-            Ok(if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
-                exit::INTERRUPTED
-            } else if outcome.failed() {
-                exit::STAGE_FAILED
-            } else {
-                exit::OK
-            })
+            let outcome = exec::execute(
+                &checked.recipe,
+                &cache,
+                &plan,
+                &selected,
+                reporter.as_ref(),
+                &interrupt,
+            )
+            .map_err(|e| Failure::internal(format!("error: {e}")))?;
+            let ran = outcome
+                .stages
+                .iter()
+                .filter(|(_, o)| matches!(o, Outcome::Ran { .. }))
+                .count();
+            let cached = outcome
+                .stages
+                .iter()
+                .filter(|(_, o)| *o == Outcome::Cached)
+                .count();
+            eprintln!(
+                "{ran} stage(s) ran, {cached} cached, {} not done",
+                outcome.stages.len() - ran - cached
+            );
+            Ok(
+                if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
+                    exit::INTERRUPTED
+                } else if outcome.failed() {
+                    exit::STAGE_FAILED
+                } else {
+                    exit::OK
+                },
+            )
         }
         Command::Status { recipe } => {
             let checked = check(recipe, registry)?;
@@ -242,13 +295,17 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             print!("{}", report::status_text(&checked.recipe, &plan, &cache));
             Ok(exit::OK)
         }
-        Command::Show { recipe, stage, json } => {
+        Command::Show {
+            recipe,
+            stage,
+            json,
+        } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
             let plan = make_plan(&checked, &cache, &Overrides::default())?;
-            let planned = plan
-                .by_name(stage)
-                .ok_or_else(|| Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display())))?;
+            let planned = plan.by_name(stage).ok_or_else(|| {
+                Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
+            })?;
             let out = report::show(&cache, planned, *json).map_err(Failure::usage)?;
             println!("{out}");
             Ok(exit::OK)
@@ -257,9 +314,9 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
             let plan = make_plan(&checked, &cache, &Overrides::default())?;
-            let planned = plan
-                .by_name(stage)
-                .ok_or_else(|| Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display())))?;
+            let planned = plan.by_name(stage).ok_or_else(|| {
+                Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
+            })?;
             let plan::Status::Cached { artifact } = &planned.status else {
                 return Err(Failure::usage(format!(
                     "error: stage `{stage}` has no cached artifact ({}); run `runner run {} --until {stage}` first",
@@ -267,9 +324,15 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                     recipe.display()
                 )));
             };
-            let from = crate::kinds::export::payload_dir(&cache.artifact_dir(artifact)).map_err(|e| Failure::internal(format!("error: {e:#}")))?;
-            let files = crate::kinds::export::export_folder(&from, dir).map_err(|e| Failure::internal(format!("error: {e:#}")))?;
-            eprintln!("exported `{stage}` ({} files) to {}", files.len(), dir.display());
+            let from = crate::kinds::export::payload_dir(&cache.artifact_dir(artifact))
+                .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+            let files = crate::kinds::export::export_folder(&from, dir)
+                .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+            eprintln!(
+                "exported `{stage}` ({} files) to {}",
+                files.len(),
+                dir.display()
+            );
             Ok(exit::OK)
         }
         Command::Gc { recipes, delete } => {

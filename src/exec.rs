@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use crate::cache::{self, Cache, Manifest, Parent, InputFile};
+use crate::cache::{self, Cache, InputFile, Manifest, Parent};
 use crate::graph::Dag;
 use crate::plan::{Plan, PlannedStage, Status};
 use crate::progress::Reporter;
@@ -25,7 +25,10 @@ pub struct Selection {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Cached,
-    Ran { artifact: String, seconds: f64 },
+    Ran {
+        artifact: String,
+        seconds: f64,
+    },
     Failed(String),
     /// Not run because an input failed or was not run.
     Blocked(String),
@@ -60,7 +63,12 @@ pub enum ExecError {
 }
 
 /// Stage indices selected to run, in plan order.
-pub fn select(recipe: &Recipe, dag: &Dag, plan: &Plan, selection: &Selection) -> Result<Vec<usize>, ExecError> {
+pub fn select(
+    recipe: &Recipe,
+    dag: &Dag,
+    plan: &Plan,
+    selection: &Selection,
+) -> Result<Vec<usize>, ExecError> {
     let index_of = |name: &str| {
         recipe
             .stages
@@ -133,7 +141,11 @@ pub fn execute(
         match &outcome {
             Outcome::Ran { artifact, seconds } => {
                 artifacts.insert(p.index, artifact.clone());
-                reporter.stage_line(&format!("{}: done in {seconds:.1}s ({})", p.name, cache::short(artifact)));
+                reporter.stage_line(&format!(
+                    "{}: done in {seconds:.1}s ({})",
+                    p.name,
+                    cache::short(artifact)
+                ));
             }
             Outcome::Cached => {
                 let record = cache.key_record(&p.key).expect("just found");
@@ -167,12 +179,19 @@ fn run_one(
 ) -> Result<Outcome, ExecError> {
     let stage = &recipe.stages[p.index];
     let _lock = cache.lock_stage(&p.key, |pid| {
-        let holder = pid.map_or("another process".to_string(), |pid| format!("process {pid}"));
-        reporter.stage_line(&format!("{}: waiting for {holder}, which is running this stage", p.name));
+        let holder = pid.map_or("another process".to_string(), |pid| {
+            format!("process {pid}")
+        });
+        reporter.stage_line(&format!(
+            "{}: waiting for {holder}, which is running this stage",
+            p.name
+        ));
     })?;
     // Another process may have finished it while we waited.
     if let Some(record) = cache.key_record(&p.key) {
-        if cache.verify(&record.artifact) == cache::Integrity::Whole && !matches!(p.reasons.first(), Some(r) if r.starts_with("forced")) {
+        if cache.verify(&record.artifact) == cache::Integrity::Whole
+            && !matches!(p.reasons.first(), Some(r) if r.starts_with("forced"))
+        {
             cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
             return Ok(Outcome::Cached);
         }

@@ -8,11 +8,9 @@ use std::path::Path;
 
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -51,12 +49,15 @@ pub fn fsync_tree(dir: &Path) -> std::io::Result<()> {
 /// Put folder `staged` at `target`, replacing whatever was there. The old
 /// folder is moved aside first and removed only once the new one is in place.
 pub fn replace_dir(staged: &Path, target: &Path) -> std::io::Result<()> {
-    let parent = target.parent().unwrap_or(Path::new("."));
+    let parent = parent_dir(target);
     let old = if target.exists() {
         let aside = parent.join(format!(
             ".runner-old-{}-{}",
             std::process::id(),
-            target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         ));
         std::fs::rename(target, &aside)?;
         Some(aside)
@@ -69,4 +70,12 @@ pub fn replace_dir(staged: &Path, target: &Path) -> std::io::Result<()> {
         std::fs::remove_dir_all(old)?;
     }
     Ok(())
+}
+
+/// The folder containing `path` ("." for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }

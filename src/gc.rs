@@ -8,7 +8,11 @@ use crate::cache::Cache;
 /// Keys to keep -> reachable artifacts (through key records and lineage);
 /// everything else in `artifacts/`, `keys/`, `work/` and `tmp/` goes.
 pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Result<String> {
-    let _exclusive = if delete { Some(cache.lock_exclusive()?) } else { None };
+    let _exclusive = if delete {
+        Some(cache.lock_exclusive()?)
+    } else {
+        None
+    };
     let mut reachable: BTreeSet<String> = BTreeSet::new();
     let mut stack: Vec<String> = keep_keys
         .iter()
@@ -52,7 +56,13 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
     for path in &doomed {
         let size = du(path);
         bytes += size;
-        let _ = writeln!(out, "{} {} ({})", if delete { "removed" } else { "would remove" }, path.display(), human(size));
+        let _ = writeln!(
+            out,
+            "{} {} ({})",
+            if delete { "removed" } else { "would remove" },
+            path.display(),
+            human(size)
+        );
         if delete {
             if path.is_dir() {
                 std::fs::remove_dir_all(path)?;
@@ -67,7 +77,11 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
         if delete { "removed" } else { "would remove" },
         doomed.len(),
         human(bytes),
-        if delete { "" } else { " (dry run: add --delete)" }
+        if delete {
+            ""
+        } else {
+            " (dry run: add --delete)"
+        }
     );
     Ok(out)
 }

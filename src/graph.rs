@@ -59,7 +59,9 @@ pub fn build(recipe: &Recipe) -> Result<Dag, RecipeError> {
         .map(|(i, s)| (s.name.value.as_str(), i))
         .collect();
     let mut graph = DiGraph::new();
-    let nodes: Vec<NodeIndex> = (0..recipe.stages.len()).map(|i| graph.add_node(i)).collect();
+    let nodes: Vec<NodeIndex> = (0..recipe.stages.len())
+        .map(|i| graph.add_node(i))
+        .collect();
     let mut problems = Vec::new();
     let refs: Vec<Vec<StageRef>> = recipe.stages.iter().map(|s| s.params.refs()).collect();
 
@@ -68,14 +70,23 @@ pub fn build(recipe: &Recipe) -> Result<Dag, RecipeError> {
             let target = r.target.value.as_str();
             if target == stage.name.value {
                 problems.push(
-                    Problem::new(format!("stage `{target}` refers to itself in `{}`", r.field))
-                        .at(r.target.span.clone(), "a stage cannot consume its own output"),
+                    Problem::new(format!(
+                        "stage `{target}` refers to itself in `{}`",
+                        r.field
+                    ))
+                    .at(
+                        r.target.span.clone(),
+                        "a stage cannot consume its own output",
+                    ),
                 );
                 continue;
             }
             let Some(&j) = names.get(target) else {
-                let mut p = Problem::new(format!("unknown stage `{target}` in `{}` of stage `{}`", r.field, stage.name.value))
-                    .at(r.target.span.clone(), "no stage of this name");
+                let mut p = Problem::new(format!(
+                    "unknown stage `{target}` in `{}` of stage `{}`",
+                    r.field, stage.name.value
+                ))
+                .at(r.target.span.clone(), "no stage of this name");
                 if let Some(s) = did_you_mean(target, names.keys().copied()) {
                     p = p.help(format!("did you mean `{s}`?"));
                 }
@@ -93,7 +104,10 @@ pub fn build(recipe: &Recipe) -> Result<Dag, RecipeError> {
                     recipe.stages[j].kind.name(),
                     produced.noun()
                 ))
-                .at(r.target.span.clone(), format!("this is {}", produced.noun()));
+                .at(
+                    r.target.span.clone(),
+                    format!("this is {}", produced.noun()),
+                );
                 if r.field == "model" && produced == ArtifactKind::Adapter {
                     p = p.help(format!(
                         "an adapter is applied to a model: write `model = \"<its model>\"` and `adapter = \"{target}\"`"
@@ -117,7 +131,11 @@ pub fn build(recipe: &Recipe) -> Result<Dag, RecipeError> {
     }
 
     let order = topo_in_written_order(&graph, &nodes);
-    let dag = Dag { graph, order, nodes };
+    let dag = Dag {
+        graph,
+        order,
+        nodes,
+    };
     let mut problems = Vec::new();
     check_semantics(recipe, &dag, &refs, &mut problems);
     if problems.is_empty() {
@@ -133,7 +151,11 @@ fn topo_in_written_order(graph: &DiGraph<usize, &'static str>, nodes: &[NodeInde
     debug_assert!(toposort(graph, None).is_ok());
     let mut indegree: Vec<usize> = nodes
         .iter()
-        .map(|&n| graph.neighbors_directed(n, petgraph::Direction::Incoming).count())
+        .map(|&n| {
+            graph
+                .neighbors_directed(n, petgraph::Direction::Incoming)
+                .count()
+        })
         .collect();
     let mut ready: std::collections::BTreeSet<usize> =
         (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
@@ -203,21 +225,35 @@ fn field<'a>(refs: &'a [StageRef], name: &str) -> Option<&'a StageRef> {
 /// Index of the stage named by `field` of stage `i`, if any.
 fn target(recipe: &Recipe, refs: &[Vec<StageRef>], i: usize, name: &str) -> Option<usize> {
     let r = field(&refs[i], name)?;
-    recipe.stages.iter().position(|s| s.name.value == r.target.value)
+    recipe
+        .stages
+        .iter()
+        .position(|s| s.name.value == r.target.value)
 }
 
 /// The LoRA config an adapter stage's adapter has, following continuations.
-fn adapter_config<'a>(recipe: &'a Recipe, refs: &[Vec<StageRef>], i: usize) -> Option<std::borrow::Cow<'a, LoraSpec>> {
+fn adapter_config<'a>(
+    recipe: &'a Recipe,
+    refs: &[Vec<StageRef>],
+    i: usize,
+) -> Option<std::borrow::Cow<'a, LoraSpec>> {
     match recipe.stages[i].params.lora() {
         LoraUse::New(spec) => Some(std::borrow::Cow::Borrowed(spec)),
         LoraUse::Imported(spec) => spec.map(std::borrow::Cow::Owned),
-        LoraUse::Continue { .. } => adapter_config(recipe, refs, target(recipe, refs, i, "adapter")?),
+        LoraUse::Continue { .. } => {
+            adapter_config(recipe, refs, target(recipe, refs, i, "adapter")?)
+        }
         LoraUse::None => None,
     }
 }
 
 /// Linear module names of the model made by stage `i` (following merges to their base).
-fn model_modules(recipe: &Recipe, refs: &[Vec<StageRef>], i: usize, depth: usize) -> Option<Result<Vec<String>, Problem>> {
+fn model_modules(
+    recipe: &Recipe,
+    refs: &[Vec<StageRef>],
+    i: usize,
+    depth: usize,
+) -> Option<Result<Vec<String>, Problem>> {
     if depth > recipe.stages.len() {
         return None;
     }
@@ -227,7 +263,12 @@ fn model_modules(recipe: &Recipe, refs: &[Vec<StageRef>], i: usize, depth: usize
     }
 }
 
-fn check_semantics(recipe: &Recipe, dag: &Dag, refs: &[Vec<StageRef>], problems: &mut Vec<Problem>) {
+fn check_semantics(
+    recipe: &Recipe,
+    dag: &Dag,
+    refs: &[Vec<StageRef>],
+    problems: &mut Vec<Problem>,
+) {
     for &i in &dag.order {
         let stage = &recipe.stages[i];
         let name = &stage.name.value;
@@ -241,7 +282,10 @@ fn check_semantics(recipe: &Recipe, dag: &Dag, refs: &[Vec<StageRef>], problems:
         }
 
         // An adapter applies only to the model it was trained on.
-        if let (Some(a), Some(m)) = (target(recipe, refs, i, "adapter"), target(recipe, refs, i, "model")) {
+        if let (Some(a), Some(m)) = (
+            target(recipe, refs, i, "adapter"),
+            target(recipe, refs, i, "model"),
+        ) {
             if let Some(trained_on) = target(recipe, refs, a, "model") {
                 if trained_on != m {
                     problems.push(adapter_model_problem(recipe, refs, i, a, m, trained_on));
@@ -253,13 +297,17 @@ fn check_semantics(recipe: &Recipe, dag: &Dag, refs: &[Vec<StageRef>], problems:
             LoraUse::New(spec) => {
                 if let Some(m) = target(recipe, refs, i, "model") {
                     match model_modules(recipe, refs, m, 0) {
-                        Some(Ok(modules)) => check_targets(spec, &modules, &recipe.stages[m].name.value, problems),
+                        Some(Ok(modules)) => {
+                            check_targets(spec, &modules, &recipe.stages[m].name.value, problems)
+                        }
                         Some(Err(p)) => problems.push(p),
                         None => {}
                     }
                 }
             }
-            LoraUse::Continue { constraint: Some(wanted) } => {
+            LoraUse::Continue {
+                constraint: Some(wanted),
+            } => {
                 if let Some(a) = target(recipe, refs, i, "adapter") {
                     if let Some(actual) = adapter_config(recipe, refs, a) {
                         check_continuation(recipe, refs, i, a, wanted, &actual, problems);
@@ -271,19 +319,32 @@ fn check_semantics(recipe: &Recipe, dag: &Dag, refs: &[Vec<StageRef>], problems:
     }
 }
 
-fn adapter_model_problem(recipe: &Recipe, refs: &[Vec<StageRef>], i: usize, a: usize, m: usize, trained_on: usize) -> Problem {
+fn adapter_model_problem(
+    recipe: &Recipe,
+    refs: &[Vec<StageRef>],
+    i: usize,
+    a: usize,
+    m: usize,
+    trained_on: usize,
+) -> Problem {
     let (stage, adapter, model, origin) = (
         &recipe.stages[i].name.value,
         &recipe.stages[a].name.value,
         &recipe.stages[m].name.value,
         &recipe.stages[trained_on].name.value,
     );
-    let adapter_span = field(&refs[i], "adapter").map(|r| r.target.span.clone()).unwrap_or_default();
-    let model_span = field(&refs[i], "model").map(|r| r.target.span.clone()).unwrap_or_default();
+    let adapter_span = field(&refs[i], "adapter")
+        .map(|r| r.target.span.clone())
+        .unwrap_or_default();
+    let model_span = field(&refs[i], "model")
+        .map(|r| r.target.span.clone())
+        .unwrap_or_default();
     // Is `model` a merge (directly or down its chain) that already contains this adapter?
     let mut cursor = Some(m);
     while let Some(c) = cursor {
-        if recipe.stages[c].kind.output() == ArtifactKind::Model && target(recipe, refs, c, "adapter") == Some(a) {
+        if recipe.stages[c].kind.output() == ArtifactKind::Model
+            && target(recipe, refs, c, "adapter") == Some(a)
+        {
             return Problem::new(format!(
                 "stage `{stage}` applies adapter `{adapter}` to `{model}`, which already contains it (merged by stage `{}`): it would be applied twice",
                 recipe.stages[c].name.value
@@ -306,10 +367,14 @@ fn adapter_model_problem(recipe: &Recipe, refs: &[Vec<StageRef>], i: usize, a: u
 }
 
 fn check_targets(spec: &LoraSpec, modules: &[String], model: &str, problems: &mut Vec<Problem>) {
-    let matches_any = |t: &crate::recipe::params::Targets| modules.iter().any(|m| t.matches(m).unwrap_or(false));
+    let matches_any =
+        |t: &crate::recipe::params::Targets| modules.iter().any(|m| t.matches(m).unwrap_or(false));
     use crate::recipe::params::Targets;
     let short: Vec<String> = {
-        let mut s: Vec<String> = modules.iter().filter_map(|m| m.rsplit('.').next().map(String::from)).collect();
+        let mut s: Vec<String> = modules
+            .iter()
+            .filter_map(|m| m.rsplit('.').next().map(String::from))
+            .collect();
         s.sort();
         s.dedup();
         s
@@ -318,8 +383,10 @@ fn check_targets(spec: &LoraSpec, modules: &[String], model: &str, problems: &mu
         Targets::List(list) => {
             for t in list {
                 if !matches_any(&Targets::List(vec![t.clone()])) {
-                    let mut p = Problem::new(format!("LoRA target `{t}` matches no module of model `{model}`"))
-                        .at(spec.targets.span.clone(), "no module matches");
+                    let mut p = Problem::new(format!(
+                        "LoRA target `{t}` matches no module of model `{model}`"
+                    ))
+                    .at(spec.targets.span.clone(), "no module matches");
                     p = match did_you_mean(t, short.iter().map(String::as_str)) {
                         Some(s) => p.help(format!("did you mean `{s}`?")),
                         None => p.help(format!("modules are: {}", short.join(", "))),
@@ -331,9 +398,14 @@ fn check_targets(spec: &LoraSpec, modules: &[String], model: &str, problems: &mu
         pattern => {
             if !matches_any(pattern) {
                 problems.push(
-                    Problem::new(format!("LoRA targets pattern matches no module of model `{model}`"))
-                        .at(spec.targets.span.clone(), "matches nothing")
-                        .help(format!("module names look like `{}`", modules.first().map(String::as_str).unwrap_or(""))),
+                    Problem::new(format!(
+                        "LoRA targets pattern matches no module of model `{model}`"
+                    ))
+                    .at(spec.targets.span.clone(), "matches nothing")
+                    .help(format!(
+                        "module names look like `{}`",
+                        modules.first().map(String::as_str).unwrap_or("")
+                    )),
                 );
             }
         }
@@ -350,7 +422,9 @@ fn check_continuation(
     problems: &mut Vec<Problem>,
 ) {
     let adapter = &recipe.stages[a].name.value;
-    let adapter_span = field(&refs[i], "adapter").map(|r| r.target.span.clone()).unwrap_or_default();
+    let adapter_span = field(&refs[i], "adapter")
+        .map(|r| r.target.span.clone())
+        .unwrap_or_default();
     let mut differ = |key: &str, span: std::ops::Range<usize>, old: String, new: String| {
         problems.push(
             Problem::new(format!(
@@ -363,10 +437,20 @@ fn check_continuation(
         )
     };
     if wanted.r.is_written() && wanted.r.value != actual.r.value {
-        differ("r", wanted.r.span.clone(), actual.r.value.to_string(), wanted.r.value.to_string());
+        differ(
+            "r",
+            wanted.r.span.clone(),
+            actual.r.value.to_string(),
+            wanted.r.value.to_string(),
+        );
     }
     if wanted.alpha.is_written() && wanted.alpha.value != actual.alpha.value {
-        differ("alpha", wanted.alpha.span.clone(), actual.alpha.value.to_string(), wanted.alpha.value.to_string());
+        differ(
+            "alpha",
+            wanted.alpha.span.clone(),
+            actual.alpha.value.to_string(),
+            wanted.alpha.value.to_string(),
+        );
     }
     if wanted.targets.is_written() && wanted.targets.value != actual.targets.value {
         differ(
@@ -377,6 +461,11 @@ fn check_continuation(
         );
     }
     if wanted.rslora.is_written() && wanted.rslora.value != actual.rslora.value {
-        differ("rslora", wanted.rslora.span.clone(), actual.rslora.value.to_string(), wanted.rslora.value.to_string());
+        differ(
+            "rslora",
+            wanted.rslora.span.clone(),
+            actual.rslora.value.to_string(),
+            wanted.rslora.value.to_string(),
+        );
     }
 }

@@ -63,10 +63,11 @@ pub fn read_shape(path: &Path) -> Result<(Arch, usize), ConfigError> {
         path: shown.clone(),
         source,
     })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
-        path: shown.clone(),
-        source,
-    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ConfigError::Json {
+            path: shown.clone(),
+            source,
+        })?;
     let model_type = json["model_type"].as_str().ok_or(ConfigError::Missing {
         path: shown.clone(),
         key: "model_type",
@@ -82,9 +83,11 @@ pub fn read_shape(path: &Path) -> Result<(Arch, usize), ConfigError> {
             })
         }
     };
-    let layers = json["num_hidden_layers"].as_u64().ok_or(ConfigError::Missing {
-        path: shown,
-        key: "num_hidden_layers",
-    })?;
+    let layers = json["num_hidden_layers"]
+        .as_u64()
+        .ok_or(ConfigError::Missing {
+            path: shown,
+            key: "num_hidden_layers",
+        })?;
     Ok((arch, layers as usize))
 }

@@ -30,7 +30,9 @@ pub struct KeyInputs {
 impl KeyInputs {
     pub fn key(&self) -> String {
         let value = serde_json::to_value(self).expect("key inputs serialize");
-        blake3::hash(canonical_json(&value).as_bytes()).to_hex().to_string()
+        blake3::hash(canonical_json(&value).as_bytes())
+            .to_hex()
+            .to_string()
     }
 }
 
@@ -116,7 +118,9 @@ impl PlannedStage {
     pub fn reason(&self) -> String {
         if self.reasons.is_empty() {
             match &self.status {
-                Status::Cached { artifact } => format!("cached artifact {}", crate::cache::short(artifact)),
+                Status::Cached { artifact } => {
+                    format!("cached artifact {}", crate::cache::short(artifact))
+                }
                 _ => String::new(),
             }
         } else {
@@ -141,7 +145,10 @@ pub struct Plan {
 
 impl Plan {
     pub fn by_index(&self, index: usize) -> &PlannedStage {
-        self.stages.iter().find(|s| s.index == index).expect("planned")
+        self.stages
+            .iter()
+            .find(|s| s.index == index)
+            .expect("planned")
     }
 
     pub fn by_name(&self, name: &str) -> Option<&PlannedStage> {
@@ -167,7 +174,12 @@ pub enum PlanError {
 }
 
 /// Compute keys, statuses and reasons for every stage, in execution order.
-pub fn plan(recipe: &Recipe, dag: &Dag, cache: &Cache, overrides: &Overrides) -> Result<Plan, PlanError> {
+pub fn plan(
+    recipe: &Recipe,
+    dag: &Dag,
+    cache: &Cache,
+    overrides: &Overrides,
+) -> Result<Plan, PlanError> {
     let mut planned: Vec<PlannedStage> = Vec::new();
     let mut problems = Vec::new();
     for &i in &dag.order {
@@ -205,7 +217,10 @@ pub fn plan(recipe: &Recipe, dag: &Dag, cache: &Cache, overrides: &Overrides) ->
         let inputs: BTreeMap<String, String> = deps
             .iter()
             .map(|(field, d)| {
-                let up = planned.iter().find(|p| p.index == *d).expect("dependencies come first");
+                let up = planned
+                    .iter()
+                    .find(|p| p.index == *d)
+                    .expect("dependencies come first");
                 (field.to_string(), up.key.clone())
             })
             .collect();
@@ -238,7 +253,13 @@ pub fn plan(recipe: &Recipe, dag: &Dag, cache: &Cache, overrides: &Overrides) ->
     Ok(Plan { stages: planned })
 }
 
-fn decide(p: &mut PlannedStage, recipe: &Recipe, cache: &Cache, overrides: &Overrides, earlier: &[PlannedStage]) {
+fn decide(
+    p: &mut PlannedStage,
+    recipe: &Recipe,
+    cache: &Cache,
+    overrides: &Overrides,
+    earlier: &[PlannedStage],
+) {
     let resume = resume_step(&cache.work_dir(&p.key));
     let not_cached = |reasons: Vec<String>| match resume {
         Some(step) => (Status::Resume { step }, reasons),
@@ -249,9 +270,16 @@ fn decide(p: &mut PlannedStage, recipe: &Recipe, cache: &Cache, overrides: &Over
     } else {
         match cache.key_record(&p.key) {
             Some(record) => match cache.verify(&record.artifact) {
-                Integrity::Whole => (Status::Cached { artifact: record.artifact }, Vec::new()),
+                Integrity::Whole => (
+                    Status::Cached {
+                        artifact: record.artifact,
+                    },
+                    Vec::new(),
+                ),
                 Integrity::Missing => not_cached(vec!["cached artifact missing".into()]),
-                Integrity::Corrupt(why) => not_cached(vec![format!("cached artifact corrupt ({why})")]),
+                Integrity::Corrupt(why) => {
+                    not_cached(vec![format!("cached artifact corrupt ({why})")])
+                }
             },
             None => not_cached(why_changed(p, &recipe.canonical, cache, earlier)),
         }
@@ -267,7 +295,12 @@ fn resume_step(work: &Path) -> Option<u64> {
 }
 
 /// Compare with the stage's last record in this recipe and say what changed.
-fn why_changed(p: &PlannedStage, recipe: &Path, cache: &Cache, earlier: &[PlannedStage]) -> Vec<String> {
+fn why_changed(
+    p: &PlannedStage,
+    recipe: &Path,
+    cache: &Cache,
+    earlier: &[PlannedStage],
+) -> Vec<String> {
     let Some(old) = cache.stage_record::<StageRecord>(recipe, &p.name) else {
         return vec!["new stage".into()];
     };
@@ -300,15 +333,19 @@ fn why_changed(p: &PlannedStage, recipe: &Path, cache: &Cache, earlier: &[Planne
                 let shown = if single {
                     detail.path.clone()
                 } else {
-                    let mut c: Vec<String> = changed.iter().map(|f| format!("{}/{f}", detail.path.trim_end_matches('/'))).collect();
+                    let mut c: Vec<String> = changed
+                        .iter()
+                        .map(|f| format!("{}/{f}", detail.path.trim_end_matches('/')))
+                        .collect();
                     c.dedup();
                     c.join(", ")
                 };
                 reasons.push(format!("{} changed: {shown}", input_noun(field)));
             }
-            Some(prev) if prev.path != detail.path => {
-                reasons.push(format!("`{field}` now reads {} (was {}; same content)", detail.path, prev.path))
-            }
+            Some(prev) if prev.path != detail.path => reasons.push(format!(
+                "`{field}` now reads {} (was {}; same content)",
+                detail.path, prev.path
+            )),
             _ => {}
         }
     }
@@ -316,7 +353,10 @@ fn why_changed(p: &PlannedStage, recipe: &Path, cache: &Cache, earlier: &[Planne
         reasons.push(format!("input `{field}` removed"));
     }
     for (field, up) in &p.deps {
-        let up = earlier.iter().find(|e| e.index == *up).expect("planned before");
+        let up = earlier
+            .iter()
+            .find(|e| e.index == *up)
+            .expect("planned before");
         if old.inputs.inputs.get(*field) != Some(&up.key) {
             reasons.push(if up.status.will_run() {
                 format!("upstream stage `{}` will rerun", up.name)
@@ -343,7 +383,12 @@ fn input_noun(field: &str) -> &'static str {
 }
 
 /// Leaf-level differences between two JSON values: (dotted path, old, new).
-fn diff_json(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<(String, String, String)>) {
+fn diff_json(
+    path: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<(String, String, String)>,
+) {
     use serde_json::Value;
     match (old, new) {
         (Value::Object(a), Value::Object(b)) => {
@@ -351,8 +396,17 @@ fn diff_json(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: 
             keys.sort();
             keys.dedup();
             for k in keys {
-                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                diff_json(&sub, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null), out);
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                diff_json(
+                    &sub,
+                    a.get(k).unwrap_or(&Value::Null),
+                    b.get(k).unwrap_or(&Value::Null),
+                    out,
+                );
             }
         }
         (a, b) if a != b => out.push((path.to_string(), show(a), show(b))),

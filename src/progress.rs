@@ -120,7 +120,9 @@ impl Reporter for Bars {
         self.pipeline.set_length(stages as u64);
     }
     fn start_stage(&self, name: &str, kind: &str, why: &str) -> Box<dyn Progress + '_> {
-        let _ = self.multi.println(format!("{name} ({kind}): running ({why})"));
+        let _ = self
+            .multi
+            .println(format!("{name} ({kind}): running ({why})"));
         let bar = self.multi.add(ProgressBar::new(0));
         bar.set_style(
             ProgressStyle::with_template(&format!(

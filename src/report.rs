@@ -38,7 +38,10 @@ pub struct PlanStageJson {
 }
 
 fn dep_names(recipe: &Recipe, p: &PlannedStage) -> Vec<String> {
-    p.deps.iter().map(|(_, d)| recipe.stages[*d].name.value.clone()).collect()
+    p.deps
+        .iter()
+        .map(|(_, d)| recipe.stages[*d].name.value.clone())
+        .collect()
 }
 
 pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
@@ -82,7 +85,13 @@ fn table(rows: Vec<Vec<String>>) -> String {
         let cells: Vec<String> = row
             .iter()
             .enumerate()
-            .map(|(i, cell)| if i + 1 == row.len() { cell.clone() } else { format!("{cell:<w$}", w = widths[i]) })
+            .map(|(i, cell)| {
+                if i + 1 == row.len() {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
@@ -92,7 +101,13 @@ fn table(rows: Vec<Vec<String>>) -> String {
 
 pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
     let to_run = plan.stages.iter().filter(|s| s.status.will_run()).count();
-    let mut rows = vec![vec!["STAGE".into(), "KIND".into(), "STATUS".into(), "KEY".into(), "REASON".into()]];
+    let mut rows = vec![vec![
+        "STAGE".into(),
+        "KIND".into(),
+        "STATUS".into(),
+        "KEY".into(),
+        "REASON".into(),
+    ]];
     for p in &plan.stages {
         rows.push(vec![
             p.name.clone(),
@@ -114,7 +129,14 @@ pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
 }
 
 pub fn status_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
-    let mut rows = vec![vec!["STAGE".into(), "KIND".into(), "STATUS".into(), "ARTIFACT".into(), "FINISHED".into(), "METRICS".into()]];
+    let mut rows = vec![vec![
+        "STAGE".into(),
+        "KIND".into(),
+        "STATUS".into(),
+        "ARTIFACT".into(),
+        "FINISHED".into(),
+        "METRICS".into(),
+    ]];
     for p in &plan.stages {
         let (artifact, finished, metrics) = match &p.status {
             Status::Cached { artifact } => {
@@ -127,16 +149,32 @@ pub fn status_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
             }
             _ => ("-".into(), "-".into(), p.reason()),
         };
-        rows.push(vec![p.name.clone(), p.kind.clone(), p.status.label(), artifact, finished, metrics]);
+        rows.push(vec![
+            p.name.clone(),
+            p.kind.clone(),
+            p.status.label(),
+            artifact,
+            finished,
+            metrics,
+        ]);
     }
-    format!("{} (recipe `{}`)\n{}", recipe.path.display(), recipe.header.name.value, table(rows))
+    format!(
+        "{} (recipe `{}`)\n{}",
+        recipe.path.display(),
+        recipe.header.name.value,
+        table(rows)
+    )
 }
 
 /// A few scalar metrics, for one line.
 fn headline(m: &Manifest) -> String {
     m.metrics
         .iter()
-        .filter_map(|(k, v)| v.as_f64().map(|x| format!("{k}={x:.4}")).or_else(|| v.as_u64().map(|x| format!("{k}={x}"))))
+        .filter_map(|(k, v)| {
+            v.as_f64()
+                .map(|x| format!("{k}={x:.4}"))
+                .or_else(|| v.as_u64().map(|x| format!("{k}={x}")))
+        })
         .take(4)
         .collect::<Vec<_>>()
         .join(" ")
@@ -145,7 +183,11 @@ fn headline(m: &Manifest) -> String {
 /// `runner show`: the manifest, its lineage as a tree and the artifact path.
 pub fn show(cache: &Cache, p: &PlannedStage, json: bool) -> Result<String, String> {
     let Status::Cached { artifact } = &p.status else {
-        return Err(format!("error: stage `{}` has no cached artifact ({})", p.name, p.reason()));
+        return Err(format!(
+            "error: stage `{}` has no cached artifact ({})",
+            p.name,
+            p.reason()
+        ));
     };
     let manifest = cache
         .manifest(artifact)
@@ -174,9 +216,17 @@ pub fn show(cache: &Cache, p: &PlannedStage, json: bool) -> Result<String, Strin
         manifest.wall_seconds,
         manifest.program
     );
-    out.push_str(&format!("params    {}\n", serde_json::to_string(&manifest.params).expect("serializes")));
+    out.push_str(&format!(
+        "params    {}\n",
+        serde_json::to_string(&manifest.params).expect("serializes")
+    ));
     for input in &manifest.inputs {
-        out.push_str(&format!("input     {} = {} ({})\n", input.field, input.path, cache::short(&input.hash)));
+        out.push_str(&format!(
+            "input     {} = {} ({})\n",
+            input.field,
+            input.path,
+            cache::short(&input.hash)
+        ));
     }
     if !manifest.metrics.is_empty() {
         out.push_str("metrics\n");
@@ -191,16 +241,30 @@ pub fn show(cache: &Cache, p: &PlannedStage, json: bool) -> Result<String, Strin
 
 fn lineage_text(cache: &Cache, artifact: &str, indent: &str, out: &mut String, depth: usize) {
     let Some(m) = cache.manifest(artifact) else {
-        out.push_str(&format!("{indent}? {} (manifest missing)\n", cache::short(artifact)));
+        out.push_str(&format!(
+            "{indent}? {} (manifest missing)\n",
+            cache::short(artifact)
+        ));
         return;
     };
-    out.push_str(&format!("{indent}{} ({}) {}\n", m.stage, m.kind, cache::short(artifact)));
+    out.push_str(&format!(
+        "{indent}{} ({}) {}\n",
+        m.stage,
+        m.kind,
+        cache::short(artifact)
+    ));
     if depth > 64 {
         return;
     }
     for parent in &m.parents {
         out.push_str(&format!("{indent}  └─ via `{}`:\n", parent.field));
-        lineage_text(cache, &parent.artifact, &format!("{indent}     "), out, depth + 1);
+        lineage_text(
+            cache,
+            &parent.artifact,
+            &format!("{indent}     "),
+            out,
+            depth + 1,
+        );
     }
 }
 

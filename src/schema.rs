@@ -12,31 +12,34 @@ pub fn recipe_schema(registry: &Registry) -> Value {
     let header = generator.subschema_for::<crate::recipe::RecipeHeader>();
     let mut stage_variants = Vec::new();
     let mut defaults = Map::new();
+    let mut kinds = Vec::new();
     for kind in registry.kinds() {
         let reference = kind.schema(&mut generator).to_value();
+        kinds.push((kind.name(), reference.clone()));
         stage_variants.push(json!({
             "description": kind.summary(),
-            "allOf": [reference.clone()],
+            "allOf": [reference],
             "properties": { "kind": { "const": kind.name() } },
             "required": ["kind"],
         }));
-        // Defaults are partial stage tables: same keys, none required.
         defaults.insert(
             kind.name().to_string(),
             json!({ "description": format!("Defaults merged into every `{}` stage", kind.name()), "type": "object" }),
         );
     }
     let mut definitions = generator.take_definitions(true);
-    // A stage table carries `kind`, which the kind structs do not declare: allow it.
-    for def in definitions.values_mut() {
-        if let Some(obj) = def.as_object_mut() {
-            if obj.get("additionalProperties") == Some(&Value::Bool(false)) {
-                if let Some(props) = obj.get_mut("properties").and_then(Value::as_object_mut) {
-                    if props.contains_key("model") || props.contains_key("path") || props.contains_key("from") {
-                        props.insert("kind".into(), json!({ "type": "string" }));
-                    }
-                }
-            }
+    // A stage table also carries `kind`, which the kinds' parameter types do not declare.
+    for (name, reference) in kinds {
+        let def_name = reference["$ref"]
+            .as_str()
+            .and_then(|r| r.rsplit('/').next())
+            .unwrap_or_default();
+        if let Some(props) = definitions
+            .get_mut(def_name)
+            .and_then(|d| d.get_mut("properties"))
+            .and_then(Value::as_object_mut)
+        {
+            props.insert("kind".into(), json!({ "const": name }));
         }
     }
     json!({

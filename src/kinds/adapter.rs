@@ -11,7 +11,9 @@ use crate::recipe::diag::Problem;
 use crate::recipe::params::{LoraSpec, Targets};
 use crate::recipe::span::Sp;
 use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef};
+use crate::stage::{
+    ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef,
+};
 
 pub struct Adapter;
 
@@ -37,9 +39,11 @@ pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     let targets = match &json["target_modules"] {
         serde_json::Value::String(s) => Targets::Pattern(s.clone()),
-        serde_json::Value::Array(a) => {
-            Targets::List(a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
-        }
+        serde_json::Value::Array(a) => Targets::List(
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+        ),
         _ => return None,
     };
     Some(LoraSpec {

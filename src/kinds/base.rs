@@ -91,29 +91,38 @@ impl InitSpec {
             at_least(problems, key, v, 1);
         }
         positive(problems, "init.rope_theta", &self.rope_theta);
-        if self.kv_heads.value > 0 && self.heads.value % self.kv_heads.value != 0 {
+        let (heads, kv_heads, hidden) = (self.heads.value, self.kv_heads.value, self.hidden.value);
+        if kv_heads > 0 && !heads.is_multiple_of(kv_heads) {
             problems.push(
                 Problem::new(format!(
-                    "`init.heads` ({}) must be a multiple of `init.kv_heads` ({})",
-                    self.heads.value, self.kv_heads.value
+                    "`init.heads` ({heads}) must be a multiple of `init.kv_heads` ({kv_heads})"
                 ))
                 .at(self.kv_heads.span.clone(), "does not divide heads"),
             );
         }
-        let head_dim = self.head_dim.as_ref().map(|h| h.value);
-        if head_dim.is_none() && self.heads.value > 0 && self.hidden.value % self.heads.value != 0 {
+        let head_dim = match &self.head_dim {
+            Some(h) => h.value,
+            None if heads > 0 && !hidden.is_multiple_of(heads) => {
+                problems.push(
+                    Problem::new(format!(
+                        "`init.hidden` ({hidden}) is not a multiple of `init.heads` ({heads}); set `init.head_dim`"
+                    ))
+                    .at(self.hidden.span.clone(), "not divisible"),
+                );
+                return;
+            }
+            None => hidden / heads.max(1),
+        };
+        if !head_dim.is_multiple_of(2) {
+            let span = self
+                .head_dim
+                .as_ref()
+                .map_or(self.hidden.span.clone(), |h| h.span.clone());
             problems.push(
                 Problem::new(format!(
-                    "`init.hidden` ({}) is not a multiple of `init.heads` ({}); set `init.head_dim`",
-                    self.hidden.value, self.heads.value
+                    "the head size ({head_dim}) must be even for rotary embeddings"
                 ))
-                .at(self.hidden.span.clone(), "not divisible"),
-            );
-        }
-        if head_dim.unwrap_or(2) % 2 != 0 || (head_dim.is_none() && self.heads.value > 0 && (self.hidden.value / self.heads.value) % 2 != 0) {
-            problems.push(
-                Problem::new("the head size must be even for rotary embeddings")
-                    .at(self.hidden.span.clone(), "odd head size"),
+                .at(span, "odd head size"),
             );
         }
     }
@@ -146,14 +155,19 @@ impl StageParams for BaseParams {
 
     fn model_modules(&self) -> Option<Result<Vec<String>, Problem>> {
         if let Some(init) = &self.init {
-            return Some(Ok(hfconfig::linear_module_names(init.arch.value, init.layers.value as usize)));
+            return Some(Ok(hfconfig::linear_module_names(
+                init.arch.value,
+                init.layers.value as usize,
+            )));
         }
         let (written, folder) = (self.path.as_ref()?, self.resolved.as_ref()?);
         let config = folder.join("config.json");
         Some(
             hfconfig::read_shape(&config)
                 .map(|(arch, layers)| hfconfig::linear_module_names(arch, layers))
-                .map_err(|e| Problem::new(e.to_string()).at(written.span.clone(), "this model folder")),
+                .map_err(|e| {
+                    Problem::new(e.to_string()).at(written.span.clone(), "this model folder")
+                }),
         )
     }
 

@@ -10,7 +10,9 @@ use crate::recipe::diag::Problem;
 use crate::recipe::params::{DataSpec, DpoSpec, Dtype, LoraSpec, TrainSpec};
 use crate::recipe::span::Sp;
 use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef};
+use crate::stage::{
+    ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef,
+};
 
 pub struct Dpo;
 

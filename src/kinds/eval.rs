@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{file_input, key_json, not_yet, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER};
+use super::{
+    file_input, key_json, not_yet, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER,
+};
 use crate::recipe::diag::Problem;
 use crate::recipe::params::Dtype;
 use crate::recipe::span::Sp;
@@ -104,9 +106,12 @@ impl StageKind for Eval {
         let mut p: EvalParams = parse_table(table, ctx, |p: &EvalParams, problems| {
             if p.data.sft.is_none() && p.data.dpo.is_none() && p.prompts.is_empty() {
                 problems.push(
-                    Problem::new(format!("eval stage `{}` has nothing to evaluate", ctx.stage))
-                        .at(span.start..span.start, "this stage")
-                        .help("set `data.sft`, `data.dpo` or `prompts`"),
+                    Problem::new(format!(
+                        "eval stage `{}` has nothing to evaluate",
+                        ctx.stage
+                    ))
+                    .at(span.start..span.start, "this stage")
+                    .help("set `data.sft`, `data.dpo` or `prompts`"),
                 );
             }
         })?;

@@ -15,7 +15,11 @@ use crate::stage::{ArtifactKind, RunContext, StageKind, StageParams, StageRef};
 
 pub struct Export;
 
-const EXPORTABLE: &[ArtifactKind] = &[ArtifactKind::Model, ArtifactKind::Adapter, ArtifactKind::Evaluation];
+const EXPORTABLE: &[ArtifactKind] = &[
+    ArtifactKind::Model,
+    ArtifactKind::Adapter,
+    ArtifactKind::Evaluation,
+];
 
 /// `[stages.<name>]` with `kind = "export"`.
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
@@ -62,7 +66,7 @@ pub fn payload_dir(artifact: &Path) -> anyhow::Result<PathBuf> {
 /// Copy `from` (a folder) to `to`, replacing `to` whole: the copy is made
 /// beside it and renamed into place, so `to` is never half-written.
 pub fn export_folder(from: &Path, to: &Path) -> anyhow::Result<Vec<String>> {
-    let parent = to.parent().unwrap_or(Path::new("."));
+    let parent = fsutil::parent_dir(to);
     std::fs::create_dir_all(parent)?;
     let staging = tempfile::Builder::new()
         .prefix(".runner-export-")
@@ -119,8 +123,11 @@ impl StageKind for Export {
         let input = ctx.input("from")?;
         let from = payload_dir(&input.dir)?;
         let files = export_folder(&from, &params.destination)?;
-        ctx.progress
-            .log(&format!("exported `{}` to {}", input.stage, params.destination.display()));
+        ctx.progress.log(&format!(
+            "exported `{}` to {}",
+            input.stage,
+            params.destination.display()
+        ));
         let record = serde_json::json!({
             "path": params.destination.display().to_string(),
             "from": input.stage,

@@ -72,9 +72,12 @@ impl StageKind for Merge {
         let p: MergeParams = parse_table(table, ctx, |p: &MergeParams, problems| {
             if p.adapter.is_none() {
                 problems.push(
-                    Problem::new(format!("merge stage `{}` has no `adapter` to merge", ctx.stage))
-                        .at(span.start..span.start, "this stage")
-                        .help("add `adapter = \"<stage that trained it>\"`"),
+                    Problem::new(format!(
+                        "merge stage `{}` has no `adapter` to merge",
+                        ctx.stage
+                    ))
+                    .at(span.start..span.start, "this stage")
+                    .help("add `adapter = \"<stage that trained it>\"`"),
                 );
             }
             at_least(problems, "shard_bytes", &p.shard_bytes, 1 << 20);

@@ -50,7 +50,11 @@ pub const MODEL: &[ArtifactKind] = &[ArtifactKind::Model];
 pub const ADAPTER: &[ArtifactKind] = &[ArtifactKind::Adapter];
 pub const MODEL_OR_ADAPTER: &[ArtifactKind] = &[ArtifactKind::Model, ArtifactKind::Adapter];
 
-pub fn stage_ref(field: &'static str, target: &Sp<String>, accepts: &'static [ArtifactKind]) -> StageRef {
+pub fn stage_ref(
+    field: &'static str,
+    target: &Sp<String>,
+    accepts: &'static [ArtifactKind],
+) -> StageRef {
     StageRef {
         field,
         target: target.clone(),
@@ -58,11 +62,19 @@ pub fn stage_ref(field: &'static str, target: &Sp<String>, accepts: &'static [Ar
     }
 }
 
-pub fn file_input(field: impl Into<String>, written: &Sp<String>, ctx_dir: &std::path::Path) -> FileInput {
+pub fn file_input(
+    field: impl Into<String>,
+    written: &Sp<String>,
+    ctx_dir: &std::path::Path,
+) -> FileInput {
     let p = std::path::Path::new(&written.value);
     FileInput {
         field: field.into(),
-        path: if p.is_absolute() { p.to_path_buf() } else { ctx_dir.join(p) },
+        path: if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            ctx_dir.join(p)
+        },
         written: written.clone(),
     }
 }

@@ -7,7 +7,9 @@ use crate::recipe::diag::Problem;
 use crate::recipe::params::{DataSpec, Dtype, LoraSpec, TrainSpec};
 use crate::recipe::span::Sp;
 use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef};
+use crate::stage::{
+    ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef,
+};
 
 pub struct Sft;
 
@@ -50,7 +52,10 @@ pub(crate) fn data_files(data: &Option<DataSpec>, dir: &std::path::Path) -> Vec<
 }
 
 /// Shared by the training kinds: LoRA use from `adapter`/`lora`.
-pub(crate) fn lora_use<'a>(adapter: &Option<Sp<String>>, lora: &'a Option<LoraSpec>) -> LoraUse<'a> {
+pub(crate) fn lora_use<'a>(
+    adapter: &Option<Sp<String>>,
+    lora: &'a Option<LoraSpec>,
+) -> LoraUse<'a> {
     match (adapter, lora) {
         (Some(_), constraint) => LoraUse::Continue {
             constraint: constraint.as_ref(),

@@ -158,11 +158,9 @@ impl Diagnostic for ProblemReport<'_> {
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        let primary = self
-            .problem
-            .span
-            .iter()
-            .map(|(span, label)| LabeledSpan::new_primary_with_span(Some(label.clone()), span.clone()));
+        let primary = self.problem.span.iter().map(|(span, label)| {
+            LabeledSpan::new_primary_with_span(Some(label.clone()), span.clone())
+        });
         let others = self
             .problem
             .others
@@ -180,7 +178,10 @@ impl Diagnostic for ProblemReport<'_> {
 }
 
 /// The closest candidate to `word`, if it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))

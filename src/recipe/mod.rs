@@ -167,7 +167,10 @@ pub fn parse(
         None => {
             problems.push(
                 Problem::new("the recipe has no [recipe] table")
-                    .at(root_span.start..root_span.start, "expected [recipe] with at least `name`")
+                    .at(
+                        root_span.start..root_span.start,
+                        "expected [recipe] with at least `name`",
+                    )
                     .help("add:\n[recipe]\nname = \"my-recipe\"\nseed = 0"),
             );
             None
@@ -179,10 +182,10 @@ pub fn parse(
 
     let mut stages = Vec::new();
     match root.get("stages") {
-        None => problems.push(
-            Problem::new("the recipe declares no stages")
-                .at(root_span.start..root_span.start, "expected [stages.<name>] tables"),
-        ),
+        None => problems.push(Problem::new("the recipe declares no stages").at(
+            root_span.start..root_span.start,
+            "expected [stages.<name>] tables",
+        )),
         Some(v) => match v.get_ref() {
             DeValue::Table(table) => {
                 if let Some(header) = &header {
@@ -200,8 +203,11 @@ pub fn parse(
                 }
             }
             other => problems.push(
-                Problem::new(format!("`stages` must be a table, found {}", other.type_str()))
-                    .at(v.span(), "expected [stages.<name>] tables"),
+                Problem::new(format!(
+                    "`stages` must be a table, found {}",
+                    other.type_str()
+                ))
+                .at(v.span(), "expected [stages.<name>] tables"),
             ),
         },
     }
@@ -279,9 +285,14 @@ fn parse_stage(
         },
         None => {
             let kinds: Vec<_> = registry.names().collect();
-            return Err(vec![Problem::new(format!("stage `{stage_name}` has no `kind`"))
-                .at(name.span(), "this stage")
-                .help(format!("add `kind = \"...\"`, one of: {}", kinds.join(", ")))]);
+            return Err(vec![Problem::new(format!(
+                "stage `{stage_name}` has no `kind`"
+            ))
+            .at(name.span(), "this stage")
+            .help(format!(
+                "add `kind = \"...\"`, one of: {}",
+                kinds.join(", ")
+            ))]);
         }
     };
     let Some(kind) = registry.get(&kind_name) else {
@@ -362,7 +373,8 @@ fn merge_tables<'i>(table: &mut DeTable<'i>, defaults: &DeTable<'i>) {
 
 fn unknown_key(key: &Spanned<std::borrow::Cow<'_, str>>, known: &[&str], what: &str) -> Problem {
     let word = key.get_ref();
-    let p = Problem::new(format!("unknown {what} `{word}`")).at(key.span(), format!("unknown {what}"));
+    let p =
+        Problem::new(format!("unknown {what} `{word}`")).at(key.span(), format!("unknown {what}"));
     match did_you_mean(word, known.iter().copied()) {
         Some(s) => p.help(format!("did you mean `{s}`?")),
         None => p.help(format!("expected one of: {}", known.join(", "))),

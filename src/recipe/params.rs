@@ -7,7 +7,9 @@ use super::diag::Problem;
 use super::span::Sp;
 
 /// Numeric type of weights and compute.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     #[default]
@@ -17,19 +19,14 @@ pub enum Dtype {
 }
 
 /// Where to compute: "auto" (a GPU when the binary has CUDA and one is present), "cpu" or "cuda:N".
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(into = "String")]
 #[schemars(with = "String")]
 pub enum DeviceSpec {
+    #[default]
     Auto,
     Cpu,
     Cuda(u32),
-}
-
-impl Default for DeviceSpec {
-    fn default() -> Self {
-        DeviceSpec::Auto
-    }
 }
 
 impl From<DeviceSpec> for String {
@@ -53,7 +50,9 @@ impl std::str::FromStr for DeviceSpec {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceSpec::Cuda)
-                .ok_or_else(|| format!("unknown device `{s}`: expected \"auto\", \"cpu\" or \"cuda:N\"")),
+                .ok_or_else(|| {
+                    format!("unknown device `{s}`: expected \"auto\", \"cpu\" or \"cuda:N\"")
+                }),
         }
     }
 }
@@ -128,14 +127,17 @@ impl LoraSpec {
         unit_interval(problems, "lora.dropout", &self.dropout);
         match &self.targets.value {
             Targets::List(l) if l.is_empty() => problems.push(
-                Problem::new("`lora.targets` is empty").at(self.targets.span.clone(), "no module would get an adapter"),
+                Problem::new("`lora.targets` is empty")
+                    .at(self.targets.span.clone(), "no module would get an adapter"),
             ),
             Targets::Pattern(p) if p != "all-linear" => {
                 if let Err(e) = regex::Regex::new(p) {
                     problems.push(
-                        Problem::new(format!("`lora.targets` is not a valid regular expression: {e}"))
-                            .at(self.targets.span.clone(), "invalid regex")
-                            .help("write a list of module names, a regex, or \"all-linear\""),
+                        Problem::new(format!(
+                            "`lora.targets` is not a valid regular expression: {e}"
+                        ))
+                        .at(self.targets.span.clone(), "invalid regex")
+                        .help("write a list of module names, a regex, or \"all-linear\""),
                     );
                 }
             }
@@ -145,7 +147,9 @@ impl LoraSpec {
 }
 
 /// Learning-rate schedule after warmup.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
@@ -155,7 +159,9 @@ pub enum Schedule {
 }
 
 /// What to do with rows longer than `seq_len`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Overlong {
     /// Cut the prompt from the left, keeping the completion whole where possible.
@@ -168,7 +174,9 @@ pub enum Overlong {
 }
 
 /// What to do with a malformed data row.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BadRows {
     /// Stop with an error naming the file and line.
@@ -319,7 +327,9 @@ pub struct DataSpec {
 }
 
 /// DPO loss variants.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DpoLoss {
     /// -log σ(β·m), with cDPO label smoothing.
@@ -374,8 +384,10 @@ impl DpoSpec {
         let ls = self.label_smoothing.value;
         if !(0.0..0.5).contains(&ls) {
             problems.push(
-                Problem::new(format!("`dpo.label_smoothing` must be in [0, 0.5), got {ls}"))
-                    .at(self.label_smoothing.span.clone(), "out of range"),
+                Problem::new(format!(
+                    "`dpo.label_smoothing` must be in [0, 0.5), got {ls}"
+                ))
+                .at(self.label_smoothing.span.clone(), "out of range"),
             );
         }
     }
@@ -391,27 +403,35 @@ pub fn at_least<T: PartialOrd + std::fmt::Display + Copy>(
 ) {
     if v.value < min {
         problems.push(
-            Problem::new(format!("`{key}` must be >= {min}, got {}", v.value)).at(v.span.clone(), "out of range"),
+            Problem::new(format!("`{key}` must be >= {min}, got {}", v.value))
+                .at(v.span.clone(), "out of range"),
         );
     }
 }
 
 pub fn positive(problems: &mut Vec<Problem>, key: &str, v: &Sp<f64>) {
     if !(v.value > 0.0 && v.value.is_finite()) {
-        problems.push(Problem::new(format!("`{key}` must be > 0, got {}", v.value)).at(v.span.clone(), "out of range"));
+        problems.push(
+            Problem::new(format!("`{key}` must be > 0, got {}", v.value))
+                .at(v.span.clone(), "out of range"),
+        );
     }
 }
 
 pub fn non_negative(problems: &mut Vec<Problem>, key: &str, v: &Sp<f64>) {
     if !(v.value >= 0.0 && v.value.is_finite()) {
-        problems.push(Problem::new(format!("`{key}` must be >= 0, got {}", v.value)).at(v.span.clone(), "out of range"));
+        problems.push(
+            Problem::new(format!("`{key}` must be >= 0, got {}", v.value))
+                .at(v.span.clone(), "out of range"),
+        );
     }
 }
 
 pub fn unit_interval(problems: &mut Vec<Problem>, key: &str, v: &Sp<f64>) {
     if !(0.0..1.0).contains(&v.value) {
         problems.push(
-            Problem::new(format!("`{key}` must be in [0, 1), got {}", v.value)).at(v.span.clone(), "out of range"),
+            Problem::new(format!("`{key}` must be in [0, 1), got {}", v.value))
+                .at(v.span.clone(), "out of range"),
         );
     }
 }

@@ -1,0 +1,142 @@
+//! Stage kinds defined by the tests, to exercise the engine without training.
+
+use std::io::Write;
+
+use lora_runner::kinds::{parse_table, stage_ref, MODEL};
+use lora_runner::recipe::diag::Problem;
+use lora_runner::recipe::span::Sp;
+use lora_runner::recipe::ParseContext;
+use lora_runner::stage::{
+    ArtifactKind, FileInput, Interrupted, Registry, RunContext, StageKind, StageParams, StageRef,
+};
+use serde::{Deserialize, Serialize};
+
+/// `kind = "emit"`: writes `message` (and its input's text) into out.txt,
+/// one chunk per step, sleeping `sleep_ms` per step.
+pub struct Emit {
+    pub version: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmitParams {
+    pub message: Sp<String>,
+    #[serde(default)]
+    pub input: Option<Sp<String>>,
+    #[serde(default)]
+    pub data: Option<Sp<String>>,
+    #[serde(default = "one")]
+    pub steps: Sp<u64>,
+    #[serde(default)]
+    pub sleep_ms: Sp<u64>,
+    #[serde(skip)]
+    dir: std::path::PathBuf,
+}
+
+fn one() -> Sp<u64> {
+    Sp::implicit(1)
+}
+
+impl StageParams for EmitParams {
+    fn key_params(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap();
+        // Timing does not change the result.
+        v.as_object_mut().unwrap().remove("sleep_ms");
+        v
+    }
+    fn refs(&self) -> Vec<StageRef> {
+        self.input
+            .iter()
+            .map(|i| stage_ref("input", i, MODEL))
+            .collect()
+    }
+    fn files(&self) -> Vec<FileInput> {
+        self.data
+            .iter()
+            .map(|d| lora_runner::kinds::file_input("data", d, &self.dir))
+            .collect()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl StageKind for Emit {
+    fn name(&self) -> &'static str {
+        "emit"
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn output(&self) -> ArtifactKind {
+        ArtifactKind::Model
+    }
+    fn summary(&self) -> &'static str {
+        "test kind"
+    }
+    fn parse(
+        &self,
+        table: toml::Spanned<toml::de::DeValue<'_>>,
+        ctx: &ParseContext,
+    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
+        let mut p: EmitParams = parse_table(table, ctx, |p: &EmitParams, problems| {
+            lora_runner::recipe::params::at_least(problems, "steps", &p.steps, 1);
+        })?;
+        p.dir = ctx.recipe_dir.to_path_buf();
+        Ok(Box::new(p))
+    }
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        generator.subschema_for::<EmitParams>()
+    }
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let p = params.as_any().downcast_ref::<EmitParams>().unwrap();
+        if let Ok(counter) = std::env::var("LR_COUNTER") {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(counter)?;
+            writeln!(f, "{}", ctx.stage)?;
+        }
+        if p.message.value == "fail" {
+            anyhow::bail!("asked to fail");
+        }
+        let mut text = String::new();
+        if let Ok(input) = ctx.input("input") {
+            text.push_str(&std::fs::read_to_string(input.dir.join("out.txt"))?);
+        }
+        if let Some(data) = ctx.files.get("data") {
+            text.push_str(&std::fs::read_to_string(data)?);
+        }
+        text.push_str(&p.message.value);
+        let mut out = std::fs::File::create(ctx.out_dir.join("out.txt"))?;
+        ctx.progress.set_total(p.steps.value);
+        for step in 1..=p.steps.value {
+            if ctx.interrupted() {
+                return Err(Interrupted.into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(p.sleep_ms.value));
+            if step == p.steps.value {
+                out.write_all(text.as_bytes())?;
+            } else {
+                out.write_all(b".")?;
+            }
+            out.sync_all()?;
+            std::fs::write(
+                ctx.work_dir.join("resume.json"),
+                format!(r#"{{"step": {step}}}"#),
+            )?;
+            ctx.progress.set_position(step, "");
+        }
+        ctx.metrics.insert("length".into(), text.len().into());
+        Ok(())
+    }
+}
+
+/// The built-in kinds plus the test kinds.
+pub fn registry() -> Registry {
+    let version = std::env::var("LR_EMIT_VERSION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    lora_runner::kinds::builtin().with(Emit { version })
+}
