@@ -89,7 +89,11 @@ pub enum Command {
         #[arg(long)]
         plan: bool,
     },
-    /// Remove artifacts no given recipe reaches (dry run unless --delete).
+    /// Keep a stage's current artifact through `gc`, whatever recipes are given.
+    Pin { recipe: PathBuf, stage: String },
+    /// Remove a pin (`runner unpin NAME`; `runner unpin` lists them).
+    Unpin { name: Option<String> },
+    /// Remove artifacts no given recipe or pin reaches (dry run unless --delete).
     Gc {
         /// Recipes whose stages (and their lineage) are kept.
         recipes: Vec<PathBuf>,
@@ -333,6 +337,41 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 files.len(),
                 dir.display()
             );
+            Ok(exit::OK)
+        }
+        Command::Pin { recipe, stage } => {
+            let checked = check(recipe, registry)?;
+            let cache = open_cache()?;
+            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let planned = plan.by_name(stage).ok_or_else(|| {
+                Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
+            })?;
+            let plan::Status::Cached { artifact } = &planned.status else {
+                return Err(Failure::usage(format!(
+                    "error: stage `{stage}` has no cached artifact to pin ({})",
+                    planned.reason()
+                )));
+            };
+            let name = format!("{}.{stage}", checked.recipe.header.name.value);
+            gc::pin(&cache, &name, artifact)?;
+            println!("pinned {name} = {}", crate::cache::short(artifact));
+            Ok(exit::OK)
+        }
+        Command::Unpin { name } => {
+            let cache = open_cache()?;
+            match name {
+                Some(name) => {
+                    if !gc::unpin(&cache, name)? {
+                        return Err(Failure::usage(format!("error: no pin `{name}`")));
+                    }
+                    println!("unpinned {name}");
+                }
+                None => {
+                    for (name, artifact) in gc::pins(&cache)? {
+                        println!("{name} = {artifact}");
+                    }
+                }
+            }
             Ok(exit::OK)
         }
         Command::Gc { recipes, delete } => {

@@ -5,6 +5,44 @@ use std::fmt::Write;
 
 use crate::cache::Cache;
 
+fn pin_dir(cache: &Cache) -> std::path::PathBuf {
+    cache.root.join("pins")
+}
+
+/// Pin `artifact` under `name`: `gc` keeps it and its lineage.
+pub fn pin(cache: &Cache, name: &str, artifact: &str) -> std::io::Result<()> {
+    crate::fsutil::write_atomic(&pin_dir(cache).join(name), artifact.as_bytes())
+}
+
+/// Remove a pin; false when there was none.
+pub fn unpin(cache: &Cache, name: &str) -> std::io::Result<bool> {
+    match std::fs::remove_file(pin_dir(cache).join(name)) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// (name, artifact) of every pin.
+pub fn pins(cache: &Cache) -> std::io::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    match std::fs::read_dir(pin_dir(cache)) {
+        Ok(rd) => {
+            for e in rd {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') {
+                    out.push((name, std::fs::read_to_string(e.path())?.trim().to_string()));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Keys to keep -> reachable artifacts (through key records and lineage);
 /// everything else in `artifacts/`, `keys/`, `work/` and `tmp/` goes.
 pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Result<String> {
@@ -17,6 +55,7 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
     let mut stack: Vec<String> = keep_keys
         .iter()
         .filter_map(|k| cache.key_record(k).map(|r| r.artifact))
+        .chain(pins(cache)?.into_iter().map(|(_, a)| a))
         .collect();
     while let Some(a) = stack.pop() {
         if reachable.insert(a.clone()) {

@@ -463,7 +463,14 @@ fn gc_removes_only_what_no_recipe_reaches() {
     for s in ["a", "b", "c"] {
         assert_eq!(plan_entry(&p, s).0, "cached");
     }
-    // With no recipe, everything goes.
+    // A pin keeps a stage's artifact and its lineage without any recipe.
+    ws.child(&["pin", "recipe.toml", "b"]).ok();
+    assert!(ws.child(&["unpin"]).ok().stdout.starts_with("chain.b = "));
+    ws.child(&["gc", "--delete"]).ok();
+    assert_eq!(ws.artifacts().len(), 2, "b and its parent a");
+    ws.child(&["unpin", "chain.b"]).ok();
+    assert_eq!(ws.child(&["unpin", "chain.b"]).code, 2);
+    // With no recipe and no pin, everything goes.
     ws.child(&["gc", "--delete"]).ok();
     assert!(ws.artifacts().is_empty());
 }
