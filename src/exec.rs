@@ -126,14 +126,14 @@ pub fn execute(
                 .get(d)
                 .cloned()
                 .unwrap_or_else(|| format!("input `{}` was not run", recipe.stages[*d].name.value));
-            reporter.stage_line(&format!("{}: skipped ({why})", p.name));
+            reporter.stage_done(&format!("{}: skipped ({why})", p.name));
             not_available.insert(p.index, format!("input `{}` failed", p.name));
             report.stages.push((p.name.clone(), Outcome::Blocked(why)));
             continue;
         }
         if let Status::Cached { artifact } = &p.status {
             cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
-            reporter.stage_line(&format!("{}: cached ({})", p.name, cache::short(artifact)));
+            reporter.stage_done(&format!("{}: cached ({})", p.name, cache::short(artifact)));
             report.stages.push((p.name.clone(), Outcome::Cached));
             continue;
         }
@@ -141,7 +141,7 @@ pub fn execute(
         match &outcome {
             Outcome::Ran { artifact, seconds } => {
                 artifacts.insert(p.index, artifact.clone());
-                reporter.stage_line(&format!(
+                reporter.stage_done(&format!(
                     "{}: done in {seconds:.1}s ({})",
                     p.name,
                     cache::short(artifact)
@@ -150,13 +150,13 @@ pub fn execute(
             Outcome::Cached => {
                 let record = cache.key_record(&p.key).expect("just found");
                 artifacts.insert(p.index, record.artifact);
-                reporter.stage_line(&format!("{}: cached (computed by another process)", p.name));
+                reporter.stage_done(&format!("{}: cached (computed by another process)", p.name));
             }
             Outcome::Failed(e) => {
                 not_available.insert(p.index, format!("input `{}` failed", p.name));
-                reporter.stage_line(&format!("{}: FAILED: {e}", p.name));
+                reporter.stage_done(&format!("{}: FAILED: {e}", p.name));
             }
-            Outcome::Interrupted => reporter.stage_line(&format!("{}: interrupted", p.name)),
+            Outcome::Interrupted => reporter.stage_done(&format!("{}: interrupted", p.name)),
             Outcome::Blocked(_) => {}
         }
         let stop = outcome == Outcome::Interrupted;

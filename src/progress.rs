@@ -14,7 +14,9 @@ pub trait Reporter: Send + Sync {
     fn start_pipeline(&self, stages: usize);
     /// A stage begins running; returns where it reports its steps.
     fn start_stage(&self, name: &str, kind: &str, why: &str) -> Box<dyn Progress + '_>;
-    /// A stage was skipped, finished or failed: one line for the record.
+    /// A stage was skipped, found cached, finished or failed: one line for the record.
+    fn stage_done(&self, line: &str);
+    /// Any other line (a stage waiting for a lock, ...).
     fn stage_line(&self, line: &str);
     fn finish(&self);
 }
@@ -64,6 +66,9 @@ impl Reporter for Lines {
             name: name.to_string(),
             total: Mutex::new((0, Instant::now() - Duration::from_secs(60))),
         })
+    }
+    fn stage_done(&self, line: &str) {
+        eprintln!("[runner] {line}");
     }
     fn stage_line(&self, line: &str) {
         eprintln!("[runner] {line}");
@@ -137,8 +142,11 @@ impl Reporter for Bars {
             multi: self.multi.clone(),
         })
     }
-    fn stage_line(&self, line: &str) {
+    fn stage_done(&self, line: &str) {
         self.pipeline.inc(1);
+        let _ = self.multi.println(line);
+    }
+    fn stage_line(&self, line: &str) {
         let _ = self.multi.println(line);
     }
     fn finish(&self) {
@@ -160,6 +168,7 @@ impl Reporter for Silent {
     fn start_stage(&self, _: &str, _: &str, _: &str) -> Box<dyn Progress + '_> {
         Box::new(Silent)
     }
+    fn stage_done(&self, _: &str) {}
     fn stage_line(&self, _: &str) {}
     fn finish(&self) {}
 }
