@@ -20,3 +20,4 @@ pub mod recipe;
 pub mod report;
 pub mod schema;
 pub mod stage;
+pub mod train;
