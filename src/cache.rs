@@ -10,6 +10,8 @@
 //! - `work/<key>/`: checkpoints of unfinished stages.
 //! - `tmp/`: artifacts being written; never read.
 //! - `locks/<key>.lock`: advisory locks held while a stage runs.
+//! - `derived/<kind>-<key>/`: intermediate results shared by stages and
+//!   recipes (tokenized data, reference log-probs), keyed by their inputs.
 //! - `memo/`: the hash memo.
 
 use std::collections::BTreeMap;
@@ -64,6 +66,9 @@ pub struct Manifest {
     pub metrics: serde_json::Map<String, serde_json::Value>,
     /// Relative path -> blake3 of every file of the artifact.
     pub files: BTreeMap<String, String>,
+    /// Derived artifacts (`derived/<name>`) the stage used.
+    #[serde(default)]
+    pub derived: Vec<String>,
     /// `runner <version>`.
     pub program: String,
     /// RFC 3339 UTC.
@@ -95,7 +100,7 @@ pub struct Cache {
     pub hasher: Hasher,
 }
 
-const FOLDERS: [&str; 7] = [
+const FOLDERS: [&str; 8] = [
     "artifacts",
     "keys",
     "records",
@@ -103,6 +108,7 @@ const FOLDERS: [&str; 7] = [
     "tmp",
     "locks",
     "memo",
+    "derived",
 ];
 
 impl Cache {
@@ -262,6 +268,35 @@ impl Cache {
         record: &T,
     ) -> std::io::Result<()> {
         fsutil::write_json_atomic(&self.record_path(recipe, stage), record)
+    }
+
+    /// A derived artifact `derived/<kind>-<key>`: built once by `build` into a
+    /// temporary folder (under a lock, so concurrent stages build it once),
+    /// then renamed into place whole.
+    pub fn derived(
+        &self,
+        kind: &str,
+        key: &str,
+        build: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<PathBuf> {
+        let name = format!("{kind}-{key}");
+        let target = self.root.join("derived").join(&name);
+        if target.is_dir() {
+            return Ok(target);
+        }
+        let _lock = self.lock_stage(&format!("derived-{name}"), |_| {})?;
+        if target.is_dir() {
+            return Ok(target);
+        }
+        let staging = self.staging_dir(&name)?;
+        if let Err(e) = build(&staging) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        fsutil::fsync_tree(&staging)?;
+        std::fs::rename(&staging, &target)?;
+        fsutil::fsync_dir(&self.root.join("derived"))?;
+        Ok(target)
     }
 
     /// Take the lock of stage `key`, waiting if another process holds it.

@@ -249,9 +249,12 @@ fn run_one(
         progress: progress.as_ref(),
         metrics: serde_json::Map::new(),
         interrupt,
+        cache,
+        derived: Vec::new(),
     };
     let result = stage.kind.run(stage.params.as_ref(), &mut ctx);
     let metrics = std::mem::take(&mut ctx.metrics);
+    let derived = std::mem::take(&mut ctx.derived);
     drop(ctx);
     drop(progress);
     if let Err(e) = result {
@@ -284,6 +287,7 @@ fn run_one(
             .collect(),
         metrics,
         files: BTreeMap::new(),
+        derived,
         program: format!("runner {}", env!("CARGO_PKG_VERSION")),
         started,
         finished: cache::now_rfc3339(),

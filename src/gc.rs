@@ -65,6 +65,14 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
         }
     }
     let keep: BTreeSet<&String> = keep_keys.iter().collect();
+    // Derived artifacts used by kept artifacts stay; unfinished kept stages may need any, so
+    // while one has a work folder, all stay.
+    let resuming = keep_keys.iter().any(|k| cache.work_dir(k).is_dir());
+    let used: BTreeSet<String> = reachable
+        .iter()
+        .filter_map(|a| cache.manifest(a))
+        .flat_map(|m| m.derived)
+        .collect();
     let mut doomed = Vec::new();
     for entry in std::fs::read_dir(cache.root.join("artifacts"))? {
         let entry = entry?;
@@ -76,6 +84,14 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
     for record in cache.all_key_records()? {
         if !keep.contains(&record.key) && !reachable.contains(&record.artifact) {
             doomed.push(cache.root.join("keys").join(format!("{}.json", record.key)));
+        }
+    }
+    if !resuming {
+        for entry in std::fs::read_dir(cache.root.join("derived"))? {
+            let entry = entry?;
+            if !used.contains(&entry.file_name().to_string_lossy().into_owned()) {
+                doomed.push(entry.path());
+            }
         }
     }
     for folder in ["work", "tmp"] {
@@ -103,11 +119,14 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
             human(size)
         );
         if delete {
-            if path.is_dir() {
-                std::fs::remove_dir_all(path)?;
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(path)
             } else {
-                std::fs::remove_file(path)?;
-            }
+                std::fs::remove_file(path)
+            };
+            removed.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("removing {}: {e}", path.display()))
+            })?;
         }
     }
     let _ = writeln!(

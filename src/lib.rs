@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod data;
 pub mod exec;
 pub mod fsutil;
 pub mod gc;

@@ -209,11 +209,33 @@ pub struct RunContext<'a> {
     /// Metrics the stage reports; stored in the manifest.
     pub metrics: serde_json::Map<String, serde_json::Value>,
     pub interrupt: &'a AtomicBool,
+    /// The cache, for derived artifacts shared between stages (tokenized data, reference log-probs).
+    pub cache: &'a crate::cache::Cache,
+    /// Derived artifacts this stage used; recorded in its manifest so `gc` keeps them.
+    pub derived: Vec<String>,
 }
 
 impl RunContext<'_> {
     pub fn interrupted(&self) -> bool {
         self.interrupt.load(Ordering::SeqCst)
+    }
+
+    /// A derived artifact (see `Cache::derived`), remembered for the manifest.
+    pub fn derived(
+        &mut self,
+        kind: &str,
+        key: &str,
+        build: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<PathBuf> {
+        let dir = self.cache.derived(kind, key, build)?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !self.derived.contains(&name) {
+            self.derived.push(name);
+        }
+        Ok(dir)
     }
 
     /// The upstream artifact under `field`, or an error naming it.

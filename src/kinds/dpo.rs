@@ -102,6 +102,9 @@ impl StageKind for Dpo {
                 l.check(problems);
             }
             p.train.check(problems);
+            if let Some(d) = &p.data {
+                d.check(problems);
+            }
             p.dpo.check(problems);
         })?;
         p.recipe_dir = ctx.recipe_dir.to_path_buf();

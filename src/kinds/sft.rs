@@ -127,6 +127,9 @@ impl StageKind for Sft {
                 l.check(problems);
             }
             p.train.check(problems);
+            if let Some(d) = &p.data {
+                d.check(problems);
+            }
         })?;
         p.recipe_dir = ctx.recipe_dir.to_path_buf();
         p.span = span.start..span.start;

@@ -158,33 +158,7 @@ pub enum Schedule {
     Cosine,
 }
 
-/// What to do with rows longer than `seq_len`.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Overlong {
-    /// Cut the prompt from the left, keeping the completion whole where possible.
-    #[default]
-    TruncateLeft,
-    /// Cut the end of the row.
-    TruncateRight,
-    /// Leave the row out (counted in the stage's report).
-    Drop,
-}
-
-/// What to do with a malformed data row.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum BadRows {
-    /// Stop with an error naming the file and line.
-    #[default]
-    Error,
-    /// Leave the row out (counted in the stage's report).
-    Skip,
-}
+pub use crate::data::settings::{BadRows, Overlong};
 
 /// Optimisation settings of a training stage.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
@@ -324,6 +298,25 @@ pub struct DataSpec {
     /// Held-out rows for evaluation.
     #[serde(default)]
     pub eval: Option<Sp<String>>,
+    /// A built-in chat format ("chatml") for message-list rows, overriding
+    /// the model's own chat template; needed when the model has none.
+    #[serde(default)]
+    pub format: Option<Sp<String>>,
+}
+
+impl DataSpec {
+    pub fn check(&self, problems: &mut Vec<Problem>) {
+        if let Some(f) = &self.format {
+            let known = crate::data::BUILTIN_FORMATS;
+            if !known.contains(&f.value.as_str()) {
+                problems.push(
+                    Problem::new(format!("unknown chat format `{}`", f.value))
+                        .at(f.span.clone(), "not a built-in format")
+                        .help(format!("built-in formats: {}", known.join(", "))),
+                );
+            }
+        }
+    }
 }
 
 /// DPO loss variants.
