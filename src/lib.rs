@@ -15,6 +15,7 @@ pub mod graph;
 pub mod hashing;
 pub mod hfconfig;
 pub mod kinds;
+pub mod model;
 pub mod plan;
 pub mod progress;
 pub mod recipe;

@@ -39,8 +39,6 @@ pub struct InitSpec {
     /// Share the input embedding with the output head.
     #[serde(default = "yes")]
     pub tie_embeddings: Sp<bool>,
-    #[serde(default = "default_max_positions")]
-    pub max_positions: Sp<u32>,
 }
 
 fn default_arch() -> Sp<hfconfig::Arch> {
@@ -51,9 +49,6 @@ fn default_rope_theta() -> Sp<f64> {
 }
 fn yes() -> Sp<bool> {
     Sp::implicit(true)
-}
-fn default_max_positions() -> Sp<u32> {
-    Sp::implicit(2048)
 }
 
 /// `[stages.<name>]` with `kind = "base"`.
@@ -66,6 +61,9 @@ pub struct BaseParams {
     /// Make a seeded random model of this shape instead of loading one.
     #[serde(default)]
     pub init: Option<InitSpec>,
+    /// dtype of the weights `init` writes (a loaded folder keeps its own).
+    #[serde(default)]
+    pub dtype: Sp<crate::recipe::params::Dtype>,
     #[serde(skip)]
     #[schemars(skip)]
     resolved: Option<PathBuf>,
@@ -252,7 +250,28 @@ impl StageKind for Base {
                 )?;
                 Ok(())
             }
-            (None, Some(_)) => Err(super::not_yet("base (init)")),
+            (None, Some(init)) => {
+                let spec = crate::model::init::InitSpec {
+                    architecture: match init.arch.value {
+                        hfconfig::Arch::Llama => crate::model::config::Architecture::Llama,
+                        hfconfig::Arch::Mistral => crate::model::config::Architecture::Mistral,
+                        hfconfig::Arch::Qwen2 => crate::model::config::Architecture::Qwen2,
+                    },
+                    hidden_size: init.hidden.value as usize,
+                    num_hidden_layers: init.layers.value as usize,
+                    num_attention_heads: init.heads.value as usize,
+                    num_key_value_heads: init.kv_heads.value as usize,
+                    intermediate_size: init.ffn.value as usize,
+                    vocab_size: init.vocab.value as usize,
+                    head_dim: init.head_dim.as_ref().map(|h| h.value as usize),
+                    rope_theta: init.rope_theta.value,
+                    tie_word_embeddings: init.tie_embeddings.value,
+                    dtype: crate::train::inputs::dtype(params.dtype.value),
+                    seed: ctx.seed,
+                };
+                crate::model::init::init_model(&spec, &ctx.out_dir)?;
+                Ok(())
+            }
             (None, None) => unreachable!("checked when parsing"),
         }
     }

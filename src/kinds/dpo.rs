@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::sft::{data_files, lora_use};
-use super::{key_json, not_yet, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER};
+use super::{key_json, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER};
 use crate::recipe::diag::Problem;
 use crate::recipe::params::{DataSpec, DpoSpec, Dtype, LoraSpec, TrainSpec};
 use crate::recipe::span::Sp;
@@ -122,7 +122,175 @@ impl StageKind for Dpo {
         generator.subschema_for::<DpoParams>()
     }
 
-    fn run(&self, _params: &dyn StageParams, _ctx: &mut RunContext) -> anyhow::Result<()> {
-        Err(not_yet("dpo"))
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let p = params
+            .as_any()
+            .downcast_ref::<DpoParams>()
+            .expect("dpo stage params");
+        crate::train::with_big_stack(|| run_dpo(p, ctx))
     }
+}
+
+/// Folders of the reference policy: a model, and an adapter applied to it (or none).
+#[derive(Debug)]
+pub struct ReferenceSpec {
+    pub model: std::path::PathBuf,
+    /// Artifact hash of the model, for the derived cache key.
+    pub model_artifact: String,
+    pub adapter: Option<(std::path::PathBuf, String)>,
+    pub description: String,
+}
+
+fn artifact_name(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The reference policy of a DPO stage: `reference` when given; otherwise
+/// the policy's starting point: model + the continued adapter (scheme one),
+/// or the model alone when a fresh adapter is trained (scheme two).
+pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
+    use crate::train::inputs::model_dir;
+    let (model, adapter) = match ctx.inputs.get("reference") {
+        Some(r) if r.kind == "base" || r.kind == "merge" => (r.clone(), None),
+        Some(r) => {
+            // An adapter stage: its own model, from its manifest's lineage.
+            let parent = r.manifest["parents"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["field"] == "model"))
+                .and_then(|p| p["artifact"].as_str())
+                .ok_or_else(|| anyhow::anyhow!("reference `{}` records no model", r.stage))?;
+            let model_artifact = crate::stage::InputArtifact {
+                stage: format!("model of {}", r.stage),
+                kind: "model".into(),
+                key: String::new(),
+                dir: ctx.cache.artifact_dir(parent),
+                manifest: serde_json::Value::Null,
+            };
+            (model_artifact, Some(r.clone()))
+        }
+        None => (
+            ctx.input("model")?.clone(),
+            ctx.inputs.get("adapter").cloned(),
+        ),
+    };
+    Ok(ReferenceSpec {
+        model: model_dir(&model)?,
+        model_artifact: artifact_name(&model.dir),
+        description: match &adapter {
+            Some(a) => format!("{} + adapter `{}` (frozen)", model.stage, a.stage),
+            None => model.stage.clone(),
+        },
+        adapter: adapter.map(|a| (a.dir.clone(), artifact_name(&a.dir))),
+    })
+}
+
+/// Reference log-probs of `data`, computed once (no graph) and cached as a
+/// derived artifact keyed by the reference's artifacts and the tokenized data.
+pub fn reference_scores(
+    ctx: &mut RunContext,
+    reference: &ReferenceSpec,
+    data: &crate::data::DpoDataset,
+    data_id: &str,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+    pad_id: u32,
+) -> anyhow::Result<crate::train::dpo::PairScores> {
+    use crate::train::{dpo, inputs};
+    let key = serde_json::json!({
+        "version": 1,
+        "model": reference.model_artifact,
+        "adapter": reference.adapter.as_ref().map(|a| &a.1),
+        "data": data_id,
+        "dtype": format!("{dtype:?}"),
+        "device": format!("{:?}", device.location()),
+    });
+    let key = blake3::hash(crate::plan::canonical_json(&key).as_bytes()).to_hex()[..32].to_string();
+    ctx.progress
+        .log(&format!("reference log-probs: {}", reference.description));
+    let dir = ctx.derived("reference-logps", &key, |out| {
+        let mut model = inputs::load_model(&reference.model, dtype, device)?;
+        if let Some((adapter, _)) = &reference.adapter {
+            crate::model::peft::load_adapter(&mut model, adapter)?;
+        }
+        dpo::score_pairs(&model, data, pad_id, device)?.save(&out.join("scores.safetensors"))
+    })?;
+    dpo::PairScores::load(&dir.join("scores.safetensors"))
+}
+
+/// A tokenized dataset's identity for keys: the hash of its rows.
+fn dataset_id(data: &crate::data::DpoDataset) -> String {
+    let mut h = blake3::Hasher::new();
+    for e in &data.examples {
+        for part in [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            for id in part.iter() {
+                h.update(&id.to_le_bytes());
+            }
+        }
+    }
+    h.finalize().to_hex()[..32].to_string()
+}
+
+fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+    use crate::train::{dpo::DpoObjective, inputs, trainer};
+    let data = p.data.as_ref().expect("checked when parsing");
+    let device = inputs::device()?;
+    let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
+    let (model, model_dir) = super::sft::policy(ctx, &p.lora, dtype, &device)?;
+    let tokenizer = inputs::load_tokenizer(&model_dir)?;
+    let pad_id = tokenizer.pad_id();
+    let settings = inputs::settings(&p.train, data);
+    let train_file = ctx.files["data.train"].clone();
+    let train = inputs::dpo_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
+    let eval = match ctx.files.get("data.eval").cloned() {
+        Some(f) => Some(inputs::dpo_tokens(
+            ctx, &f, &tokenizer, &model_dir, &settings,
+        )?),
+        None => None,
+    };
+    let reference = reference_spec(ctx)?;
+    let train_reference = reference_scores(
+        ctx,
+        &reference,
+        &train,
+        &dataset_id(&train),
+        dtype,
+        &device,
+        pad_id,
+    )?;
+    let eval = match eval {
+        Some(e) => {
+            let scores =
+                reference_scores(ctx, &reference, &e, &dataset_id(&e), dtype, &device, pad_id)?;
+            Some((e, scores))
+        }
+        None => None,
+    };
+    let objective = DpoObjective {
+        train,
+        train_reference,
+        eval,
+        spec: p.dpo.clone(),
+        pad_id,
+        device: device.clone(),
+    };
+    let before = trainer::Objective::evaluate(&objective, &model)?;
+    let settings = trainer::LoopSettings {
+        train: &p.train,
+        seed: ctx.seed,
+        dropout: !p.dpo.disable_dropout.value,
+    };
+    let metrics = trainer::train(&model, &objective, &settings, ctx)?;
+    crate::model::peft::save_adapter(&model, &ctx.out_dir, &model_dir.display().to_string())?;
+    ctx.metrics
+        .insert("reference".into(), reference.description.into());
+    for (k, v) in before {
+        ctx.metrics.insert(format!("before/{k}"), v.into());
+    }
+    for (k, v) in metrics {
+        ctx.metrics.insert(k, v.into());
+    }
+    Ok(())
 }

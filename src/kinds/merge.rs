@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{key_json, not_yet, parse_table, stage_ref, ADAPTER, MODEL};
+use super::{key_json, parse_table, stage_ref, ADAPTER, MODEL};
 use crate::recipe::diag::Problem;
 use crate::recipe::params::{at_least, Dtype};
 use crate::recipe::span::Sp;
@@ -89,7 +89,30 @@ impl StageKind for Merge {
         generator.subschema_for::<MergeParams>()
     }
 
-    fn run(&self, _params: &dyn StageParams, _ctx: &mut RunContext) -> anyhow::Result<()> {
-        Err(not_yet("merge"))
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        use crate::train::inputs;
+        let p = params
+            .as_any()
+            .downcast_ref::<MergeParams>()
+            .expect("merge stage params");
+        let model_dir = inputs::model_dir(ctx.input("model")?)?;
+        let adapter = ctx.input("adapter")?;
+        // W' = W + s·B·A in f32, cast once to the saved dtype (the base's unless `dtype` says).
+        let options = crate::model::decoder::LoadOptions {
+            dtype: p.dtype.as_ref().map(|d| inputs::dtype(d.value)),
+            device: candle_core::Device::Cpu,
+        };
+        let mut model = crate::model::decoder::Decoder::load(&model_dir, &options)
+            .map_err(|e| anyhow::anyhow!("loading model {}: {e}", model_dir.display()))?;
+        crate::model::peft::load_adapter(&mut model, &adapter.dir)
+            .map_err(|e| anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage))?;
+        let merged = crate::model::merge::merge_lora(&model)?;
+        crate::model::merge::save_model_folder(
+            &merged,
+            &ctx.out_dir,
+            Some(&model_dir),
+            p.shard_bytes.value,
+        )?;
+        Ok(())
     }
 }

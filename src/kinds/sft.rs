@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{file_input, key_json, not_yet, parse_table, stage_ref, ADAPTER, MODEL};
+use super::{file_input, key_json, parse_table, stage_ref, ADAPTER, MODEL};
 use crate::recipe::diag::Problem;
 use crate::recipe::params::{DataSpec, Dtype, LoraSpec, TrainSpec};
 use crate::recipe::span::Sp;
@@ -141,7 +141,98 @@ impl StageKind for Sft {
         generator.subschema_for::<SftParams>()
     }
 
-    fn run(&self, _params: &dyn StageParams, _ctx: &mut RunContext) -> anyhow::Result<()> {
-        Err(not_yet("sft"))
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let p = params
+            .as_any()
+            .downcast_ref::<SftParams>()
+            .expect("sft stage params");
+        crate::train::with_big_stack(|| run_sft(p, ctx))
     }
+}
+
+/// The LoRA config of the model code from a recipe's `lora` table.
+pub(crate) fn lora_config(spec: &LoraSpec) -> crate::model::lora::LoraConfig {
+    use crate::model::lora::TargetModules;
+    use crate::recipe::params::Targets;
+    let targets = match &spec.targets.value {
+        Targets::List(l) => TargetModules::List(l.clone()),
+        Targets::Pattern(p) if p == "all-linear" => TargetModules::AllLinear,
+        Targets::Pattern(p) => TargetModules::Regex(p.clone()),
+    };
+    let mut config =
+        crate::model::lora::LoraConfig::new(spec.r.value as usize, spec.alpha.value, targets);
+    config.dropout = spec.dropout.value;
+    config.use_rslora = spec.rslora.value;
+    config
+}
+
+/// The policy model: the `model` input with a new adapter, or with the `adapter` input loaded trainable.
+pub(crate) fn policy(
+    ctx: &RunContext,
+    lora: &Option<LoraSpec>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> anyhow::Result<(crate::model::decoder::Decoder, std::path::PathBuf)> {
+    use crate::train::inputs;
+    let model_dir = inputs::model_dir(ctx.input("model")?)?;
+    let mut model = inputs::load_model(&model_dir, dtype, device)?;
+    match (ctx.inputs.get("adapter"), lora) {
+        (Some(adapter), _) => {
+            crate::model::peft::load_adapter(&mut model, &adapter.dir).map_err(|e| {
+                anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage)
+            })?;
+        }
+        (None, Some(spec)) => model.apply_lora(&lora_config(spec), ctx.seed)?,
+        (None, None) => anyhow::bail!("stage `{}` has neither `adapter` nor `lora`", ctx.stage),
+    }
+    Ok((model, model_dir))
+}
+
+fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+    use crate::train::{inputs, sft::SftObjective, trainer};
+    let data = p.data.as_ref().expect("checked when parsing");
+    let device = inputs::device()?;
+    let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
+    let (model, model_dir) = policy(ctx, &p.lora, dtype, &device)?;
+    let tokenizer = inputs::load_tokenizer(&model_dir)?;
+    let settings = inputs::settings(&p.train, data);
+    let train_file = ctx.files["data.train"].clone();
+    let train = inputs::sft_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
+    let eval = match ctx.files.get("data.eval").cloned() {
+        Some(f) => Some(inputs::sft_tokens(
+            ctx, &f, &tokenizer, &model_dir, &settings,
+        )?),
+        None => None,
+    };
+    let objective = SftObjective {
+        train,
+        eval,
+        pad_id: tokenizer.pad_id(),
+        device: device.clone(),
+    };
+    // Each adapter applies its own dropout rate (none at 0) in training mode.
+    let dropout = true;
+    let before = objective_eval(&objective, &model)?;
+    let settings = trainer::LoopSettings {
+        train: &p.train,
+        seed: ctx.seed,
+        dropout,
+    };
+    let metrics = trainer::train(&model, &objective, &settings, ctx)?;
+    crate::model::peft::save_adapter(&model, &ctx.out_dir, &model_dir.display().to_string())?;
+    for (k, v) in before {
+        ctx.metrics.insert(format!("before/{k}"), v.into());
+    }
+    for (k, v) in metrics {
+        ctx.metrics.insert(k, v.into());
+    }
+    Ok(())
+}
+
+/// Held-out metrics before training, for the report's before/after.
+fn objective_eval(
+    objective: &dyn crate::train::trainer::Objective,
+    model: &crate::model::decoder::Decoder,
+) -> anyhow::Result<crate::train::trainer::Metrics> {
+    objective.evaluate(model)
 }

@@ -1,0 +1,195 @@
+//! `init`: a seeded random model of a given shape, written as a real HF
+//! folder (config.json, model.safetensors, tokenizer.json,
+//! tokenizer_config.json) so demos and tests load it through the same code
+//! as a downloaded checkpoint. Same spec and seed give identical bytes.
+
+use crate::model::config::{Architecture, ModelConfig};
+use crate::model::error::{ModelError, Result};
+use crate::model::io::{write_json_atomic, write_safetensors_atomic};
+use crate::model::rng::SplitMix64;
+use crate::model::tokenizer::{
+    builtin_special_id, builtin_vocab_size, write_builtin_tokenizer, IM_END,
+};
+use crate::model::weights::{torch_dtype_name, SINGLE_FILE};
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InitSpec {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    /// Defaults to hidden_size / num_attention_heads.
+    pub head_dim: Option<usize>,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+impl InitSpec {
+    /// A small Qwen2-style default, for examples.
+    pub fn tiny(seed: u64) -> Self {
+        InitSpec {
+            architecture: Architecture::Qwen2,
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 64,
+            vocab_size: 128,
+            head_dim: None,
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+            dtype: DType::F32,
+            seed,
+        }
+    }
+
+    /// The config.json this spec produces.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let err = |m: String| ModelError::Input(format!("init: {m}"));
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
+            return Err(err(
+                "hidden_size, layers and intermediate_size must be positive".into(),
+            ));
+        }
+        if self.num_attention_heads == 0
+            || self.num_key_value_heads == 0
+            || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return Err(err(format!(
+                "heads ({}) must be a positive multiple of kv_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(err(format!(
+                "head_dim {head_dim} must be positive and even"
+            )));
+        }
+        if self.vocab_size < builtin_vocab_size() {
+            return Err(err(format!(
+                "vocab_size {} is smaller than the built-in tokenizer's {} tokens",
+                self.vocab_size,
+                builtin_vocab_size()
+            )));
+        }
+        if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(err(format!(
+                "dtype {:?} is not a float model dtype",
+                self.dtype
+            )));
+        }
+        Ok(ModelConfig {
+            architecture: self.architecture,
+            model_type: self.architecture.model_type().to_string(),
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim,
+            rope_theta: self.rope_theta,
+            rope_scaling: None,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: self.tie_word_embeddings,
+            vocab_size: self.vocab_size,
+            max_position_embeddings: 2048,
+            torch_dtype: Some(torch_dtype_name(self.dtype).to_string()),
+            attention_bias: self.architecture == Architecture::Qwen2,
+            sliding_window: None,
+            bos_token_id: None,
+            eos_token_id: builtin_special_id(IM_END),
+        })
+    }
+}
+
+/// Random tensors for every weight of `config`, by HF name. Matrices and
+/// biases ~ N(0, 0.02²) (HF's initializer_range); norm weights 1 + N(0, 0.1²)
+/// rather than exactly 1 so tests notice a norm weight that is ignored.
+/// Each tensor has its own stream (seed, name): order-independent.
+pub fn random_weights(
+    config: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut shapes: Vec<(String, Vec<usize>, bool)> = vec![(
+        "model.embed_tokens.weight".into(),
+        vec![config.vocab_size, config.hidden_size],
+        false,
+    )];
+    for i in 0..config.num_hidden_layers {
+        shapes.push((
+            format!("model.layers.{i}.input_layernorm.weight"),
+            vec![config.hidden_size],
+            true,
+        ));
+        shapes.push((
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            vec![config.hidden_size],
+            true,
+        ));
+        for (group, projs) in [
+            (
+                "self_attn",
+                &crate::model::config::ATTENTION_PROJECTIONS[..],
+            ),
+            ("mlp", &crate::model::config::MLP_PROJECTIONS[..]),
+        ] {
+            for proj in projs {
+                let (o, inp) = config.projection_shape(proj).expect("known projection");
+                shapes.push((
+                    format!("model.layers.{i}.{group}.{proj}.weight"),
+                    vec![o, inp],
+                    false,
+                ));
+                if config.projection_has_bias(proj) {
+                    shapes.push((
+                        format!("model.layers.{i}.{group}.{proj}.bias"),
+                        vec![o],
+                        false,
+                    ));
+                }
+            }
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![config.hidden_size], true));
+    if !config.tie_word_embeddings {
+        shapes.push((
+            "lm_head.weight".into(),
+            vec![config.vocab_size, config.hidden_size],
+            false,
+        ));
+    }
+    let mut out = Vec::with_capacity(shapes.len());
+    for (name, shape, is_norm) in shapes {
+        let mut rng = SplitMix64::for_stream(seed, &name);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| if is_norm { 1.0 + 0.1 * rng.normal() } else { 0.02 * rng.normal() } as f32)
+            .collect();
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Writes a seeded random model and the built-in tokenizer into `dir`
+/// (created if needed) and returns its config.
+pub fn init_model(spec: &InitSpec, dir: &Path) -> Result<ModelConfig> {
+    let config = spec.model_config()?;
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let weights = random_weights(&config, spec.seed, spec.dtype)?;
+    write_safetensors_atomic(&dir.join(SINGLE_FILE), &weights)?;
+    write_json_atomic(&dir.join("config.json"), &config.to_json())?;
+    write_builtin_tokenizer(dir, config.max_position_embeddings)?;
+    Ok(config)
+}

@@ -1,0 +1,662 @@
+//! Custom ops with a CPU forward and a backward that returns only the
+//! gradients that are needed.
+//!
+//! candle's own fused softmax / rms_norm / rope have no backward, and its
+//! matmul backward always computes the gradient of both operands. These ops
+//! fix both: a frozen weight (a plain tensor, not a Var) gets no gradient
+//! and costs no GEMM in backward. On non-CPU devices every op falls back to a
+//! differentiable composition of candle ops (the `*_slow` functions), which
+//! the tests also use as the reference.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
+};
+
+fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Arithmetic type of the CPU kernels: f32 for f32/f16/bf16 data, f64 for
+/// f64 data (so an f64 model is exact enough for finite-difference checks).
+trait Acc:
+    Copy
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + PartialOrd
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INF: Self;
+    fn of<T: WithDType>(v: T) -> Self;
+    fn to<T: WithDType>(self) -> T;
+    fn of_f32(v: f32) -> Self;
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn max(self, o: Self) -> Self;
+    fn ln(self) -> Self;
+}
+
+macro_rules! impl_acc {
+    ($t:ty) => {
+        impl Acc for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INF: Self = <$t>::NEG_INFINITY;
+            fn of<T: WithDType>(v: T) -> Self {
+                v.to_f64() as $t
+            }
+            fn to<T: WithDType>(self) -> T {
+                T::from_f64(self as f64)
+            }
+            fn of_f32(v: f32) -> Self {
+                v as $t
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn max(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+        }
+    };
+}
+impl_acc!(f32);
+impl_acc!(f64);
+
+// ---------------------------------------------------------------- frozen matmul
+
+struct FrozenMatmul;
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            bail!("frozen-matmul: input has {k} features, weight expects {k2}");
+        }
+        // y = x W^T: hand candle's gemm-backed matmul W with a transposed layout.
+        let wt = l2.transpose(0, 1)?;
+        let out = s1.matmul(s2, (1, m, n, k), l1, &wt)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gx = if x.track_op() {
+            Some(grad.matmul(w)?)
+        } else {
+            None
+        };
+        // Only a trainable weight gets a gradient; a frozen one costs nothing.
+        let gw = if w.track_op() {
+            Some(grad.t()?.matmul(x)?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// y = x W^T for x [..., in] and W [out, in]; backward returns the input
+/// gradient, and a weight gradient only when W is trainable.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&in_features, lead)) = dims.split_last() else {
+        bail!("frozen-matmul: scalar input")
+    };
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_features))?;
+    let y = if x.device().is_cpu() {
+        x2.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(w.dim(0)?);
+    y.reshape(out_dims)
+}
+
+// ---------------------------------------------------------------- softmax
+
+struct SoftmaxLastDim;
+
+fn softmax_rows<T: WithDType, A: Acc>(src: &[T], dim: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    let mut tmp = vec![A::ZERO; dim];
+    for (row, orow) in src.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let mut max = A::NEG_INF;
+        for (t, v) in tmp.iter_mut().zip(row) {
+            *t = A::of(*v);
+            max = max.max(*t);
+        }
+        if max == A::NEG_INF {
+            // Fully masked row: leave zeros rather than NaN.
+            continue;
+        }
+        let mut sum = A::ZERO;
+        for t in tmp.iter_mut() {
+            *t = (*t - max).exp();
+            sum = sum + *t;
+        }
+        let inv = A::ONE / sum;
+        for (o, t) in orow.iter_mut().zip(&tmp) {
+            *o = (*t * inv).to();
+        }
+    }
+    out
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(softmax_rows::<_, f32>(
+                contiguous_slice::<f32>(s, l, self.name())?,
+                dim,
+            )),
+            DType::F64 => CpuStorage::F64(softmax_rows::<_, f64>(
+                contiguous_slice::<f64>(s, l, self.name())?,
+                dim,
+            )),
+            DType::F16 => CpuStorage::F16(softmax_rows::<_, f32>(
+                contiguous_slice::<half::f16>(s, l, self.name())?,
+                dim,
+            )),
+            DType::BF16 => CpuStorage::BF16(softmax_rows::<_, f32>(
+                contiguous_slice::<half::bf16>(s, l, self.name())?,
+                dim,
+            )),
+            dt => bail!("softmax-last-dim: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dx = y * (g - sum(g * y))
+        let gy = grad.mul(y)?;
+        let s = gy.sum_keepdim(D::Minus1)?;
+        Ok(Some((gy - y.broadcast_mul(&s)?)?))
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(SoftmaxLastDim)
+    } else {
+        softmax_last_dim_slow(x)
+    }
+}
+
+/// Reference: differentiable composition of candle ops.
+pub fn softmax_last_dim_slow(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+// ---------------------------------------------------------------- rms norm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn rms_norm_rows<T: WithDType, A: Acc>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
+    let dim = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    let inv_dim = A::ONE / A::of_f32(dim as f32);
+    for (row, orow) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let mut ss = A::ZERO;
+        for v in row {
+            let a = A::of(*v);
+            ss = ss + a * a;
+        }
+        let r = A::ONE / (ss * inv_dim + A::of_f32(eps)).sqrt();
+        for ((o, v), wv) in orow.iter_mut().zip(row).zip(w) {
+            // Like HF: normalize in f32, cast to the input dtype, then scale.
+            let n: T = (A::of(*v) * r).to();
+            *o = (A::of(n) * A::of(*wv)).to();
+        }
+    }
+    out
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = l2.shape().elem_count();
+        if l1.dims().last() != Some(&dim) {
+            bail!(
+                "rms-norm: input {:?} does not end in weight size {dim}",
+                l1.dims()
+            );
+        }
+        let n = self.name();
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(rms_norm_rows::<_, f32>(
+                contiguous_slice::<f32>(s1, l1, n)?,
+                contiguous_slice::<f32>(s2, l2, n)?,
+                self.eps,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(rms_norm_rows::<_, f64>(
+                contiguous_slice::<f64>(s1, l1, n)?,
+                contiguous_slice::<f64>(s2, l2, n)?,
+                self.eps,
+            )),
+            (DType::F16, DType::F16) => CpuStorage::F16(rms_norm_rows::<_, f32>(
+                contiguous_slice::<half::f16>(s1, l1, n)?,
+                contiguous_slice::<half::f16>(s2, l2, n)?,
+                self.eps,
+            )),
+            (DType::BF16, DType::BF16) => CpuStorage::BF16(rms_norm_rows::<_, f32>(
+                contiguous_slice::<half::bf16>(s1, l1, n)?,
+                contiguous_slice::<half::bf16>(s2, l2, n)?,
+                self.eps,
+            )),
+            (a, b) => bail!("rms-norm: unsupported dtypes {a:?}/{b:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dtype = x.dtype();
+        let acc = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let x32 = x.to_dtype(acc)?;
+        let g32 = grad.to_dtype(acc)?;
+        let w32 = w.to_dtype(acc)?;
+        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
+            .sqrt()?
+            .recip()?;
+        let n = x32.broadcast_mul(&r)?;
+        let gx = if x.track_op() {
+            // dx = r * (g w - n * mean(g w n))
+            let gw = g32.broadcast_mul(&w32)?;
+            let m = gw.mul(&n)?.mean_keepdim(D::Minus1)?;
+            Some(
+                gw.sub(&n.broadcast_mul(&m)?)?
+                    .broadcast_mul(&r)?
+                    .to_dtype(dtype)?,
+            )
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            let rows = n.elem_count() / w.elem_count();
+            let prod = g32.mul(&n)?.reshape((rows, w.elem_count()))?;
+            Some(prod.sum(0)?.reshape(w.shape())?.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * w.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    } else {
+        rms_norm_slow(x, w, eps)
+    }
+}
+
+/// Reference: differentiable composition of candle ops.
+pub fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    let acc = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let x32 = x.to_dtype(acc)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    x32.broadcast_mul(&r)?.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+// ---------------------------------------------------------------- rope
+
+/// Rotary embedding in the HF "rotate_half" layout. x: [B, H, T, D];
+/// cos, sin: [B, T, D/2] in f32 (per-batch positions allow left padding).
+struct Rope;
+
+fn rope_apply<T: WithDType, A: Acc>(
+    x: &[T],
+    cos: &[f32],
+    sin: &[f32],
+    (b, h, t, d): (usize, usize, usize, usize),
+) -> Vec<T> {
+    let half = d / 2;
+    let mut out = vec![T::zero(); x.len()];
+    for bi in 0..b {
+        for hi in 0..h {
+            for ti in 0..t {
+                let base = ((bi * h + hi) * t + ti) * d;
+                let cs = (bi * t + ti) * half;
+                for i in 0..half {
+                    let x1 = A::of(x[base + i]);
+                    let x2 = A::of(x[base + half + i]);
+                    let (c, s) = (A::of_f32(cos[cs + i]), A::of_f32(sin[cs + i]));
+                    out[base + i] = (x1 * c - x2 * s).to();
+                    out[base + half + i] = (x2 * c + x1 * s).to();
+                }
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        let (b, _h, t, d) = dims;
+        if d % 2 != 0 {
+            bail!("rope: head dimension {d} must be even");
+        }
+        let expect = [b, t, d / 2];
+        if l2.dims() != expect || l3.dims() != expect {
+            bail!(
+                "rope: cos/sin must be {expect:?}, got {:?}/{:?}",
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let n = self.name();
+        let cos = contiguous_slice::<f32>(s2, l2, n)?;
+        let sin = contiguous_slice::<f32>(s3, l3, n)?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(rope_apply::<_, f32>(
+                contiguous_slice::<f32>(s1, l1, n)?,
+                cos,
+                sin,
+                dims,
+            )),
+            DType::F64 => CpuStorage::F64(rope_apply::<_, f64>(
+                contiguous_slice::<f64>(s1, l1, n)?,
+                cos,
+                sin,
+                dims,
+            )),
+            DType::F16 => CpuStorage::F16(rope_apply::<_, f32>(
+                contiguous_slice::<half::f16>(s1, l1, n)?,
+                cos,
+                sin,
+                dims,
+            )),
+            DType::BF16 => CpuStorage::BF16(rope_apply::<_, f32>(
+                contiguous_slice::<half::bf16>(s1, l1, n)?,
+                cos,
+                sin,
+                dims,
+            )),
+            dt => bail!("rope: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The rotation is orthogonal: its transpose is the rotation by -angle.
+        let gx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
+        Ok((Some(gx), None, None))
+    }
+}
+
+/// Applies rotary embeddings; see [`Rope`] for shapes.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+    } else {
+        rope_slow(x, cos, sin)
+    }
+}
+
+/// Reference: differentiable composition of candle ops.
+pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (_b, _h, _t, d) = x.dims4()?;
+    let half = d / 2;
+    let cos = cos.unsqueeze(1)?.to_dtype(x.dtype())?;
+    let sin = sin.unsqueeze(1)?.to_dtype(x.dtype())?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[y1, y2], D::Minus1)
+}
+
+// ---------------------------------------------------------------- log-softmax + gather
+
+/// log_softmax(logits)[n, targets[n]] for logits [N, V] in f32/f64: the
+/// per-token log-probability a loss needs, without materialising the
+/// [N, V] log-softmax (and its intermediates) for backward.
+struct TokenLogProb {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+fn token_logprob_rows<A: Acc + WithDType>(logits: &[A], v: usize, targets: &[u32]) -> Vec<A> {
+    logits
+        .chunks_exact(v)
+        .zip(targets)
+        .map(|(row, &t)| {
+            let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, x));
+            let sum = row.iter().fold(A::ZERO, |s, &x| s + (x - max).exp());
+            row[t as usize] - max - sum.ln()
+        })
+        .collect()
+}
+
+fn token_logprob_grad_rows<A: Acc + WithDType>(
+    logits: &[A],
+    grad: &[A],
+    v: usize,
+    targets: &[u32],
+) -> Vec<A> {
+    let mut out = vec![A::ZERO; logits.len()];
+    for ((row, orow), (&g, &t)) in logits
+        .chunks_exact(v)
+        .zip(out.chunks_exact_mut(v))
+        .zip(grad.iter().zip(targets))
+    {
+        let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, x));
+        let sum = row.iter().fold(A::ZERO, |s, &x| s + (x - max).exp());
+        let scale = g / sum;
+        // d/dlogits = g * (onehot(t) - softmax)
+        for (o, &x) in orow.iter_mut().zip(row) {
+            *o = A::ZERO - scale * (x - max).exp();
+        }
+        let at_target = orow[t as usize];
+        orow[t as usize] = at_target + g;
+    }
+    out
+}
+
+impl TokenLogProb {
+    fn check(&self, l: &Layout) -> candle_core::Result<usize> {
+        let (n, v) = l.shape().dims2()?;
+        if n != self.targets.len() {
+            bail!("token-logprob: {n} rows but {} targets", self.targets.len());
+        }
+        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("token-logprob: target {t} outside vocabulary of {v}");
+        }
+        Ok(v)
+    }
+}
+
+impl CustomOp1 for TokenLogProb {
+    fn name(&self) -> &'static str {
+        "token-logprob"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = self.check(l)?;
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(token_logprob_rows(
+                contiguous_slice::<f32>(s, l, self.name())?,
+                v,
+                &self.targets,
+            )),
+            DType::F64 => CpuStorage::F64(token_logprob_rows(
+                contiguous_slice::<f64>(s, l, self.name())?,
+                v,
+                &self.targets,
+            )),
+            dt => bail!("token-logprob: logits must be f32 or f64, got {dt:?}"),
+        };
+        Ok((out, Shape::from(self.targets.len())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(logits.apply_op2_no_bwd(
+            &g,
+            &TokenLogProbGrad {
+                targets: self.targets.clone(),
+            },
+        )?))
+    }
+}
+
+struct TokenLogProbGrad {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+impl CustomOp2 for TokenLogProbGrad {
+    fn name(&self) -> &'static str {
+        "token-logprob-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = TokenLogProb {
+            targets: self.targets.clone(),
+        }
+        .check(l1)?;
+        let n = self.name();
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(token_logprob_grad_rows(
+                contiguous_slice::<f32>(s1, l1, n)?,
+                contiguous_slice::<f32>(s2, l2, n)?,
+                v,
+                &self.targets,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(token_logprob_grad_rows(
+                contiguous_slice::<f64>(s1, l1, n)?,
+                contiguous_slice::<f64>(s2, l2, n)?,
+                v,
+                &self.targets,
+            )),
+            (a, b) => bail!("token-logprob-grad: unsupported dtypes {a:?}/{b:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// log_softmax(logits, -1) gathered at `targets`: logits [N, V] (f32/f64),
+/// result [N]. Backward recomputes the softmax instead of storing it.
+pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+        logits.contiguous()?.apply_op1(TokenLogProb {
+            targets: std::sync::Arc::new(targets.to_vec()),
+        })
+    } else {
+        token_logprobs_slow(logits, targets)
+    }
+}
+
+/// Reference: differentiable composition of candle ops.
+pub fn token_logprobs_slow(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let idx = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), logits.device())?;
+    logp.gather(&idx, 1)?.squeeze(1)
+}

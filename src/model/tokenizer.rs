@@ -1,0 +1,182 @@
+//! Tokenizers: a small character-level tokenizer the program builds itself
+//! for `init` models (a real tokenizers::Tokenizer, serialized as
+//! tokenizer.json + tokenizer_config.json), and loading of any HF tokenizer
+//! folder with its chat template.
+
+use crate::model::error::{ModelError, Result};
+use crate::model::io::{read_json, write_file_atomic, write_json_atomic};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+pub const ENDOFTEXT: &str = "<|endoftext|>";
+pub const IM_START: &str = "<|im_start|>";
+pub const IM_END: &str = "<|im_end|>";
+pub const UNK: &str = "<unk>";
+
+/// Special tokens first (ids 0..4), then "\n" and printable ASCII.
+pub const SPECIAL_TOKENS: [&str; 4] = [ENDOFTEXT, IM_START, IM_END, UNK];
+
+/// ChatML, the format Qwen uses; simple enough for any Jinja engine.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The characters of the built-in tokenizer, in id order after the specials.
+fn builtin_chars() -> Vec<char> {
+    std::iter::once('\n')
+        .chain((0x20u8..=0x7e).map(char::from))
+        .collect()
+}
+
+/// Vocabulary size of the built-in tokenizer (the model vocab must be at least this).
+pub fn builtin_vocab_size() -> usize {
+    SPECIAL_TOKENS.len() + builtin_chars().len()
+}
+
+/// Id of a special token in the built-in tokenizer.
+pub fn builtin_special_id(token: &str) -> Option<u32> {
+    SPECIAL_TOKENS
+        .iter()
+        .position(|t| *t == token)
+        .map(|i| i as u32)
+}
+
+/// tokenizer.json of the built-in tokenizer: WordLevel over single
+/// characters (a Split pre-tokenizer isolates every character), Fuse decoder.
+/// `[\s\S]` rather than `(?s).` because Oniguruma (Python tokenizers) and
+/// fancy-regex disagree on the dot-all flag.
+pub fn builtin_tokenizer_json() -> Value {
+    let mut vocab = Map::new();
+    let mut added = Vec::new();
+    for (id, tok) in SPECIAL_TOKENS.iter().enumerate() {
+        vocab.insert(tok.to_string(), json!(id));
+        added.push(json!({
+            "id": id, "content": tok, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    }
+    for (i, c) in builtin_chars().into_iter().enumerate() {
+        vocab.insert(c.to_string(), json!(SPECIAL_TOKENS.len() + i));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
+        "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": Value::Object(vocab), "unk_token": UNK}
+    })
+}
+
+/// tokenizer_config.json for the built-in tokenizer.
+pub fn builtin_tokenizer_config_json(model_max_length: usize) -> Value {
+    let mut decoder = Map::new();
+    for (id, tok) in SPECIAL_TOKENS.iter().enumerate() {
+        decoder.insert(
+            id.to_string(),
+            json!({"content": tok, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true}),
+        );
+    }
+    json!({
+        "added_tokens_decoder": Value::Object(decoder),
+        "bos_token": null,
+        "eos_token": IM_END,
+        "pad_token": ENDOFTEXT,
+        "unk_token": UNK,
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model_max_length,
+        "tokenizer_class": "PreTrainedTokenizerFast"
+    })
+}
+
+/// Writes tokenizer.json and tokenizer_config.json of the built-in tokenizer into `dir`.
+pub fn write_builtin_tokenizer(dir: &Path, model_max_length: usize) -> Result<()> {
+    let tok_json = builtin_tokenizer_json();
+    let text = serde_json::to_string_pretty(&tok_json).map_err(|e| ModelError::Json {
+        path: dir.join("tokenizer.json"),
+        source: e,
+    })?;
+    // Check that the tokenizers crate accepts what we are about to write.
+    text.parse::<tokenizers::Tokenizer>()
+        .map_err(|e| ModelError::Tokenizer {
+            path: dir.join("tokenizer.json"),
+            message: e.to_string(),
+        })?;
+    write_file_atomic(&dir.join("tokenizer.json"), format!("{text}\n").as_bytes())?;
+    write_json_atomic(
+        &dir.join("tokenizer_config.json"),
+        &builtin_tokenizer_config_json(model_max_length),
+    )
+}
+
+/// A tokenizer loaded from an HF folder.
+pub struct LoadedTokenizer {
+    pub tokenizer: tokenizers::Tokenizer,
+    /// The chat template (Jinja source), from tokenizer_config.json or chat_template.jinja.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+}
+
+/// A special-token entry is either a string or `{"content": ...}`.
+fn token_field(cfg: &Value, key: &str) -> Option<String> {
+    match cfg.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+/// Reads the chat template from a tokenizer_config.json value: a string, or
+/// a list of `{name, template}` (the "default" one, else the first).
+pub fn chat_template_from_config(cfg: &Value) -> Option<String> {
+    match cfg.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => {
+            let pick = list
+                .iter()
+                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| list.first())?;
+            pick.get("template")
+                .and_then(|t| t.as_str())
+                .map(String::from)
+        }
+        _ => None,
+    }
+}
+
+/// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`
+/// (special tokens, chat template) or `dir/chat_template.jinja`.
+pub fn load_tokenizer(dir: &Path) -> Result<LoadedTokenizer> {
+    let path = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let tokenizer: tokenizers::Tokenizer =
+        text.parse()
+            .map_err(|e: tokenizers::Error| ModelError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg = if cfg_path.exists() {
+        Some(read_json(&cfg_path)?)
+    } else {
+        None
+    };
+    let mut chat_template = cfg.as_ref().and_then(chat_template_from_config);
+    let jinja = dir.join("chat_template.jinja");
+    if chat_template.is_none() && jinja.exists() {
+        chat_template =
+            Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+    }
+    let field = |k: &str| cfg.as_ref().and_then(|c| token_field(c, k));
+    Ok(LoadedTokenizer {
+        tokenizer,
+        chat_template,
+        bos_token: field("bos_token"),
+        eos_token: field("eos_token"),
+        pad_token: field("pad_token"),
+    })
+}

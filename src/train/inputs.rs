@@ -1,0 +1,140 @@
+//! What a training or evaluation stage loads from its inputs: the model
+//! folder, its tokenizer, and tokenized data (a derived artifact shared by
+//! every stage and recipe that reads the same file with the same tokenizer
+//! and settings).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::data::{self, DatasetKind, DpoDataset, ModelTokenizer, SftDataset, TokenizeSettings};
+use crate::model::decoder::{Decoder, LoadOptions};
+use crate::recipe::params::{DataSpec, Dtype, TrainSpec};
+use crate::stage::{InputArtifact, RunContext};
+
+/// The Hugging Face folder behind a model artifact (a `base` stage refers to its folder).
+pub fn model_dir(input: &InputArtifact) -> anyhow::Result<PathBuf> {
+    crate::kinds::export::payload_dir(&input.dir)
+}
+
+pub fn dtype(d: Dtype) -> DType {
+    match d {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+    }
+}
+
+/// The device stages compute on. CPU unless the binary has CUDA and a GPU is present.
+pub fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        if candle_core::utils::cuda_is_available() {
+            return Ok(Device::new_cuda(0)?);
+        }
+    }
+    Ok(Device::Cpu)
+}
+
+pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Decoder> {
+    Decoder::load(
+        dir,
+        &LoadOptions {
+            dtype: Some(dtype),
+            device: device.clone(),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("loading model {}: {e}", dir.display()))
+}
+
+pub fn load_tokenizer(model_dir: &Path) -> anyhow::Result<ModelTokenizer> {
+    ModelTokenizer::load(&model_dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Tokenization settings from a stage's `train` and `data` tables.
+pub fn settings(train: &TrainSpec, data: &DataSpec) -> TokenizeSettings {
+    let mut s = TokenizeSettings::new(train.seq_len.value as usize);
+    s.overlong = train.overlong.value;
+    s.bad_rows = train.bad_rows.value;
+    s.chat_format = data.format.as_ref().map(|f| f.value.clone());
+    s
+}
+
+/// Key of a tokenized dataset: the data file's hash, the tokenizer files'
+/// hashes and the tokenization identity (template, settings, version).
+fn tokens_key(
+    ctx: &RunContext,
+    kind: DatasetKind,
+    file: &Path,
+    tokenizer: &ModelTokenizer,
+    model_dir: &Path,
+    settings: &TokenizeSettings,
+) -> anyhow::Result<String> {
+    let identity = data::tokenization_identity(kind, settings, tokenizer)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hash = |p: &Path| -> anyhow::Result<String> {
+        Ok(if p.exists() {
+            ctx.cache.hasher.file(p)?
+        } else {
+            String::new()
+        })
+    };
+    let key = serde_json::json!({
+        "identity": identity,
+        "data": hash(file)?,
+        "tokenizer": hash(&model_dir.join("tokenizer.json"))?,
+        "tokenizer_config": hash(&model_dir.join("tokenizer_config.json"))?,
+    });
+    Ok(blake3::hash(crate::plan::canonical_json(&key).as_bytes()).to_hex()[..32].to_string())
+}
+
+/// Tokenized SFT rows of `file`, from the cache or made now.
+pub fn sft_tokens(
+    ctx: &mut RunContext,
+    file: &Path,
+    tokenizer: &ModelTokenizer,
+    model_dir: &Path,
+    settings: &TokenizeSettings,
+) -> anyhow::Result<SftDataset> {
+    let key = tokens_key(ctx, DatasetKind::Sft, file, tokenizer, model_dir, settings)?;
+    let dir = ctx.derived("tokens-sft", &key, |out| {
+        let ds = data::load_sft(file, tokenizer, settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+        ds.write(out).map_err(|e| anyhow::anyhow!("{e}"))
+    })?;
+    let ds = SftDataset::read(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    report(ctx, file, &ds.report);
+    Ok(ds)
+}
+
+/// Tokenized preference pairs of `file`, from the cache or made now.
+pub fn dpo_tokens(
+    ctx: &mut RunContext,
+    file: &Path,
+    tokenizer: &ModelTokenizer,
+    model_dir: &Path,
+    settings: &TokenizeSettings,
+) -> anyhow::Result<DpoDataset> {
+    let key = tokens_key(ctx, DatasetKind::Dpo, file, tokenizer, model_dir, settings)?;
+    let dir = ctx.derived("tokens-dpo", &key, |out| {
+        let ds = data::load_dpo(file, tokenizer, settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+        ds.write(out).map_err(|e| anyhow::anyhow!("{e}"))
+    })?;
+    let ds = DpoDataset::read(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    report(ctx, file, &ds.report);
+    Ok(ds)
+}
+
+fn report(ctx: &mut RunContext, file: &Path, r: &data::DataReport) {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ctx.progress.log(&format!(
+        "{name}: {} rows read, {} kept, {} truncated, {} dropped, {} skipped",
+        r.read, r.kept, r.truncated, r.dropped, r.skipped
+    ));
+    ctx.metrics.insert(
+        format!("data/{name}"),
+        serde_json::json!({ "read": r.read, "kept": r.kept, "truncated": r.truncated, "dropped": r.dropped, "skipped": r.skipped }),
+    );
+}

@@ -1,0 +1,95 @@
+//! The SFT objective: mean cross-entropy over completion tokens (prompt and
+//! padding masked), as TRL's completion-only loss.
+
+use candle_core::{Device, Tensor};
+
+use super::trainer::{Metrics, Objective};
+use crate::data::batch::sft_batch;
+use crate::data::{Padding, SftDataset, SftExample};
+use crate::model::decoder::{next_token_targets, Decoder, Mode};
+
+/// Rows per forward pass when evaluating.
+const EVAL_BATCH: usize = 16;
+
+pub struct SftObjective {
+    pub train: SftDataset,
+    pub eval: Option<SftDataset>,
+    pub pad_id: u32,
+    pub device: Device,
+}
+
+/// Summed log-probability of the completion tokens of `examples`, and their count.
+pub fn completion_logprob(
+    model: &Decoder,
+    examples: &[&SftExample],
+    pad_id: u32,
+    device: &Device,
+    mode: Mode,
+) -> anyhow::Result<(Tensor, usize)> {
+    let batch =
+        sft_batch(examples, pad_id, Padding::Longest).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (b, t) = (batch.batch_size, batch.seq_len);
+    let ids = Tensor::from_vec(batch.input_ids.clone(), (b, t), device)?;
+    let mask = Tensor::from_vec(batch.attention_mask.clone(), (b, t), device)?;
+    let rows: Vec<Vec<u32>> = batch.input_ids.chunks(t).map(<[u32]>::to_vec).collect();
+    let labels: Vec<Vec<bool>> = batch
+        .label_mask
+        .chunks(t)
+        .map(|r| r.iter().map(|m| *m > 0.5).collect())
+        .collect();
+    let targets = next_token_targets(&rows, &labels)?;
+    anyhow::ensure!(!targets.is_empty(), "a batch with no completion tokens");
+    let hidden = model.forward_hidden(&ids, Some(&mask), mode)?;
+    let logprobs = model.token_logprobs(&hidden, &targets)?;
+    Ok((logprobs.sum_all()?, targets.len()))
+}
+
+impl Objective for SftObjective {
+    fn examples(&self) -> usize {
+        self.train.examples.len()
+    }
+
+    fn loss(
+        &self,
+        model: &Decoder,
+        examples: &[usize],
+        mode: Mode,
+    ) -> anyhow::Result<(Tensor, Metrics, usize)> {
+        let rows: Vec<&SftExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
+        let (sum, n) = completion_logprob(model, &rows, self.pad_id, &self.device, mode)?;
+        let loss = (sum.neg()? / n as f64)?;
+        Ok((
+            loss,
+            Metrics::new(),
+            rows.iter().map(|r| r.input_ids.len()).sum(),
+        ))
+    }
+
+    fn evaluate(&self, model: &Decoder) -> anyhow::Result<Metrics> {
+        let Some(eval) = &self.eval else {
+            return Ok(Metrics::new());
+        };
+        let loss = mean_completion_loss(model, &eval.examples, self.pad_id, &self.device)?;
+        Ok(Metrics::from([
+            ("eval/loss".to_string(), loss),
+            ("eval/perplexity".to_string(), loss.exp()),
+        ]))
+    }
+}
+
+/// Mean negative log-likelihood per completion token over all `examples`.
+pub fn mean_completion_loss(
+    model: &Decoder,
+    examples: &[SftExample],
+    pad_id: u32,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for chunk in examples.chunks(EVAL_BATCH) {
+        let rows: Vec<&SftExample> = chunk.iter().collect();
+        let (sum, n) = completion_logprob(model, &rows, pad_id, device, Mode::Inference)?;
+        total -= sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        count += n;
+    }
+    Ok(total / count.max(1) as f64)
+}
