@@ -367,8 +367,7 @@ fn adapter_model_problem(
 }
 
 fn check_targets(spec: &LoraSpec, modules: &[String], model: &str, problems: &mut Vec<Problem>) {
-    let matches_any =
-        |t: &crate::recipe::params::Targets| modules.iter().any(|m| t.matches(m).unwrap_or(false));
+    let matches_any = |t: &crate::recipe::params::Targets| modules.iter().any(|m| t.matches(m));
     use crate::recipe::params::Targets;
     let short: Vec<String> = {
         let mut s: Vec<String> = modules

@@ -13,7 +13,6 @@ pub mod fsutil;
 pub mod gc;
 pub mod graph;
 pub mod hashing;
-pub mod hfconfig;
 pub mod kinds;
 pub mod model;
 pub mod plan;

@@ -376,12 +376,27 @@ fn lora_targets_must_match_a_module_of_the_architecture() {
 
     // Through a merge, against an `init` model's shape.
     let text = format!(
-        "{HEADER}[stages.base]\nkind = \"base\"\ninit = {{ hidden = 16, layers = 1, heads = 2, kv_heads = 1, ffn = 32, vocab = 64 }}\n\
+        "{HEADER}[stages.base]\nkind = \"base\"\ninit = {{ hidden = 16, layers = 1, heads = 2, kv_heads = 1, ffn = 32, vocab = 128 }}\n\
          {SFT}\n[stages.m]\nkind = \"merge\"\nmodel = \"base\"\nadapter = \"sft\"\n\
          [stages.d]\nkind = \"dpo\"\nmodel = \"m\"\nlora = {{ targets = [\"gate\"] }}\ndata = {{ train = \"data/sft.jsonl\" }}\n"
     );
     let (_, msg, _) = one(&error_of(&ws, &text));
     assert_eq!(msg, "LoRA target `gate` matches no module of model `m`");
+}
+
+#[test]
+fn an_init_vocabulary_must_hold_the_builtin_tokenizer() {
+    let ws = Workspace::new();
+    let e = error_of(
+        &ws,
+        &format!("{HEADER}[stages.base]\nkind = \"base\"\ninit = {{ hidden = 16, layers = 1, heads = 2, kv_heads = 1, ffn = 32, vocab = 64 }}\n"),
+    );
+    let (loc, msg, _) = one(&e);
+    assert_eq!(loc, "5:78");
+    assert_eq!(
+        msg,
+        "`init.vocab` must be at least 100 (the built-in tokenizer's size), got 64"
+    );
 }
 
 #[test]
@@ -405,7 +420,10 @@ fn a_base_folder_must_exist_and_have_a_known_architecture() {
         &format!("{HEADER}[stages.base]\nkind = \"base\"\npath = \"models/gpt\"\n{SFT}"),
     );
     let (_, msg, _) = one(&e);
-    assert!(msg.contains("unsupported architecture `gpt2`"), "{msg}");
+    assert!(
+        msg.contains(r#"unknown architecture: model_type "gpt2""#),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{file_input, key_json, parse_table};
 use crate::fsutil;
-use crate::hfconfig;
 use crate::recipe::diag::Problem;
 use crate::recipe::params::{at_least, positive};
 use crate::recipe::span::Sp;
@@ -23,7 +22,7 @@ pub struct Base;
 pub struct InitSpec {
     /// Architecture family: "llama", "mistral" or "qwen2".
     #[serde(default = "default_arch")]
-    pub arch: Sp<hfconfig::Arch>,
+    pub arch: Sp<Arch>,
     pub hidden: Sp<u32>,
     pub layers: Sp<u32>,
     pub heads: Sp<u32>,
@@ -41,8 +40,46 @@ pub struct InitSpec {
     pub tie_embeddings: Sp<bool>,
 }
 
-fn default_arch() -> Sp<hfconfig::Arch> {
-    Sp::implicit(hfconfig::Arch::Qwen2)
+fn default_arch() -> Sp<Arch> {
+    Sp::implicit(Arch::Qwen2)
+}
+
+/// Decoder families `init` can make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl InitSpec {
+    /// The model code's description of this shape.
+    pub fn model_spec(
+        &self,
+        dtype: crate::recipe::params::Dtype,
+        seed: u64,
+    ) -> crate::model::init::InitSpec {
+        use crate::model::config::Architecture;
+        crate::model::init::InitSpec {
+            architecture: match self.arch.value {
+                Arch::Llama => Architecture::Llama,
+                Arch::Mistral => Architecture::Mistral,
+                Arch::Qwen2 => Architecture::Qwen2,
+            },
+            hidden_size: self.hidden.value as usize,
+            num_hidden_layers: self.layers.value as usize,
+            num_attention_heads: self.heads.value as usize,
+            num_key_value_heads: self.kv_heads.value as usize,
+            intermediate_size: self.ffn.value as usize,
+            vocab_size: self.vocab.value as usize,
+            head_dim: self.head_dim.as_ref().map(|h| h.value as usize),
+            rope_theta: self.rope_theta.value,
+            tie_word_embeddings: self.tie_embeddings.value,
+            dtype: crate::train::inputs::dtype(dtype),
+            seed,
+        }
+    }
 }
 fn default_rope_theta() -> Sp<f64> {
     Sp::implicit(10000.0)
@@ -89,6 +126,16 @@ impl InitSpec {
             at_least(problems, key, v, 1);
         }
         positive(problems, "init.rope_theta", &self.rope_theta);
+        let tokens = crate::model::tokenizer::builtin_vocab_size();
+        if (self.vocab.value as usize) < tokens {
+            problems.push(
+                Problem::new(format!(
+                    "`init.vocab` must be at least {tokens} (the built-in tokenizer's size), got {}",
+                    self.vocab.value
+                ))
+                .at(self.vocab.span.clone(), "too small"),
+            );
+        }
         let (heads, kv_heads, hidden) = (self.heads.value, self.kv_heads.value, self.hidden.value);
         if kv_heads > 0 && !heads.is_multiple_of(kv_heads) {
             problems.push(
@@ -152,17 +199,22 @@ impl StageParams for BaseParams {
     }
 
     fn model_modules(&self) -> Option<Result<Vec<String>, Problem>> {
+        use crate::model::config::{linear_module_names, ModelConfig};
         if let Some(init) = &self.init {
-            return Some(Ok(hfconfig::linear_module_names(
-                init.arch.value,
-                init.layers.value as usize,
-            )));
+            // The seed does not change the shape.
+            let spec = init.model_spec(self.dtype.value, 0);
+            return Some(
+                spec.model_config()
+                    .map(|c| linear_module_names(&c))
+                    .map_err(|e| {
+                        Problem::new(e.to_string()).at(init.hidden.span.clone(), "this shape")
+                    }),
+            );
         }
         let (written, folder) = (self.path.as_ref()?, self.resolved.as_ref()?);
-        let config = folder.join("config.json");
         Some(
-            hfconfig::read_shape(&config)
-                .map(|(arch, layers)| hfconfig::linear_module_names(arch, layers))
+            ModelConfig::from_file(&folder.join("config.json"))
+                .map(|c| linear_module_names(&c))
                 .map_err(|e| {
                     Problem::new(e.to_string()).at(written.span.clone(), "this model folder")
                 }),
@@ -251,25 +303,10 @@ impl StageKind for Base {
                 Ok(())
             }
             (None, Some(init)) => {
-                let spec = crate::model::init::InitSpec {
-                    architecture: match init.arch.value {
-                        hfconfig::Arch::Llama => crate::model::config::Architecture::Llama,
-                        hfconfig::Arch::Mistral => crate::model::config::Architecture::Mistral,
-                        hfconfig::Arch::Qwen2 => crate::model::config::Architecture::Qwen2,
-                    },
-                    hidden_size: init.hidden.value as usize,
-                    num_hidden_layers: init.layers.value as usize,
-                    num_attention_heads: init.heads.value as usize,
-                    num_key_value_heads: init.kv_heads.value as usize,
-                    intermediate_size: init.ffn.value as usize,
-                    vocab_size: init.vocab.value as usize,
-                    head_dim: init.head_dim.as_ref().map(|h| h.value as usize),
-                    rope_theta: init.rope_theta.value,
-                    tie_word_embeddings: init.tie_embeddings.value,
-                    dtype: crate::train::inputs::dtype(params.dtype.value),
-                    seed: ctx.seed,
-                };
-                crate::model::init::init_model(&spec, &ctx.out_dir)?;
+                crate::model::init::init_model(
+                    &init.model_spec(params.dtype.value, ctx.seed),
+                    &ctx.out_dir,
+                )?;
                 Ok(())
             }
             (None, None) => unreachable!("checked when parsing"),

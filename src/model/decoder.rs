@@ -9,7 +9,9 @@
 use crate::model::config::{ModelConfig, ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
 use crate::model::error::{ModelError, Result};
 use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
-use crate::model::ops::{frozen_matmul, rms_norm, rope, softmax_last_dim};
+use crate::model::ops::{
+    frozen_linear, frozen_matmul, masked_softmax, mul_by_constant, rms_norm, rope,
+};
 use crate::model::rng::SplitMix64;
 use crate::model::weights::{parse_torch_dtype, CheckpointFiles};
 use candle_core::{DType, Device, Tensor, Var};
@@ -71,10 +73,7 @@ impl Linear {
 
     /// y = x W^T + b + s · B(A(dropout(x))); only the adapter path is scaled.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut y = frozen_matmul(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let mut y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
         if let Some(lora) = &self.lora {
             let dtype = x.dtype();
             let xin = match mode {
@@ -109,7 +108,7 @@ fn dropout(x: &Tensor, p: f64, seed: u64, module: &str) -> Result<Tensor> {
         .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+    Ok(mul_by_constant(x, &mask)?)
 }
 
 #[derive(Clone, Debug)]
@@ -154,7 +153,7 @@ impl DecoderLayer {
 struct AttentionContext {
     cos: Tensor,
     sin: Tensor,
-    /// [B, 1, rep*T, T] additive mask in f32.
+    /// [B, T, T] additive mask in f32 (shared by all heads).
     mask: Tensor,
 }
 
@@ -291,7 +290,6 @@ impl Decoder {
         let b = ids.len();
         let t = ids.first().map_or(0, |r| r.len());
         let half = self.config.head_dim / 2;
-        let rep = self.config.num_attention_heads / self.config.num_key_value_heads;
         let mut cos = Vec::with_capacity(b * t * half);
         let mut sin = Vec::with_capacity(b * t * half);
         for row in mask {
@@ -312,24 +310,20 @@ impl Decoder {
             }
         }
         let window = self.config.sliding_window;
-        let mut m = Vec::with_capacity(b * rep * t * t);
+        let mut m = Vec::with_capacity(b * t * t);
         for row in mask {
-            let mut block = Vec::with_capacity(t * t);
             for i in 0..t {
                 for (j, &real) in row.iter().enumerate() {
                     let allowed = j <= i && real && window.is_none_or(|w| i - j < w);
-                    block.push(if allowed { 0.0 } else { MASKED });
+                    m.push(if allowed { 0.0 } else { MASKED });
                 }
-            }
-            for _ in 0..rep {
-                m.extend_from_slice(&block);
             }
         }
         let dev = &self.device;
         Ok(AttentionContext {
             cos: Tensor::from_vec(cos, (b, t, half), dev)?,
             sin: Tensor::from_vec(sin, (b, t, half), dev)?,
-            mask: Tensor::from_vec(m, (b, 1, rep * t, t), dev)?,
+            mask: Tensor::from_vec(m, (b, t, t), dev)?,
         })
     }
 
@@ -371,11 +365,8 @@ impl Decoder {
         } else {
             DType::F32
         };
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(softmax_dtype)?
-            .broadcast_add(&ctx.mask.to_dtype(softmax_dtype)?)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
+        let probs = masked_softmax(&scores, &ctx.mask)?.to_dtype(x.dtype())?;
         let out = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?

@@ -60,7 +60,9 @@ impl InitSpec {
         }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
-            || self.num_attention_heads % self.num_key_value_heads != 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(err(format!(
                 "heads ({}) must be a positive multiple of kv_heads ({})",
@@ -70,7 +72,7 @@ impl InitSpec {
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(err(format!(
                 "head_dim {head_dim} must be positive and even"
             )));

@@ -147,6 +147,162 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// y = x W^T + b with a frozen bias too: as `FrozenMatmul`, and the bias is
+/// added inside the op so that backward keeps no gradient for it (a plain
+/// broadcast_add would allocate and keep an [N, out] gradient for the bias).
+struct FrozenLinearBias;
+
+fn add_bias_rows<T: WithDType>(y: &mut [T], b: &[T]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, bv) in row.iter_mut().zip(b) {
+            *v += *bv;
+        }
+    }
+}
+
+impl CustomOp3 for FrozenLinearBias {
+    fn name(&self) -> &'static str {
+        "frozen-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (mut out, shape) = FrozenMatmul.cpu_fwd(s1, l1, s2, l2)?;
+        let n = shape.dims()[1];
+        if l3.shape().elem_count() != n {
+            bail!(
+                "frozen-linear-bias: bias has {} elements, expected {n}",
+                l3.shape().elem_count()
+            );
+        }
+        let name = self.name();
+        match &mut out {
+            CpuStorage::F32(y) => add_bias_rows(y, contiguous_slice::<f32>(s3, l3, name)?),
+            CpuStorage::F64(y) => add_bias_rows(y, contiguous_slice::<f64>(s3, l3, name)?),
+            CpuStorage::F16(y) => add_bias_rows(y, contiguous_slice::<half::f16>(s3, l3, name)?),
+            CpuStorage::BF16(y) => add_bias_rows(y, contiguous_slice::<half::bf16>(s3, l3, name)?),
+            _ => bail!("frozen-linear-bias: unsupported dtype {:?}", out.dtype()),
+        }
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = FrozenMatmul.bwd(x, w, res, grad)?;
+        let gb = if b.track_op() {
+            Some(grad.sum(0)?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+/// y = x W^T + b (b optional), like `frozen_matmul`; a frozen bias gets no gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let Some(b) = b else {
+        return frozen_matmul(x, w);
+    };
+    if !x.device().is_cpu() {
+        return frozen_matmul(x, w)?.broadcast_add(b);
+    }
+    let dims = x.dims().to_vec();
+    let Some((&in_features, lead)) = dims.split_last() else {
+        bail!("frozen-linear: scalar input")
+    };
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_features))?.contiguous()?;
+    let y = x2.apply_op3(&w.contiguous()?, &b.contiguous()?, FrozenLinearBias)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(w.dim(0)?);
+    y.reshape(out_dims)
+}
+
+// ---------------------------------------------------------------- multiply by a constant
+
+/// x * c where c is a constant tensor of the same shape (a dropout mask):
+/// backward gives x its gradient and keeps none for c.
+struct MulByConstant;
+
+fn mul_elems<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+    a.iter().zip(b).map(|(x, y)| *x * *y).collect()
+}
+
+impl CustomOp2 for MulByConstant {
+    fn name(&self) -> &'static str {
+        "mul-by-constant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "mul-by-constant: shapes {:?} and {:?} differ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let n = self.name();
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(mul_elems(
+                contiguous_slice::<f32>(s1, l1, n)?,
+                contiguous_slice::<f32>(s2, l2, n)?,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(mul_elems(
+                contiguous_slice::<f64>(s1, l1, n)?,
+                contiguous_slice::<f64>(s2, l2, n)?,
+            )),
+            (DType::F16, DType::F16) => CpuStorage::F16(mul_elems(
+                contiguous_slice::<half::f16>(s1, l1, n)?,
+                contiguous_slice::<half::f16>(s2, l2, n)?,
+            )),
+            (DType::BF16, DType::BF16) => CpuStorage::BF16(mul_elems(
+                contiguous_slice::<half::bf16>(s1, l1, n)?,
+                contiguous_slice::<half::bf16>(s2, l2, n)?,
+            )),
+            (a, b) => bail!("mul-by-constant: unsupported dtypes {a:?}/{b:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.mul(c)?), None))
+    }
+}
+
+/// x * c for a constant c (same shape); no gradient is kept for c.
+pub fn mul_by_constant(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op2(&c.contiguous()?, MulByConstant)
+    } else {
+        x.mul(&c.detach())
+    }
+}
+
 // ---------------------------------------------------------------- softmax
 
 struct SoftmaxLastDim;
@@ -228,6 +384,143 @@ pub fn softmax_last_dim_slow(x: &Tensor) -> candle_core::Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+// ---------------------------------------------------------------- masked softmax
+
+/// Softmax over the last dim of scores [B, G, R, T] after adding an additive
+/// mask [B, Tq, T] where row r of each (b, g) block is query r % Tq (grouped
+/// query heads are stacked along R). The mask is an input of the op rather
+/// than a broadcast_add, so backward keeps no [B, G, R, T] gradient for it.
+struct MaskedSoftmax;
+
+fn masked_softmax_rows<T: WithDType, A: Acc>(
+    src: &[T],
+    mask: &[f32],
+    (b, g, r, t): (usize, usize, usize, usize),
+    tq: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); src.len()];
+    let mut tmp = vec![A::ZERO; t];
+    for bi in 0..b {
+        for gi in 0..g {
+            for ri in 0..r {
+                let row_start = ((bi * g + gi) * r + ri) * t;
+                let m = &mask[(bi * tq + ri % tq) * t..][..t];
+                let row = &src[row_start..row_start + t];
+                let mut max = A::NEG_INF;
+                for ((dst, v), mv) in tmp.iter_mut().zip(row).zip(m) {
+                    *dst = A::of(*v) + A::of_f32(*mv);
+                    max = Acc::max(max, *dst);
+                }
+                if max == A::NEG_INF {
+                    continue;
+                }
+                let mut sum = A::ZERO;
+                for v in tmp.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum = sum + *v;
+                }
+                let inv = A::ONE / sum;
+                for (o, v) in out[row_start..row_start + t].iter_mut().zip(&tmp) {
+                    *o = (*v * inv).to();
+                }
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        let (b, _g, r, t) = dims;
+        let (mb, tq, mt) = l2.shape().dims3()?;
+        if mb != b || mt != t || tq == 0 || r % tq != 0 {
+            bail!(
+                "masked-softmax: mask {:?} does not fit scores {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let n = self.name();
+        let mask = contiguous_slice::<f32>(s2, l2, n)?;
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(masked_softmax_rows::<_, f32>(
+                contiguous_slice::<f32>(s1, l1, n)?,
+                mask,
+                dims,
+                tq,
+            )),
+            DType::F64 => CpuStorage::F64(masked_softmax_rows::<_, f64>(
+                contiguous_slice::<f64>(s1, l1, n)?,
+                mask,
+                dims,
+                tq,
+            )),
+            DType::F16 => CpuStorage::F16(masked_softmax_rows::<_, f32>(
+                contiguous_slice::<half::f16>(s1, l1, n)?,
+                mask,
+                dims,
+                tq,
+            )),
+            DType::BF16 => CpuStorage::BF16(masked_softmax_rows::<_, f32>(
+                contiguous_slice::<half::bf16>(s1, l1, n)?,
+                mask,
+                dims,
+                tq,
+            )),
+            dt => bail!("masked-softmax: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gy = grad.mul(y)?;
+        let s = gy.sum_keepdim(D::Minus1)?;
+        Ok((Some((gy - y.broadcast_mul(&s)?)?), None))
+    }
+}
+
+/// Softmax of scores [B, G, R, T] plus mask [B, Tq, T] (f32), see [`MaskedSoftmax`].
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    if scores.device().is_cpu() {
+        scores
+            .contiguous()?
+            .apply_op2(&mask.to_dtype(DType::F32)?.contiguous()?, MaskedSoftmax)
+    } else {
+        masked_softmax_slow(scores, mask)
+    }
+}
+
+/// Reference: the mask expanded to [B, 1, R, T], added, then softmax (candle ops).
+pub fn masked_softmax_slow(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, _g, r, t) = scores.dims4()?;
+    let (_, tq, _) = mask.dims3()?;
+    let rep = r / tq;
+    let m = mask
+        .to_dtype(scores.dtype())?
+        .reshape((b, 1, 1, tq, t))?
+        .broadcast_as((b, 1, rep, tq, t))?
+        .reshape((b, 1, r, t))?
+        .detach();
+    softmax_last_dim_slow(&scores.broadcast_add(&m)?)
 }
 
 // ---------------------------------------------------------------- rms norm

@@ -75,17 +75,21 @@ pub enum Targets {
 }
 
 impl Targets {
+    /// The same targets in the model code's terms (PEFT's matching rules live there).
+    pub fn to_model(&self) -> crate::model::lora::TargetModules {
+        use crate::model::lora::TargetModules;
+        match self {
+            Targets::List(l) => TargetModules::List(l.clone()),
+            Targets::Pattern(p) if p == "all-linear" => TargetModules::AllLinear,
+            Targets::Pattern(p) => TargetModules::Regex(p.clone()),
+        }
+    }
+
     /// Does `module` (a full dotted name such as `model.layers.0.self_attn.q_proj`) match?
-    /// Same rule as PEFT: list entries match the name or its `.entry` suffix;
-    /// a string is a full-match regex; "all-linear" is every linear layer but the output head.
-    pub fn matches(&self, module: &str) -> Result<bool, regex::Error> {
-        Ok(match self {
-            Targets::List(names) => names
-                .iter()
-                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
-            Targets::Pattern(p) if p == "all-linear" => !module.ends_with("lm_head"),
-            Targets::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))?.is_match(module),
-        })
+    pub fn matches(&self, module: &str) -> bool {
+        crate::model::lora::LoraConfig::new(1, 1.0, self.to_model())
+            .targets(module)
+            .unwrap_or(false)
     }
 }
 

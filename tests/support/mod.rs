@@ -39,10 +39,10 @@ impl Workspace {
 
     /// A fake Hugging Face folder: enough for recipe checks and hashing.
     pub fn model_folder(&self, rel: &str, layers: usize) -> PathBuf {
-        self.write(
-            &format!("{rel}/config.json"),
-            &format!(r#"{{"model_type": "qwen2", "num_hidden_layers": {layers}}}"#),
-        );
+        let mut spec = lora_runner::model::init::InitSpec::tiny(0);
+        spec.num_hidden_layers = layers;
+        let config = spec.model_config().unwrap().to_json();
+        self.write(&format!("{rel}/config.json"), &config.to_string());
         self.write_bytes(&format!("{rel}/model.safetensors"), &[7u8; 4096]);
         self.path(rel)
     }

@@ -1,0 +1,345 @@
+//! Training stages end to end on a tiny model: learning in both schemes,
+//! exact resume after SIGKILL, determinism, failures that name their cause.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{plan_entry, Workspace};
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recipes/data")
+        .join(name)
+}
+
+/// A tiny two-scheme recipe over the demo task.
+fn recipe(sft_steps: u32, dpo_steps: u32, extra_sft: &str) -> String {
+    format!(
+        r#"[recipe]
+name = "tiny"
+seed = 3
+
+[stages.base]
+kind = "base"
+init = {{ hidden = 32, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100 }}
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = {{ train = "{sft_train}", eval = "{sft_eval}" }}
+lora = {{ r = 8, alpha = 16, targets = "all-linear" }}
+train = {{ steps = {sft_steps}, batch = 8, lr = 5e-3, seq_len = 32, checkpoint_every = 5 {extra_sft} }}
+
+[stages.dpo_continued]
+kind = "dpo"
+model = "base"
+adapter = "sft"
+data = {{ train = "{dpo_train}", eval = "{dpo_eval}" }}
+train = {{ steps = {dpo_steps}, batch = 8, lr = 5e-3, seq_len = 32 }}
+
+[stages.merged]
+kind = "merge"
+model = "base"
+adapter = "sft"
+
+[stages.dpo_fresh]
+kind = "dpo"
+model = "merged"
+lora = {{ r = 4, alpha = 8, targets = ["q_proj", "v_proj", "down_proj"] }}
+data = {{ train = "{dpo_train}", eval = "{dpo_eval}" }}
+train = {{ steps = {dpo_steps}, batch = 8, lr = 5e-3, seq_len = 32 }}
+"#,
+        sft_train = data("sft_train.jsonl").display(),
+        sft_eval = data("sft_eval.jsonl").display(),
+        dpo_train = data("dpo_train.jsonl").display(),
+        dpo_eval = data("dpo_eval.jsonl").display(),
+    )
+}
+
+fn manifest(ws: &Workspace, stage: &str) -> serde_json::Value {
+    let out = ws
+        .runner(&["show", "recipe.toml", stage, "--json"])
+        .ok()
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["manifest"].clone()
+}
+
+fn artifact_file(ws: &Workspace, stage: &str, file: &str) -> Vec<u8> {
+    let out = ws
+        .runner(&["show", "recipe.toml", stage, "--json"])
+        .ok()
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    std::fs::read(Path::new(v["path"].as_str().unwrap()).join(file)).unwrap()
+}
+
+#[test]
+fn sft_lowers_the_eval_loss_and_dpo_raises_preference_accuracy_in_both_schemes() {
+    let ws = Workspace::new();
+    ws.write("recipe.toml", &recipe(40, 30, ""));
+    ws.runner(&["run", "recipe.toml"]).ok();
+
+    let sft = manifest(&ws, "sft")["metrics"].clone();
+    let (before, after) = (
+        sft["before/eval/loss"].as_f64().unwrap(),
+        sft["eval/loss"].as_f64().unwrap(),
+    );
+    assert!(after < before - 0.2, "SFT eval loss {before} -> {after}");
+
+    for stage in ["dpo_continued", "dpo_fresh"] {
+        let m = manifest(&ws, stage)["metrics"].clone();
+        let acc = m["eval/rewards/accuracies"].as_f64().unwrap();
+        let margin = m["eval/rewards/margins"].as_f64().unwrap();
+        assert!(
+            acc >= 0.9 && margin > 0.0,
+            "{stage}: held-out accuracy {acc}, margin {margin}"
+        );
+        assert!(
+            m["before/eval/rewards/margins"].as_f64().unwrap().abs() < 1e-6,
+            "{stage} starts at its reference"
+        );
+    }
+    assert_eq!(
+        manifest(&ws, "dpo_continued")["metrics"]["reference"],
+        "base + adapter `sft` (frozen)"
+    );
+    assert_eq!(manifest(&ws, "dpo_fresh")["metrics"]["reference"], "merged");
+
+    // Metrics JSONL: one line per step plus the final eval, with TRL's names.
+    let lines = String::from_utf8(artifact_file(&ws, "dpo_fresh", "metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 31);
+    for key in [
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ] {
+        assert!(
+            rows[0].get(key).is_some(),
+            "metric {key} missing from {}",
+            rows[0]
+        );
+    }
+    assert!(rows[30].get("eval/rewards/accuracies").is_some());
+
+    // The adapter artifacts are PEFT folders.
+    let config: serde_json::Value =
+        serde_json::from_slice(&artifact_file(&ws, "dpo_fresh", "adapter_config.json")).unwrap();
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["peft_type"], "LORA");
+
+    // Everything is cached now; editing one DPO parameter reruns only that branch.
+    let again = ws.runner(&["run", "recipe.toml"]).ok();
+    assert!(
+        again.stderr.contains("0 stage(s) ran, 5 cached"),
+        "{}",
+        again.stderr
+    );
+    ws.write(
+        "recipe.toml",
+        &recipe(40, 30, "").replacen(
+            "seq_len = 32 }\n\n[stages.merged]",
+            "seq_len = 32 }\ndpo = { beta = 0.2 }\n\n[stages.merged]",
+            1,
+        ),
+    );
+    let plan = ws.runner(&["plan", "recipe.toml", "--json"]).ok().json();
+    assert_eq!(
+        plan_entry(&plan, "dpo_continued").1,
+        "parameter changed: dpo.beta 0.1 → 0.2"
+    );
+    for stage in ["base", "sft", "merged", "dpo_fresh"] {
+        assert_eq!(plan_entry(&plan, stage).0, "cached", "{stage}");
+    }
+}
+
+/// Wait until the stage's work folder says it checkpointed at least `step`.
+fn wait_for_checkpoint(ws: &Workspace, step: u64, child: &mut std::process::Child) {
+    let start = Instant::now();
+    loop {
+        let work = ws.cache().join("work");
+        let reached = support::list(&work).iter().any(|k| {
+            std::fs::read(work.join(k).join("resume.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s >= step)
+        });
+        if reached {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the run ended ({status}) before checkpointing step {step}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint at step {step}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_run_killed_mid_training_resumes_to_the_same_bytes_and_runs_are_deterministic() {
+    let text = recipe(60, 10, "");
+    let only_sft = ["run", "recipe.toml", "--until", "sft"];
+
+    let straight = Workspace::new();
+    straight.write("recipe.toml", &text);
+    straight.runner(&only_sft).ok();
+    let want = artifact_file(&straight, "sft", "adapter_model.safetensors");
+
+    let again = Workspace::new();
+    again.write("recipe.toml", &text);
+    again.runner(&only_sft).ok();
+    assert!(
+        artifact_file(&again, "sft", "adapter_model.safetensors") == want,
+        "same recipe, seed, device, threads: same bytes"
+    );
+
+    let killed = Workspace::new();
+    killed.write("recipe.toml", &text);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(only_sft)
+        .current_dir(killed.path("."))
+        .env("RUNNER_CACHE", killed.cache())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&killed, 10, &mut child);
+    child.kill().unwrap(); // SIGKILL, at whatever point it reached
+    child.wait().unwrap();
+    let plan = killed
+        .runner(&["plan", "recipe.toml", "--json"])
+        .ok()
+        .json();
+    let (status, _, _) = plan_entry(&plan, "sft");
+    assert_eq!(status, "resume");
+    let resumed = killed.runner(&only_sft).ok();
+    assert!(
+        resumed.stderr.contains("resuming from step"),
+        "{}",
+        resumed.stderr
+    );
+    assert!(
+        artifact_file(&killed, "sft", "adapter_model.safetensors") == want,
+        "resumed run ends with the same adapter bytes"
+    );
+    let lines = String::from_utf8(artifact_file(&killed, "sft", "metrics.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        61,
+        "one line per step and the final eval, none repeated"
+    );
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_plan_says_where_it_resumes() {
+    let ws = Workspace::new();
+    ws.write("recipe.toml", &recipe(100_000, 10, ""));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["run", "recipe.toml"])
+        .current_dir(ws.path("."))
+        .env("RUNNER_CACHE", ws.cache())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(&ws, 5, &mut child);
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = ws.runner(&["plan", "recipe.toml"]).ok().stdout;
+    let line = plan.lines().find(|l| l.starts_with("sft ")).unwrap();
+    assert!(line.contains("resume from step"), "{plan}");
+}
+
+#[test]
+fn a_bad_data_row_fails_the_stage_naming_file_and_line() {
+    let ws = Workspace::new();
+    ws.write(
+        "sft.jsonl",
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\"}\n",
+    );
+    let text =
+        recipe(5, 5, "").replace(&data("sft_train.jsonl").display().to_string(), "sft.jsonl");
+    ws.write("recipe.toml", &text);
+    let run = ws.runner(&["run", "recipe.toml"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("sft.jsonl:2: missing field \"completion\""),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("dpo_continued: skipped"),
+        "{}",
+        run.stderr
+    );
+
+    // With bad_rows = "skip" the row is counted and training goes on.
+    ws.write(
+        "recipe.toml",
+        &recipe(5, 5, ", bad_rows = \"skip\"")
+            .replace(&data("sft_train.jsonl").display().to_string(), "sft.jsonl"),
+    );
+    ws.runner(&["run", "recipe.toml", "--until", "sft"]).ok();
+    let m = manifest(&ws, "sft")["metrics"].clone();
+    assert_eq!(m["data/sft.jsonl"]["skipped"], 1);
+}
+
+#[test]
+fn a_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
+    let ws = Workspace::new();
+    // An absurd learning rate blows the adapter up within a few steps.
+    ws.write(
+        "recipe.toml",
+        &recipe(50, 5, ", max_grad_norm = 0.0").replace(
+            "lr = 5e-3, seq_len = 32, checkpoint_every = 5",
+            "lr = 1e30, seq_len = 32, checkpoint_every = 1",
+        ),
+    );
+    let run = ws.runner(&["run", "recipe.toml", "--until", "sft"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let re = regex::Regex::new(r"step (\d+): the (loss|gradient norm) is (NaN|inf|-inf)").unwrap();
+    let caps = re
+        .captures(&run.stderr)
+        .unwrap_or_else(|| panic!("{}", run.stderr));
+    let step: u64 = caps[1].parse().unwrap();
+    assert!(step >= 2, "the first step is finite");
+    let plan = ws.runner(&["plan", "recipe.toml", "--json"]).ok().json();
+    let entry = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "sft")
+        .unwrap()
+        .clone();
+    assert_eq!(entry["status"], "resume");
+    assert_eq!(
+        entry["resume_step"],
+        step - 1,
+        "the last good checkpoint is kept"
+    );
+}
