@@ -343,3 +343,46 @@ fn a_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
         "the last good checkpoint is kept"
     );
 }
+
+#[test]
+fn an_exported_adapter_is_imported_checked_against_its_model_and_continued() {
+    let ws = Workspace::new();
+    ws.write("recipe.toml", &recipe(5, 5, ""));
+    ws.runner(&["run", "recipe.toml", "--until", "sft"]).ok();
+    ws.runner(&["export", "recipe.toml", "sft", "exported/sft"])
+        .ok();
+    assert!(ws.path("exported/sft/adapter_model.safetensors").is_file());
+
+    let import = |init: &str| {
+        format!(
+            "[recipe]\nname = \"import\"\nseed = 3\n[stages.base]\nkind = \"base\"\ninit = {{ {init} }}\n\
+             [stages.sft]\nkind = \"adapter\"\nmodel = \"base\"\npath = \"exported/sft\"\n\
+             [stages.dpo]\nkind = \"dpo\"\nmodel = \"base\"\nadapter = \"sft\"\n\
+             data = {{ train = \"{}\" }}\ntrain = {{ steps = 3, batch = 4, seq_len = 32 }}\n",
+            data("dpo_train.jsonl").display()
+        )
+    };
+    ws.write(
+        "import.toml",
+        &import("hidden = 32, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100"),
+    );
+    let run = ws.runner(&["run", "import.toml"]).ok();
+    assert!(
+        run.stderr.contains("2 stage(s) ran, 1 cached"),
+        "the same base is shared: {}",
+        run.stderr
+    );
+
+    // On a model of another shape the import fails, naming the tensor.
+    ws.write(
+        "import.toml",
+        &import("hidden = 48, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100"),
+    );
+    let run = ws.runner(&["run", "import.toml"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("tensor `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` has shape [8, 32], but the model"),
+        "{}",
+        run.stderr
+    );
+}

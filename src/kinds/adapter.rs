@@ -122,6 +122,8 @@ impl StageKind for Adapter {
             .as_any()
             .downcast_ref::<AdapterParams>()
             .expect("adapter stage params");
+        let model_dir = crate::train::inputs::model_dir(ctx.input("model")?)?;
+        check_against_model(&params.folder, &model_dir)?;
         // Adapters are small: copy them, so the artifact stands on its own.
         for name in PEFT_FILES {
             let from = params.folder.join(name);
@@ -131,4 +133,56 @@ impl StageKind for Adapter {
         }
         Ok(())
     }
+}
+
+/// Check a PEFT folder against the model it is applied to, from config.json
+/// and the safetensors header alone (no weights are read): supported
+/// settings, targets that exist, and every tensor present with its shape.
+pub fn check_against_model(
+    adapter: &std::path::Path,
+    model_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use crate::model::config::ModelConfig;
+    use crate::model::lora::peft_tensor_name;
+    let config = ModelConfig::from_dir(model_dir)?;
+    let peft = crate::model::peft::read_adapter_config(&adapter.join("adapter_config.json"))?;
+    let targets = peft
+        .lora
+        .resolve(&config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", adapter.join("adapter_config.json").display()))?;
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "{}: target_modules match no module of the model in {}",
+        adapter.join("adapter_config.json").display(),
+        model_dir.display()
+    );
+    let weights = adapter.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", weights.display()))?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", weights.display()))?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.shape.clone()))
+        .collect();
+    for t in &targets {
+        let projection = t.module.rsplit('.').next().unwrap_or_default();
+        let (out_f, in_f) = config
+            .projection_shape(projection)
+            .ok_or_else(|| anyhow::anyhow!("unknown projection `{projection}`"))?;
+        for (which, want) in [('A', vec![t.r, in_f]), ('B', vec![out_f, t.r])] {
+            let name = peft_tensor_name(&t.module, which);
+            match shapes.get(&name) {
+                None => anyhow::bail!("{}: missing tensor `{name}`", weights.display()),
+                Some(got) if *got != want => anyhow::bail!(
+                    "{}: tensor `{name}` has shape {got:?}, but the model in {} needs {want:?}",
+                    weights.display(),
+                    model_dir.display()
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,94 @@
+//! The DPO reference is the SFT model in both schemes: base + the SFT adapter
+//! (frozen) in scheme one, the merged model in scheme two. Their reference
+//! log-probs must agree to float tolerance.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use lora_runner::data::{load_dpo, ModelTokenizer, TokenizeSettings};
+use lora_runner::model::decoder::{Decoder, LoadOptions};
+use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::merge::{merge_lora, save_model_folder};
+use lora_runner::model::peft::{load_adapter, save_adapter};
+use lora_runner::train::dpo::score_pairs;
+
+fn load(dir: &Path) -> Decoder {
+    Decoder::load(
+        dir,
+        &LoadOptions {
+            dtype: Some(DType::F32),
+            device: Device::Cpu,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn scheme_one_and_scheme_two_reference_logprobs_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base_dir, adapter_dir, merged_dir) = (
+        tmp.path().join("base"),
+        tmp.path().join("sft"),
+        tmp.path().join("merged"),
+    );
+    init_model(&InitSpec::tiny(11), &base_dir).unwrap();
+
+    // An "SFT adapter" with non-zero B, so that it matters.
+    let mut sft = load(&base_dir);
+    sft.apply_lora(&LoraConfig::new(4, 8.0, TargetModules::AllLinear), 5)
+        .unwrap();
+    for (name, var) in sft.lora_parameters() {
+        if name.contains("lora_B") {
+            let n = var.as_tensor().elem_count();
+            let values: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.4)
+                .collect();
+            var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    save_adapter(&sft, &adapter_dir, "base").unwrap();
+    save_model_folder(
+        &merge_lora(&sft).unwrap(),
+        &merged_dir,
+        Some(&base_dir),
+        u64::MAX,
+    )
+    .unwrap();
+
+    let tokenizer = ModelTokenizer::load(&base_dir.join("tokenizer.json")).unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/dpo_eval.jsonl");
+    let pairs = load_dpo(&data, &tokenizer, &TokenizeSettings::new(32)).unwrap();
+    let pad = tokenizer.pad_id();
+
+    let mut scheme_one = load(&base_dir);
+    load_adapter(&mut scheme_one, &adapter_dir).unwrap();
+    let one = score_pairs(&scheme_one, &pairs, pad, &Device::Cpu).unwrap();
+    let two = score_pairs(&load(&merged_dir), &pairs, pad, &Device::Cpu).unwrap();
+    let bare = score_pairs(&load(&base_dir), &pairs, pad, &Device::Cpu).unwrap();
+
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert_eq!(one.chosen.len(), 200);
+    assert!(
+        max_diff(&one.chosen, &two.chosen) < 1e-3,
+        "chosen: {}",
+        max_diff(&one.chosen, &two.chosen)
+    );
+    assert!(
+        max_diff(&one.rejected, &two.rejected) < 1e-3,
+        "rejected: {}",
+        max_diff(&one.rejected, &two.rejected)
+    );
+    assert_eq!(one.chosen_tokens, two.chosen_tokens);
+    // The bare base is a different model: using it as the reference would be the classic bug.
+    assert!(
+        max_diff(&one.chosen, &bare.chosen) > 0.1,
+        "the adapter changes the log-probs"
+    );
+}
