@@ -49,6 +49,7 @@ fn run() -> anyhow::Result<()> {
         tie_word_embeddings: false,
         dtype: DType::F32,
         seed: 1,
+        embedding_std: 0.02,
     };
     let dir = std::env::temp_dir().join(format!("lora-runner-bench-{}", std::process::id()));
     init_model(&spec, &dir)?;

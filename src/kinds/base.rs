@@ -35,6 +35,11 @@ pub struct InitSpec {
     pub head_dim: Option<Sp<u32>>,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: Sp<f64>,
+    /// Standard deviation of the random embeddings; 1/sqrt(hidden) when left
+    /// out, so that LoRA alone can make confident predictions (HF's 0.02 caps
+    /// logits near ±0.02·hidden after the final norm).
+    #[serde(default)]
+    pub embedding_std: Option<Sp<f64>>,
     /// Share the input embedding with the output head.
     #[serde(default = "yes")]
     pub tie_embeddings: Sp<bool>,
@@ -78,6 +83,10 @@ impl InitSpec {
             tie_word_embeddings: self.tie_embeddings.value,
             dtype: crate::train::inputs::dtype(dtype),
             seed,
+            embedding_std: self
+                .embedding_std
+                .as_ref()
+                .map_or(1.0 / (self.hidden.value as f64).sqrt(), |s| s.value),
         }
     }
 }
@@ -126,6 +135,9 @@ impl InitSpec {
             at_least(problems, key, v, 1);
         }
         positive(problems, "init.rope_theta", &self.rope_theta);
+        if let Some(std) = &self.embedding_std {
+            positive(problems, "init.embedding_std", std);
+        }
         let tokens = crate::model::tokenizer::builtin_vocab_size();
         if (self.vocab.value as usize) < tokens {
             problems.push(

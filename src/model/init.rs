@@ -29,6 +29,10 @@ pub struct InitSpec {
     pub tie_word_embeddings: bool,
     pub dtype: DType,
     pub seed: u64,
+    /// Standard deviation of the embeddings (and an untied output head).
+    /// HF's initializer_range is 0.02; see `random_weights` for why a larger
+    /// value suits a model that only LoRA will train.
+    pub embedding_std: f64,
 }
 
 impl InitSpec {
@@ -47,6 +51,7 @@ impl InitSpec {
             tie_word_embeddings: true,
             dtype: DType::F32,
             seed,
+            embedding_std: 0.02,
         }
     }
 
@@ -117,11 +122,16 @@ impl InitSpec {
 /// Random tensors for every weight of `config`, by HF name. Matrices and
 /// biases ~ N(0, 0.02²) (HF's initializer_range); norm weights 1 + N(0, 0.1²)
 /// rather than exactly 1 so tests notice a norm weight that is ignored.
+/// Embeddings and an untied output head ~ N(0, embedding_std²): after the
+/// final RMSNorm a logit is at most about hidden·std, so with 0.02 a LoRA on
+/// the linear layers can never make a confident prediction (logits within
+/// ±1.3 at hidden 64); 1/sqrt(hidden) lets them reach ±sqrt(hidden).
 /// Each tensor has its own stream (seed, name): order-independent.
 pub fn random_weights(
     config: &ModelConfig,
     seed: u64,
     dtype: DType,
+    embedding_std: f64,
 ) -> Result<Vec<(String, Tensor)>> {
     let mut shapes: Vec<(String, Vec<usize>, bool)> = vec![(
         "model.embed_tokens.weight".into(),
@@ -175,8 +185,13 @@ pub fn random_weights(
     for (name, shape, is_norm) in shapes {
         let mut rng = SplitMix64::for_stream(seed, &name);
         let n: usize = shape.iter().product();
+        let std = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            embedding_std
+        } else {
+            0.02
+        };
         let values: Vec<f32> = (0..n)
-            .map(|_| if is_norm { 1.0 + 0.1 * rng.normal() } else { 0.02 * rng.normal() } as f32)
+            .map(|_| if is_norm { 1.0 + 0.1 * rng.normal() } else { std * rng.normal() } as f32)
             .collect();
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
         out.push((name, t));
@@ -189,7 +204,7 @@ pub fn random_weights(
 pub fn init_model(spec: &InitSpec, dir: &Path) -> Result<ModelConfig> {
     let config = spec.model_config()?;
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let weights = random_weights(&config, spec.seed, spec.dtype)?;
+    let weights = random_weights(&config, spec.seed, spec.dtype, spec.embedding_std)?;
     write_safetensors_atomic(&dir.join(SINGLE_FILE), &weights)?;
     write_json_atomic(&dir.join("config.json"), &config.to_json())?;
     write_builtin_tokenizer(dir, config.max_position_embeddings)?;

@@ -71,6 +71,7 @@ pub fn spec(arch: Architecture, tie: bool, seed: u64) -> InitSpec {
         tie_word_embeddings: tie,
         dtype: DType::F32,
         seed,
+        embedding_std: 0.02,
     }
 }
 
