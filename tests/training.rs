@@ -386,3 +386,35 @@ fn an_exported_adapter_is_imported_checked_against_its_model_and_continued() {
         run.stderr
     );
 }
+
+#[test]
+fn reference_overrides_the_default_reference() {
+    let ws = Workspace::new();
+    let with_reference = |r: &str| {
+        recipe(10, 2, "").replace(
+            "lora = { r = 4, alpha = 8, targets = [\"q_proj\", \"v_proj\", \"down_proj\"] }",
+            &format!("lora = {{ r = 4, alpha = 8, targets = [\"q_proj\", \"v_proj\", \"down_proj\"] }}\nreference = \"{r}\""),
+        )
+    };
+    // base + the SFT adapter is the merged model: the fresh adapter starts at that reference.
+    ws.write("recipe.toml", &with_reference("sft"));
+    ws.runner(&["run", "recipe.toml", "--until", "dpo_fresh"])
+        .ok();
+    let m = manifest(&ws, "dpo_fresh")["metrics"].clone();
+    assert_eq!(m["reference"], "base + adapter `sft` (frozen)");
+    assert!(
+        m["before/eval/rewards/margins"].as_f64().unwrap().abs() < 1e-3,
+        "{m}"
+    );
+
+    // The bare base is a different policy: margins start away from zero.
+    ws.write("recipe.toml", &with_reference("base"));
+    ws.runner(&["run", "recipe.toml", "--until", "dpo_fresh"])
+        .ok();
+    let m = manifest(&ws, "dpo_fresh")["metrics"].clone();
+    assert_eq!(m["reference"], "base");
+    assert!(
+        m["before/eval/rewards/margins"].as_f64().unwrap().abs() > 1e-3,
+        "{m}"
+    );
+}

@@ -159,13 +159,13 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
             let parent = r.manifest["parents"]
                 .as_array()
                 .and_then(|ps| ps.iter().find(|p| p["field"] == "model"))
-                .and_then(|p| p["artifact"].as_str())
                 .ok_or_else(|| anyhow::anyhow!("reference `{}` records no model", r.stage))?;
+            let artifact = parent["artifact"].as_str().unwrap_or_default();
             let model_artifact = crate::stage::InputArtifact {
-                stage: format!("model of {}", r.stage),
+                stage: parent["stage"].as_str().unwrap_or("model").to_string(),
                 kind: "model".into(),
                 key: String::new(),
-                dir: ctx.cache.artifact_dir(parent),
+                dir: ctx.cache.artifact_dir(artifact),
                 manifest: serde_json::Value::Null,
             };
             (model_artifact, Some(r.clone()))
