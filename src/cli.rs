@@ -315,20 +315,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
         Command::Export { recipe, stage, dir } => {
-            let checked = check(recipe, registry)?;
-            let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &Overrides::default())?;
-            let planned = plan.by_name(stage).ok_or_else(|| {
-                Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
-            })?;
-            let plan::Status::Cached { artifact } = &planned.status else {
-                return Err(Failure::usage(format!(
-                    "error: stage `{stage}` has no cached artifact ({}); run `runner run {} --until {stage}` first",
-                    planned.reason(),
-                    recipe.display()
-                )));
-            };
-            let from = crate::kinds::export::payload_dir(&cache.artifact_dir(artifact))
+            let (_, cache, artifact) = cached_artifact(recipe, stage, registry, &open_cache)?;
+            let from = crate::kinds::export::payload_dir(&cache.artifact_dir(&artifact))
                 .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
             let files = crate::kinds::export::export_folder(&from, dir)
                 .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
@@ -340,21 +328,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
         Command::Pin { recipe, stage } => {
-            let checked = check(recipe, registry)?;
-            let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &Overrides::default())?;
-            let planned = plan.by_name(stage).ok_or_else(|| {
-                Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
-            })?;
-            let plan::Status::Cached { artifact } = &planned.status else {
-                return Err(Failure::usage(format!(
-                    "error: stage `{stage}` has no cached artifact to pin ({})",
-                    planned.reason()
-                )));
-            };
+            let (checked, cache, artifact) = cached_artifact(recipe, stage, registry, &open_cache)?;
             let name = format!("{}.{stage}", checked.recipe.header.name.value);
-            gc::pin(&cache, &name, artifact)?;
-            println!("pinned {name} = {}", crate::cache::short(artifact));
+            gc::pin(&cache, &name, &artifact)?;
+            println!("pinned {name} = {}", crate::cache::short(&artifact));
             Ok(exit::OK)
         }
         Command::Unpin { name } => {
@@ -387,6 +364,30 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
     }
+}
+
+/// The cached artifact of `stage` in `recipe`, or a usage error saying how to make it.
+fn cached_artifact(
+    recipe: &Path,
+    stage: &str,
+    registry: &Registry,
+    open_cache: &dyn Fn() -> Result<Cache, Failure>,
+) -> Result<(Checked, Cache, String), Failure> {
+    let checked = check(recipe, registry)?;
+    let cache = open_cache()?;
+    let plan = make_plan(&checked, &cache, &Overrides::default())?;
+    let planned = plan.by_name(stage).ok_or_else(|| {
+        Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
+    })?;
+    let plan::Status::Cached { artifact } = &planned.status else {
+        return Err(Failure::usage(format!(
+            "error: stage `{stage}` has no cached artifact ({}); run `runner run {} --until {stage}` first",
+            planned.reason(),
+            recipe.display()
+        )));
+    };
+    let artifact = artifact.clone();
+    Ok((checked, cache, artifact))
 }
 
 /// Ctrl-C sets a flag that stages check between steps; a second Ctrl-C exits at once.

@@ -114,6 +114,20 @@ pub fn train(
         state.metrics_lines += 1;
         Ok(())
     }
+    fn write_eval(
+        file: &mut std::fs::File,
+        state: &mut LoopState,
+        eval: &Metrics,
+    ) -> anyhow::Result<()> {
+        if eval.is_empty() {
+            return Ok(());
+        }
+        let mut line = serde_json::json!({ "step": state.step });
+        for (k, v) in eval {
+            line[k] = (*v).into();
+        }
+        write_line(file, state, line)
+    }
     let save = |state: &LoopState, optimizer: &AdamW| -> anyhow::Result<()> {
         let tensors = params
             .iter()
@@ -204,13 +218,7 @@ pub fn train(
         let every = |n: u64| n > 0 && done.is_multiple_of(n) && done < steps;
         if every(spec.eval_every.value) {
             let eval = objective.evaluate(model)?;
-            if !eval.is_empty() {
-                let mut line = serde_json::json!({ "step": state.step });
-                for (k, v) in &eval {
-                    line[k] = (*v).into();
-                }
-                write_line(&mut metrics_file, &mut state, line)?;
-            }
+            write_eval(&mut metrics_file, &mut state, &eval)?;
         }
         if ctx.interrupted() {
             metrics_file.sync_all()?;
@@ -226,13 +234,7 @@ pub fn train(
     }
 
     let eval = objective.evaluate(model)?;
-    if !eval.is_empty() {
-        let mut line = serde_json::json!({ "step": state.step });
-        for (k, v) in &eval {
-            line[k] = (*v).into();
-        }
-        write_line(&mut metrics_file, &mut state, line)?;
-    }
+    write_eval(&mut metrics_file, &mut state, &eval)?;
     metrics_file.sync_all()?;
     std::fs::copy(&metrics_path, ctx.out_dir.join(METRICS_FILE))?;
     let mut out = last;
