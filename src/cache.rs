@@ -75,6 +75,9 @@ pub struct Manifest {
     pub started: String,
     pub finished: String,
     pub wall_seconds: f64,
+    /// Peak resident memory of the process while the stage ran (Linux), bytes.
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// keys/<key>.json.

@@ -236,6 +236,7 @@ fn run_one(
     let work_dir = cache.work_dir(&p.key);
     std::fs::create_dir_all(&work_dir)?;
     let started = cache::now_rfc3339();
+    peak_memory::reset();
     let clock = Instant::now();
     let progress = reporter.start_stage(&p.name, &p.kind, &p.reason());
     let mut ctx = RunContext {
@@ -292,6 +293,7 @@ fn run_one(
         started,
         finished: cache::now_rfc3339(),
         wall_seconds: clock.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_memory::read(),
     };
     let (artifact, _) = cache.promote(&staging, manifest)?;
     // Checkpoints are only for resuming this key; the result is safe now.
@@ -301,4 +303,19 @@ fn run_one(
         artifact,
         seconds: clock.elapsed().as_secs_f64(),
     })
+}
+
+/// Peak resident memory per stage, from Linux's VmHWM (reset between stages
+/// through /proc/self/clear_refs). Elsewhere: not recorded.
+mod peak_memory {
+    pub fn reset() {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+
+    pub fn read() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
 }

@@ -55,10 +55,22 @@ fn shipped_recipes_declare_their_schema_and_plan_cleanly() {
             "{} lacks the #:schema line",
             path.display()
         );
+        if path.ends_with("qwen-local.toml") {
+            // Needs a checkpoint nobody has in CI: its only problem must be that folder.
+            let err = lora_runner::recipe::load(&path, &registry)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains("no model folder at") && err.contains("Qwen1.5-0.5B-Chat"),
+                "{err}"
+            );
+            continue;
+        }
         let recipe = lora_runner::recipe::load(&path, &registry).unwrap_or_else(|e| panic!("{e}"));
         let dag = lora_runner::graph::build(&recipe).unwrap_or_else(|e| panic!("{e}"));
         lora_runner::plan::plan(&recipe, &dag, &cache, &Default::default())
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    assert!(seen >= 1);
+    assert!(seen >= 4);
 }

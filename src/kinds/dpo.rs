@@ -220,7 +220,7 @@ pub fn reference_scores(
 }
 
 /// A tokenized dataset's identity for keys: the hash of its rows.
-fn dataset_id(data: &crate::data::DpoDataset) -> String {
+pub fn dataset_id(data: &crate::data::DpoDataset) -> String {
     let mut h = blake3::Hasher::new();
     for e in &data.examples {
         for part in [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids] {

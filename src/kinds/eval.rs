@@ -3,9 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    file_input, key_json, not_yet, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER,
-};
+use super::{file_input, key_json, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER};
 use crate::recipe::diag::Problem;
 use crate::recipe::params::Dtype;
 use crate::recipe::span::Sp;
@@ -43,6 +41,18 @@ pub struct EvalParams {
     pub prompts: Vec<String>,
     #[serde(default = "default_new_tokens")]
     pub max_new_tokens: Sp<u32>,
+    /// Also sample each prompt with this temperature (seeded by the recipe's seed); 0: greedy only.
+    #[serde(default)]
+    pub temperature: Sp<f64>,
+    /// β of the implicit reward used for preference margins.
+    #[serde(default = "default_beta")]
+    pub beta: Sp<f64>,
+    /// Maximum tokens per row; longer rows are cut from the left of the prompt.
+    #[serde(default = "default_seq_len")]
+    pub seq_len: Sp<u32>,
+    /// A built-in chat format ("chatml") for message-list rows.
+    #[serde(default)]
+    pub format: Option<Sp<String>>,
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
     #[serde(skip)]
@@ -52,6 +62,12 @@ pub struct EvalParams {
 
 fn default_new_tokens() -> Sp<u32> {
     Sp::implicit(32)
+}
+fn default_beta() -> Sp<f64> {
+    Sp::implicit(0.1)
+}
+fn default_seq_len() -> Sp<u32> {
+    Sp::implicit(512)
 }
 
 impl StageParams for EvalParams {
@@ -104,6 +120,9 @@ impl StageKind for Eval {
     ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
         let span = table.span();
         let mut p: EvalParams = parse_table(table, ctx, |p: &EvalParams, problems| {
+            crate::recipe::params::positive(problems, "beta", &p.beta);
+            crate::recipe::params::non_negative(problems, "temperature", &p.temperature);
+            crate::recipe::params::at_least(problems, "seq_len", &p.seq_len, 2);
             if p.data.sft.is_none() && p.data.dpo.is_none() && p.prompts.is_empty() {
                 problems.push(
                     Problem::new(format!(
@@ -126,7 +145,143 @@ impl StageKind for Eval {
         generator.subschema_for::<EvalParams>()
     }
 
-    fn run(&self, _params: &dyn StageParams, _ctx: &mut RunContext) -> anyhow::Result<()> {
-        Err(not_yet("eval"))
+    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let p = params
+            .as_any()
+            .downcast_ref::<EvalParams>()
+            .expect("eval stage params");
+        crate::train::with_big_stack(|| run_eval(p, ctx))
     }
+}
+
+/// Results written to eval.jsonl, one JSON object per line.
+pub const RESULTS_FILE: &str = "eval.jsonl";
+
+fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+    use crate::train::{dpo, inputs, sft};
+    use std::io::Write;
+    let device = inputs::device()?;
+    let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
+    let model_dir = inputs::model_dir(ctx.input("model")?)?;
+    let mut model = inputs::load_model(&model_dir, dtype, &device)?;
+    if let Some(adapter) = ctx.inputs.get("adapter") {
+        crate::model::peft::load_adapter(&mut model, &adapter.dir)
+            .map_err(|e| anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage))?;
+    }
+    let tokenizer = inputs::load_tokenizer(&model_dir)?;
+    let mut settings = crate::data::TokenizeSettings::new(p.seq_len.value as usize);
+    settings.chat_format = p.format.as_ref().map(|f| f.value.clone());
+    let mut results = Vec::new();
+    let metric = |ctx: &mut RunContext, name: &str, value: f64| {
+        ctx.metrics.insert(name.to_string(), value.into());
+    };
+
+    if let Some(file) = ctx.files.get("data.sft").cloned() {
+        let data = inputs::sft_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
+        let loss = sft::mean_completion_loss(&model, &data.examples, tokenizer.pad_id(), &device)?;
+        metric(ctx, "sft/loss", loss);
+        metric(ctx, "sft/perplexity", loss.exp());
+        results.push(serde_json::json!({ "sft/loss": loss, "sft/perplexity": loss.exp(), "rows": data.examples.len() }));
+    }
+
+    if let Some(file) = ctx.files.get("data.dpo").cloned() {
+        let data = inputs::dpo_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
+        let policy = dpo::score_pairs(&model, &data, tokenizer.pad_id(), &device)?;
+        let n = policy.chosen.len().max(1) as f64;
+        // Reference-free: does the model itself rank chosen above rejected?
+        let prefers = policy
+            .chosen
+            .iter()
+            .zip(&policy.rejected)
+            .filter(|(c, r)| c > r)
+            .count() as f64
+            / n;
+        let logp_margin = policy
+            .chosen
+            .iter()
+            .zip(&policy.rejected)
+            .map(|(c, r)| (c - r) as f64)
+            .sum::<f64>()
+            / n;
+        metric(ctx, "preference/accuracy", prefers);
+        metric(ctx, "preference/logp_margin", logp_margin);
+        let mut line = serde_json::json!({ "preference/accuracy": prefers, "preference/logp_margin": logp_margin, "pairs": policy.chosen.len() });
+        // Against a reference: `reference`, else the model without the adapter.
+        let reference = match (
+            ctx.inputs.contains_key("reference"),
+            ctx.inputs.get("adapter"),
+        ) {
+            (true, _) => Some(super::dpo::reference_spec(ctx)?),
+            (false, Some(_)) => {
+                let m = ctx.input("model")?;
+                Some(super::dpo::ReferenceSpec {
+                    model: model_dir.clone(),
+                    model_artifact: m
+                        .dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    adapter: None,
+                    description: m.stage.clone(),
+                })
+            }
+            (false, None) => None,
+        };
+        if let Some(reference) = reference {
+            let id = super::dpo::dataset_id(&data);
+            let scores = super::dpo::reference_scores(
+                ctx,
+                &reference,
+                &data,
+                &id,
+                dtype,
+                &device,
+                tokenizer.pad_id(),
+            )?;
+            let (beta, mut wins, mut margin) = (p.beta.value, 0usize, 0f64);
+            for i in 0..policy.chosen.len() {
+                let rc = beta * (policy.chosen[i] - scores.chosen[i]) as f64;
+                let rr = beta * (policy.rejected[i] - scores.rejected[i]) as f64;
+                wins += usize::from(rc > rr);
+                margin += rc - rr;
+            }
+            metric(ctx, "rewards/accuracies", wins as f64 / n);
+            metric(ctx, "rewards/margins", margin / n);
+            line["rewards/accuracies"] = (wins as f64 / n).into();
+            line["rewards/margins"] = (margin / n).into();
+            line["reference"] = reference.description.clone().into();
+            ctx.metrics
+                .insert("reference".into(), reference.description.into());
+        }
+        results.push(line);
+    }
+
+    for sample in crate::train::samples::complete(
+        &model,
+        &tokenizer,
+        &p.prompts,
+        p.max_new_tokens.value as usize,
+        p.temperature.value,
+        ctx.seed,
+    )? {
+        results.push(serde_json::to_value(&sample)?);
+    }
+    if !p.prompts.is_empty() {
+        ctx.metrics.insert(
+            "samples".into(),
+            serde_json::to_value(
+                results
+                    .iter()
+                    .filter(|r| r.get("prompt").is_some())
+                    .collect::<Vec<_>>(),
+            )?,
+        );
+    }
+
+    let mut out = std::fs::File::create(ctx.out_dir.join(RESULTS_FILE))?;
+    for r in &results {
+        writeln!(out, "{r}")?;
+    }
+    out.sync_all()?;
+    Ok(())
 }

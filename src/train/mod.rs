@@ -7,6 +7,7 @@ pub mod dpo;
 pub mod dpo_loss;
 pub mod inputs;
 pub mod order;
+pub mod samples;
 pub mod schedule;
 pub mod sft;
 pub mod trainer;
