@@ -77,6 +77,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare finished training stages side by side (default: the leaf ones,
+    /// i.e. scheme one and scheme two), with curves as SVG and a Markdown report.
+    Compare {
+        recipe: PathBuf,
+        /// Stages to compare (sft or dpo); the recipe's leaf training stages when none.
+        stages: Vec<String>,
+        /// Machine-readable output instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Copy a stage's cached artifact to DIR (PEFT or Hugging Face layout).
     Export {
         recipe: PathBuf,
@@ -282,15 +292,25 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 "{ran} stage(s) ran, {cached} cached, {} not done",
                 outcome.stages.len() - ran - cached
             );
-            Ok(
-                if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
-                    exit::INTERRUPTED
-                } else if outcome.failed() {
-                    exit::STAGE_FAILED
-                } else {
-                    exit::OK
-                },
-            )
+            if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
+                return Ok(exit::INTERRUPTED);
+            }
+            if outcome.failed() {
+                return Ok(exit::STAGE_FAILED);
+            }
+            // A whole recipe with two schemes: show them side by side, as `runner compare` does.
+            let leaves = crate::comparison::leaf_training_stages(&checked.recipe, &checked.dag);
+            if selection.only.is_none() && selection.until.is_none() && leaves.len() >= 2 {
+                let plan = make_plan(&checked, &cache, &Overrides::default())?;
+                if let Ok(summaries) =
+                    crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
+                {
+                    let report = write_report(&checked.recipe, &cache, &summaries)?;
+                    print!("{}", crate::compare::text_table(&summaries));
+                    println!("report: {}", report.display());
+                }
+            }
+            Ok(exit::OK)
         }
         Command::Status { recipe } => {
             let checked = check(recipe, registry)?;
@@ -325,6 +345,31 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 files.len(),
                 dir.display()
             );
+            Ok(exit::OK)
+        }
+        Command::Compare {
+            recipe,
+            stages,
+            json,
+        } => {
+            let checked = check(recipe, registry)?;
+            let cache = open_cache()?;
+            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let summaries =
+                crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
+                    .map_err(|e| Failure::usage(format!("error: {e}")))?;
+            let report = write_report(&checked.recipe, &cache, &summaries)?;
+            if *json {
+                let mut value = crate::compare::json(&summaries);
+                value["report"] = report.display().to_string().into();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).expect("serializes")
+                );
+            } else {
+                print!("{}", crate::compare::text_table(&summaries));
+                println!("report: {}", report.display());
+            }
             Ok(exit::OK)
         }
         Command::Pin { recipe, stage } => {
@@ -364,6 +409,42 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
     }
+}
+
+/// Write the charts and report.md of a comparison next to the artifacts; returns the report's path.
+fn write_report(
+    recipe: &Recipe,
+    cache: &Cache,
+    summaries: &[crate::compare::StageSummary],
+) -> Result<PathBuf, Failure> {
+    let dir = crate::comparison::report_dir(cache, recipe);
+    std::fs::create_dir_all(&dir)?;
+    let internal =
+        |e: anyhow::Error| Failure::internal(format!("error: writing the report: {e:#}"));
+    crate::compare::loss_chart(summaries, dir.join("loss.svg")).map_err(internal)?;
+    let mut charts = vec![(
+        crate::compare::LOSS_CHART_TITLE.to_string(),
+        "loss.svg".to_string(),
+    )];
+    if summaries
+        .iter()
+        .any(|s| s.kind == crate::compare::StageKind::Dpo)
+    {
+        crate::compare::dpo_chart(summaries, dir.join("dpo.svg")).map_err(internal)?;
+        charts.push((
+            crate::compare::DPO_CHART_TITLE.to_string(),
+            "dpo.svg".to_string(),
+        ));
+    }
+    let markdown = format!(
+        "# {} — comparison\n\nRecipe: `{}`\n\n{}",
+        recipe.header.name.value,
+        recipe.path.display(),
+        crate::compare::markdown_report(summaries, &charts)
+    );
+    let path = dir.join("report.md");
+    crate::fsutil::write_atomic(&path, markdown.as_bytes())?;
+    Ok(path)
 }
 
 /// The cached artifact of `stage` in `recipe`, or a usage error saying how to make it.

@@ -7,6 +7,8 @@
 
 pub mod cache;
 pub mod cli;
+pub mod compare;
+pub mod comparison;
 pub mod data;
 pub mod exec;
 pub mod fsutil;

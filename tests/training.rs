@@ -50,6 +50,23 @@ model = "merged"
 lora = {{ r = 4, alpha = 8, targets = ["q_proj", "v_proj", "down_proj"] }}
 data = {{ train = "{dpo_train}", eval = "{dpo_eval}" }}
 train = {{ steps = {dpo_steps}, batch = 8, lr = 5e-3, seq_len = 32 }}
+
+[stages.eval_sft]
+kind = "eval"
+model = "base"
+adapter = "sft"
+data = {{ sft = "{sft_eval}", dpo = "{dpo_eval}" }}
+prompts = ["sort cba:", "sort hge:"]
+max_new_tokens = 8
+temperature = 0.7
+seq_len = 32
+
+[stages.eval_fresh]
+kind = "eval"
+model = "merged"
+adapter = "dpo_fresh"
+data = {{ dpo = "{dpo_eval}" }}
+seq_len = 32
 "#,
         sft_train = data("sft_train.jsonl").display(),
         sft_eval = data("sft_eval.jsonl").display(),
@@ -141,10 +158,83 @@ fn sft_lowers_the_eval_loss_and_dpo_raises_preference_accuracy_in_both_schemes()
     assert_eq!(config["r"], 4);
     assert_eq!(config["peft_type"], "LORA");
 
+    // The eval stages: held-out loss, preference accuracy against the model without the adapter, samples.
+    let e = manifest(&ws, "eval_sft")["metrics"].clone();
+    assert!(
+        (e["sft/loss"].as_f64().unwrap() - after).abs() < 1e-6,
+        "the same held-out loss as the SFT stage measured"
+    );
+    assert_eq!(e["reference"], "base");
+    let samples = e["samples"].as_array().unwrap();
+    assert_eq!(
+        samples.len(),
+        4,
+        "greedy and sampled, for two prompts: {samples:?}"
+    );
+    assert_eq!(samples[0]["prompt"], "sort cba:");
+    assert_eq!(samples[0]["mode"], "greedy");
+    let lines = String::from_utf8(artifact_file(&ws, "eval_sft", "eval.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        2 + 4,
+        "sft metrics, dpo metrics, four samples"
+    );
+    let f = manifest(&ws, "eval_fresh")["metrics"].clone();
+    assert!(f["rewards/accuracies"].as_f64().unwrap() >= 0.9, "{f}");
+    assert_eq!(f["reference"], "merged");
+
+    // `run` ended with the comparison of the two schemes; `compare` gives it again, and as JSON.
+    let table = ws.runner(&["compare", "recipe.toml"]).ok().stdout;
+    let header = table.lines().next().unwrap();
+    assert!(
+        header.contains("dpo_continued")
+            && header.contains("dpo_fresh")
+            && !header.contains(" sft"),
+        "{table}"
+    );
+    let scheme = table.lines().find(|l| l.starts_with("scheme")).unwrap();
+    assert!(
+        scheme.contains("scheme one: continue `sft`")
+            && scheme.contains("scheme two: fresh adapter on `merged`"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ws.runner(&["compare", "recipe.toml", "--json"]).ok().stdout)
+            .unwrap();
+    let stages = json["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2);
+    let bytes = |i: usize| stages[i]["bytes_on_disk"].as_u64().unwrap();
+    assert!(
+        bytes(1) > 2 * bytes(0),
+        "scheme two's bytes include its merged model: {} vs {}",
+        bytes(1),
+        bytes(0)
+    );
+    let report = std::path::PathBuf::from(json["report"].as_str().unwrap());
+    let markdown = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        markdown.contains("![") && markdown.contains("loss.svg") && markdown.contains("dpo.svg"),
+        "{markdown}"
+    );
+    for svg in ["loss.svg", "dpo.svg"] {
+        let text = std::fs::read_to_string(report.parent().unwrap().join(svg)).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("dpo_fresh"),
+            "{svg}"
+        );
+    }
+    let run = ws.runner(&["compare", "recipe.toml", "base"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("compare takes sft and dpo stages"),
+        "{}",
+        run.stderr
+    );
+
     // Everything is cached now; editing one DPO parameter reruns only that branch.
     let again = ws.runner(&["run", "recipe.toml"]).ok();
     assert!(
-        again.stderr.contains("0 stage(s) ran, 5 cached"),
+        again.stderr.contains("0 stage(s) ran, 7 cached"),
         "{}",
         again.stderr
     );
@@ -161,7 +251,14 @@ fn sft_lowers_the_eval_loss_and_dpo_raises_preference_accuracy_in_both_schemes()
         plan_entry(&plan, "dpo_continued").1,
         "parameter changed: dpo.beta 0.1 → 0.2"
     );
-    for stage in ["base", "sft", "merged", "dpo_fresh"] {
+    for stage in [
+        "base",
+        "sft",
+        "merged",
+        "dpo_fresh",
+        "eval_sft",
+        "eval_fresh",
+    ] {
         assert_eq!(plan_entry(&plan, stage).0, "cached", "{stage}");
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod export;
+pub mod generate;
 pub mod init;
 pub mod io;
 pub mod lora;

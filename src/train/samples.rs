@@ -1,10 +1,11 @@
 //! Completions of listed prompts, greedy and (optionally) sampled, for the
-//! `eval` stage and the demo's before/after samples.
+//! `eval` stage: what a person reads to see what training changed.
 
 use serde::Serialize;
 
 use crate::data::ModelTokenizer;
 use crate::model::decoder::Decoder;
+use crate::model::generate::{generate, GenerateOptions, Sampling};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Sample {
@@ -14,7 +15,8 @@ pub struct Sample {
     pub completion: String,
 }
 
-/// Greedy completions of `prompts` (and sampled ones when `temperature` > 0, seeded).
+/// Greedy completions of `prompts` (and sampled ones when `temperature` > 0,
+/// seeded), stopping at the tokenizer's EOS.
 pub fn complete(
     model: &Decoder,
     tokenizer: &ModelTokenizer,
@@ -23,10 +25,52 @@ pub fn complete(
     temperature: f64,
     seed: u64,
 ) -> anyhow::Result<Vec<Sample>> {
-    let _ = (model, tokenizer, max_new_tokens, temperature, seed);
-    anyhow::ensure!(
-        prompts.is_empty(),
-        "generation from prompts is not available yet"
-    );
-    Ok(Vec::new())
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            tokenizer
+                .encode(p, true)
+                .map_err(|e| anyhow::anyhow!("prompt {p:?}: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let stop_tokens: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
+    let mut modes = vec![("greedy".to_string(), Sampling::Greedy)];
+    if temperature > 0.0 {
+        modes.push((
+            format!("sampled (temperature {temperature})"),
+            Sampling::Sample {
+                temperature,
+                top_p: 1.0,
+                seed,
+            },
+        ));
+    }
+    let mut out = Vec::new();
+    for (mode, sampling) in modes {
+        let options = GenerateOptions {
+            max_new_tokens,
+            stop_tokens: stop_tokens.clone(),
+            sampling,
+        };
+        let generated = generate(model, &encoded, &options)?;
+        for (prompt, ids) in prompts.iter().zip(generated) {
+            let ids: Vec<u32> = ids
+                .into_iter()
+                .filter(|id| !stop_tokens.contains(id))
+                .collect();
+            let completion = tokenizer
+                .inner()
+                .decode(&ids, true)
+                .map_err(|e| anyhow::anyhow!("decoding a completion: {e}"))?;
+            out.push(Sample {
+                prompt: prompt.clone(),
+                mode: mode.clone(),
+                completion,
+            });
+        }
+    }
+    Ok(out)
 }

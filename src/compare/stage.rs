@@ -1,0 +1,136 @@
+//! The input data model: one finished training stage and the metric rows it logged.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Which objective a stage trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageKind {
+    Sft,
+    Dpo,
+}
+
+impl StageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::Sft => "sft",
+            StageKind::Dpo => "dpo",
+        }
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stage kind string other than "sft" or "dpo".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stage kind {0:?} (expected \"sft\" or \"dpo\")")]
+pub struct UnknownStageKind(pub String);
+
+impl FromStr for StageKind {
+    type Err = UnknownStageKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sft" => Ok(StageKind::Sft),
+            "dpo" => Ok(StageKind::Dpo),
+            _ => Err(UnknownStageKind(s.to_string())),
+        }
+    }
+}
+
+/// Everything the comparison needs about one finished stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageSummary {
+    /// Short identifier, used as the column header and legend key (e.g. "dpo-one").
+    pub name: String,
+    pub kind: StageKind,
+    /// Human description (e.g. "scheme one: continue the SFT adapter").
+    pub label: String,
+    /// The stage's metrics.jsonl, one JSON object per line, in file order.
+    pub rows: Vec<Value>,
+    /// What the trainer returned at the end ("loss", "eval/loss", "eval/rewards/accuracies", ...).
+    pub final_metrics: BTreeMap<String, f64>,
+    pub trainable_parameters: u64,
+    /// Size of the stage's artifacts; for scheme two this includes the merged base model.
+    pub bytes_on_disk: u64,
+    /// None where the platform could not measure it.
+    pub peak_memory_bytes: Option<u64>,
+    pub wall_seconds: f64,
+    pub steps: u64,
+    /// e.g. "r=8 alpha=16 targets=all-linear".
+    pub lora: String,
+    /// What the DPO reference model was (or what SFT started from).
+    pub reference: String,
+}
+
+/// One (step, value) sample; both are finite.
+pub type Point = (f64, f64);
+
+/// A training row carries "loss"; anything else (e.g. only "eval/loss") is an eval row.
+pub fn is_eval_row(row: &Value) -> bool {
+    row.as_object().is_some_and(|o| !o.contains_key("loss"))
+}
+
+fn finite_number(row: &Value, key: &str) -> Option<f64> {
+    row.get(key)
+        .and_then(Value::as_f64)
+        .filter(|v| v.is_finite())
+}
+
+fn points_where(rows: &[Value], key: &str, want_eval: bool) -> Vec<Point> {
+    let mut points: Vec<Point> = rows
+        .iter()
+        .filter(|row| row.is_object() && is_eval_row(row) == want_eval)
+        .filter_map(|row| Some((finite_number(row, "step")?, finite_number(row, key)?)))
+        .collect();
+    // Stable sort: rows are usually already ordered, but a resumed run may not be.
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    points
+}
+
+impl StageSummary {
+    /// `key` per optimizer step from the training rows, sorted by step; missing or
+    /// non-finite values are skipped rather than failing the whole report.
+    pub fn training_points(&self, key: &str) -> Vec<Point> {
+        points_where(&self.rows, key, false)
+    }
+
+    /// `key` (e.g. "eval/loss") from the held-out evaluation rows, sorted by step.
+    pub fn eval_points(&self, key: &str) -> Vec<Point> {
+        points_where(&self.rows, key, true)
+    }
+
+    /// The final value of a metric: `final_metrics` first, else the last logged row
+    /// that has it (eval rows for "eval/..." keys, training rows otherwise).
+    pub fn final_metric(&self, key: &str) -> Option<f64> {
+        if let Some(v) = self
+            .final_metrics
+            .get(key)
+            .copied()
+            .filter(|v| v.is_finite())
+        {
+            return Some(v);
+        }
+        let from_eval = key.starts_with("eval/");
+        points_where(&self.rows, key, from_eval)
+            .last()
+            .map(|&(_, v)| v)
+    }
+
+    /// "name — label", or just the name when there is no label.
+    pub fn display_name(&self) -> String {
+        if self.label.trim().is_empty() {
+            self.name.clone()
+        } else {
+            format!("{} — {}", self.name, self.label)
+        }
+    }
+}

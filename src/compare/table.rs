@@ -1,0 +1,75 @@
+//! The side-by-side comparison table, independent of how it is rendered.
+
+use crate::compare::format::{
+    format_count, format_metric, format_percent, human_bytes, human_bytes_opt, human_duration,
+};
+use crate::compare::stage::StageSummary;
+
+/// One labelled row: a cell per stage, already formatted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableRow {
+    /// Machine-friendly key, used in the JSON output.
+    pub key: &'static str,
+    /// What the row shows, as a reader sees it.
+    pub label: &'static str,
+    pub cells: Vec<String>,
+}
+
+/// Column headers are the stage names; every row has exactly one cell per stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComparisonTable {
+    pub stage_names: Vec<String>,
+    pub rows: Vec<TableRow>,
+}
+
+/// Header of the first column (the row labels).
+pub const METRIC_COLUMN: &str = "metric";
+
+type CellFn = fn(&StageSummary) -> String;
+
+/// Row order and content; markdown, terminal and JSON all read this list.
+const ROWS: &[(&str, &str, CellFn)] = &[
+    ("kind", "kind", |s| s.kind.to_string()),
+    ("label", "scheme", |s| s.label.clone()),
+    ("final_loss", "final training loss", |s| {
+        format_metric(s.final_metric("loss"))
+    }),
+    ("eval_loss", "eval loss", |s| {
+        format_metric(s.final_metric("eval/loss"))
+    }),
+    ("eval_rewards_accuracies", "eval rewards/accuracies", |s| {
+        format_percent(s.final_metric("eval/rewards/accuracies"))
+    }),
+    ("eval_rewards_margins", "eval rewards/margins", |s| {
+        format_metric(s.final_metric("eval/rewards/margins"))
+    }),
+    ("trainable_parameters", "trainable parameters", |s| {
+        format_count(s.trainable_parameters)
+    }),
+    ("bytes_on_disk", "bytes on disk", |s| {
+        human_bytes(s.bytes_on_disk)
+    }),
+    ("peak_memory", "peak memory", |s| {
+        human_bytes_opt(s.peak_memory_bytes)
+    }),
+    ("wall_time", "wall time", |s| human_duration(s.wall_seconds)),
+    ("steps", "steps", |s| format_count(s.steps)),
+    ("lora", "LoRA", |s| s.lora.clone()),
+    ("reference", "reference", |s| s.reference.clone()),
+];
+
+impl ComparisonTable {
+    pub fn build(stages: &[StageSummary]) -> Self {
+        ComparisonTable {
+            stage_names: stages.iter().map(|s| s.name.clone()).collect(),
+            rows: ROWS
+                .iter()
+                .map(|&(key, label, cell)| TableRow {
+                    key,
+                    label,
+                    cells: stages.iter().map(cell).collect(),
+                })
+                .collect(),
+        }
+    }
+}

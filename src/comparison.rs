@@ -1,0 +1,206 @@
+//! `runner compare`: gather finished training stages of a recipe (by
+//! default its leaf training stages: in the demo, scheme one and scheme two)
+//! into summaries for the report.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::cache::{Cache, Manifest};
+use crate::compare::{StageKind, StageSummary};
+use crate::graph::Dag;
+use crate::plan::{Plan, Status};
+use crate::recipe::Recipe;
+
+fn is_training(kind: &str) -> bool {
+    kind == "sft" || kind == "dpo"
+}
+
+/// Training stages no other training stage builds on, in execution order.
+pub fn leaf_training_stages(recipe: &Recipe, dag: &Dag) -> Vec<String> {
+    let trains: BTreeSet<usize> = (0..recipe.stages.len())
+        .filter(|&i| is_training(recipe.stages[i].kind.name()))
+        .collect();
+    let mut feeds = BTreeSet::new();
+    for &i in &trains {
+        for a in dag.ancestors_and_self(i) {
+            if a != i {
+                feeds.insert(a);
+            }
+        }
+    }
+    dag.order
+        .iter()
+        .filter(|i| trains.contains(i) && !feeds.contains(i))
+        .map(|&i| recipe.stages[i].name.value.clone())
+        .collect()
+}
+
+/// Artifacts reachable from `artifact` through lineage (itself included).
+fn lineage(cache: &Cache, artifact: &str) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![artifact.to_string()];
+    while let Some(a) = stack.pop() {
+        if seen.insert(a.clone()) {
+            if let Some(m) = cache.manifest(&a) {
+                stack.extend(m.parents.into_iter().map(|p| p.artifact));
+            }
+        }
+    }
+    seen
+}
+
+fn folder_bytes(dir: &Path) -> u64 {
+    crate::hashing::payload_files(dir, &[])
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// What the adapter of a stage looks like, from its adapter_config.json.
+fn lora_description(dir: &Path) -> String {
+    match crate::kinds::adapter::read_peft_shape(dir) {
+        Some(spec) => {
+            let targets = match &spec.targets.value {
+                crate::recipe::params::Targets::List(l) => l.join(","),
+                crate::recipe::params::Targets::Pattern(p) => p.clone(),
+            };
+            format!(
+                "r={} alpha={} targets={targets}{}",
+                spec.r.value,
+                spec.alpha.value,
+                if spec.rslora.value { " rslora" } else { "" }
+            )
+        }
+        None => "-".into(),
+    }
+}
+
+/// Summaries of `names` (or the leaf training stages), which must all be cached.
+pub fn collect(
+    recipe: &Recipe,
+    dag: &Dag,
+    plan: &Plan,
+    cache: &Cache,
+    names: &[String],
+) -> Result<Vec<StageSummary>, String> {
+    let names = if names.is_empty() {
+        leaf_training_stages(recipe, dag)
+    } else {
+        names.to_vec()
+    };
+    if names.is_empty() {
+        return Err(format!(
+            "{} has no training stages to compare",
+            recipe.path.display()
+        ));
+    }
+    let mut found = Vec::new();
+    for name in &names {
+        let planned = plan
+            .by_name(name)
+            .ok_or_else(|| format!("no stage `{name}` in {}", recipe.path.display()))?;
+        if !is_training(&planned.kind) {
+            return Err(format!(
+                "stage `{name}` is a `{}` stage; compare takes sft and dpo stages",
+                planned.kind
+            ));
+        }
+        let Status::Cached { artifact } = &planned.status else {
+            return Err(format!(
+                "stage `{name}` has not run ({}); run `runner run {}` first",
+                planned.reason(),
+                recipe.path.display()
+            ));
+        };
+        let manifest = cache
+            .manifest(artifact)
+            .ok_or_else(|| format!("artifact of `{name}` has no manifest"))?;
+        found.push((name.clone(), artifact.clone(), manifest));
+    }
+    // Bytes each stage needed beyond what all compared stages share (the SFT adapter, the base).
+    let lineages: Vec<BTreeSet<String>> = found.iter().map(|(_, a, _)| lineage(cache, a)).collect();
+    let shared: BTreeSet<String> = lineages.iter().skip(1).fold(lineages[0].clone(), |acc, l| {
+        acc.intersection(l).cloned().collect()
+    });
+
+    let mut out = Vec::new();
+    for ((name, artifact, manifest), lineage) in found.into_iter().zip(&lineages) {
+        let dir = cache.artifact_dir(&artifact);
+        let bytes = lineage
+            .difference(&shared)
+            .map(|a| folder_bytes(&cache.artifact_dir(a)))
+            .sum();
+        out.push(summary(name, &dir, &manifest, bytes, cache));
+    }
+    Ok(out)
+}
+
+fn summary(
+    name: String,
+    dir: &Path,
+    m: &Manifest,
+    bytes_on_disk: u64,
+    cache: &Cache,
+) -> StageSummary {
+    let rows = std::fs::read_to_string(dir.join(crate::train::trainer::METRICS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let final_metrics: BTreeMap<String, f64> = m
+        .metrics
+        .iter()
+        .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+        .collect();
+    let parent = |field: &str| m.parents.iter().find(|p| p.field == field);
+    let kind = if m.kind == "sft" {
+        StageKind::Sft
+    } else {
+        StageKind::Dpo
+    };
+    let on_merged = parent("model")
+        .and_then(|p| cache.manifest(&p.artifact))
+        .is_some_and(|pm| pm.kind == "merge");
+    let label = match (kind, parent("adapter"), on_merged) {
+        (StageKind::Dpo, Some(a), _) => format!("scheme one: continue `{}`", a.stage),
+        (StageKind::Dpo, None, true) => format!(
+            "scheme two: fresh adapter on `{}`",
+            parent("model").map_or("?", |p| p.stage.as_str())
+        ),
+        (StageKind::Dpo, None, false) => "DPO, fresh adapter".into(),
+        (StageKind::Sft, _, _) => "SFT".into(),
+    };
+    let reference = m
+        .metrics
+        .get("reference")
+        .and_then(|v| v.as_str())
+        .map(String::from)
+        .unwrap_or_else(|| parent("model").map_or("-".into(), |p| p.stage.clone()));
+    StageSummary {
+        name,
+        kind,
+        label,
+        rows,
+        trainable_parameters: final_metrics
+            .get("trainable_parameters")
+            .copied()
+            .unwrap_or(0.0) as u64,
+        steps: final_metrics.get("steps").copied().unwrap_or(0.0) as u64,
+        final_metrics,
+        bytes_on_disk,
+        peak_memory_bytes: m.peak_rss_bytes,
+        wall_seconds: m.wall_seconds,
+        lora: lora_description(dir),
+        reference,
+    }
+}
+
+/// Where a recipe's report goes: next to the artifacts, per recipe name.
+pub fn report_dir(cache: &Cache, recipe: &Recipe) -> PathBuf {
+    cache.root.join("reports").join(&recipe.header.name.value)
+}

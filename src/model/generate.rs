@@ -1,0 +1,563 @@
+//! Text generation with a KV cache.
+//!
+//! [`KvCache`] keeps, per layer, the keys and values (after rope) of every
+//! token a batch of sequences has seen, so each step only runs the new
+//! tokens through the model. Its forward pass mirrors
+//! `Decoder::forward_hidden` (same positions, mask rules, ops and dtypes) in
+//! `Mode::Inference`: no graph is built and LoRA adapters are used detached.
+//!
+//! [`generate`] batches prompts of different lengths by left-padding them
+//! with an attention mask: rope positions count only real tokens, so a
+//! padded row computes what it would alone, and after the prompt every row
+//! advances one token per step.
+
+use crate::model::decoder::{rope_inv_freq, Decoder, DecoderLayer, Mode};
+use crate::model::error::{ModelError, Result};
+use crate::model::ops::{masked_softmax, rms_norm, rope};
+use crate::model::rng::SplitMix64;
+use candle_core::{DType, Tensor};
+
+/// Additive mask value for disallowed attention (as in the decoder): finite,
+/// so a fully masked padding row gives a harmless uniform row, not NaN.
+const MASKED: f32 = -1e30;
+
+/// Token fed for padding; never attended to, so any valid id would do.
+const PAD_TOKEN: u32 = 0;
+
+/// Keys and values of one layer: [batch, kv_heads, cached tokens, head_dim].
+#[derive(Clone, Debug)]
+struct LayerKv {
+    keys: Tensor,
+    values: Tensor,
+}
+
+/// Keys and values (after rope) of the tokens seen so far by a batch of
+/// sequences, per layer. Every row holds the same number of positions;
+/// padding positions are remembered so they are never attended to.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    /// Empty until the first forward pass, then one entry per layer.
+    layers: Vec<LayerKv>,
+    /// Per sequence and cached position: true for a token, false for padding.
+    real: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    /// An empty cache for `batch_size` sequences.
+    pub fn new(batch_size: usize) -> Self {
+        KvCache {
+            layers: Vec::new(),
+            real: vec![Vec::new(); batch_size],
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.real.len()
+    }
+
+    /// Cached positions per row, padding included.
+    pub fn len(&self) -> usize {
+        self.real.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Real (non-padding) tokens cached for `row`; None for a row outside the batch.
+    pub fn tokens_in_row(&self, row: usize) -> Option<usize> {
+        self.real.get(row).map(|r| r.iter().filter(|&&x| x).count())
+    }
+
+    /// Runs only the new tokens `input_ids` ([batch][t], the same t for every
+    /// row) through `model`, continuing each row after its cached tokens,
+    /// appends their keys and values, and returns their final-norm hidden
+    /// states [batch, t, hidden]. `attention_mask` marks padding (false) as
+    /// in `forward_hidden`; None means every new token is real. The result
+    /// equals the matching rows of `forward_hidden` over the whole sequence
+    /// (cached + new tokens, same mask) in `Mode::Inference`. On error the
+    /// cache is left unchanged.
+    pub fn forward(
+        &mut self,
+        model: &Decoder,
+        input_ids: &[Vec<u32>],
+        attention_mask: Option<&[Vec<bool>]>,
+    ) -> Result<Tensor> {
+        let c = &model.config;
+        let new_tokens = self.validate_input(model, input_ids, attention_mask)?;
+        let batch = input_ids.len();
+        let past = self.len();
+        let total = past + new_tokens;
+        let real: Vec<Vec<bool>> = match attention_mask {
+            Some(mask) => self
+                .real
+                .iter()
+                .zip(mask)
+                .map(|(old, new)| [old.as_slice(), new.as_slice()].concat())
+                .collect(),
+            None => self
+                .real
+                .iter()
+                .map(|old| [old.as_slice(), &vec![true; new_tokens]].concat())
+                .collect(),
+        };
+
+        // Rope tables for the new positions, with forward_hidden's rule:
+        // position = number of real tokens before this one.
+        let inv_freq = rope_inv_freq(c);
+        let half = c.head_dim / 2;
+        let mut cos = Vec::with_capacity(batch * new_tokens * half);
+        let mut sin = Vec::with_capacity(batch * new_tokens * half);
+        for row in &real {
+            let mut seen = row[..past].iter().filter(|&&x| x).count();
+            for &is_real in &row[past..] {
+                let pos = if is_real {
+                    seen as f64
+                } else {
+                    seen.saturating_sub(1) as f64
+                };
+                if is_real {
+                    seen += 1;
+                }
+                for f in &inv_freq {
+                    let angle = pos * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        // [batch, new, total] mask: causal, no padding, optional sliding
+        // window, all in padded index space exactly as forward_hidden does.
+        let window = c.sliding_window;
+        let mut mask = Vec::with_capacity(batch * new_tokens * total);
+        for row in &real {
+            for query in past..total {
+                for (key, &is_real) in row.iter().enumerate() {
+                    let allowed = key <= query && is_real && window.is_none_or(|w| query - key < w);
+                    mask.push(if allowed { 0.0 } else { MASKED });
+                }
+            }
+        }
+        let device = &model.device;
+        let cos = Tensor::from_vec(cos, (batch, new_tokens, half), device)?;
+        let sin = Tensor::from_vec(sin, (batch, new_tokens, half), device)?;
+        let mask = Tensor::from_vec(mask, (batch, new_tokens, total), device)?;
+
+        let flat_ids = Tensor::from_vec(input_ids.concat(), batch * new_tokens, device)?;
+        let mut x = model.embed_tokens.index_select(&flat_ids, 0)?.reshape((
+            batch,
+            new_tokens,
+            c.hidden_size,
+        ))?;
+        let mut updated = Vec::with_capacity(model.layers.len());
+        for (index, layer) in model.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
+            let (attention, kv) =
+                cached_attention(model, layer, &h, self.layers.get(index), &cos, &sin, &mask)?;
+            x = (x + attention)?;
+            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+            x = (x + mlp(layer, &h)?)?;
+            updated.push(kv);
+        }
+        let hidden = rms_norm(&x, &model.norm, c.rms_norm_eps)?;
+        // Commit only once everything succeeded.
+        self.layers = updated;
+        self.real = real;
+        Ok(hidden)
+    }
+
+    /// Checks shapes, ids and that the cache fits `model`; returns the number of new tokens.
+    fn validate_input(
+        &self,
+        model: &Decoder,
+        input_ids: &[Vec<u32>],
+        attention_mask: Option<&[Vec<bool>]>,
+    ) -> Result<usize> {
+        let c = &model.config;
+        let batch = self.batch_size();
+        if batch == 0 {
+            return Err(ModelError::Input("the KV cache has a batch of 0".into()));
+        }
+        if input_ids.len() != batch {
+            return Err(ModelError::Input(format!(
+                "{} sequences of input for a KV cache of batch {batch}",
+                input_ids.len()
+            )));
+        }
+        let new_tokens = input_ids[0].len();
+        if new_tokens == 0 {
+            return Err(ModelError::Input("input_ids is empty".into()));
+        }
+        if let Some(row) = input_ids.iter().position(|r| r.len() != new_tokens) {
+            return Err(ModelError::Input(format!(
+                "every row needs {new_tokens} new tokens, row {row} has {}",
+                input_ids[row].len()
+            )));
+        }
+        if let Some(bad) = input_ids
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= c.vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of size {}",
+                c.vocab_size
+            )));
+        }
+        if let Some(mask) = attention_mask {
+            if mask.len() != batch || mask.iter().any(|r| r.len() != new_tokens) {
+                return Err(ModelError::Input(format!(
+                    "attention_mask must be [{batch}, {new_tokens}] like input_ids"
+                )));
+            }
+        }
+        if let Some(first) = self.layers.first() {
+            let expected = [batch, c.num_key_value_heads, self.len(), c.head_dim];
+            if self.layers.len() != model.layers.len() || first.keys.dims() != expected {
+                return Err(ModelError::Input(format!(
+                    "this KV cache ({} layers, keys {:?}) was filled by a different model \
+                     ({} layers, keys {expected:?} expected)",
+                    self.layers.len(),
+                    first.keys.dims(),
+                    model.layers.len()
+                )));
+            }
+        }
+        Ok(new_tokens)
+    }
+}
+
+/// The decoder's attention for the new tokens `x` [B, t, hidden], attending
+/// to the cached keys/values plus their own; returns the output and the
+/// layer's keys/values extended by the new tokens.
+fn cached_attention(
+    model: &Decoder,
+    layer: &DecoderLayer,
+    x: &Tensor,
+    past: Option<&LayerKv>,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, LayerKv)> {
+    let c = &model.config;
+    let mode = Mode::Inference;
+    let (b, t, _) = x.dims3()?;
+    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let q = layer
+        .q_proj
+        .forward(x, mode)?
+        .reshape((b, t, nh, hd))?
+        .transpose(1, 2)?;
+    let k = layer
+        .k_proj
+        .forward(x, mode)?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?;
+    let v = layer
+        .v_proj
+        .forward(x, mode)?
+        .reshape((b, t, nkv, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let q = (rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+    let k = rope(&k, cos, sin)?;
+    let kv = match past {
+        Some(p) => LayerKv {
+            keys: Tensor::cat(&[&p.keys, &k], 2)?,
+            values: Tensor::cat(&[&p.values, &v], 2)?,
+        },
+        None => LayerKv { keys: k, values: v },
+    };
+    // Grouped-query heads stacked along the time axis, as in the decoder;
+    // the mask's row r % t is query r.
+    let rep = nh / nkv;
+    let q = q.reshape((b, nkv, rep * t, hd))?;
+    let softmax_dtype = if x.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let scores = q.matmul(&kv.keys.t()?)?.to_dtype(softmax_dtype)?;
+    let probs = masked_softmax(&scores, mask)?.to_dtype(x.dtype())?;
+    let out = probs
+        .matmul(&kv.values)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))?;
+    Ok((layer.o_proj.forward(&out, mode)?, kv))
+}
+
+fn mlp(layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
+    let mode = Mode::Inference;
+    let gate = layer.gate_proj.forward(x, mode)?.silu()?;
+    let up = layer.up_proj.forward(x, mode)?;
+    layer.down_proj.forward(&(gate * up)?, mode)
+}
+
+// ---------------------------------------------------------------- generation
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token; ties go to the lowest id.
+    Greedy,
+    /// Nucleus sampling: softmax(logits / temperature), restricted to the
+    /// most likely tokens whose probabilities sum to at least `top_p`.
+    /// Deterministic for a seed: row i of a batch draws from its own stream
+    /// derived from (seed, i), so it does not depend on the other rows.
+    Sample {
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// Most tokens generated per prompt.
+    pub max_new_tokens: usize,
+    /// Generation of a row ends after it produces one of these (e.g. EOS);
+    /// the stop token is included as the row's last token.
+    pub stop_tokens: Vec<u32>,
+    pub sampling: Sampling,
+}
+
+impl GenerateOptions {
+    /// Greedy decoding of up to `max_new_tokens`, stopping at `stop_tokens`.
+    pub fn greedy(max_new_tokens: usize, stop_tokens: Vec<u32>) -> Self {
+        GenerateOptions {
+            max_new_tokens,
+            stop_tokens,
+            sampling: Sampling::Greedy,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Sampling::Sample {
+            temperature, top_p, ..
+        } = self.sampling
+        {
+            check_sampling_parameters(temperature, top_p)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_sampling_parameters(temperature: f64, top_p: f64) -> Result<()> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(ModelError::Input(format!(
+            "temperature must be positive and finite, got {temperature} (use Sampling::Greedy for 0)"
+        )));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ModelError::Input(format!(
+            "top_p must be in (0, 1], got {top_p}"
+        )));
+    }
+    Ok(())
+}
+
+/// Generates a continuation for each prompt (token ids, none empty) and
+/// returns only the new tokens, per prompt in order. A row ends at
+/// `max_new_tokens` or right after a stop token, which is kept as its last
+/// token (so the caller can tell the two apart). Prompts are left-padded
+/// into one batch and share one KV cache.
+pub fn generate(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
+    opts.validate()?;
+    if let Some(row) = prompts.iter().position(Vec::is_empty) {
+        return Err(ModelError::Input(format!("prompt {row} is empty")));
+    }
+    if let Some(bad) = prompts
+        .iter()
+        .flatten()
+        .find(|&&id| id as usize >= model.config.vocab_size)
+    {
+        return Err(ModelError::Input(format!(
+            "prompt token {bad} is outside the vocabulary of size {}",
+            model.config.vocab_size
+        )));
+    }
+    let batch = prompts.len();
+    let mut outputs = vec![Vec::new(); batch];
+    if batch == 0 || opts.max_new_tokens == 0 {
+        return Ok(outputs);
+    }
+    let mut pickers: Vec<TokenPicker> = (0..batch)
+        .map(|row| TokenPicker::new(&opts.sampling, row))
+        .collect();
+
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(batch);
+    let mut mask = Vec::with_capacity(batch);
+    for prompt in prompts {
+        let pad = longest - prompt.len();
+        ids.push([vec![PAD_TOKEN; pad], prompt.clone()].concat());
+        mask.push([vec![false; pad], vec![true; prompt.len()]].concat());
+    }
+    let mut cache = KvCache::new(batch);
+    let hidden = cache.forward(model, &ids, Some(&mask))?;
+    let mut active: Vec<usize> = (0..batch).collect();
+    // Left padding puts every row's last prompt token at the last position.
+    let mut logits = last_logits(model, &hidden, &active, longest - 1)?;
+
+    loop {
+        let mut next_ids = vec![vec![PAD_TOKEN]; batch];
+        let mut next_real = vec![vec![false]; batch];
+        let mut still_active = Vec::with_capacity(active.len());
+        for (&row, row_logits) in active.iter().zip(&logits) {
+            let token = pickers[row].pick(row_logits)?;
+            outputs[row].push(token);
+            let done =
+                opts.stop_tokens.contains(&token) || outputs[row].len() >= opts.max_new_tokens;
+            if !done {
+                next_ids[row][0] = token;
+                next_real[row][0] = true;
+                still_active.push(row);
+            }
+        }
+        active = still_active;
+        if active.is_empty() {
+            return Ok(outputs);
+        }
+        // Finished rows are fed masked padding: they keep the batch
+        // rectangular and are never read.
+        let hidden = cache.forward(model, &next_ids, Some(&next_real))?;
+        logits = last_logits(model, &hidden, &active, 0)?;
+    }
+}
+
+/// Logits (as f64) at `position` for each row in `rows`.
+fn last_logits(
+    model: &Decoder,
+    hidden: &Tensor,
+    rows: &[usize],
+    position: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let positions: Vec<(usize, usize)> = rows.iter().map(|&r| (r, position)).collect();
+    Ok(model
+        .logits_at(hidden, &positions)?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?)
+}
+
+/// Per-row token choice, with the row's own random stream when sampling.
+enum TokenPicker {
+    Greedy,
+    Sample {
+        temperature: f64,
+        top_p: f64,
+        rng: SplitMix64,
+    },
+}
+
+impl TokenPicker {
+    fn new(sampling: &Sampling, row: usize) -> Self {
+        match *sampling {
+            Sampling::Greedy => TokenPicker::Greedy,
+            Sampling::Sample {
+                temperature,
+                top_p,
+                seed,
+            } => TokenPicker::Sample {
+                temperature,
+                top_p,
+                rng: SplitMix64::for_stream(seed, &format!("generate-row-{row}")),
+            },
+        }
+    }
+
+    fn pick(&mut self, logits: &[f64]) -> Result<u32> {
+        match self {
+            TokenPicker::Greedy => greedy_token(logits),
+            TokenPicker::Sample {
+                temperature,
+                top_p,
+                rng,
+            } => sample_token(logits, *temperature, *top_p, rng),
+        }
+    }
+}
+
+fn check_logits(logits: &[f64]) -> Result<()> {
+    if logits.is_empty() {
+        return Err(ModelError::Input("no logits to choose a token from".into()));
+    }
+    if logits.iter().any(|v| v.is_nan() || *v == f64::INFINITY) {
+        return Err(ModelError::Input("logits contain NaN or +inf".into()));
+    }
+    Ok(())
+}
+
+/// The id of the largest logit; ties go to the lowest id.
+pub fn greedy_token(logits: &[f64]) -> Result<u32> {
+    check_logits(logits)?;
+    let mut best = 0;
+    for (id, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = id;
+        }
+    }
+    Ok(best as u32)
+}
+
+/// Draws a token from softmax(logits / temperature) restricted to the
+/// smallest set of most likely tokens (ties: lower id first) whose
+/// probability reaches `top_p`; one draw from `rng`. With a tiny `top_p`
+/// only the most likely token is left, i.e. the greedy choice.
+pub fn sample_token(
+    logits: &[f64],
+    temperature: f64,
+    top_p: f64,
+    rng: &mut SplitMix64,
+) -> Result<u32> {
+    check_sampling_parameters(temperature, top_p)?;
+    check_logits(logits)?;
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return Err(ModelError::Input("every logit is -inf".into()));
+    }
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((l - max) / temperature).exp())
+        .collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let kept = if top_p >= 1.0 {
+        order.as_slice()
+    } else {
+        // Sort by logit (exact, unlike the rounded weights); the stable sort
+        // keeps lower ids first among ties.
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let total: f64 = weights.iter().sum();
+        let mut mass = 0.0;
+        let mut count = 0;
+        for &id in &order {
+            mass += weights[id];
+            count += 1;
+            if mass >= top_p * total {
+                break;
+            }
+        }
+        &order[..count]
+    };
+    let kept_mass: f64 = kept.iter().map(|&id| weights[id]).sum();
+    let target = rng.next_f64() * kept_mass;
+    let mut mass = 0.0;
+    for &id in kept {
+        mass += weights[id];
+        if target < mass {
+            return Ok(id as u32);
+        }
+    }
+    // Rounding can leave target just above the last partial sum.
+    let last = kept
+        .iter()
+        .rev()
+        .find(|&&id| weights[id] > 0.0)
+        .copied()
+        .unwrap_or(kept[0]);
+    Ok(last as u32)
+}
