@@ -42,6 +42,10 @@ pub struct Cli {
     /// Cache folder (artifacts, keys, checkpoints).
     #[arg(long, global = true, env = "RUNNER_CACHE", default_value = "cache")]
     pub cache: PathBuf,
+    /// Compute threads (default: RAYON_NUM_THREADS, else every core). Results are
+    /// bit-identical for the same seed, device and thread count.
+    #[arg(long, global = true, env = "RUNNER_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -170,6 +174,7 @@ where
             };
         }
     };
+    set_threads(cli.threads);
     match dispatch(cli, registry) {
         Ok(code) => code,
         Err(f) => {
@@ -469,6 +474,23 @@ fn cached_artifact(
     };
     let artifact = artifact.clone();
     Ok((checked, cache, artifact))
+}
+
+/// Fix the thread count of candle and rayon before any pool starts. Left to
+/// itself candle counts physical cores and rayon logical ones, which on small
+/// machines makes the two disagree and training slower.
+fn set_threads(threads: Option<usize>) {
+    let n = threads
+        .filter(|n| *n > 0)
+        .or_else(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Safe in the 2021 edition; done before any other thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
 
 /// Ctrl-C sets a flag that stages check between steps; a second Ctrl-C exits at once.
