@@ -334,6 +334,26 @@ impl Decoder {
         ctx: &AttentionContext,
         mode: Mode,
     ) -> Result<Tensor> {
+        Ok(self
+            .attend(layer, x, &ctx.cos, &ctx.sin, &ctx.mask, mode, None)?
+            .0)
+    }
+
+    /// Attention of the tokens `x` [B, t, hidden] over `past` keys/values
+    /// (already roped, [B, kv_heads, T, head_dim]) followed by their own.
+    /// Returns the output and the keys/values including the new tokens, so
+    /// the KV cache of `generate` shares this code with training.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        mode: Mode,
+        past: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -353,10 +373,17 @@ impl Decoder {
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = (rope(&q, &ctx.cos, &ctx.sin)? * (1.0 / (hd as f64).sqrt()))?;
-        let k = rope(&k, &ctx.cos, &ctx.sin)?;
+        let q = (rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = rope(&k, cos, sin)?;
+        let (k, v) = match past {
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[past_k, &k], 2)?,
+                Tensor::cat(&[past_v, &v], 2)?,
+            ),
+            None => (k, v),
+        };
         // Grouped-query attention without copying K/V: query heads sharing a
-        // KV head are stacked along the time axis ([B, nkv, rep*T, hd]).
+        // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         // Softmax in f32 (as HF does) unless the model already runs in f64.
@@ -366,16 +393,16 @@ impl Decoder {
             DType::F32
         };
         let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
-        let probs = masked_softmax(&scores, &ctx.mask)?.to_dtype(x.dtype())?;
+        let probs = masked_softmax(&scores, mask)?.to_dtype(x.dtype())?;
         let out = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        layer.o_proj.forward(&out, mode)
+        Ok((layer.o_proj.forward(&out, mode)?, k, v))
     }
 
-    fn mlp(&self, layer: &DecoderLayer, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub(crate) fn mlp(&self, layer: &DecoderLayer, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let gate = layer.gate_proj.forward(x, mode)?.silu()?;
         let up = layer.up_proj.forward(x, mode)?;
         layer.down_proj.forward(&(gate * up)?, mode)

@@ -13,7 +13,7 @@
 
 use crate::model::decoder::{rope_inv_freq, Decoder, DecoderLayer, Mode};
 use crate::model::error::{ModelError, Result};
-use crate::model::ops::{masked_softmax, rms_norm, rope};
+use crate::model::ops::rms_norm;
 use crate::model::rng::SplitMix64;
 use candle_core::{DType, Tensor};
 
@@ -156,7 +156,7 @@ impl KvCache {
                 cached_attention(model, layer, &h, self.layers.get(index), &cos, &sin, &mask)?;
             x = (x + attention)?;
             let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            x = (x + mlp(layer, &h)?)?;
+            x = (x + model.mlp(layer, &h, Mode::Inference)?)?;
             updated.push(kv);
         }
         let hidden = rms_norm(&x, &model.norm, c.rms_norm_eps)?;
@@ -239,59 +239,9 @@ fn cached_attention(
     sin: &Tensor,
     mask: &Tensor,
 ) -> Result<(Tensor, LayerKv)> {
-    let c = &model.config;
-    let mode = Mode::Inference;
-    let (b, t, _) = x.dims3()?;
-    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let q = layer
-        .q_proj
-        .forward(x, mode)?
-        .reshape((b, t, nh, hd))?
-        .transpose(1, 2)?;
-    let k = layer
-        .k_proj
-        .forward(x, mode)?
-        .reshape((b, t, nkv, hd))?
-        .transpose(1, 2)?;
-    let v = layer
-        .v_proj
-        .forward(x, mode)?
-        .reshape((b, t, nkv, hd))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    let q = (rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
-    let k = rope(&k, cos, sin)?;
-    let kv = match past {
-        Some(p) => LayerKv {
-            keys: Tensor::cat(&[&p.keys, &k], 2)?,
-            values: Tensor::cat(&[&p.values, &v], 2)?,
-        },
-        None => LayerKv { keys: k, values: v },
-    };
-    // Grouped-query heads stacked along the time axis, as in the decoder;
-    // the mask's row r % t is query r.
-    let rep = nh / nkv;
-    let q = q.reshape((b, nkv, rep * t, hd))?;
-    let softmax_dtype = if x.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let scores = q.matmul(&kv.keys.t()?)?.to_dtype(softmax_dtype)?;
-    let probs = masked_softmax(&scores, mask)?.to_dtype(x.dtype())?;
-    let out = probs
-        .matmul(&kv.values)?
-        .reshape((b, nh, t, hd))?
-        .transpose(1, 2)?
-        .reshape((b, t, nh * hd))?;
-    Ok((layer.o_proj.forward(&out, mode)?, kv))
-}
-
-fn mlp(layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
-    let mode = Mode::Inference;
-    let gate = layer.gate_proj.forward(x, mode)?.silu()?;
-    let up = layer.up_proj.forward(x, mode)?;
-    layer.down_proj.forward(&(gate * up)?, mode)
+    let past = past.map(|p| (&p.keys, &p.values));
+    let (out, keys, values) = model.attend(layer, x, cos, sin, mask, Mode::Inference, past)?;
+    Ok((out, LayerKv { keys, values }))
 }
 
 // ---------------------------------------------------------------- generation
