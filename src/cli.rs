@@ -54,6 +54,7 @@ pub struct Cli {
 pub enum Command {
     /// Dry run: every stage in execution order, cached or to run, and why.
     Plan {
+        /// The recipe (a TOML file).
         recipe: PathBuf,
         /// Machine-readable output (schemas/plan.schema.json).
         #[arg(long)]
@@ -61,6 +62,7 @@ pub enum Command {
     },
     /// Run the recipe: stages whose inputs are unchanged are skipped.
     Run {
+        /// The recipe (a TOML file).
         recipe: PathBuf,
         /// Rerun this stage even if cached (repeatable).
         #[arg(long, value_name = "STAGE")]
@@ -73,10 +75,15 @@ pub enum Command {
         until: Option<String>,
     },
     /// Each stage's state: cached artifact, when it finished, its headline metrics.
-    Status { recipe: PathBuf },
+    Status {
+        /// The recipe (a TOML file).
+        recipe: PathBuf,
+    },
     /// A stage's manifest, metrics, lineage and artifact path.
     Show {
+        /// The recipe (a TOML file).
         recipe: PathBuf,
+        /// A stage of the recipe.
         stage: String,
         #[arg(long)]
         json: bool,
@@ -84,6 +91,7 @@ pub enum Command {
     /// Compare finished training stages side by side (default: the leaf ones,
     /// i.e. scheme one and scheme two), with curves as SVG and a Markdown report.
     Compare {
+        /// The recipe (a TOML file).
         recipe: PathBuf,
         /// Stages to compare (sft or dpo); the recipe's leaf training stages when none.
         stages: Vec<String>,
@@ -93,6 +101,7 @@ pub enum Command {
     },
     /// Copy a stage's cached artifact to DIR (PEFT or Hugging Face layout).
     Export {
+        /// The recipe (a TOML file).
         recipe: PathBuf,
         stage: String,
         dir: PathBuf,
