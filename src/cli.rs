@@ -46,6 +46,11 @@ pub struct Cli {
     /// bit-identical for the same seed, device and thread count.
     #[arg(long, global = true, env = "RUNNER_THREADS", value_name = "N")]
     pub threads: Option<usize>,
+    /// Compute device: auto (a GPU when this binary has CUDA and one is present), cpu or
+    /// cuda:N. Overrides the recipe's `device`; the device kind enters the keys of stages
+    /// that compute.
+    #[arg(long, global = true, env = "RUNNER_DEVICE", value_name = "DEVICE")]
+    pub device: Option<crate::recipe::params::DeviceSpec>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -219,6 +224,10 @@ fn make_plan(checked: &Checked, cache: &Cache, overrides: &Overrides) -> Result<
 }
 
 fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
+    let defaults = Overrides {
+        force: Vec::new(),
+        device: cli.device.clone(),
+    };
     let open_cache = || {
         Cache::open(&cli.cache)
             .map_err(|e| Failure::internal(format!("error: cache {}: {e}", cli.cache.display())))
@@ -239,7 +248,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         Command::Plan { recipe, json } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let plan = make_plan(&checked, &cache, &defaults)?;
             if *json {
                 println!(
                     "{}",
@@ -269,12 +278,22 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             let cache = open_cache()?;
             let overrides = Overrides {
                 force: force.clone(),
+                device: cli.device.clone(),
             };
             let plan = make_plan(&checked, &cache, &overrides)?;
             let selection = Selection {
                 only: only.clone(),
                 until: until.clone(),
             };
+            let wanted = cli
+                .device
+                .clone()
+                .unwrap_or_else(|| checked.recipe.header.device.value.clone());
+            eprintln!(
+                "[runner] device: {} (asked: {})",
+                String::from(plan.device.clone()),
+                String::from(wanted)
+            );
             let selected = exec::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(
                 |e| match e {
                     exec::ExecError::Io(e) => Failure::internal(format!("error: {e}")),
@@ -315,7 +334,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             // A whole recipe with two schemes: show them side by side, as `runner compare` does.
             let leaves = crate::comparison::leaf_training_stages(&checked.recipe, &checked.dag);
             if selection.only.is_none() && selection.until.is_none() && leaves.len() >= 2 {
-                let plan = make_plan(&checked, &cache, &Overrides::default())?;
+                let plan = make_plan(&checked, &cache, &defaults)?;
                 if let Ok(summaries) =
                     crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
                 {
@@ -329,7 +348,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         Command::Status { recipe } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let plan = make_plan(&checked, &cache, &defaults)?;
             print!("{}", report::status_text(&checked.recipe, &plan, &cache));
             Ok(exit::OK)
         }
@@ -340,7 +359,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let plan = make_plan(&checked, &cache, &defaults)?;
             let planned = plan.by_name(stage).ok_or_else(|| {
                 Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
             })?;
@@ -349,7 +368,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
         Command::Export { recipe, stage, dir } => {
-            let (_, cache, artifact) = cached_artifact(recipe, stage, registry, &open_cache)?;
+            let (_, cache, artifact) =
+                cached_artifact(recipe, stage, registry, &open_cache, &defaults)?;
             let from = crate::kinds::export::payload_dir(&cache.artifact_dir(&artifact))
                 .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
             let files = crate::kinds::export::export_folder(&from, dir)
@@ -368,7 +388,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &Overrides::default())?;
+            let plan = make_plan(&checked, &cache, &defaults)?;
             let summaries =
                 crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
                     .map_err(|e| Failure::usage(format!("error: {e}")))?;
@@ -387,7 +407,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             Ok(exit::OK)
         }
         Command::Pin { recipe, stage } => {
-            let (checked, cache, artifact) = cached_artifact(recipe, stage, registry, &open_cache)?;
+            let (checked, cache, artifact) =
+                cached_artifact(recipe, stage, registry, &open_cache, &defaults)?;
             let name = format!("{}.{stage}", checked.recipe.header.name.value);
             gc::pin(&cache, &name, &artifact)?;
             println!("pinned {name} = {}", crate::cache::short(&artifact));
@@ -415,7 +436,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             let mut keep = Vec::new();
             for r in recipes {
                 let checked = check(r, registry)?;
-                let plan = make_plan(&checked, &cache, &Overrides::default())?;
+                let plan = make_plan(&checked, &cache, &defaults)?;
                 keep.extend(plan.stages.iter().map(|s| s.key.clone()));
             }
             let summary = gc::collect(&cache, &keep, *delete)?;
@@ -467,10 +488,11 @@ fn cached_artifact(
     stage: &str,
     registry: &Registry,
     open_cache: &dyn Fn() -> Result<Cache, Failure>,
+    defaults: &Overrides,
 ) -> Result<(Checked, Cache, String), Failure> {
     let checked = check(recipe, registry)?;
     let cache = open_cache()?;
-    let plan = make_plan(&checked, &cache, &Overrides::default())?;
+    let plan = make_plan(&checked, &cache, &defaults)?;
     let planned = plan.by_name(stage).ok_or_else(|| {
         Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
     })?;

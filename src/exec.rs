@@ -137,7 +137,7 @@ pub fn execute(
             report.stages.push((p.name.clone(), Outcome::Cached));
             continue;
         }
-        let outcome = run_one(recipe, cache, p, &artifacts, reporter, interrupt)?;
+        let outcome = run_one(recipe, cache, plan, p, &artifacts, reporter, interrupt)?;
         match &outcome {
             Outcome::Ran { artifact, seconds } => {
                 artifacts.insert(p.index, artifact.clone());
@@ -172,6 +172,7 @@ pub fn execute(
 fn run_one(
     recipe: &Recipe,
     cache: &Cache,
+    plan: &Plan,
     p: &PlannedStage,
     artifacts: &BTreeMap<usize, String>,
     reporter: &dyn Reporter,
@@ -250,6 +251,7 @@ fn run_one(
         progress: progress.as_ref(),
         metrics: serde_json::Map::new(),
         interrupt,
+        device: plan.device.clone(),
         cache,
         derived: Vec::new(),
     };

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod compare;
 pub mod comparison;
 pub mod data;
+pub mod device;
 pub mod exec;
 pub mod fsutil;
 pub mod gc;

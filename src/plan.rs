@@ -25,6 +25,9 @@ pub struct KeyInputs {
     /// Field -> content hash of the file or folder.
     pub files: BTreeMap<String, Digest>,
     pub seed: u64,
+    /// "cpu" or "cuda" for stages that compute on a device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 impl KeyInputs {
@@ -141,6 +144,8 @@ impl PlannedStage {
 #[derive(Debug)]
 pub struct Plan {
     pub stages: Vec<PlannedStage>,
+    /// The resolved device (`auto` decided).
+    pub device: crate::recipe::params::DeviceSpec,
 }
 
 impl Plan {
@@ -156,10 +161,13 @@ impl Plan {
     }
 }
 
-/// Stages the caller wants run regardless of the cache.
+/// What the command line says besides the recipe.
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
+    /// Stages to run regardless of the cache.
     pub force: Vec<String>,
+    /// `--device`, overriding the recipe's `device`.
+    pub device: Option<crate::recipe::params::DeviceSpec>,
 }
 
 /// File in the work folder of an unfinished stage that says where it would resume.
@@ -180,6 +188,18 @@ pub fn plan(
     cache: &Cache,
     overrides: &Overrides,
 ) -> Result<Plan, PlanError> {
+    let wanted = overrides
+        .device
+        .as_ref()
+        .unwrap_or(&recipe.header.device.value);
+    let device = crate::device::resolve(wanted).map_err(|message| {
+        let span = if overrides.device.is_some() {
+            0..0
+        } else {
+            recipe.header.device.span.clone()
+        };
+        recipe.error(vec![Problem::new(message).at(span, "device")])
+    })?;
     let mut planned: Vec<PlannedStage> = Vec::new();
     let mut problems = Vec::new();
     for &i in &dag.order {
@@ -231,6 +251,10 @@ pub fn plan(
             inputs,
             files,
             seed: recipe.header.seed.value,
+            device: stage
+                .params
+                .uses_device()
+                .then(|| crate::device::kind(&device).to_string()),
         };
         let key = key_inputs.key();
         let mut p = PlannedStage {
@@ -250,7 +274,10 @@ pub fn plan(
     if !problems.is_empty() {
         return Err(recipe.error(problems).into());
     }
-    Ok(Plan { stages: planned })
+    Ok(Plan {
+        stages: planned,
+        device,
+    })
 }
 
 fn decide(

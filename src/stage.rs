@@ -100,6 +100,11 @@ pub trait StageParams: Debug + Send + Sync + Any {
         None
     }
 
+    /// Whether the stage computes on the chosen device (its kind then enters the key).
+    fn uses_device(&self) -> bool {
+        false
+    }
+
     /// Whether this stage needs training data and has none (reported at `span`).
     fn missing_data(&self) -> Option<std::ops::Range<usize>> {
         None
@@ -209,6 +214,8 @@ pub struct RunContext<'a> {
     /// Metrics the stage reports; stored in the manifest.
     pub metrics: serde_json::Map<String, serde_json::Value>,
     pub interrupt: &'a AtomicBool,
+    /// The resolved compute device (`cpu` or `cuda:N`).
+    pub device: crate::recipe::params::DeviceSpec,
     /// The cache, for derived artifacts shared between stages (tokenized data, reference log-probs).
     pub cache: &'a crate::cache::Cache,
     /// Derived artifacts this stage used; recorded in its manifest so `gc` keeps them.

@@ -183,3 +183,59 @@ fn the_hash_memo_is_used_while_the_file_is_untouched_and_dropped_when_touched() 
     ws.write("big.bin", "hello");
     assert_eq!(hasher.file(&file).unwrap(), real);
 }
+
+#[test]
+fn the_device_kind_enters_the_keys_of_computing_stages_only() {
+    let ws = setup();
+    let path = ws.write("recipe.toml", RECIPE);
+    let registry = support::kinds::registry();
+    let recipe = lora_runner::recipe::load(&path, &registry).unwrap();
+    let dag = lora_runner::graph::build(&recipe).unwrap();
+    let cache = Cache::open(&ws.cache()).unwrap();
+    let plan = plan::plan(&recipe, &dag, &cache, &Overrides::default()).unwrap();
+    let device = |name: &str| {
+        plan.stages
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .key_inputs
+            .device
+            .clone()
+    };
+    assert_eq!(
+        device("sft").as_deref(),
+        Some("cpu"),
+        "auto resolves to the CPU without CUDA"
+    );
+    assert_eq!(device("dpo").as_deref(), Some("cpu"));
+    assert_eq!(
+        device("base"),
+        None,
+        "a model folder does not depend on the device"
+    );
+}
+
+#[test]
+fn asking_for_a_gpu_without_cuda_is_a_recipe_error_at_the_device_line() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let ws = setup();
+    ws.write(
+        "recipe.toml",
+        &RECIPE.replace("seed = 5", "seed = 5\ndevice = \"cuda:0\""),
+    );
+    let run = ws.runner(&["plan", "recipe.toml"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("[recipe.toml:4:10]"), "{}", run.stderr);
+    assert!(run.stderr.contains("built without CUDA"), "{}", run.stderr);
+    // --device overrides the recipe.
+    ws.runner(&["plan", "recipe.toml", "--device", "cpu"]).ok();
+    let bad = ws.runner(&["plan", "recipe.toml", "--device", "tpu"]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("unknown device `tpu`"),
+        "{}",
+        bad.stderr
+    );
+}

@@ -50,6 +50,9 @@ pub struct DpoParams {
 }
 
 impl StageParams for DpoParams {
+    fn uses_device(&self) -> bool {
+        true
+    }
     fn key_params(&self) -> serde_json::Value {
         key_json(self)
     }
@@ -236,7 +239,7 @@ pub fn dataset_id(data: &crate::data::DpoDataset) -> String {
 fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::{dpo::DpoObjective, inputs, trainer};
     let data = p.data.as_ref().expect("checked when parsing");
-    let device = inputs::device()?;
+    let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let (model, model_dir) = super::sft::policy(ctx, &p.lora, dtype, &device)?;
     let tokenizer = inputs::load_tokenizer(&model_dir)?;

@@ -71,6 +71,9 @@ fn default_seq_len() -> Sp<u32> {
 }
 
 impl StageParams for EvalParams {
+    fn uses_device(&self) -> bool {
+        true
+    }
     fn key_params(&self) -> serde_json::Value {
         key_json(self)
     }
@@ -160,7 +163,7 @@ pub const RESULTS_FILE: &str = "eval.jsonl";
 fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::{dpo, inputs, sft};
     use std::io::Write;
-    let device = inputs::device()?;
+    let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let model_dir = inputs::model_dir(ctx.input("model")?)?;
     let mut model = inputs::load_model(&model_dir, dtype, &device)?;

@@ -78,6 +78,9 @@ impl SftParams {
 }
 
 impl StageParams for SftParams {
+    fn uses_device(&self) -> bool {
+        true
+    }
     fn key_params(&self) -> serde_json::Value {
         key_json(self)
     }
@@ -191,7 +194,7 @@ pub(crate) fn policy(
 fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::{inputs, sft::SftObjective, trainer};
     let data = p.data.as_ref().expect("checked when parsing");
-    let device = inputs::device()?;
+    let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let (model, model_dir) = policy(ctx, &p.lora, dtype, &device)?;
     let tokenizer = inputs::load_tokenizer(&model_dir)?;

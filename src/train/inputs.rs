@@ -25,17 +25,6 @@ pub fn dtype(d: Dtype) -> DType {
     }
 }
 
-/// The device stages compute on. CPU unless the binary has CUDA and a GPU is present.
-pub fn device() -> anyhow::Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        if candle_core::utils::cuda_is_available() {
-            return Ok(Device::new_cuda(0)?);
-        }
-    }
-    Ok(Device::Cpu)
-}
-
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Decoder> {
     Decoder::load(
         dir,
