@@ -492,7 +492,7 @@ fn cached_artifact(
 ) -> Result<(Checked, Cache, String), Failure> {
     let checked = check(recipe, registry)?;
     let cache = open_cache()?;
-    let plan = make_plan(&checked, &cache, &defaults)?;
+    let plan = make_plan(&checked, &cache, defaults)?;
     let planned = plan.by_name(stage).ok_or_else(|| {
         Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
     })?;
