@@ -515,3 +515,36 @@ fn reference_overrides_the_default_reference() {
         "{m}"
     );
 }
+
+#[test]
+fn half_precision_training_learns_with_f32_adapters() {
+    for dtype in ["bf16", "f16"] {
+        let ws = Workspace::new();
+        let text =
+            recipe(30, 2, "").replace("seed = 3\n", &format!("seed = 3\ndtype = \"{dtype}\"\n"));
+        ws.write("recipe.toml", &text);
+        ws.runner(&["run", "recipe.toml", "--until", "sft"]).ok();
+        let m = manifest(&ws, "sft")["metrics"].clone();
+        let (before, after) = (
+            m["before/eval/loss"].as_f64().unwrap(),
+            m["eval/loss"].as_f64().unwrap(),
+        );
+        assert!(
+            after < before - 0.2,
+            "{dtype}: eval loss {before} -> {after}"
+        );
+        assert_eq!(manifest(&ws, "sft")["params"]["dtype"], dtype);
+        // LoRA master weights stay f32 whatever the compute dtype.
+        let bytes = artifact_file(&ws, "sft", "adapter_model.safetensors");
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let dtypes: std::collections::BTreeSet<&str> = header
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .map(|(_, v)| v["dtype"].as_str().unwrap())
+            .collect();
+        assert_eq!(dtypes, std::collections::BTreeSet::from(["F32"]), "{dtype}");
+    }
+}

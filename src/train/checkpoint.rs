@@ -24,6 +24,9 @@ pub struct LoopState {
     pub examples_seen: u64,
     /// The seed every random choice derives from, with the step (dropout, order).
     pub seed: u64,
+    /// f16 loss scaling state (absent for other dtypes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<super::scaler::LossScaler>,
 }
 
 pub struct Checkpoint {
@@ -131,6 +134,7 @@ mod tests {
                 metrics_lines: step,
                 examples_seen: step * 4,
                 seed: 3,
+                scaler: None,
             };
             let params = BTreeMap::from([("a".to_string(), t(step as f32))]);
             let opt = BTreeMap::from([("a.exp_avg".to_string(), t(0.5))]);

@@ -8,6 +8,7 @@ pub mod dpo_loss;
 pub mod inputs;
 pub mod order;
 pub mod samples;
+pub mod scaler;
 pub mod schedule;
 pub mod sft;
 pub mod trainer;

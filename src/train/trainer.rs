@@ -81,6 +81,8 @@ pub fn train(
         metrics_lines: 0,
         examples_seen: 0,
         seed: s.seed,
+        // f16 gradients underflow without loss scaling; bf16 and f32 need none.
+        scaler: (model.dtype == candle_core::DType::F16).then(super::scaler::LossScaler::default),
     };
     match checkpoint::latest(&ctx.work_dir, &model.device)? {
         Some(ck) => {
@@ -176,7 +178,14 @@ pub fn train(
                 *sums.entry(k).or_default() += v / accum as f64;
             }
             tokens += n;
-            let g = optimizer.gradients(&(loss / accum as f64)?.backward()?)?;
+            let scale = state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
+            let mut g = optimizer.gradients(&(loss * (scale / accum as f64))?.backward()?)?;
+            if scale != 1.0 {
+                g = g
+                    .iter()
+                    .map(|t| t / scale)
+                    .collect::<candle_core::Result<_>>()?;
+            }
             grads = Some(match grads {
                 None => g,
                 Some(acc) => acc
@@ -188,6 +197,18 @@ pub fn train(
         }
         let mut grads = grads.expect("at least one micro-batch");
         let (norm, factor) = clip_factor(&grads, spec.max_grad_norm.value)?;
+        if let Some(scaler) = state.scaler.as_mut() {
+            if !scaler.update(norm.is_finite()) {
+                // Overflow under loss scaling: skip this step with a smaller scale.
+                ctx.progress.log(&format!(
+                    "step {}: f16 gradients overflowed; skipped, loss scale now {}",
+                    step + 1,
+                    scaler.scale
+                ));
+                state.step += 1;
+                continue;
+            }
+        }
         if !norm.is_finite() {
             anyhow::bail!("step {}: the gradient norm is {norm}; stopped (the last good checkpoint, if any, is kept)", step + 1);
         }
