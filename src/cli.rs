@@ -121,6 +121,10 @@ pub enum Command {
     Pin { recipe: PathBuf, stage: String },
     /// Remove a pin (`runner unpin NAME`; `runner unpin` lists them).
     Unpin { name: Option<String> },
+    /// Check the compute device: logits of a small seeded model on the chosen device
+    /// against the CPU (f32, tolerance 1e-3). Used by scripts/gpu-check.sh.
+    #[command(hide = true)]
+    Selftest,
     /// Remove artifacts no given recipe or pin reaches (dry run unless --delete).
     Gc {
         /// Recipes whose stages (and their lineage) are kept.
@@ -405,6 +409,19 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 println!("report: {}", report.display());
             }
             Ok(exit::OK)
+        }
+        Command::Selftest => {
+            let wanted = cli.device.clone().unwrap_or_default();
+            let device = crate::device::resolve(&wanted).map_err(|e| Failure::usage(format!("error: {e}")))?;
+            let diff = crate::train::with_big_stack(|| crate::device::logits_check(&device))
+                .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+            let ok = diff <= 1e-3;
+            println!(
+                "logits on {} vs cpu (f32): max |diff| = {diff:.3e} ({})",
+                String::from(device),
+                if ok { "ok, within 1e-3" } else { "FAILED, above 1e-3" }
+            );
+            Ok(if ok { exit::OK } else { exit::STAGE_FAILED })
         }
         Command::Pin { recipe, stage } => {
             let (checked, cache, artifact) =
