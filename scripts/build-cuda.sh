@@ -53,5 +53,5 @@ cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so.1" "$stub/stub.c"
 ln -sf libcuda.so.1 "$stub/libcuda.so"
 
 cargo build --release --features cuda --bin runner
-ls -l "${CARGO_TARGET_DIR:-target}/release/runner"
-echo "built target/release/runner with CUDA (compute capability 9.0)"
+ls -l "$target/release/runner"
+echo "built $target/release/runner with CUDA (compute capability 9.0)"

@@ -58,7 +58,8 @@ seed = 1
 dtype = "bf16"
 [stages.base]
 kind = "base"
-init = { arch = "qwen2", $shape, dtype = "bf16" }
+init = { arch = "qwen2", $shape }
+dtype = "bf16"
 [stages.sft]
 kind = "sft"
 model = "base"

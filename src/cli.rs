@@ -412,14 +412,19 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         }
         Command::Selftest => {
             let wanted = cli.device.clone().unwrap_or_default();
-            let device = crate::device::resolve(&wanted).map_err(|e| Failure::usage(format!("error: {e}")))?;
+            let device = crate::device::resolve(&wanted)
+                .map_err(|e| Failure::usage(format!("error: {e}")))?;
             let diff = crate::train::with_big_stack(|| crate::device::logits_check(&device))
                 .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
             let ok = diff <= 1e-3;
             println!(
-                "logits on {} vs cpu (f32): max |diff| = {diff:.3e} ({})",
+                "logits on {} vs cpu (f32): max abs diff {diff:.3e} ({})",
                 String::from(device),
-                if ok { "ok, within 1e-3" } else { "FAILED, above 1e-3" }
+                if ok {
+                    "ok, within 1e-3"
+                } else {
+                    "FAILED, above 1e-3"
+                }
             );
             Ok(if ok { exit::OK } else { exit::STAGE_FAILED })
         }

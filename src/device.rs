@@ -41,8 +41,12 @@ pub fn candle(device: &DeviceSpec) -> anyhow::Result<candle_core::Device> {
     })
 }
 
+/// Whether a CUDA device can really be opened (a driver library that loads but
+/// has no GPU behind it must not count).
 fn cuda_available() -> bool {
-    cfg!(feature = "cuda") && candle_core::utils::cuda_is_available()
+    cfg!(feature = "cuda")
+        && candle_core::utils::cuda_is_available()
+        && candle_core::Device::new_cuda(0).is_ok()
 }
 
 /// Largest |difference| between the logits of a small seeded model computed
@@ -53,16 +57,34 @@ pub fn logits_check(device: &DeviceSpec) -> anyhow::Result<f64> {
     let mut spec = crate::model::init::InitSpec::tiny(7);
     spec.embedding_std = 1.0 / (spec.hidden_size as f64).sqrt();
     crate::model::init::init_model(&spec, dir.path())?;
-    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 11) % spec.vocab_size as u32).collect();
-    let mask: Vec<f32> = (0..24).map(|i| if i % 12 < 9 { 1.0 } else { 0.0 }).collect();
+    let ids: Vec<u32> = (0..24u32)
+        .map(|i| (i * 37 + 11) % spec.vocab_size as u32)
+        .collect();
+    let mask: Vec<f32> = (0..24)
+        .map(|i| if i % 12 < 9 { 1.0 } else { 0.0 })
+        .collect();
     let logits = |device: &DeviceSpec| -> anyhow::Result<Vec<f32>> {
         let dev = candle(device)?;
-        let model = Decoder::load(dir.path(), &LoadOptions { dtype: Some(candle_core::DType::F32), device: dev.clone() })?;
+        let model = Decoder::load(
+            dir.path(),
+            &LoadOptions {
+                dtype: Some(candle_core::DType::F32),
+                device: dev.clone(),
+            },
+        )?;
         let ids = candle_core::Tensor::from_vec(ids.clone(), (2, 12), &dev)?;
         let mask = candle_core::Tensor::from_vec(mask.clone(), (2, 12), &dev)?;
         let hidden = model.forward_hidden(&ids, Some(&mask), Mode::Inference)?;
-        Ok(model.logits(&hidden)?.flatten_all()?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?)
+        Ok(model
+            .logits(&hidden)?
+            .flatten_all()?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<f32>()?)
     };
     let (here, cpu) = (logits(device)?, logits(&DeviceSpec::Cpu)?);
-    Ok(here.iter().zip(&cpu).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max))
+    Ok(here
+        .iter()
+        .zip(&cpu)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max))
 }
