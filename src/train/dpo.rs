@@ -9,7 +9,7 @@ use super::dpo_loss::{dpo_loss, dpo_metrics, PairLogps};
 use super::trainer::{Metrics, Objective};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
-use crate::model::decoder::{next_token_targets, sum_by_sequence, Decoder, Mode};
+use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
 use crate::recipe::params::{DpoLoss, DpoSpec};
 
 /// Pairs per forward pass when computing reference log-probs and evaluating.
@@ -33,22 +33,20 @@ pub fn pair_logprobs(
     mode: Mode,
 ) -> anyhow::Result<(Tensor, Vec<f32>)> {
     let batch = dpo_batch(pairs, pad_id, Padding::Longest).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (rows_n, t) = (2 * batch.pairs, batch.seq_len);
-    let ids = Tensor::from_vec(batch.input_ids.clone(), (rows_n, t), device)?;
-    let mask = Tensor::from_vec(batch.attention_mask.clone(), (rows_n, t), device)?;
-    let rows: Vec<Vec<u32>> = batch.input_ids.chunks(t).map(<[u32]>::to_vec).collect();
-    let completion: Vec<Vec<bool>> = batch
-        .completion_mask
-        .chunks(t)
-        .map(|r| r.iter().map(|m| *m > 0.5).collect())
-        .collect();
-    let counts: Vec<f32> = completion
-        .iter()
-        .map(|r| r.iter().skip(1).filter(|m| **m).count() as f32)
-        .collect();
-    let targets = next_token_targets(&rows, &completion)?;
-    let hidden = model.forward_hidden(&ids, Some(&mask), mode)?;
-    let logprobs = model.token_logprobs(&hidden, &targets)?;
+    let rows_n = 2 * batch.pairs;
+    let (logprobs, targets) = super::sft::masked_logprobs(
+        model,
+        &batch.input_ids,
+        &batch.attention_mask,
+        &batch.completion_mask,
+        (rows_n, batch.seq_len),
+        device,
+        mode,
+    )?;
+    let mut counts = vec![0f32; rows_n];
+    for &(row, _, _) in &targets {
+        counts[row] += 1.0;
+    }
     Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts))
 }
 

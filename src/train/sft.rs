@@ -18,6 +18,33 @@ pub struct SftObjective {
     pub device: Device,
 }
 
+/// (row, position, next token) of each supervised position.
+pub(crate) type Targets = Vec<(usize, usize, u32)>;
+
+/// Next-token log-probs of a padded batch ([rows, t] row-major ids and masks)
+/// at the positions `loss_mask` marks, with the (row, position, token) targets.
+pub(crate) fn masked_logprobs(
+    model: &Decoder,
+    input_ids: &[u32],
+    attention_mask: &[f32],
+    loss_mask: &[f32],
+    (rows, t): (usize, usize),
+    device: &Device,
+    mode: Mode,
+) -> anyhow::Result<(Tensor, Targets)> {
+    let ids = Tensor::from_vec(input_ids.to_vec(), (rows, t), device)?;
+    let mask = Tensor::from_vec(attention_mask.to_vec(), (rows, t), device)?;
+    let id_rows: Vec<Vec<u32>> = input_ids.chunks(t).map(<[u32]>::to_vec).collect();
+    let loss_rows: Vec<Vec<bool>> = loss_mask
+        .chunks(t)
+        .map(|r| r.iter().map(|m| *m > 0.5).collect())
+        .collect();
+    let targets = next_token_targets(&id_rows, &loss_rows)?;
+    anyhow::ensure!(!targets.is_empty(), "a batch with no completion tokens");
+    let hidden = model.forward_hidden(&ids, Some(&mask), mode)?;
+    Ok((model.token_logprobs(&hidden, &targets)?, targets))
+}
+
 /// Summed log-probability of the completion tokens of `examples`, and their count.
 pub fn completion_logprob(
     model: &Decoder,
@@ -28,19 +55,16 @@ pub fn completion_logprob(
 ) -> anyhow::Result<(Tensor, usize)> {
     let batch =
         sft_batch(examples, pad_id, Padding::Longest).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (b, t) = (batch.batch_size, batch.seq_len);
-    let ids = Tensor::from_vec(batch.input_ids.clone(), (b, t), device)?;
-    let mask = Tensor::from_vec(batch.attention_mask.clone(), (b, t), device)?;
-    let rows: Vec<Vec<u32>> = batch.input_ids.chunks(t).map(<[u32]>::to_vec).collect();
-    let labels: Vec<Vec<bool>> = batch
-        .label_mask
-        .chunks(t)
-        .map(|r| r.iter().map(|m| *m > 0.5).collect())
-        .collect();
-    let targets = next_token_targets(&rows, &labels)?;
-    anyhow::ensure!(!targets.is_empty(), "a batch with no completion tokens");
-    let hidden = model.forward_hidden(&ids, Some(&mask), mode)?;
-    let logprobs = model.token_logprobs(&hidden, &targets)?;
+    let shape = (batch.batch_size, batch.seq_len);
+    let (logprobs, targets) = masked_logprobs(
+        model,
+        &batch.input_ids,
+        &batch.attention_mask,
+        &batch.label_mask,
+        shape,
+        device,
+        mode,
+    )?;
     Ok((logprobs.sum_all()?, targets.len()))
 }
 
