@@ -6,8 +6,8 @@
 #
 #   scripts/build-cuda.sh [TOOLKIT_DIR]      (default: ../cuda-toolkit beside the repository)
 #
-# The binary lands in target/release/runner (built with --features cuda) and needs libcuda,
-# cudart, cublas and curand 13 at run time.
+# The binary lands in target/release/runner (built with --features cuda; a stripped copy in
+# target/cuda/runner) and needs libcuda, cudart, cublas and curand 13 at run time.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 toolkit="${1:-$repo/../cuda-toolkit}"
@@ -53,5 +53,9 @@ cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so.1" "$stub/stub.c"
 ln -sf libcuda.so.1 "$stub/libcuda.so"
 
 cargo build --release --features cuda --bin runner
-ls -l "$target/release/runner"
-echo "built $target/release/runner with CUDA (compute capability 9.0)"
+# A stripped copy inside the repository's ignored target/ (about 56 MB): small enough to carry
+# to a GPU machine with the working tree; scripts/gpu-check.sh takes it as RUNNER_BIN.
+mkdir -p "$repo/target/cuda"
+strip -o "$repo/target/cuda/runner" "$target/release/runner"
+ls -l "$repo/target/cuda/runner"
+echo "built $target/release/runner with CUDA (compute capability 9.0); stripped copy: target/cuda/runner"

@@ -8,6 +8,8 @@
 #      (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, vocab 151936, seq 512,
 #      LoRA r 16 on all seven projections).
 # Prints one table. DEVICE=cpu SHAPE=tiny runs the same steps on a CPU, small, to try the script.
+# On a GPU machine: RUNNER_BIN=target/cuda/runner (from scripts/build-cuda.sh) \
+#   LD_LIBRARY_PATH=<PyTorch's nvidia/cu13/lib> bash scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runner="${RUNNER_BIN:-target/release/runner}"
