@@ -188,9 +188,13 @@ fn run_one(
             p.name
         ));
     })?;
-    // Another process may have finished it while we waited.
+    // Another process may have finished it while we waited (by the same rules as the plan).
     if let Some(record) = cache.key_record(&p.key) {
         if cache.verify(&record.artifact) == cache::Integrity::Whole
+            && stage
+                .params
+                .outside_changed(&cache.artifact_dir(&record.artifact))
+                .is_none()
             && !matches!(p.reasons.first(), Some(r) if r.starts_with("forced"))
         {
             cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;

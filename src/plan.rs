@@ -297,12 +297,21 @@ fn decide(
     } else {
         match cache.key_record(&p.key) {
             Some(record) => match cache.verify(&record.artifact) {
-                Integrity::Whole => (
-                    Status::Cached {
-                        artifact: record.artifact,
-                    },
-                    Vec::new(),
-                ),
+                Integrity::Whole => {
+                    let stage = &recipe.stages[p.index];
+                    match stage
+                        .params
+                        .outside_changed(&cache.artifact_dir(&record.artifact))
+                    {
+                        Some(why) => not_cached(vec![why]),
+                        None => (
+                            Status::Cached {
+                                artifact: record.artifact,
+                            },
+                            Vec::new(),
+                        ),
+                    }
+                }
                 Integrity::Missing => not_cached(vec!["cached artifact missing".into()]),
                 Integrity::Corrupt(why) => {
                     not_cached(vec![format!("cached artifact corrupt ({why})")])

@@ -100,6 +100,12 @@ pub trait StageParams: Debug + Send + Sync + Any {
         None
     }
 
+    /// For stages that write outside the cache (`export`): why their cached
+    /// artifact no longer stands for what is on disk, if it does not.
+    fn outside_changed(&self, _artifact: &std::path::Path) -> Option<String> {
+        None
+    }
+
     /// Whether the stage computes on the chosen device (its kind then enters the key).
     fn uses_device(&self) -> bool {
         false

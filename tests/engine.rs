@@ -488,3 +488,26 @@ fn export_copies_an_artifact_out_of_the_cache() {
     );
     assert!(!ws.path("out/manifest.json").exists());
 }
+
+#[test]
+fn an_export_stage_reruns_when_its_folder_is_gone() {
+    let ws = chain();
+    let text =
+        format!("{CHAIN}\n[stages.out]\nkind = \"export\"\nfrom = \"b\"\npath = \"exported\"\n");
+    ws.write("recipe.toml", &text);
+    ws.child(&["run", "recipe.toml"]).ok();
+    assert_eq!(
+        std::fs::read_to_string(ws.path("exported/out.txt")).unwrap(),
+        "data;AB"
+    );
+    assert_eq!(plan_entry(&plan(&ws), "out").0, "cached");
+    std::fs::remove_dir_all(ws.path("exported")).unwrap();
+    let (status, reason, _) = plan_entry(&plan(&ws), "out");
+    assert_eq!(status, "run");
+    assert!(
+        reason.starts_with("exported file missing:") && reason.ends_with("exported/out.txt"),
+        "{reason}"
+    );
+    ws.child(&["run", "recipe.toml"]).ok();
+    assert!(ws.path("exported/out.txt").is_file());
+}

@@ -43,6 +43,20 @@ impl StageParams for ExportParams {
     fn refs(&self) -> Vec<StageRef> {
         vec![stage_ref("from", &self.from, EXPORTABLE)]
     }
+    fn outside_changed(&self, artifact: &Path) -> Option<String> {
+        let record: serde_json::Value = std::fs::read(artifact.join("export.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let missing = record["files"]
+            .as_array()?
+            .iter()
+            .filter_map(|f| f.as_str())
+            .find(|f| !self.destination.join(f).is_file())?;
+        Some(format!(
+            "exported file missing: {}",
+            self.destination.join(missing).display()
+        ))
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
