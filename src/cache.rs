@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::hashing::{self, Digest, Hasher, TreeDigest};
+use crate::hashing::{self, Hasher, TreeDigest};
 
 pub const MANIFEST: &str = "manifest.json";
 /// In a `base` artifact: where the referenced model folder is.
@@ -373,9 +373,4 @@ pub fn now_rfc3339() -> String {
 /// Short form of a key or hash for display.
 pub fn short(hash: &str) -> &str {
     &hash[..12.min(hash.len())]
-}
-
-/// Hash of `dir` as a `Digest`, for callers outside the cache.
-pub fn tree_of(hasher: &Hasher, dir: &Path) -> std::io::Result<Digest> {
-    hasher.tree(dir, &[MANIFEST]).map(|t| t.hash)
 }

@@ -33,25 +33,24 @@ pub struct AdapterParams {
 /// The files of a PEFT adapter folder that make up the adapter.
 pub const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
-/// r, alpha, targets and rslora from a PEFT adapter_config.json, when readable.
+/// r, alpha, targets and rslora of a PEFT folder, read by the model code's
+/// adapter_config.json parser; None when it cannot be read (the stage reports that when it runs).
 pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
-    let text = std::fs::read_to_string(folder.join("adapter_config.json")).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let targets = match &json["target_modules"] {
-        serde_json::Value::String(s) => Targets::Pattern(s.clone()),
-        serde_json::Value::Array(a) => Targets::List(
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect(),
-        ),
-        _ => return None,
+    use crate::model::lora::TargetModules;
+    let lora = crate::model::peft::read_adapter_config(&folder.join("adapter_config.json"))
+        .ok()?
+        .lora;
+    let targets = match lora.target_modules {
+        TargetModules::List(l) => Targets::List(l),
+        TargetModules::Regex(r) => Targets::Pattern(r),
+        TargetModules::AllLinear => Targets::Pattern("all-linear".into()),
     };
     Some(LoraSpec {
-        r: Sp::implicit(json["r"].as_u64()? as u32),
-        alpha: Sp::implicit(json["lora_alpha"].as_f64()?),
-        dropout: Sp::implicit(json["lora_dropout"].as_f64().unwrap_or(0.0)),
+        r: Sp::implicit(lora.r as u32),
+        alpha: Sp::implicit(lora.alpha),
+        dropout: Sp::implicit(lora.dropout),
         targets: Sp::implicit(targets),
-        rslora: Sp::implicit(json["use_rslora"].as_bool().unwrap_or(false)),
+        rslora: Sp::implicit(lora.use_rslora),
     })
 }
 

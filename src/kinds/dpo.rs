@@ -190,7 +190,7 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
 }
 
 /// Reference log-probs of `data`, computed once (no graph) and cached as a
-/// derived artifact keyed by the reference's artifacts and the tokenized data.
+/// derived artifact keyed by the reference's artifacts and the tokenized data's key.
 pub fn reference_scores(
     ctx: &mut RunContext,
     reference: &ReferenceSpec,
@@ -222,20 +222,6 @@ pub fn reference_scores(
     dpo::PairScores::load(&dir.join("scores.safetensors"))
 }
 
-/// A tokenized dataset's identity for keys: the hash of its rows.
-pub fn dataset_id(data: &crate::data::DpoDataset) -> String {
-    let mut h = blake3::Hasher::new();
-    for e in &data.examples {
-        for part in [&e.prompt_ids, &e.chosen_ids, &e.rejected_ids] {
-            h.update(&(part.len() as u64).to_le_bytes());
-            for id in part.iter() {
-                h.update(&id.to_le_bytes());
-            }
-        }
-    }
-    h.finalize().to_hex()[..32].to_string()
-}
-
 fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::{dpo::DpoObjective, inputs, trainer};
     let data = p.data.as_ref().expect("checked when parsing");
@@ -246,7 +232,8 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let pad_id = tokenizer.pad_id();
     let settings = inputs::settings(&p.train, data);
     let train_file = ctx.files["data.train"].clone();
-    let train = inputs::dpo_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
+    let (train, train_key) =
+        inputs::dpo_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
     let eval = match ctx.files.get("data.eval").cloned() {
         Some(f) => Some(inputs::dpo_tokens(
             ctx, &f, &tokenizer, &model_dir, &settings,
@@ -254,19 +241,11 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         None => None,
     };
     let reference = reference_spec(ctx)?;
-    let train_reference = reference_scores(
-        ctx,
-        &reference,
-        &train,
-        &dataset_id(&train),
-        dtype,
-        &device,
-        pad_id,
-    )?;
+    let train_reference =
+        reference_scores(ctx, &reference, &train, &train_key, dtype, &device, pad_id)?;
     let eval = match eval {
-        Some(e) => {
-            let scores =
-                reference_scores(ctx, &reference, &e, &dataset_id(&e), dtype, &device, pad_id)?;
+        Some((e, key)) => {
+            let scores = reference_scores(ctx, &reference, &e, &key, dtype, &device, pad_id)?;
             Some((e, scores))
         }
         None => None,

@@ -188,7 +188,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     }
 
     if let Some(file) = ctx.files.get("data.dpo").cloned() {
-        let data = inputs::dpo_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
+        let (data, data_key) = inputs::dpo_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
         let policy = dpo::score_pairs(&model, &data, tokenizer.pad_id(), &device)?;
         let n = policy.chosen.len().max(1) as f64;
         // Reference-free: does the model itself rank chosen above rejected?
@@ -231,12 +231,11 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             (false, None) => None,
         };
         if let Some(reference) = reference {
-            let id = super::dpo::dataset_id(&data);
             let scores = super::dpo::reference_scores(
                 ctx,
                 &reference,
                 &data,
-                &id,
+                &data_key,
                 dtype,
                 &device,
                 tokenizer.pad_id(),

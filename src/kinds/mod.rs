@@ -79,14 +79,6 @@ pub fn file_input(
     }
 }
 
-/// A kind whose execution arrives in a later version of the program: it
-/// parses, plans and type-checks, and says so clearly when asked to run.
-pub fn not_yet(kind: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "stage kind `{kind}` can be planned but not yet executed by this version of runner"
-    )
-}
-
 /// Serialize resolved parameters for the cache key.
 pub fn key_json<T: serde::Serialize>(params: &T) -> serde_json::Value {
     serde_json::to_value(params).expect("parameters serialize to JSON")

@@ -215,7 +215,7 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     };
     // Each adapter applies its own dropout rate (none at 0) in training mode.
     let dropout = true;
-    let before = objective_eval(&objective, &model)?;
+    let before = trainer::Objective::evaluate(&objective, &model)?;
     let settings = trainer::LoopSettings {
         train: &p.train,
         seed: ctx.seed,
@@ -230,12 +230,4 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         ctx.metrics.insert(k, v.into());
     }
     Ok(())
-}
-
-/// Held-out metrics before training, for the report's before/after.
-fn objective_eval(
-    objective: &dyn crate::train::trainer::Objective,
-    model: &crate::model::decoder::Decoder,
-) -> anyhow::Result<crate::train::trainer::Metrics> {
-    objective.evaluate(model)
 }

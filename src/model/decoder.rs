@@ -429,16 +429,7 @@ impl Decoder {
             return Err(ModelError::Input("input_ids is empty".into()));
         }
         let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-        if let Some(bad) = ids
-            .iter()
-            .flatten()
-            .find(|&&id| id as usize >= c.vocab_size)
-        {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of size {}",
-                c.vocab_size
-            )));
-        }
+        check_vocabulary(ids.iter().flatten(), c.vocab_size)?;
         let mask: Vec<Vec<bool>> = match attention_mask {
             Some(m) => {
                 if m.dims() != [b, t] {
@@ -617,6 +608,19 @@ impl Decoder {
             out.push(("lm_head.weight".to_string(), h.clone()));
         }
         out
+    }
+}
+
+/// An error naming the first token id outside a vocabulary of `vocab_size`.
+pub(crate) fn check_vocabulary<'a>(
+    ids: impl IntoIterator<Item = &'a u32>,
+    vocab_size: usize,
+) -> Result<()> {
+    match ids.into_iter().find(|&&id| id as usize >= vocab_size) {
+        Some(bad) => Err(ModelError::Input(format!(
+            "token id {bad} is outside the vocabulary of size {vocab_size}"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -194,16 +194,7 @@ impl KvCache {
                 input_ids[row].len()
             )));
         }
-        if let Some(bad) = input_ids
-            .iter()
-            .flatten()
-            .find(|&&id| id as usize >= c.vocab_size)
-        {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of size {}",
-                c.vocab_size
-            )));
-        }
+        crate::model::decoder::check_vocabulary(input_ids.iter().flatten(), c.vocab_size)?;
         if let Some(mask) = attention_mask {
             if mask.len() != batch || mask.iter().any(|r| r.len() != new_tokens) {
                 return Err(ModelError::Input(format!(

@@ -63,8 +63,6 @@ pub struct Stage {
     pub params: Box<dyn StageParams>,
     /// Span of the whole `[stages.<name>]` table.
     pub span: Range<usize>,
-    /// Whether the stage's own table (not its defaults) wrote `lora`.
-    pub explicit_lora: bool,
 }
 
 impl std::fmt::Debug for dyn StageKind {
@@ -308,7 +306,6 @@ fn parse_stage(
 
     let mut merged = table.clone();
     merged.remove("kind");
-    let explicit_lora = merged.get("lora").is_some();
     if let Some(adapter) = merged.get("adapter") {
         if let Some(lora) = merged.get("lora") {
             return Err(vec![Problem::new(format!(
@@ -334,7 +331,6 @@ fn parse_stage(
         kind: kind.clone(),
         params,
         span: value.span(),
-        explicit_lora,
     })
 }
 

@@ -95,14 +95,15 @@ pub fn sft_tokens(
     Ok(ds)
 }
 
-/// Tokenized preference pairs of `file`, from the cache or made now.
+/// Tokenized preference pairs of `file`, from the cache or made now, with
+/// their key (what reference log-probs computed on them are keyed by).
 pub fn dpo_tokens(
     ctx: &mut RunContext,
     file: &Path,
     tokenizer: &ModelTokenizer,
     model_dir: &Path,
     settings: &TokenizeSettings,
-) -> anyhow::Result<DpoDataset> {
+) -> anyhow::Result<(DpoDataset, String)> {
     let key = tokens_key(ctx, DatasetKind::Dpo, file, tokenizer, model_dir, settings)?;
     let dir = ctx.derived("tokens-dpo", &key, |out| {
         let ds = data::load_dpo(file, tokenizer, settings).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -110,7 +111,7 @@ pub fn dpo_tokens(
     })?;
     let ds = DpoDataset::read(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     report(ctx, file, &ds.report);
-    Ok(ds)
+    Ok((ds, key))
 }
 
 fn report(ctx: &mut RunContext, file: &Path, r: &data::DataReport) {
