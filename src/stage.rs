@@ -41,6 +41,48 @@ impl ArtifactKind {
     }
 }
 
+/// What a kind does, for commands that treat kinds alike: `compare` takes
+/// the training stages, and tells a fresh adapter on a merged model from one
+/// on a base by the `Merge` role of its model's stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Brings a model or an adapter in from outside (`base`, `adapter`).
+    Source,
+    /// Trains an adapter with this objective.
+    Train(Objective),
+    /// Folds an adapter into its model.
+    Merge,
+    /// Scores a model or an adapter.
+    Evaluate,
+    /// Writes an artifact outside the cache.
+    Export,
+}
+
+/// The objective a training stage optimises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Supervised fine-tuning on completions.
+    Sft,
+    /// Preference optimisation on chosen/rejected pairs.
+    Dpo,
+}
+
+impl Objective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Objective::Sft => "sft",
+            Objective::Dpo => "dpo",
+        }
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A reference from one stage to another: an edge of the DAG.
 #[derive(Clone, Debug)]
 pub struct StageRef {
@@ -129,6 +171,9 @@ pub trait StageKind: Send + Sync {
     fn version(&self) -> u32;
 
     fn output(&self) -> ArtifactKind;
+
+    /// What the kind does (see `Role`).
+    fn role(&self) -> Role;
 
     /// One line for `--help` and the schema.
     fn summary(&self) -> &'static str;

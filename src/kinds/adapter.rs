@@ -86,6 +86,9 @@ impl StageKind for Adapter {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Source
+    }
     fn summary(&self) -> &'static str {
         "import an existing PEFT adapter folder trained on `model`"
     }

@@ -248,6 +248,9 @@ impl StageKind for Base {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Model
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Source
+    }
     fn summary(&self) -> &'static str {
         "the base model: a Hugging Face folder (`path`) or a seeded random model (`init`)"
     }

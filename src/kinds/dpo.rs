@@ -90,6 +90,9 @@ impl StageKind for Dpo {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Train(crate::stage::Objective::Dpo)
+    }
     fn summary(&self) -> &'static str {
         "preference optimisation: continue an adapter (`adapter`) or train a new one (`lora`)"
     }

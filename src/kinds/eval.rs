@@ -112,6 +112,9 @@ impl StageKind for Eval {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Evaluation
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Evaluate
+    }
     fn summary(&self) -> &'static str {
         "evaluate a model (with an optional adapter): losses, preference accuracy, samples"
     }

@@ -111,6 +111,9 @@ impl StageKind for Export {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Export
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Export
+    }
     fn summary(&self) -> &'static str {
         "copy a stage's artifact to a folder outside the cache (PEFT or Hugging Face layout)"
     }

@@ -59,6 +59,9 @@ impl StageKind for Merge {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Model
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Merge
+    }
     fn summary(&self) -> &'static str {
         "merge `adapter` into `model` and save the merged model"
     }

@@ -115,6 +115,9 @@ impl StageKind for Sft {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }
+    fn role(&self) -> crate::stage::Role {
+        crate::stage::Role::Train(crate::stage::Objective::Sft)
+    }
     fn summary(&self) -> &'static str {
         "supervised fine-tuning of a LoRA adapter (new, or continued with `adapter`)"
     }

@@ -71,6 +71,9 @@ impl StageKind for Emit {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Model
     }
+    fn role(&self) -> lora_runner::stage::Role {
+        lora_runner::stage::Role::Source
+    }
     fn summary(&self) -> &'static str {
         "test kind"
     }
