@@ -25,6 +25,8 @@ use crate::fsutil;
 use crate::hashing::{self, Hasher, TreeDigest};
 
 pub const MANIFEST: &str = "manifest.json";
+/// In the work folder of an unfinished stage: the step it would resume from.
+pub const RESUME_FILE: &str = "resume.json";
 /// In a `base` artifact: where the referenced model folder is.
 pub const SOURCE_FILE: &str = "source.json";
 
@@ -137,6 +139,18 @@ impl Cache {
 
     fn key_path(&self, key: &str) -> PathBuf {
         self.root.join("keys").join(format!("{key}.json"))
+    }
+
+    /// The file an unfinished stage writes to say where it would resume.
+    pub fn resume_file(&self, key: &str) -> PathBuf {
+        self.work_dir(key).join(RESUME_FILE)
+    }
+
+    /// The step an unfinished stage would resume from, if it checkpointed.
+    pub fn resume_step(&self, key: &str) -> Option<u64> {
+        let bytes = std::fs::read(self.resume_file(key)).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        json["step"].as_u64()
     }
 
     pub fn key_record(&self, key: &str) -> Option<KeyRecord> {
@@ -361,6 +375,23 @@ pub struct StageLock {
 }
 
 /// Files of a folder that make up an artifact's payload.
+/// Files that make up an artifact's payload, in the format other tools read:
+/// a referenced model folder is followed to its source.
+pub fn payload_dir(artifact: &Path) -> std::io::Result<PathBuf> {
+    let source = artifact.join(SOURCE_FILE);
+    if source.is_file() {
+        let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&source)?)
+            .map_err(|e| bad(format!("{}: {e}", source.display())))?;
+        let path = json["path"]
+            .as_str()
+            .ok_or_else(|| bad(format!("{} has no `path`", source.display())))?;
+        Ok(PathBuf::from(path))
+    } else {
+        Ok(artifact.to_path_buf())
+    }
+}
+
 pub fn payload_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     hashing::payload_files(dir, &[MANIFEST])
 }

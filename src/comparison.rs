@@ -66,8 +66,8 @@ fn lora_description(dir: &Path) -> String {
     match crate::kinds::adapter::read_peft_shape(dir) {
         Some(spec) => {
             let targets = match &spec.targets.value {
-                crate::recipe::params::Targets::List(l) => l.join(","),
-                crate::recipe::params::Targets::Pattern(p) => p.clone(),
+                crate::kinds::params::Targets::List(l) => l.join(","),
+                crate::kinds::params::Targets::Pattern(p) => p.clone(),
             };
             format!(
                 "r={} alpha={} targets={targets}{}",

@@ -3,7 +3,7 @@
 //! present. The device kind enters the keys of stages that compute (results
 //! differ between CPU and GPU).
 
-use crate::recipe::params::DeviceSpec;
+use crate::stage::DeviceSpec;
 
 /// Resolve `auto` and check that a requested GPU can be used.
 pub fn resolve(spec: &DeviceSpec) -> Result<DeviceSpec, String> {
@@ -22,14 +22,6 @@ pub fn resolve(spec: &DeviceSpec) -> Result<DeviceSpec, String> {
             "device cuda:{n} asked for, but no CUDA device is present"
         )),
         DeviceSpec::Cuda(n) => Ok(DeviceSpec::Cuda(*n)),
-    }
-}
-
-/// "cpu" or "cuda": what enters stage keys.
-pub fn kind(device: &DeviceSpec) -> &'static str {
-    match device {
-        DeviceSpec::Cuda(_) => "cuda",
-        _ => "cpu",
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::cache::{self, Cache, InputFile, Manifest, Parent};
 use crate::graph::Dag;
-use crate::plan::{Plan, PlannedStage, Status};
+use crate::plan::{Plan, PlannedStage, Reason, Status};
 use crate::progress::Reporter;
 use crate::recipe::Recipe;
 use crate::stage::{InputArtifact, Interrupted, RunContext};
@@ -192,10 +192,10 @@ fn run_one(
     if let Some(record) = cache.key_record(&p.key) {
         if cache.verify(&record.artifact) == cache::Integrity::Whole
             && stage
-                .params
-                .outside_changed(&cache.artifact_dir(&record.artifact))
+                .kind
+                .outside_changed(stage.params.as_ref(), &cache.artifact_dir(&record.artifact))
                 .is_none()
-            && !matches!(p.reasons.first(), Some(r) if r.starts_with("forced"))
+            && !p.reasons.contains(&Reason::Forced)
         {
             cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
             return Ok(Outcome::Cached);
@@ -224,6 +224,7 @@ fn run_one(
             InputArtifact {
                 stage: up.name.value.clone(),
                 kind: up.kind.name().to_string(),
+                output: up.kind.output(),
                 key: up_key,
                 dir,
                 manifest,
@@ -231,7 +232,6 @@ fn run_one(
         );
     }
     let files: BTreeMap<String, std::path::PathBuf> = stage
-        .params
         .files()
         .into_iter()
         .map(|f| (f.field, f.path))

@@ -1,15 +1,16 @@
 //! The stage DAG: edges from the references inside stages, checked like
-//! types before anything runs.
+//! types before anything runs (each reference names a stage that makes the
+//! artifact kind it accepts; no cycles). What a reference means beyond that
+//! is the kinds' to check, through `StageKind::check`.
 
 use std::collections::HashMap;
 
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::recipe::diag::{did_you_mean, Problem, RecipeError};
-use crate::recipe::params::LoraSpec;
+use crate::diag::{did_you_mean, Problem, RecipeError};
 use crate::recipe::Recipe;
-use crate::stage::{ArtifactKind, LoraUse, StageRef};
+use crate::stage::{ArtifactKind, StageRef, StageView};
 
 /// The checked DAG of a recipe.
 #[derive(Debug)]
@@ -63,7 +64,7 @@ pub fn build(recipe: &Recipe) -> Result<Dag, RecipeError> {
         .map(|i| graph.add_node(i))
         .collect();
     let mut problems = Vec::new();
-    let refs: Vec<Vec<StageRef>> = recipe.stages.iter().map(|s| s.params.refs()).collect();
+    let refs: Vec<Vec<StageRef>> = recipe.stages.iter().map(|s| s.refs()).collect();
 
     for (i, stage) in recipe.stages.iter().enumerate() {
         for r in &refs[i] {
@@ -137,7 +138,7 @@ pub fn build(recipe: &Recipe) -> Result<Dag, RecipeError> {
         nodes,
     };
     let mut problems = Vec::new();
-    check_semantics(recipe, &dag, &refs, &mut problems);
+    check_semantics(recipe, &dag, &mut problems);
     if problems.is_empty() {
         Ok(dag)
     } else {
@@ -218,253 +219,10 @@ fn cycle_problem(
     problem.help("a stage can only consume stages that do not depend on it")
 }
 
-fn field<'a>(refs: &'a [StageRef], name: &str) -> Option<&'a StageRef> {
-    refs.iter().find(|r| r.field == name)
-}
-
-/// Index of the stage named by `field` of stage `i`, if any.
-fn target(recipe: &Recipe, refs: &[Vec<StageRef>], i: usize, name: &str) -> Option<usize> {
-    let r = field(&refs[i], name)?;
-    recipe
-        .stages
-        .iter()
-        .position(|s| s.name.value == r.target.value)
-}
-
-/// The LoRA config an adapter stage's adapter has, following continuations.
-fn adapter_config<'a>(
-    recipe: &'a Recipe,
-    refs: &[Vec<StageRef>],
-    i: usize,
-) -> Option<std::borrow::Cow<'a, LoraSpec>> {
-    match recipe.stages[i].params.lora() {
-        LoraUse::New(spec) => Some(std::borrow::Cow::Borrowed(spec)),
-        LoraUse::Imported(spec) => spec.map(std::borrow::Cow::Owned),
-        LoraUse::Continue { .. } => {
-            adapter_config(recipe, refs, target(recipe, refs, i, "adapter")?)
-        }
-        LoraUse::None => None,
-    }
-}
-
-/// Linear module names of the model made by stage `i` (following merges to their base).
-fn model_modules(
-    recipe: &Recipe,
-    refs: &[Vec<StageRef>],
-    i: usize,
-    depth: usize,
-) -> Option<Result<Vec<String>, Problem>> {
-    if depth > recipe.stages.len() {
-        return None;
-    }
-    match recipe.stages[i].params.model_modules() {
-        Some(m) => Some(m),
-        None => model_modules(recipe, refs, target(recipe, refs, i, "model")?, depth + 1),
-    }
-}
-
-fn check_semantics(
-    recipe: &Recipe,
-    dag: &Dag,
-    refs: &[Vec<StageRef>],
-    problems: &mut Vec<Problem>,
-) {
+/// Each kind's own checks against the stages it refers to, in execution order.
+fn check_semantics(recipe: &Recipe, dag: &Dag, problems: &mut Vec<Problem>) {
     for &i in &dag.order {
         let stage = &recipe.stages[i];
-        let name = &stage.name.value;
-
-        if let Some(span) = stage.params.missing_data() {
-            problems.push(
-                Problem::new(format!("training stage `{name}` has no `data`"))
-                    .at(span, "this stage")
-                    .help("add data = { train = \"data/train.jsonl\" }"),
-            );
-        }
-
-        // An adapter applies only to the model it was trained on.
-        if let (Some(a), Some(m)) = (
-            target(recipe, refs, i, "adapter"),
-            target(recipe, refs, i, "model"),
-        ) {
-            if let Some(trained_on) = target(recipe, refs, a, "model") {
-                if trained_on != m {
-                    problems.push(adapter_model_problem(recipe, refs, i, a, m, trained_on));
-                }
-            }
-        }
-
-        match stage.params.lora() {
-            LoraUse::New(spec) => {
-                if let Some(m) = target(recipe, refs, i, "model") {
-                    match model_modules(recipe, refs, m, 0) {
-                        Some(Ok(modules)) => {
-                            check_targets(spec, &modules, &recipe.stages[m].name.value, problems)
-                        }
-                        Some(Err(p)) => problems.push(p),
-                        None => {}
-                    }
-                }
-            }
-            LoraUse::Continue {
-                constraint: Some(wanted),
-            } => {
-                if let Some(a) = target(recipe, refs, i, "adapter") {
-                    if let Some(actual) = adapter_config(recipe, refs, a) {
-                        check_continuation(recipe, refs, i, a, wanted, &actual, problems);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-fn adapter_model_problem(
-    recipe: &Recipe,
-    refs: &[Vec<StageRef>],
-    i: usize,
-    a: usize,
-    m: usize,
-    trained_on: usize,
-) -> Problem {
-    let (stage, adapter, model, origin) = (
-        &recipe.stages[i].name.value,
-        &recipe.stages[a].name.value,
-        &recipe.stages[m].name.value,
-        &recipe.stages[trained_on].name.value,
-    );
-    let adapter_span = field(&refs[i], "adapter")
-        .map(|r| r.target.span.clone())
-        .unwrap_or_default();
-    let model_span = field(&refs[i], "model")
-        .map(|r| r.target.span.clone())
-        .unwrap_or_default();
-    // Is `model` a merge (directly or down its chain) that already contains this adapter?
-    let mut cursor = Some(m);
-    while let Some(c) = cursor {
-        if recipe.stages[c].kind.output() == ArtifactKind::Model
-            && target(recipe, refs, c, "adapter") == Some(a)
-        {
-            return Problem::new(format!(
-                "stage `{stage}` applies adapter `{adapter}` to `{model}`, which already contains it (merged by stage `{}`): it would be applied twice",
-                recipe.stages[c].name.value
-            ))
-            .at(adapter_span, "already merged into the model")
-            .also(model_span, format!("`{model}` includes `{adapter}`"))
-            .help(format!(
-                "to train further on the merged model, drop `adapter` and declare a new `lora` (scheme two); \
-                 to continue `{adapter}` itself, use `model = \"{origin}\"` (scheme one)"
-            ));
-        }
-        cursor = target(recipe, refs, c, "model");
-    }
-    Problem::new(format!(
-        "stage `{stage}` applies adapter `{adapter}` to `{model}`, but `{adapter}` was trained on `{origin}`"
-    ))
-    .at(adapter_span, format!("trained on `{origin}`"))
-    .also(model_span, "a different model")
-    .help(format!("use `model = \"{origin}\"`"))
-}
-
-fn check_targets(spec: &LoraSpec, modules: &[String], model: &str, problems: &mut Vec<Problem>) {
-    let matches_any = |t: &crate::recipe::params::Targets| modules.iter().any(|m| t.matches(m));
-    use crate::recipe::params::Targets;
-    let short: Vec<String> = {
-        let mut s: Vec<String> = modules
-            .iter()
-            .filter_map(|m| m.rsplit('.').next().map(String::from))
-            .collect();
-        s.sort();
-        s.dedup();
-        s
-    };
-    match &spec.targets.value {
-        Targets::List(list) => {
-            for t in list {
-                if !matches_any(&Targets::List(vec![t.clone()])) {
-                    let mut p = Problem::new(format!(
-                        "LoRA target `{t}` matches no module of model `{model}`"
-                    ))
-                    .at(spec.targets.span.clone(), "no module matches");
-                    p = match did_you_mean(t, short.iter().map(String::as_str)) {
-                        Some(s) => p.help(format!("did you mean `{s}`?")),
-                        None => p.help(format!("modules are: {}", short.join(", "))),
-                    };
-                    problems.push(p);
-                }
-            }
-        }
-        pattern => {
-            if !matches_any(pattern) {
-                problems.push(
-                    Problem::new(format!(
-                        "LoRA targets pattern matches no module of model `{model}`"
-                    ))
-                    .at(spec.targets.span.clone(), "matches nothing")
-                    .help(format!(
-                        "module names look like `{}`",
-                        modules.first().map(String::as_str).unwrap_or("")
-                    )),
-                );
-            }
-        }
-    }
-}
-
-fn check_continuation(
-    recipe: &Recipe,
-    refs: &[Vec<StageRef>],
-    i: usize,
-    a: usize,
-    wanted: &LoraSpec,
-    actual: &LoraSpec,
-    problems: &mut Vec<Problem>,
-) {
-    let adapter = &recipe.stages[a].name.value;
-    let adapter_span = field(&refs[i], "adapter")
-        .map(|r| r.target.span.clone())
-        .unwrap_or_default();
-    let mut differ = |key: &str, span: std::ops::Range<usize>, old: String, new: String| {
-        problems.push(
-            Problem::new(format!(
-                "stage `{}` continues adapter `{adapter}` but sets lora.{key} = {new} (the adapter has {old})",
-                recipe.stages[i].name.value
-            ))
-            .at(span, format!("changes {key}"))
-            .also(adapter_span.clone(), "continued here")
-            .help("a continued adapter keeps its r, alpha and targets; to change them, merge it and train a new adapter (scheme two)"),
-        )
-    };
-    if wanted.r.is_written() && wanted.r.value != actual.r.value {
-        differ(
-            "r",
-            wanted.r.span.clone(),
-            actual.r.value.to_string(),
-            wanted.r.value.to_string(),
-        );
-    }
-    if wanted.alpha.is_written() && wanted.alpha.value != actual.alpha.value {
-        differ(
-            "alpha",
-            wanted.alpha.span.clone(),
-            actual.alpha.value.to_string(),
-            wanted.alpha.value.to_string(),
-        );
-    }
-    if wanted.targets.is_written() && wanted.targets.value != actual.targets.value {
-        differ(
-            "targets",
-            wanted.targets.span.clone(),
-            format!("{:?}", actual.targets.value),
-            format!("{:?}", wanted.targets.value),
-        );
-    }
-    if wanted.rslora.is_written() && wanted.rslora.value != actual.rslora.value {
-        differ(
-            "rslora",
-            wanted.rslora.span.clone(),
-            actual.rslora.value.to_string(),
-            wanted.rslora.value.to_string(),
-        );
+        problems.extend(stage.kind.check(StageView::new(&recipe.stages, i)));
     }
 }

@@ -194,3 +194,31 @@ fn walk(root: &Path, dir: &Path, exclude: &[&str], out: &mut Vec<PathBuf>) -> st
     }
     Ok(())
 }
+
+/// JSON with object keys sorted at every level and no whitespace, so the
+/// encoding depends only on the values (not on key order or formatting).
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            let body: Vec<String> = entries
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical_json(v)))
+                .collect();
+            format!("{{{}}}", body.join(","))
+        }
+        Value::Array(items) => {
+            let body: Vec<String> = items.iter().map(canonical_json).collect();
+            format!("[{}]", body.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The key of a derived artifact (tokenized data, reference log-probs): the
+/// blake3 of the canonical JSON of everything it depends on, 32 hex digits.
+pub fn derived_key(inputs: &serde_json::Value) -> String {
+    blake3::hash(canonical_json(inputs).as_bytes()).to_hex()[..32].to_string()
+}

@@ -1,9 +1,17 @@
 //! lora-runner: declarative, cached, resumable two-stage LoRA fine-tuning.
 //!
-//! The engine is a set of libraries the `runner` binary drives: `recipe`
-//! (parsing with spans), `graph` (the typed DAG), `plan` (keys and reasons),
-//! `cache` (content-addressed artifacts), `exec` (running stages), and the
-//! stage kinds in `kinds`.
+//! Three layers, each importing only from the layers below it:
+//! 1. `cli`: parses the command line, calls the engine, renders errors.
+//! 2. The stage kinds (`kinds`), the comparison (`compare`) and the device
+//!    choice (`device`): they turn a stage's parameters into work for the
+//!    libraries below.
+//! 3. The engine (`recipe`, `stage`, `graph`, `plan`, `exec`, `cache`,
+//!    `hashing`, `gc`, `progress`, `report`, `schema`) and, beside it, the ML
+//!    libraries (`model`, `data`, `train`), which know nothing of recipes,
+//!    stages or the cache. Leaves every layer may use: `diag` (problems with
+//!    spans), `fsutil` (atomic writes), `sink` (progress and Ctrl-C).
+//!
+//! `tests/engine/layering.rs` keeps it that way.
 
 pub mod cache;
 pub mod cli;
@@ -11,6 +19,7 @@ pub mod compare;
 pub mod comparison;
 pub mod data;
 pub mod device;
+pub mod diag;
 pub mod exec;
 pub mod fsutil;
 pub mod gc;
@@ -23,5 +32,6 @@ pub mod progress;
 pub mod recipe;
 pub mod report;
 pub mod schema;
+pub mod sink;
 pub mod stage;
 pub mod train;

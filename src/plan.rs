@@ -7,10 +7,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Cache, Integrity};
+use crate::diag::{Problem, RecipeError};
 use crate::graph::Dag;
 use crate::hashing::Digest;
-use crate::recipe::diag::{Problem, RecipeError};
 use crate::recipe::Recipe;
+use crate::stage::DeviceSpec;
 
 /// Everything a stage's result depends on. Its canonical JSON, hashed with
 /// blake3, is the stage key.
@@ -33,31 +34,9 @@ pub struct KeyInputs {
 impl KeyInputs {
     pub fn key(&self) -> String {
         let value = serde_json::to_value(self).expect("key inputs serialize");
-        blake3::hash(canonical_json(&value).as_bytes())
+        blake3::hash(crate::hashing::canonical_json(&value).as_bytes())
             .to_hex()
             .to_string()
-    }
-}
-
-/// JSON with object keys sorted at every level and no whitespace, so the
-/// encoding depends only on the values (not on key order or formatting).
-pub fn canonical_json(value: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            let body: Vec<String> = entries
-                .into_iter()
-                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical_json(v)))
-                .collect();
-            format!("{{{}}}", body.join(","))
-        }
-        Value::Array(items) => {
-            let body: Vec<String> = items.iter().map(canonical_json).collect();
-            format!("[{}]", body.join(","))
-        }
-        other => other.to_string(),
     }
 }
 
@@ -75,6 +54,95 @@ pub struct StageRecord {
     pub key: String,
     pub inputs: KeyInputs,
     pub files: BTreeMap<String, FileDetail>,
+}
+
+/// Why a stage must run (Snakemake's rerun reasons). `plan` shows them as text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reason {
+    /// `--force STAGE`.
+    Forced,
+    /// The kind's own word that what it wrote outside the cache is gone.
+    OutsideChanged(String),
+    /// The key has a record but its artifact folder is gone.
+    ArtifactMissing,
+    /// The artifact's files no longer hash to its name.
+    ArtifactCorrupt(String),
+    /// This recipe never ran a stage of this name.
+    NewStage,
+    KindChanged {
+        old: String,
+        new: String,
+    },
+    VersionChanged {
+        kind: String,
+        old: u32,
+        new: u32,
+    },
+    /// A parameter at this dotted path, old and new values as JSON.
+    ParamChanged {
+        path: String,
+        old: String,
+        new: String,
+    },
+    NewInput {
+        field: String,
+        path: String,
+    },
+    /// An input's content changed; `shown` names the file(s).
+    InputChanged {
+        field: String,
+        shown: String,
+    },
+    /// Same content under another path.
+    InputMoved {
+        field: String,
+        path: String,
+        was: String,
+    },
+    InputRemoved {
+        field: String,
+    },
+    UpstreamRerun {
+        stage: String,
+    },
+    UpstreamChanged {
+        stage: String,
+    },
+    SeedChanged {
+        old: u64,
+        new: u64,
+    },
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Forced => write!(f, "forced with --force"),
+            Reason::OutsideChanged(why) => f.write_str(why),
+            Reason::ArtifactMissing => write!(f, "cached artifact missing"),
+            Reason::ArtifactCorrupt(why) => write!(f, "cached artifact corrupt ({why})"),
+            Reason::NewStage => write!(f, "new stage"),
+            Reason::KindChanged { old, new } => write!(f, "kind changed: {old} → {new}"),
+            Reason::VersionChanged { kind, old, new } => write!(
+                f,
+                "implementation of `{kind}` changed (version {old} → {new})"
+            ),
+            Reason::ParamChanged { path, old, new } => {
+                write!(f, "parameter changed: {path} {old} → {new}")
+            }
+            Reason::NewInput { field, path } => write!(f, "new input `{field}`: {path}"),
+            Reason::InputChanged { field, shown } => {
+                write!(f, "{} changed: {shown}", input_noun(field))
+            }
+            Reason::InputMoved { field, path, was } => {
+                write!(f, "`{field}` now reads {path} (was {was}; same content)")
+            }
+            Reason::InputRemoved { field } => write!(f, "input `{field}` removed"),
+            Reason::UpstreamRerun { stage } => write!(f, "upstream stage `{stage}` will rerun"),
+            Reason::UpstreamChanged { stage } => write!(f, "upstream stage `{stage}` changed"),
+            Reason::SeedChanged { old, new } => write!(f, "seed changed: {old} → {new}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -110,7 +178,7 @@ pub struct PlannedStage {
     pub key: String,
     pub status: Status,
     /// Why it runs (empty when cached).
-    pub reasons: Vec<String>,
+    pub reasons: Vec<Reason>,
     /// (field, upstream stage index).
     pub deps: Vec<(&'static str, usize)>,
     pub key_inputs: KeyInputs,
@@ -127,7 +195,8 @@ impl PlannedStage {
                 _ => String::new(),
             }
         } else {
-            self.reasons.join("; ")
+            let shown: Vec<String> = self.reasons.iter().map(Reason::to_string).collect();
+            shown.join("; ")
         }
     }
 
@@ -145,7 +214,7 @@ impl PlannedStage {
 pub struct Plan {
     pub stages: Vec<PlannedStage>,
     /// The resolved device (`auto` decided).
-    pub device: crate::recipe::params::DeviceSpec,
+    pub device: DeviceSpec,
 }
 
 impl Plan {
@@ -166,12 +235,9 @@ impl Plan {
 pub struct Overrides {
     /// Stages to run regardless of the cache.
     pub force: Vec<String>,
-    /// `--device`, overriding the recipe's `device`.
-    pub device: Option<crate::recipe::params::DeviceSpec>,
+    /// The device stages compute on, resolved (`auto` decided) by the caller.
+    pub device: DeviceSpec,
 }
-
-/// File in the work folder of an unfinished stage that says where it would resume.
-pub const RESUME_FILE: &str = "resume.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -188,18 +254,7 @@ pub fn plan(
     cache: &Cache,
     overrides: &Overrides,
 ) -> Result<Plan, PlanError> {
-    let wanted = overrides
-        .device
-        .as_ref()
-        .unwrap_or(&recipe.header.device.value);
-    let device = crate::device::resolve(wanted).map_err(|message| {
-        let span = if overrides.device.is_some() {
-            0..0
-        } else {
-            recipe.header.device.span.clone()
-        };
-        recipe.error(vec![Problem::new(message).at(span, "device")])
-    })?;
+    let device = overrides.device.clone();
     let mut planned: Vec<PlannedStage> = Vec::new();
     let mut problems = Vec::new();
     for &i in &dag.order {
@@ -208,7 +263,7 @@ pub fn plan(
 
         let mut files = BTreeMap::new();
         let mut details = BTreeMap::new();
-        for input in stage.params.files() {
+        for input in stage.files() {
             if !input.path.exists() {
                 problems.push(
                     Problem::new(format!(
@@ -247,14 +302,11 @@ pub fn plan(
         let key_inputs = KeyInputs {
             kind: stage.kind.name().to_string(),
             kind_version: stage.kind.version(),
-            params: stage.params.key_params(),
+            params: stage.key_params(),
             inputs,
             files,
             seed: recipe.header.seed.value,
-            device: stage
-                .params
-                .uses_device()
-                .then(|| crate::device::kind(&device).to_string()),
+            device: stage.kind.uses_device().then(|| device.kind().to_string()),
         };
         let key = key_inputs.key();
         let mut p = PlannedStage {
@@ -287,23 +339,23 @@ fn decide(
     overrides: &Overrides,
     earlier: &[PlannedStage],
 ) {
-    let resume = resume_step(&cache.work_dir(&p.key));
-    let not_cached = |reasons: Vec<String>| match resume {
+    let resume = cache.resume_step(&p.key);
+    let not_cached = |reasons: Vec<Reason>| match resume {
         Some(step) => (Status::Resume { step }, reasons),
         None => (Status::Run, reasons),
     };
     let (status, reasons) = if overrides.force.contains(&p.name) {
-        not_cached(vec!["forced with --force".into()])
+        not_cached(vec![Reason::Forced])
     } else {
         match cache.key_record(&p.key) {
             Some(record) => match cache.verify(&record.artifact) {
                 Integrity::Whole => {
                     let stage = &recipe.stages[p.index];
-                    match stage
-                        .params
-                        .outside_changed(&cache.artifact_dir(&record.artifact))
-                    {
-                        Some(why) => not_cached(vec![why]),
+                    match stage.kind.outside_changed(
+                        stage.params.as_ref(),
+                        &cache.artifact_dir(&record.artifact),
+                    ) {
+                        Some(why) => not_cached(vec![Reason::OutsideChanged(why)]),
                         None => (
                             Status::Cached {
                                 artifact: record.artifact,
@@ -312,10 +364,8 @@ fn decide(
                         ),
                     }
                 }
-                Integrity::Missing => not_cached(vec!["cached artifact missing".into()]),
-                Integrity::Corrupt(why) => {
-                    not_cached(vec![format!("cached artifact corrupt ({why})")])
-                }
+                Integrity::Missing => not_cached(vec![Reason::ArtifactMissing]),
+                Integrity::Corrupt(why) => not_cached(vec![Reason::ArtifactCorrupt(why)]),
             },
             None => not_cached(why_changed(p, &recipe.canonical, cache, earlier)),
         }
@@ -324,40 +374,41 @@ fn decide(
     p.reasons = reasons;
 }
 
-fn resume_step(work: &Path) -> Option<u64> {
-    let bytes = std::fs::read(work.join(RESUME_FILE)).ok()?;
-    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    json["step"].as_u64()
-}
-
 /// Compare with the stage's last record in this recipe and say what changed.
 fn why_changed(
     p: &PlannedStage,
     recipe: &Path,
     cache: &Cache,
     earlier: &[PlannedStage],
-) -> Vec<String> {
+) -> Vec<Reason> {
     let Some(old) = cache.stage_record::<StageRecord>(recipe, &p.name) else {
-        return vec!["new stage".into()];
+        return vec![Reason::NewStage];
     };
     let (old, new) = (&old, &p.key_inputs);
     let mut reasons = Vec::new();
     if old.inputs.kind != new.kind {
-        reasons.push(format!("kind changed: {} → {}", old.inputs.kind, new.kind));
+        reasons.push(Reason::KindChanged {
+            old: old.inputs.kind.clone(),
+            new: new.kind.clone(),
+        });
     } else if old.inputs.kind_version != new.kind_version {
-        reasons.push(format!(
-            "implementation of `{}` changed (version {} → {})",
-            new.kind, old.inputs.kind_version, new.kind_version
-        ));
+        reasons.push(Reason::VersionChanged {
+            kind: new.kind.clone(),
+            old: old.inputs.kind_version,
+            new: new.kind_version,
+        });
     }
     let mut changes = Vec::new();
     diff_json("", &old.inputs.params, &new.params, &mut changes);
-    for (path, before, after) in changes {
-        reasons.push(format!("parameter changed: {path} {before} → {after}"));
+    for (path, old, new) in changes {
+        reasons.push(Reason::ParamChanged { path, old, new });
     }
     for (field, detail) in &p.files {
         match old.files.get(field) {
-            None => reasons.push(format!("new input `{field}`: {}", detail.path)),
+            None => reasons.push(Reason::NewInput {
+                field: field.clone(),
+                path: detail.path.clone(),
+            }),
             Some(prev) if prev.files != detail.files => {
                 let changed: Vec<&String> = detail
                     .files
@@ -376,17 +427,23 @@ fn why_changed(
                     c.dedup();
                     c.join(", ")
                 };
-                reasons.push(format!("{} changed: {shown}", input_noun(field)));
+                reasons.push(Reason::InputChanged {
+                    field: field.clone(),
+                    shown,
+                });
             }
-            Some(prev) if prev.path != detail.path => reasons.push(format!(
-                "`{field}` now reads {} (was {}; same content)",
-                detail.path, prev.path
-            )),
+            Some(prev) if prev.path != detail.path => reasons.push(Reason::InputMoved {
+                field: field.clone(),
+                path: detail.path.clone(),
+                was: prev.path.clone(),
+            }),
             _ => {}
         }
     }
     for field in old.files.keys().filter(|f| !p.files.contains_key(*f)) {
-        reasons.push(format!("input `{field}` removed"));
+        reasons.push(Reason::InputRemoved {
+            field: field.clone(),
+        });
     }
     for (field, up) in &p.deps {
         let up = earlier
@@ -394,18 +451,22 @@ fn why_changed(
             .find(|e| e.index == *up)
             .expect("planned before");
         if old.inputs.inputs.get(*field) != Some(&up.key) {
+            let stage = up.name.clone();
             reasons.push(if up.status.will_run() {
-                format!("upstream stage `{}` will rerun", up.name)
+                Reason::UpstreamRerun { stage }
             } else {
-                format!("upstream stage `{}` changed", up.name)
+                Reason::UpstreamChanged { stage }
             });
         }
     }
     if old.inputs.seed != new.seed {
-        reasons.push(format!("seed changed: {} → {}", old.inputs.seed, new.seed));
+        reasons.push(Reason::SeedChanged {
+            old: old.inputs.seed,
+            new: new.seed,
+        });
     }
     if reasons.is_empty() {
-        reasons.push("cached artifact missing".into());
+        reasons.push(Reason::ArtifactMissing);
     }
     reasons
 }

@@ -64,7 +64,7 @@ pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
                     _ => None,
                 },
                 reason: p.reason(),
-                reasons: p.reasons.clone(),
+                reasons: p.reasons.iter().map(ToString::to_string).collect(),
                 key: p.key.clone(),
                 artifact: match &p.status {
                     Status::Cached { artifact } => Some(artifact.clone()),

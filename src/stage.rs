@@ -1,20 +1,94 @@
-//! The stage-kind trait: one type per kind (base, sft, dpo, ...) declares
-//! what it consumes and produces, its parameters and implementation version,
-//! and how it runs. The engine knows nothing else about a kind.
+//! The stage-kind contract. A kind (base, sft, dpo, ...) is one type
+//! implementing the typed `Kind` trait: its parameter table, what it reads
+//! and makes, its checks against the stages it refers to, and how it runs.
+//! The engine sees kinds only through the object-safe `StageKind`, which
+//! every `Kind` gets from one blanket implementation; it knows nothing else
+//! about a kind.
 
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
-use crate::recipe::diag::Problem;
-use crate::recipe::params::LoraSpec;
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
+use crate::diag::span::Sp;
+use crate::diag::{toml_problem, Problem};
+pub use crate::sink::{Interrupted, Progress};
+
+/// Numeric type of weights and compute.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Where to compute: "auto" (a GPU when the binary has CUDA and one is present), "cpu" or "cuda:N".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(into = "String")]
+#[schemars(with = "String")]
+pub enum DeviceSpec {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(u32),
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        match d {
+            DeviceSpec::Auto => "auto".into(),
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device `{s}`: expected \"auto\", \"cpu\" or \"cuda:N\"")
+                }),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// "cpu" or "cuda": what enters the keys of stages that compute.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceSpec::Cuda(_) => "cuda",
+            _ => "cpu",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// What a stage's artifact is, for type-checking the edges of the DAG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -59,7 +133,9 @@ pub enum Role {
 }
 
 /// The objective a training stage optimises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// Supervised fine-tuning on completions.
@@ -104,48 +180,219 @@ pub struct FileInput {
     pub written: Sp<String>,
 }
 
-/// The LoRA configuration a stage gives its adapter, as far as the recipe says.
-#[derive(Clone, Debug, PartialEq)]
-pub enum LoraUse<'a> {
-    /// The stage makes no adapter.
-    None,
-    /// A new adapter with this config.
-    New(&'a LoraSpec),
-    /// Continues the adapter named by the `adapter` field; `constraint` is a
-    /// `lora` table merged in from `[defaults.<kind>]`, which must agree with it.
-    Continue { constraint: Option<&'a LoraSpec> },
-    /// Imported from a PEFT folder; the config is read from it when known.
-    Imported(Option<LoraSpec>),
+/// What a kind's parser is given besides the table.
+pub struct ParseContext<'a> {
+    pub stage: &'a str,
+    /// The folder relative paths are resolved against.
+    pub recipe_dir: &'a Path,
+    /// The span of the whole `[stages.<name>]` table.
+    pub span: Range<usize>,
+    /// The recipe's default dtype for stages that compute.
+    pub dtype: Dtype,
 }
 
-/// The resolved parameters of one stage: what a kind parsed from its table.
-pub trait StageParams: Debug + Send + Sync + Any {
-    /// Parameters as they enter the cache key: every default filled in.
-    fn key_params(&self) -> serde_json::Value;
+impl ParseContext<'_> {
+    /// Resolve a path written in the recipe against the recipe's folder.
+    pub fn resolve(&self, written: &str) -> PathBuf {
+        let p = Path::new(written);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.recipe_dir.join(p)
+        }
+    }
 
-    /// References to other stages.
-    fn refs(&self) -> Vec<StageRef>;
+    /// An empty span at the start of the stage's table: "this stage".
+    pub fn stage_start(&self) -> Range<usize> {
+        self.span.start..self.span.start
+    }
+}
 
-    /// Files and folders read (data, model folders).
-    fn files(&self) -> Vec<FileInput> {
+/// A kind's parsed parameters, type-erased for the engine. Call `as_any` on
+/// `&dyn Params` (`boxed.as_ref()`): a `Box<dyn Params>` is itself `Any`.
+pub trait Params: Any + Debug + Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any + Debug + Send + Sync> Params for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// One parsed stage of a recipe.
+#[derive(Debug)]
+pub struct Stage {
+    pub name: Sp<String>,
+    pub kind: Arc<dyn StageKind>,
+    pub params: Box<dyn Params>,
+    /// Span of the whole `[stages.<name>]` table.
+    pub span: Range<usize>,
+}
+
+impl Stage {
+    /// References to other stages: the DAG's edges.
+    pub fn refs(&self) -> Vec<StageRef> {
+        self.kind.refs(self.params.as_ref())
+    }
+
+    /// Files and folders read; their content hashes enter the key.
+    pub fn files(&self) -> Vec<FileInput> {
+        self.kind.files(self.params.as_ref())
+    }
+
+    /// Parameters as they enter the cache key, every default filled in.
+    pub fn key_params(&self) -> serde_json::Value {
+        self.kind.key_params(self.params.as_ref())
+    }
+
+    /// The parameters as the kind's own type, when it is `K`.
+    pub fn params<P: 'static>(&self) -> Option<&P> {
+        self.params.as_ref().as_any().downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for dyn StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A stage seen from a kind's `check`: its parameters, and the stages its
+/// references name, followed as far as the check needs.
+#[derive(Clone, Copy)]
+pub struct StageView<'a> {
+    stages: &'a [Stage],
+    index: usize,
+}
+
+impl<'a> StageView<'a> {
+    pub fn new(stages: &'a [Stage], index: usize) -> Self {
+        StageView { stages, index }
+    }
+
+    pub fn stage(&self) -> &'a Stage {
+        &self.stages[self.index]
+    }
+
+    pub fn name(&self) -> &'a str {
+        &self.stage().name.value
+    }
+
+    /// Position in the recipe's list of stages (identity for comparisons).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn kind(&self) -> &'a dyn StageKind {
+        self.stage().kind.as_ref()
+    }
+
+    pub fn params<P: 'static>(&self) -> Option<&'a P> {
+        self.stage().params.as_ref().as_any().downcast_ref()
+    }
+
+    /// The reference written under `field`, if any.
+    pub fn reference(&self, field: &str) -> Option<StageRef> {
+        self.stage().refs().into_iter().find(|r| r.field == field)
+    }
+
+    /// The stage named under `field` (references were checked to exist).
+    pub fn target(&self, field: &str) -> Option<StageView<'a>> {
+        let r = self.reference(field)?;
+        let index = self
+            .stages
+            .iter()
+            .position(|s| s.name.value == r.target.value)?;
+        Some(StageView {
+            stages: self.stages,
+            index,
+        })
+    }
+
+    /// How many stages the recipe has (a bound for walks down chains).
+    pub fn stage_count(&self) -> usize {
+        self.stages.len()
+    }
+}
+
+/// One kind of stage, as the engine sees it: object-safe, parameters
+/// type-erased. Implemented for every `Kind`; implement `Kind` instead.
+pub trait StageKind: Send + Sync {
+    /// The name written as `kind = "..."`.
+    fn name(&self) -> &'static str;
+    /// Part of every key: bumped when the output for the same inputs may change.
+    fn version(&self) -> u32;
+    fn output(&self) -> ArtifactKind;
+    fn role(&self) -> Role;
+    /// One line for `--help` and the schema.
+    fn summary(&self) -> &'static str;
+    /// Parse the stage table as written (`table`, `kind` removed) and with
+    /// `[defaults.<kind>]` merged in (`merged`).
+    fn parse(
+        &self,
+        written: &DeTable<'_>,
+        merged: Spanned<DeValue<'_>>,
+        ctx: &ParseContext,
+    ) -> Result<Box<dyn Params>, Vec<Problem>>;
+    /// JSON schema of the stage table (without `kind`).
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema;
+    fn key_params(&self, params: &dyn Params) -> serde_json::Value;
+    fn refs(&self, params: &dyn Params) -> Vec<StageRef>;
+    fn files(&self, params: &dyn Params) -> Vec<FileInput>;
+    fn uses_device(&self) -> bool;
+    fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String>;
+    fn check(&self, stage: StageView<'_>) -> Vec<Problem>;
+    fn run(&self, params: &dyn Params, ctx: &mut RunContext) -> anyhow::Result<()>;
+}
+
+/// One kind of stage, typed. A new kind is one file implementing this and
+/// one line in `kinds::builtin`.
+pub trait Kind: Send + Sync + 'static {
+    /// The `[stages.<name>]` table (without `kind`), deserialized with spans.
+    type Params: Serialize + DeserializeOwned + schemars::JsonSchema + Debug + Send + Sync + 'static;
+
+    /// The name written as `kind = "..."`.
+    fn name(&self) -> &'static str;
+
+    /// Bumped whenever the kind's output for the same inputs may change:
+    /// it is part of every key, so old artifacts stop matching.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn output(&self) -> ArtifactKind;
+
+    fn role(&self) -> Role;
+
+    /// One line for `--help` and the schema.
+    fn summary(&self) -> &'static str;
+
+    /// Problems visible in the table as the user wrote it, before
+    /// `[defaults.<kind>]` is merged in.
+    fn check_written(&self, _table: &DeTable<'_>, _ctx: &ParseContext) -> Vec<Problem> {
         Vec::new()
     }
 
-    /// How the stage relates to LoRA adapters (for the DAG's checks).
-    fn lora(&self) -> LoraUse<'_> {
-        LoraUse::None
+    /// Range checks on the parsed table, then defaults and resolved paths
+    /// filled in. Problems stop the stage from parsing.
+    fn prepare(&self, _params: &mut Self::Params, _ctx: &ParseContext) -> Vec<Problem> {
+        Vec::new()
     }
 
-    /// Names of the linear modules of the model this stage defines, when it
-    /// defines one from scratch (a `base` stage). Merges inherit theirs.
-    fn model_modules(&self) -> Option<Result<Vec<String>, Problem>> {
-        None
+    /// Parameters as they enter the cache key: every default filled in.
+    fn key_params(&self, params: &Self::Params) -> serde_json::Value {
+        serde_json::to_value(params).expect("parameters serialize to JSON")
     }
 
-    /// For stages that write outside the cache (`export`): why their cached
-    /// artifact no longer stands for what is on disk, if it does not.
-    fn outside_changed(&self, _artifact: &std::path::Path) -> Option<String> {
-        None
+    /// References to other stages.
+    fn refs(&self, _params: &Self::Params) -> Vec<StageRef> {
+        Vec::new()
+    }
+
+    /// Files and folders read (data, model folders).
+    fn files(&self, _params: &Self::Params) -> Vec<FileInput> {
+        Vec::new()
     }
 
     /// Whether the stage computes on the chosen device (its kind then enters the key).
@@ -153,43 +400,88 @@ pub trait StageParams: Debug + Send + Sync + Any {
         false
     }
 
-    /// Whether this stage needs training data and has none (reported at `span`).
-    fn missing_data(&self) -> Option<std::ops::Range<usize>> {
+    /// For stages that write outside the cache (`export`): why their cached
+    /// artifact no longer stands for what is on disk, if it does not.
+    fn outside_changed(&self, _params: &Self::Params, _artifact: &Path) -> Option<String> {
         None
     }
 
-    fn as_any(&self) -> &dyn Any;
-}
-
-/// One kind of stage.
-pub trait StageKind: Send + Sync {
-    /// The name written as `kind = "..."`.
-    fn name(&self) -> &'static str;
-
-    /// Bumped whenever the kind's output for the same inputs may change:
-    /// it is part of every key, so old artifacts stop matching.
-    fn version(&self) -> u32;
-
-    fn output(&self) -> ArtifactKind;
-
-    /// What the kind does (see `Role`).
-    fn role(&self) -> Role;
-
-    /// One line for `--help` and the schema.
-    fn summary(&self) -> &'static str;
-
-    /// Parse the stage's table (with `[defaults.<kind>]` merged in, `kind` removed).
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>>;
-
-    /// JSON schema of the stage table (without `kind`).
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema;
+    /// Checks against the stages this one refers to, once the DAG is known
+    /// to be whole (every reference exists, of the right artifact kind, no cycle).
+    fn check(&self, _params: &Self::Params, _stage: StageView<'_>) -> Vec<Problem> {
+        Vec::new()
+    }
 
     /// Execute the stage, writing its artifact into `ctx.out_dir`.
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()>;
+    fn run(&self, params: &Self::Params, ctx: &mut RunContext) -> anyhow::Result<()>;
+}
+
+fn typed<K: Kind>(params: &dyn Params) -> &K::Params {
+    params
+        .as_any()
+        .downcast_ref::<K::Params>()
+        .expect("a stage's parameters are its kind's type")
+}
+
+impl<K: Kind> StageKind for K {
+    fn name(&self) -> &'static str {
+        Kind::name(self)
+    }
+    fn version(&self) -> u32 {
+        Kind::version(self)
+    }
+    fn output(&self) -> ArtifactKind {
+        Kind::output(self)
+    }
+    fn role(&self) -> Role {
+        Kind::role(self)
+    }
+    fn summary(&self) -> &'static str {
+        Kind::summary(self)
+    }
+    fn parse(
+        &self,
+        written: &DeTable<'_>,
+        merged: Spanned<DeValue<'_>>,
+        ctx: &ParseContext,
+    ) -> Result<Box<dyn Params>, Vec<Problem>> {
+        let problems = Kind::check_written(self, written, ctx);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut params = K::Params::deserialize(toml::de::ValueDeserializer::from(merged))
+            .map_err(|e| vec![toml_problem(&e, &format!("in stage `{}`", ctx.stage))])?;
+        let problems = Kind::prepare(self, &mut params, ctx);
+        if problems.is_empty() {
+            Ok(Box::new(params))
+        } else {
+            Err(problems)
+        }
+    }
+    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        generator.subschema_for::<K::Params>()
+    }
+    fn key_params(&self, params: &dyn Params) -> serde_json::Value {
+        Kind::key_params(self, typed::<K>(params))
+    }
+    fn refs(&self, params: &dyn Params) -> Vec<StageRef> {
+        Kind::refs(self, typed::<K>(params))
+    }
+    fn files(&self, params: &dyn Params) -> Vec<FileInput> {
+        Kind::files(self, typed::<K>(params))
+    }
+    fn uses_device(&self) -> bool {
+        Kind::uses_device(self)
+    }
+    fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String> {
+        Kind::outside_changed(self, typed::<K>(params), artifact)
+    }
+    fn check(&self, stage: StageView<'_>) -> Vec<Problem> {
+        Kind::check(self, typed::<K>(stage.stage().params.as_ref()), stage)
+    }
+    fn run(&self, params: &dyn Params, ctx: &mut RunContext) -> anyhow::Result<()> {
+        Kind::run(self, typed::<K>(params), ctx)
+    }
 }
 
 /// The set of stage kinds a program knows. Tests add their own.
@@ -226,27 +518,13 @@ impl Registry {
 pub struct InputArtifact {
     pub stage: String,
     pub kind: String,
+    /// What the upstream stage makes.
+    pub output: ArtifactKind,
     pub key: String,
     /// The artifact folder in the cache.
     pub dir: PathBuf,
     pub manifest: serde_json::Value,
 }
-
-/// Where a running stage reports progress.
-pub trait Progress: Send + Sync {
-    /// Set the number of steps of the current stage.
-    fn set_total(&self, total: u64);
-    /// Report that `done` steps are finished, with a short status message.
-    fn set_position(&self, done: u64, message: &str);
-    /// A log line (shown above bars on a terminal).
-    fn log(&self, line: &str);
-}
-
-/// A stage that stopped because the user pressed Ctrl-C. It should have
-/// saved whatever lets it resume before returning this.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted")]
-pub struct Interrupted;
 
 /// Everything a running stage may use.
 pub struct RunContext<'a> {
@@ -266,7 +544,7 @@ pub struct RunContext<'a> {
     pub metrics: serde_json::Map<String, serde_json::Value>,
     pub interrupt: &'a AtomicBool,
     /// The resolved compute device (`cpu` or `cuda:N`).
-    pub device: crate::recipe::params::DeviceSpec,
+    pub device: DeviceSpec,
     /// The cache, for derived artifacts shared between stages (tokenized data, reference log-probs).
     pub cache: &'a crate::cache::Cache,
     /// Derived artifacts this stage used; recorded in its manifest so `gc` keeps them.

@@ -5,15 +5,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{file_input, key_json, parse_table, stage_ref, MODEL};
+use super::params::{LoraSpec, Targets};
+use super::{file_input, stage_ref, MODEL};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
 use crate::fsutil;
-use crate::recipe::diag::Problem;
-use crate::recipe::params::{LoraSpec, Targets};
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
-use crate::stage::{
-    ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef,
-};
+use crate::stage::{ArtifactKind, FileInput, Kind, ParseContext, Role, RunContext, StageRef};
 
 pub struct Adapter;
 
@@ -54,77 +51,60 @@ pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
     })
 }
 
-impl StageParams for AdapterParams {
-    fn key_params(&self) -> serde_json::Value {
-        let mut v = key_json(self);
-        v["path"] = serde_json::Value::String(self.folder.display().to_string());
-        v
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        vec![stage_ref("model", &self.model, MODEL)]
-    }
-    fn files(&self) -> Vec<FileInput> {
-        let mut f = file_input("path", &self.path, std::path::Path::new("/"));
-        f.path = self.folder.clone();
-        vec![f]
-    }
-    fn lora(&self) -> LoraUse<'_> {
-        LoraUse::Imported(read_peft_shape(&self.folder))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
+impl AdapterParams {
+    /// The PEFT folder, resolved.
+    pub fn folder(&self) -> &std::path::Path {
+        &self.folder
     }
 }
 
-impl StageKind for Adapter {
+impl Kind for Adapter {
+    type Params = AdapterParams;
+
     fn name(&self) -> &'static str {
         "adapter"
-    }
-    fn version(&self) -> u32 {
-        1
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }
-    fn role(&self) -> crate::stage::Role {
-        crate::stage::Role::Source
+    fn role(&self) -> Role {
+        Role::Source
     }
     fn summary(&self) -> &'static str {
         "import an existing PEFT adapter folder trained on `model`"
     }
 
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let mut params: AdapterParams = parse_table(table, ctx, |p: &AdapterParams, problems| {
-            let folder = ctx.resolve(&p.path);
-            if !folder.join("adapter_config.json").is_file() {
-                problems.push(
-                    Problem::new(format!(
-                        "no PEFT adapter at {} (expected adapter_config.json there)",
-                        folder.display()
-                    ))
-                    .at(p.path.span.clone(), "adapter folder"),
-                );
-            }
-        })?;
-        let folder = ctx.resolve(&params.path);
-        params.folder = folder.canonicalize().unwrap_or(folder);
-        Ok(Box::new(params))
+    fn prepare(&self, p: &mut AdapterParams, ctx: &ParseContext) -> Vec<Problem> {
+        let folder = ctx.resolve(&p.path);
+        if !folder.join("adapter_config.json").is_file() {
+            return vec![Problem::new(format!(
+                "no PEFT adapter at {} (expected adapter_config.json there)",
+                folder.display()
+            ))
+            .at(p.path.span.clone(), "adapter folder")];
+        }
+        p.folder = folder.canonicalize().unwrap_or(folder);
+        Vec::new()
     }
 
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<AdapterParams>()
+    fn key_params(&self, p: &AdapterParams) -> serde_json::Value {
+        let mut v = serde_json::to_value(p).expect("parameters serialize");
+        v["path"] = serde_json::Value::String(p.folder.display().to_string());
+        v
     }
 
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let params = params
-            .as_any()
-            .downcast_ref::<AdapterParams>()
-            .expect("adapter stage params");
-        let model_dir = crate::train::inputs::model_dir(ctx.input("model")?)?;
+    fn refs(&self, p: &AdapterParams) -> Vec<StageRef> {
+        vec![stage_ref("model", &p.model, MODEL)]
+    }
+
+    fn files(&self, p: &AdapterParams) -> Vec<FileInput> {
+        let mut f = file_input("path", &p.path, std::path::Path::new("/"));
+        f.path = p.folder.clone();
+        vec![f]
+    }
+
+    fn run(&self, params: &AdapterParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let model_dir = super::inputs::model_dir(ctx.input("model")?)?;
         check_against_model(&params.folder, &model_dir)?;
         // Adapters are small: copy them, so the artifact stands on its own.
         for name in PEFT_FILES {

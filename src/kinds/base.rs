@@ -6,13 +6,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{file_input, key_json, parse_table};
+use super::file_input;
+use crate::diag::checks::{at_least, positive};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
 use crate::fsutil;
-use crate::recipe::diag::Problem;
-use crate::recipe::params::{at_least, positive};
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, FileInput, RunContext, StageKind, StageParams, StageRef};
+use crate::stage::{ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext};
 
 pub struct Base;
 
@@ -60,11 +59,7 @@ pub enum Arch {
 
 impl InitSpec {
     /// The model code's description of this shape.
-    pub fn model_spec(
-        &self,
-        dtype: crate::recipe::params::Dtype,
-        seed: u64,
-    ) -> crate::model::init::InitSpec {
+    pub fn model_spec(&self, dtype: Dtype, seed: u64) -> crate::model::init::InitSpec {
         use crate::model::config::Architecture;
         crate::model::init::InitSpec {
             architecture: match self.arch.value {
@@ -81,7 +76,7 @@ impl InitSpec {
             head_dim: self.head_dim.as_ref().map(|h| h.value as usize),
             rope_theta: self.rope_theta.value,
             tie_word_embeddings: self.tie_embeddings.value,
-            dtype: crate::train::inputs::dtype(dtype),
+            dtype: super::inputs::dtype(dtype),
             seed,
             embedding_std: self
                 .embedding_std
@@ -109,7 +104,7 @@ pub struct BaseParams {
     pub init: Option<InitSpec>,
     /// dtype of the weights `init` writes (a loaded folder keeps its own).
     #[serde(default)]
-    pub dtype: Sp<crate::recipe::params::Dtype>,
+    pub dtype: Sp<Dtype>,
     #[serde(skip)]
     #[schemars(skip)]
     resolved: Option<PathBuf>,
@@ -185,32 +180,10 @@ impl InitSpec {
     }
 }
 
-impl StageParams for BaseParams {
-    fn key_params(&self) -> serde_json::Value {
-        let mut v = key_json(self);
-        // The folder's absolute location, so an artifact always points at a folder that had this content.
-        if let Some(p) = &self.resolved {
-            v["path"] = serde_json::Value::String(p.display().to_string());
-        }
-        v
-    }
-
-    fn refs(&self) -> Vec<StageRef> {
-        Vec::new()
-    }
-
-    fn files(&self) -> Vec<FileInput> {
-        match (&self.path, &self.resolved) {
-            (Some(written), Some(resolved)) => {
-                let mut f = file_input("path", written, std::path::Path::new("/"));
-                f.path = resolved.clone();
-                vec![f]
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    fn model_modules(&self) -> Option<Result<Vec<String>, Problem>> {
+impl BaseParams {
+    /// Names of the model's linear modules (what LoRA targets match), when
+    /// its shape is known without running: from `init` or the folder's config.json.
+    pub fn linear_modules(&self) -> Option<Result<Vec<String>, Problem>> {
         use crate::model::config::{linear_module_names, ModelConfig};
         if let Some(init) = &self.init {
             // The seed does not change the shape.
@@ -232,81 +205,84 @@ impl StageParams for BaseParams {
                 }),
         )
     }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
-impl StageKind for Base {
+impl Kind for Base {
+    type Params = BaseParams;
+
     fn name(&self) -> &'static str {
         "base"
-    }
-    fn version(&self) -> u32 {
-        1
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Model
     }
-    fn role(&self) -> crate::stage::Role {
-        crate::stage::Role::Source
+    fn role(&self) -> Role {
+        Role::Source
     }
     fn summary(&self) -> &'static str {
         "the base model: a Hugging Face folder (`path`) or a seeded random model (`init`)"
     }
 
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let span = table.span();
-        let mut params: BaseParams = parse_table(table, ctx, |p: &BaseParams, problems| {
-            match (&p.path, &p.init) {
-                (Some(path), Some(_)) => problems.push(
-                    Problem::new(format!("stage `{}` sets both `path` and `init`", ctx.stage))
-                        .at(path.span.clone(), "load this folder")
-                        .help("keep `path` to load a model, or `init` to make one"),
-                ),
-                (None, None) => problems.push(
-                    Problem::new(format!("stage `{}` needs `path` or `init`", ctx.stage))
-                        .at(span.start..span.start, "this stage")
-                        .help("path = \"models/my-model\" (a Hugging Face folder) or init = { hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128, vocab = 512 }"),
-                ),
-                _ => {}
+    fn prepare(&self, p: &mut BaseParams, ctx: &ParseContext) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        match (&p.path, &p.init) {
+            (Some(path), Some(_)) => problems.push(
+                Problem::new(format!("stage `{}` sets both `path` and `init`", ctx.stage))
+                    .at(path.span.clone(), "load this folder")
+                    .help("keep `path` to load a model, or `init` to make one"),
+            ),
+            (None, None) => problems.push(
+                Problem::new(format!("stage `{}` needs `path` or `init`", ctx.stage))
+                    .at(ctx.stage_start(), "this stage")
+                    .help("path = \"models/my-model\" (a Hugging Face folder) or init = { hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128, vocab = 512 }"),
+            ),
+            _ => {}
+        }
+        if let Some(init) = &p.init {
+            init.check(&mut problems);
+        }
+        if let Some(path) = &p.path {
+            let folder = ctx.resolve(path);
+            if !folder.join("config.json").is_file() {
+                problems.push(
+                    Problem::new(format!(
+                        "no model folder at {} (expected config.json there)",
+                        folder.display()
+                    ))
+                    .at(path.span.clone(), "model folder"),
+                );
             }
-            if let Some(init) = &p.init {
-                init.check(problems);
-            }
-            if let Some(path) = &p.path {
+        }
+        if problems.is_empty() {
+            p.resolved = p.path.as_ref().map(|path| {
                 let folder = ctx.resolve(path);
-                if !folder.join("config.json").is_file() {
-                    problems.push(
-                        Problem::new(format!(
-                            "no model folder at {} (expected config.json there)",
-                            folder.display()
-                        ))
-                        .at(path.span.clone(), "model folder"),
-                    );
-                }
+                folder.canonicalize().unwrap_or(folder)
+            });
+        }
+        problems
+    }
+
+    fn key_params(&self, p: &BaseParams) -> serde_json::Value {
+        let mut v = serde_json::to_value(p).expect("parameters serialize");
+        // The folder's absolute location, so an artifact always points at a folder that had this content.
+        if let Some(resolved) = &p.resolved {
+            v["path"] = serde_json::Value::String(resolved.display().to_string());
+        }
+        v
+    }
+
+    fn files(&self, p: &BaseParams) -> Vec<FileInput> {
+        match (&p.path, &p.resolved) {
+            (Some(written), Some(resolved)) => {
+                let mut f = file_input("path", written, std::path::Path::new("/"));
+                f.path = resolved.clone();
+                vec![f]
             }
-        })?;
-        params.resolved = params.path.as_ref().map(|p| {
-            let folder = ctx.resolve(p);
-            folder.canonicalize().unwrap_or(folder)
-        });
-        Ok(Box::new(params))
+            _ => Vec::new(),
+        }
     }
 
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<BaseParams>()
-    }
-
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let params = params
-            .as_any()
-            .downcast_ref::<BaseParams>()
-            .expect("base stage params");
+    fn run(&self, params: &BaseParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         match (&params.resolved, &params.init) {
             (Some(folder), _) => {
                 // Referenced, not copied: the artifact records where the model is.

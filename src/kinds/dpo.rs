@@ -4,14 +4,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::sft::{data_files, lora_use};
-use super::{key_json, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER};
-use crate::recipe::diag::Problem;
-use crate::recipe::params::{DataSpec, DpoSpec, Dtype, LoraSpec, TrainSpec};
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
+use super::lora::{check_written_adapter_or_lora, lora_use};
+use super::params::{DataSpec, DpoSpec, LoraSpec, TrainSpec};
+use super::{inputs, model_refs, training};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
 use crate::stage::{
-    ArtifactKind, FileInput, LoraUse, RunContext, StageKind, StageParams, StageRef,
+    ArtifactKind, Dtype, FileInput, Kind, Objective, ParseContext, Role, RunContext, StageRef,
+    StageView,
 };
 
 pub struct Dpo;
@@ -49,90 +49,57 @@ pub struct DpoParams {
     pub(crate) span: std::ops::Range<usize>,
 }
 
-impl StageParams for DpoParams {
-    fn uses_device(&self) -> bool {
-        true
-    }
-    fn key_params(&self) -> serde_json::Value {
-        key_json(self)
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        let mut refs = vec![stage_ref("model", &self.model, MODEL)];
-        if let Some(a) = &self.adapter {
-            refs.push(stage_ref("adapter", a, ADAPTER));
-        }
-        if let Some(r) = &self.reference {
-            refs.push(stage_ref("reference", r, MODEL_OR_ADAPTER));
-        }
-        refs
-    }
-    fn files(&self) -> Vec<FileInput> {
-        data_files(&self.data, &self.recipe_dir)
-    }
-    fn lora(&self) -> LoraUse<'_> {
-        lora_use(&self.adapter, &self.lora)
-    }
-    fn missing_data(&self) -> Option<std::ops::Range<usize>> {
-        self.data.is_none().then(|| self.span.clone())
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
+impl Kind for Dpo {
+    type Params = DpoParams;
 
-impl StageKind for Dpo {
     fn name(&self) -> &'static str {
         "dpo"
-    }
-    fn version(&self) -> u32 {
-        1
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }
-    fn role(&self) -> crate::stage::Role {
-        crate::stage::Role::Train(crate::stage::Objective::Dpo)
+    fn role(&self) -> Role {
+        Role::Train(Objective::Dpo)
     }
     fn summary(&self) -> &'static str {
         "preference optimisation: continue an adapter (`adapter`) or train a new one (`lora`)"
     }
+    fn uses_device(&self) -> bool {
+        true
+    }
 
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let span = table.span();
-        let mut p: DpoParams = parse_table(table, ctx, |p: &DpoParams, problems| {
-            if let Some(l) = &p.lora {
-                l.check(problems);
-            }
-            p.train.check(problems);
-            if let Some(d) = &p.data {
-                d.check(problems);
-            }
-            p.dpo.check(problems);
-        })?;
+    fn check_written(&self, table: &toml::de::DeTable<'_>, ctx: &ParseContext) -> Vec<Problem> {
+        check_written_adapter_or_lora(table, ctx.stage)
+    }
+
+    fn prepare(&self, p: &mut DpoParams, ctx: &ParseContext) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        training::check_tables(&p.lora, &p.train, &p.data, &mut problems);
+        p.dpo.check(&mut problems);
         p.recipe_dir = ctx.recipe_dir.to_path_buf();
-        p.span = span.start..span.start;
-        if p.adapter.is_none() && p.lora.is_none() {
-            p.lora = Some(toml::from_str("").expect("LoRA defaults"));
-        }
-        if p.dtype.is_none() {
-            p.dtype = Some(Sp::implicit(ctx.header.dtype.value));
-        }
-        Ok(Box::new(p))
+        p.span = ctx.stage_start();
+        training::fill_defaults(&p.adapter, &mut p.lora, &mut p.dtype, ctx);
+        problems
     }
 
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<DpoParams>()
+    fn refs(&self, p: &DpoParams) -> Vec<StageRef> {
+        model_refs(&p.model, &p.adapter, Some(&p.reference))
     }
 
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let p = params
-            .as_any()
-            .downcast_ref::<DpoParams>()
-            .expect("dpo stage params");
+    fn files(&self, p: &DpoParams) -> Vec<FileInput> {
+        training::data_files(&p.data, &p.recipe_dir)
+    }
+
+    fn check(&self, p: &DpoParams, stage: StageView<'_>) -> Vec<Problem> {
+        training::check(
+            stage,
+            &p.data,
+            lora_use(&p.adapter, &p.lora),
+            p.span.clone(),
+        )
+    }
+
+    fn run(&self, p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         crate::train::with_big_stack(|| run_dpo(p, ctx))
     }
 }
@@ -157,9 +124,9 @@ fn artifact_name(dir: &std::path::Path) -> String {
 /// the policy's starting point: model + the continued adapter (scheme one),
 /// or the model alone when a fresh adapter is trained (scheme two).
 pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
-    use crate::train::inputs::model_dir;
+    use super::inputs::model_dir;
     let (model, adapter) = match ctx.inputs.get("reference") {
-        Some(r) if r.kind == "base" || r.kind == "merge" => (r.clone(), None),
+        Some(r) if r.output == ArtifactKind::Model => (r.clone(), None),
         Some(r) => {
             // An adapter stage: its own model, from its manifest's lineage.
             let parent = r.manifest["parents"]
@@ -170,6 +137,7 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
             let model_artifact = crate::stage::InputArtifact {
                 stage: parent["stage"].as_str().unwrap_or("model").to_string(),
                 kind: "model".into(),
+                output: ArtifactKind::Model,
                 key: String::new(),
                 dir: ctx.cache.artifact_dir(artifact),
                 manifest: serde_json::Value::Null,
@@ -203,7 +171,7 @@ pub fn reference_scores(
     device: &candle_core::Device,
     pad_id: u32,
 ) -> anyhow::Result<crate::train::dpo::PairScores> {
-    use crate::train::{dpo, inputs};
+    use crate::train::dpo;
     let key = serde_json::json!({
         "version": 1,
         "model": reference.model_artifact,
@@ -212,7 +180,7 @@ pub fn reference_scores(
         "dtype": format!("{dtype:?}"),
         "device": format!("{:?}", device.location()),
     });
-    let key = blake3::hash(crate::plan::canonical_json(&key).as_bytes()).to_hex()[..32].to_string();
+    let key = crate::hashing::derived_key(&key);
     ctx.progress
         .log(&format!("reference log-probs: {}", reference.description));
     let dir = ctx.derived("reference-logps", &key, |out| {
@@ -226,11 +194,11 @@ pub fn reference_scores(
 }
 
 fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-    use crate::train::{dpo::DpoObjective, inputs, trainer};
+    use crate::train::dpo::DpoObjective;
     let data = p.data.as_ref().expect("checked when parsing");
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let (model, model_dir) = super::sft::policy(ctx, &p.lora, dtype, &device)?;
+    let (model, model_dir) = training::policy(ctx, &p.lora, dtype, &device)?;
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let pad_id = tokenizer.pad_id();
     let settings = inputs::settings(&p.train, data);
@@ -257,25 +225,14 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         train,
         train_reference,
         eval,
-        spec: p.dpo.clone(),
+        settings: p.dpo.settings(),
         pad_id,
         device: device.clone(),
     };
-    let before = trainer::Objective::evaluate(&objective, &model)?;
-    let settings = trainer::LoopSettings {
-        train: &p.train,
-        seed: ctx.seed,
-        dropout: !p.dpo.disable_dropout.value,
-    };
-    let metrics = trainer::train(&model, &objective, &settings, ctx)?;
-    crate::model::peft::save_adapter(&model, &ctx.out_dir, &model_dir.display().to_string())?;
     ctx.metrics
         .insert("reference".into(), reference.description.into());
-    for (k, v) in before {
-        ctx.metrics.insert(format!("before/{k}"), v.into());
-    }
-    for (k, v) in metrics {
-        ctx.metrics.insert(k, v.into());
-    }
-    Ok(())
+    let settings = p
+        .train
+        .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);
+    training::train_and_save(ctx, &model, &model_dir, &objective, &settings)
 }

@@ -3,12 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{file_input, key_json, parse_table, stage_ref, ADAPTER, MODEL, MODEL_OR_ADAPTER};
-use crate::recipe::diag::Problem;
-use crate::recipe::params::Dtype;
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, FileInput, RunContext, StageKind, StageParams, StageRef};
+use super::lora::{check_adapter_model, check_written_adapter_or_lora};
+use super::{inputs, model_refs};
+use crate::diag::checks::{at_least, non_negative, positive};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
+use crate::stage::{
+    ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageRef, StageView,
+};
 
 pub struct Eval;
 
@@ -70,92 +72,74 @@ fn default_seq_len() -> Sp<u32> {
     Sp::implicit(512)
 }
 
-impl StageParams for EvalParams {
-    fn uses_device(&self) -> bool {
-        true
-    }
-    fn key_params(&self) -> serde_json::Value {
-        key_json(self)
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        let mut refs = vec![stage_ref("model", &self.model, MODEL)];
-        if let Some(a) = &self.adapter {
-            refs.push(stage_ref("adapter", a, ADAPTER));
-        }
-        if let Some(r) = &self.reference {
-            refs.push(stage_ref("reference", r, MODEL_OR_ADAPTER));
-        }
-        refs
-    }
-    fn files(&self) -> Vec<FileInput> {
-        let mut files = Vec::new();
-        if let Some(f) = &self.data.sft {
-            files.push(file_input("data.sft", f, &self.recipe_dir));
-        }
-        if let Some(f) = &self.data.dpo {
-            files.push(file_input("data.dpo", f, &self.recipe_dir));
-        }
-        files
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
+impl Kind for Eval {
+    type Params = EvalParams;
 
-impl StageKind for Eval {
     fn name(&self) -> &'static str {
         "eval"
-    }
-    fn version(&self) -> u32 {
-        1
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Evaluation
     }
-    fn role(&self) -> crate::stage::Role {
-        crate::stage::Role::Evaluate
+    fn role(&self) -> Role {
+        Role::Evaluate
     }
     fn summary(&self) -> &'static str {
         "evaluate a model (with an optional adapter): losses, preference accuracy, samples"
     }
+    fn uses_device(&self) -> bool {
+        true
+    }
 
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let span = table.span();
-        let mut p: EvalParams = parse_table(table, ctx, |p: &EvalParams, problems| {
-            crate::recipe::params::positive(problems, "beta", &p.beta);
-            crate::recipe::params::non_negative(problems, "temperature", &p.temperature);
-            crate::recipe::params::at_least(problems, "seq_len", &p.seq_len, 2);
-            if p.data.sft.is_none() && p.data.dpo.is_none() && p.prompts.is_empty() {
-                problems.push(
-                    Problem::new(format!(
-                        "eval stage `{}` has nothing to evaluate",
-                        ctx.stage
-                    ))
-                    .at(span.start..span.start, "this stage")
-                    .help("set `data.sft`, `data.dpo` or `prompts`"),
-                );
-            }
-        })?;
+    fn check_written(&self, table: &toml::de::DeTable<'_>, ctx: &ParseContext) -> Vec<Problem> {
+        check_written_adapter_or_lora(table, ctx.stage)
+    }
+
+    fn prepare(&self, p: &mut EvalParams, ctx: &ParseContext) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        positive(&mut problems, "beta", &p.beta);
+        non_negative(&mut problems, "temperature", &p.temperature);
+        at_least(&mut problems, "seq_len", &p.seq_len, 2);
+        if p.data.sft.is_none() && p.data.dpo.is_none() && p.prompts.is_empty() {
+            problems.push(
+                Problem::new(format!(
+                    "eval stage `{}` has nothing to evaluate",
+                    ctx.stage
+                ))
+                .at(ctx.stage_start(), "this stage")
+                .help("set `data.sft`, `data.dpo` or `prompts`"),
+            );
+        }
         p.recipe_dir = ctx.recipe_dir.to_path_buf();
         if p.dtype.is_none() {
-            p.dtype = Some(Sp::implicit(ctx.header.dtype.value));
+            p.dtype = Some(Sp::implicit(ctx.dtype));
         }
-        Ok(Box::new(p))
+        problems
     }
 
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<EvalParams>()
+    fn refs(&self, p: &EvalParams) -> Vec<StageRef> {
+        model_refs(&p.model, &p.adapter, Some(&p.reference))
     }
 
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let p = params
-            .as_any()
-            .downcast_ref::<EvalParams>()
-            .expect("eval stage params");
+    fn files(&self, p: &EvalParams) -> Vec<FileInput> {
+        let dir = &p.recipe_dir;
+        let mut files = Vec::new();
+        if let Some(f) = &p.data.sft {
+            files.push(super::file_input("data.sft", f, dir));
+        }
+        if let Some(f) = &p.data.dpo {
+            files.push(super::file_input("data.dpo", f, dir));
+        }
+        files
+    }
+
+    fn check(&self, _p: &EvalParams, stage: StageView<'_>) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        check_adapter_model(stage, &mut problems);
+        problems
+    }
+
+    fn run(&self, p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         crate::train::with_big_stack(|| run_eval(p, ctx))
     }
 }
@@ -164,15 +148,14 @@ impl StageKind for Eval {
 pub const RESULTS_FILE: &str = "eval.jsonl";
 
 fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-    use crate::train::{dpo, inputs, sft};
+    use crate::train::{dpo, sft};
     use std::io::Write;
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let model_dir = inputs::model_dir(ctx.input("model")?)?;
     let mut model = inputs::load_model(&model_dir, dtype, &device)?;
     if let Some(adapter) = ctx.inputs.get("adapter") {
-        crate::model::peft::load_adapter(&mut model, &adapter.dir)
-            .map_err(|e| anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage))?;
+        inputs::load_adapter(&mut model, adapter)?;
     }
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let mut settings = crate::data::TokenizeSettings::new(p.seq_len.value as usize);

@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{key_json, parse_table, stage_ref};
-use crate::cache::{self, SOURCE_FILE};
+use super::stage_ref;
+use crate::cache::{self, payload_dir};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
 use crate::fsutil;
-use crate::recipe::diag::Problem;
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, RunContext, StageKind, StageParams, StageRef};
+use crate::stage::{ArtifactKind, Kind, ParseContext, Role, RunContext, StageRef};
 
 pub struct Export;
 
@@ -32,49 +31,6 @@ pub struct ExportParams {
     #[serde(skip)]
     #[schemars(skip)]
     destination: PathBuf,
-}
-
-impl StageParams for ExportParams {
-    fn key_params(&self) -> serde_json::Value {
-        let mut v = key_json(self);
-        v["path"] = serde_json::Value::String(self.destination.display().to_string());
-        v
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        vec![stage_ref("from", &self.from, EXPORTABLE)]
-    }
-    fn outside_changed(&self, artifact: &Path) -> Option<String> {
-        let record: serde_json::Value = std::fs::read(artifact.join("export.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())?;
-        let missing = record["files"]
-            .as_array()?
-            .iter()
-            .filter_map(|f| f.as_str())
-            .find(|f| !self.destination.join(f).is_file())?;
-        Some(format!(
-            "exported file missing: {}",
-            self.destination.join(missing).display()
-        ))
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-/// Files that make up an artifact's payload, in the format other tools read:
-/// a referenced model folder is followed to its source.
-pub fn payload_dir(artifact: &Path) -> anyhow::Result<PathBuf> {
-    let source = artifact.join(SOURCE_FILE);
-    if source.is_file() {
-        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&source)?)?;
-        let path = json["path"]
-            .as_str()
-            .ok_or_else(|| anyhow::anyhow!("{} has no `path`", source.display()))?;
-        Ok(PathBuf::from(path))
-    } else {
-        Ok(artifact.to_path_buf())
-    }
 }
 
 /// Copy `from` (a folder) to `to`, replacing `to` whole: the copy is made
@@ -101,42 +57,52 @@ pub fn export_folder(from: &Path, to: &Path) -> anyhow::Result<Vec<String>> {
     Ok(copied)
 }
 
-impl StageKind for Export {
+impl Kind for Export {
+    type Params = ExportParams;
+
     fn name(&self) -> &'static str {
         "export"
-    }
-    fn version(&self) -> u32 {
-        1
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Export
     }
-    fn role(&self) -> crate::stage::Role {
-        crate::stage::Role::Export
+    fn role(&self) -> Role {
+        Role::Export
     }
     fn summary(&self) -> &'static str {
         "copy a stage's artifact to a folder outside the cache (PEFT or Hugging Face layout)"
     }
 
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let mut p: ExportParams = parse_table(table, ctx, |_: &ExportParams, _| {})?;
+    fn prepare(&self, p: &mut ExportParams, ctx: &ParseContext) -> Vec<Problem> {
         p.destination = ctx.resolve(&p.path);
-        Ok(Box::new(p))
+        Vec::new()
     }
 
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<ExportParams>()
+    fn key_params(&self, p: &ExportParams) -> serde_json::Value {
+        let mut v = serde_json::to_value(p).expect("parameters serialize");
+        v["path"] = serde_json::Value::String(p.destination.display().to_string());
+        v
     }
 
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let params = params
-            .as_any()
-            .downcast_ref::<ExportParams>()
-            .expect("export stage params");
+    fn refs(&self, p: &ExportParams) -> Vec<StageRef> {
+        vec![stage_ref("from", &p.from, EXPORTABLE)]
+    }
+
+    fn outside_changed(&self, p: &ExportParams, artifact: &Path) -> Option<String> {
+        let record: serde_json::Value = std::fs::read(artifact.join("export.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let missing = record["files"]
+            .as_array()?
+            .iter()
+            .filter_map(|f| f.as_str())
+            .find(|f| !p.destination.join(f).is_file())?;
+        Some(format!(
+            "exported file missing: {}",
+            p.destination.join(missing).display()
+        ))
+    }
+    fn run(&self, params: &ExportParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         let input = ctx.input("from")?;
         let from = payload_dir(&input.dir)?;
         let files = export_folder(&from, &params.destination)?;

@@ -3,12 +3,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{key_json, parse_table, stage_ref, ADAPTER, MODEL};
-use crate::recipe::diag::Problem;
-use crate::recipe::params::{at_least, Dtype};
-use crate::recipe::span::Sp;
-use crate::recipe::ParseContext;
-use crate::stage::{ArtifactKind, RunContext, StageKind, StageParams, StageRef};
+use super::lora::{check_adapter_model, check_written_adapter_or_lora};
+use super::{inputs, model_refs};
+use crate::diag::checks::at_least;
+use crate::diag::span::Sp;
+use crate::diag::Problem;
+use crate::stage::{
+    ArtifactKind, Dtype, Kind, ParseContext, Role, RunContext, StageRef, StageView,
+};
 
 pub struct Merge;
 
@@ -33,71 +35,53 @@ fn default_shard() -> Sp<u64> {
     Sp::implicit(5_000_000_000)
 }
 
-impl StageParams for MergeParams {
-    fn key_params(&self) -> serde_json::Value {
-        key_json(self)
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        let mut refs = vec![stage_ref("model", &self.model, MODEL)];
-        if let Some(a) = &self.adapter {
-            refs.push(stage_ref("adapter", a, ADAPTER));
-        }
-        refs
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
+impl Kind for Merge {
+    type Params = MergeParams;
 
-impl StageKind for Merge {
     fn name(&self) -> &'static str {
         "merge"
-    }
-    fn version(&self) -> u32 {
-        1
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Model
     }
-    fn role(&self) -> crate::stage::Role {
-        crate::stage::Role::Merge
+    fn role(&self) -> Role {
+        Role::Merge
     }
     fn summary(&self) -> &'static str {
         "merge `adapter` into `model` and save the merged model"
     }
 
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let span = table.span();
-        let p: MergeParams = parse_table(table, ctx, |p: &MergeParams, problems| {
-            if p.adapter.is_none() {
-                problems.push(
-                    Problem::new(format!(
-                        "merge stage `{}` has no `adapter` to merge",
-                        ctx.stage
-                    ))
-                    .at(span.start..span.start, "this stage")
-                    .help("add `adapter = \"<stage that trained it>\"`"),
-                );
-            }
-            at_least(problems, "shard_bytes", &p.shard_bytes, 1 << 20);
-        })?;
-        Ok(Box::new(p))
+    fn check_written(&self, table: &toml::de::DeTable<'_>, ctx: &ParseContext) -> Vec<Problem> {
+        check_written_adapter_or_lora(table, ctx.stage)
     }
 
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<MergeParams>()
+    fn prepare(&self, p: &mut MergeParams, ctx: &ParseContext) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if p.adapter.is_none() {
+            problems.push(
+                Problem::new(format!(
+                    "merge stage `{}` has no `adapter` to merge",
+                    ctx.stage
+                ))
+                .at(ctx.stage_start(), "this stage")
+                .help("add `adapter = \"<stage that trained it>\"`"),
+            );
+        }
+        at_least(&mut problems, "shard_bytes", &p.shard_bytes, 1 << 20);
+        problems
     }
 
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        use crate::train::inputs;
-        let p = params
-            .as_any()
-            .downcast_ref::<MergeParams>()
-            .expect("merge stage params");
+    fn refs(&self, p: &MergeParams) -> Vec<StageRef> {
+        model_refs(&p.model, &p.adapter, None)
+    }
+
+    fn check(&self, _p: &MergeParams, stage: StageView<'_>) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        check_adapter_model(stage, &mut problems);
+        problems
+    }
+
+    fn run(&self, p: &MergeParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         let model_dir = inputs::model_dir(ctx.input("model")?)?;
         let adapter = ctx.input("adapter")?;
         // W' = W + s·B·A in f32, cast once to the saved dtype (the base's unless `dtype` says).
@@ -107,8 +91,7 @@ impl StageKind for Merge {
         };
         let mut model = crate::model::decoder::Decoder::load(&model_dir, &options)
             .map_err(|e| anyhow::anyhow!("loading model {}: {e}", model_dir.display()))?;
-        crate::model::peft::load_adapter(&mut model, &adapter.dir)
-            .map_err(|e| anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage))?;
+        inputs::load_adapter(&mut model, adapter)?;
         let merged = crate::model::merge::merge_lora(&model)?;
         crate::model::merge::save_model_folder(
             &merged,

@@ -1,20 +1,22 @@
-//! The built-in stage kinds.
+//! The built-in stage kinds, one file each, and what several of them share:
+//! parameter tables (`params`), LoRA checks (`lora`), loading inputs
+//! (`inputs`) and the training glue (`training`).
 
 pub mod adapter;
 pub mod base;
 pub mod dpo;
 pub mod eval;
 pub mod export;
+pub mod inputs;
+pub mod lora;
 pub mod merge;
+pub mod params;
 pub mod sft;
+mod training;
 
-use serde::de::DeserializeOwned;
-use toml::de::DeValue;
-use toml::Spanned;
+use std::path::Path;
 
-use crate::recipe::diag::Problem;
-use crate::recipe::span::Sp;
-use crate::recipe::{toml_problem, ParseContext};
+use crate::diag::span::Sp;
 use crate::stage::{ArtifactKind, FileInput, Registry, StageRef};
 
 /// Every kind this program ships.
@@ -27,23 +29,6 @@ pub fn builtin() -> Registry {
         .with(merge::Merge)
         .with(eval::Eval)
         .with(export::Export)
-}
-
-/// Deserialize a stage table into a kind's parameter struct, then range-check it.
-pub fn parse_table<T: DeserializeOwned>(
-    table: Spanned<DeValue<'_>>,
-    ctx: &ParseContext,
-    check: impl FnOnce(&T, &mut Vec<Problem>),
-) -> Result<T, Vec<Problem>> {
-    let params = T::deserialize(toml::de::ValueDeserializer::from(table))
-        .map_err(|e| vec![toml_problem(&e, &format!("in stage `{}`", ctx.stage))])?;
-    let mut problems = Vec::new();
-    check(&params, &mut problems);
-    if problems.is_empty() {
-        Ok(params)
-    } else {
-        Err(problems)
-    }
 }
 
 pub const MODEL: &[ArtifactKind] = &[ArtifactKind::Model];
@@ -62,24 +47,33 @@ pub fn stage_ref(
     }
 }
 
-pub fn file_input(
-    field: impl Into<String>,
-    written: &Sp<String>,
-    ctx_dir: &std::path::Path,
-) -> FileInput {
-    let p = std::path::Path::new(&written.value);
+/// `model`, then `adapter` and `reference` where given: the references of
+/// the kinds that use a model with an optional adapter.
+pub fn model_refs(
+    model: &Sp<String>,
+    adapter: &Option<Sp<String>>,
+    reference: Option<&Option<Sp<String>>>,
+) -> Vec<StageRef> {
+    let mut refs = vec![stage_ref("model", model, MODEL)];
+    if let Some(a) = adapter {
+        refs.push(stage_ref("adapter", a, ADAPTER));
+    }
+    if let Some(Some(r)) = reference {
+        refs.push(stage_ref("reference", r, MODEL_OR_ADAPTER));
+    }
+    refs
+}
+
+/// A file input named `field`, written relative to `recipe_dir`.
+pub fn file_input(field: impl Into<String>, written: &Sp<String>, recipe_dir: &Path) -> FileInput {
+    let p = Path::new(&written.value);
     FileInput {
         field: field.into(),
         path: if p.is_absolute() {
             p.to_path_buf()
         } else {
-            ctx_dir.join(p)
+            recipe_dir.join(p)
         },
         written: written.clone(),
     }
-}
-
-/// Serialize resolved parameters for the cache key.
-pub fn key_json<T: serde::Serialize>(params: &T) -> serde_json::Value {
-    serde_json::to_value(params).expect("parameters serialize to JSON")
 }

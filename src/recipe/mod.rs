@@ -1,10 +1,6 @@
 //! Recipes: TOML files declaring stages. Parsing keeps every span so that
 //! each problem points at what the user wrote.
 
-pub mod diag;
-pub mod params;
-pub mod span;
-
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -14,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::stage::{Registry, StageKind, StageParams};
-use diag::{did_you_mean, Problem, RecipeError};
-use span::Sp;
+use crate::diag::span::Sp;
+use crate::diag::{did_you_mean, toml_problem, unknown_key, Problem, RecipeError};
+use crate::stage::{DeviceSpec, Dtype, ParseContext, Registry, Stage};
 
 /// The `[recipe]` table.
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
@@ -29,46 +25,10 @@ pub struct RecipeHeader {
     pub seed: Sp<u64>,
     /// Default dtype of stages that compute: "f32", "bf16" or "f16".
     #[serde(default)]
-    pub dtype: Sp<params::Dtype>,
+    pub dtype: Sp<Dtype>,
     /// Default device: "auto", "cpu" or "cuda:N".
     #[serde(default)]
-    pub device: Sp<params::DeviceSpec>,
-}
-
-/// What a stage kind's parser needs besides the table.
-pub struct ParseContext<'a> {
-    pub stage: &'a str,
-    /// The folder relative paths are resolved against.
-    pub recipe_dir: &'a Path,
-    pub header: &'a RecipeHeader,
-}
-
-impl ParseContext<'_> {
-    /// Resolve a path written in the recipe against the recipe's folder.
-    pub fn resolve(&self, written: &str) -> PathBuf {
-        let p = Path::new(written);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.recipe_dir.join(p)
-        }
-    }
-}
-
-/// One parsed stage.
-#[derive(Debug)]
-pub struct Stage {
-    pub name: Sp<String>,
-    pub kind: Arc<dyn StageKind>,
-    pub params: Box<dyn StageParams>,
-    /// Span of the whole `[stages.<name>]` table.
-    pub span: Range<usize>,
-}
-
-impl std::fmt::Debug for dyn StageKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
+    pub device: Sp<DeviceSpec>,
 }
 
 /// A whole recipe, parsed and checked stage by stage (the DAG is checked in `graph`).
@@ -191,7 +151,8 @@ pub fn parse(
                         let ctx = ParseContext {
                             stage: name.get_ref(),
                             recipe_dir: &recipe_dir,
-                            header,
+                            span: value.span(),
+                            dtype: header.dtype.value,
                         };
                         match parse_stage(name, value, &defaults, registry, &ctx) {
                             Ok(stage) => stages.push(stage),
@@ -304,28 +265,16 @@ fn parse_stage(
         return Err(vec![p]);
     };
 
-    let mut merged = table.clone();
-    merged.remove("kind");
-    if let Some(adapter) = merged.get("adapter") {
-        if let Some(lora) = merged.get("lora") {
-            return Err(vec![Problem::new(format!(
-                "stage `{stage_name}` sets both `adapter` (continue an existing adapter) and `lora` (a new one)"
-            ))
-            .at(lora.span(), "a new adapter")
-            .also(adapter.span(), "continues this adapter")
-            .help(
-                "remove `lora` to keep training the adapter with its own r/alpha/targets (scheme one), \
-                 or remove `adapter` and merge it first to train a new one (scheme two)",
-            )]);
-        }
-    }
+    let mut written = table.clone();
+    written.remove("kind");
+    let mut merged = written.clone();
     if let Some(d) = defaults.get(kind.name()) {
         if let DeValue::Table(dt) = d.get_ref() {
             merge_tables(&mut merged, dt);
         }
     }
     let spanned = Spanned::new(value.span(), DeValue::Table(merged));
-    let params = kind.parse(spanned, ctx)?;
+    let params = kind.parse(&written, spanned, ctx)?;
     Ok(Stage {
         name: Sp::new(stage_name, name.span()),
         kind: kind.clone(),
@@ -365,43 +314,4 @@ fn merge_tables<'i>(table: &mut DeTable<'i>, defaults: &DeTable<'i>) {
             }
         }
     }
-}
-
-fn unknown_key(key: &Spanned<std::borrow::Cow<'_, str>>, known: &[&str], what: &str) -> Problem {
-    let word = key.get_ref();
-    let p =
-        Problem::new(format!("unknown {what} `{word}`")).at(key.span(), format!("unknown {what}"));
-    match did_you_mean(word, known.iter().copied()) {
-        Some(s) => p.help(format!("did you mean `{s}`?")),
-        None => p.help(format!("expected one of: {}", known.join(", "))),
-    }
-}
-
-/// Turn a toml/serde error into a problem, adding "did you mean" to unknown keys.
-pub fn toml_problem(e: &toml::de::Error, context: &str) -> Problem {
-    let message = e.message().trim().to_string();
-    let span = e.span().unwrap_or(0..0);
-    let mut problem = Problem::new(message.clone()).at(span, context.to_string());
-    if let Some((word, expected)) = parse_unknown_field(&message) {
-        let candidates: Vec<&str> = expected.iter().map(String::as_str).collect();
-        problem.message = format!("unknown key `{word}`");
-        problem = match did_you_mean(&word, candidates.iter().copied()) {
-            Some(s) => problem.help(format!("did you mean `{s}`?")),
-            None => problem.help(format!("expected one of: {}", candidates.join(", "))),
-        };
-    }
-    problem
-}
-
-/// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`").
-fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
-    let rest = message.strip_prefix("unknown field `")?;
-    let (word, rest) = rest.split_once('`')?;
-    let expected = rest
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect();
-    Some((word.to_string(), expected))
 }

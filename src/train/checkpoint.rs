@@ -1,6 +1,6 @@
 //! Checkpoints of a training stage, in its work folder:
 //! `ckpt-<step>/` holds the adapter weights, the optimizer moments and the
-//! loop state; `resume.json` names the newest. Each checkpoint is written
+//! loop state; a resume file (its path given by the caller) names the newest. Each checkpoint is written
 //! into a temporary folder, fsynced and renamed, so a kill at any moment
 //! leaves the previous checkpoint whole.
 
@@ -11,7 +11,6 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::plan::RESUME_FILE;
 
 /// Loop state besides tensors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,6 +54,7 @@ fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> anyhow::Resu
 /// Write a checkpoint for `state.step` and make it the one to resume from.
 pub fn save(
     work: &Path,
+    resume_file: &Path,
     state: &LoopState,
     params: &BTreeMap<String, Tensor>,
     optimizer: &BTreeMap<String, Tensor>,
@@ -67,10 +67,7 @@ pub fn save(
     fsutil::fsync_tree(staging.path())?;
     let target = work.join(name(state.step));
     fsutil::replace_dir(&staging.keep(), &target)?;
-    fsutil::write_json_atomic(
-        &work.join(RESUME_FILE),
-        &serde_json::json!({ "step": state.step }),
-    )?;
+    fsutil::write_json_atomic(resume_file, &serde_json::json!({ "step": state.step }))?;
     // Older checkpoints are no longer needed.
     for (step, dir) in list(work)? {
         if step != state.step {
@@ -138,7 +135,14 @@ mod tests {
             };
             let params = BTreeMap::from([("a".to_string(), t(step as f32))]);
             let opt = BTreeMap::from([("a.exp_avg".to_string(), t(0.5))]);
-            save(dir.path(), &state, &params, &opt).unwrap();
+            save(
+                dir.path(),
+                &dir.path().join("resume.json"),
+                &state,
+                &params,
+                &opt,
+            )
+            .unwrap();
         }
         let ck = latest(dir.path(), &Device::Cpu).unwrap().unwrap();
         assert_eq!(ck.state.step, 10);
@@ -149,7 +153,8 @@ mod tests {
         );
         assert_eq!(list(dir.path()).unwrap().len(), 1);
         let resume: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join(RESUME_FILE)).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(dir.path().join("resume.json")).unwrap())
+                .unwrap();
         assert_eq!(resume["step"], 10);
     }
 

@@ -5,12 +5,12 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::dpo_loss::DpoLoss;
 use super::dpo_loss::{dpo_loss, dpo_metrics, PairLogps};
 use super::trainer::{Metrics, Objective};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
 use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
-use crate::recipe::params::{DpoLoss, DpoSpec};
 
 /// Pairs per forward pass when computing reference log-probs and evaluating.
 const EVAL_BATCH: usize = 16;
@@ -130,18 +130,28 @@ impl PairScores {
     }
 }
 
+/// The preference loss and its settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DpoSettings {
+    pub loss: DpoLoss,
+    /// Temperature of the implicit reward.
+    pub beta: f64,
+    /// Probability that a preference label is flipped (cDPO, robust DPO).
+    pub label_smoothing: f64,
+}
+
 pub struct DpoObjective {
     pub train: DpoDataset,
     pub train_reference: PairScores,
     pub eval: Option<(DpoDataset, PairScores)>,
-    pub spec: DpoSpec,
+    pub settings: DpoSettings,
     pub pad_id: u32,
     pub device: Device,
 }
 
 impl DpoObjective {
     fn ipo(&self) -> bool {
-        self.spec.loss.value == DpoLoss::Ipo
+        self.settings.loss == DpoLoss::Ipo
     }
 
     /// Loss and metrics of `pairs` given policy sums/counts and reference scores at `idx`.
@@ -191,11 +201,11 @@ impl DpoObjective {
         };
         let loss = dpo_loss(
             &logps,
-            self.spec.loss.value,
-            self.spec.beta.value,
-            self.spec.label_smoothing.value,
+            self.settings.loss,
+            self.settings.beta,
+            self.settings.label_smoothing,
         )?;
-        let m = dpo_metrics(&logps, self.spec.beta.value)?;
+        let m = dpo_metrics(&logps, self.settings.beta)?;
         let metrics = match serde_json::to_value(&m)? {
             serde_json::Value::Object(o) => o
                 .into_iter()

@@ -2,7 +2,24 @@
 
 use candle_core::{Result, Tensor, D};
 
-use crate::recipe::params::DpoLoss;
+use serde::{Deserialize, Serialize};
+
+/// DPO loss variants.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// -log σ(β·m), with cDPO label smoothing.
+    #[default]
+    Sigmoid,
+    /// (m - 1/(2β))², on length-normalised log-probs.
+    Ipo,
+    /// max(0, 1 - β·m).
+    Hinge,
+    /// Robust DPO (unbiased under label noise).
+    Robust,
+}
 
 /// Per-sequence summed log-probabilities of one batch (shape [B] each).
 pub struct PairLogps<'a> {

@@ -1,11 +1,12 @@
 //! Training: the optimizer, schedules, losses, checkpoints and the loop
-//! shared by the `sft` and `dpo` stages.
+//! shared by the `sft` and `dpo` stages. A library: it takes plain values
+//! (paths, settings, a progress sink, an interrupt flag) and knows nothing
+//! of recipes, stages or the cache.
 
 pub mod adamw;
 pub mod checkpoint;
 pub mod dpo;
 pub mod dpo_loss;
-pub mod inputs;
 pub mod order;
 pub mod samples;
 pub mod scaler;

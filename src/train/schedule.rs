@@ -1,7 +1,19 @@
 //! Learning-rate schedules with linear warmup, as Hugging Face's
 //! `get_*_schedule_with_warmup` define them (so recipes port over unchanged).
 
-use crate::recipe::params::Schedule;
+use serde::{Deserialize, Serialize};
+
+/// Learning-rate schedule after warmup.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    #[default]
+    Linear,
+    Cosine,
+}
 
 /// Learning rate for optimizer step `step` (0-based) of `total`.
 pub fn lr_at(schedule: Schedule, peak: f64, step: u64, total: u64, warmup: u64) -> f64 {

@@ -12,9 +12,12 @@ use super::adamw::{clip_factor, AdamW, AdamWConfig};
 use super::checkpoint::{self, LoopState};
 use super::order;
 use super::schedule::lr_at;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::schedule::Schedule;
 use crate::model::decoder::{Decoder, Mode};
-use crate::recipe::params::TrainSpec;
-use crate::stage::{Interrupted, RunContext};
+use crate::sink::{Interrupted, Progress};
 
 /// Scalar metrics by TRL's names.
 pub type Metrics = BTreeMap<String, f64>;
@@ -40,12 +43,46 @@ pub trait Objective {
 /// Metrics file in the work folder (survives a crash; copied into the artifact at the end).
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// What the loop needs besides the model and the objective.
-pub struct LoopSettings<'a> {
-    pub train: &'a TrainSpec,
+/// The optimisation settings of one run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopSettings {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Examples per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Linear warmup steps.
+    pub warmup: u64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Clip gradients to this global norm; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only on Ctrl-C).
+    pub checkpoint_every: u64,
+    /// Seed of the data order and dropout masks.
     pub seed: u64,
     /// Whether dropout is active while training (LoRA dropout > 0 and not disabled).
     pub dropout: bool,
+}
+
+/// Where the loop keeps its files and whom it tells.
+pub struct LoopEnv<'a> {
+    /// Survives crashes: checkpoints and the metrics written so far.
+    pub work_dir: &'a Path,
+    /// The file that says which step a rerun would resume from (read by `plan`).
+    pub resume_file: &'a Path,
+    /// Where the finished run's metrics.jsonl goes.
+    pub out_dir: &'a Path,
+    pub progress: &'a dyn Progress,
+    /// Set by Ctrl-C: checkpoint at the next step boundary and stop.
+    pub interrupt: &'a AtomicBool,
 }
 
 /// Train the model's LoRA parameters; returns the final metrics.
@@ -53,9 +90,8 @@ pub fn train(
     model: &Decoder,
     objective: &dyn Objective,
     s: &LoopSettings,
-    ctx: &mut RunContext,
+    env: &LoopEnv,
 ) -> anyhow::Result<Metrics> {
-    let spec = s.train;
     let params = model.lora_parameters();
     anyhow::ensure!(
         !params.is_empty(),
@@ -64,18 +100,14 @@ pub fn train(
     let mut optimizer = AdamW::new(
         params.clone(),
         AdamWConfig {
-            beta1: spec.betas.value[0],
-            beta2: spec.betas.value[1],
-            eps: spec.eps.value,
-            weight_decay: spec.weight_decay.value,
+            beta1: s.betas[0],
+            beta2: s.betas[1],
+            eps: s.eps,
+            weight_decay: s.weight_decay,
         },
     )?;
-    let (steps, batch, accum) = (
-        spec.steps.value,
-        spec.batch.value as usize,
-        spec.grad_accum.value as u64,
-    );
-    let metrics_path = ctx.work_dir.join(METRICS_FILE);
+    let (steps, batch, accum) = (s.steps, s.batch, s.grad_accum);
+    let metrics_path = env.work_dir.join(METRICS_FILE);
     let mut state = LoopState {
         step: 0,
         metrics_lines: 0,
@@ -84,7 +116,7 @@ pub fn train(
         // f16 gradients underflow without loss scaling; bf16 and f32 need none.
         scaler: (model.dtype == candle_core::DType::F16).then(super::scaler::LossScaler::default),
     };
-    match checkpoint::latest(&ctx.work_dir, &model.device)? {
+    match checkpoint::latest(env.work_dir, &model.device)? {
         Some(ck) => {
             for (name, var) in &params {
                 let t = ck
@@ -96,7 +128,7 @@ pub fn train(
             optimizer.load_state(&ck.optimizer, ck.state.step)?;
             state = ck.state;
             truncate_lines(&metrics_path, state.metrics_lines)?;
-            ctx.progress
+            env.progress
                 .log(&format!("resuming from step {}", state.step));
         }
         None => {
@@ -135,23 +167,23 @@ pub fn train(
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        checkpoint::save(&ctx.work_dir, state, &tensors, &optimizer.state())
+        checkpoint::save(
+            env.work_dir,
+            env.resume_file,
+            state,
+            &tensors,
+            &optimizer.state(),
+        )
     };
 
-    ctx.progress.set_total(steps);
-    ctx.progress.set_position(state.step, "");
+    env.progress.set_total(steps);
+    env.progress.set_position(state.step, "");
     let mut last: Metrics = Metrics::new();
     let (mut tokens_total, clock) = (0usize, Instant::now());
     while state.step < steps {
         let step = state.step;
         let started = Instant::now();
-        let lr = lr_at(
-            spec.schedule.value,
-            spec.lr.value,
-            step,
-            steps,
-            spec.warmup.value,
-        );
+        let lr = lr_at(s.schedule, s.lr, step, steps, s.warmup);
         let mut grads: Option<Vec<Tensor>> = None;
         let mut sums = Metrics::new();
         let mut tokens = 0;
@@ -196,11 +228,11 @@ pub fn train(
             });
         }
         let mut grads = grads.expect("at least one micro-batch");
-        let (norm, factor) = clip_factor(&grads, spec.max_grad_norm.value)?;
+        let (norm, factor) = clip_factor(&grads, s.max_grad_norm)?;
         if let Some(scaler) = state.scaler.as_mut() {
             if !scaler.update(norm.is_finite()) {
                 // Overflow under loss scaling: skip this step with a smaller scale.
-                ctx.progress.log(&format!(
+                env.progress.log(&format!(
                     "step {}: f16 gradients overflowed; skipped, loss scale now {}",
                     step + 1,
                     scaler.scale
@@ -228,7 +260,7 @@ pub fn train(
             line[k] = (*v).into();
         }
         write_line(&mut metrics_file, &mut state, line)?;
-        ctx.progress.set_position(
+        env.progress.set_position(
             state.step,
             &format!("loss {:.4} {:.0} tok/s", sums["loss"], tokens_per_s),
         );
@@ -237,18 +269,18 @@ pub fn train(
 
         let done = state.step;
         let every = |n: u64| n > 0 && done.is_multiple_of(n) && done < steps;
-        if every(spec.eval_every.value) {
+        if every(s.eval_every) {
             let eval = objective.evaluate(model)?;
             write_eval(&mut metrics_file, &mut state, &eval)?;
         }
-        if ctx.interrupted() {
+        if env.interrupt.load(Ordering::SeqCst) {
             metrics_file.sync_all()?;
             save(&state, &optimizer)?;
-            ctx.progress
+            env.progress
                 .log(&format!("checkpointed at step {}", state.step));
             return Err(Interrupted.into());
         }
-        if every(spec.checkpoint_every.value) {
+        if every(s.checkpoint_every) {
             metrics_file.sync_all()?;
             save(&state, &optimizer)?;
         }
@@ -257,7 +289,7 @@ pub fn train(
     let eval = objective.evaluate(model)?;
     write_eval(&mut metrics_file, &mut state, &eval)?;
     metrics_file.sync_all()?;
-    std::fs::copy(&metrics_path, ctx.out_dir.join(METRICS_FILE))?;
+    std::fs::copy(&metrics_path, env.out_dir.join(METRICS_FILE))?;
     let mut out = last;
     out.extend(eval);
     out.insert("steps".into(), steps as f64);

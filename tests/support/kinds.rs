@@ -2,12 +2,12 @@
 
 use std::io::Write;
 
-use lora_runner::kinds::{parse_table, stage_ref, MODEL};
-use lora_runner::recipe::diag::Problem;
-use lora_runner::recipe::span::Sp;
-use lora_runner::recipe::ParseContext;
+use lora_runner::diag::checks::at_least;
+use lora_runner::diag::span::Sp;
+use lora_runner::diag::Problem;
+use lora_runner::kinds::{stage_ref, MODEL};
 use lora_runner::stage::{
-    ArtifactKind, FileInput, Interrupted, Registry, RunContext, StageKind, StageParams, StageRef,
+    ArtifactKind, FileInput, Interrupted, Kind, ParseContext, Registry, Role, RunContext, StageRef,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,31 +37,9 @@ fn one() -> Sp<u64> {
     Sp::implicit(1)
 }
 
-impl StageParams for EmitParams {
-    fn key_params(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap();
-        // Timing does not change the result.
-        v.as_object_mut().unwrap().remove("sleep_ms");
-        v
-    }
-    fn refs(&self) -> Vec<StageRef> {
-        self.input
-            .iter()
-            .map(|i| stage_ref("input", i, MODEL))
-            .collect()
-    }
-    fn files(&self) -> Vec<FileInput> {
-        self.data
-            .iter()
-            .map(|d| lora_runner::kinds::file_input("data", d, &self.dir))
-            .collect()
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
+impl Kind for Emit {
+    type Params = EmitParams;
 
-impl StageKind for Emit {
     fn name(&self) -> &'static str {
         "emit"
     }
@@ -71,28 +49,37 @@ impl StageKind for Emit {
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Model
     }
-    fn role(&self) -> lora_runner::stage::Role {
-        lora_runner::stage::Role::Source
+    fn role(&self) -> Role {
+        Role::Source
     }
     fn summary(&self) -> &'static str {
         "test kind"
     }
-    fn parse(
-        &self,
-        table: toml::Spanned<toml::de::DeValue<'_>>,
-        ctx: &ParseContext,
-    ) -> Result<Box<dyn StageParams>, Vec<Problem>> {
-        let mut p: EmitParams = parse_table(table, ctx, |p: &EmitParams, problems| {
-            lora_runner::recipe::params::at_least(problems, "steps", &p.steps, 1);
-        })?;
+    fn prepare(&self, p: &mut EmitParams, ctx: &ParseContext) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        at_least(&mut problems, "steps", &p.steps, 1);
         p.dir = ctx.recipe_dir.to_path_buf();
-        Ok(Box::new(p))
+        problems
     }
-    fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        generator.subschema_for::<EmitParams>()
+    fn key_params(&self, p: &EmitParams) -> serde_json::Value {
+        let mut v = serde_json::to_value(p).unwrap();
+        // Timing does not change the result.
+        v.as_object_mut().unwrap().remove("sleep_ms");
+        v
     }
-    fn run(&self, params: &dyn StageParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let p = params.as_any().downcast_ref::<EmitParams>().unwrap();
+    fn refs(&self, p: &EmitParams) -> Vec<StageRef> {
+        p.input
+            .iter()
+            .map(|i| stage_ref("input", i, MODEL))
+            .collect()
+    }
+    fn files(&self, p: &EmitParams) -> Vec<FileInput> {
+        p.data
+            .iter()
+            .map(|d| lora_runner::kinds::file_input("data", d, &p.dir))
+            .collect()
+    }
+    fn run(&self, p: &EmitParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         if let Ok(counter) = std::env::var("LR_COUNTER") {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)

@@ -2,6 +2,7 @@
 //! and a child-process runner with test-only stage kinds.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod kinds;
 
 use std::path::{Path, PathBuf};
@@ -126,11 +127,15 @@ pub const CHILD_ENV: &str = "LORA_RUNNER_TEST_CHILD_ARGS";
 
 /// Call from a `#[test] fn child_entry()` in each test binary that uses `Workspace::child`.
 pub fn child_entry() {
+    child_entry_with(kinds::registry());
+}
+
+/// As `child_entry`, with the stage kinds of `registry`.
+pub fn child_entry_with(registry: lora_runner::stage::Registry) {
     let Ok(args) = std::env::var(CHILD_ENV) else {
         return;
     };
     let args: Vec<String> = serde_json::from_str(&args).unwrap();
-    let registry = kinds::registry();
     let code =
         lora_runner::cli::run_with(std::iter::once("runner".to_string()).chain(args), &registry);
     std::process::exit(code);

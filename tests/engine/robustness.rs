@@ -1,10 +1,9 @@
 //! Bad input never panics: mutated recipes give errors that render.
 
-mod support;
-
+use crate::support;
 use std::sync::Arc;
 
-const VALID: &str = include_str!("../recipes/demo.toml");
+const VALID: &str = include_str!("../../recipes/demo.toml");
 
 #[test]
 fn mutated_recipes_never_panic_and_their_errors_render() {

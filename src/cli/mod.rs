@@ -1,31 +1,26 @@
-//! The `runner` command line: a thin layer over the engine modules.
+//! The `runner` command line: a thin layer over the engine. It parses the
+//! arguments, calls one engine entry point per command, and renders typed
+//! errors with their exit codes (`error`).
+
+mod error;
+
+pub use error::{exit, Error};
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::cache::Cache;
+use crate::diag::Problem;
 use crate::exec::{self, Outcome, Selection};
 use crate::graph::{self, Dag};
 use crate::plan::{self, Overrides, Plan};
 use crate::recipe::{self, LoadError, Recipe};
-use crate::stage::Registry;
+use crate::stage::{DeviceSpec, Registry};
 use crate::{gc, report, schema};
-
-/// Exit codes, stable for scripts.
-pub mod exit {
-    /// Everything asked for is done.
-    pub const OK: i32 = 0;
-    /// A stage failed (others may have finished and stay cached).
-    pub const STAGE_FAILED: i32 = 1;
-    /// The recipe or the command line is wrong; nothing ran.
-    pub const USAGE: i32 = 2;
-    /// Interrupted with Ctrl-C; finished stages stay cached, a training stage checkpointed.
-    pub const INTERRUPTED: i32 = 130;
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,10 +28,9 @@ pub mod exit {
     version,
     about = "Declarative, cached, resumable two-stage LoRA fine-tuning (SFT, then DPO)",
     long_about = "Declarative, cached, resumable two-stage LoRA fine-tuning (SFT, then DPO).\n\n\
-        A TOML recipe declares stages (base, adapter, sft, dpo, merge, eval, export) that refer to \
+        A TOML recipe declares stages (see the stage kinds below) that refer to \
         each other by name. `runner plan` shows what would run and why; `runner run` runs it, \
-        skipping every stage whose inputs have not changed since it last ran.\n\n\
-        Exit codes: 0 done, 1 a stage failed, 2 bad recipe or usage, 130 interrupted."
+        skipping every stage whose inputs have not changed since it last ran."
 )]
 pub struct Cli {
     /// Cache folder (artifacts, keys, checkpoints).
@@ -50,7 +44,7 @@ pub struct Cli {
     /// cuda:N. Overrides the recipe's `device`; the device kind enters the keys of stages
     /// that compute.
     #[arg(long, global = true, env = "RUNNER_DEVICE", value_name = "DEVICE")]
-    pub device: Option<crate::recipe::params::DeviceSpec>,
+    pub device: Option<DeviceSpec>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -135,39 +129,23 @@ pub enum Command {
     },
 }
 
-/// An error with the exit code it maps to.
-pub struct Failure {
-    pub code: i32,
-    pub message: String,
-}
-
-impl Failure {
-    fn usage(message: impl Into<String>) -> Self {
-        Failure {
-            code: exit::USAGE,
-            message: message.into(),
-        }
-    }
-    fn internal(message: impl Into<String>) -> Self {
-        Failure {
-            code: exit::STAGE_FAILED,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<std::io::Error> for Failure {
-    fn from(e: std::io::Error) -> Self {
-        Failure::internal(format!("error: {e}"))
-    }
-}
-
 fn color() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-fn recipe_failure(e: crate::recipe::diag::RecipeError) -> Failure {
-    Failure::usage(e.render(color()))
+/// The command line, with the stage kinds of `registry` and the exit codes in `--help`.
+fn command(registry: &Registry) -> clap::Command {
+    let width = registry.names().map(str::len).max().unwrap_or(0);
+    let mut help = String::from("Stage kinds:\n");
+    for kind in registry.kinds() {
+        help.push_str(&format!("  {:width$}  {}\n", kind.name(), kind.summary()));
+    }
+    help.push_str(
+        "\nExit codes:\n  0    done\n  1    a stage failed (finished stages stay cached)\n  \
+         2    bad recipe or usage; nothing ran\n  3    the cache, a file or the device failed\n  \
+         130  interrupted (Ctrl-C); running stages checkpointed",
+    );
+    Cli::command().after_long_help(help)
 }
 
 /// The program's entry point with the built-in stage kinds.
@@ -181,7 +159,10 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
+    let parsed = command(registry)
+        .try_get_matches_from(args)
+        .and_then(|matches| Cli::from_arg_matches(&matches));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -194,13 +175,12 @@ where
     };
     set_threads(cli.threads);
     match dispatch(cli, registry) {
-        Ok(code) => code,
-        Err(f) => {
-            eprint!("{}", f.message);
-            if !f.message.ends_with('\n') {
-                eprintln!();
+        Ok(()) => exit::OK,
+        Err(e) => {
+            if let Some(text) = e.render(color()) {
+                eprint!("{text}");
             }
-            f.code
+            e.exit_code()
         }
     }
 }
@@ -211,31 +191,52 @@ pub struct Checked {
     pub dag: Dag,
 }
 
-pub fn check(path: &Path, registry: &Registry) -> Result<Checked, Failure> {
+pub fn check(path: &Path, registry: &Registry) -> Result<Checked, Error> {
     let recipe = recipe::load(path, registry).map_err(|e| match e {
-        LoadError::Io { .. } => Failure::usage(format!("error: {e}")),
-        LoadError::Invalid(e) => recipe_failure(e),
+        LoadError::Io { path, source } => Error::RecipeUnreadable { path, source },
+        LoadError::Invalid(e) => Error::Recipe(e),
     })?;
-    let dag = graph::build(&recipe).map_err(recipe_failure)?;
+    let dag = graph::build(&recipe)?;
     Ok(Checked { recipe, dag })
 }
 
-fn make_plan(checked: &Checked, cache: &Cache, overrides: &Overrides) -> Result<Plan, Failure> {
-    plan::plan(&checked.recipe, &checked.dag, cache, overrides).map_err(|e| match e {
-        plan::PlanError::Recipe(e) => recipe_failure(e),
-        plan::PlanError::Io(e) => Failure::internal(format!("error: {e}")),
+/// The device the recipe's stages compute on: `--device`, else the recipe's
+/// `device`, with `auto` decided and a GPU checked to be there.
+fn resolve_device(checked: &Checked, asked: &Option<DeviceSpec>) -> Result<DeviceSpec, Error> {
+    let header = &checked.recipe.header.device;
+    let (wanted, span) = match asked {
+        Some(d) => (d, 0..0),
+        None => (&header.value, header.span.clone()),
+    };
+    crate::device::resolve(wanted).map_err(|message| {
+        Error::Recipe(
+            checked
+                .recipe
+                .error(vec![Problem::new(message).at(span, "device")]),
+        )
     })
 }
 
-fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
-    let defaults = Overrides {
-        force: Vec::new(),
-        device: cli.device.clone(),
+fn make_plan(
+    checked: &Checked,
+    cache: &Cache,
+    force: &[String],
+    device: &Option<DeviceSpec>,
+) -> Result<Plan, Error> {
+    let overrides = Overrides {
+        force: force.to_vec(),
+        device: resolve_device(checked, device)?,
     };
-    let open_cache = || {
-        Cache::open(&cli.cache)
-            .map_err(|e| Failure::internal(format!("error: cache {}: {e}", cli.cache.display())))
-    };
+    plan::plan(&checked.recipe, &checked.dag, cache, &overrides).map_err(|e| match e {
+        plan::PlanError::Recipe(e) => Error::Recipe(e),
+        plan::PlanError::Io(e) => Error::io(format!("cache {}", cache.root.display()))(e),
+    })
+}
+
+fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
+    let device = &cli.device;
+    let open_cache =
+        || Cache::open(&cli.cache).map_err(Error::io(format!("cache {}", cli.cache.display())));
     match &cli.command {
         Command::Schema { plan } => {
             let schema = if *plan {
@@ -247,12 +248,12 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 "{}",
                 serde_json::to_string_pretty(&schema).expect("schema serializes")
             );
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Plan { recipe, json } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &defaults)?;
+            let plan = make_plan(&checked, &cache, &[], device)?;
             if *json {
                 println!(
                     "{}",
@@ -262,7 +263,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             } else {
                 print!("{}", report::plan_text(&checked.recipe, &plan, &cache));
             }
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Run {
             recipe,
@@ -273,18 +274,14 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             let checked = check(recipe, registry)?;
             for name in force.iter().chain(only).chain(until) {
                 if checked.recipe.stage(name).is_none() {
-                    return Err(Failure::usage(format!(
-                        "error: no stage `{name}` in {}",
+                    return Err(Error::Usage(format!(
+                        "no stage `{name}` in {}",
                         recipe.display()
                     )));
                 }
             }
             let cache = open_cache()?;
-            let overrides = Overrides {
-                force: force.clone(),
-                device: cli.device.clone(),
-            };
-            let plan = make_plan(&checked, &cache, &overrides)?;
+            let plan = make_plan(&checked, &cache, force, device)?;
             let selection = Selection {
                 only: only.clone(),
                 until: until.clone(),
@@ -298,12 +295,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 String::from(plan.device.clone()),
                 String::from(wanted)
             );
-            let selected = exec::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(
-                |e| match e {
-                    exec::ExecError::Io(e) => Failure::internal(format!("error: {e}")),
-                    other => Failure::usage(format!("error: {other}")),
-                },
-            )?;
+            let selected = exec::select(&checked.recipe, &checked.dag, &plan, &selection)
+                .map_err(exec_error)?;
             let interrupt = install_interrupt();
             let reporter = crate::progress::reporter();
             let outcome = exec::execute(
@@ -314,7 +307,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 reporter.as_ref(),
                 &interrupt,
             )
-            .map_err(|e| Failure::internal(format!("error: {e}")))?;
+            .map_err(exec_error)?;
             let ran = outcome
                 .stages
                 .iter()
@@ -330,15 +323,15 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 outcome.stages.len() - ran - cached
             );
             if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
-                return Ok(exit::INTERRUPTED);
+                return Err(Error::Interrupted);
             }
             if outcome.failed() {
-                return Ok(exit::STAGE_FAILED);
+                return Err(Error::StageFailed);
             }
             // A whole recipe with two schemes: show them side by side, as `runner compare` does.
             let leaves = crate::comparison::leaf_training_stages(&checked.recipe, &checked.dag);
             if selection.only.is_none() && selection.until.is_none() && leaves.len() >= 2 {
-                let plan = make_plan(&checked, &cache, &defaults)?;
+                let plan = make_plan(&checked, &cache, &[], device)?;
                 if let Ok(summaries) =
                     crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
                 {
@@ -347,14 +340,14 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                     println!("report: {}", report.display());
                 }
             }
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Status { recipe } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &defaults)?;
+            let plan = make_plan(&checked, &cache, &[], device)?;
             print!("{}", report::status_text(&checked.recipe, &plan, &cache));
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Show {
             recipe,
@@ -363,27 +356,28 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &defaults)?;
+            let plan = make_plan(&checked, &cache, &[], device)?;
             let planned = plan.by_name(stage).ok_or_else(|| {
-                Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
+                Error::Usage(format!("no stage `{stage}` in {}", recipe.display()))
             })?;
-            let out = report::show(&cache, planned, *json).map_err(Failure::usage)?;
+            let out = report::show(&cache, planned, *json).map_err(Error::Usage)?;
             println!("{out}");
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Export { recipe, stage, dir } => {
             let (_, cache, artifact) =
-                cached_artifact(recipe, stage, registry, &open_cache, &defaults)?;
-            let from = crate::kinds::export::payload_dir(&cache.artifact_dir(&artifact))
-                .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
-            let files = crate::kinds::export::export_folder(&from, dir)
-                .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+                cached_artifact(recipe, stage, registry, &open_cache, device)?;
+            let from = crate::cache::payload_dir(&cache.artifact_dir(&artifact))
+                .map_err(Error::io(format!("artifact of `{stage}`")))?;
+            let files = crate::kinds::export::export_folder(&from, dir).map_err(
+                Error::environment(format!("exporting `{stage}` to {}", dir.display())),
+            )?;
             eprintln!(
                 "exported `{stage}` ({} files) to {}",
                 files.len(),
                 dir.display()
             );
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Compare {
             recipe,
@@ -392,10 +386,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
         } => {
             let checked = check(recipe, registry)?;
             let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &defaults)?;
+            let plan = make_plan(&checked, &cache, &[], device)?;
             let summaries =
                 crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
-                    .map_err(|e| Failure::usage(format!("error: {e}")))?;
+                    .map_err(Error::Usage)?;
             let report = write_report(&checked.recipe, &cache, &summaries)?;
             if *json {
                 let mut value = crate::compare::json(&summaries);
@@ -408,14 +402,13 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 print!("{}", crate::compare::text_table(&summaries));
                 println!("report: {}", report.display());
             }
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Selftest => {
             let wanted = cli.device.clone().unwrap_or_default();
-            let device = crate::device::resolve(&wanted)
-                .map_err(|e| Failure::usage(format!("error: {e}")))?;
+            let device = crate::device::resolve(&wanted).map_err(Error::Usage)?;
             let diff = crate::train::with_big_stack(|| crate::device::logits_check(&device))
-                .map_err(|e| Failure::internal(format!("error: {e:#}")))?;
+                .map_err(Error::environment("selftest"))?;
             let ok = diff <= 1e-3;
             println!(
                 "logits on {} vs cpu (f32): max abs diff {diff:.3e} ({})",
@@ -426,44 +419,49 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                     "FAILED, above 1e-3"
                 }
             );
-            Ok(if ok { exit::OK } else { exit::STAGE_FAILED })
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::StageFailed)
+            }
         }
         Command::Pin { recipe, stage } => {
             let (checked, cache, artifact) =
-                cached_artifact(recipe, stage, registry, &open_cache, &defaults)?;
+                cached_artifact(recipe, stage, registry, &open_cache, device)?;
             let name = format!("{}.{stage}", checked.recipe.header.name.value);
-            gc::pin(&cache, &name, &artifact)?;
+            gc::pin(&cache, &name, &artifact).map_err(Error::io("writing the pin"))?;
             println!("pinned {name} = {}", crate::cache::short(&artifact));
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Unpin { name } => {
             let cache = open_cache()?;
             match name {
                 Some(name) => {
-                    if !gc::unpin(&cache, name)? {
-                        return Err(Failure::usage(format!("error: no pin `{name}`")));
+                    if !gc::unpin(&cache, name).map_err(Error::io("removing the pin"))? {
+                        return Err(Error::Usage(format!("no pin `{name}`")));
                     }
                     println!("unpinned {name}");
                 }
                 None => {
-                    for (name, artifact) in gc::pins(&cache)? {
+                    for (name, artifact) in gc::pins(&cache).map_err(Error::io("reading pins"))? {
                         println!("{name} = {artifact}");
                     }
                 }
             }
-            Ok(exit::OK)
+            Ok(())
         }
         Command::Gc { recipes, delete } => {
             let cache = open_cache()?;
             let mut keep = Vec::new();
             for r in recipes {
                 let checked = check(r, registry)?;
-                let plan = make_plan(&checked, &cache, &defaults)?;
+                let plan = make_plan(&checked, &cache, &[], device)?;
                 keep.extend(plan.stages.iter().map(|s| s.key.clone()));
             }
-            let summary = gc::collect(&cache, &keep, *delete)?;
+            let summary = gc::collect(&cache, &keep, *delete)
+                .map_err(Error::io(format!("gc in {}", cache.root.display())))?;
             print!("{summary}");
-            Ok(exit::OK)
+            Ok(())
         }
     }
 }
@@ -473,11 +471,10 @@ fn write_report(
     recipe: &Recipe,
     cache: &Cache,
     summaries: &[crate::compare::StageSummary],
-) -> Result<PathBuf, Failure> {
+) -> Result<PathBuf, Error> {
     let dir = crate::comparison::report_dir(cache, recipe);
-    std::fs::create_dir_all(&dir)?;
-    let internal =
-        |e: anyhow::Error| Failure::internal(format!("error: writing the report: {e:#}"));
+    std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    let internal = |e: anyhow::Error| Error::environment("writing the report")(e);
     crate::compare::loss_chart(summaries, dir.join("loss.svg")).map_err(internal)?;
     let mut charts = vec![(
         crate::compare::LOSS_CHART_TITLE.to_string(),
@@ -500,7 +497,8 @@ fn write_report(
         crate::compare::markdown_report(summaries, &charts)
     );
     let path = dir.join("report.md");
-    crate::fsutil::write_atomic(&path, markdown.as_bytes())?;
+    crate::fsutil::write_atomic(&path, markdown.as_bytes())
+        .map_err(Error::io(format!("writing {}", path.display())))?;
     Ok(path)
 }
 
@@ -509,18 +507,18 @@ fn cached_artifact(
     recipe: &Path,
     stage: &str,
     registry: &Registry,
-    open_cache: &dyn Fn() -> Result<Cache, Failure>,
-    defaults: &Overrides,
-) -> Result<(Checked, Cache, String), Failure> {
+    open_cache: &dyn Fn() -> Result<Cache, Error>,
+    device: &Option<DeviceSpec>,
+) -> Result<(Checked, Cache, String), Error> {
     let checked = check(recipe, registry)?;
     let cache = open_cache()?;
-    let plan = make_plan(&checked, &cache, defaults)?;
-    let planned = plan.by_name(stage).ok_or_else(|| {
-        Failure::usage(format!("error: no stage `{stage}` in {}", recipe.display()))
-    })?;
+    let plan = make_plan(&checked, &cache, &[], device)?;
+    let planned = plan
+        .by_name(stage)
+        .ok_or_else(|| Error::Usage(format!("no stage `{stage}` in {}", recipe.display())))?;
     let plan::Status::Cached { artifact } = &planned.status else {
-        return Err(Failure::usage(format!(
-            "error: stage `{stage}` has no cached artifact ({}); run `runner run {} --until {stage}` first",
+        return Err(Error::Usage(format!(
+            "stage `{stage}` has no cached artifact ({}); run `runner run {} --until {stage}` first",
             planned.reason(),
             recipe.display()
         )));
@@ -561,4 +559,12 @@ fn install_interrupt() -> Arc<AtomicBool> {
         flag
     })
     .clone()
+}
+
+/// Errors of selecting and running stages: a name or an order the user got wrong, or I/O.
+fn exec_error(e: exec::ExecError) -> Error {
+    match e {
+        exec::ExecError::Io(e) => Error::io("running stages")(e),
+        other => Error::Usage(other.to_string()),
+    }
 }

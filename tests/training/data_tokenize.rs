@@ -1,9 +1,7 @@
 //! Tokenization and chat-template rendering against hand-computed ids and
 //! strings.
 
-mod common;
-
-use common::*;
+use crate::support::fixtures::*;
 use lora_runner::data::{
     load_dpo, load_sft, ChatTemplate, DataError, EosPolicy, Message, RowError, TemplateChoice,
     TokenizeSettings,

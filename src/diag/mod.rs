@@ -1,5 +1,9 @@
 //! Recipe diagnostics: every problem points at the file, line and column
 //! of what the user wrote, and is rendered with the offending line shown.
+//! A leaf: the engine and the stage kinds report through it.
+
+pub mod checks;
+pub mod span;
 
 use std::fmt;
 use std::ops::Range;
@@ -188,4 +192,48 @@ pub fn did_you_mean<'a>(
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
+}
+
+/// A problem for a key nobody knows, with the closest known one as help.
+pub fn unknown_key(
+    key: &toml::Spanned<std::borrow::Cow<'_, str>>,
+    known: &[&str],
+    what: &str,
+) -> Problem {
+    let word = key.get_ref();
+    let p =
+        Problem::new(format!("unknown {what} `{word}`")).at(key.span(), format!("unknown {what}"));
+    match did_you_mean(word, known.iter().copied()) {
+        Some(s) => p.help(format!("did you mean `{s}`?")),
+        None => p.help(format!("expected one of: {}", known.join(", "))),
+    }
+}
+
+/// Turn a toml/serde error into a problem, adding "did you mean" to unknown keys.
+pub fn toml_problem(e: &toml::de::Error, context: &str) -> Problem {
+    let message = e.message().trim().to_string();
+    let span = e.span().unwrap_or(0..0);
+    let mut problem = Problem::new(message.clone()).at(span, context.to_string());
+    if let Some((word, expected)) = parse_unknown_field(&message) {
+        let candidates: Vec<&str> = expected.iter().map(String::as_str).collect();
+        problem.message = format!("unknown key `{word}`");
+        problem = match did_you_mean(&word, candidates.iter().copied()) {
+            Some(s) => problem.help(format!("did you mean `{s}`?")),
+            None => problem.help(format!("expected one of: {}", candidates.join(", "))),
+        };
+    }
+    problem
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`").
+fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (word, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    Some((word.to_string(), expected))
 }

@@ -1,12 +1,11 @@
 //! Training stages end to end on a tiny model: learning in both schemes,
 //! exact resume after SIGKILL, determinism, failures that name their cause.
 
-mod support;
-
+use crate::support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::{plan_entry, Workspace};
+use crate::support::{plan_entry, Workspace};
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,8 +1,6 @@
 //! On-disk round trip, settings identity and padded micro-batches.
 
-mod common;
-
-use common::*;
+use crate::support::fixtures::*;
 use lora_runner::data::{
     dpo_micro_batches, load_dpo, load_sft, sft_micro_batches, tokenization_identity, DataError,
     DatasetKind, DpoDataset, DpoExample, Padding, SftDataset, SftExample, TokenizeSettings,

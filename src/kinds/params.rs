@@ -3,66 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::diag::Problem;
-use super::span::Sp;
-
-/// Numeric type of weights and compute.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    #[default]
-    F32,
-    Bf16,
-    F16,
-}
-
-/// Where to compute: "auto" (a GPU when the binary has CUDA and one is present), "cpu" or "cuda:N".
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
-#[serde(into = "String")]
-#[schemars(with = "String")]
-pub enum DeviceSpec {
-    #[default]
-    Auto,
-    Cpu,
-    Cuda(u32),
-}
-
-impl From<DeviceSpec> for String {
-    fn from(d: DeviceSpec) -> String {
-        match d {
-            DeviceSpec::Auto => "auto".into(),
-            DeviceSpec::Cpu => "cpu".into(),
-            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-        }
-    }
-}
-
-impl std::str::FromStr for DeviceSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(DeviceSpec::Auto),
-            "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceSpec::Cuda)
-                .ok_or_else(|| {
-                    format!("unknown device `{s}`: expected \"auto\", \"cpu\" or \"cuda:N\"")
-                }),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for DeviceSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+use crate::diag::checks::{at_least, non_negative, positive, unit_interval};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
 
 /// Which modules get LoRA layers: a list of names (exact, or matching the
 /// end of a module's dotted name), a regular expression matched against the
@@ -150,19 +93,9 @@ impl LoraSpec {
     }
 }
 
-/// Learning-rate schedule after warmup.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Constant,
-    #[default]
-    Linear,
-    Cosine,
-}
-
 pub use crate::data::settings::{BadRows, Overlong};
+pub use crate::train::dpo_loss::DpoLoss;
+pub use crate::train::schedule::Schedule;
 
 /// Optimisation settings of a training stage.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
@@ -263,6 +196,26 @@ fn default_checkpoint_every() -> Sp<u64> {
 }
 
 impl TrainSpec {
+    /// The training library's settings for this table.
+    pub fn loop_settings(&self, seed: u64, dropout: bool) -> crate::train::trainer::LoopSettings {
+        crate::train::trainer::LoopSettings {
+            steps: self.steps.value,
+            batch: self.batch.value as usize,
+            grad_accum: self.grad_accum.value as u64,
+            lr: self.lr.value,
+            schedule: self.schedule.value,
+            warmup: self.warmup.value,
+            weight_decay: self.weight_decay.value,
+            betas: self.betas.value,
+            eps: self.eps.value,
+            max_grad_norm: self.max_grad_norm.value,
+            eval_every: self.eval_every.value,
+            checkpoint_every: self.checkpoint_every.value,
+            seed,
+            dropout,
+        }
+    }
+
     pub fn check(&self, problems: &mut Vec<Problem>) {
         at_least(problems, "train.steps", &self.steps, 1);
         at_least(problems, "train.batch", &self.batch, 1);
@@ -323,23 +276,6 @@ impl DataSpec {
     }
 }
 
-/// DPO loss variants.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum DpoLoss {
-    /// -log σ(β·m), with cDPO label smoothing.
-    #[default]
-    Sigmoid,
-    /// (m - 1/(2β))², on length-normalised log-probs.
-    Ipo,
-    /// max(0, 1 - β·m).
-    Hinge,
-    /// Robust DPO (unbiased under label noise).
-    Robust,
-}
-
 /// DPO settings.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +312,15 @@ fn yes() -> Sp<bool> {
 }
 
 impl DpoSpec {
+    /// The training library's settings for this table.
+    pub fn settings(&self) -> crate::train::dpo::DpoSettings {
+        crate::train::dpo::DpoSettings {
+            loss: self.loss.value,
+            beta: self.beta.value,
+            label_smoothing: self.label_smoothing.value,
+        }
+    }
+
     pub fn check(&self, problems: &mut Vec<Problem>) {
         positive(problems, "dpo.beta", &self.beta);
         let ls = self.label_smoothing.value;
@@ -387,48 +332,5 @@ impl DpoSpec {
                 .at(self.label_smoothing.span.clone(), "out of range"),
             );
         }
-    }
-}
-
-// Range checks: each names the key and the rule, and points at the value.
-
-pub fn at_least<T: PartialOrd + std::fmt::Display + Copy>(
-    problems: &mut Vec<Problem>,
-    key: &str,
-    v: &Sp<T>,
-    min: T,
-) {
-    if v.value < min {
-        problems.push(
-            Problem::new(format!("`{key}` must be >= {min}, got {}", v.value))
-                .at(v.span.clone(), "out of range"),
-        );
-    }
-}
-
-pub fn positive(problems: &mut Vec<Problem>, key: &str, v: &Sp<f64>) {
-    if !(v.value > 0.0 && v.value.is_finite()) {
-        problems.push(
-            Problem::new(format!("`{key}` must be > 0, got {}", v.value))
-                .at(v.span.clone(), "out of range"),
-        );
-    }
-}
-
-pub fn non_negative(problems: &mut Vec<Problem>, key: &str, v: &Sp<f64>) {
-    if !(v.value >= 0.0 && v.value.is_finite()) {
-        problems.push(
-            Problem::new(format!("`{key}` must be >= 0, got {}", v.value))
-                .at(v.span.clone(), "out of range"),
-        );
-    }
-}
-
-pub fn unit_interval(problems: &mut Vec<Problem>, key: &str, v: &Sp<f64>) {
-    if !(0.0..1.0).contains(&v.value) {
-        problems.push(
-            Problem::new(format!("`{key}` must be in [0, 1), got {}", v.value))
-                .at(v.span.clone(), "out of range"),
-        );
     }
 }

@@ -1,8 +1,6 @@
 //! Malformed rows: file:line errors, skip mode, truncation modes and counts.
 
-mod common;
-
-use common::*;
+use crate::support::fixtures::*;
 use lora_runner::data::{load_dpo, load_sft, BadRows, DataError, Overlong, TokenizeSettings};
 
 fn sft_error(lines: &[&str]) -> String {

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use super::params::{DataSpec, TrainSpec};
 use crate::data::{self, DatasetKind, DpoDataset, ModelTokenizer, SftDataset, TokenizeSettings};
 use crate::model::decoder::{Decoder, LoadOptions};
-use crate::recipe::params::{DataSpec, Dtype, TrainSpec};
-use crate::stage::{InputArtifact, RunContext};
+use crate::stage::{Dtype, InputArtifact, RunContext};
 
 /// The Hugging Face folder behind a model artifact (a `base` stage refers to its folder).
 pub fn model_dir(input: &InputArtifact) -> anyhow::Result<PathBuf> {
-    crate::kinds::export::payload_dir(&input.dir)
+    Ok(crate::cache::payload_dir(&input.dir)?)
 }
 
 pub fn dtype(d: Dtype) -> DType {
@@ -34,6 +34,13 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<D
         },
     )
     .map_err(|e| anyhow::anyhow!("loading model {}: {e}", dir.display()))
+}
+
+/// Load an adapter stage's artifact into `model` (trainable).
+pub fn load_adapter(model: &mut Decoder, adapter: &InputArtifact) -> anyhow::Result<()> {
+    crate::model::peft::load_adapter(model, &adapter.dir)
+        .map_err(|e| anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage))?;
+    Ok(())
 }
 
 pub fn load_tokenizer(model_dir: &Path) -> anyhow::Result<ModelTokenizer> {
@@ -74,7 +81,7 @@ fn tokens_key(
         "tokenizer": hash(&model_dir.join("tokenizer.json"))?,
         "tokenizer_config": hash(&model_dir.join("tokenizer_config.json"))?,
     });
-    Ok(blake3::hash(crate::plan::canonical_json(&key).as_bytes()).to_hex()[..32].to_string())
+    Ok(crate::hashing::derived_key(&key))
 }
 
 /// Tokenized SFT rows of `file`, from the cache or made now.

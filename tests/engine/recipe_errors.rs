@@ -1,9 +1,8 @@
 //! Every recipe and DAG check, each with the position it reports.
 
-mod support;
-
-use lora_runner::recipe::diag::RecipeError;
-use support::Workspace;
+use crate::support;
+use crate::support::Workspace;
+use lora_runner::diag::RecipeError;
 
 /// Load and type-check `text` as `<ws>/recipe.toml`; return the error.
 fn error_of(ws: &Workspace, text: &str) -> RecipeError {

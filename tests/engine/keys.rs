@@ -1,11 +1,10 @@
 //! Stage keys: stable under everything that does not change the result,
 //! different under anything that does.
 
-mod support;
-
+use crate::support;
+use crate::support::Workspace;
 use lora_runner::cache::Cache;
 use lora_runner::plan::{self, Overrides};
-use support::Workspace;
 
 /// Keys of every stage of `text`, by stage name.
 fn keys(ws: &Workspace, text: &str) -> std::collections::BTreeMap<String, String> {
@@ -159,7 +158,7 @@ fn canonical_json_sorts_keys_at_every_level() {
     let a: serde_json::Value =
         serde_json::from_str(r#"{"b": {"y": 1, "x": [2, {"q": 1, "p": 2}]}, "a": 1.5}"#).unwrap();
     assert_eq!(
-        plan::canonical_json(&a),
+        lora_runner::hashing::canonical_json(&a),
         r#"{"a":1.5,"b":{"x":[2,{"p":2,"q":1}],"y":1}}"#
     );
 }

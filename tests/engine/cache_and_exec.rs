@@ -1,16 +1,10 @@
 //! The cache and the executor: hits and skips, reasons, atomic promotion
 //! under SIGKILL, concurrent runs, failures, interrupts, --only/--until/--force, gc.
 
-mod support;
-
+use crate::support;
 use std::time::{Duration, Instant};
 
-use support::{plan_entry, Workspace};
-
-#[test]
-fn child_entry() {
-    support::child_entry();
-}
+use crate::support::{plan_entry, Workspace};
 
 const CHAIN: &str = r#"#:schema ../schemas/recipe.schema.json
 [recipe]

@@ -1,0 +1,122 @@
+//! What the two training kinds (`sft`, `dpo`) share: data files as inputs,
+//! the recipe checks of a training stage, the policy model, and running the
+//! training library's loop in the stage's folders.
+
+use std::path::PathBuf;
+
+use super::lora::{self, LoraUse};
+use super::params::{DataSpec, LoraSpec, TrainSpec};
+use super::{file_input, inputs};
+use crate::diag::span::Sp;
+use crate::diag::Problem;
+use crate::stage::{Dtype, FileInput, ParseContext, RunContext, StageView};
+use crate::train::trainer::{self, LoopEnv, Metrics, Objective};
+
+/// `data.train` and `data.eval` as stage inputs.
+pub fn data_files(data: &Option<DataSpec>, recipe_dir: &std::path::Path) -> Vec<FileInput> {
+    let Some(data) = data else { return Vec::new() };
+    let mut files = vec![file_input("data.train", &data.train, recipe_dir)];
+    if let Some(eval) = &data.eval {
+        files.push(file_input("data.eval", eval, recipe_dir));
+    }
+    files
+}
+
+/// Range checks of the tables a training stage has.
+pub fn check_tables(
+    lora: &Option<LoraSpec>,
+    train: &TrainSpec,
+    data: &Option<DataSpec>,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(l) = lora {
+        l.check(problems);
+    }
+    train.check(problems);
+    if let Some(d) = data {
+        d.check(problems);
+    }
+}
+
+/// Defaults a training stage gets: a new adapter with the default LoRA when
+/// it neither continues one nor declares one, and the recipe's dtype.
+pub fn fill_defaults(
+    adapter: &Option<Sp<String>>,
+    lora: &mut Option<LoraSpec>,
+    dtype: &mut Option<Sp<Dtype>>,
+    ctx: &ParseContext,
+) {
+    if adapter.is_none() && lora.is_none() {
+        *lora = Some(toml::from_str("").expect("LoRA defaults"));
+    }
+    if dtype.is_none() {
+        *dtype = Some(Sp::implicit(ctx.dtype));
+    }
+}
+
+/// The checks of a training stage against the stages it refers to, in the
+/// order they are reported: data, the adapter's model, the LoRA shape.
+pub fn check(
+    view: StageView<'_>,
+    data: &Option<DataSpec>,
+    lora_use: LoraUse<'_>,
+    span: std::ops::Range<usize>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if data.is_none() {
+        problems.push(
+            Problem::new(format!("training stage `{}` has no `data`", view.name()))
+                .at(span, "this stage")
+                .help("add data = { train = \"data/train.jsonl\" }"),
+        );
+    }
+    lora::check_adapter_model(view, &mut problems);
+    lora::check_lora(view, lora_use, &mut problems);
+    problems
+}
+
+/// The policy model: the `model` input with a new adapter, or with the `adapter` input loaded trainable.
+pub fn policy(
+    ctx: &RunContext,
+    lora: &Option<LoraSpec>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> anyhow::Result<(crate::model::decoder::Decoder, PathBuf)> {
+    let model_dir = inputs::model_dir(ctx.input("model")?)?;
+    let mut model = inputs::load_model(&model_dir, dtype, device)?;
+    match (ctx.inputs.get("adapter"), lora) {
+        (Some(adapter), _) => inputs::load_adapter(&mut model, adapter)?,
+        (None, Some(spec)) => model.apply_lora(&lora::lora_config(spec), ctx.seed)?,
+        (None, None) => anyhow::bail!("stage `{}` has neither `adapter` nor `lora`", ctx.stage),
+    }
+    Ok((model, model_dir))
+}
+
+/// Train `model` on `objective` in the stage's folders, save the adapter as
+/// the artifact, and record the metrics before and after.
+pub fn train_and_save(
+    ctx: &mut RunContext,
+    model: &crate::model::decoder::Decoder,
+    model_dir: &std::path::Path,
+    objective: &dyn Objective,
+    settings: &trainer::LoopSettings,
+) -> anyhow::Result<()> {
+    let before = objective.evaluate(model)?;
+    let resume_file = ctx.work_dir.join(crate::cache::RESUME_FILE);
+    let env = LoopEnv {
+        work_dir: &ctx.work_dir,
+        resume_file: &resume_file,
+        out_dir: &ctx.out_dir,
+        progress: ctx.progress,
+        interrupt: ctx.interrupt,
+    };
+    let metrics: Metrics = trainer::train(model, objective, settings, &env)?;
+    crate::model::peft::save_adapter(model, &ctx.out_dir, &model_dir.display().to_string())?;
+    for (k, v) in before {
+        ctx.metrics.insert(format!("before/{k}"), v.into());
+    }
+    for (k, v) in metrics {
+        ctx.metrics.insert(k, v.into());
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Training and data, one binary: tokenization and its errors, tokenized
+//! caches and batches, the DPO reference, and training stages end to end.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod data_cache_batch;
+mod data_errors;
+mod data_tokenize;
+mod reference;
+mod stages;
+
+/// Entry point of the child processes `Workspace::child` starts.
+#[test]
+fn child_entry() {
+    support::child_entry();
+}
