@@ -5,8 +5,20 @@
 
 use crate::stage::DeviceSpec;
 
+/// A device that was asked for and cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "device cuda:{0} asked for, but this runner was built without CUDA \
+         (build it with scripts/build-cuda.sh, or use device = \"cpu\")"
+    )]
+    NotBuilt(u32),
+    #[error("device cuda:{0} asked for, but no CUDA device is present")]
+    Absent(u32),
+}
+
 /// Resolve `auto` and check that a requested GPU can be used.
-pub fn resolve(spec: &DeviceSpec) -> Result<DeviceSpec, String> {
+pub fn resolve(spec: &DeviceSpec) -> Result<DeviceSpec, DeviceError> {
     match spec {
         DeviceSpec::Cpu => Ok(DeviceSpec::Cpu),
         DeviceSpec::Auto => Ok(if cuda_available() {
@@ -14,13 +26,8 @@ pub fn resolve(spec: &DeviceSpec) -> Result<DeviceSpec, String> {
         } else {
             DeviceSpec::Cpu
         }),
-        DeviceSpec::Cuda(n) if !cfg!(feature = "cuda") => Err(format!(
-            "device cuda:{n} asked for, but this runner was built without CUDA \
-             (build it with scripts/build-cuda.sh, or use device = \"cpu\")"
-        )),
-        DeviceSpec::Cuda(n) if !cuda_available() => Err(format!(
-            "device cuda:{n} asked for, but no CUDA device is present"
-        )),
+        DeviceSpec::Cuda(n) if !cfg!(feature = "cuda") => Err(DeviceError::NotBuilt(*n)),
+        DeviceSpec::Cuda(n) if !cuda_available() => Err(DeviceError::Absent(*n)),
         DeviceSpec::Cuda(n) => Ok(DeviceSpec::Cuda(*n)),
     }
 }

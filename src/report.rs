@@ -180,18 +180,28 @@ fn headline(m: &Manifest) -> String {
         .join(" ")
 }
 
+/// Why `runner show` has nothing to show.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowError {
+    /// The stage has not run (or its inputs changed since).
+    #[error("stage `{stage}` has no cached artifact ({reason})")]
+    NotCached { stage: String, reason: String },
+    /// The cache holds the artifact but not its manifest: a damaged cache.
+    #[error("artifact {0} has no readable manifest")]
+    NoManifest(String),
+}
+
 /// `runner show`: the manifest, its lineage as a tree and the artifact path.
-pub fn show(cache: &Cache, p: &PlannedStage, json: bool) -> Result<String, String> {
+pub fn show(cache: &Cache, p: &PlannedStage, json: bool) -> Result<String, ShowError> {
     let Status::Cached { artifact } = &p.status else {
-        return Err(format!(
-            "error: stage `{}` has no cached artifact ({})",
-            p.name,
-            p.reason()
-        ));
+        return Err(ShowError::NotCached {
+            stage: p.name.clone(),
+            reason: p.reason(),
+        });
     };
     let manifest = cache
         .manifest(artifact)
-        .ok_or_else(|| format!("error: artifact {artifact} has no readable manifest"))?;
+        .ok_or_else(|| ShowError::NoManifest(artifact.clone()))?;
     let path = cache.artifact_dir(artifact);
     if json {
         let value = serde_json::json!({

@@ -208,11 +208,11 @@ fn resolve_device(checked: &Checked, asked: &Option<DeviceSpec>) -> Result<Devic
         Some(d) => (d, 0..0),
         None => (&header.value, header.span.clone()),
     };
-    crate::device::resolve(wanted).map_err(|message| {
+    crate::device::resolve(wanted).map_err(|e| {
         Error::Recipe(
             checked
                 .recipe
-                .error(vec![Problem::new(message).at(span, "device")]),
+                .error(vec![Problem::new(e.to_string()).at(span, "device")]),
         )
     })
 }
@@ -360,7 +360,13 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             let planned = plan.by_name(stage).ok_or_else(|| {
                 Error::Usage(format!("no stage `{stage}` in {}", recipe.display()))
             })?;
-            let out = report::show(&cache, planned, *json).map_err(Error::Usage)?;
+            let out = report::show(&cache, planned, *json).map_err(|e| match e {
+                report::ShowError::NotCached { .. } => Error::Usage(e.to_string()),
+                report::ShowError::NoManifest(_) => Error::Io {
+                    context: format!("cache {}", cache.root.display()),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+                },
+            })?;
             println!("{out}");
             Ok(())
         }
@@ -406,7 +412,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
         }
         Command::Selftest => {
             let wanted = cli.device.clone().unwrap_or_default();
-            let device = crate::device::resolve(&wanted).map_err(Error::Usage)?;
+            let device =
+                crate::device::resolve(&wanted).map_err(|e| Error::Usage(e.to_string()))?;
             let diff = crate::train::with_big_stack(|| crate::device::logits_check(&device))
                 .map_err(Error::environment("selftest"))?;
             let ok = diff <= 1e-3;

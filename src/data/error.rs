@@ -43,11 +43,12 @@ pub enum RowError {
 /// Every error the data layer returns.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, so it is not also a `source` (which
+    // `{:#}` would print a second time).
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}:{line}: {kind}", path.display())]
     Row {
@@ -94,7 +95,7 @@ impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }

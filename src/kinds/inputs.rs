@@ -44,7 +44,7 @@ pub fn load_adapter(model: &mut Decoder, adapter: &InputArtifact) -> anyhow::Res
 }
 
 pub fn load_tokenizer(model_dir: &Path) -> anyhow::Result<ModelTokenizer> {
-    ModelTokenizer::load(&model_dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))
+    ModelTokenizer::load(&model_dir.join("tokenizer.json")).map_err(anyhow::Error::new)
 }
 
 /// Tokenization settings from a stage's `train` and `data` tables.
@@ -67,7 +67,7 @@ fn tokens_key(
     settings: &TokenizeSettings,
 ) -> anyhow::Result<String> {
     let identity = data::tokenization_identity(kind, settings, tokenizer)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(anyhow::Error::new)?;
     let hash = |p: &Path| -> anyhow::Result<String> {
         Ok(if p.exists() {
             ctx.cache.hasher.file(p)?
@@ -94,10 +94,10 @@ pub fn sft_tokens(
 ) -> anyhow::Result<SftDataset> {
     let key = tokens_key(ctx, DatasetKind::Sft, file, tokenizer, model_dir, settings)?;
     let dir = ctx.derived("tokens-sft", &key, |out| {
-        let ds = data::load_sft(file, tokenizer, settings).map_err(|e| anyhow::anyhow!("{e}"))?;
-        ds.write(out).map_err(|e| anyhow::anyhow!("{e}"))
+        let ds = data::load_sft(file, tokenizer, settings).map_err(anyhow::Error::new)?;
+        ds.write(out).map_err(anyhow::Error::new)
     })?;
-    let ds = SftDataset::read(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ds = SftDataset::read(&dir).map_err(anyhow::Error::new)?;
     report(ctx, file, &ds.report);
     Ok(ds)
 }
@@ -113,10 +113,10 @@ pub fn dpo_tokens(
 ) -> anyhow::Result<(DpoDataset, String)> {
     let key = tokens_key(ctx, DatasetKind::Dpo, file, tokenizer, model_dir, settings)?;
     let dir = ctx.derived("tokens-dpo", &key, |out| {
-        let ds = data::load_dpo(file, tokenizer, settings).map_err(|e| anyhow::anyhow!("{e}"))?;
-        ds.write(out).map_err(|e| anyhow::anyhow!("{e}"))
+        let ds = data::load_dpo(file, tokenizer, settings).map_err(anyhow::Error::new)?;
+        ds.write(out).map_err(anyhow::Error::new)
     })?;
-    let ds = DpoDataset::read(&dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ds = DpoDataset::read(&dir).map_err(anyhow::Error::new)?;
     report(ctx, file, &ds.report);
     Ok((ds, key))
 }

@@ -32,7 +32,7 @@ pub fn pair_logprobs(
     device: &Device,
     mode: Mode,
 ) -> anyhow::Result<(Tensor, Vec<f32>)> {
-    let batch = dpo_batch(pairs, pad_id, Padding::Longest).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let batch = dpo_batch(pairs, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
     let rows_n = 2 * batch.pairs;
     let (logprobs, targets) = super::sft::masked_logprobs(
         model,

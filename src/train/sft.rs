@@ -54,7 +54,7 @@ pub fn completion_logprob(
     mode: Mode,
 ) -> anyhow::Result<(Tensor, usize)> {
     let batch =
-        sft_batch(examples, pad_id, Padding::Longest).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sft_batch(examples, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
     let shape = (batch.batch_size, batch.seq_len);
     let (logprobs, targets) = masked_logprobs(
         model,

@@ -505,3 +505,20 @@ fn an_export_stage_reruns_when_its_folder_is_gone() {
     ws.child(&["run", "recipe.toml"]).ok();
     assert!(ws.path("exported/out.txt").is_file());
 }
+
+#[test]
+fn a_cache_that_cannot_be_opened_exits_3_and_says_which() {
+    let ws = chain();
+    ws.write("not-a-folder", "a file where the cache should be");
+    let run = ws.child(&["--cache", "not-a-folder", "plan", "recipe.toml"]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.starts_with("error: cache not-a-folder: "),
+        "{}",
+        run.stderr
+    );
+    // The recipe's own mistakes stay exit 2, whatever the cache.
+    let run = ws.child(&["--cache", "not-a-folder", "plan", "missing.toml"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.starts_with("error: cannot read recipe missing.toml: "), "{}", run.stderr);
+}
