@@ -191,12 +191,18 @@ fn chat_template_forms() {
     use lora_runner::model::tokenizer::chat_template_from_config;
     let single = serde_json::json!({"chat_template": "{{ x }}"});
     assert_eq!(
-        chat_template_from_config(&single).as_deref(),
+        chat_template_from_config(&single).unwrap().as_deref(),
         Some("{{ x }}")
     );
     let list = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
-    assert_eq!(chat_template_from_config(&list).as_deref(), Some("D"));
-    assert_eq!(chat_template_from_config(&serde_json::json!({})), None);
+    assert_eq!(
+        chat_template_from_config(&list).unwrap().as_deref(),
+        Some("D")
+    );
+    assert_eq!(
+        chat_template_from_config(&serde_json::json!({})).unwrap(),
+        None
+    );
     // A separate chat_template.jinja is used when tokenizer_config.json has none.
     let dir = init_dir("tok-jinja", &spec(Architecture::Qwen2, true, 68));
     let cfg_path = dir.join("tokenizer_config.json");
@@ -209,6 +215,31 @@ fn chat_template_forms() {
         load_tokenizer(&dir).unwrap().chat_template.as_deref(),
         Some("JINJA")
     );
+}
+
+/// transformers' `get_chat_template` refuses a list of named templates with
+/// no "default" (when no name is asked for), rather than taking the first.
+#[test]
+fn chat_template_list_without_default_is_an_error() {
+    use lora_runner::model::tokenizer::chat_template_from_config;
+    let list = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]});
+    let err = chat_template_from_config(&list).unwrap_err();
+    assert!(err.contains("no \"default\""), "{err}");
+    // Loading a folder with such a config fails and names the file.
+    let dir = init_dir("tok-no-default", &spec(Architecture::Qwen2, true, 70));
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = list["chat_template"].clone();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let msg = load_tokenizer(&dir).err().expect("refused").to_string();
+    assert!(
+        msg.contains("tokenizer_config.json") && msg.contains("default"),
+        "{msg}"
+    );
+    // The data side reads the file with the same parser.
+    let data_err = lora_runner::data::TokenizerConfig::from_json_file(&cfg_path).unwrap_err();
+    assert!(data_err.to_string().contains("default"), "{data_err}");
 }
 
 #[test]
