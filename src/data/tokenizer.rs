@@ -15,19 +15,11 @@ pub struct SpecialToken {
     pub id: u32,
 }
 
-/// Special tokens and chat template as read from `tokenizer_config.json`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenizerConfig {
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub pad_token: Option<String>,
-    pub chat_template: Option<String>,
-}
+pub use crate::model::tokenizer::TokenizerConfig;
 
+// The parser itself is the model's; this adds reading the file with data errors.
 impl TokenizerConfig {
-    /// Parses `tokenizer_config.json`. Tokens may be strings or
-    /// `{"content": ...}` objects; `chat_template` may be a string or a list
-    /// of `{"name", "template"}` of which "default" is used, as transformers does.
+    /// Reads and parses `tokenizer_config.json` (see `TokenizerConfig::from_json`).
     pub fn from_json_file(path: &Path) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
         let invalid = |message: String| DataError::TokenizerConfig {
@@ -35,48 +27,7 @@ impl TokenizerConfig {
             message,
         };
         let json: Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let token = |key: &str| -> Result<Option<String>, DataError> {
-            match json.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(Value::Object(o)) => match o.get("content") {
-                    Some(Value::String(s)) => Ok(Some(s.clone())),
-                    _ => Err(invalid(format!("\"{key}\" has no string \"content\""))),
-                },
-                Some(_) => Err(invalid(format!("\"{key}\" must be a string or an object"))),
-            }
-        };
-        let chat_template = match json.get("chat_template") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Array(named)) => {
-                let default = named
-                    .iter()
-                    .find(|t| t.get("name") == Some(&"default".into()));
-                match default
-                    .and_then(|t| t.get("template"))
-                    .and_then(Value::as_str)
-                {
-                    Some(s) => Some(s.to_string()),
-                    None => {
-                        return Err(invalid(
-                            "\"chat_template\" list has no \"default\" entry".into(),
-                        ))
-                    }
-                }
-            }
-            Some(_) => {
-                return Err(invalid(
-                    "\"chat_template\" must be a string or a list".into(),
-                ))
-            }
-        };
-        Ok(TokenizerConfig {
-            bos_token: token("bos_token")?,
-            eos_token: token("eos_token")?,
-            pad_token: token("pad_token")?,
-            chat_template,
-        })
+        TokenizerConfig::from_json(&json).map_err(invalid)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use crate::model::error::{ModelError, Result};
 use crate::model::io::read_json;
+use crate::model::names::{self, Group};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -72,10 +73,6 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
-
-/// The seven linear projections of one decoder layer, in PEFT naming.
-pub const ATTENTION_PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-pub const MLP_PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 fn get_usize(v: &Value, key: &str, file: &Path) -> Result<Option<usize>> {
     match v.get(key) {
@@ -341,7 +338,7 @@ impl ModelConfig {
     pub fn projection_has_bias(&self, projection: &str) -> bool {
         match self.architecture {
             Architecture::Qwen2 => matches!(projection, "q_proj" | "k_proj" | "v_proj"),
-            _ => self.attention_bias && ATTENTION_PROJECTIONS.contains(&projection),
+            _ => self.attention_bias && names::group_of(projection) == Some(Group::Attention),
         }
     }
 
@@ -365,14 +362,5 @@ impl ModelConfig {
 /// Full PEFT-style names of every linear module LoRA may target, e.g.
 /// `model.layers.0.self_attn.q_proj` ... `model.layers.N.mlp.down_proj`.
 pub fn linear_module_names(config: &ModelConfig) -> Vec<String> {
-    let mut names = Vec::with_capacity(config.num_hidden_layers * 7);
-    for layer in 0..config.num_hidden_layers {
-        for p in ATTENTION_PROJECTIONS {
-            names.push(format!("model.layers.{layer}.self_attn.{p}"));
-        }
-        for p in MLP_PROJECTIONS {
-            names.push(format!("model.layers.{layer}.mlp.{p}"));
-        }
-    }
-    names
+    names::all_projections(config.num_hidden_layers)
 }

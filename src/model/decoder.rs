@@ -1,25 +1,25 @@
-//! One trainable decoder for Llama, Mistral and Qwen2: embeddings, RMSNorm,
-//! rope (with Llama-3 scaling), grouped-query attention with an explicit
-//! head_dim, causal + padding (+ sliding window) mask, SwiGLU MLP, optional
-//! tied embeddings, and LoRA on any of the seven projections.
+//! One trainable decoder for Llama, Mistral and Qwen2, laid out like
+//! candle-transformers' `qwen2.rs`: the `Decoder` holds the embeddings, the
+//! `DecoderLayer`s (`attention`, `mlp`), the final RMSNorm and the optional
+//! untied output head, and loops over the layers; LoRA may sit on any of the
+//! seven projections (`linear`).
 //!
 //! Base weights are plain tensors (never Vars), so backward only reaches the
 //! LoRA Vars; the custom ops in `ops` keep frozen weights out of backward.
 
-use crate::model::config::{ModelConfig, ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
+use crate::model::attention::{AttentionContext, LayerKv};
+use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
-use crate::model::ops::{
-    frozen_linear, frozen_matmul, masked_softmax, mul_by_constant, rms_norm, rope,
-};
-use crate::model::rng::SplitMix64;
-use crate::model::weights::{parse_torch_dtype, CheckpointFiles};
+use crate::model::names;
+use crate::model::ops::{frozen_matmul, rms_norm};
+use crate::model::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
 
-/// Additive mask value for disallowed attention; finite so a fully masked
-/// (padding) row never produces NaN.
-const MASKED: f32 = -1e30;
+pub use crate::model::attention::rope_inv_freq;
+pub use crate::model::layer::DecoderLayer;
+pub use crate::model::linear::Linear;
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -52,111 +52,8 @@ pub enum Mode {
     Train { dropout_seed: u64 },
 }
 
-/// A frozen linear projection with an optional LoRA adapter.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    /// Full module name, e.g. `model.layers.0.self_attn.q_proj`.
-    pub name: String,
-    /// [out, in], frozen.
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    pub lora: Option<LoraAdapter>,
-}
-
-impl Linear {
-    pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
-    }
-    pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
-    }
-
-    /// y = x W^T + b + s · B(A(dropout(x))); only the adapter path is scaled.
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
-        if let Some(lora) = &self.lora {
-            let dtype = x.dtype();
-            let xin = match mode {
-                Mode::Train { dropout_seed } if lora.dropout > 0.0 => {
-                    dropout(x, lora.dropout, dropout_seed, &self.name)?
-                }
-                _ => x.clone(),
-            };
-            let (a, b) = if mode == Mode::Inference {
-                (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
-            } else {
-                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
-            };
-            // Scale the small [out, r] matrix rather than the [N, out] output.
-            let (a, b) = (a.to_dtype(dtype)?, (b.to_dtype(dtype)? * lora.scale)?);
-            let (lead, last) = xin.dims().split_at(xin.rank() - 1);
-            let rows: usize = lead.iter().product();
-            let x2 = xin.reshape((rows, last[0]))?;
-            let h = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            let h = h.reshape(y.shape())?;
-            y = (y + h)?;
-        }
-        Ok(y)
-    }
-}
-
-/// Inverted dropout with a mask drawn from (seed, module name).
-fn dropout(x: &Tensor, p: f64, seed: u64, module: &str) -> Result<Tensor> {
-    let mut rng = SplitMix64::for_stream(seed, module);
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(mul_by_constant(x, &mask)?)
-}
-
-#[derive(Clone, Debug)]
-pub struct DecoderLayer {
-    pub input_layernorm: Tensor,
-    pub post_attention_layernorm: Tensor,
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-}
-
-impl DecoderLayer {
-    pub fn linears(&self) -> [&Linear; 7] {
-        [
-            &self.q_proj,
-            &self.k_proj,
-            &self.v_proj,
-            &self.o_proj,
-            &self.gate_proj,
-            &self.up_proj,
-            &self.down_proj,
-        ]
-    }
-    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.o_proj,
-            &mut self.gate_proj,
-            &mut self.up_proj,
-            &mut self.down_proj,
-        ]
-    }
-}
-
-/// Per-call attention inputs shared by all layers.
-struct AttentionContext {
-    cos: Tensor,
-    sin: Tensor,
-    /// [B, T, T] additive mask in f32 (shared by all heads).
-    mask: Tensor,
-}
-
+/// The model: embeddings, the decoder layers, the final norm and the output
+/// head (the embeddings when tied).
 #[derive(Clone, Debug)]
 pub struct Decoder {
     pub config: ModelConfig,
@@ -172,33 +69,12 @@ pub struct Decoder {
     inv_freq: Vec<f64>,
 }
 
-/// Rope inverse frequencies, with Llama-3 scaling when configured
-/// (same piecewise rule as transformers' `_compute_llama3_parameters`).
-pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f64> {
-    let d = config.head_dim;
-    let base: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64))
-        .collect();
-    let Some(s) = &config.rope_scaling else {
-        return base;
-    };
-    let old = s.original_max_position_embeddings as f64;
-    let low_wavelen = old / s.low_freq_factor;
-    let high_wavelen = old / s.high_freq_factor;
-    base.into_iter()
-        .map(|f| {
-            let wavelen = 2.0 * std::f64::consts::PI / f;
-            if wavelen < high_wavelen {
-                f
-            } else if wavelen > low_wavelen {
-                f / s.factor
-            } else {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                (1.0 - smooth) * f / s.factor + smooth * f
-            }
-        })
-        .collect()
+/// Per-layer keys/values for a forward pass that continues a KV cache:
+/// `past` as cached (empty before the first pass); the pass fills `next`
+/// with the past plus the new tokens'.
+pub(crate) struct KvUpdate<'a> {
+    pub past: &'a [LayerKv],
+    pub next: Vec<LayerKv>,
 }
 
 impl Decoder {
@@ -222,50 +98,21 @@ impl Decoder {
         device: &Device,
     ) -> Result<Self> {
         let c = &config;
-        let load = |name: &str, shape: &[usize]| files.load(name, shape, dtype, device);
-        let embed_tokens = load("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let linear = |group: &str, proj: &str| -> Result<Linear> {
-                let name = format!("model.layers.{i}.{group}.{proj}");
-                let (out_f, in_f) = c.projection_shape(proj).expect("known projection");
-                let weight = load(&format!("{name}.weight"), &[out_f, in_f])?;
-                let bias = if c.projection_has_bias(proj) {
-                    Some(load(&format!("{name}.bias"), &[out_f])?)
-                } else {
-                    None
-                };
-                Ok(Linear {
-                    name,
-                    weight,
-                    bias,
-                    lora: None,
-                })
-            };
-            layers.push(DecoderLayer {
-                input_layernorm: load(
-                    &format!("model.layers.{i}.input_layernorm.weight"),
-                    &[c.hidden_size],
-                )?,
-                post_attention_layernorm: load(
-                    &format!("model.layers.{i}.post_attention_layernorm.weight"),
-                    &[c.hidden_size],
-                )?,
-                q_proj: linear("self_attn", "q_proj")?,
-                k_proj: linear("self_attn", "k_proj")?,
-                v_proj: linear("self_attn", "v_proj")?,
-                o_proj: linear("self_attn", "o_proj")?,
-                gate_proj: linear("mlp", "gate_proj")?,
-                up_proj: linear("mlp", "up_proj")?,
-                down_proj: linear("mlp", "down_proj")?,
-            });
-        }
-        let norm = load("model.norm.weight", &[c.hidden_size])?;
+        let w = WeightLoader {
+            files,
+            dtype,
+            device,
+        };
+        let embed_tokens = w.get(names::EMBED_TOKENS, &[c.vocab_size, c.hidden_size])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&w, c, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get(names::FINAL_NORM, &[c.hidden_size])?;
         // Some tied checkpoints still carry lm_head.weight; it equals the embeddings then.
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(load("lm_head.weight", &[c.vocab_size, c.hidden_size])?)
+            Some(w.get(names::LM_HEAD, &[c.vocab_size, c.hidden_size])?)
         };
         let inv_freq = rope_inv_freq(c);
         Ok(Decoder {
@@ -284,128 +131,6 @@ impl Decoder {
     /// The weight used for logits ([vocab, hidden]).
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
-    fn attention_context(&self, ids: &[Vec<u32>], mask: &[Vec<bool>]) -> Result<AttentionContext> {
-        let b = ids.len();
-        let t = ids.first().map_or(0, |r| r.len());
-        let half = self.config.head_dim / 2;
-        let mut cos = Vec::with_capacity(b * t * half);
-        let mut sin = Vec::with_capacity(b * t * half);
-        for row in mask {
-            // Position = number of real tokens before this one, so a
-            // left-padded row gets the same positions as its unpadded form.
-            let mut seen = 0usize;
-            for &real in row {
-                let pos = seen.saturating_sub(1) as f64;
-                let pos = if real { seen as f64 } else { pos };
-                if real {
-                    seen += 1;
-                }
-                for f in &self.inv_freq {
-                    let angle = pos * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
-        let window = self.config.sliding_window;
-        let mut m = Vec::with_capacity(b * t * t);
-        for row in mask {
-            for i in 0..t {
-                for (j, &real) in row.iter().enumerate() {
-                    let allowed = j <= i && real && window.is_none_or(|w| i - j < w);
-                    m.push(if allowed { 0.0 } else { MASKED });
-                }
-            }
-        }
-        let dev = &self.device;
-        Ok(AttentionContext {
-            cos: Tensor::from_vec(cos, (b, t, half), dev)?,
-            sin: Tensor::from_vec(sin, (b, t, half), dev)?,
-            mask: Tensor::from_vec(m, (b, t, t), dev)?,
-        })
-    }
-
-    fn attention(
-        &self,
-        layer: &DecoderLayer,
-        x: &Tensor,
-        ctx: &AttentionContext,
-        mode: Mode,
-    ) -> Result<Tensor> {
-        Ok(self
-            .attend(layer, x, &ctx.cos, &ctx.sin, &ctx.mask, mode, None)?
-            .0)
-    }
-
-    /// Attention of the tokens `x` [B, t, hidden] over `past` keys/values
-    /// (already roped, [B, kv_heads, T, head_dim]) followed by their own.
-    /// Returns the output and the keys/values including the new tokens, so
-    /// the KV cache of `generate` shares this code with training.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attend(
-        &self,
-        layer: &DecoderLayer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        mode: Mode,
-        past: Option<(&Tensor, &Tensor)>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let c = &self.config;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let q = layer
-            .q_proj
-            .forward(x, mode)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = layer
-            .k_proj
-            .forward(x, mode)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = layer
-            .v_proj
-            .forward(x, mode)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = (rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
-        let k = rope(&k, cos, sin)?;
-        let (k, v) = match past {
-            Some((past_k, past_v)) => (
-                Tensor::cat(&[past_k, &k], 2)?,
-                Tensor::cat(&[past_v, &v], 2)?,
-            ),
-            None => (k, v),
-        };
-        // Grouped-query attention without copying K/V: query heads sharing a
-        // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * t, hd))?;
-        // Softmax in f32 (as HF does) unless the model already runs in f64.
-        let softmax_dtype = if x.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
-        let probs = masked_softmax(&scores, mask)?.to_dtype(x.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        Ok((layer.o_proj.forward(&out, mode)?, k, v))
-    }
-
-    pub(crate) fn mlp(&self, layer: &DecoderLayer, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let gate = layer.gate_proj.forward(x, mode)?.silu()?;
-        let up = layer.up_proj.forward(x, mode)?;
-        layer.down_proj.forward(&(gate * up)?, mode)
     }
 
     /// Final-norm hidden states [B, T, hidden] for `input_ids` [B, T] (u32)
@@ -428,8 +153,8 @@ impl Decoder {
         if b == 0 || t == 0 {
             return Err(ModelError::Input("input_ids is empty".into()));
         }
-        let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-        check_vocabulary(ids.iter().flatten(), c.vocab_size)?;
+        let ids = input_ids.to_dtype(DType::U32)?;
+        check_vocabulary(ids.to_vec2::<u32>()?.iter().flatten(), c.vocab_size)?;
         let mask: Vec<Vec<bool>> = match attention_mask {
             Some(m) => {
                 if m.dims() != [b, t] {
@@ -446,20 +171,38 @@ impl Decoder {
             }
             None => vec![vec![true; t]; b],
         };
-        let ctx = self.attention_context(&ids, &mask)?;
-        let flat = input_ids
-            .to_dtype(DType::U32)?
-            .flatten_all()?
-            .to_device(&self.device)?;
+        self.forward_tokens(&ids, &mask, 0, mode, None)
+    }
+
+    /// Embeds the new tokens `input_ids` [B, t] (u32), runs them through
+    /// every layer and the final norm. `real[b]` marks each position of row
+    /// b, the `past` cached ones then the t new ones (true = token). With
+    /// `kv`, attention also sees its cached keys/values and `kv.next` gets
+    /// each layer's extended ones.
+    pub(crate) fn forward_tokens(
+        &self,
+        input_ids: &Tensor,
+        real: &[Vec<bool>],
+        past: usize,
+        mode: Mode,
+        mut kv: Option<&mut KvUpdate>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = input_ids.dims2()?;
+        let ctx =
+            AttentionContext::new(&self.inv_freq, c.sliding_window, real, past, &self.device)?;
+        let flat = input_ids.flatten_all()?.to_device(&self.device)?;
         let mut x = self
             .embed_tokens
             .index_select(&flat, 0)?
             .reshape((b, t, c.hidden_size))?;
-        for layer in &self.layers {
-            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            x = (x + self.attention(layer, &h, &ctx, mode)?)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            x = (x + self.mlp(layer, &h, mode)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_past = kv.as_ref().and_then(|kv| kv.past.get(i));
+            let (y, layer_kv) = layer.forward(&x, &ctx, mode, layer_past)?;
+            x = y;
+            if let Some(kv) = kv.as_mut() {
+                kv.next.push(layer_kv);
+            }
         }
         Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
     }
@@ -583,29 +326,23 @@ impl Decoder {
 
     /// Base weights by HF tensor name (adapters not merged), for saving.
     pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
-            self.embed_tokens.clone(),
-        )];
+        let mut out = vec![(names::EMBED_TOKENS.to_string(), self.embed_tokens.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
+            out.push((names::input_layernorm(i), layer.input_layernorm.clone()));
             out.push((
-                format!("model.layers.{i}.input_layernorm.weight"),
-                layer.input_layernorm.clone(),
-            ));
-            out.push((
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                names::post_attention_layernorm(i),
                 layer.post_attention_layernorm.clone(),
             ));
             for l in layer.linears() {
-                out.push((format!("{}.weight", l.name), l.weight.clone()));
+                out.push((names::weight(&l.name), l.weight.clone()));
                 if let Some(b) = &l.bias {
-                    out.push((format!("{}.bias", l.name), b.clone()));
+                    out.push((names::bias(&l.name), b.clone()));
                 }
             }
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push((names::FINAL_NORM.to_string(), self.norm.clone()));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h.clone()));
+            out.push((names::LM_HEAD.to_string(), h.clone()));
         }
         out
     }
@@ -691,11 +428,4 @@ fn upcast(t: &Tensor) -> Result<Tensor> {
     } else {
         t.to_dtype(DType::F32)?
     })
-}
-
-/// Names of the projections in the order `DecoderLayer::linears` returns them.
-pub fn projection_names() -> [&'static str; 7] {
-    let [q, k, v, o] = ATTENTION_PROJECTIONS;
-    let [g, u, d] = MLP_PROJECTIONS;
-    [q, k, v, o, g, u, d]
 }

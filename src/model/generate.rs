@@ -2,34 +2,23 @@
 //!
 //! [`KvCache`] keeps, per layer, the keys and values (after rope) of every
 //! token a batch of sequences has seen, so each step only runs the new
-//! tokens through the model. Its forward pass mirrors
-//! `Decoder::forward_hidden` (same positions, mask rules, ops and dtypes) in
-//! `Mode::Inference`: no graph is built and LoRA adapters are used detached.
+//! tokens through the model: the same layers as `Decoder::forward_hidden`
+//! (same positions, mask rules, ops and dtypes), in `Mode::Inference`: no
+//! graph is built and LoRA adapters are used detached.
 //!
 //! [`generate`] batches prompts of different lengths by left-padding them
 //! with an attention mask: rope positions count only real tokens, so a
 //! padded row computes what it would alone, and after the prompt every row
 //! advances one token per step.
 
-use crate::model::decoder::{rope_inv_freq, Decoder, DecoderLayer, Mode};
+use crate::model::attention::LayerKv;
+use crate::model::decoder::{check_vocabulary, Decoder, KvUpdate, Mode};
 use crate::model::error::{ModelError, Result};
-use crate::model::ops::rms_norm;
 use crate::model::rng::SplitMix64;
 use candle_core::{DType, Tensor};
 
-/// Additive mask value for disallowed attention (as in the decoder): finite,
-/// so a fully masked padding row gives a harmless uniform row, not NaN.
-const MASKED: f32 = -1e30;
-
 /// Token fed for padding; never attended to, so any valid id would do.
 const PAD_TOKEN: u32 = 0;
-
-/// Keys and values of one layer: [batch, kv_heads, cached tokens, head_dim].
-#[derive(Clone, Debug)]
-struct LayerKv {
-    keys: Tensor,
-    values: Tensor,
-}
 
 /// Keys and values (after rope) of the tokens seen so far by a batch of
 /// sequences, per layer. Every row holds the same number of positions;
@@ -83,11 +72,7 @@ impl KvCache {
         input_ids: &[Vec<u32>],
         attention_mask: Option<&[Vec<bool>]>,
     ) -> Result<Tensor> {
-        let c = &model.config;
         let new_tokens = self.validate_input(model, input_ids, attention_mask)?;
-        let batch = input_ids.len();
-        let past = self.len();
-        let total = past + new_tokens;
         let real: Vec<Vec<bool>> = match attention_mask {
             Some(mask) => self
                 .real
@@ -101,67 +86,19 @@ impl KvCache {
                 .map(|old| [old.as_slice(), &vec![true; new_tokens]].concat())
                 .collect(),
         };
-
-        // Rope tables for the new positions, with forward_hidden's rule:
-        // position = number of real tokens before this one.
-        let inv_freq = rope_inv_freq(c);
-        let half = c.head_dim / 2;
-        let mut cos = Vec::with_capacity(batch * new_tokens * half);
-        let mut sin = Vec::with_capacity(batch * new_tokens * half);
-        for row in &real {
-            let mut seen = row[..past].iter().filter(|&&x| x).count();
-            for &is_real in &row[past..] {
-                let pos = if is_real {
-                    seen as f64
-                } else {
-                    seen.saturating_sub(1) as f64
-                };
-                if is_real {
-                    seen += 1;
-                }
-                for f in &inv_freq {
-                    let angle = pos * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
-        // [batch, new, total] mask: causal, no padding, optional sliding
-        // window, all in padded index space exactly as forward_hidden does.
-        let window = c.sliding_window;
-        let mut mask = Vec::with_capacity(batch * new_tokens * total);
-        for row in &real {
-            for query in past..total {
-                for (key, &is_real) in row.iter().enumerate() {
-                    let allowed = key <= query && is_real && window.is_none_or(|w| query - key < w);
-                    mask.push(if allowed { 0.0 } else { MASKED });
-                }
-            }
-        }
-        let device = &model.device;
-        let cos = Tensor::from_vec(cos, (batch, new_tokens, half), device)?;
-        let sin = Tensor::from_vec(sin, (batch, new_tokens, half), device)?;
-        let mask = Tensor::from_vec(mask, (batch, new_tokens, total), device)?;
-
-        let flat_ids = Tensor::from_vec(input_ids.concat(), batch * new_tokens, device)?;
-        let mut x = model.embed_tokens.index_select(&flat_ids, 0)?.reshape((
-            batch,
-            new_tokens,
-            c.hidden_size,
-        ))?;
-        let mut updated = Vec::with_capacity(model.layers.len());
-        for (index, layer) in model.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps)?;
-            let (attention, kv) =
-                cached_attention(model, layer, &h, self.layers.get(index), &cos, &sin, &mask)?;
-            x = (x + attention)?;
-            let h = rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-            x = (x + model.mlp(layer, &h, Mode::Inference)?)?;
-            updated.push(kv);
-        }
-        let hidden = rms_norm(&x, &model.norm, c.rms_norm_eps)?;
+        let ids = Tensor::from_vec(
+            input_ids.concat(),
+            (input_ids.len(), new_tokens),
+            &model.device,
+        )?;
+        let mut kv = KvUpdate {
+            past: &self.layers,
+            next: Vec::with_capacity(model.layers.len()),
+        };
+        let hidden =
+            model.forward_tokens(&ids, &real, self.len(), Mode::Inference, Some(&mut kv))?;
         // Commit only once everything succeeded.
-        self.layers = updated;
+        self.layers = kv.next;
         self.real = real;
         Ok(hidden)
     }
@@ -194,7 +131,7 @@ impl KvCache {
                 input_ids[row].len()
             )));
         }
-        crate::model::decoder::check_vocabulary(input_ids.iter().flatten(), c.vocab_size)?;
+        check_vocabulary(input_ids.iter().flatten(), c.vocab_size)?;
         if let Some(mask) = attention_mask {
             if mask.len() != batch || mask.iter().any(|r| r.len() != new_tokens) {
                 return Err(ModelError::Input(format!(
@@ -216,23 +153,6 @@ impl KvCache {
         }
         Ok(new_tokens)
     }
-}
-
-/// The decoder's attention for the new tokens `x` [B, t, hidden], attending
-/// to the cached keys/values plus their own; returns the output and the
-/// layer's keys/values extended by the new tokens.
-fn cached_attention(
-    model: &Decoder,
-    layer: &DecoderLayer,
-    x: &Tensor,
-    past: Option<&LayerKv>,
-    cos: &Tensor,
-    sin: &Tensor,
-    mask: &Tensor,
-) -> Result<(Tensor, LayerKv)> {
-    let past = past.map(|p| (&p.keys, &p.values));
-    let (out, keys, values) = model.attend(layer, x, cos, sin, mask, Mode::Inference, past)?;
-    Ok((out, LayerKv { keys, values }))
 }
 
 // ---------------------------------------------------------------- generation

@@ -6,6 +6,7 @@
 use crate::model::config::{Architecture, ModelConfig};
 use crate::model::error::{ModelError, Result};
 use crate::model::io::{write_json_atomic, write_safetensors_atomic};
+use crate::model::names;
 use crate::model::rng::SplitMix64;
 use crate::model::tokenizer::{
     builtin_special_id, builtin_vocab_size, write_builtin_tokenizer, IM_END,
@@ -134,49 +135,30 @@ pub fn random_weights(
     embedding_std: f64,
 ) -> Result<Vec<(String, Tensor)>> {
     let mut shapes: Vec<(String, Vec<usize>, bool)> = vec![(
-        "model.embed_tokens.weight".into(),
+        names::EMBED_TOKENS.into(),
         vec![config.vocab_size, config.hidden_size],
         false,
     )];
     for i in 0..config.num_hidden_layers {
+        shapes.push((names::input_layernorm(i), vec![config.hidden_size], true));
         shapes.push((
-            format!("model.layers.{i}.input_layernorm.weight"),
+            names::post_attention_layernorm(i),
             vec![config.hidden_size],
             true,
         ));
-        shapes.push((
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            vec![config.hidden_size],
-            true,
-        ));
-        for (group, projs) in [
-            (
-                "self_attn",
-                &crate::model::config::ATTENTION_PROJECTIONS[..],
-            ),
-            ("mlp", &crate::model::config::MLP_PROJECTIONS[..]),
-        ] {
-            for proj in projs {
-                let (o, inp) = config.projection_shape(proj).expect("known projection");
-                shapes.push((
-                    format!("model.layers.{i}.{group}.{proj}.weight"),
-                    vec![o, inp],
-                    false,
-                ));
-                if config.projection_has_bias(proj) {
-                    shapes.push((
-                        format!("model.layers.{i}.{group}.{proj}.bias"),
-                        vec![o],
-                        false,
-                    ));
-                }
+        for (proj, _) in names::PROJECTIONS {
+            let (o, inp) = config.projection_shape(proj).expect("known projection");
+            let module = names::projection(i, proj);
+            shapes.push((names::weight(&module), vec![o, inp], false));
+            if config.projection_has_bias(proj) {
+                shapes.push((names::bias(&module), vec![o], false));
             }
         }
     }
-    shapes.push(("model.norm.weight".into(), vec![config.hidden_size], true));
+    shapes.push((names::FINAL_NORM.into(), vec![config.hidden_size], true));
     if !config.tie_word_embeddings {
         shapes.push((
-            "lm_head.weight".into(),
+            names::LM_HEAD.into(),
             vec![config.vocab_size, config.hidden_size],
             false,
         ));
@@ -185,7 +167,7 @@ pub fn random_weights(
     for (name, shape, is_norm) in shapes {
         let mut rng = SplitMix64::for_stream(seed, &name);
         let n: usize = shape.iter().product();
-        let std = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        let std = if name == names::EMBED_TOKENS || name == names::LM_HEAD {
             embedding_std
         } else {
             0.02

@@ -1,56 +1,19 @@
-//! File writing helpers: every file is written to a temporary sibling,
-//! fsynced and renamed, so a crash never leaves a half-written file behind.
+//! The model's file helpers with `ModelError`s naming the file: writes go
+//! through `crate::fsutil` (temp file, fsync, rename, fsync of the folder),
+//! so a crash never leaves a half-written file behind.
 
+use crate::fsutil;
 use crate::model::error::{ModelError, Result};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
+/// Writes `bytes` to `path` atomically.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| ModelError::Input(format!("{}: not a file path", path.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp-{}-{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| ModelError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
-        // Persist the rename itself; not every filesystem allows opening a
-        // directory, so this part is best effort.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    fsutil::write_atomic(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
-/// Serializes `value` as pretty JSON and writes it atomically.
+/// Writes `value` as pretty JSON (trailing newline) atomically.
 pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| ModelError::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    text.push('\n');
-    write_file_atomic(path, text.as_bytes())
+    fsutil::write_json_atomic(path, value).map_err(|e| ModelError::io(path, e))
 }
 
 /// Reads and parses a JSON file, naming the file in any error.

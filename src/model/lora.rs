@@ -216,9 +216,7 @@ impl LoraConfig {
 }
 
 /// PEFT's tensor name for a module's LoRA matrix ("A" or "B").
-pub fn peft_tensor_name(module: &str, which: char) -> String {
-    format!("base_model.model.{module}.lora_{which}.weight")
-}
+pub use crate::model::names::peft_tensor as peft_tensor_name;
 
 /// The trainable part of one LoRA linear layer. A is [r, in], B is [out, r],
 /// both f32 Vars; they are cast to the compute dtype in the forward pass.

@@ -14,6 +14,7 @@
 //! Backward walks candle's graph recursively: call it on a thread with a
 //! 64 MiB stack.
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -21,8 +22,12 @@ pub mod export;
 pub mod generate;
 pub mod init;
 pub mod io;
+pub mod layer;
+pub mod linear;
 pub mod lora;
 pub mod merge;
+pub mod mlp;
+pub mod names;
 pub mod ops;
 pub mod peft;
 pub mod rng;

@@ -79,6 +79,50 @@ macro_rules! impl_acc {
 impl_acc!(f32);
 impl_acc!(f64);
 
+/// The one per-dtype dispatch of the CPU kernels: evaluates `$body` (a
+/// `Vec<$t>`) with `$t` bound to the element type of `$dtype` and `$a` to its
+/// accumulator (f32 for f32/f16/bf16, f64 for f64, see [`Acc`]), and wraps
+/// the result in the matching `CpuStorage`.
+macro_rules! per_float_dtype {
+    ($op:expr, $dtype:expr, |$t:ident, $a:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                #[allow(dead_code)]
+                type $a = f32;
+                CpuStorage::F32($body)
+            }
+            DType::F64 => {
+                type $t = f64;
+                #[allow(dead_code)]
+                type $a = f64;
+                CpuStorage::F64($body)
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                #[allow(dead_code)]
+                type $a = f32;
+                CpuStorage::F16($body)
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                #[allow(dead_code)]
+                type $a = f32;
+                CpuStorage::BF16($body)
+            }
+            dt => bail!("{}: unsupported dtype {dt:?}", $op),
+        }
+    };
+}
+
+/// The common dtype of a two-input kernel's inputs.
+fn same_dtype(op: &str, s1: &CpuStorage, s2: &CpuStorage) -> candle_core::Result<DType> {
+    match (s1.dtype(), s2.dtype()) {
+        (a, b) if a == b => Ok(a),
+        (a, b) => bail!("{op}: unsupported dtypes {a:?}/{b:?}"),
+    }
+}
+
 // ---------------------------------------------------------------- frozen matmul
 
 struct FrozenMatmul;
@@ -174,7 +218,7 @@ impl CustomOp3 for FrozenLinearBias {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (mut out, shape) = FrozenMatmul.cpu_fwd(s1, l1, s2, l2)?;
+        let (out, shape) = FrozenMatmul.cpu_fwd(s1, l1, s2, l2)?;
         let n = shape.dims()[1];
         if l3.shape().elem_count() != n {
             bail!(
@@ -183,13 +227,11 @@ impl CustomOp3 for FrozenLinearBias {
             );
         }
         let name = self.name();
-        match &mut out {
-            CpuStorage::F32(y) => add_bias_rows(y, contiguous_slice::<f32>(s3, l3, name)?),
-            CpuStorage::F64(y) => add_bias_rows(y, contiguous_slice::<f64>(s3, l3, name)?),
-            CpuStorage::F16(y) => add_bias_rows(y, contiguous_slice::<half::f16>(s3, l3, name)?),
-            CpuStorage::BF16(y) => add_bias_rows(y, contiguous_slice::<half::bf16>(s3, l3, name)?),
-            _ => bail!("frozen-linear-bias: unsupported dtype {:?}", out.dtype()),
-        }
+        let out = per_float_dtype!(name, out.dtype(), |T, A| {
+            let mut y = T::cpu_storage_data(out)?;
+            add_bias_rows(&mut y, contiguous_slice::<T>(s3, l3, name)?);
+            y
+        });
         Ok((out, shape))
     }
 
@@ -261,25 +303,10 @@ impl CustomOp2 for MulByConstant {
             );
         }
         let n = self.name();
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => CpuStorage::F32(mul_elems(
-                contiguous_slice::<f32>(s1, l1, n)?,
-                contiguous_slice::<f32>(s2, l2, n)?,
-            )),
-            (DType::F64, DType::F64) => CpuStorage::F64(mul_elems(
-                contiguous_slice::<f64>(s1, l1, n)?,
-                contiguous_slice::<f64>(s2, l2, n)?,
-            )),
-            (DType::F16, DType::F16) => CpuStorage::F16(mul_elems(
-                contiguous_slice::<half::f16>(s1, l1, n)?,
-                contiguous_slice::<half::f16>(s2, l2, n)?,
-            )),
-            (DType::BF16, DType::BF16) => CpuStorage::BF16(mul_elems(
-                contiguous_slice::<half::bf16>(s1, l1, n)?,
-                contiguous_slice::<half::bf16>(s2, l2, n)?,
-            )),
-            (a, b) => bail!("mul-by-constant: unsupported dtypes {a:?}/{b:?}"),
-        };
+        let out = per_float_dtype!(n, same_dtype(n, s1, s2)?, |T, A| mul_elems(
+            contiguous_slice::<T>(s1, l1, n)?,
+            contiguous_slice::<T>(s2, l2, n)?,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -340,25 +367,11 @@ impl CustomOp1 for SoftmaxLastDim {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let dim = l.dims().last().copied().unwrap_or(1).max(1);
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(softmax_rows::<_, f32>(
-                contiguous_slice::<f32>(s, l, self.name())?,
-                dim,
-            )),
-            DType::F64 => CpuStorage::F64(softmax_rows::<_, f64>(
-                contiguous_slice::<f64>(s, l, self.name())?,
-                dim,
-            )),
-            DType::F16 => CpuStorage::F16(softmax_rows::<_, f32>(
-                contiguous_slice::<half::f16>(s, l, self.name())?,
-                dim,
-            )),
-            DType::BF16 => CpuStorage::BF16(softmax_rows::<_, f32>(
-                contiguous_slice::<half::bf16>(s, l, self.name())?,
-                dim,
-            )),
-            dt => bail!("softmax-last-dim: unsupported dtype {dt:?}"),
-        };
+        let n = self.name();
+        let out = per_float_dtype!(n, s.dtype(), |T, A| softmax_rows::<T, A>(
+            contiguous_slice::<T>(s, l, n)?,
+            dim
+        ));
         Ok((out, l.shape().clone()))
     }
 
@@ -455,33 +468,12 @@ impl CustomOp2 for MaskedSoftmax {
         }
         let n = self.name();
         let mask = contiguous_slice::<f32>(s2, l2, n)?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(masked_softmax_rows::<_, f32>(
-                contiguous_slice::<f32>(s1, l1, n)?,
-                mask,
-                dims,
-                tq,
-            )),
-            DType::F64 => CpuStorage::F64(masked_softmax_rows::<_, f64>(
-                contiguous_slice::<f64>(s1, l1, n)?,
-                mask,
-                dims,
-                tq,
-            )),
-            DType::F16 => CpuStorage::F16(masked_softmax_rows::<_, f32>(
-                contiguous_slice::<half::f16>(s1, l1, n)?,
-                mask,
-                dims,
-                tq,
-            )),
-            DType::BF16 => CpuStorage::BF16(masked_softmax_rows::<_, f32>(
-                contiguous_slice::<half::bf16>(s1, l1, n)?,
-                mask,
-                dims,
-                tq,
-            )),
-            dt => bail!("masked-softmax: unsupported dtype {dt:?}"),
-        };
+        let out = per_float_dtype!(n, s1.dtype(), |T, A| masked_softmax_rows::<T, A>(
+            contiguous_slice::<T>(s1, l1, n)?,
+            mask,
+            dims,
+            tq,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -569,29 +561,11 @@ impl CustomOp2 for RmsNorm {
             );
         }
         let n = self.name();
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => CpuStorage::F32(rms_norm_rows::<_, f32>(
-                contiguous_slice::<f32>(s1, l1, n)?,
-                contiguous_slice::<f32>(s2, l2, n)?,
-                self.eps,
-            )),
-            (DType::F64, DType::F64) => CpuStorage::F64(rms_norm_rows::<_, f64>(
-                contiguous_slice::<f64>(s1, l1, n)?,
-                contiguous_slice::<f64>(s2, l2, n)?,
-                self.eps,
-            )),
-            (DType::F16, DType::F16) => CpuStorage::F16(rms_norm_rows::<_, f32>(
-                contiguous_slice::<half::f16>(s1, l1, n)?,
-                contiguous_slice::<half::f16>(s2, l2, n)?,
-                self.eps,
-            )),
-            (DType::BF16, DType::BF16) => CpuStorage::BF16(rms_norm_rows::<_, f32>(
-                contiguous_slice::<half::bf16>(s1, l1, n)?,
-                contiguous_slice::<half::bf16>(s2, l2, n)?,
-                self.eps,
-            )),
-            (a, b) => bail!("rms-norm: unsupported dtypes {a:?}/{b:?}"),
-        };
+        let out = per_float_dtype!(n, same_dtype(n, s1, s2)?, |T, A| rms_norm_rows::<T, A>(
+            contiguous_slice::<T>(s1, l1, n)?,
+            contiguous_slice::<T>(s2, l2, n)?,
+            self.eps,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -725,33 +699,12 @@ impl CustomOp3 for Rope {
         let n = self.name();
         let cos = contiguous_slice::<f32>(s2, l2, n)?;
         let sin = contiguous_slice::<f32>(s3, l3, n)?;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(rope_apply::<_, f32>(
-                contiguous_slice::<f32>(s1, l1, n)?,
-                cos,
-                sin,
-                dims,
-            )),
-            DType::F64 => CpuStorage::F64(rope_apply::<_, f64>(
-                contiguous_slice::<f64>(s1, l1, n)?,
-                cos,
-                sin,
-                dims,
-            )),
-            DType::F16 => CpuStorage::F16(rope_apply::<_, f32>(
-                contiguous_slice::<half::f16>(s1, l1, n)?,
-                cos,
-                sin,
-                dims,
-            )),
-            DType::BF16 => CpuStorage::BF16(rope_apply::<_, f32>(
-                contiguous_slice::<half::bf16>(s1, l1, n)?,
-                cos,
-                sin,
-                dims,
-            )),
-            dt => bail!("rope: unsupported dtype {dt:?}"),
-        };
+        let out = per_float_dtype!(n, s1.dtype(), |T, A| rope_apply::<T, A>(
+            contiguous_slice::<T>(s1, l1, n)?,
+            cos,
+            sin,
+            dims,
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -803,41 +756,51 @@ struct TokenLogProb {
     targets: std::sync::Arc<Vec<u32>>,
 }
 
-fn token_logprob_rows<A: Acc + WithDType>(logits: &[A], v: usize, targets: &[u32]) -> Vec<A> {
+// Only run for f32/f64 logits, where A is T and the conversions are exact.
+fn token_logprob_rows<T: WithDType, A: Acc>(logits: &[T], v: usize, targets: &[u32]) -> Vec<T> {
     logits
         .chunks_exact(v)
         .zip(targets)
         .map(|(row, &t)| {
-            let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, x));
-            let sum = row.iter().fold(A::ZERO, |s, &x| s + (x - max).exp());
-            row[t as usize] - max - sum.ln()
+            let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, A::of(x)));
+            let sum = row.iter().fold(A::ZERO, |s, &x| s + (A::of(x) - max).exp());
+            (A::of(row[t as usize]) - max - sum.ln()).to()
         })
         .collect()
 }
 
-fn token_logprob_grad_rows<A: Acc + WithDType>(
-    logits: &[A],
-    grad: &[A],
+fn token_logprob_grad_rows<T: WithDType, A: Acc>(
+    logits: &[T],
+    grad: &[T],
     v: usize,
     targets: &[u32],
-) -> Vec<A> {
-    let mut out = vec![A::ZERO; logits.len()];
+) -> Vec<T> {
+    let mut out = vec![T::zero(); logits.len()];
     for ((row, orow), (&g, &t)) in logits
         .chunks_exact(v)
         .zip(out.chunks_exact_mut(v))
         .zip(grad.iter().zip(targets))
     {
-        let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, x));
-        let sum = row.iter().fold(A::ZERO, |s, &x| s + (x - max).exp());
+        let g = A::of(g);
+        let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, A::of(x)));
+        let sum = row.iter().fold(A::ZERO, |s, &x| s + (A::of(x) - max).exp());
         let scale = g / sum;
         // d/dlogits = g * (onehot(t) - softmax)
         for (o, &x) in orow.iter_mut().zip(row) {
-            *o = A::ZERO - scale * (x - max).exp();
+            *o = (A::ZERO - scale * (A::of(x) - max).exp()).to();
         }
-        let at_target = orow[t as usize];
-        orow[t as usize] = at_target + g;
+        let at_target = A::of(orow[t as usize]);
+        orow[t as usize] = (at_target + g).to();
     }
     out
+}
+
+/// Logits must be f32 or f64: log-probs are never computed in half precision.
+fn check_logits_dtype(op: &str, dtype: DType) -> candle_core::Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 => Ok(()),
+        dt => bail!("{op}: logits must be f32 or f64, got {dt:?}"),
+    }
 }
 
 impl TokenLogProb {
@@ -860,19 +823,13 @@ impl CustomOp1 for TokenLogProb {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let v = self.check(l)?;
-        let out = match s.dtype() {
-            DType::F32 => CpuStorage::F32(token_logprob_rows(
-                contiguous_slice::<f32>(s, l, self.name())?,
-                v,
-                &self.targets,
-            )),
-            DType::F64 => CpuStorage::F64(token_logprob_rows(
-                contiguous_slice::<f64>(s, l, self.name())?,
-                v,
-                &self.targets,
-            )),
-            dt => bail!("token-logprob: logits must be f32 or f64, got {dt:?}"),
-        };
+        let n = self.name();
+        check_logits_dtype(n, s.dtype())?;
+        let out = per_float_dtype!(n, s.dtype(), |T, A| token_logprob_rows::<T, A>(
+            contiguous_slice::<T>(s, l, n)?,
+            v,
+            &self.targets,
+        ));
         Ok((out, Shape::from(self.targets.len())))
     }
 
@@ -913,21 +870,14 @@ impl CustomOp2 for TokenLogProbGrad {
         }
         .check(l1)?;
         let n = self.name();
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => CpuStorage::F32(token_logprob_grad_rows(
-                contiguous_slice::<f32>(s1, l1, n)?,
-                contiguous_slice::<f32>(s2, l2, n)?,
-                v,
-                &self.targets,
-            )),
-            (DType::F64, DType::F64) => CpuStorage::F64(token_logprob_grad_rows(
-                contiguous_slice::<f64>(s1, l1, n)?,
-                contiguous_slice::<f64>(s2, l2, n)?,
-                v,
-                &self.targets,
-            )),
-            (a, b) => bail!("token-logprob-grad: unsupported dtypes {a:?}/{b:?}"),
-        };
+        let dtype = same_dtype(n, s1, s2)?;
+        check_logits_dtype(n, dtype)?;
+        let out = per_float_dtype!(n, dtype, |T, A| token_logprob_grad_rows::<T, A>(
+            contiguous_slice::<T>(s1, l1, n)?,
+            contiguous_slice::<T>(s2, l2, n)?,
+            v,
+            &self.targets,
+        ));
         Ok((out, l1.shape().clone()))
     }
 }

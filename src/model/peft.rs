@@ -3,11 +3,11 @@
 //! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` ([r, in])
 //! and `...lora_B.weight` ([out, r]).
 
-use crate::model::config::{ATTENTION_PROJECTIONS, MLP_PROJECTIONS};
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
 use crate::model::io::{read_json, write_json_atomic, write_safetensors_atomic};
 use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig, PatternMap, TargetModules};
+use crate::model::names::PROJECTIONS;
 use candle_core::{DType, Tensor, Var};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -149,11 +149,7 @@ fn number(x: f64) -> Value {
 pub fn adapter_config_json(lora: &LoraConfig, base_model_name_or_path: &str) -> Value {
     let targets = match &lora.target_modules {
         TargetModules::AllLinear => {
-            let mut all: Vec<&str> = ATTENTION_PROJECTIONS
-                .iter()
-                .chain(MLP_PROJECTIONS.iter())
-                .copied()
-                .collect();
+            let mut all: Vec<&str> = PROJECTIONS.iter().map(|(p, _)| *p).collect();
             all.sort();
             json!(all)
         }

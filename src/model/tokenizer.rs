@@ -121,30 +121,57 @@ pub struct LoadedTokenizer {
     pub pad_token: Option<String>,
 }
 
-/// A special-token entry is either a string or `{"content": ...}`.
-fn token_field(cfg: &Value, key: &str) -> Option<String> {
-    match cfg.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-        _ => None,
+/// Special tokens and chat template as read from tokenizer_config.json.
+/// The one parser of that file (`data` uses it too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenizerConfig {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerConfig {
+    /// Parses a tokenizer_config.json value. Tokens may be strings or
+    /// `{"content": ...}` objects; see `chat_template_from_config` for the
+    /// template. The error message does not name the file.
+    pub fn from_json(cfg: &Value) -> std::result::Result<Self, String> {
+        let token = |key: &str| -> std::result::Result<Option<String>, String> {
+            match cfg.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(Value::Object(o)) => match o.get("content") {
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    _ => Err(format!("\"{key}\" has no string \"content\"")),
+                },
+                Some(_) => Err(format!("\"{key}\" must be a string or an object")),
+            }
+        };
+        Ok(TokenizerConfig {
+            bos_token: token("bos_token")?,
+            eos_token: token("eos_token")?,
+            pad_token: token("pad_token")?,
+            chat_template: chat_template_from_config(cfg)?,
+        })
     }
 }
 
-/// Reads the chat template from a tokenizer_config.json value: a string, or
-/// a list of `{name, template}` (the "default" one, else the first).
-pub fn chat_template_from_config(cfg: &Value) -> Option<String> {
-    match cfg.get("chat_template")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(list) => {
-            let pick = list
-                .iter()
-                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .or_else(|| list.first())?;
-            pick.get("template")
-                .and_then(|t| t.as_str())
-                .map(String::from)
-        }
-        _ => None,
+/// The chat template of a tokenizer_config.json value: a string, or a list
+/// of `{name, template}` of which the one named "default" is used. A list
+/// without "default" is an error, as in transformers' `get_chat_template`
+/// when no template name is asked for.
+pub fn chat_template_from_config(cfg: &Value) -> std::result::Result<Option<String>, String> {
+    match cfg.get("chat_template") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| "\"chat_template\" list has no \"default\" entry".to_string()),
+        Some(_) => Err("\"chat_template\" must be a string or a list".into()),
     }
 }
 
@@ -161,22 +188,22 @@ pub fn load_tokenizer(dir: &Path) -> Result<LoadedTokenizer> {
             })?;
     let cfg_path = dir.join("tokenizer_config.json");
     let cfg = if cfg_path.exists() {
-        Some(read_json(&cfg_path)?)
+        TokenizerConfig::from_json(&read_json(&cfg_path)?)
+            .map_err(|m| ModelError::config(&cfg_path, m))?
     } else {
-        None
+        TokenizerConfig::default()
     };
-    let mut chat_template = cfg.as_ref().and_then(chat_template_from_config);
+    let mut chat_template = cfg.chat_template;
     let jinja = dir.join("chat_template.jinja");
     if chat_template.is_none() && jinja.exists() {
         chat_template =
             Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
     }
-    let field = |k: &str| cfg.as_ref().and_then(|c| token_field(c, k));
     Ok(LoadedTokenizer {
         tokenizer,
         chat_template,
-        bos_token: field("bos_token"),
-        eos_token: field("eos_token"),
-        pad_token: field("pad_token"),
+        bos_token: cfg.bos_token,
+        eos_token: cfg.eos_token,
+        pad_token: cfg.pad_token,
     })
 }

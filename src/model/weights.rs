@@ -165,6 +165,20 @@ impl CheckpointFiles {
     }
 }
 
+/// A checkpoint read at one dtype on one device (as candle-nn's VarBuilder):
+/// what each module's `load` takes.
+pub struct WeightLoader<'a> {
+    pub files: &'a CheckpointFiles,
+    pub dtype: DType,
+    pub device: &'a Device,
+}
+
+impl WeightLoader<'_> {
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.files.load(name, shape, self.dtype, self.device)
+    }
+}
+
 /// Maps a config.json `torch_dtype` string to a candle dtype.
 pub fn parse_torch_dtype(s: &str) -> Option<DType> {
     match s.trim_start_matches("torch.") {

@@ -1,11 +1,10 @@
 //! Loading errors name the tensor and the file; unknown architectures name model_type.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{Device, Tensor};
 use lora_runner::model::config::{linear_module_names, Architecture, ModelConfig};
 use lora_runner::model::decoder::{Decoder, LoadOptions};
 use lora_runner::model::error::ModelError;
-use model_common::*;
 use std::collections::HashMap;
 
 fn load_err(dir: &std::path::Path) -> ModelError {

@@ -1,12 +1,11 @@
 //! LoRA gradients against central finite differences (model in f64), and no
 //! gradient at all for the frozen base weights.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::lora::{LoraConfig, TargetModules};
-use model_common::*;
 
 /// Weighted sum of next-token log-probs over a padded batch.
 fn loss(model: &Decoder, ids: &Tensor, mask: &Tensor, targets: &[(usize, usize, u32)]) -> Tensor {
@@ -209,6 +208,7 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
         lora.dropout = 0.1;
         model.apply_lora(&lora, 2).unwrap();
         let q_before = model.layers[0]
+            .self_attn
             .q_proj
             .weight
             .flatten_all()
@@ -245,6 +245,7 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
         let last = loss_at(Mode::Eval).to_scalar::<f32>().unwrap();
         assert!(last < 0.5 * initial, "loss {initial} -> {last}");
         let q_after = model.layers[0]
+            .self_attn
             .q_proj
             .weight
             .flatten_all()

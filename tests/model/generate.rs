@@ -2,7 +2,7 @@
 //! `forward_hidden`, greedy decoding against a naive re-run-everything loop,
 //! seeded sampling, stop tokens and LoRA adapters.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
@@ -12,7 +12,6 @@ use lora_runner::model::generate::{
 use lora_runner::model::merge::merge_lora;
 use lora_runner::model::rng::SplitMix64;
 use lora_runner::model::{LoraConfig, TargetModules};
-use model_common::*;
 use std::path::Path;
 use std::time::Instant;
 

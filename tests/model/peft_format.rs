@@ -1,13 +1,12 @@
 //! The PEFT adapter format: round trip, a hand-written config whose effect
 //! is computed independently, and refusals of unsupported settings.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::lora::{LoraConfig, PatternMap, TargetModules};
 use lora_runner::model::peft::{load_adapter, save_adapter};
-use model_common::*;
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -1,14 +1,13 @@
 //! init determinism, loading the init folder through the normal loader,
 //! the built-in tokenizer, and PEFT's LoRA init / seeded dropout.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::init::init_model;
 use lora_runner::model::lora::{LoraConfig, TargetModules};
 use lora_runner::model::tokenizer::{load_tokenizer, CHATML_TEMPLATE};
-use model_common::*;
 
 const FILES: [&str; 4] = [
     "config.json",
@@ -47,8 +46,8 @@ fn init_folder_loads_through_the_normal_loader() {
     let model = Decoder::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(model.config, cfg);
     assert_eq!(model.dtype, DType::BF16);
-    assert_eq!(model.layers[0].q_proj.weight.dims(), &[64, 32]);
-    assert_eq!(model.layers[0].k_proj.weight.dims(), &[32, 32]);
+    assert_eq!(model.layers[0].self_attn.q_proj.weight.dims(), &[64, 32]);
+    assert_eq!(model.layers[0].self_attn.k_proj.weight.dims(), &[32, 32]);
     let ids = ids_tensor(&random_ids(1, 5, 128, 1));
     let h = model.forward_hidden(&ids, None, Mode::Eval).unwrap();
     assert_eq!(h.dims(), &[1, 5, 32]);
@@ -172,7 +171,7 @@ fn half_precision_loads_match_f32_roughly() {
             },
         )
         .unwrap();
-        assert_eq!(m.layers[1].down_proj.weight.dtype(), dtype);
+        assert_eq!(m.layers[1].mlp.down_proj.weight.dtype(), dtype);
         let h = m.forward_hidden(&ids, None, Mode::Eval).unwrap();
         assert_eq!(h.dtype(), dtype);
         m.logits(&h).unwrap()
@@ -192,12 +191,18 @@ fn chat_template_forms() {
     use lora_runner::model::tokenizer::chat_template_from_config;
     let single = serde_json::json!({"chat_template": "{{ x }}"});
     assert_eq!(
-        chat_template_from_config(&single).as_deref(),
+        chat_template_from_config(&single).unwrap().as_deref(),
         Some("{{ x }}")
     );
     let list = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
-    assert_eq!(chat_template_from_config(&list).as_deref(), Some("D"));
-    assert_eq!(chat_template_from_config(&serde_json::json!({})), None);
+    assert_eq!(
+        chat_template_from_config(&list).unwrap().as_deref(),
+        Some("D")
+    );
+    assert_eq!(
+        chat_template_from_config(&serde_json::json!({})).unwrap(),
+        None
+    );
     // A separate chat_template.jinja is used when tokenizer_config.json has none.
     let dir = init_dir("tok-jinja", &spec(Architecture::Qwen2, true, 68));
     let cfg_path = dir.join("tokenizer_config.json");
@@ -210,6 +215,31 @@ fn chat_template_forms() {
         load_tokenizer(&dir).unwrap().chat_template.as_deref(),
         Some("JINJA")
     );
+}
+
+/// transformers' `get_chat_template` refuses a list of named templates with
+/// no "default" (when no name is asked for), rather than taking the first.
+#[test]
+fn chat_template_list_without_default_is_an_error() {
+    use lora_runner::model::tokenizer::chat_template_from_config;
+    let list = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]});
+    let err = chat_template_from_config(&list).unwrap_err();
+    assert!(err.contains("no \"default\""), "{err}");
+    // Loading a folder with such a config fails and names the file.
+    let dir = init_dir("tok-no-default", &spec(Architecture::Qwen2, true, 70));
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = list["chat_template"].clone();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let msg = load_tokenizer(&dir).err().expect("refused").to_string();
+    assert!(
+        msg.contains("tokenizer_config.json") && msg.contains("default"),
+        "{msg}"
+    );
+    // The data side reads the file with the same parser.
+    let data_err = lora_runner::data::TokenizerConfig::from_json_file(&cfg_path).unwrap_err();
+    assert!(data_err.to_string().contains("default"), "{data_err}");
 }
 
 #[test]

@@ -1,13 +1,12 @@
 //! Merged weights against the unmerged base + adapter forward pass, and
 //! saving/reloading (single file and sharded).
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
-use model_common::*;
 
 fn adapted_model(dir: &std::path::Path, dtype: DType) -> Decoder {
     let mut model = Decoder::load(
@@ -68,7 +67,10 @@ fn bf16_merge_error_measured_0_066_of_logits_up_to_3_8() {
     let ids = ids_tensor(&random_ids(1, 10, 128, 5));
     let with_adapter = logits(&model, &ids);
     let merged = merge_lora(&model).unwrap();
-    assert_eq!(merged.layers[0].q_proj.weight.dtype(), DType::BF16);
+    assert_eq!(
+        merged.layers[0].self_attn.q_proj.weight.dtype(),
+        DType::BF16
+    );
     let d = max_abs_diff(&with_adapter, &logits(&merged, &ids));
     let scale = with_adapter
         .abs()

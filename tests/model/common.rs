@@ -1,3 +1,4 @@
+//! Helpers shared by the model tests: scratch folders, a big-stack thread, init specs.
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;

@@ -1,13 +1,12 @@
 //! Our decoder's logits against candle-transformers' Llama and Qwen2
 //! (independent implementations) for the same weights.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use model_common::*;
 use std::path::Path;
 
 const TOL: f32 = 1e-4;

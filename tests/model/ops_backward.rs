@@ -1,10 +1,9 @@
 //! Each custom op against the slow differentiable composition of candle
 //! ops: forward values and backward gradients; frozen weights get none.
 
-mod model_common;
+use crate::common::*;
 use candle_core::{DType, Device, Tensor, Var};
 use lora_runner::model::ops;
-use model_common::*;
 
 fn randn(shape: &[usize], dtype: DType) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)

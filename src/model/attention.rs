@@ -1,0 +1,201 @@
+//! Grouped-query self-attention with an explicit head_dim: rope (with
+//! Llama-3 scaling), a causal + padding (+ sliding window) mask, softmax in
+//! f32, and optional cached keys/values from earlier tokens, so training and
+//! KV-cache generation run the same code.
+
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Mode;
+use crate::model::error::Result;
+use crate::model::linear::Linear;
+use crate::model::ops::{masked_softmax, rope};
+use crate::model::weights::WeightLoader;
+use candle_core::{DType, Device, Tensor};
+
+/// Additive mask value for disallowed attention; finite so a fully masked
+/// (padding) row never produces NaN.
+const MASKED: f32 = -1e30;
+
+/// Rope inverse frequencies, with Llama-3 scaling when configured
+/// (same piecewise rule as transformers' `_compute_llama3_parameters`).
+pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f64> {
+    let d = config.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    let Some(s) = &config.rope_scaling else {
+        return base;
+    };
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// Keys and values of one layer (keys after rope):
+/// [batch, kv_heads, tokens, head_dim].
+#[derive(Clone, Debug)]
+pub struct LayerKv {
+    pub keys: Tensor,
+    pub values: Tensor,
+}
+
+/// Per-call attention inputs shared by all layers: rope tables and mask for
+/// the new tokens of each row.
+pub struct AttentionContext {
+    /// [B, t, head_dim / 2] in f32.
+    cos: Tensor,
+    sin: Tensor,
+    /// [B, t, past + t] additive mask in f32 (shared by all heads).
+    mask: Tensor,
+}
+
+impl AttentionContext {
+    /// `real[b]` marks, for every position of row b (the `past` cached ones
+    /// then the new ones), a token (true) or padding. Rope position = number
+    /// of real tokens before, so a left-padded row gets the positions of its
+    /// unpadded form; the mask is causal in padded index space, hides
+    /// padding and applies the sliding window.
+    pub fn new(
+        inv_freq: &[f64],
+        sliding_window: Option<usize>,
+        real: &[Vec<bool>],
+        past: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = real.len();
+        let total = real.first().map_or(0, Vec::len);
+        let t = total - past;
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for row in real {
+            let mut seen = row[..past].iter().filter(|&&x| x).count();
+            for &is_real in &row[past..] {
+                let pos = if is_real {
+                    seen as f64
+                } else {
+                    seen.saturating_sub(1) as f64
+                };
+                if is_real {
+                    seen += 1;
+                }
+                for f in inv_freq {
+                    let angle = pos * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let mut mask = Vec::with_capacity(b * t * total);
+        for row in real {
+            for query in past..total {
+                for (key, &is_real) in row.iter().enumerate() {
+                    let allowed =
+                        key <= query && is_real && sliding_window.is_none_or(|w| query - key < w);
+                    mask.push(if allowed { 0.0 } else { MASKED });
+                }
+            }
+        }
+        Ok(AttentionContext {
+            cos: Tensor::from_vec(cos, (b, t, half), device)?,
+            sin: Tensor::from_vec(sin, (b, t, half), device)?,
+            mask: Tensor::from_vec(mask, (b, t, total), device)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub fn load(w: &WeightLoader, c: &ModelConfig, layer: usize) -> Result<Self> {
+        Ok(Attention {
+            q_proj: Linear::load(w, c, layer, "q_proj")?,
+            k_proj: Linear::load(w, c, layer, "k_proj")?,
+            v_proj: Linear::load(w, c, layer, "v_proj")?,
+            o_proj: Linear::load(w, c, layer, "o_proj")?,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    /// Attention of the tokens `x` [B, t, hidden] over the `past` keys and
+    /// values (if any) followed by their own. Returns the output and the
+    /// keys/values including the new tokens (what a KV cache keeps).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        mode: Mode,
+        past: Option<&LayerKv>,
+    ) -> Result<(Tensor, LayerKv)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x, mode)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x, mode)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x, mode)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = (rope(&q, &ctx.cos, &ctx.sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match past {
+            Some(p) => (
+                Tensor::cat(&[&p.keys, &k], 2)?,
+                Tensor::cat(&[&p.values, &v], 2)?,
+            ),
+            None => (k, v),
+        };
+        // Grouped-query attention without copying K/V: query heads sharing a
+        // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
+        let rep = nh / nkv;
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        // Softmax in f32 (as HF does) unless the model already runs in f64.
+        let softmax_dtype = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
+        let probs = masked_softmax(&scores, &ctx.mask)?.to_dtype(x.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let out = self.o_proj.forward(&out, mode)?;
+        Ok((out, LayerKv { keys: k, values: v }))
+    }
+}

@@ -1,0 +1,90 @@
+//! A frozen linear projection with an optional LoRA adapter, and the seeded
+//! dropout in front of the adapter.
+
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Mode;
+use crate::model::error::Result;
+use crate::model::lora::LoraAdapter;
+use crate::model::names;
+use crate::model::ops::{frozen_linear, mul_by_constant};
+use crate::model::rng::SplitMix64;
+use crate::model::weights::WeightLoader;
+use candle_core::Tensor;
+
+/// A frozen linear projection with an optional LoRA adapter.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Full module name, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// [out, in], frozen.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Loads projection `proj` (e.g. "q_proj") of layer `layer`, with the bias
+    /// the architecture has.
+    pub fn load(w: &WeightLoader, c: &ModelConfig, layer: usize, proj: &str) -> Result<Self> {
+        let name = names::projection(layer, proj);
+        let (out_f, in_f) = c.projection_shape(proj).expect("known projection");
+        let weight = w.get(&names::weight(&name), &[out_f, in_f])?;
+        let bias = if c.projection_has_bias(proj) {
+            Some(w.get(&names::bias(&name), &[out_f])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            name,
+            weight,
+            bias,
+            lora: None,
+        })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// y = x W^T + b + s · B(A(dropout(x))); only the adapter path is scaled.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        if let Some(lora) = &self.lora {
+            let dtype = x.dtype();
+            let xin = match mode {
+                Mode::Train { dropout_seed } if lora.dropout > 0.0 => {
+                    dropout(x, lora.dropout, dropout_seed, &self.name)?
+                }
+                _ => x.clone(),
+            };
+            let (a, b) = if mode == Mode::Inference {
+                (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
+            } else {
+                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+            };
+            // Scale the small [out, r] matrix rather than the [N, out] output.
+            let (a, b) = (a.to_dtype(dtype)?, (b.to_dtype(dtype)? * lora.scale)?);
+            let (lead, last) = xin.dims().split_at(xin.rank() - 1);
+            let rows: usize = lead.iter().product();
+            let x2 = xin.reshape((rows, last[0]))?;
+            let h = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let h = h.reshape(y.shape())?;
+            y = (y + h)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Inverted dropout with a mask drawn from (seed, module name).
+fn dropout(x: &Tensor, p: f64, seed: u64, module: &str) -> Result<Tensor> {
+    let mut rng = SplitMix64::for_stream(seed, module);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(mul_by_constant(x, &mask)?)
+}

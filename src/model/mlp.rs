@@ -1,0 +1,31 @@
+//! The SwiGLU MLP of a decoder layer: down(silu(gate(x)) * up(x)).
+
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Mode;
+use crate::model::error::Result;
+use crate::model::linear::Linear;
+use crate::model::weights::WeightLoader;
+use candle_core::Tensor;
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn load(w: &WeightLoader, c: &ModelConfig, layer: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(w, c, layer, "gate_proj")?,
+            up_proj: Linear::load(w, c, layer, "up_proj")?,
+            down_proj: Linear::load(w, c, layer, "down_proj")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, mode)?.silu()?;
+        let up = self.up_proj.forward(x, mode)?;
+        self.down_proj.forward(&(gate * up)?, mode)
+    }
+}

@@ -1,0 +1,13 @@
+//! The model tests as one binary (each test binary links candle, which is
+//! slow to link): forward against candle-transformers, generation, init and
+//! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
+
+mod common;
+mod forward_reference;
+mod generate;
+mod init_and_tokenizer;
+mod loading_errors;
+mod lora_gradients;
+mod merge;
+mod ops_backward;
+mod peft_format;
