@@ -1,7 +1,7 @@
 //! Our decoder's logits against candle-transformers' Llama and Qwen2
 //! (independent implementations) for the same weights.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};

@@ -2,7 +2,7 @@
 //! `forward_hidden`, greedy decoding against a naive re-run-everything loop,
 //! seeded sampling, stop tokens and LoRA adapters.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};

@@ -1,7 +1,7 @@
 //! init determinism, loading the init folder through the normal loader,
 //! the built-in tokenizer, and PEFT's LoRA init / seeded dropout.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};

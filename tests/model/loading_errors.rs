@@ -1,6 +1,6 @@
 //! Loading errors name the tensor and the file; unknown architectures name model_type.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{Device, Tensor};
 use lora_runner::model::config::{linear_module_names, Architecture, ModelConfig};
 use lora_runner::model::decoder::{Decoder, LoadOptions};

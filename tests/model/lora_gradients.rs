@@ -1,7 +1,7 @@
 //! LoRA gradients against central finite differences (model in f64), and no
 //! gradient at all for the frozen base weights.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};

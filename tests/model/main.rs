@@ -2,7 +2,8 @@
 //! slow to link): forward against candle-transformers, generation, init and
 //! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
 
-mod common;
+#[path = "../support/mod.rs"]
+mod support;
 mod forward_reference;
 mod generate;
 mod init_and_tokenizer;

@@ -1,7 +1,7 @@
 //! Merged weights against the unmerged base + adapter forward pass, and
 //! saving/reloading (single file and sharded).
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};

@@ -1,7 +1,7 @@
 //! Each custom op against the slow differentiable composition of candle
 //! ops: forward values and backward gradients; frozen weights get none.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device, Tensor, Var};
 use lora_runner::model::ops;
 

@@ -1,7 +1,7 @@
 //! The PEFT adapter format: round trip, a hand-written config whose effect
 //! is computed independently, and refusals of unsupported settings.
 
-use crate::common::*;
+use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};

@@ -4,6 +4,7 @@
 
 pub mod fixtures;
 pub mod kinds;
+pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

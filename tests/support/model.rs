@@ -50,12 +50,7 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
 
 /// Backward walks the graph recursively: run on a thread with a 64 MiB stack.
 pub fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
-    std::thread::Builder::new()
-        .stack_size(64 << 20)
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
+    lora_runner::train::with_big_stack(f)
 }
 
 pub fn spec(arch: Architecture, tie: bool, seed: u64) -> InitSpec {
