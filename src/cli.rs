@@ -336,11 +336,11 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
                 return Ok(exit::STAGE_FAILED);
             }
             // A whole recipe with two schemes: show them side by side, as `runner compare` does.
-            let leaves = crate::comparison::leaf_training_stages(&checked.recipe, &checked.dag);
+            let leaves = crate::compare::leaf_training_stages(&checked.recipe, &checked.dag);
             if selection.only.is_none() && selection.until.is_none() && leaves.len() >= 2 {
                 let plan = make_plan(&checked, &cache, &defaults)?;
                 if let Ok(summaries) =
-                    crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
+                    crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
                 {
                     let report = write_report(&checked.recipe, &cache, &summaries)?;
                     print!("{}", crate::compare::text_table(&summaries));
@@ -394,7 +394,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<i32, Failure> {
             let cache = open_cache()?;
             let plan = make_plan(&checked, &cache, &defaults)?;
             let summaries =
-                crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
+                crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
                     .map_err(|e| Failure::usage(format!("error: {e}")))?;
             let report = write_report(&checked.recipe, &cache, &summaries)?;
             if *json {
@@ -474,7 +474,7 @@ fn write_report(
     cache: &Cache,
     summaries: &[crate::compare::StageSummary],
 ) -> Result<PathBuf, Failure> {
-    let dir = crate::comparison::report_dir(cache, recipe);
+    let dir = crate::compare::report_dir(cache, recipe);
     std::fs::create_dir_all(&dir)?;
     let internal =
         |e: anyhow::Error| Failure::internal(format!("error: writing the report: {e:#}"));

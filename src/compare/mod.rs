@@ -1,9 +1,10 @@
 //! Comparing the stages of a run: the SFT stage and the two ways of doing DPO
 //! ("scheme one" continues the SFT adapter, "scheme two" merges it into the base and
 //! trains a fresh adapter). Produces SVG charts, a markdown report, a terminal table
-//! and JSON, all from `StageSummary` values.
+//! and JSON, all from `StageSummary` values, which `collect` gathers from the cache.
 
 mod chart;
+mod collect;
 pub mod format;
 mod json;
 mod markdown;
@@ -15,6 +16,7 @@ pub use chart::{
     dpo_chart, loss_chart, moving_average, smoothing_window, stage_colour_hex, DPO_CHART_TITLE,
     LOSS_CHART_TITLE,
 };
+pub use collect::{collect, leaf_training_stages, report_dir};
 pub use format::{human_bytes, human_duration, MISSING};
 pub use json::json;
 pub use markdown::markdown_report;
