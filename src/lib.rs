@@ -16,7 +16,6 @@
 pub mod cache;
 pub mod cli;
 pub mod compare;
-pub mod comparison;
 pub mod data;
 pub mod device;
 pub mod diag;

@@ -329,11 +329,11 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
                 return Err(Error::StageFailed);
             }
             // A whole recipe with two schemes: show them side by side, as `runner compare` does.
-            let leaves = crate::comparison::leaf_training_stages(&checked.recipe, &checked.dag);
+            let leaves = crate::compare::leaf_training_stages(&checked.recipe, &checked.dag);
             if selection.only.is_none() && selection.until.is_none() && leaves.len() >= 2 {
                 let plan = make_plan(&checked, &cache, &[], device)?;
                 if let Ok(summaries) =
-                    crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
+                    crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
                 {
                     let report = write_report(&checked.recipe, &cache, &summaries)?;
                     print!("{}", crate::compare::text_table(&summaries));
@@ -394,7 +394,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             let cache = open_cache()?;
             let plan = make_plan(&checked, &cache, &[], device)?;
             let summaries =
-                crate::comparison::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
+                crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
                     .map_err(Error::Usage)?;
             let report = write_report(&checked.recipe, &cache, &summaries)?;
             if *json {
@@ -479,7 +479,7 @@ fn write_report(
     cache: &Cache,
     summaries: &[crate::compare::StageSummary],
 ) -> Result<PathBuf, Error> {
-    let dir = crate::comparison::report_dir(cache, recipe);
+    let dir = crate::compare::report_dir(cache, recipe);
     std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     let internal = |e: anyhow::Error| Error::environment("writing the report")(e);
     crate::compare::loss_chart(summaries, dir.join("loss.svg")).map_err(internal)?;

@@ -14,7 +14,7 @@ const ENGINE: &[&str] = &[
     "stage",
 ];
 const ML: &[&str] = &["data", "model", "train"];
-const STAGE_LAYER: &[&str] = &["compare", "comparison", "device", "kinds"];
+const STAGE_LAYER: &[&str] = &["compare", "device", "kinds"];
 
 fn layer_of(module: &str) -> &'static str {
     if LEAVES.contains(&module) {

@@ -4,8 +4,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::chart_marker::draw_marker;
-use crate::compare::chart_style::{
+use super::marker::draw_marker;
+use super::style::{
     stage_colour, stage_marker, text_style, LEGEND_ROW_HEIGHT, LEGEND_SIZE, NOTE_COLOUR, NOTE_SIZE,
     SMOOTHED_STROKE,
 };

@@ -6,13 +6,13 @@ use std::ops::Range;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::chart_marker::draw_marker;
-use crate::compare::chart_style::{
+use super::marker::draw_marker;
+use super::style::{
     padded_range, stage_colour, stage_marker, step_range, text_style, tick_decimals,
     AXIS_DESC_SIZE, GRID_BOLD, GRID_LIGHT, PANEL_CAPTION_SIZE, RAW_OPACITY, SMOOTHED_STROKE,
     TICK_LABEL_SIZE,
 };
-use crate::compare::smoothing::{moving_average, smoothing_window};
+use super::smoothing::{moving_average, smoothing_window};
 use crate::compare::stage::Point;
 
 /// One stage's data in one panel.

@@ -1,4 +1,4 @@
-//! Synthetic stages shared by the compare_* tests (included with `#[path]`).
+//! Synthetic stages shared by the comparison tests.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;

@@ -1,14 +1,11 @@
 //! Reading metric rows and smoothing them.
 
-#[path = "compare_fixtures.rs"]
-mod fixtures;
-
 use lora_runner::compare::{
     is_eval_row, moving_average, smoothing_window, StageKind, StageSummary,
 };
 use serde_json::json;
 
-use fixtures::empty_stage;
+use crate::fixtures::empty_stage;
 
 #[test]
 fn rows_without_loss_are_eval_rows() {

@@ -6,9 +6,9 @@ use anyhow::Context;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::chart_legend::{draw_legend, legend_height, LegendEntry};
-use crate::compare::chart_panel::{draw_panel, Panel};
-use crate::compare::chart_style::{
+use super::legend::{draw_legend, legend_height, LegendEntry};
+use super::panel::{draw_panel, Panel};
+use super::style::{
     bold_text_style, step_range, CHART_WIDTH, PANEL_HEIGHT, TITLE_HEIGHT, TITLE_SIZE,
 };
 

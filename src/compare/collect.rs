@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::cache::{Cache, Manifest};
-use crate::compare::{StageKind, StageSummary};
+use crate::compare::stage::{StageKind, StageSummary};
 use crate::graph::Dag;
 use crate::plan::{Plan, Status};
 use crate::recipe::Recipe;

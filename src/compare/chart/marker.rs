@@ -3,7 +3,7 @@
 use plotters::coord::CoordTranslate;
 use plotters::prelude::*;
 
-use crate::compare::chart_style::{MarkerShape, MARKER_SIZE};
+use super::style::{MarkerShape, MARKER_SIZE};
 
 /// Draws `shape` centred on `at` on any drawing area (chart panel or legend strip),
 /// over a white halo so it stands out from lines and from a marker beneath it.

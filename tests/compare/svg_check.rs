@@ -1,6 +1,6 @@
-//! A tiny XML well-formedness checker for the SVG the charts write (included with
-//! `#[path]`). It is not a full XML parser: enough to catch unbalanced tags, bad
-//! attribute quoting, stray '<' or '&', and to list elements with their text.
+//! A tiny XML well-formedness checker for the SVG the charts write. It is not a
+//! full XML parser: enough to catch unbalanced tags, bad attribute quoting, stray
+//! '<' or '&', and to list elements with their text.
 #![allow(dead_code)]
 
 #[derive(Debug, Clone)]

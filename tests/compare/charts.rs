@@ -1,10 +1,5 @@
 //! The SVG charts: written, well-formed, labelled, one line per stage, no panics.
 
-#[path = "compare_fixtures.rs"]
-mod fixtures;
-#[path = "compare_svg_check.rs"]
-mod svg_check;
-
 use std::path::PathBuf;
 
 use lora_runner::compare::{
@@ -12,8 +7,8 @@ use lora_runner::compare::{
 };
 use serde_json::json;
 
-use fixtures::{dpo_stage, empty_stage, realistic_stages};
-use svg_check::{parse_svg, polylines_in, texts};
+use crate::fixtures::{dpo_stage, empty_stage, realistic_stages};
+use crate::svg_check::{parse_svg, polylines_in, texts};
 
 fn out_dir(test: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))

@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use crate::compare::chart_canvas::{write_svg, ChartLayout};
-use crate::compare::chart_legend::legend_for;
-use crate::compare::chart_panel::{Panel, PanelSeries};
+use super::canvas::{write_svg, ChartLayout};
+use super::legend::legend_for;
+use super::panel::{Panel, PanelSeries};
 use crate::compare::stage::{StageKind, StageSummary};
 
 pub const LOSS_CHART_TITLE: &str = "Training loss per step";

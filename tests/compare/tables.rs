@@ -1,11 +1,8 @@
 //! The markdown report, terminal table and JSON agree and format as documented.
 
-#[path = "compare_fixtures.rs"]
-mod fixtures;
-
 use lora_runner::compare::{json, markdown_report, text_table, StageKind, MISSING};
 
-use fixtures::{empty_stage, realistic_stages};
+use crate::fixtures::{empty_stage, realistic_stages};
 
 /// Cells of the markdown table rows (lines starting with '|'), pipes unescaped.
 fn markdown_rows(md: &str) -> Vec<Vec<String>> {
