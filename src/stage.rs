@@ -59,7 +59,9 @@ pub enum Role {
 }
 
 /// The objective a training stage optimises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// Supervised fine-tuning on completions.
@@ -80,6 +82,23 @@ impl Objective {
 impl std::fmt::Display for Objective {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// An objective name other than "sft" or "dpo".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown objective {0:?} (expected \"sft\" or \"dpo\")")]
+pub struct UnknownObjective(pub String);
+
+/// Case-insensitive, surrounding whitespace ignored (" DPO " is `Dpo`).
+impl std::str::FromStr for Objective {
+    type Err = UnknownObjective;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sft" => Ok(Objective::Sft),
+            "dpo" => Ok(Objective::Dpo),
+            _ => Err(UnknownObjective(s.to_string())),
+        }
     }
 }
 
