@@ -159,6 +159,23 @@ impl std::fmt::Display for Objective {
     }
 }
 
+/// An objective name other than "sft" or "dpo".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown objective {0:?} (expected \"sft\" or \"dpo\")")]
+pub struct UnknownObjective(pub String);
+
+/// Case-insensitive, surrounding whitespace ignored (" DPO " is `Dpo`).
+impl std::str::FromStr for Objective {
+    type Err = UnknownObjective;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sft" => Ok(Objective::Sft),
+            "dpo" => Ok(Objective::Dpo),
+            _ => Err(UnknownObjective(s.to_string())),
+        }
+    }
+}
+
 /// A reference from one stage to another: an edge of the DAG.
 #[derive(Clone, Debug)]
 pub struct StageRef {

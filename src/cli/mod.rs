@@ -489,7 +489,7 @@ fn write_report(
     )];
     if summaries
         .iter()
-        .any(|s| s.kind == crate::compare::StageKind::Dpo)
+        .any(|s| s.objective == crate::stage::Objective::Dpo)
     {
         crate::compare::dpo_chart(summaries, dir.join("dpo.svg")).map_err(internal)?;
         charts.push((

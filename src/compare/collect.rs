@@ -1,24 +1,45 @@
 //! `runner compare`: gather finished training stages of a recipe (by
 //! default its leaf training stages: in the demo, scheme one and scheme two)
-//! into summaries for the report.
+//! into summaries for the report. Which stages train, and with what objective,
+//! comes from their kinds' `Role`, never from kind names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use crate::cache::{Cache, Manifest};
-use crate::compare::stage::{StageKind, StageSummary};
+use crate::cache::{Cache, Manifest, Parent};
+use crate::compare::stage::StageSummary;
 use crate::graph::Dag;
 use crate::plan::{Plan, Status};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, Stage};
+use crate::stage::{Objective, Role};
 
-fn is_training(kind: &str) -> bool {
-    kind == "sft" || kind == "dpo"
+/// What `stage` trains for; None for stages that do not train.
+fn objective(stage: &Stage) -> Option<Objective> {
+    match stage.kind.role() {
+        Role::Train(objective) => Some(objective),
+        _ => None,
+    }
+}
+
+/// The role of the stage that made `parent`: its kind in the recipe, or, for a
+/// stage the recipe does not have (an artifact another recipe made first and
+/// named differently), the built-in kind its manifest names.
+fn parent_role(recipe: &Recipe, cache: &Cache, parent: &Parent) -> Option<Role> {
+    match recipe.stage(&parent.stage) {
+        Some(stage) => Some(stage.kind.role()),
+        None => {
+            let manifest = cache.manifest(&parent.artifact)?;
+            crate::kinds::builtin()
+                .get(&manifest.kind)
+                .map(|kind| kind.role())
+        }
+    }
 }
 
 /// Training stages no other training stage builds on, in execution order.
 pub fn leaf_training_stages(recipe: &Recipe, dag: &Dag) -> Vec<String> {
     let trains: BTreeSet<usize> = (0..recipe.stages.len())
-        .filter(|&i| is_training(recipe.stages[i].kind.name()))
+        .filter(|&i| objective(&recipe.stages[i]).is_some())
         .collect();
     let mut feeds = BTreeSet::new();
     for &i in &trains {
@@ -104,12 +125,12 @@ pub fn collect(
         let planned = plan
             .by_name(name)
             .ok_or_else(|| format!("no stage `{name}` in {}", recipe.path.display()))?;
-        if !is_training(&planned.kind) {
+        let Some(objective) = recipe.stage(name).and_then(objective) else {
             return Err(format!(
                 "stage `{name}` is a `{}` stage; compare takes sft and dpo stages",
                 planned.kind
             ));
-        }
+        };
         let Status::Cached { artifact } = &planned.status else {
             return Err(format!(
                 "stage `{name}` has not run ({}); run `runner run {}` first",
@@ -120,31 +141,36 @@ pub fn collect(
         let manifest = cache
             .manifest(artifact)
             .ok_or_else(|| format!("artifact of `{name}` has no manifest"))?;
-        found.push((name.clone(), artifact.clone(), manifest));
+        found.push((name.clone(), objective, artifact.clone(), manifest));
     }
     // Bytes each stage needed beyond what all compared stages share (the SFT adapter, the base).
-    let lineages: Vec<BTreeSet<String>> = found.iter().map(|(_, a, _)| lineage(cache, a)).collect();
+    let lineages: Vec<BTreeSet<String>> =
+        found.iter().map(|(_, _, a, _)| lineage(cache, a)).collect();
     let shared: BTreeSet<String> = lineages.iter().skip(1).fold(lineages[0].clone(), |acc, l| {
         acc.intersection(l).cloned().collect()
     });
 
     let mut out = Vec::new();
-    for ((name, artifact, manifest), lineage) in found.into_iter().zip(&lineages) {
+    for ((name, objective, artifact, manifest), lineage) in found.into_iter().zip(&lineages) {
         let dir = cache.artifact_dir(&artifact);
         let bytes = lineage
             .difference(&shared)
             .map(|a| folder_bytes(&cache.artifact_dir(a)))
             .sum();
-        out.push(summary(name, &dir, &manifest, bytes, cache));
+        out.push(summary(
+            name, objective, &dir, &manifest, bytes, recipe, cache,
+        ));
     }
     Ok(out)
 }
 
 fn summary(
     name: String,
+    objective: Objective,
     dir: &Path,
     m: &Manifest,
     bytes_on_disk: u64,
+    recipe: &Recipe,
     cache: &Cache,
 ) -> StageSummary {
     let rows = std::fs::read_to_string(dir.join(crate::train::trainer::METRICS_FILE))
@@ -158,22 +184,16 @@ fn summary(
         .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
         .collect();
     let parent = |field: &str| m.parents.iter().find(|p| p.field == field);
-    let kind = if m.kind == "sft" {
-        StageKind::Sft
-    } else {
-        StageKind::Dpo
-    };
-    let on_merged = parent("model")
-        .and_then(|p| cache.manifest(&p.artifact))
-        .is_some_and(|pm| pm.kind == "merge");
-    let label = match (kind, parent("adapter"), on_merged) {
-        (StageKind::Dpo, Some(a), _) => format!("scheme one: continue `{}`", a.stage),
-        (StageKind::Dpo, None, true) => format!(
+    let on_merged =
+        parent("model").is_some_and(|p| parent_role(recipe, cache, p) == Some(Role::Merge));
+    let label = match (objective, parent("adapter"), on_merged) {
+        (Objective::Dpo, Some(a), _) => format!("scheme one: continue `{}`", a.stage),
+        (Objective::Dpo, None, true) => format!(
             "scheme two: fresh adapter on `{}`",
             parent("model").map_or("?", |p| p.stage.as_str())
         ),
-        (StageKind::Dpo, None, false) => "DPO, fresh adapter".into(),
-        (StageKind::Sft, _, _) => "SFT".into(),
+        (Objective::Dpo, None, false) => "DPO, fresh adapter".into(),
+        (Objective::Sft, _, _) => "SFT".into(),
     };
     let reference = m
         .metrics
@@ -183,7 +203,7 @@ fn summary(
         .unwrap_or_else(|| parent("model").map_or("-".into(), |p| p.stage.clone()));
     StageSummary {
         name,
-        kind,
+        objective,
         label,
         rows,
         trainable_parameters: final_metrics

@@ -26,7 +26,7 @@ pub fn json(stages: &[StageSummary]) -> Value {
                 .collect();
             json!({
                 "name": stage.name,
-                "kind": stage.kind.as_str(),
+                "kind": stage.objective.as_str(),
                 "label": stage.label,
                 "final_metrics": final_metrics,
                 "final_loss": stage.final_metric("loss"),

@@ -20,6 +20,6 @@ pub use collect::{collect, leaf_training_stages, report_dir};
 pub use format::{human_bytes, human_duration, MISSING};
 pub use json::json;
 pub use markdown::markdown_report;
-pub use stage::{is_eval_row, Point, StageKind, StageSummary, UnknownStageKind};
+pub use stage::{is_eval_row, Point, StageSummary};
 pub use table::{ComparisonTable, TableRow};
 pub use text::text_table;

@@ -1,57 +1,20 @@
 //! The input data model: one finished training stage and the metric rows it logged.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Which objective a stage trained.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StageKind {
-    Sft,
-    Dpo,
-}
-
-impl StageKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StageKind::Sft => "sft",
-            StageKind::Dpo => "dpo",
-        }
-    }
-}
-
-impl fmt::Display for StageKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A stage kind string other than "sft" or "dpo".
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown stage kind {0:?} (expected \"sft\" or \"dpo\")")]
-pub struct UnknownStageKind(pub String);
-
-impl FromStr for StageKind {
-    type Err = UnknownStageKind;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "sft" => Ok(StageKind::Sft),
-            "dpo" => Ok(StageKind::Dpo),
-            _ => Err(UnknownStageKind(s.to_string())),
-        }
-    }
-}
+use crate::stage::Objective;
 
 /// Everything the comparison needs about one finished stage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageSummary {
     /// Short identifier, used as the column header and legend key (e.g. "dpo-one").
     pub name: String,
-    pub kind: StageKind,
+    /// What the stage trained for; "kind" in JSON, as `runner compare --json` writes it.
+    #[serde(rename = "kind")]
+    pub objective: Objective,
     /// Human description (e.g. "scheme one: continue the SFT adapter").
     pub label: String,
     /// The stage's metrics.jsonl, one JSON object per line, in file order.

@@ -29,7 +29,7 @@ type CellFn = fn(&StageSummary) -> String;
 
 /// Row order and content; markdown, terminal and JSON all read this list.
 const ROWS: &[(&str, &str, CellFn)] = &[
-    ("kind", "kind", |s| s.kind.to_string()),
+    ("kind", "kind", |s| s.objective.to_string()),
     ("label", "scheme", |s| s.label.clone()),
     ("final_loss", "final training loss", |s| {
         format_metric(s.final_metric("loss"))

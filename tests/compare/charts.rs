@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use lora_runner::compare::{
-    dpo_chart, loss_chart, stage_colour_hex, StageKind, DPO_CHART_TITLE, LOSS_CHART_TITLE,
+    dpo_chart, loss_chart, stage_colour_hex, DPO_CHART_TITLE, LOSS_CHART_TITLE,
 };
+use lora_runner::stage::Objective;
 use serde_json::json;
 
 use crate::fixtures::{dpo_stage, empty_stage, realistic_stages};
@@ -109,7 +110,7 @@ fn empty_and_single_point_series_do_not_panic() {
     let mut single = dpo_stage("single", "one step", 3, 0.5, 0.4);
     single.rows =
         vec![json!({"step": 1, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0})];
-    let mut bad = empty_stage("bad rows", StageKind::Dpo);
+    let mut bad = empty_stage("bad rows", Objective::Dpo);
     bad.rows = vec![
         json!("not an object"),
         json!({"step": "three", "loss": 1.0}),
@@ -118,14 +119,14 @@ fn empty_and_single_point_series_do_not_panic() {
         json!(42),
     ];
     let flat = {
-        let mut s = empty_stage("flat", StageKind::Sft);
+        let mut s = empty_stage("flat", Objective::Sft);
         s.rows = (1..=5).map(|i| json!({"step": i, "loss": 2.0})).collect();
         s
     };
     let cases = [
         vec![],
-        vec![empty_stage("empty-sft", StageKind::Sft)],
-        vec![empty_stage("empty-dpo", StageKind::Dpo)],
+        vec![empty_stage("empty-sft", Objective::Sft)],
+        vec![empty_stage("empty-dpo", Objective::Dpo)],
         vec![single.clone()],
         vec![bad.clone(), single.clone()],
         vec![flat],

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use lora_runner::compare::{StageKind, StageSummary};
+use lora_runner::compare::StageSummary;
+use lora_runner::stage::Objective;
 use serde_json::{json, Value};
 
 /// Deterministic noise in -1..1 (xorshift), so tests need no RNG crate.
@@ -21,10 +22,10 @@ impl Noise {
     }
 }
 
-pub fn empty_stage(name: &str, kind: StageKind) -> StageSummary {
+pub fn empty_stage(name: &str, objective: Objective) -> StageSummary {
     StageSummary {
         name: name.to_string(),
-        kind,
+        objective,
         label: String::new(),
         rows: Vec::new(),
         final_metrics: BTreeMap::new(),
@@ -51,7 +52,7 @@ pub fn sft_stage() -> StageSummary {
             rows.push(json!({"step": step, "eval/loss": 1.35 + 5.8 * (-5.0 * t).exp()}));
         }
     }
-    let mut stage = empty_stage("sft", StageKind::Sft);
+    let mut stage = empty_stage("sft", Objective::Sft);
     stage.label = "supervised fine-tuning".into();
     stage.final_metrics =
         BTreeMap::from([("loss".into(), 1.2345678), ("eval/loss".into(), 1.3567)]);
@@ -98,7 +99,7 @@ pub fn dpo_stage(
             }));
         }
     }
-    let mut stage = empty_stage(name, StageKind::Dpo);
+    let mut stage = empty_stage(name, Objective::Dpo);
     stage.label = label.into();
     stage.rows = rows;
     stage.steps = steps;

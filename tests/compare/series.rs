@@ -1,8 +1,7 @@
 //! Reading metric rows and smoothing them.
 
-use lora_runner::compare::{
-    is_eval_row, moving_average, smoothing_window, StageKind, StageSummary,
-};
+use lora_runner::compare::{is_eval_row, moving_average, smoothing_window, StageSummary};
+use lora_runner::stage::Objective;
 use serde_json::json;
 
 use crate::fixtures::empty_stage;
@@ -16,7 +15,7 @@ fn rows_without_loss_are_eval_rows() {
 
 #[test]
 fn points_skip_bad_values_and_are_sorted_by_step() {
-    let mut stage = empty_stage("s", StageKind::Dpo);
+    let mut stage = empty_stage("s", Objective::Dpo);
     stage.rows = vec![
         json!({"step": 3, "loss": 0.3, "rewards/margins": 0.3}),
         json!({"step": 1, "loss": 0.1, "rewards/margins": 0.1}),
@@ -63,11 +62,11 @@ fn moving_average_is_centred_and_keeps_the_ends() {
 }
 
 #[test]
-fn stage_kind_parses_and_serializes_lowercase() {
-    assert_eq!("sft".parse::<StageKind>().unwrap(), StageKind::Sft);
-    assert_eq!(" DPO ".parse::<StageKind>().unwrap(), StageKind::Dpo);
-    assert!("ppo".parse::<StageKind>().is_err());
-    let stage = empty_stage("x", StageKind::Dpo);
+fn objective_parses_and_serializes_lowercase() {
+    assert_eq!("sft".parse::<Objective>().unwrap(), Objective::Sft);
+    assert_eq!(" DPO ".parse::<Objective>().unwrap(), Objective::Dpo);
+    assert!("ppo".parse::<Objective>().is_err());
+    let stage = empty_stage("x", Objective::Dpo);
     let value = serde_json::to_value(&stage).unwrap();
     assert_eq!(value["kind"], "dpo");
     let back: StageSummary = serde_json::from_value(value).unwrap();

@@ -1,6 +1,7 @@
 //! The markdown report, terminal table and JSON agree and format as documented.
 
-use lora_runner::compare::{json, markdown_report, text_table, StageKind, MISSING};
+use lora_runner::compare::{json, markdown_report, text_table, MISSING};
+use lora_runner::stage::Objective;
 
 use crate::fixtures::{empty_stage, realistic_stages};
 
@@ -93,7 +94,7 @@ fn markdown_embeds_charts_after_the_table() {
 
 #[test]
 fn markdown_escapes_pipes_and_newlines_in_cells() {
-    let mut stage = empty_stage("odd|name", StageKind::Sft);
+    let mut stage = empty_stage("odd|name", Objective::Sft);
     stage.lora = "r=8 | alpha=16\ntargets=q,v".into();
     let md = markdown_report(&[stage], &[]);
     let rows = markdown_rows(&md);

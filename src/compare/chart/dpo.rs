@@ -6,7 +6,8 @@ use std::path::Path;
 use super::canvas::{write_svg, ChartLayout};
 use super::legend::legend_for;
 use super::panel::{Panel, PanelSeries};
-use crate::compare::stage::{StageKind, StageSummary};
+use crate::compare::stage::StageSummary;
+use crate::stage::Objective;
 
 pub const DPO_CHART_TITLE: &str = "DPO rewards per step";
 
@@ -21,7 +22,7 @@ pub fn dpo_chart_layout(stages: &[StageSummary]) -> ChartLayout {
         stages
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.kind == StageKind::Dpo)
+            .filter(|(_, s)| s.objective == Objective::Dpo)
             .map(|(stage_index, s)| PanelSeries {
                 stage_index,
                 training: s.training_points(train_key),
@@ -46,7 +47,7 @@ pub fn dpo_chart_layout(stages: &[StageSummary]) -> ChartLayout {
     };
     ChartLayout {
         title: DPO_CHART_TITLE.to_string(),
-        legend: legend_for(stages, |s| s.kind == StageKind::Dpo),
+        legend: legend_for(stages, |s| s.objective == Objective::Dpo),
         note: "Thick line: centred moving average over ~5% of steps; faint line: raw per-step \
                value; markers: held-out eval."
             .to_string(),

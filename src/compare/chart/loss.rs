@@ -11,7 +11,8 @@ use std::path::Path;
 use super::canvas::{write_svg, ChartLayout};
 use super::legend::legend_for;
 use super::panel::{Panel, PanelSeries};
-use crate::compare::stage::{StageKind, StageSummary};
+use crate::compare::stage::StageSummary;
+use crate::stage::Objective;
 
 pub const LOSS_CHART_TITLE: &str = "Training loss per step";
 
@@ -23,11 +24,11 @@ pub fn loss_chart(stages: &[StageSummary], path: impl AsRef<Path>) -> anyhow::Re
 
 pub fn loss_chart_layout(stages: &[StageSummary]) -> ChartLayout {
     let mut panels = Vec::new();
-    for kind in [StageKind::Sft, StageKind::Dpo] {
+    for objective in [Objective::Sft, Objective::Dpo] {
         let series: Vec<PanelSeries> = stages
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.kind == kind)
+            .filter(|(_, s)| s.objective == objective)
             .map(|(stage_index, s)| PanelSeries {
                 stage_index,
                 training: s.training_points("loss"),
@@ -37,9 +38,9 @@ pub fn loss_chart_layout(stages: &[StageSummary]) -> ChartLayout {
         if series.is_empty() {
             continue;
         }
-        let (caption, y_label) = match kind {
-            StageKind::Sft => ("SFT: cross-entropy loss", "loss (cross-entropy)"),
-            StageKind::Dpo => ("DPO: preference loss", "loss (DPO)"),
+        let (caption, y_label) = match objective {
+            Objective::Sft => ("SFT: cross-entropy loss", "loss (cross-entropy)"),
+            Objective::Dpo => ("DPO: preference loss", "loss (DPO)"),
         };
         panels.push(Panel {
             caption: caption.to_string(),

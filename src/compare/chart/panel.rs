@@ -7,12 +7,12 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::marker::draw_marker;
+use super::smoothing::{moving_average, smoothing_window};
 use super::style::{
     padded_range, stage_colour, stage_marker, step_range, text_style, tick_decimals,
     AXIS_DESC_SIZE, GRID_BOLD, GRID_LIGHT, PANEL_CAPTION_SIZE, RAW_OPACITY, SMOOTHED_STROKE,
     TICK_LABEL_SIZE,
 };
-use super::smoothing::{moving_average, smoothing_window};
 use crate::compare::stage::Point;
 
 /// One stage's data in one panel.
