@@ -10,8 +10,8 @@ use crate::cache::{Cache, Manifest, Parent};
 use crate::compare::stage::StageSummary;
 use crate::graph::Dag;
 use crate::plan::{Plan, Status};
-use crate::recipe::{Recipe, Stage};
-use crate::stage::{Objective, Role};
+use crate::recipe::Recipe;
+use crate::stage::{Objective, Role, Stage};
 
 /// What `stage` trains for; None for stages that do not train.
 fn objective(stage: &Stage) -> Option<Objective> {

@@ -66,8 +66,8 @@ fn tokens_key(
     model_dir: &Path,
     settings: &TokenizeSettings,
 ) -> anyhow::Result<String> {
-    let identity = data::tokenization_identity(kind, settings, tokenizer)
-        .map_err(anyhow::Error::new)?;
+    let identity =
+        data::tokenization_identity(kind, settings, tokenizer).map_err(anyhow::Error::new)?;
     let hash = |p: &Path| -> anyhow::Result<String> {
         Ok(if p.exists() {
             ctx.cache.hasher.file(p)?

@@ -53,8 +53,7 @@ pub fn completion_logprob(
     device: &Device,
     mode: Mode,
 ) -> anyhow::Result<(Tensor, usize)> {
-    let batch =
-        sft_batch(examples, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
+    let batch = sft_batch(examples, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
     let shape = (batch.batch_size, batch.seq_len);
     let (logprobs, targets) = masked_logprobs(
         model,

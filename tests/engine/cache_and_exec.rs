@@ -520,5 +520,10 @@ fn a_cache_that_cannot_be_opened_exits_3_and_says_which() {
     // The recipe's own mistakes stay exit 2, whatever the cache.
     let run = ws.child(&["--cache", "not-a-folder", "plan", "missing.toml"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
-    assert!(run.stderr.starts_with("error: cannot read recipe missing.toml: "), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .starts_with("error: cannot read recipe missing.toml: "),
+        "{}",
+        run.stderr
+    );
 }

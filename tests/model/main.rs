@@ -2,8 +2,6 @@
 //! slow to link): forward against candle-transformers, generation, init and
 //! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
 
-#[path = "../support/mod.rs"]
-mod support;
 mod forward_reference;
 mod generate;
 mod init_and_tokenizer;
@@ -12,3 +10,5 @@ mod lora_gradients;
 mod merge;
 mod ops_backward;
 mod peft_format;
+#[path = "../support/mod.rs"]
+mod support;
