@@ -24,3 +24,4 @@ pub mod report;
 pub mod schema;
 pub mod stage;
 pub mod train;
+pub mod units;
