@@ -1,6 +1,7 @@
 //! Crash-safe file operations: every write goes to a temporary path in the
 //! same folder, is fsynced and renamed over the target, and the folder is
-//! fsynced so the rename itself survives a power cut.
+//! fsynced so the rename itself survives a power cut. Also what a file tree
+//! weighs on disk (`gc` and `compare` both report it).
 
 use std::fs::File;
 use std::io::Write;
@@ -72,10 +73,44 @@ pub fn replace_dir(staged: &Path, target: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Bytes `path` takes: a file's length, or everything below a folder, hidden
+/// files included; symlinks count as themselves, not as what they point to, so
+/// the sum is what deleting `path` frees. Unreadable entries count as 0.
+pub fn folder_bytes(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| folder_bytes(&e.path()))
+                    .sum()
+            })
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
 /// The folder containing `path` ("." for a bare file name).
 pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folder_bytes;
+
+    #[test]
+    fn folder_bytes_counts_files_below_hidden_ones_too() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), [0u8; 10]).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/b"), [0u8; 5]).unwrap();
+        std::fs::write(dir.path().join(".hidden"), [0u8; 3]).unwrap();
+        assert_eq!(folder_bytes(dir.path()), 18);
+        assert_eq!(folder_bytes(&dir.path().join("a")), 10);
+        assert_eq!(folder_bytes(&dir.path().join("missing")), 0);
     }
 }

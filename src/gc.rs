@@ -4,6 +4,8 @@ use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use crate::cache::Cache;
+use crate::fsutil::folder_bytes;
+use crate::units::{human_bytes, ByteDigits};
 
 fn pin_dir(cache: &Cache) -> std::path::PathBuf {
     cache.root.join("pins")
@@ -109,14 +111,14 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
     let mut out = String::new();
     let mut bytes = 0u64;
     for path in &doomed {
-        let size = du(path);
+        let size = folder_bytes(path);
         bytes += size;
         let _ = writeln!(
             out,
             "{} {} ({})",
             if delete { "removed" } else { "would remove" },
             path.display(),
-            human(size)
+            human_bytes(size, ByteDigits::OneDecimal)
         );
         if delete {
             let removed = if path.is_dir() {
@@ -134,7 +136,7 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
         "{} {} item(s), {}{}",
         if delete { "removed" } else { "would remove" },
         doomed.len(),
-        human(bytes),
+        human_bytes(bytes, ByteDigits::OneDecimal),
         if delete {
             ""
         } else {
@@ -142,29 +144,4 @@ pub fn collect(cache: &Cache, keep_keys: &[String], delete: bool) -> std::io::Re
         }
     );
     Ok(out)
-}
-
-fn du(path: &std::path::Path) -> u64 {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(path)
-            .map(|rd| rd.filter_map(Result::ok).map(|e| du(&e.path())).sum())
-            .unwrap_or(0),
-        Ok(m) => m.len(),
-        Err(_) => 0,
-    }
-}
-
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }

@@ -34,3 +34,4 @@ pub mod schema;
 pub mod sink;
 pub mod stage;
 pub mod train;
+pub mod units;

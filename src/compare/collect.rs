@@ -70,18 +70,6 @@ fn lineage(cache: &Cache, artifact: &str) -> BTreeSet<String> {
     seen
 }
 
-fn folder_bytes(dir: &Path) -> u64 {
-    crate::hashing::payload_files(dir, &[])
-        .map(|files| {
-            files
-                .iter()
-                .filter_map(|f| std::fs::metadata(f).ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 /// What the adapter of a stage looks like, from its adapter_config.json.
 fn lora_description(dir: &Path) -> String {
     match crate::kinds::adapter::read_peft_shape(dir) {
@@ -155,7 +143,7 @@ pub fn collect(
         let dir = cache.artifact_dir(&artifact);
         let bytes = lineage
             .difference(&shared)
-            .map(|a| folder_bytes(&cache.artifact_dir(a)))
+            .map(|a| crate::fsutil::folder_bytes(&cache.artifact_dir(a)))
             .sum();
         out.push(summary(
             name, objective, &dir, &manifest, bytes, recipe, cache,

@@ -39,32 +39,9 @@ pub fn format_count(value: u64) -> String {
     out
 }
 
-const BYTE_UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-
-/// Bytes in binary units with three significant figures.
+/// Bytes in binary units with three significant figures (the shared formatter in `units`).
 pub fn human_bytes(bytes: u64) -> String {
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < BYTE_UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    // Rounding can carry into the next unit (1023.9 KiB would print as "1024 KiB").
-    if value >= 999.5 && unit < BYTE_UNITS.len() - 1 && value.round() >= 1024.0 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = if value < 9.995 {
-        format!("{value:.2}")
-    } else if value < 99.95 {
-        format!("{value:.1}")
-    } else {
-        format!("{value:.0}")
-    };
-    format!("{text} {}", BYTE_UNITS[unit])
+    crate::units::human_bytes(bytes, crate::units::ByteDigits::ThreeSignificant)
 }
 
 /// Optional bytes (e.g. peak memory that was not measured).

@@ -2,7 +2,7 @@
 //!
 //! SFT cross-entropy (~7 → ~1) and the DPO sigmoid loss (~0.69 → ~0.5) differ by an
 //! order of magnitude, so on shared axes the DPO curves would be flat lines at the
-//! bottom. One file holds one panel per stage kind instead (SFT above DPO), each with
+//! bottom. One file holds one panel per objective instead (SFT above DPO), each with
 //! its own y and step ranges; the two DPO schemes share a panel, which is the
 //! comparison that matters.
 

@@ -1,4 +1,4 @@
-//! The SVG charts of a comparison: `loss` (training loss per stage kind) and
+//! The SVG charts of a comparison: `loss` (training loss per objective) and
 //! `dpo` (reward margin and accuracy of the DPO stages). Both lay out panels on a
 //! `canvas`, with a `legend` strip above; `panel` draws one plot, `style` holds
 //! colours, fonts and ranges, `marker` the eval markers and `smoothing` the
