@@ -9,7 +9,8 @@
 //!    `hashing`, `gc`, `progress`, `report`, `schema`) and, beside it, the ML
 //!    libraries (`model`, `data`, `train`), which know nothing of recipes,
 //!    stages or the cache. Leaves every layer may use: `diag` (problems with
-//!    spans), `fsutil` (atomic writes), `sink` (progress and Ctrl-C).
+//!    spans), `fsutil` (atomic writes, folder sizes), `sink` (progress and
+//!    Ctrl-C), `units` (byte sizes for people).
 //!
 //! `tests/engine/layering.rs` keeps it that way.
 
