@@ -197,6 +197,16 @@ pub struct FileInput {
     pub written: Sp<String>,
 }
 
+/// A path written in a recipe, resolved against the recipe's folder.
+pub fn resolve(recipe_dir: &Path, written: &str) -> PathBuf {
+    let p = Path::new(written);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        recipe_dir.join(p)
+    }
+}
+
 /// What a kind's parser is given besides the table.
 pub struct ParseContext<'a> {
     pub stage: &'a str,
@@ -211,12 +221,7 @@ pub struct ParseContext<'a> {
 impl ParseContext<'_> {
     /// Resolve a path written in the recipe against the recipe's folder.
     pub fn resolve(&self, written: &str) -> PathBuf {
-        let p = Path::new(written);
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            self.recipe_dir.join(p)
-        }
+        resolve(self.recipe_dir, written)
     }
 
     /// An empty span at the start of the stage's table: "this stage".
@@ -263,7 +268,7 @@ impl Stage {
         self.kind.key_params(self.params.as_ref())
     }
 
-    /// The parameters as the kind's own type, when it is `K`.
+    /// The parameters as the kind's own type, when they are a `P`.
     pub fn params<P: 'static>(&self) -> Option<&P> {
         self.params.as_ref().as_any().downcast_ref()
     }

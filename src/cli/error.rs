@@ -85,12 +85,3 @@ impl Error {
         move |source| Error::Environment { context, source }
     }
 }
-
-impl From<std::io::Error> for Error {
-    fn from(source: std::io::Error) -> Self {
-        Error::Io {
-            context: "I/O".into(),
-            source,
-        }
-    }
-}

@@ -251,9 +251,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             Ok(())
         }
         Command::Plan { recipe, json } => {
-            let checked = check(recipe, registry)?;
-            let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &[], device)?;
+            let (checked, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
             if *json {
                 println!(
                     "{}",
@@ -343,9 +341,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             Ok(())
         }
         Command::Status { recipe } => {
-            let checked = check(recipe, registry)?;
-            let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &[], device)?;
+            let (checked, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
             print!("{}", report::status_text(&checked.recipe, &plan, &cache));
             Ok(())
         }
@@ -354,18 +350,15 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             stage,
             json,
         } => {
-            let checked = check(recipe, registry)?;
-            let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &[], device)?;
+            let (_, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
             let planned = plan.by_name(stage).ok_or_else(|| {
                 Error::Usage(format!("no stage `{stage}` in {}", recipe.display()))
             })?;
             let out = report::show(&cache, planned, *json).map_err(|e| match e {
                 report::ShowError::NotCached { .. } => Error::Usage(e.to_string()),
-                report::ShowError::NoManifest(_) => Error::Io {
-                    context: format!("cache {}", cache.root.display()),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-                },
+                report::ShowError::NoManifest(_) => {
+                    Error::environment(format!("cache {}", cache.root.display()))(e.into())
+                }
             })?;
             println!("{out}");
             Ok(())
@@ -390,9 +383,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             stages,
             json,
         } => {
-            let checked = check(recipe, registry)?;
-            let cache = open_cache()?;
-            let plan = make_plan(&checked, &cache, &[], device)?;
+            let (checked, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
             let summaries =
                 crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
                     .map_err(Error::Usage)?;
@@ -509,6 +500,19 @@ fn write_report(
     Ok(path)
 }
 
+/// `recipe` checked, the cache opened, and the plan made with no stage forced.
+fn check_and_plan(
+    recipe: &Path,
+    registry: &Registry,
+    open_cache: &dyn Fn() -> Result<Cache, Error>,
+    device: &Option<DeviceSpec>,
+) -> Result<(Checked, Cache, Plan), Error> {
+    let checked = check(recipe, registry)?;
+    let cache = open_cache()?;
+    let plan = make_plan(&checked, &cache, &[], device)?;
+    Ok((checked, cache, plan))
+}
+
 /// The cached artifact of `stage` in `recipe`, or a usage error saying how to make it.
 fn cached_artifact(
     recipe: &Path,
@@ -517,9 +521,7 @@ fn cached_artifact(
     open_cache: &dyn Fn() -> Result<Cache, Error>,
     device: &Option<DeviceSpec>,
 ) -> Result<(Checked, Cache, String), Error> {
-    let checked = check(recipe, registry)?;
-    let cache = open_cache()?;
-    let plan = make_plan(&checked, &cache, &[], device)?;
+    let (checked, cache, plan) = check_and_plan(recipe, registry, open_cache, device)?;
     let planned = plan
         .by_name(stage)
         .ok_or_else(|| Error::Usage(format!("no stage `{stage}` in {}", recipe.display())))?;

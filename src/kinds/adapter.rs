@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::params::{LoraSpec, Targets};
-use super::{file_input, stage_ref, MODEL};
+use super::{key_with_path, resolved_input, stage_ref, MODEL};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::fsutil;
@@ -88,9 +88,7 @@ impl Kind for Adapter {
     }
 
     fn key_params(&self, p: &AdapterParams) -> serde_json::Value {
-        let mut v = serde_json::to_value(p).expect("parameters serialize");
-        v["path"] = serde_json::Value::String(p.folder.display().to_string());
-        v
+        key_with_path(p, &p.folder)
     }
 
     fn refs(&self, p: &AdapterParams) -> Vec<StageRef> {
@@ -98,9 +96,7 @@ impl Kind for Adapter {
     }
 
     fn files(&self, p: &AdapterParams) -> Vec<FileInput> {
-        let mut f = file_input("path", &p.path, std::path::Path::new("/"));
-        f.path = p.folder.clone();
-        vec![f]
+        vec![resolved_input("path", &p.path, p.folder.clone())]
     }
 
     fn run(&self, params: &AdapterParams, ctx: &mut RunContext) -> anyhow::Result<()> {

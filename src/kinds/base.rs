@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::file_input;
+use super::{key_with_path, resolved_input};
 use crate::diag::checks::{at_least, positive};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
@@ -263,20 +263,16 @@ impl Kind for Base {
     }
 
     fn key_params(&self, p: &BaseParams) -> serde_json::Value {
-        let mut v = serde_json::to_value(p).expect("parameters serialize");
-        // The folder's absolute location, so an artifact always points at a folder that had this content.
-        if let Some(resolved) = &p.resolved {
-            v["path"] = serde_json::Value::String(resolved.display().to_string());
+        match &p.resolved {
+            Some(resolved) => key_with_path(p, resolved),
+            None => serde_json::to_value(p).expect("parameters serialize to JSON"),
         }
-        v
     }
 
     fn files(&self, p: &BaseParams) -> Vec<FileInput> {
         match (&p.path, &p.resolved) {
             (Some(written), Some(resolved)) => {
-                let mut f = file_input("path", written, std::path::Path::new("/"));
-                f.path = resolved.clone();
-                vec![f]
+                vec![resolved_input("path", written, resolved.clone())]
             }
             _ => Vec::new(),
         }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::stage_ref;
+use super::{key_with_path, stage_ref};
 use crate::cache::{self, payload_dir};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
@@ -79,9 +79,7 @@ impl Kind for Export {
     }
 
     fn key_params(&self, p: &ExportParams) -> serde_json::Value {
-        let mut v = serde_json::to_value(p).expect("parameters serialize");
-        v["path"] = serde_json::Value::String(p.destination.display().to_string());
-        v
+        key_with_path(p, &p.destination)
     }
 
     fn refs(&self, p: &ExportParams) -> Vec<StageRef> {

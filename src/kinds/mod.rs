@@ -14,10 +14,10 @@ pub mod params;
 pub mod sft;
 mod training;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::diag::span::Sp;
-use crate::stage::{ArtifactKind, FileInput, Registry, StageRef};
+use crate::stage::{resolve, ArtifactKind, FileInput, Registry, StageRef};
 
 /// Every kind this program ships.
 pub fn builtin() -> Registry {
@@ -66,14 +66,22 @@ pub fn model_refs(
 
 /// A file input named `field`, written relative to `recipe_dir`.
 pub fn file_input(field: impl Into<String>, written: &Sp<String>, recipe_dir: &Path) -> FileInput {
-    let p = Path::new(&written.value);
+    resolved_input(field, written, resolve(recipe_dir, &written.value))
+}
+
+/// A file input whose path is already resolved (canonicalized when the stage parsed).
+pub fn resolved_input(field: impl Into<String>, written: &Sp<String>, path: PathBuf) -> FileInput {
     FileInput {
         field: field.into(),
-        path: if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            recipe_dir.join(p)
-        },
+        path,
         written: written.clone(),
     }
+}
+
+/// The parameters' key with `path` replaced by `resolved`: the absolute
+/// location, so an artifact always points at a folder that had this content.
+pub fn key_with_path(params: &impl serde::Serialize, resolved: &Path) -> serde_json::Value {
+    let mut v = serde_json::to_value(params).expect("parameters serialize to JSON");
+    v["path"] = serde_json::Value::String(resolved.display().to_string());
+    v
 }

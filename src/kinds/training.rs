@@ -102,7 +102,7 @@ pub fn train_and_save(
     settings: &trainer::LoopSettings,
 ) -> anyhow::Result<()> {
     let before = objective.evaluate(model)?;
-    let resume_file = ctx.work_dir.join(crate::cache::RESUME_FILE);
+    let resume_file = ctx.cache.resume_file(&ctx.key);
     let env = LoopEnv {
         work_dir: &ctx.work_dir,
         resume_file: &resume_file,

@@ -112,7 +112,7 @@ impl Kind for Emit {
             }
             out.sync_all()?;
             std::fs::write(
-                ctx.work_dir.join("resume.json"),
+                ctx.work_dir.join(lora_runner::cache::RESUME_FILE),
                 format!(r#"{{"step": {step}}}"#),
             )?;
             ctx.progress.set_position(step, "");

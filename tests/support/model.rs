@@ -56,18 +56,8 @@ pub fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
 pub fn spec(arch: Architecture, tie: bool, seed: u64) -> InitSpec {
     InitSpec {
         architecture: arch,
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        intermediate_size: 64,
-        vocab_size: 128,
-        head_dim: None,
-        rope_theta: 10000.0,
         tie_word_embeddings: tie,
-        dtype: DType::F32,
-        seed,
-        embedding_std: 0.02,
+        ..InitSpec::tiny(seed)
     }
 }
 
