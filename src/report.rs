@@ -35,6 +35,14 @@ pub struct PlanStageJson {
     pub artifact: Option<String>,
     /// Names of the stages it reads from.
     pub deps: Vec<String>,
+    /// What the stage's kind says about it (e.g. "loss simpo: no reference").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+fn note(recipe: &Recipe, p: &PlannedStage) -> Option<String> {
+    let stage = &recipe.stages[p.index];
+    stage.kind.plan_note(stage.params.as_ref())
 }
 
 fn dep_names(recipe: &Recipe, p: &PlannedStage) -> Vec<String> {
@@ -71,6 +79,7 @@ pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
                     _ => None,
                 },
                 deps: dep_names(recipe, p),
+                note: note(recipe, p),
             })
             .collect(),
     }
@@ -117,8 +126,13 @@ pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
             p.reason(),
         ]);
     }
+    let notes: String = plan
+        .stages
+        .iter()
+        .filter_map(|p| note(recipe, p).map(|n| format!("note: {}: {n}\n", p.name)))
+        .collect();
     format!(
-        "plan for {} (recipe `{}`, cache {})\n{}{} of {} stage(s) to run\n",
+        "plan for {} (recipe `{}`, cache {})\n{}{notes}{} of {} stage(s) to run\n",
         recipe.path.display(),
         recipe.header.name.value,
         cache.root.display(),

@@ -364,6 +364,7 @@ pub trait StageKind: Send + Sync {
     fn files(&self, params: &dyn Params) -> Vec<FileInput>;
     fn uses_device(&self) -> bool;
     fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String>;
+    fn plan_note(&self, params: &dyn Params) -> Option<String>;
     fn check(&self, stage: StageView<'_>) -> Vec<Problem>;
     fn run(&self, params: &dyn Params, ctx: &mut RunContext) -> anyhow::Result<()>;
 }
@@ -425,6 +426,12 @@ pub trait Kind: Send + Sync + 'static {
     /// For stages that write outside the cache (`export`): why their cached
     /// artifact no longer stands for what is on disk, if it does not.
     fn outside_changed(&self, _params: &Self::Params, _artifact: &Path) -> Option<String> {
+        None
+    }
+
+    /// Something `plan` should say about the stage beyond its status
+    /// (e.g. "no reference" for a reference-free preference loss).
+    fn plan_note(&self, _params: &Self::Params) -> Option<String> {
         None
     }
 
@@ -497,6 +504,9 @@ impl<K: Kind> StageKind for K {
     }
     fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String> {
         Kind::outside_changed(self, typed::<K>(params), artifact)
+    }
+    fn plan_note(&self, params: &dyn Params) -> Option<String> {
+        Kind::plan_note(self, typed::<K>(params))
     }
     fn check(&self, stage: StageView<'_>) -> Vec<Problem> {
         Kind::check(self, typed::<K>(stage.stage().params.as_ref()), stage)

@@ -12,7 +12,8 @@ use crate::data::tokenizer::ModelTokenizer;
 use crate::data::truncate::{fit_dpo, Fitted};
 
 /// One preference pair. The model sees `prompt_ids ++ chosen_ids` and
-/// `prompt_ids ++ rejected_ids`; loss and log-probs use the completions only.
+/// `prompt_ids ++ rejected_ids` (each exactly the full tokenization of
+/// prompt + completion); loss and log-probs use the completions only.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DpoExample {
     pub prompt_ids: Vec<u32>,
@@ -38,10 +39,11 @@ pub fn load_dpo(
         let row = parse_dpo_row(map)?;
         let chosen = encoder.encode(&row.prompt, &row.chosen, "chosen")?;
         let rejected = encoder.encode(&row.prompt, &row.rejected, "rejected")?;
-        // As in TRL: one shared prompt tokenization, each completion is the
-        // suffix of its prompt+completion tokenization past the prompt length.
-        let prompt_ids = &chosen.prompt_ids;
-        let (chosen_ids, rejected_ids) = (chosen.completion_ids(), rejected.completion_ids());
+        // As TRL 1.16: the shared prompt is the shorter of the two common
+        // token prefixes, so the model sees exactly each full tokenization.
+        let start = chosen.completion_start().min(rejected.completion_start());
+        let prompt_ids = &chosen.full_ids[..start];
+        let (chosen_ids, rejected_ids) = (&chosen.full_ids[start..], &rejected.full_ids[start..]);
         if chosen_ids == rejected_ids {
             // Texts differ but tokens do not (e.g. trailing whitespace).
             return Err(RowError::ChosenEqualsRejected.into());

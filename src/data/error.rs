@@ -31,11 +31,6 @@ pub enum RowError {
     ChosenEqualsRejected,
     #[error("chat template: {0}")]
     TemplateRender(String),
-    #[error(
-        "chat template output for prompt + \"{field}\" does not start with the rendered prompt; \
-         this template cannot be split into prompt and completion"
-    )]
-    TemplatePrefixMismatch { field: String },
     #[error("tokenizer: {0}")]
     Encode(String),
 }

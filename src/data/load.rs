@@ -119,11 +119,28 @@ impl EncodedPair {
         self.full_ids.starts_with(&self.prompt_ids)
     }
 
-    /// Tokens after the prompt's length, as TRL slices them.
+    /// Where the completion starts in `full_ids`: the length of the prefix
+    /// the full tokens share with the prompt's, as TRL 1.16 decides it
+    /// (`common_prefix_length`). It is short of the prompt's length when the
+    /// tokenizer merges the prompt's end with the completion's start (a
+    /// prompt ending in a space before a byte-level BPE word) or the
+    /// template renders the prompt differently when a reply follows.
+    pub fn completion_start(&self) -> usize {
+        common_prefix_length(&self.prompt_ids, &self.full_ids)
+    }
+
+    /// The tokens the loss is taken on.
     pub fn completion_ids(&self) -> &[u32] {
-        self.full_ids.get(self.prompt_ids.len()..).unwrap_or(&[])
+        &self.full_ids[self.completion_start()..]
     }
 }
+
+/// Number of leading tokens `a` and `b` have in common.
+pub(crate) fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl EncodedPair {}
 
 /// Turns prompt/completion turns into token ids.
 pub(crate) struct PairEncoder<'a> {
@@ -172,7 +189,7 @@ impl<'a> PairEncoder<'a> {
                 (pair, self.eos != EosPolicy::Never, has_eos)
             }
             (Turn::Messages(prompt), Turn::Messages(completion)) => {
-                let pair = self.encode_messages(prompt, completion, field)?;
+                let pair = self.encode_messages(prompt, completion)?;
                 (pair, self.eos == EosPolicy::Always, false)
             }
             _ => unreachable_kind(field)?,
@@ -194,14 +211,15 @@ impl<'a> PairEncoder<'a> {
     }
 
     /// Renders the prompt with the generation prompt and prompt+completion
-    /// without it; the latter must start with the former (TRL's check).
+    /// without it. When the latter does not start with the former, the
+    /// completion still starts where their tokens diverge (TRL 1.16 accepts
+    /// such templates too); the row counts as a boundary mismatch.
     /// Template output already holds its special tokens, so the
     /// post-processor is not run (no double BOS).
     fn encode_messages(
         &self,
         prompt: &[Message],
         completion: &[Message],
-        field: &str,
     ) -> Result<EncodedPair, RowFailure> {
         let template = self.template()?;
         if prompt.last().is_some_and(|m| m.role == "assistant") {
@@ -217,12 +235,6 @@ impl<'a> PairEncoder<'a> {
         let prompt_text = template.render(prompt, true)?;
         let conversation: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
         let full_text = template.render(&conversation, false)?;
-        if !full_text.starts_with(&prompt_text) {
-            return Err(RowError::TemplatePrefixMismatch {
-                field: field.to_string(),
-            }
-            .into());
-        }
         Ok(EncodedPair {
             prompt_ids: self.tokenizer.encode(&prompt_text, false)?,
             full_ids: self.tokenizer.encode(&full_text, false)?,

@@ -18,7 +18,8 @@ pub struct DataReport {
     /// Malformed rows left out under `BadRows::Skip`.
     pub skipped: usize,
     /// Rows whose prompt tokens were not a prefix of the prompt+completion
-    /// tokens (TRL warns about the same); the prompt's own tokens are used.
+    /// tokens (TRL warns about the same): the loss starts where the two
+    /// diverge, so it covers the tokens the boundary merged.
     pub prompt_boundary_mismatches: usize,
     /// First few skipped rows as "file:line: reason", for the run log.
     pub skipped_examples: Vec<String>,

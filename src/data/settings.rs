@@ -9,7 +9,7 @@ use crate::data::tokenizer::ModelTokenizer;
 
 /// Bumped whenever tokenization logic changes in a way that alters output
 /// for the same inputs, so stale caches are never reused.
-pub const TOKENIZATION_VERSION: u32 = 1;
+pub const TOKENIZATION_VERSION: u32 = 2;
 
 /// What to do with a row longer than `seq_len` tokens.
 #[derive(

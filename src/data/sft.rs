@@ -53,11 +53,9 @@ pub fn load_sft(
     let (examples, report) = process_rows(path, settings, |map| {
         let row = parse_sft_row(map)?;
         let pair = encoder.encode(&row.prompt, &row.completion, "completion")?;
-        // TRL trains on the full prompt+completion tokenization with the mask
-        // starting at the prompt's length, even when the prompt tokens are
-        // not an exact prefix; so do we.
-        let boundary = pair.prompt_ids.len();
-        let (prompt, completion) = pair.full_ids.split_at(boundary);
+        // As TRL: the model sees the full prompt+completion tokenization and
+        // the loss starts where it diverges from the prompt's tokens.
+        let (prompt, completion) = pair.full_ids.split_at(pair.completion_start());
         let boundary_mismatch = !pair.prompt_is_prefix();
         let (fitted, truncated) =
             match fit_sft(prompt, completion, settings.seq_len, settings.overlong) {

@@ -16,6 +16,9 @@ use crate::stage::{
 
 pub struct Dpo;
 
+/// What `reference` says in metrics, `plan` and `compare` for a reference-free loss.
+pub const NO_REFERENCE: &str = "no reference";
+
 /// `[stages.<name>]` with `kind = "dpo"`.
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +58,10 @@ impl Kind for Dpo {
     fn name(&self) -> &'static str {
         "dpo"
     }
+    // 2: common token prefix; exact loss gradients; the loss family.
+    fn version(&self) -> u32 {
+        2
+    }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }
@@ -76,10 +83,30 @@ impl Kind for Dpo {
         let mut problems = Vec::new();
         training::check_tables(&p.lora, &p.train, &p.data, &mut problems);
         p.dpo.check(&mut problems);
+        if let Some(r) = p
+            .reference
+            .as_ref()
+            .filter(|_| !p.dpo.loss().needs_reference())
+        {
+            problems.push(
+                Problem::new(format!(
+                    "stage `{}`: loss {} uses no reference model, but `reference` is set",
+                    ctx.stage,
+                    loss_label(&p.dpo.loss())
+                ))
+                .at(r.span.clone(), "not used by this loss")
+                .help("remove `reference`, or add a loss that compares with it"),
+            );
+        }
         p.recipe_dir = ctx.recipe_dir.to_path_buf();
         p.span = ctx.stage_start();
         training::fill_defaults(&p.adapter, &mut p.lora, &mut p.dtype, ctx);
         problems
+    }
+
+    fn plan_note(&self, p: &DpoParams) -> Option<String> {
+        let loss = p.dpo.loss();
+        (!loss.needs_reference()).then(|| format!("loss {}: {NO_REFERENCE}", loss_label(&loss)))
     }
 
     fn refs(&self, p: &DpoParams) -> Vec<StageRef> {
@@ -102,6 +129,22 @@ impl Kind for Dpo {
     fn run(&self, p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         crate::train::with_big_stack(|| run_dpo(p, ctx))
     }
+}
+
+/// "sigmoid", or "sigmoid + 0.2·sft" for a weighted sum.
+pub fn loss_label(loss: &crate::train::preference_loss::PreferenceLoss) -> String {
+    let terms: Vec<String> = loss
+        .terms
+        .iter()
+        .map(|(t, w)| {
+            if *w == 1.0 {
+                t.name().to_string()
+            } else {
+                format!("{w}·{}", t.name())
+            }
+        })
+        .collect();
+    terms.join(" + ")
 }
 
 /// Folders of the reference policy: a model, and an adapter applied to it (or none).
@@ -211,26 +254,33 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let reference = reference_spec(ctx)?;
-    let train_reference =
-        reference_scores(ctx, &reference, &train, &train_key, dtype, &device, pad_id)?;
-    let eval = match eval {
-        Some((e, key)) => {
-            let scores = reference_scores(ctx, &reference, &e, &key, dtype, &device, pad_id)?;
-            Some((e, scores))
-        }
-        None => None,
+    let loss = p.dpo.loss();
+    let (train_reference, eval, reference) = if loss.needs_reference() {
+        let reference = reference_spec(ctx)?;
+        let train_scores =
+            reference_scores(ctx, &reference, &train, &train_key, dtype, &device, pad_id)?;
+        let eval = match eval {
+            Some((e, key)) => {
+                let scores = reference_scores(ctx, &reference, &e, &key, dtype, &device, pad_id)?;
+                Some((e, Some(scores)))
+            }
+            None => None,
+        };
+        (Some(train_scores), eval, reference.description)
+    } else {
+        ctx.progress
+            .log("no reference: the loss compares the policy with itself only");
+        (None, eval.map(|(e, _)| (e, None)), NO_REFERENCE.to_string())
     };
     let objective = DpoObjective {
         train,
         train_reference,
         eval,
-        settings: p.dpo.settings(),
+        loss,
         pad_id,
         device: device.clone(),
     };
-    ctx.metrics
-        .insert("reference".into(), reference.description.into());
+    ctx.metrics.insert("reference".into(), reference.into());
     let settings = p
         .train
         .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);

@@ -78,6 +78,10 @@ impl Kind for Eval {
     fn name(&self) -> &'static str {
         "eval"
     }
+    // 2: the completion starts at the common token prefix (TRL 1.16).
+    fn version(&self) -> u32 {
+        2
+    }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Evaluation
     }

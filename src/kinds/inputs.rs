@@ -130,8 +130,23 @@ fn report(ctx: &mut RunContext, file: &Path, r: &data::DataReport) {
         "{name}: {} rows read, {} kept, {} truncated, {} dropped, {} skipped",
         r.read, r.kept, r.truncated, r.dropped, r.skipped
     ));
+    if r.prompt_boundary_mismatches > 0 {
+        ctx.progress.log(&format!(
+            "{name}: in {} rows the prompt's tokens are not a prefix of prompt + completion \
+             (a token merges across the boundary, or the template renders the prompt differently); \
+             the completion starts where they diverge, as in TRL",
+            r.prompt_boundary_mismatches
+        ));
+    }
     ctx.metrics.insert(
         format!("data/{name}"),
-        serde_json::json!({ "read": r.read, "kept": r.kept, "truncated": r.truncated, "dropped": r.dropped, "skipped": r.skipped }),
+        serde_json::json!({
+            "read": r.read,
+            "kept": r.kept,
+            "truncated": r.truncated,
+            "dropped": r.dropped,
+            "skipped": r.skipped,
+            "prompt_boundary_mismatches": r.prompt_boundary_mismatches,
+        }),
     );
 }

@@ -1,11 +1,14 @@
 //! Parameter tables shared by several stage kinds (`lora`, `train`, `data`,
 //! `dpo`), their defaults and their range checks.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use crate::diag::checks::{at_least, non_negative, positive, unit_interval};
 use crate::diag::span::Sp;
-use crate::diag::Problem;
+use crate::diag::{did_you_mean, Problem};
+pub use crate::train::preference_loss::{LossParams, LossTerm, PreferenceLoss, Smoothing};
 
 /// Which modules get LoRA layers: a list of names (exact, or matching the
 /// end of a module's dotted name), a regular expression matched against the
@@ -94,7 +97,6 @@ impl LoraSpec {
 }
 
 pub use crate::data::settings::{BadRows, Overlong};
-pub use crate::train::dpo_loss::DpoLoss;
 pub use crate::train::schedule::Schedule;
 
 /// Optimisation settings of a training stage.
@@ -276,18 +278,32 @@ impl DataSpec {
     }
 }
 
-/// DPO settings.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+/// Preference-optimisation settings (`dpo = { ... }`).
+#[derive(Clone, Debug, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DpoSpec {
-    /// Temperature of the implicit reward (> 0).
+    /// Temperature of the implicit reward (> 0): β of DPO, τ of IPO, λ of ORPO.
     #[serde(default = "default_beta")]
     pub beta: Sp<f64>,
+    /// The loss: one name, or a list of names summed with `loss_weights`
+    /// (Σ wₖ·mean(Lₖ), as TRL's `loss_type` list). `simpo` and `orpo` (and
+    /// `sft` alone) need no reference model.
     #[serde(default)]
-    pub loss: Sp<DpoLoss>,
-    /// Probability that a preference label is flipped, in [0, 0.5).
+    pub loss: Sp<LossNames>,
+    /// One weight (>= 0) per loss; all 1 when left out.
+    #[serde(default)]
+    pub loss_weights: Option<Sp<Vec<f64>>>,
+    /// ε, the probability that a preference label is flipped: cDPO with
+    /// `sigmoid`, and `robust`, `aot`, `aot_unpaired`, `simpo` in [0, 0.5);
+    /// `exo_pair` needs it in (0, 0.5).
     #[serde(default)]
     pub label_smoothing: Sp<f64>,
+    /// SimPO's target reward margin γ (>= 0).
+    #[serde(default = "default_simpo_gamma")]
+    pub simpo_gamma: Sp<f64>,
+    /// DiscoPOP's temperature τ (> 0).
+    #[serde(default = "default_discopop_tau")]
+    pub discopop_tau: Sp<f64>,
     /// Turn LoRA dropout off while training DPO (as TRL does by default).
     #[serde(default = "yes")]
     pub disable_dropout: Sp<bool>,
@@ -298,7 +314,10 @@ impl Default for DpoSpec {
         DpoSpec {
             beta: default_beta(),
             loss: Sp::default(),
+            loss_weights: None,
             label_smoothing: Sp::default(),
+            simpo_gamma: default_simpo_gamma(),
+            discopop_tau: default_discopop_tau(),
             disable_dropout: yes(),
         }
     }
@@ -307,30 +326,217 @@ impl Default for DpoSpec {
 fn default_beta() -> Sp<f64> {
     Sp::implicit(0.1)
 }
+fn default_simpo_gamma() -> Sp<f64> {
+    Sp::implicit(LossParams::default().simpo_gamma)
+}
+fn default_discopop_tau() -> Sp<f64> {
+    Sp::implicit(LossParams::default().discopop_tau)
+}
 fn yes() -> Sp<bool> {
     Sp::implicit(true)
 }
 
+/// `loss = "sigmoid"` or `loss = ["sigmoid", "sft"]`, names as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossNames(pub Vec<Sp<String>>);
+
+impl Default for LossNames {
+    fn default() -> Self {
+        LossNames(vec![Sp::implicit(LossTerm::Sigmoid.name().to_string())])
+    }
+}
+
+impl<'de> Deserialize<'de> for LossNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl<'de> serde::de::Visitor<'de> for Names {
+            type Value = LossNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a loss name or a list of loss names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LossNames, E> {
+                // The span is the whole value's, filled in by the caller.
+                Ok(LossNames(vec![Sp::implicit(v.to_string())]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<LossNames, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<Sp<String>>()? {
+                    names.push(name);
+                }
+                Ok(LossNames(names))
+            }
+        }
+        d.deserialize_any(Names)
+    }
+}
+
+impl schemars::JsonSchema for LossNames {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "LossNames".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let term = generator.subschema_for::<LossTerm>();
+        schemars::json_schema!({
+            "description": "A loss name, or a list of names whose weighted sum is the loss.",
+            "anyOf": [term, {"type": "array", "items": term, "minItems": 1}]
+        })
+    }
+}
+
 impl DpoSpec {
-    /// The training library's settings for this table.
-    pub fn settings(&self) -> crate::train::dpo::DpoSettings {
-        crate::train::dpo::DpoSettings {
-            loss: self.loss.value,
-            beta: self.beta.value,
-            label_smoothing: self.label_smoothing.value,
+    /// The loss terms with their spans, once `check` has passed.
+    fn terms(&self) -> Vec<(LossTerm, Range<usize>)> {
+        self.loss
+            .0
+            .iter()
+            .filter_map(|n| LossTerm::from_name(n).map(|t| (t, self.name_span(n))))
+            .collect()
+    }
+
+    fn name_span(&self, name: &Sp<String>) -> Range<usize> {
+        if name.is_written() {
+            name.span.clone()
+        } else {
+            self.loss.span.clone()
+        }
+    }
+
+    /// The training library's loss for this table.
+    pub fn loss(&self) -> PreferenceLoss {
+        let terms = self.terms();
+        let weights = self
+            .loss_weights
+            .as_ref()
+            .map_or_else(|| vec![1.0; terms.len()], |w| w.value.clone());
+        PreferenceLoss {
+            terms: terms.into_iter().map(|(t, _)| t).zip(weights).collect(),
+            params: LossParams {
+                beta: self.beta.value,
+                label_smoothing: self.label_smoothing.value,
+                simpo_gamma: self.simpo_gamma.value,
+                discopop_tau: self.discopop_tau.value,
+            },
         }
     }
 
     pub fn check(&self, problems: &mut Vec<Problem>) {
         positive(problems, "dpo.beta", &self.beta);
-        let ls = self.label_smoothing.value;
-        if !(0.0..0.5).contains(&ls) {
+        non_negative(problems, "dpo.simpo_gamma", &self.simpo_gamma);
+        positive(problems, "dpo.discopop_tau", &self.discopop_tau);
+        let known: Vec<&str> = LossTerm::ALL.iter().map(|t| t.name()).collect();
+        for name in &self.loss.0 {
+            if LossTerm::from_name(name).is_none() {
+                let p = Problem::new(format!("unknown loss `{}`", name.value))
+                    .at(self.name_span(name), "unknown loss");
+                problems.push(match did_you_mean(name, known.iter().copied()) {
+                    Some(s) => p.help(format!("did you mean `{s}`?")),
+                    None => p.help(format!("expected one of: {}", known.join(", "))),
+                });
+            }
+        }
+        if self.loss.0.is_empty() {
             problems.push(
-                Problem::new(format!(
-                    "`dpo.label_smoothing` must be in [0, 0.5), got {ls}"
-                ))
-                .at(self.label_smoothing.span.clone(), "out of range"),
+                Problem::new("`dpo.loss` is an empty list").at(self.loss.span.clone(), "no loss"),
             );
         }
+        if let Some(w) = &self.loss_weights {
+            if w.value.len() != self.loss.0.len() {
+                problems.push(
+                    Problem::new(format!(
+                        "`dpo.loss_weights` has {} weights for {} losses",
+                        w.value.len(),
+                        self.loss.0.len()
+                    ))
+                    .at(w.span.clone(), "one weight per loss"),
+                );
+            } else if w.value.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+                problems.push(
+                    Problem::new("`dpo.loss_weights` must all be >= 0")
+                        .at(w.span.clone(), "out of range"),
+                );
+            } else if w.value.iter().all(|x| *x == 0.0) {
+                problems.push(
+                    Problem::new("`dpo.loss_weights` are all 0: nothing would be trained")
+                        .at(w.span.clone(), "all zero"),
+                );
+            }
+        }
+        self.check_smoothing(problems);
+    }
+
+    /// `label_smoothing` in the range the chosen losses need, and not
+    /// written for losses that ignore it.
+    fn check_smoothing(&self, problems: &mut Vec<Problem>) {
+        let ls = &self.label_smoothing;
+        let terms = self.terms();
+        let required = terms
+            .iter()
+            .find(|(t, _)| t.smoothing() == Smoothing::Required);
+        let used = terms
+            .iter()
+            .any(|(t, _)| t.smoothing() != Smoothing::Unused);
+        if let Some((term, _)) = required {
+            if !(ls.value > 0.0 && ls.value < 0.5) {
+                let p = Problem::new(format!(
+                    "loss `{}` needs `dpo.label_smoothing` in (0, 0.5), got {}",
+                    term.name(),
+                    ls.value
+                ));
+                problems.push(if ls.is_written() {
+                    p.at(ls.span.clone(), "out of range")
+                } else {
+                    p.at(self.name_span(&self.loss.0[0]), "needs label_smoothing")
+                        .help("the EXO paper suggests `label_smoothing = 1e-3`")
+                });
+            }
+        } else if used && !(0.0..0.5).contains(&ls.value) {
+            problems.push(
+                Problem::new(format!(
+                    "`dpo.label_smoothing` must be in [0, 0.5), got {}",
+                    ls.value
+                ))
+                .at(ls.span.clone(), "out of range"),
+            );
+        } else if !used && ls.is_written() && ls.value != 0.0 {
+            problems.push(
+                Problem::new("`dpo.label_smoothing` has no effect on the chosen loss")
+                    .at(ls.span.clone(), "unused")
+                    .help("it applies to sigmoid, robust, exo_pair, aot, aot_unpaired and simpo"),
+            );
+        }
+    }
+}
+
+// The cache key holds the loss as it is computed: every term with its
+// weight, and only the parameters some term reads, so `loss = "sigmoid"`
+// and `loss = ["sigmoid"]` share a key and an unused `discopop_tau` is not
+// a reason to retrain.
+impl Serialize for DpoSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let loss = self.loss();
+        let uses = |f: &dyn Fn(LossTerm) -> bool| loss.terms.iter().any(|(t, _)| f(*t));
+        let mut key = serde_json::Map::new();
+        key.insert("beta".into(), self.beta.value.into());
+        key.insert(
+            "loss".into(),
+            loss.terms
+                .iter()
+                .map(|(t, w)| serde_json::json!([t.name(), w]))
+                .collect(),
+        );
+        if uses(&|t| t.smoothing() != Smoothing::Unused) {
+            key.insert("label_smoothing".into(), self.label_smoothing.value.into());
+        }
+        if uses(&|t| t == LossTerm::Simpo) {
+            key.insert("simpo_gamma".into(), self.simpo_gamma.value.into());
+        }
+        if uses(&|t| t == LossTerm::Discopop) {
+            key.insert("discopop_tau".into(), self.discopop_tau.value.into());
+        }
+        key.insert("disable_dropout".into(), self.disable_dropout.value.into());
+        key.serialize(serializer)
     }
 }

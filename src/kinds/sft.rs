@@ -48,6 +48,10 @@ impl Kind for Sft {
     fn name(&self) -> &'static str {
         "sft"
     }
+    // 2: the completion starts at the common token prefix (TRL 1.16).
+    fn version(&self) -> u32 {
+        2
+    }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Adapter
     }

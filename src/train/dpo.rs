@@ -5,8 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::dpo_loss::DpoLoss;
-use super::dpo_loss::{dpo_loss, dpo_metrics, PairLogps};
+use super::preference_loss::{attach, dpo_metrics, PairBatch, PreferenceLoss};
 use super::trainer::{Metrics, Objective};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
@@ -111,108 +110,57 @@ impl PairScores {
             rejected_tokens: get("rejected_tokens")?,
         })
     }
-
-    fn select(
-        &self,
-        v: &[f32],
-        idx: &[usize],
-        normalise: Option<&[f32]>,
-        device: &Device,
-    ) -> anyhow::Result<Tensor> {
-        let x: Vec<f32> = idx
-            .iter()
-            .map(|&i| match normalise {
-                Some(n) => v[i] / n[i].max(1.0),
-                None => v[i],
-            })
-            .collect();
-        Ok(Tensor::from_vec(x, idx.len(), device)?)
-    }
-}
-
-/// The preference loss and its settings.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DpoSettings {
-    pub loss: DpoLoss,
-    /// Temperature of the implicit reward.
-    pub beta: f64,
-    /// Probability that a preference label is flipped (cDPO, robust DPO).
-    pub label_smoothing: f64,
 }
 
 pub struct DpoObjective {
     pub train: DpoDataset,
-    pub train_reference: PairScores,
-    pub eval: Option<(DpoDataset, PairScores)>,
-    pub settings: DpoSettings,
+    /// Reference log-probs of the training pairs; `None` when the loss needs none.
+    pub train_reference: Option<PairScores>,
+    pub eval: Option<(DpoDataset, Option<PairScores>)>,
+    pub loss: PreferenceLoss,
     pub pad_id: u32,
     pub device: Device,
 }
 
 impl DpoObjective {
-    fn ipo(&self) -> bool {
-        self.settings.loss == DpoLoss::Ipo
-    }
-
-    /// Loss and metrics of `pairs` given policy sums/counts and reference scores at `idx`.
+    /// Loss and metrics of the pairs `idx`, given the policy's summed
+    /// log-probs (`[2B]`, chosen then rejected) and completion token counts.
     fn score(
         &self,
         policy: &Tensor,
         counts: &[f32],
-        reference: &PairScores,
+        reference: Option<&PairScores>,
         idx: &[usize],
     ) -> anyhow::Result<(Tensor, Metrics)> {
         let b = idx.len();
-        let (mut chosen, mut rejected) = (policy.narrow(0, 0, b)?, policy.narrow(0, b, b)?);
-        let (rc_tokens, rr_tokens): (Vec<f32>, Vec<f32>) = (
-            idx.iter().map(|&i| reference.chosen_tokens[i]).collect(),
-            idx.iter().map(|&i| reference.rejected_tokens[i]).collect(),
-        );
-        let ipo = self.ipo();
-        if ipo {
-            // IPO compares mean per-token log-probs.
-            let norm = |c: &[f32]| {
-                Tensor::from_vec(
-                    c.iter().map(|x| 1.0 / x.max(1.0)).collect::<Vec<f32>>(),
-                    c.len(),
-                    &self.device,
-                )
-            };
-            chosen = (chosen * norm(&counts[..b])?)?;
-            rejected = (rejected * norm(&counts[b..])?)?;
-        }
-        let ref_chosen = reference.select(
-            &reference.chosen,
-            idx,
-            ipo.then_some(rc_tokens.as_slice()),
-            &self.device,
-        )?;
-        let ref_rejected = reference.select(
-            &reference.rejected,
-            idx,
-            ipo.then_some(rr_tokens.as_slice()),
-            &self.device,
-        )?;
-        let logps = PairLogps {
-            policy_chosen: &chosen,
-            policy_rejected: &rejected,
-            reference_chosen: &ref_chosen,
-            reference_rejected: &ref_rejected,
+        let sums: Vec<f64> = policy.to_dtype(DType::F64)?.to_vec1()?;
+        let pick = |v: &[f32]| -> Vec<f64> { idx.iter().map(|&i| f64::from(v[i])).collect() };
+        let (reference_chosen, reference_rejected) = match reference {
+            Some(r) => (pick(&r.chosen), pick(&r.rejected)),
+            None => (vec![0.0; b], vec![0.0; b]),
         };
-        let loss = dpo_loss(
-            &logps,
-            self.settings.loss,
-            self.settings.beta,
-            self.settings.label_smoothing,
-        )?;
-        let m = dpo_metrics(&logps, self.settings.beta)?;
-        let metrics = match serde_json::to_value(&m)? {
+        let widen = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| f64::from(x)).collect() };
+        let batch = PairBatch {
+            policy_chosen: sums[..b].to_vec(),
+            policy_rejected: sums[b..].to_vec(),
+            reference_chosen,
+            reference_rejected,
+            chosen_tokens: widen(&counts[..b]),
+            rejected_tokens: widen(&counts[b..]),
+        };
+        let evaluated = self.loss.evaluate(&batch);
+        let loss = attach(policy, &evaluated.total)?;
+        let m = dpo_metrics(&batch, self.loss.params.beta, self.loss.rewards_per_token());
+        let mut metrics: Metrics = match serde_json::to_value(&m)? {
             serde_json::Value::Object(o) => o
                 .into_iter()
                 .filter_map(|(k, v)| v.as_f64().map(|x| (k, x)))
                 .collect(),
             _ => Metrics::new(),
         };
+        for (term, value) in &evaluated.terms {
+            metrics.insert(format!("loss/{}", term.name()), *value);
+        }
         Ok((loss, metrics))
     }
 }
@@ -230,7 +178,8 @@ impl Objective for DpoObjective {
     ) -> anyhow::Result<(Tensor, Metrics, usize)> {
         let pairs: Vec<&DpoExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
         let (policy, counts) = pair_logprobs(model, &pairs, self.pad_id, &self.device, mode)?;
-        let (loss, metrics) = self.score(&policy, &counts, &self.train_reference, examples)?;
+        let (loss, metrics) =
+            self.score(&policy, &counts, self.train_reference.as_ref(), examples)?;
         let tokens = pairs
             .iter()
             .map(|p| 2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len())
@@ -249,7 +198,7 @@ impl Objective for DpoObjective {
         let mut counts = policy.chosen_tokens.clone();
         counts.extend_from_slice(&policy.rejected_tokens);
         let policy = Tensor::from_vec(sums, 2 * idx.len(), &self.device)?;
-        let (loss, metrics) = self.score(&policy, &counts, reference, &idx)?;
+        let (loss, metrics) = self.score(&policy, &counts, reference.as_ref(), &idx)?;
         let mut out: Metrics = metrics
             .into_iter()
             .map(|(k, v)| (format!("eval/{k}"), v))

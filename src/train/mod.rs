@@ -6,8 +6,8 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod dpo;
-pub mod dpo_loss;
 pub mod order;
+pub mod preference_loss;
 pub mod samples;
 pub mod scaler;
 pub mod schedule;

@@ -171,9 +171,6 @@ fn numbers_are_range_checked() {
         one(&error_of(&ws, &text)).1,
         "`dpo.beta` must be > 0, got 0"
     );
-    let text = with_base(&ws, &format!("{dpo}dpo = {{ loss = \"sigmod\" }}\n"));
-    let (_, msg, _) = one(&error_of(&ws, &text));
-    assert!(msg.contains("sigmod"), "{msg}");
 }
 
 #[test]
@@ -440,4 +437,118 @@ fn the_cli_renders_problems_with_the_line_and_exits_2() {
     );
     assert!(run.stderr.contains("did you mean `steps`?"));
     assert!(!run.stderr.contains('\u{1b}'), "NO_COLOR is respected");
+}
+
+#[test]
+fn preference_loss_settings_are_checked_where_written() {
+    let ws = Workspace::new();
+    // Line 12 holds the `dpo = { ... }` table.
+    let dpo =
+        "[stages.d]\nkind = \"dpo\"\nmodel = \"base\"\ndata = { train = \"data/sft.jsonl\" }\n";
+    let cases = [
+        (
+            r#"dpo = { loss = "sigmod" }"#,
+            "12:16",
+            "unknown loss `sigmod`",
+            "did you mean `sigmoid`?",
+        ),
+        (
+            r#"dpo = { loss = ["sigmoid", "sfft"] }"#,
+            "12:28",
+            "unknown loss `sfft`",
+            "did you mean `sft`?",
+        ),
+        (
+            r#"dpo = { loss = [] }"#,
+            "12:16",
+            "`dpo.loss` is an empty list",
+            "",
+        ),
+        (
+            r#"dpo = { loss = ["sigmoid", "sft"], loss_weights = [1.0] }"#,
+            "12:51",
+            "`dpo.loss_weights` has 1 weights for 2 losses",
+            "",
+        ),
+        (
+            r#"dpo = { loss = ["sigmoid", "sft"], loss_weights = [1.0, -0.5] }"#,
+            "12:51",
+            "`dpo.loss_weights` must all be >= 0",
+            "",
+        ),
+        (
+            r#"dpo = { loss = ["sigmoid", "sft"], loss_weights = [0.0, 0.0] }"#,
+            "12:51",
+            "`dpo.loss_weights` are all 0: nothing would be trained",
+            "",
+        ),
+        (
+            r#"dpo = { loss = "exo_pair" }"#,
+            "12:16",
+            "loss `exo_pair` needs `dpo.label_smoothing` in (0, 0.5), got 0",
+            "the EXO paper suggests `label_smoothing = 1e-3`",
+        ),
+        (
+            r#"dpo = { loss = "exo_pair", label_smoothing = 0.5 }"#,
+            "12:46",
+            "loss `exo_pair` needs `dpo.label_smoothing` in (0, 0.5), got 0.5",
+            "",
+        ),
+        (
+            r#"dpo = { loss = "robust", label_smoothing = 0.5 }"#,
+            "12:44",
+            "`dpo.label_smoothing` must be in [0, 0.5), got 0.5",
+            "",
+        ),
+        (
+            r#"dpo = { loss = "hinge", label_smoothing = 0.1 }"#,
+            "12:43",
+            "`dpo.label_smoothing` has no effect on the chosen loss",
+            "it applies to sigmoid, robust, exo_pair, aot, aot_unpaired and simpo",
+        ),
+        (
+            r#"dpo = { loss = "simpo", simpo_gamma = -1.0 }"#,
+            "12:39",
+            "`dpo.simpo_gamma` must be >= 0, got -1",
+            "",
+        ),
+        (
+            r#"dpo = { loss = "discopop", discopop_tau = 0.0 }"#,
+            "12:43",
+            "`dpo.discopop_tau` must be > 0, got 0",
+            "",
+        ),
+        (
+            r#"dpo = { loss = 3 }"#,
+            "12:16",
+            "invalid type: integer `3`, expected a loss name or a list of loss names",
+            "",
+        ),
+    ];
+    for (line, loc, message, help) in cases {
+        let text = with_base(&ws, &format!("{dpo}{line}\n"));
+        let got = one(&error_of(&ws, &text));
+        assert_eq!(
+            (got.0.as_str(), got.1.as_str(), got.2.as_str()),
+            (loc, message, help),
+            "for `{line}`"
+        );
+    }
+    // A reference-free loss with a reference set.
+    let text = with_base(
+        &ws,
+        &format!(
+            "{SFT}\n{dpo}adapter = \"sft\"\nreference = \"base\"\ndpo = {{ loss = \"orpo\" }}\n"
+        ),
+    );
+    let (loc, msg, help) = one(&error_of(&ws, &text));
+    assert_eq!(loc, "18:13");
+    assert_eq!(
+        msg,
+        "stage `d`: loss orpo uses no reference model, but `reference` is set"
+    );
+    assert_eq!(
+        help,
+        "remove `reference`, or add a loss that compares with it"
+    );
 }

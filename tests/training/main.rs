@@ -4,9 +4,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod boundary_merge;
 mod data_cache_batch;
 mod data_errors;
 mod data_tokenize;
+mod dpo_gradient;
+mod preference_loss;
 mod reference;
 mod stages;
 

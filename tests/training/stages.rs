@@ -547,3 +547,56 @@ fn half_precision_training_learns_with_f32_adapters() {
         assert_eq!(dtypes, std::collections::BTreeSet::from(["F32"]), "{dtype}");
     }
 }
+
+#[test]
+fn reference_free_losses_learn_the_preference_without_a_reference_pass() {
+    let ws = Workspace::new();
+    // Scheme one with SimPO, scheme two with ORPO: the two schemes still
+    // differ only in the adapter they train.
+    let text = recipe(30, 20, "")
+        .replace(
+            "adapter = \"sft\"\ndata = { train",
+            "adapter = \"sft\"\ndpo = { loss = \"simpo\", beta = 2.0, simpo_gamma = 0.5 }\ndata = { train",
+        )
+        .replace(
+            "model = \"merged\"\nlora",
+            "model = \"merged\"\ndpo = { loss = \"orpo\", beta = 0.5 }\nlora",
+        );
+    ws.write("recipe.toml", &text);
+    let plan = ws.runner(&["plan", "recipe.toml"]).ok().stdout;
+    assert!(
+        plan.contains("note: dpo_continued: loss simpo: no reference")
+            && plan.contains("note: dpo_fresh: loss orpo: no reference"),
+        "{plan}"
+    );
+    ws.runner(&["run", "recipe.toml", "--until", "dpo_fresh"])
+        .ok();
+    ws.runner(&["run", "recipe.toml", "--until", "dpo_continued"])
+        .ok();
+    for (stage, term) in [("dpo_continued", "simpo"), ("dpo_fresh", "orpo")] {
+        let m = manifest(&ws, stage)["metrics"].clone();
+        assert_eq!(m["reference"], "no reference", "{stage}");
+        let (before, after) = (
+            m["before/eval/rewards/accuracies"].as_f64().unwrap(),
+            m["eval/rewards/accuracies"].as_f64().unwrap(),
+        );
+        assert!(
+            after >= 0.9 && after > before,
+            "{stage} ({term}): held-out preference accuracy {before} -> {after}"
+        );
+        let lines = String::from_utf8(artifact_file(&ws, stage, "metrics.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+        assert!(first.get(format!("loss/{term}")).is_some(), "{first}");
+    }
+    // No reference log-probs were computed or cached.
+    let derived = ws.cache().join("derived");
+    let names = if derived.exists() {
+        support::list(&derived)
+    } else {
+        Vec::new()
+    };
+    assert!(!names.iter().any(|n| n.contains("reference")), "{names:?}");
+    let table = ws.runner(&["compare", "recipe.toml"]).ok().stdout;
+    let reference = table.lines().find(|l| l.starts_with("reference")).unwrap();
+    assert_eq!(reference.matches("no reference").count(), 2, "{table}");
+}
