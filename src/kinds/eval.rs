@@ -41,6 +41,8 @@ pub struct EvalParams {
     /// Prompts to complete greedily.
     #[serde(default)]
     pub prompts: Vec<String>,
+    /// Most tokens generated for each prompt, and for each `data.sft` row
+    /// when measuring `sft/exact_match` (greedy completion == the row's completion).
     #[serde(default = "default_new_tokens")]
     pub max_new_tokens: Sp<u32>,
     /// Also sample each prompt with this temperature (seeded by the recipe's seed); 0: greedy only.
@@ -174,7 +176,23 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         let loss = sft::mean_completion_loss(&model, &data.examples, tokenizer.pad_id(), &device)?;
         metric(ctx, "sft/loss", loss);
         metric(ctx, "sft/perplexity", loss.exp());
-        results.push(serde_json::json!({ "sft/loss": loss, "sft/perplexity": loss.exp(), "rows": data.examples.len() }));
+        let stop: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
+        let matched = crate::train::task::greedy_exact_match(
+            &model,
+            &data.examples,
+            &stop,
+            p.max_new_tokens.value as usize,
+            ctx.progress,
+            ctx.interrupt,
+        )?;
+        let exact = matched.iter().filter(|m| **m).count() as f64 / matched.len().max(1) as f64;
+        metric(ctx, "sft/exact_match", exact);
+        results.push(serde_json::json!({
+            "sft/loss": loss,
+            "sft/perplexity": loss.exp(),
+            "sft/exact_match": exact,
+            "rows": data.examples.len(),
+        }));
     }
 
     if let Some(file) = ctx.files.get("data.dpo").cloned() {

@@ -12,5 +12,6 @@ pub mod samples;
 pub mod scaler;
 pub mod schedule;
 pub mod sft;
+pub mod task;
 pub mod trainer;
 pub use trainer::with_big_stack;

@@ -12,6 +12,7 @@ mod dpo_gradient;
 mod preference_loss;
 mod reference;
 mod stages;
+mod task_metrics;
 
 /// Entry point of the child processes `Workspace::child` starts.
 #[test]

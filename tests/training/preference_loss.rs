@@ -425,3 +425,58 @@ fn metrics_match_trl_definitions() {
     assert!((m.rewards_rejected - 0.1 * -0.35 / 3.0).abs() < 1e-12);
     assert!((m.rewards_accuracies - 2.0 / 3.0).abs() < 1e-12);
 }
+
+#[test]
+fn every_term_matches_trl_1_16_itself() {
+    // Made by scripts/trl_losses.py: TRL's own loss code, float64 autograd.
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/trl-1.16-losses.json")).unwrap();
+    let floats = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let b = &fixture["batch"];
+    let batch = PairBatch {
+        policy_chosen: floats(&b["policy_chosen"]),
+        policy_rejected: floats(&b["policy_rejected"]),
+        reference_chosen: floats(&b["reference_chosen"]),
+        reference_rejected: floats(&b["reference_rejected"]),
+        chosen_tokens: floats(&b["chosen_tokens"]),
+        rejected_tokens: floats(&b["rejected_tokens"]),
+    };
+    let losses = fixture["losses"].as_object().unwrap();
+    assert_eq!(losses.len(), LossTerm::ALL.len());
+    for term in LossTerm::ALL {
+        let want = &losses[term.name()];
+        let params = LossParams {
+            beta: fixture["params"]["beta"].as_f64().unwrap(),
+            label_smoothing: want["label_smoothing"].as_f64().unwrap(),
+            simpo_gamma: fixture["params"]["simpo_gamma"].as_f64().unwrap(),
+            discopop_tau: fixture["params"]["discopop_tau"].as_f64().unwrap(),
+        };
+        let got = PreferenceLoss::single(term, params).evaluate(&batch).total;
+        let value = want["value"].as_f64().unwrap();
+        // TRL's ORPO casts the log-probs to float32 first.
+        let tol = if term == LossTerm::Orpo { 1e-7 } else { 1e-12 };
+        assert!(
+            (got.value - value).abs() < tol * (1.0 + value.abs()),
+            "{term:?}: {} vs TRL {value}",
+            got.value
+        );
+        assert_close(
+            &format!("{term:?} d_chosen"),
+            &got.d_chosen,
+            &floats(&want["d_chosen"]),
+            tol,
+        );
+        assert_close(
+            &format!("{term:?} d_rejected"),
+            &got.d_rejected,
+            &floats(&want["d_rejected"]),
+            tol,
+        );
+    }
+}
