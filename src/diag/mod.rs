@@ -13,7 +13,7 @@ use std::sync::Arc;
 use miette::{Diagnostic, LabeledSpan, NamedSource, SourceCode};
 
 /// One thing wrong with a recipe.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Problem {
     pub message: String,
     /// The primary span and its label. None when there is nothing to point at.
@@ -63,7 +63,17 @@ pub struct RecipeError {
 }
 
 impl RecipeError {
-    pub fn new(path: &Path, source: Arc<String>, problems: Vec<Problem>) -> Self {
+    /// Identical problems are reported once: a bad value in
+    /// `[defaults.<kind>]` is found again in every stage that inherits it.
+    pub fn new(path: &Path, source: Arc<String>, mut problems: Vec<Problem>) -> Self {
+        let mut seen: Vec<Problem> = Vec::new();
+        problems.retain(|p| {
+            let new = !seen.contains(p);
+            if new {
+                seen.push(p.clone());
+            }
+            new
+        });
         RecipeError {
             path: path.to_path_buf(),
             source,

@@ -552,3 +552,24 @@ fn preference_loss_settings_are_checked_where_written() {
         "remove `reference`, or add a loss that compares with it"
     );
 }
+
+#[test]
+fn a_bad_default_is_reported_once_for_all_the_stages_that_inherit_it() {
+    let ws = Workspace::new();
+    let dpo = |name: &str| {
+        format!("[stages.{name}]\nkind = \"dpo\"\nmodel = \"base\"\ndata = {{ train = \"data/sft.jsonl\" }}\n")
+    };
+    let text = with_base(
+        &ws,
+        &format!(
+            "[defaults.dpo]\ndpo = {{ loss = \"sigmod\" }}\n\n{}\n{}",
+            dpo("a"),
+            dpo("b")
+        ),
+    );
+    let (loc, msg, help) = one(&error_of(&ws, &text));
+    assert_eq!(
+        (loc.as_str(), msg.as_str(), help.as_str()),
+        ("9:16", "unknown loss `sigmod`", "did you mean `sigmoid`?")
+    );
+}
