@@ -97,6 +97,9 @@ pub enum Command {
         /// Machine-readable output instead of the table.
         #[arg(long)]
         json: bool,
+        /// Bootstrap resamples for the paired 95% intervals (seeded by the recipe's seed).
+        #[arg(long, default_value_t = crate::compare::bootstrap::DEFAULT_RESAMPLES)]
+        resamples: usize,
     },
     /// Copy a stage's cached artifact to DIR (PEFT or Hugging Face layout).
     Export {
@@ -330,11 +333,19 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             let leaves = crate::compare::leaf_training_stages(&checked.recipe, &checked.dag);
             if selection.only.is_none() && selection.until.is_none() && leaves.len() >= 2 {
                 let plan = make_plan(&checked, &cache, &[], device)?;
-                if let Ok(summaries) =
-                    crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, &[])
-                {
-                    let report = write_report(&checked.recipe, &cache, &summaries)?;
+                let bootstrap = bootstrap_of(&checked.recipe, None);
+                if let Ok(summaries) = crate::compare::collect(
+                    &checked.recipe,
+                    &checked.dag,
+                    &plan,
+                    &cache,
+                    &[],
+                    bootstrap,
+                ) {
+                    let (report, verdict) =
+                        write_report(&checked.recipe, &cache, &summaries, bootstrap)?;
                     print!("{}", crate::compare::text_table(&summaries));
+                    print!("{verdict}");
                     println!("report: {}", report.display());
                 }
             }
@@ -382,21 +393,31 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             recipe,
             stages,
             json,
+            resamples,
         } => {
             let (checked, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
-            let summaries =
-                crate::compare::collect(&checked.recipe, &checked.dag, &plan, &cache, stages)
-                    .map_err(Error::Usage)?;
-            let report = write_report(&checked.recipe, &cache, &summaries)?;
+            let bootstrap = bootstrap_of(&checked.recipe, Some(*resamples));
+            let summaries = crate::compare::collect(
+                &checked.recipe,
+                &checked.dag,
+                &plan,
+                &cache,
+                stages,
+                bootstrap,
+            )
+            .map_err(Error::Usage)?;
+            let (report, verdict) = write_report(&checked.recipe, &cache, &summaries, bootstrap)?;
             if *json {
-                let mut value = crate::compare::json(&summaries);
+                let mut value = crate::compare::json(&summaries, bootstrap);
                 value["report"] = report.display().to_string().into();
+                value["report_html"] = report.with_extension("html").display().to_string().into();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&value).expect("serializes")
                 );
             } else {
                 print!("{}", crate::compare::text_table(&summaries));
+                print!("{verdict}");
                 println!("report: {}", report.display());
             }
             Ok(())
@@ -464,12 +485,25 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
     }
 }
 
-/// Write the charts and report.md of a comparison next to the artifacts; returns the report's path.
+/// Paired-bootstrap settings: `resamples` (or the default), seeded by the recipe's seed.
+fn bootstrap_of(
+    recipe: &Recipe,
+    resamples: Option<usize>,
+) -> crate::compare::evaluation::Bootstrap {
+    crate::compare::evaluation::Bootstrap {
+        resamples: resamples.unwrap_or(crate::compare::bootstrap::DEFAULT_RESAMPLES),
+        seed: recipe.header.seed.value,
+    }
+}
+
+/// Write the charts, report.md and report.html of a comparison next to the
+/// artifacts; returns report.md's path and the verdict text.
 fn write_report(
     recipe: &Recipe,
     cache: &Cache,
     summaries: &[crate::compare::StageSummary],
-) -> Result<PathBuf, Error> {
+    bootstrap: crate::compare::evaluation::Bootstrap,
+) -> Result<(PathBuf, String), Error> {
     let dir = crate::compare::report_dir(cache, recipe);
     std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     let internal = |e: anyhow::Error| Error::environment("writing the report")(e);
@@ -488,16 +522,34 @@ fn write_report(
             "dpo.svg".to_string(),
         ));
     }
+    let verdicts = crate::compare::evaluation::verdicts_of(summaries, bootstrap);
+    let verdict = crate::compare::evaluation::verdict_text(summaries, &verdicts, bootstrap);
     let markdown = format!(
         "# {} — comparison\n\nRecipe: `{}`\n\n{}",
         recipe.header.name.value,
         recipe.path.display(),
-        crate::compare::markdown_report(summaries, &charts)
+        crate::compare::markdown_report(summaries, &charts, &verdict)
     );
     let path = dir.join("report.md");
     crate::fsutil::write_atomic(&path, markdown.as_bytes())
         .map_err(Error::io(format!("writing {}", path.display())))?;
-    Ok(path)
+    let svgs: Vec<(String, String)> = charts
+        .iter()
+        .filter_map(|(title, file)| {
+            Some((title.clone(), std::fs::read_to_string(dir.join(file)).ok()?))
+        })
+        .collect();
+    let html = crate::compare::html_report(
+        &format!("{} — comparison", recipe.header.name.value),
+        summaries,
+        &verdicts,
+        bootstrap,
+        &svgs,
+    );
+    let html_path = dir.join("report.html");
+    crate::fsutil::write_atomic(&html_path, html.as_bytes())
+        .map_err(Error::io(format!("writing {}", html_path.display())))?;
+    Ok((path, verdict))
 }
 
 /// `recipe` checked, the cache opened, and the plan made with no stage forced.

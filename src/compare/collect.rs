@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::cache::{Cache, Manifest, Parent};
+use crate::compare::evaluation::{evaluate, Bootstrap};
 use crate::compare::stage::StageSummary;
 use crate::graph::Dag;
 use crate::plan::{Plan, Status};
@@ -96,6 +97,7 @@ pub fn collect(
     plan: &Plan,
     cache: &Cache,
     names: &[String],
+    bootstrap: Bootstrap,
 ) -> Result<Vec<StageSummary>, String> {
     let names = if names.is_empty() {
         leaf_training_stages(recipe, dag)
@@ -145,9 +147,9 @@ pub fn collect(
             .difference(&shared)
             .map(|a| crate::fsutil::folder_bytes(&cache.artifact_dir(a)))
             .sum();
-        out.push(summary(
-            name, objective, &dir, &manifest, bytes, recipe, cache,
-        ));
+        let mut s = summary(name, objective, &dir, &manifest, bytes, recipe, cache);
+        s.evaluated = evaluate(recipe, plan, cache, &s.name, bootstrap);
+        out.push(s);
     }
     Ok(out)
 }
@@ -205,6 +207,7 @@ fn summary(
         wall_seconds: m.wall_seconds,
         lora: lora_description(dir),
         reference,
+        evaluated: Default::default(),
     }
 }
 

@@ -2,13 +2,14 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::compare::evaluation::{verdicts_of, Bootstrap};
 use crate::compare::stage::StageSummary;
 use crate::compare::table::ComparisonTable;
 
 /// `{"stages": [{name, kind, label, final_metrics, ..., "display": {row key: cell}}]}`.
 /// Per-step rows are left out (they are in each stage's metrics.jsonl); `rows` gives
 /// their count. Non-finite metrics become null, as JSON has no NaN.
-pub fn json(stages: &[StageSummary]) -> Value {
+pub fn json(stages: &[StageSummary], bootstrap: Bootstrap) -> Value {
     let table = ComparisonTable::build(stages);
     let entries: Vec<Value> = stages
         .iter()
@@ -41,11 +42,16 @@ pub fn json(stages: &[StageSummary]) -> Value {
                 "lora": stage.lora,
                 "reference": stage.reference,
                 "rows": stage.rows.len(),
+                "evaluated": serde_json::to_value(&stage.evaluated).expect("serializes"),
                 "display": display,
             })
         })
         .collect();
-    json!({ "stages": entries })
+    json!({
+        "stages": entries,
+        "bootstrap": bootstrap,
+        "verdicts": verdicts_of(stages, bootstrap),
+    })
 }
 
 fn finite_or_null(v: f64) -> Value {

@@ -5,10 +5,22 @@ use std::fmt::Write;
 use crate::compare::stage::StageSummary;
 use crate::compare::table::{ComparisonTable, METRIC_COLUMN};
 
-/// `charts` are (title, path relative to the markdown file) pairs, embedded in order.
-pub fn markdown_report(stages: &[StageSummary], charts: &[(String, String)]) -> String {
+/// `charts` are (title, path relative to the markdown file) pairs, embedded
+/// in order; `verdict` (plain text lines) goes first.
+pub fn markdown_report(
+    stages: &[StageSummary],
+    charts: &[(String, String)],
+    verdict: &str,
+) -> String {
     let table = ComparisonTable::build(stages);
     let mut out = String::new();
+    if !verdict.is_empty() {
+        out.push_str("## Verdict\n\n");
+        for line in verdict.lines() {
+            let _ = writeln!(out, "- {}", line.trim());
+        }
+        out.push('\n');
+    }
     out.push_str("## Comparison\n\n");
     if stages.is_empty() {
         out.push_str("No stages to compare.\n");

@@ -3,9 +3,12 @@
 //! trains a fresh adapter). Produces SVG charts, a markdown report, a terminal table
 //! and JSON, all from `StageSummary` values, which `collect` gathers from the cache.
 
+pub mod bootstrap;
 mod chart;
 mod collect;
+pub mod evaluation;
 pub mod format;
+mod html;
 mod json;
 mod markdown;
 mod stage;
@@ -18,6 +21,7 @@ pub use chart::{
 };
 pub use collect::{collect, leaf_training_stages, report_dir};
 pub use format::{human_bytes, human_duration, MISSING};
+pub use html::html_report;
 pub use json::json;
 pub use markdown::markdown_report;
 pub use stage::{is_eval_row, Point, StageSummary};

@@ -32,6 +32,9 @@ pub struct StageSummary {
     pub lora: String,
     /// What the DPO reference model was (or what SFT started from).
     pub reference: String,
+    /// What the recipe's eval stages measured for it and its parent.
+    #[serde(default)]
+    pub evaluated: crate::compare::evaluation::Evaluated,
 }
 
 /// One (step, value) sample; both are finite.

@@ -2,6 +2,7 @@
 
 use crate::compare::format::{
     format_count, format_metric, format_percent, human_bytes, human_bytes_opt, human_duration,
+    MISSING,
 };
 use crate::compare::stage::StageSummary;
 
@@ -43,6 +44,41 @@ const ROWS: &[(&str, &str, CellFn)] = &[
     ("eval_rewards_margins", "eval rewards/margins", |s| {
         format_metric(s.final_metric("eval/rewards/margins"))
     }),
+    ("evaluated_by", "evaluated by (eval stage)", |s| {
+        s.evaluated
+            .evaluation
+            .as_ref()
+            .map_or_else(|| MISSING.to_string(), |e| e.stage.clone())
+    }),
+    ("change_from", "change measured against", |s| {
+        s.evaluated.change.as_ref().map_or_else(
+            || MISSING.to_string(),
+            |c| {
+                format!(
+                    "`{}` (eval `{}`, {} paired rows)",
+                    c.from, c.evaluation.stage, c.paired
+                )
+            },
+        )
+    }),
+    ("exact_match", "exact match", |s| {
+        eval_cell(s, "sft/exact_match")
+    }),
+    ("prefix_match", "prefix match", |s| {
+        eval_cell(s, "sft/prefix_match")
+    }),
+    ("token_accuracy", "token accuracy", |s| {
+        eval_cell(s, "sft/token_accuracy")
+    }),
+    ("task_loss", "task loss (eval data.sft)", |s| {
+        eval_cell(s, "sft/loss")
+    }),
+    ("preference_accuracy", "preference accuracy", |s| {
+        eval_cell(s, "preference/accuracy")
+    }),
+    ("chosen_exact_match", "greedy = chosen", |s| {
+        eval_cell(s, "preference/chosen_exact_match")
+    }),
     ("trainable_parameters", "trainable parameters", |s| {
         format_count(s.trainable_parameters)
     }),
@@ -57,6 +93,31 @@ const ROWS: &[(&str, &str, CellFn)] = &[
     ("lora", "LoRA", |s| s.lora.clone()),
     ("reference", "reference", |s| s.reference.clone()),
 ];
+
+/// The eval stage's value of `metric`, with its change from the parent and
+/// that change's 95% interval: "0.380 (−0.100 [−0.130, −0.070])".
+fn eval_cell(s: &StageSummary, metric: &str) -> String {
+    let Some(value) = s
+        .evaluated
+        .evaluation
+        .as_ref()
+        .and_then(|e| e.metrics.get(metric))
+    else {
+        return MISSING.to_string();
+    };
+    match s
+        .evaluated
+        .change
+        .as_ref()
+        .and_then(|c| c.deltas.get(metric))
+    {
+        Some(d) => format!(
+            "{value:.3} ({:+.3} [{:+.3}, {:+.3}])",
+            d.mean, d.low, d.high
+        ),
+        None => format!("{value:.3}"),
+    }
+}
 
 impl ComparisonTable {
     pub fn build(stages: &[StageSummary]) -> Self {

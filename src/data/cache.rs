@@ -4,7 +4,8 @@
 //! A dataset directory holds three files:
 //! - `tokens.bin`: every token id, little-endian u32, examples back to back;
 //! - `lengths.bin`: little-endian u32 per example — SFT: `len,
-//!   completion_start`; DPO: `prompt_len, chosen_len, rejected_len`;
+//!   completion_start, line`; DPO: `prompt_len, chosen_len, rejected_len,
+//!   line` (`line`: the example's 1-based line in the data file);
 //! - `header.json`: format version, kind, counts and the [`DataReport`].
 //!
 //! Each file is written to a temp file, fsynced and renamed; the header goes
@@ -23,7 +24,7 @@ use crate::data::settings::DatasetKind;
 use crate::data::sft::{SftDataset, SftExample};
 
 /// Bumped whenever the file layout changes.
-pub const CACHE_FORMAT_VERSION: u32 = 1;
+pub const CACHE_FORMAT_VERSION: u32 = 2;
 
 const HEADER_FILE: &str = "header.json";
 const TOKENS_FILE: &str = "tokens.bin";
@@ -42,11 +43,12 @@ impl SftDataset {
     /// Writes the dataset into `dir` (created if missing).
     pub fn write(&self, dir: &Path) -> Result<(), DataError> {
         let mut tokens = Vec::new();
-        let mut lengths = Vec::with_capacity(self.examples.len() * 2);
-        for example in &self.examples {
+        let mut lengths = Vec::with_capacity(self.examples.len() * 3);
+        for (example, line) in self.examples.iter().zip(&self.lines) {
             tokens.extend_from_slice(&example.input_ids);
             lengths.push(example.input_ids.len());
             lengths.push(example.completion_start);
+            lengths.push(*line);
         }
         write_dataset(
             dir,
@@ -60,11 +62,13 @@ impl SftDataset {
 
     /// Reads a dataset written by [`SftDataset::write`], checking its layout.
     pub fn read(dir: &Path) -> Result<Self, DataError> {
-        let (header, tokens, lengths) = read_dataset(dir, DatasetKind::Sft, 2)?;
+        let (header, tokens, lengths) = read_dataset(dir, DatasetKind::Sft, 3)?;
         let mut pieces = Pieces::new(dir, &tokens);
         let mut examples = Vec::with_capacity(header.examples);
-        for record in lengths.chunks_exact(2) {
+        let mut lines = Vec::with_capacity(header.examples);
+        for record in lengths.chunks_exact(3) {
             let (len, completion_start) = (record[0], record[1]);
+            lines.push(record[2]);
             if completion_start >= len {
                 return Err(corrupt(dir, "completion_start past the end of an example"));
             }
@@ -76,6 +80,7 @@ impl SftDataset {
         pieces.finish()?;
         Ok(SftDataset {
             examples,
+            lines,
             report: header.report,
         })
     }
@@ -85,8 +90,8 @@ impl DpoDataset {
     /// Writes the dataset into `dir` (created if missing).
     pub fn write(&self, dir: &Path) -> Result<(), DataError> {
         let mut tokens = Vec::new();
-        let mut lengths = Vec::with_capacity(self.examples.len() * 3);
-        for example in &self.examples {
+        let mut lengths = Vec::with_capacity(self.examples.len() * 4);
+        for (example, line) in self.examples.iter().zip(&self.lines) {
             for ids in [
                 &example.prompt_ids,
                 &example.chosen_ids,
@@ -95,6 +100,7 @@ impl DpoDataset {
                 tokens.extend_from_slice(ids);
                 lengths.push(ids.len());
             }
+            lengths.push(*line);
         }
         write_dataset(
             dir,
@@ -108,10 +114,12 @@ impl DpoDataset {
 
     /// Reads a dataset written by [`DpoDataset::write`], checking its layout.
     pub fn read(dir: &Path) -> Result<Self, DataError> {
-        let (header, tokens, lengths) = read_dataset(dir, DatasetKind::Dpo, 3)?;
+        let (header, tokens, lengths) = read_dataset(dir, DatasetKind::Dpo, 4)?;
         let mut pieces = Pieces::new(dir, &tokens);
         let mut examples = Vec::with_capacity(header.examples);
-        for record in lengths.chunks_exact(3) {
+        let mut lines = Vec::with_capacity(header.examples);
+        for record in lengths.chunks_exact(4) {
+            lines.push(record[3]);
             examples.push(DpoExample {
                 prompt_ids: pieces.take(record[0])?,
                 chosen_ids: pieces.take(record[1])?,
@@ -121,6 +129,7 @@ impl DpoDataset {
         pieces.finish()?;
         Ok(DpoDataset {
             examples,
+            lines,
             report: header.report,
         })
     }

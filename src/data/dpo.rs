@@ -24,6 +24,9 @@ pub struct DpoExample {
 /// A tokenized DPO file with what happened to its rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DpoDataset {
+    /// The 1-based line of the data file each example came from (what
+    /// per-example evaluation results are paired by).
+    pub lines: Vec<usize>,
     pub examples: Vec<DpoExample>,
     pub report: DataReport,
 }
@@ -35,7 +38,7 @@ pub fn load_dpo(
     settings: &TokenizeSettings,
 ) -> Result<DpoDataset, DataError> {
     let encoder = PairEncoder::new(tokenizer, settings)?;
-    let (examples, report) = process_rows(path, settings, |map| {
+    let (examples, lines, report) = process_rows(path, settings, |map| {
         let row = parse_dpo_row(map)?;
         let chosen = encoder.encode(&row.prompt, &row.chosen, "chosen")?;
         let rejected = encoder.encode(&row.prompt, &row.rejected, "rejected")?;
@@ -71,5 +74,9 @@ pub fn load_dpo(
             boundary_mismatch,
         })
     })?;
-    Ok(DpoDataset { examples, report })
+    Ok(DpoDataset {
+        examples,
+        lines,
+        report,
+    })
 }

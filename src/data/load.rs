@@ -41,17 +41,21 @@ pub(crate) enum RowOutcome<T> {
     Dropped,
 }
 
+/// Kept examples with the 1-based line each came from, and the report.
+pub(crate) type Processed<T> = (Vec<T>, Vec<usize>, DataReport);
+
 /// Runs `convert` over every row of `path`, applying `bad_rows` and
 /// filling the report.
 pub(crate) fn process_rows<T>(
     path: &Path,
     settings: &TokenizeSettings,
     mut convert: impl FnMut(&Map<String, Value>) -> Result<RowOutcome<T>, RowFailure>,
-) -> Result<(Vec<T>, DataReport), DataError> {
+) -> Result<Processed<T>, DataError> {
     settings.validate()?;
     let lines = read_jsonl(path)?;
     let mut report = DataReport::default();
     let mut examples = Vec::new();
+    let mut kept_lines = Vec::new();
     for line in lines {
         report.read += 1;
         let outcome = match &line.parsed {
@@ -68,6 +72,7 @@ pub(crate) fn process_rows<T>(
                 report.truncated += usize::from(truncated);
                 report.prompt_boundary_mismatches += usize::from(boundary_mismatch);
                 examples.push(example);
+                kept_lines.push(line.number);
             }
             Ok(RowOutcome::Dropped) => report.dropped += 1,
             Err(RowFailure::NoChatTemplate) => {
@@ -104,7 +109,7 @@ pub(crate) fn process_rows<T>(
             skipped: report.skipped,
         });
     }
-    Ok((examples, report))
+    Ok((examples, kept_lines, report))
 }
 
 /// Prompt tokens and prompt+completion tokens of one pair.

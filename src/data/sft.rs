@@ -39,6 +39,9 @@ impl SftExample {
 /// A tokenized SFT file with what happened to its rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SftDataset {
+    /// The 1-based line of the data file each example came from (what
+    /// per-example evaluation results are paired by).
+    pub lines: Vec<usize>,
     pub examples: Vec<SftExample>,
     pub report: DataReport,
 }
@@ -50,7 +53,7 @@ pub fn load_sft(
     settings: &TokenizeSettings,
 ) -> Result<SftDataset, DataError> {
     let encoder = PairEncoder::new(tokenizer, settings)?;
-    let (examples, report) = process_rows(path, settings, |map| {
+    let (examples, lines, report) = process_rows(path, settings, |map| {
         let row = parse_sft_row(map)?;
         let pair = encoder.encode(&row.prompt, &row.completion, "completion")?;
         // As TRL: the model sees the full prompt+completion tokenization and
@@ -76,5 +79,9 @@ pub fn load_sft(
             boundary_mismatch,
         })
     })?;
-    Ok(SftDataset { examples, report })
+    Ok(SftDataset {
+        examples,
+        lines,
+        report,
+    })
 }

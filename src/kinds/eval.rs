@@ -81,8 +81,9 @@ impl Kind for Eval {
         "eval"
     }
     // 2: the completion starts at the common token prefix (TRL 1.16).
+    // 3: task metrics and per-example results (examples.jsonl).
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn output(&self) -> ArtifactKind {
         ArtifactKind::Evaluation
@@ -152,9 +153,12 @@ impl Kind for Eval {
 
 /// Results written to eval.jsonl, one JSON object per line.
 pub const RESULTS_FILE: &str = "eval.jsonl";
+/// One JSON object per evaluated row: `data` ("sft" or "dpo"), `file`,
+/// `line` (1-based, in the data file) and the row's metrics.
+pub const EXAMPLES_FILE: &str = "examples.jsonl";
 
 fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-    use crate::train::{dpo, sft};
+    use crate::train::{dpo, task};
     use std::io::Write;
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
@@ -171,28 +175,64 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         ctx.metrics.insert(name.to_string(), value.into());
     };
 
+    let stop: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
+    let max_new_tokens = p.max_new_tokens.value as usize;
+    // One line per evaluated row, paired across stages by (data, line).
+    let mut examples: Vec<serde_json::Value> = Vec::new();
+    let file_name = |f: &std::path::Path| {
+        f.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+
     if let Some(file) = ctx.files.get("data.sft").cloned() {
         let data = inputs::sft_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
-        let loss = sft::mean_completion_loss(&model, &data.examples, tokenizer.pad_id(), &device)?;
-        metric(ctx, "sft/loss", loss);
-        metric(ctx, "sft/perplexity", loss.exp());
-        let stop: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
-        let matched = crate::train::task::greedy_exact_match(
+        let forced = task::teacher_forced(&model, &data.examples, tokenizer.pad_id(), &device)?;
+        let greedy = task::greedy_match(
             &model,
             &data.examples,
             &stop,
-            p.max_new_tokens.value as usize,
+            max_new_tokens,
             ctx.progress,
             ctx.interrupt,
         )?;
-        let exact = matched.iter().filter(|m| **m).count() as f64 / matched.len().max(1) as f64;
-        metric(ctx, "sft/exact_match", exact);
+        let tokens: usize = forced.iter().map(|f| f.tokens).sum();
+        let loss = forced.iter().map(|f| f.nll).sum::<f64>() / tokens.max(1) as f64;
+        let rows = data.examples.len().max(1) as f64;
+        let exact = greedy.iter().filter(|g| g.exact).count() as f64 / rows;
+        let prefix = greedy.iter().map(|g| g.prefix).sum::<f64>() / rows;
+        let accuracy =
+            forced.iter().map(|f| f.correct).sum::<usize>() as f64 / tokens.max(1) as f64;
+        for (name, value) in [
+            ("sft/loss", loss),
+            ("sft/perplexity", loss.exp()),
+            ("sft/exact_match", exact),
+            ("sft/prefix_match", prefix),
+            ("sft/token_accuracy", accuracy),
+        ] {
+            metric(ctx, name, value);
+        }
         results.push(serde_json::json!({
             "sft/loss": loss,
             "sft/perplexity": loss.exp(),
             "sft/exact_match": exact,
+            "sft/prefix_match": prefix,
+            "sft/token_accuracy": accuracy,
             "rows": data.examples.len(),
         }));
+        let name = file_name(&file);
+        for ((line, f), g) in data.lines.iter().zip(&forced).zip(&greedy) {
+            let per = f.tokens.max(1) as f64;
+            examples.push(serde_json::json!({
+                "data": "sft",
+                "file": name,
+                "line": line,
+                "sft/loss": f.nll / per,
+                "sft/exact_match": f64::from(u8::from(g.exact)),
+                "sft/prefix_match": g.prefix,
+                "sft/token_accuracy": f.correct as f64 / per,
+            }));
+        }
     }
 
     if let Some(file) = ctx.files.get("data.dpo").cloned() {
@@ -216,7 +256,45 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             / n;
         metric(ctx, "preference/accuracy", prefers);
         metric(ctx, "preference/logp_margin", logp_margin);
-        let mut line = serde_json::json!({ "preference/accuracy": prefers, "preference/logp_margin": logp_margin, "pairs": policy.chosen.len() });
+        // Does greedy decoding from the prompt give the chosen completion?
+        let chosen_rows: Vec<crate::data::SftExample> = data
+            .examples
+            .iter()
+            .map(|e| crate::data::SftExample {
+                input_ids: [e.prompt_ids.as_slice(), &e.chosen_ids].concat(),
+                completion_start: e.prompt_ids.len(),
+            })
+            .collect();
+        let chosen_greedy = task::greedy_match(
+            &model,
+            &chosen_rows,
+            &stop,
+            max_new_tokens,
+            ctx.progress,
+            ctx.interrupt,
+        )?;
+        let chosen_exact = chosen_greedy.iter().filter(|g| g.exact).count() as f64 / n;
+        metric(ctx, "preference/chosen_exact_match", chosen_exact);
+        let name = file_name(&file);
+        let mut pairs: Vec<serde_json::Value> = (0..policy.chosen.len())
+            .map(|i| {
+                let margin = f64::from(policy.chosen[i] - policy.rejected[i]);
+                serde_json::json!({
+                    "data": "dpo",
+                    "file": name,
+                    "line": data.lines[i],
+                    "preference/accuracy": f64::from(u8::from(margin > 0.0)),
+                    "preference/logp_margin": margin,
+                    "preference/chosen_exact_match": f64::from(u8::from(chosen_greedy[i].exact)),
+                })
+            })
+            .collect();
+        let mut line = serde_json::json!({
+            "preference/accuracy": prefers,
+            "preference/logp_margin": logp_margin,
+            "preference/chosen_exact_match": chosen_exact,
+            "pairs": policy.chosen.len(),
+        });
         // Against a reference: `reference`, else the model without the adapter.
         let reference = match (
             ctx.inputs.contains_key("reference"),
@@ -249,11 +327,13 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
                 tokenizer.pad_id(),
             )?;
             let (beta, mut wins, mut margin) = (p.beta.value, 0usize, 0f64);
-            for i in 0..policy.chosen.len() {
+            for (i, pair) in pairs.iter_mut().enumerate() {
                 let rc = beta * (policy.chosen[i] - scores.chosen[i]) as f64;
                 let rr = beta * (policy.rejected[i] - scores.rejected[i]) as f64;
                 wins += usize::from(rc > rr);
                 margin += rc - rr;
+                pair["rewards/accuracies"] = f64::from(u8::from(rc > rr)).into();
+                pair["rewards/margins"] = (rc - rr).into();
             }
             metric(ctx, "rewards/accuracies", wins as f64 / n);
             metric(ctx, "rewards/margins", margin / n);
@@ -264,6 +344,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
                 .insert("reference".into(), reference.description.into());
         }
         results.push(line);
+        examples.extend(pairs);
     }
 
     for sample in crate::train::samples::complete(
@@ -288,10 +369,12 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         );
     }
 
-    let mut out = std::fs::File::create(ctx.out_dir.join(RESULTS_FILE))?;
-    for r in &results {
-        writeln!(out, "{r}")?;
+    for (file, lines) in [(RESULTS_FILE, &results), (EXAMPLES_FILE, &examples)] {
+        let mut out = std::fs::File::create(ctx.out_dir.join(file))?;
+        for r in lines {
+            writeln!(out, "{r}")?;
+        }
+        out.sync_all()?;
     }
-    out.sync_all()?;
     Ok(())
 }

@@ -170,6 +170,7 @@ fn realistic_demo_charts() {
             ("Training loss".into(), "loss.svg".into()),
             ("DPO rewards".into(), "dpo.svg".into()),
         ],
+        "",
     );
     std::fs::write(dir.join("report.md"), md).unwrap();
 }

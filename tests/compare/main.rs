@@ -3,6 +3,7 @@
 //! One test binary for the whole comparison, so candle is linked once rather
 //! than once per file.
 
+mod bootstrap;
 mod charts;
 mod fixtures;
 mod format;

@@ -1,5 +1,11 @@
 //! The markdown report, terminal table and JSON agree and format as documented.
 
+const BOOT: lora_runner::compare::evaluation::Bootstrap =
+    lora_runner::compare::evaluation::Bootstrap {
+        resamples: 100,
+        seed: 0,
+    };
+
 use lora_runner::compare::{json, markdown_report, text_table, MISSING};
 use lora_runner::stage::Objective;
 
@@ -39,7 +45,7 @@ fn row<'a>(rows: &'a [Vec<String>], label: &str) -> &'a [String] {
 #[test]
 fn markdown_has_one_column_per_stage_with_formatted_numbers() {
     let stages = realistic_stages();
-    let md = markdown_report(&stages, &[]);
+    let md = markdown_report(&stages, &[], "");
     let rows = markdown_rows(&md);
     assert_eq!(rows[0], ["metric", "sft", "dpo-one", "dpo-two"]);
     assert!(rows.iter().all(|r| r.len() == stages.len() + 1), "{rows:?}");
@@ -85,7 +91,7 @@ fn markdown_embeds_charts_after_the_table() {
         ("Training loss".to_string(), "charts/loss.svg".to_string()),
         ("DPO rewards".to_string(), "charts/dpo.svg".to_string()),
     ];
-    let md = markdown_report(&realistic_stages(), &charts);
+    let md = markdown_report(&realistic_stages(), &charts, "");
     let table_end = md.rfind("| reference |").unwrap();
     let loss = md.find("![Training loss](charts/loss.svg)").unwrap();
     let dpo = md.find("![DPO rewards](charts/dpo.svg)").unwrap();
@@ -96,7 +102,7 @@ fn markdown_embeds_charts_after_the_table() {
 fn markdown_escapes_pipes_and_newlines_in_cells() {
     let mut stage = empty_stage("odd|name", Objective::Sft);
     stage.lora = "r=8 | alpha=16\ntargets=q,v".into();
-    let md = markdown_report(&[stage], &[]);
+    let md = markdown_report(&[stage], &[], "");
     let rows = markdown_rows(&md);
     assert!(rows.iter().all(|r| r.len() == 2), "{rows:?}");
     assert_eq!(rows[0][1], "odd|name");
@@ -109,7 +115,7 @@ fn final_metrics_fall_back_to_the_last_logged_rows() {
     for stage in &mut stages {
         stage.final_metrics.clear();
     }
-    let rows = markdown_rows(&markdown_report(&stages, &[]));
+    let rows = markdown_rows(&markdown_report(&stages, &[], ""));
     // The fixture's last SFT eval row is at step 300: 1.35 + 5.8 e^-5.
     let expected = format!("{:.4}", 1.35 + 5.8 * (-5.0f64).exp());
     assert_eq!(row(&rows, "eval loss")[1], expected);
@@ -120,9 +126,9 @@ fn final_metrics_fall_back_to_the_last_logged_rows() {
 
 #[test]
 fn empty_stage_list_is_handled() {
-    assert!(markdown_report(&[], &[]).contains("No stages"));
+    assert!(markdown_report(&[], &[], "").contains("No stages"));
     assert!(text_table(&[]).contains("No stages"));
-    assert_eq!(json(&[])["stages"].as_array().map(Vec::len), Some(0));
+    assert_eq!(json(&[], BOOT)["stages"].as_array().map(Vec::len), Some(0));
 }
 
 #[test]
@@ -130,7 +136,7 @@ fn text_table_columns_are_aligned() {
     let stages = realistic_stages();
     let table = text_table(&stages);
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 2 + 13, "{table}");
+    assert_eq!(lines.len(), 2 + 21, "{table}");
     assert!(!table.contains('\x1b'), "no colour codes");
     // Every cell of column k starts at the same character offset on every line.
     let header = lines[0];
@@ -157,7 +163,7 @@ fn text_table_columns_are_aligned() {
 #[test]
 fn json_has_raw_numbers_and_display_strings() {
     let stages = realistic_stages();
-    let value = json(&stages);
+    let value = json(&stages, BOOT);
     let entries = value["stages"].as_array().unwrap();
     assert_eq!(entries.len(), 3);
     let two = &entries[2];
@@ -173,7 +179,7 @@ fn json_has_raw_numbers_and_display_strings() {
     let mut nan = stages[0].clone();
     nan.final_metrics.insert("loss".into(), f64::NAN);
     nan.wall_seconds = f64::NAN;
-    let value = json(&[nan]);
+    let value = json(&[nan], BOOT);
     assert!(value["stages"][0]["final_metrics"]["loss"].is_null());
     assert!(value["stages"][0]["wall_seconds"].is_null());
     assert!(serde_json::to_string(&value).is_ok());

@@ -600,3 +600,112 @@ fn reference_free_losses_learn_the_preference_without_a_reference_pass() {
     let reference = table.lines().find(|l| l.starts_with("reference")).unwrap();
     assert_eq!(reference.matches("no reference").count(), 2, "{table}");
 }
+
+#[test]
+fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report() {
+    let ws = Workspace::new();
+    let sft_eval = data("sft_eval.jsonl").display().to_string();
+    let dpo_eval = data("dpo_eval.jsonl").display().to_string();
+    let both = format!("data = {{ sft = \"{sft_eval}\", dpo = \"{dpo_eval}\" }}");
+    let text = recipe(30, 10, "").replace(
+        &format!("adapter = \"dpo_fresh\"\ndata = {{ dpo = \"{dpo_eval}\" }}"),
+        &format!("adapter = \"dpo_fresh\"\n{both}\nprompts = [\"sort cba:\"]\nmax_new_tokens = 8"),
+    );
+    // Without an eval of scheme one, compare says which stage to add.
+    ws.write("recipe.toml", &text);
+    ws.runner(&["run", "recipe.toml"]).ok();
+    let out = ws
+        .runner(&["compare", "recipe.toml", "--resamples", "300"])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains(
+            "note: dpo_continued: add an eval stage with model = \"base\", adapter = \"dpo_continued\""
+        ),
+        "{out}"
+    );
+    let with_eval = format!(
+        "{text}\n[stages.eval_continued]\nkind = \"eval\"\nmodel = \"base\"\nadapter = \"dpo_continued\"\n\
+         reference = \"sft\"\n{both}\nprompts = [\"sort cba:\"]\nmax_new_tokens = 8\nseq_len = 32\n"
+    );
+    ws.write("recipe.toml", &with_eval);
+    ws.runner(&["run", "recipe.toml"]).ok();
+    let json = ws
+        .runner(&["compare", "recipe.toml", "--json", "--resamples", "300"])
+        .ok()
+        .json();
+    let stages = json["stages"].as_array().unwrap();
+    for (stage, from) in [(&stages[0], "sft"), (&stages[1], "merged")] {
+        let change = &stage["evaluated"]["change"];
+        assert_eq!(change["from"], from, "{stage}");
+        // Both evals read the same two files: 200 + 200 rows pair up.
+        assert_eq!(change["paired"], 400);
+        assert_eq!(change["evaluation"]["stage"], "eval_sft");
+        for metric in ["sft/exact_match", "sft/loss", "preference/accuracy"] {
+            let d = &change["deltas"][metric];
+            let (mean, low, high) = (
+                d["mean"].as_f64().unwrap(),
+                d["low"].as_f64().unwrap(),
+                d["high"].as_f64().unwrap(),
+            );
+            assert!(low <= mean && mean <= high, "{metric}: {d}");
+        }
+    }
+    let verdicts = json["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 7, "every per-example metric: {verdicts:?}");
+    for v in verdicts {
+        assert_eq!(
+            (v["a"].as_str(), v["b"].as_str()),
+            (Some("dpo_continued"), Some("dpo_fresh"))
+        );
+        assert_eq!(v["paired"], 200);
+        let d = &v["difference"];
+        let significant = d["low"].as_f64().unwrap() > 0.0 || d["high"].as_f64().unwrap() < 0.0;
+        assert_eq!(significant, !v["better"].is_null(), "{v}");
+    }
+    assert_eq!(json["bootstrap"]["resamples"], 300);
+
+    // The HTML: verdict first, every chart inline and drawn, nothing fetched.
+    let html = std::fs::read_to_string(json["report_html"].as_str().unwrap()).unwrap();
+    let verdict = html.find("<section id=\"verdict\">").unwrap();
+    let table = html.find("<section id=\"table\">").unwrap();
+    let curves = html.find("<section id=\"curves\">").unwrap();
+    let samples = html.find("<section id=\"samples\">").unwrap();
+    assert!(verdict < table && table < curves && curves < samples);
+    assert!(html.contains("<p class=\"verdict"), "a verdict line");
+    assert!(html.contains("What training changed:"));
+    let charts: Vec<&str> = html.split("<figure class=\"chart\">").skip(1).collect();
+    assert_eq!(
+        charts.len(),
+        3,
+        "loss, DPO rewards, task metric before and after"
+    );
+    let svg =
+        |chart: &str| chart[chart.find("<svg").unwrap()..chart.find("</svg>").unwrap()].to_string();
+    // Curves are polylines (plotters); the before/after chart is bars: two per stage.
+    for chart in &charts[..2] {
+        assert!(
+            svg(chart).matches("<polyline").count() >= 2,
+            "a chart with no curves"
+        );
+    }
+    assert_eq!(
+        svg(charts[2]).matches("<rect").count(),
+        4,
+        "{}",
+        svg(charts[2])
+    );
+    for external in ["<script", "<link", "src=", "href=", "url(", "@import"] {
+        assert!(!html.contains(external), "{external} in the report");
+    }
+    assert!(
+        html.contains("<code>sort cba:</code>"),
+        "samples side by side"
+    );
+    // report.md keeps the verdict too.
+    let md = std::fs::read_to_string(json["report"].as_str().unwrap()).unwrap();
+    assert!(
+        md.starts_with("# tiny") && md.contains("## Verdict"),
+        "{md}"
+    );
+}

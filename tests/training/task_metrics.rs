@@ -8,7 +8,7 @@ use lora_runner::model::decoder::{Decoder, LoadOptions};
 use lora_runner::model::generate::{generate, GenerateOptions};
 use lora_runner::model::init::{init_model, InitSpec};
 use lora_runner::sink::Progress;
-use lora_runner::train::task::greedy_exact_match;
+use lora_runner::train::task::{greedy_exact_match, greedy_match, teacher_forced};
 
 struct Quiet;
 impl Progress for Quiet {
@@ -70,6 +70,14 @@ fn exact_match_is_greedy_completion_equal_to_the_row_token_for_token() {
     let matched = greedy_exact_match(&model, &rows, &[], 4, &Quiet, &quiet).unwrap();
     let want: Vec<bool> = (0..40).map(|i| i % 3 == 0).collect();
     assert_eq!(matched, want);
+    // Prefix match: all 4, the first of 4 (one off at index 1), 4 of 5.
+    let prefix: Vec<f64> = greedy_match(&model, &rows, &[], 4, &Quiet, &quiet)
+        .unwrap()
+        .iter()
+        .map(|g| g.prefix)
+        .collect();
+    let want: Vec<f64> = (0..40).map(|i| [1.0, 0.25, 0.8][i % 3]).collect();
+    assert_eq!(prefix, want);
 
     // A stop token ends both sides: a completion ending in it matches the
     // greedy continuation that never produces it.
@@ -94,4 +102,82 @@ fn exact_match_is_greedy_completion_equal_to_the_row_token_for_token() {
     // Ctrl-C stops before the next batch.
     let stopped = greedy_exact_match(&model, &rows, &[], 4, &Quiet, &AtomicBool::new(true));
     assert!(stopped.is_err());
+}
+
+#[test]
+fn teacher_forced_scores_match_the_full_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    init_model(&InitSpec::tiny(8), tmp.path()).unwrap();
+    let model = Decoder::load(
+        tmp.path(),
+        &LoadOptions {
+            dtype: Some(DType::F32),
+            device: Device::Cpu,
+        },
+    )
+    .unwrap();
+    // Odd rows: arbitrary tokens; even rows: the prompt's greedy
+    // continuation, so every completion token is the argmax.
+    let rows: Vec<SftExample> = (0..20u32)
+        .map(|i| {
+            let ids: Vec<u32> = (0..4 + i % 5).map(|k| 1 + (i * 7 + k * 3) % 50).collect();
+            let start = 1 + (i % 3) as usize;
+            if i % 2 == 1 {
+                return SftExample {
+                    input_ids: ids,
+                    completion_start: start,
+                };
+            }
+            let prompt = ids[..start].to_vec();
+            let greedy = generate(
+                &model,
+                std::slice::from_ref(&prompt),
+                &GenerateOptions::greedy(3, vec![]),
+            )
+            .unwrap()
+            .remove(0);
+            SftExample {
+                input_ids: [prompt, greedy].concat(),
+                completion_start: start,
+            }
+        })
+        .collect();
+    let scores = teacher_forced(&model, &rows, 0, &Device::Cpu).unwrap();
+    // Each row alone, unpadded, from the full logits: log-softmax by hand, argmax by hand.
+    for (row, score) in rows.iter().zip(&scores) {
+        let ids = candle_core::Tensor::new(row.input_ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = model
+            .forward_hidden(&ids, None, lora_runner::model::decoder::Mode::Inference)
+            .unwrap();
+        let logits: Vec<Vec<f32>> = model
+            .logits(&hidden)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let (mut nll, mut correct) = (0.0f64, 0usize);
+        for t in row.completion_start..row.input_ids.len() {
+            let l = &logits[t - 1];
+            let max = l.iter().cloned().fold(f32::MIN, f32::max);
+            let lse = f64::from(max) + l.iter().map(|x| f64::from(x - max).exp()).sum::<f64>().ln();
+            let target = row.input_ids[t] as usize;
+            nll += lse - f64::from(l[target]);
+            let best = (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
+            correct += usize::from(best == target);
+        }
+        assert_eq!(score.tokens, row.input_ids.len() - row.completion_start);
+        assert!(
+            (score.nll - nll).abs() < 1e-4 * (1.0 + nll),
+            "{} vs {nll}",
+            score.nll
+        );
+        assert_eq!(score.correct, correct);
+    }
+    for (i, score) in scores.iter().enumerate().step_by(2) {
+        assert_eq!((score.correct, score.tokens), (3, 3), "row {i}");
+    }
 }
