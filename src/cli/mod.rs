@@ -90,10 +90,16 @@ pub enum Command {
     /// Compare finished training stages side by side (default: the leaf ones,
     /// i.e. scheme one and scheme two), with curves as SVG and a Markdown report.
     Compare {
-        /// The recipe (a TOML file).
-        recipe: PathBuf,
-        /// Stages to compare (sft or dpo); the recipe's leaf training stages when none.
-        stages: Vec<String>,
+        /// One or more recipes (files ending in .toml), then the stages to
+        /// compare: names or globs (`dpo_*`), `recipe:stage` to pick from one
+        /// recipe (its [recipe] name). Default: each recipe's leaf training
+        /// stages. With several recipes, stages are shown as `recipe:stage`.
+        #[arg(required = true, value_name = "RECIPE.toml... [STAGE-OR-GLOB]")]
+        targets: Vec<String>,
+        /// Rank the stages by this per-example metric of their eval stages
+        /// (e.g. sft/exact_match, preference/accuracy, sft/loss).
+        #[arg(long, value_name = "METRIC")]
+        sort: Option<String>,
         /// Machine-readable output instead of the table.
         #[arg(long)]
         json: bool,
@@ -111,8 +117,11 @@ pub enum Command {
     /// Print the JSON schema of recipes.
     Schema {
         /// Print the schema of `runner plan --json` output instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "compare")]
         plan: bool,
+        /// Print the schema of `runner compare --json` output instead.
+        #[arg(long)]
+        compare: bool,
     },
     /// Keep a stage's current artifact through `gc`, whatever recipes are given.
     Pin { recipe: PathBuf, stage: String },
@@ -241,9 +250,11 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
     let open_cache =
         || Cache::open(&cli.cache).map_err(Error::io(format!("cache {}", cli.cache.display())));
     match &cli.command {
-        Command::Schema { plan } => {
+        Command::Schema { plan, compare } => {
             let schema = if *plan {
                 schema::plan_schema()
+            } else if *compare {
+                crate::compare::compare_schema()
             } else {
                 schema::recipe_schema(registry)
             };
@@ -390,33 +401,109 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             Ok(())
         }
         Command::Compare {
-            recipe,
-            stages,
+            targets,
+            sort,
             json,
             resamples,
         } => {
-            let (checked, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
-            let bootstrap = bootstrap_of(&checked.recipe, Some(*resamples));
-            let summaries = crate::compare::collect(
-                &checked.recipe,
-                &checked.dag,
-                &plan,
-                &cache,
-                stages,
-                bootstrap,
-            )
-            .map_err(Error::Usage)?;
-            let (report, verdict) = write_report(&checked.recipe, &cache, &summaries, bootstrap)?;
+            let (recipes, selectors): (Vec<&String>, Vec<String>) = {
+                let (r, s): (Vec<&String>, Vec<&String>) =
+                    targets.iter().partition(|t| t.ends_with(".toml"));
+                (r, s.into_iter().cloned().collect())
+            };
+            if recipes.is_empty() {
+                return Err(Error::Usage(
+                    "name at least one recipe (a file ending in .toml) before the stages".into(),
+                ));
+            }
+            let cache = open_cache()?;
+            let mut summaries = Vec::new();
+            let mut names = Vec::new();
+            let mut searched = Vec::new();
+            let mut bootstrap = None;
+            let mut first = None;
+            for path in &recipes {
+                let checked = check(Path::new(path), registry)?;
+                let plan = make_plan(&checked, &cache, &[], device)?;
+                let name = checked.recipe.header.name.value.clone();
+                searched.push(name.clone());
+                let chosen = if selectors.is_empty() {
+                    Vec::new()
+                } else {
+                    let all = crate::compare::training_stages(&checked.recipe, &checked.dag);
+                    let mut chosen = crate::compare::select::select(&name, &all, &selectors);
+                    // A plain name goes through as asked, so a stage that is
+                    // not a finished training stage gets its own error.
+                    for s in &selectors {
+                        let (r, n) = crate::compare::select::split_selector(s);
+                        let plain = !n.contains(['*', '?']);
+                        let here = r.is_none_or(|r| r == name)
+                            && (recipes.len() == 1 || checked.recipe.stage(n).is_some());
+                        if plain && here && !chosen.iter().any(|c| c == n) {
+                            chosen.push(n.to_string());
+                        }
+                    }
+                    if chosen.is_empty() {
+                        continue;
+                    }
+                    chosen
+                };
+                let b = *bootstrap.get_or_insert(bootstrap_of(&checked.recipe, Some(*resamples)));
+                let mut found = crate::compare::collect(
+                    &checked.recipe,
+                    &checked.dag,
+                    &plan,
+                    &cache,
+                    &chosen,
+                    b,
+                )
+                .map_err(Error::Usage)?;
+                if recipes.len() > 1 {
+                    for s in &mut found {
+                        s.name = format!("{name}:{}", s.name);
+                    }
+                }
+                names.push(name);
+                summaries.extend(found);
+                first.get_or_insert(checked);
+            }
+            for s in &selectors {
+                let (recipe, pattern) = crate::compare::select::split_selector(s);
+                let matched = summaries.iter().any(|x| {
+                    let (r, n) = x.name.split_once(':').unwrap_or(("", x.name.as_str()));
+                    recipe.is_none_or(|want| want == r || recipes.len() == 1)
+                        && crate::compare::select::wildcard(pattern, n)
+                });
+                if !matched {
+                    return Err(Error::Usage(format!(
+                        "`{s}` matches no training stage of {}",
+                        searched.join(", ")
+                    )));
+                }
+            }
+            let (Some(checked), Some(bootstrap)) = (first, bootstrap) else {
+                return Err(Error::Usage("no stages to compare".into()));
+            };
+            let ranking = match sort {
+                Some(metric) => Some(
+                    crate::compare::select::rank(&mut summaries, metric).map_err(Error::Usage)?,
+                ),
+                None => None,
+            };
+            let report_name = names.join("+");
+            let (report, verdict) =
+                write_report_named(&checked.recipe, &report_name, &cache, &summaries, bootstrap)?;
             if *json {
-                let mut value = crate::compare::json(&summaries, bootstrap);
-                value["report"] = report.display().to_string().into();
-                value["report_html"] = report.with_extension("html").display().to_string().into();
+                let mut value = crate::compare::compare_json(&summaries, bootstrap);
+                value.report = Some(report.display().to_string());
+                value.report_html = Some(report.with_extension("html").display().to_string());
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&value).expect("serializes")
                 );
             } else {
                 print!("{}", crate::compare::text_table(&summaries));
+                print!("{}", ranking.unwrap_or_default());
                 print!("{verdict}");
                 println!("report: {}", report.display());
             }
@@ -504,7 +591,24 @@ fn write_report(
     summaries: &[crate::compare::StageSummary],
     bootstrap: crate::compare::evaluation::Bootstrap,
 ) -> Result<(PathBuf, String), Error> {
-    let dir = crate::compare::report_dir(cache, recipe);
+    write_report_named(
+        recipe,
+        &recipe.header.name.value,
+        cache,
+        summaries,
+        bootstrap,
+    )
+}
+
+/// As `write_report`, into `cache/reports/<name>/` (several recipes: their names joined by "+").
+fn write_report_named(
+    recipe: &Recipe,
+    name: &str,
+    cache: &Cache,
+    summaries: &[crate::compare::StageSummary],
+    bootstrap: crate::compare::evaluation::Bootstrap,
+) -> Result<(PathBuf, String), Error> {
+    let dir = crate::compare::report_dir(cache, recipe).with_file_name(name);
     std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
     let internal = |e: anyhow::Error| Error::environment("writing the report")(e);
     crate::compare::loss_chart(summaries, dir.join("loss.svg")).map_err(internal)?;
@@ -526,7 +630,7 @@ fn write_report(
     let verdict = crate::compare::evaluation::verdict_text(summaries, &verdicts, bootstrap);
     let markdown = format!(
         "# {} — comparison\n\nRecipe: `{}`\n\n{}",
-        recipe.header.name.value,
+        name,
         recipe.path.display(),
         crate::compare::markdown_report(summaries, &charts, &verdict)
     );
@@ -540,7 +644,7 @@ fn write_report(
         })
         .collect();
     let html = crate::compare::html_report(
-        &format!("{} — comparison", recipe.header.name.value),
+        &format!("{name} — comparison"),
         summaries,
         &verdicts,
         bootstrap,

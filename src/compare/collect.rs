@@ -37,6 +37,15 @@ fn parent_role(recipe: &Recipe, cache: &Cache, parent: &Parent) -> Option<Role> 
     }
 }
 
+/// Every training stage, in execution order.
+pub fn training_stages(recipe: &Recipe, dag: &Dag) -> Vec<String> {
+    dag.order
+        .iter()
+        .filter(|&&i| objective(&recipe.stages[i]).is_some())
+        .map(|&i| recipe.stages[i].name.value.clone())
+        .collect()
+}
+
 /// Training stages no other training stage builds on, in execution order.
 pub fn leaf_training_stages(recipe: &Recipe, dag: &Dag) -> Vec<String> {
     let trains: BTreeSet<usize> = (0..recipe.stages.len())

@@ -30,7 +30,7 @@ pub type ExampleKey = (String, String, usize);
 pub type Examples = BTreeMap<ExampleKey, BTreeMap<String, f64>>;
 
 /// One finished eval stage's results.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Evaluation {
     /// The eval stage.
     pub stage: String,
@@ -39,11 +39,12 @@ pub struct Evaluation {
     /// Greedy completions of its prompts: (prompt, completion).
     pub samples: Vec<(String, String)>,
     #[serde(skip)]
+    #[schemars(skip)]
     pub examples: Examples,
 }
 
 /// The change from the model a stage was trained from to the stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Change {
     /// The stage trained from (an adapter or model stage).
     pub from: String,
@@ -56,7 +57,7 @@ pub struct Change {
 }
 
 /// A compared stage's evaluation and what training changed.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Evaluated {
     pub evaluation: Option<Evaluation>,
     pub change: Option<Change>,
@@ -65,7 +66,7 @@ pub struct Evaluated {
 }
 
 /// Bootstrap settings.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, schemars::JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Bootstrap {
     pub resamples: usize,
     pub seed: u64,

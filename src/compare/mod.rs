@@ -11,6 +11,7 @@ pub mod format;
 mod html;
 mod json;
 mod markdown;
+pub mod select;
 mod stage;
 mod table;
 mod text;
@@ -19,10 +20,10 @@ pub use chart::{
     dpo_chart, loss_chart, moving_average, smoothing_window, stage_colour_hex, DPO_CHART_TITLE,
     LOSS_CHART_TITLE,
 };
-pub use collect::{collect, leaf_training_stages, report_dir};
+pub use collect::{collect, leaf_training_stages, report_dir, training_stages};
 pub use format::{human_bytes, human_duration, MISSING};
 pub use html::html_report;
-pub use json::json;
+pub use json::{compare_json, compare_schema, json, CompareJson};
 pub use markdown::markdown_report;
 pub use stage::{is_eval_row, Point, StageSummary};
 pub use table::{ComparisonTable, TableRow};

@@ -45,6 +45,10 @@ pub struct EvalParams {
     /// when measuring `sft/exact_match` (greedy completion == the row's completion).
     #[serde(default = "default_new_tokens")]
     pub max_new_tokens: Sp<u32>,
+    /// Exact match compares the decoded texts with runs of whitespace made
+    /// one space and the ends trimmed, instead of the tokens.
+    #[serde(default)]
+    pub normalize_whitespace: Sp<bool>,
     /// Also sample each prompt with this temperature (seeded by the recipe's seed); 0: greedy only.
     #[serde(default)]
     pub temperature: Sp<f64>,
@@ -188,7 +192,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     if let Some(file) = ctx.files.get("data.sft").cloned() {
         let data = inputs::sft_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
         let forced = task::teacher_forced(&model, &data.examples, tokenizer.pad_id(), &device)?;
-        let greedy = task::greedy_match(
+        let mut greedy = task::greedy_match(
             &model,
             &data.examples,
             &stop,
@@ -196,6 +200,19 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             ctx.progress,
             ctx.interrupt,
         )?;
+        if p.normalize_whitespace.value {
+            let text = |ids: &[u32]| -> anyhow::Result<String> {
+                let ids: Vec<u32> = ids.iter().copied().filter(|t| !stop.contains(t)).collect();
+                let decoded = tokenizer
+                    .inner()
+                    .decode(&ids, true)
+                    .map_err(|e| anyhow::anyhow!("decoding a completion: {e}"))?;
+                Ok(task::normalize_whitespace(&decoded))
+            };
+            for (g, e) in greedy.iter_mut().zip(&data.examples) {
+                g.exact = text(&g.generated)? == text(e.completion_ids())?;
+            }
+        }
         let tokens: usize = forced.iter().map(|f| f.tokens).sum();
         let loss = forced.iter().map(|f| f.nll).sum::<f64>() / tokens.max(1) as f64;
         let rows = data.examples.len().max(1) as f64;

@@ -19,12 +19,14 @@ const SCORE_BATCH: usize = 16;
 
 /// How one row's greedy completion compares with its completion (stop
 /// tokens at the end left out of both).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Greedy {
     /// Equal token for token.
     pub exact: bool,
     /// Share of the completion's tokens reproduced from its start, in [0, 1].
     pub prefix: f64,
+    /// The generated tokens, up to the first stop token.
+    pub generated: Vec<u32>,
 }
 
 /// Greedy completions of every row's prompt (up to `max_new_tokens`,
@@ -63,11 +65,18 @@ pub fn greedy_match(
                 } else {
                     common as f64 / want.len() as f64
                 },
+                generated: got,
             });
         }
         progress.set_position(out.len() as u64, "greedy completions");
     }
     Ok(out)
+}
+
+/// `text` with every run of whitespace made one space and the ends trimmed
+/// (what `normalize_whitespace` exact match compares).
+pub fn normalize_whitespace(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Whether each row's greedy completion equals its completion.

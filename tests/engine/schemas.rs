@@ -9,7 +9,7 @@ fn committed(name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
-const REGENERATE: &str = "stale: regenerate with `cargo run -- schema > schemas/recipe.schema.json && cargo run -- schema --plan > schemas/plan.schema.json`";
+const REGENERATE: &str = "stale: regenerate with `cargo run -- schema > schemas/recipe.schema.json && cargo run -- schema --plan > schemas/plan.schema.json && cargo run -- schema --compare > schemas/compare.schema.json`";
 
 #[test]
 fn the_committed_recipe_schema_is_current() {
@@ -73,4 +73,25 @@ fn shipped_recipes_declare_their_schema_and_plan_cleanly() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
     assert!(seen >= 4);
+}
+
+#[test]
+fn the_committed_compare_schema_is_current() {
+    let generated = lora_runner::compare::compare_schema();
+    assert!(
+        committed("compare.schema.json") == generated,
+        "schemas/compare.schema.json is stale: regenerate with `cargo run -- schema --compare > schemas/compare.schema.json`"
+    );
+    // It describes the verdicts and the per-stage evaluation the tables show.
+    let text = generated.to_string();
+    for key in [
+        "verdicts",
+        "bootstrap",
+        "evaluated",
+        "deltas",
+        "display",
+        "better",
+    ] {
+        assert!(text.contains(&format!("\"{key}\"")), "{key} missing");
+    }
 }

@@ -708,4 +708,101 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
         md.starts_with("# tiny") && md.contains("## Verdict"),
         "{md}"
     );
+
+    // Globs select, --sort ranks (best first, columns in that order).
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["compare", "--json", "--resamples", "100"];
+        all.extend_from_slice(args);
+        ws.runner(&all).ok().json()["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&["recipe.toml", "dpo_f*"]), ["dpo_fresh"]);
+    assert_eq!(
+        names(&["recipe.toml", "*"]),
+        ["sft", "dpo_continued", "dpo_fresh"]
+    );
+    let ranked = ws
+        .runner(&[
+            "compare",
+            "recipe.toml",
+            "dpo_*",
+            "--sort",
+            "sft/loss",
+            "--resamples",
+            "100",
+        ])
+        .ok()
+        .stdout;
+    let ranking: Vec<&str> = ranked
+        .lines()
+        .skip_while(|l| !l.starts_with("ranking by sft/loss (lower is better):"))
+        .skip(1)
+        .take(2)
+        .collect();
+    let loss = |line: &str| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    assert!(loss(ranking[0]) <= loss(ranking[1]), "{ranked}");
+    let (best, other) = match ranking[0].split_whitespace().nth(1).unwrap() {
+        "dpo_fresh" => ("dpo_fresh", "dpo_continued"),
+        _ => ("dpo_continued", "dpo_fresh"),
+    };
+    let header = ranked.lines().next().unwrap();
+    assert!(
+        header.find(best) < header.find(other),
+        "the best column first: {ranked}"
+    );
+    let bad = ws.runner(&["compare", "recipe.toml", "--sort", "bleu"]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("cannot rank by `bleu`"),
+        "{}",
+        bad.stderr
+    );
+    let none = ws.runner(&["compare", "recipe.toml", "nope*"]);
+    assert_eq!(none.code, 2);
+    assert!(
+        none.stderr
+            .contains("`nope*` matches no training stage of tiny"),
+        "{}",
+        none.stderr
+    );
+
+    // Two recipes (the second shares every artifact through the cache): stages as recipe:stage.
+    ws.write(
+        "other.toml",
+        &with_eval.replace("name = \"tiny\"", "name = \"other\""),
+    );
+    let two = ws
+        .runner(&[
+            "compare",
+            "recipe.toml",
+            "other.toml",
+            "tiny:dpo_continued",
+            "other:dpo_fresh",
+            "--json",
+            "--resamples",
+            "100",
+        ])
+        .ok()
+        .json();
+    let stage_names: Vec<&str> = two["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(stage_names, ["tiny:dpo_continued", "other:dpo_fresh"]);
+    let v = &two["verdicts"][0];
+    assert_eq!(
+        (v["a"].as_str(), v["b"].as_str(), v["paired"].as_u64()),
+        (
+            Some("tiny:dpo_continued"),
+            Some("other:dpo_fresh"),
+            Some(200)
+        )
+    );
+    assert!(two["report_html"].as_str().unwrap().contains("tiny+other"));
 }

@@ -181,3 +181,16 @@ fn teacher_forced_scores_match_the_full_logits() {
         assert_eq!((score.correct, score.tokens), (3, 3), "row {i}");
     }
 }
+
+#[test]
+fn whitespace_normalisation_collapses_runs_and_trims() {
+    use lora_runner::train::task::normalize_whitespace;
+    assert_eq!(normalize_whitespace("  abc.\n"), "abc.");
+    assert_eq!(normalize_whitespace(" a \t b  c "), "a b c");
+    assert_eq!(
+        normalize_whitespace(" abc."),
+        normalize_whitespace("abc.  ")
+    );
+    assert_ne!(normalize_whitespace("a b"), normalize_whitespace("ab"));
+    assert_eq!(normalize_whitespace(""), "");
+}
