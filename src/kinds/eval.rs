@@ -181,6 +181,8 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
 
     let stop: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
     let max_new_tokens = p.max_new_tokens.value as usize;
+    // What greedy decoding for the task metrics cost.
+    let mut generation_seconds = 0.0;
     // One line per evaluated row, paired across stages by (data, line).
     let mut examples: Vec<serde_json::Value> = Vec::new();
     let file_name = |f: &std::path::Path| {
@@ -192,6 +194,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     if let Some(file) = ctx.files.get("data.sft").cloned() {
         let data = inputs::sft_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
         let forced = task::teacher_forced(&model, &data.examples, tokenizer.pad_id(), &device)?;
+        let started = std::time::Instant::now();
         let mut greedy = task::greedy_match(
             &model,
             &data.examples,
@@ -200,6 +203,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             ctx.progress,
             ctx.interrupt,
         )?;
+        generation_seconds += started.elapsed().as_secs_f64();
         if p.normalize_whitespace.value {
             let text = |ids: &[u32]| -> anyhow::Result<String> {
                 let ids: Vec<u32> = ids.iter().copied().filter(|t| !stop.contains(t)).collect();
@@ -282,6 +286,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
                 completion_start: e.prompt_ids.len(),
             })
             .collect();
+        let started = std::time::Instant::now();
         let chosen_greedy = task::greedy_match(
             &model,
             &chosen_rows,
@@ -290,6 +295,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             ctx.progress,
             ctx.interrupt,
         )?;
+        generation_seconds += started.elapsed().as_secs_f64();
         let chosen_exact = chosen_greedy.iter().filter(|g| g.exact).count() as f64 / n;
         metric(ctx, "preference/chosen_exact_match", chosen_exact);
         let name = file_name(&file);
@@ -364,6 +370,9 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         examples.extend(pairs);
     }
 
+    if generation_seconds > 0.0 {
+        metric(ctx, "generation/seconds", generation_seconds);
+    }
     for sample in crate::train::samples::complete(
         &model,
         &tokenizer,

@@ -664,6 +664,15 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
         assert_eq!(significant, !v["better"].is_null(), "{v}");
     }
     assert_eq!(json["bootstrap"]["resamples"], 300);
+    let metrics = &stages[0]["evaluated"]["evaluation"]["metrics"];
+    assert!(
+        metrics["generation/seconds"].as_f64().unwrap() > 0.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics["sft/token_accuracy"].as_f64().is_some(),
+        "{metrics}"
+    );
 
     // The HTML: verdict first, every chart inline and drawn, nothing fetched.
     let html = std::fs::read_to_string(json["report_html"].as_str().unwrap()).unwrap();
