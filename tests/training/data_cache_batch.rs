@@ -74,6 +74,7 @@ fn dpo_dataset_round_trips_through_disk() {
     let back = DpoDataset::read(&cache).unwrap();
     assert_eq!(back, data);
     assert_eq!(back.examples[1].rejected_ids, vec![10, 6, EOS]);
+    assert_eq!(back.lines, vec![1, 2]);
 }
 
 #[test]

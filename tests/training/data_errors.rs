@@ -155,6 +155,15 @@ fn skip_mode_counts_bad_rows_and_template_errors() {
         (r.read, r.kept, r.skipped, r.dropped, r.truncated),
         (5, 2, 3, 0, 0)
     );
+    // Each kept example knows its line (what evaluations are paired by),
+    // and the tokenized cache keeps it.
+    assert_eq!(data.lines, vec![1, 5]);
+    let cached = dir.path().join("tokens");
+    data.write(&cached).unwrap();
+    assert_eq!(
+        lora_runner::data::SftDataset::read(&cached).unwrap().lines,
+        vec![1, 5]
+    );
     assert_eq!(
         r.skipped_examples[2],
         format!(
