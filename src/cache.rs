@@ -316,6 +316,17 @@ impl Cache {
         Ok(target)
     }
 
+    /// A grow-only derived folder `derived/<kind>-<key>`, created if
+    /// missing. The caller writes each file in it atomically, so a
+    /// computation stopped halfway keeps what it finished and a later one
+    /// adds only what is missing (reference log-probs, batch by batch).
+    pub fn derived_growing(&self, kind: &str, key: &str) -> std::io::Result<PathBuf> {
+        let target = self.root.join("derived").join(format!("{kind}-{key}"));
+        std::fs::create_dir_all(&target)?;
+        fsutil::fsync_dir(&self.root.join("derived"))?;
+        Ok(target)
+    }
+
     /// Take the lock of stage `key`, waiting if another process holds it.
     /// `waiting` is called once with the holder's PID (when known) before blocking.
     pub fn lock_stage(

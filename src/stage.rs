@@ -606,6 +606,19 @@ impl RunContext<'_> {
         Ok(dir)
     }
 
+    /// A grow-only derived folder (see `Cache::derived_growing`), remembered for the manifest.
+    pub fn derived_growing(&mut self, kind: &str, key: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.cache.derived_growing(kind, key)?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !self.derived.contains(&name) {
+            self.derived.push(name);
+        }
+        Ok(dir)
+    }
+
     /// The upstream artifact under `field`, or an error naming it.
     pub fn input(&self, field: &str) -> anyhow::Result<&InputArtifact> {
         self.inputs

@@ -203,20 +203,25 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
     })
 }
 
-/// Reference log-probs of `data`, computed once (no graph) and cached as a
-/// derived artifact keyed by the reference's artifacts and the tokenized data's key.
+/// Reference log-probs of the pairs `wanted` of `data` (no graph), kept in
+/// a grow-only derived folder keyed by the reference's artifacts and the
+/// tokenized data's key: a resumed or longer run computes only the pairs it
+/// has not seen, and Ctrl-C keeps the batches already done.
+#[allow(clippy::too_many_arguments)]
 pub fn reference_scores(
     ctx: &mut RunContext,
     reference: &ReferenceSpec,
     data: &crate::data::DpoDataset,
     data_id: &str,
+    wanted: &[usize],
     dtype: candle_core::DType,
     device: &candle_core::Device,
     pad_id: u32,
 ) -> anyhow::Result<crate::train::dpo::PairScores> {
     use crate::train::dpo;
     let key = serde_json::json!({
-        "version": 1,
+        // 2: grown pair by pair (files of pair indices and scores).
+        "version": 2,
         "model": reference.model_artifact,
         "adapter": reference.adapter.as_ref().map(|a| &a.1),
         "data": data_id,
@@ -224,16 +229,40 @@ pub fn reference_scores(
         "device": format!("{:?}", device.location()),
     });
     let key = crate::hashing::derived_key(&key);
-    ctx.progress
-        .log(&format!("reference log-probs: {}", reference.description));
-    let dir = ctx.derived("reference-logps", &key, |out| {
+    let dir = ctx.derived_growing("reference-logps", &key)?;
+    let _lock = ctx
+        .cache
+        .lock_stage(&format!("derived-reference-logps-{key}"), |_| {})?;
+    let load = || -> anyhow::Result<crate::model::decoder::Decoder> {
         let mut model = inputs::load_model(&reference.model, dtype, device)?;
         if let Some((adapter, _)) = &reference.adapter {
             crate::model::peft::load_adapter(&mut model, adapter)?;
         }
-        dpo::score_pairs(&model, data, pad_id, device)?.save(&out.join("scores.safetensors"))
-    })?;
-    dpo::PairScores::load(&dir.join("scores.safetensors"))
+        Ok(model)
+    };
+    let (scores, count) = dpo::score_pairs_into(
+        load,
+        data,
+        wanted,
+        &dir,
+        pad_id,
+        device,
+        ctx.progress,
+        ctx.interrupt,
+    )?;
+    ctx.progress.log(&format!(
+        "reference log-probs ({}): {} pairs computed, {} reused, of {} in the file",
+        reference.description,
+        count.computed,
+        count.reused,
+        data.examples.len()
+    ));
+    for (what, n) in [("computed", count.computed), ("reused", count.reused)] {
+        let name = format!("reference/pairs_{what}");
+        let total = ctx.metrics.get(&name).and_then(|v| v.as_u64()).unwrap_or(0);
+        ctx.metrics.insert(name, (total + n as u64).into());
+    }
+    Ok(scores)
 }
 
 fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
@@ -257,11 +286,20 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let loss = p.dpo.loss();
     let (train_reference, eval, reference) = if loss.needs_reference() {
         let reference = reference_spec(ctx)?;
-        let train_scores =
-            reference_scores(ctx, &reference, &train, &train_key, dtype, &device, pad_id)?;
+        // Only the pairs training will visit, in its seeded order.
+        let loop_settings = p
+            .train
+            .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);
+        let draws = loop_settings.steps * loop_settings.grad_accum * loop_settings.batch as u64;
+        let visited = crate::train::order::visited(ctx.seed, train.examples.len(), draws);
+        let train_scores = reference_scores(
+            ctx, &reference, &train, &train_key, &visited, dtype, &device, pad_id,
+        )?;
         let eval = match eval {
             Some((e, key)) => {
-                let scores = reference_scores(ctx, &reference, &e, &key, dtype, &device, pad_id)?;
+                let all: Vec<usize> = (0..e.examples.len()).collect();
+                let scores =
+                    reference_scores(ctx, &reference, &e, &key, &all, dtype, &device, pad_id)?;
                 Some((e, Some(scores)))
             }
             None => None,

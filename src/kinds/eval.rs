@@ -340,11 +340,13 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             (false, None) => None,
         };
         if let Some(reference) = reference {
+            let all: Vec<usize> = (0..data.examples.len()).collect();
             let scores = super::dpo::reference_scores(
                 ctx,
                 &reference,
                 &data,
                 &data_key,
+                &all,
                 dtype,
                 &device,
                 tokenizer.pad_id(),

@@ -75,6 +75,163 @@ pub fn score_pairs(
     Ok(s)
 }
 
+/// What [`score_pairs_into`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScoringCount {
+    /// Pairs read from earlier runs' files.
+    pub reused: usize,
+    /// Pairs computed now.
+    pub computed: usize,
+}
+
+/// Pairs per saved file of a growing reference folder.
+const SAVE_BATCH: usize = 4 * EVAL_BATCH;
+
+/// Log-probs of the pairs `wanted` (indices into `data`) under the model
+/// `load` gives, kept in the grow-only folder `dir`: pairs already saved
+/// there are read, the rest computed in batches, each batch saved as its
+/// own file atomically, so Ctrl-C (checked between batches) keeps what is
+/// done and a longer run computes only the pairs it adds. The model is
+/// loaded only when something is missing. Unwanted pairs are NaN.
+#[allow(clippy::too_many_arguments)]
+pub fn score_pairs_into(
+    load: impl FnOnce() -> anyhow::Result<Decoder>,
+    data: &DpoDataset,
+    wanted: &[usize],
+    dir: &std::path::Path,
+    pad_id: u32,
+    device: &Device,
+    progress: &dyn crate::sink::Progress,
+    interrupt: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<(PairScores, ScoringCount)> {
+    let n = data.examples.len();
+    let mut scores = PairScores {
+        chosen: vec![f32::NAN; n],
+        rejected: vec![f32::NAN; n],
+        chosen_tokens: vec![f32::NAN; n],
+        rejected_tokens: vec![f32::NAN; n],
+    };
+    let mut have = vec![false; n];
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for file in &files {
+        let part = PairScores::load(file)?;
+        let map = candle_core::safetensors::load(file, &Device::Cpu)?;
+        let index: Vec<u32> = map
+            .get("index")
+            .ok_or_else(|| anyhow::anyhow!("{}: no tensor `index`", file.display()))?
+            .to_vec1()?;
+        for (k, &i) in index.iter().enumerate() {
+            let i = i as usize;
+            anyhow::ensure!(i < n, "{}: pair {i} is past the data's {n}", file.display());
+            scores.chosen[i] = part.chosen[k];
+            scores.rejected[i] = part.rejected[k];
+            scores.chosen_tokens[i] = part.chosen_tokens[k];
+            scores.rejected_tokens[i] = part.rejected_tokens[k];
+            have[i] = true;
+        }
+    }
+    let missing: Vec<usize> = wanted.iter().copied().filter(|&i| !have[i]).collect();
+    let count = ScoringCount {
+        reused: wanted.len() - missing.len(),
+        computed: missing.len(),
+    };
+    if missing.is_empty() {
+        return Ok((scores, count));
+    }
+    let model = load()?;
+    progress.set_total(missing.len() as u64);
+    let started = std::time::Instant::now();
+    let mut finished = 0usize;
+    for (file_number, chunk) in missing.chunks(SAVE_BATCH).enumerate() {
+        let mut part = PairScores {
+            chosen: Vec::new(),
+            rejected: Vec::new(),
+            chosen_tokens: Vec::new(),
+            rejected_tokens: Vec::new(),
+        };
+        // Ctrl-C is checked before every forward pass; what is done is saved first.
+        let mut stopped = false;
+        for batch in chunk.chunks(EVAL_BATCH) {
+            if interrupt.load(std::sync::atomic::Ordering::SeqCst) {
+                stopped = true;
+                break;
+            }
+            let pairs: Vec<&DpoExample> = batch.iter().map(|&i| &data.examples[i]).collect();
+            let (sums, counts) = pair_logprobs(&model, &pairs, pad_id, device, Mode::Inference)?;
+            let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
+            let b = pairs.len();
+            part.chosen.extend_from_slice(&sums[..b]);
+            part.rejected.extend_from_slice(&sums[b..]);
+            part.chosen_tokens.extend_from_slice(&counts[..b]);
+            part.rejected_tokens.extend_from_slice(&counts[b..]);
+            finished += b;
+            let rate = finished as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress.set_position(
+                finished as u64,
+                &format!("reference log-probs, {rate:.1} pairs/s"),
+            );
+        }
+        let done = &chunk[..part.chosen.len()];
+        for (k, &i) in done.iter().enumerate() {
+            scores.chosen[i] = part.chosen[k];
+            scores.rejected[i] = part.rejected[k];
+            scores.chosen_tokens[i] = part.chosen_tokens[k];
+            scores.rejected_tokens[i] = part.rejected_tokens[k];
+        }
+        if !done.is_empty() {
+            let index: Vec<u32> = done.iter().map(|&i| i as u32).collect();
+            let name = format!(
+                "pairs-{:08}-{}.safetensors",
+                done[0],
+                files.len() + file_number
+            );
+            part.save_with_index(&dir.join(name), &index)?;
+        }
+        if stopped {
+            return Err(crate::sink::Interrupted.into());
+        }
+    }
+    Ok((scores, count))
+}
+
+impl PairScores {
+    /// Saves these scores with the pair indices they belong to, atomically
+    /// (temporary file in the same folder, fsync, rename).
+    fn save_with_index(&self, path: &std::path::Path, index: &[u32]) -> anyhow::Result<()> {
+        let mut map = self.tensors()?;
+        map.insert(
+            "index".into(),
+            Tensor::from_slice(index, index.len(), &Device::Cpu)?,
+        );
+        let tmp = path.with_extension("tmp");
+        candle_core::safetensors::save(&map, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        crate::fsutil::fsync_dir(crate::fsutil::parent_dir(path))?;
+        Ok(())
+    }
+
+    fn tensors(&self) -> anyhow::Result<HashMap<String, Tensor>> {
+        let mut map = HashMap::new();
+        for (name, v) in Self::NAMES.iter().zip([
+            &self.chosen,
+            &self.rejected,
+            &self.chosen_tokens,
+            &self.rejected_tokens,
+        ]) {
+            map.insert(
+                name.to_string(),
+                Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+            );
+        }
+        Ok(map)
+    }
+}
+
 impl PairScores {
     const NAMES: [&'static str; 4] = ["chosen", "rejected", "chosen_tokens", "rejected_tokens"];
 

@@ -21,6 +21,18 @@ pub fn take(seed: u64, n: usize, seen: u64, count: usize) -> Vec<usize> {
     out
 }
 
+/// The distinct examples the first `count` draws visit, ascending: what a
+/// run of that many examples (steps × grad_accum × batch) will touch.
+pub fn visited(seed: u64, n: usize, count: u64) -> Vec<usize> {
+    if count >= n as u64 {
+        return (0..n).collect();
+    }
+    let mut seen = take(seed, n, 0, count as usize);
+    seen.sort_unstable();
+    seen.dedup();
+    seen
+}
+
 /// Fisher-Yates with a stream derived from (seed, epoch).
 pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut rng = SplitMix64::for_stream(seed, &format!("data-order/{epoch}"));

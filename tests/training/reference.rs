@@ -92,3 +92,118 @@ fn scheme_one_and_scheme_two_reference_logprobs_agree() {
         "the adapter changes the log-probs"
     );
 }
+
+struct Quiet;
+impl lora_runner::sink::Progress for Quiet {
+    fn set_total(&self, _: u64) {}
+    fn set_position(&self, _: u64, _: &str) {}
+    fn log(&self, _: &str) {}
+}
+
+#[test]
+fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
+    use lora_runner::train::dpo::{score_pairs_into, ScoringCount};
+    use std::sync::atomic::AtomicBool;
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = tmp.path().join("base");
+    init_model(&InitSpec::tiny(4), &base_dir).unwrap();
+    let tokenizer = ModelTokenizer::load(&base_dir.join("tokenizer.json")).unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/dpo_eval.jsonl");
+    let pairs = load_dpo(&data, &tokenizer, &TokenizeSettings::new(32)).unwrap();
+    let pad = tokenizer.pad_id();
+    let full = score_pairs(&load(&base_dir), &pairs, pad, &Device::Cpu).unwrap();
+    let dir = tmp.path().join("reference");
+    std::fs::create_dir(&dir).unwrap();
+    let run = |wanted: &[usize], stop: bool| {
+        score_pairs_into(
+            || Ok(load(&base_dir)),
+            &pairs,
+            wanted,
+            &dir,
+            pad,
+            &Device::Cpu,
+            &Quiet,
+            &AtomicBool::new(stop),
+        )
+    };
+    // Ctrl-C before the first batch: nothing computed, nothing saved.
+    assert!(run(&[1, 2], true).is_err());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    let first: Vec<usize> = (0..150).step_by(2).collect();
+    let (scores, count) = run(&first, false).unwrap();
+    assert_eq!(
+        count,
+        ScoringCount {
+            reused: 0,
+            computed: 75
+        }
+    );
+    for i in 0..pairs.examples.len() {
+        if first.contains(&i) {
+            // The same numbers as scoring the whole file at once.
+            assert!((scores.chosen[i] - full.chosen[i]).abs() < 1e-4, "pair {i}");
+            assert!(
+                (scores.rejected[i] - full.rejected[i]).abs() < 1e-4,
+                "pair {i}"
+            );
+            assert_eq!(scores.chosen_tokens[i], full.chosen_tokens[i]);
+        } else {
+            assert!(scores.chosen[i].is_nan(), "pair {i} was not wanted");
+        }
+    }
+    // A longer run: only the new pairs are computed, and the model is not
+    // even loaded when nothing is missing.
+    let more: Vec<usize> = (0..200).collect();
+    // Ctrl-C after the first forward pass (the progress sink presses it):
+    // that batch is saved, and the run stops before the next.
+    struct PressCtrlC<'a>(&'a AtomicBool);
+    impl lora_runner::sink::Progress for PressCtrlC<'_> {
+        fn set_total(&self, _: u64) {}
+        fn set_position(&self, _: u64, _: &str) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn log(&self, _: &str) {}
+    }
+    let flag = AtomicBool::new(false);
+    let stopped = score_pairs_into(
+        || Ok(load(&base_dir)),
+        &pairs,
+        &more,
+        &dir,
+        pad,
+        &Device::Cpu,
+        &PressCtrlC(&flag),
+        &flag,
+    );
+    assert!(stopped.unwrap_err().is::<lora_runner::sink::Interrupted>());
+    let (_, count) = run(&more, false).unwrap();
+    assert_eq!(
+        count,
+        ScoringCount {
+            reused: 75 + 16,
+            computed: 125 - 16
+        }
+    );
+    let (again, count) = score_pairs_into(
+        || anyhow::bail!("no model needed"),
+        &pairs,
+        &more,
+        &dir,
+        pad,
+        &Device::Cpu,
+        &Quiet,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert_eq!(
+        count,
+        ScoringCount {
+            reused: 200,
+            computed: 0
+        }
+    );
+    for i in 0..200 {
+        assert!((again.chosen[i] - full.chosen[i]).abs() < 1e-4, "pair {i}");
+    }
+}

@@ -815,3 +815,34 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
     );
     assert!(two["report_html"].as_str().unwrap().contains("tiny+other"));
 }
+
+#[test]
+fn the_reference_pass_scores_only_the_pairs_training_visits_and_a_longer_run_reuses_them() {
+    let ws = Workspace::new();
+    // 2 steps of 8 pairs visit 16 of the 1000 training pairs; the 200 eval pairs are all scored.
+    ws.write("recipe.toml", &recipe(10, 2, ""));
+    ws.runner(&["run", "recipe.toml", "--until", "dpo_continued"])
+        .ok();
+    let m = manifest(&ws, "dpo_continued")["metrics"].clone();
+    assert_eq!(
+        (
+            m["reference/pairs_computed"].as_u64(),
+            m["reference/pairs_reused"].as_u64()
+        ),
+        (Some(16 + 200), Some(0)),
+        "{m}"
+    );
+    // 4 steps: the same seeded order, so the first 16 pairs are reused.
+    ws.write("recipe.toml", &recipe(10, 4, ""));
+    ws.runner(&["run", "recipe.toml", "--until", "dpo_continued"])
+        .ok();
+    let m = manifest(&ws, "dpo_continued")["metrics"].clone();
+    assert_eq!(
+        (
+            m["reference/pairs_computed"].as_u64(),
+            m["reference/pairs_reused"].as_u64()
+        ),
+        (Some(16), Some(16 + 200)),
+        "{m}"
+    );
+}
