@@ -596,19 +596,19 @@ impl RunContext<'_> {
         build: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<PathBuf> {
         let dir = self.cache.derived(kind, key, build)?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !self.derived.contains(&name) {
-            self.derived.push(name);
-        }
+        self.remember_derived(&dir);
         Ok(dir)
     }
 
     /// A grow-only derived folder (see `Cache::derived_growing`), remembered for the manifest.
     pub fn derived_growing(&mut self, kind: &str, key: &str) -> anyhow::Result<PathBuf> {
         let dir = self.cache.derived_growing(kind, key)?;
+        self.remember_derived(&dir);
+        Ok(dir)
+    }
+
+    /// Records a derived folder for the manifest, so `gc` keeps it.
+    fn remember_derived(&mut self, dir: &std::path::Path) {
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -616,7 +616,6 @@ impl RunContext<'_> {
         if !self.derived.contains(&name) {
             self.derived.push(name);
         }
-        Ok(dir)
     }
 
     /// The upstream artifact under `field`, or an error naming it.

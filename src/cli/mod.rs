@@ -420,6 +420,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             let mut summaries = Vec::new();
             let mut names = Vec::new();
             let mut searched = Vec::new();
+            let mut matched = vec![false; selectors.len()];
             let mut bootstrap = None;
             let mut first = None;
             for path in &recipes {
@@ -427,26 +428,24 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
                 let plan = make_plan(&checked, &cache, &[], device)?;
                 let name = checked.recipe.header.name.value.clone();
                 searched.push(name.clone());
+                // No selector: `collect` takes the leaf training stages.
                 let chosen = if selectors.is_empty() {
                     Vec::new()
                 } else {
-                    let all = crate::compare::training_stages(&checked.recipe, &checked.dag);
-                    let mut chosen = crate::compare::select::select(&name, &all, &selectors);
-                    // A plain name goes through as asked, so a stage that is
-                    // not a finished training stage gets its own error.
-                    for s in &selectors {
-                        let (r, n) = crate::compare::select::split_selector(s);
-                        let plain = !n.contains(['*', '?']);
-                        let here = r.is_none_or(|r| r == name)
-                            && (recipes.len() == 1 || checked.recipe.stage(n).is_some());
-                        if plain && here && !chosen.iter().any(|c| c == n) {
-                            chosen.push(n.to_string());
-                        }
+                    let selection = crate::compare::select::select(
+                        &name,
+                        &crate::compare::training_stages(&checked.recipe, &checked.dag),
+                        &|stage| checked.recipe.stage(stage).is_some(),
+                        &selectors,
+                        recipes.len() > 1,
+                    );
+                    for (m, here) in matched.iter_mut().zip(&selection.matched) {
+                        *m |= here;
                     }
-                    if chosen.is_empty() {
+                    if selection.stages.is_empty() {
                         continue;
                     }
-                    chosen
+                    selection.stages
                 };
                 let b = *bootstrap.get_or_insert(bootstrap_of(&checked.recipe, Some(*resamples)));
                 let mut found = crate::compare::collect(
@@ -467,19 +466,11 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
                 summaries.extend(found);
                 first.get_or_insert(checked);
             }
-            for s in &selectors {
-                let (recipe, pattern) = crate::compare::select::split_selector(s);
-                let matched = summaries.iter().any(|x| {
-                    let (r, n) = x.name.split_once(':').unwrap_or(("", x.name.as_str()));
-                    recipe.is_none_or(|want| want == r || recipes.len() == 1)
-                        && crate::compare::select::wildcard(pattern, n)
-                });
-                if !matched {
-                    return Err(Error::Usage(format!(
-                        "`{s}` matches no training stage of {}",
-                        searched.join(", ")
-                    )));
-                }
+            if let Some((s, _)) = selectors.iter().zip(&matched).find(|(_, m)| !**m) {
+                return Err(Error::Usage(format!(
+                    "`{s}` matches no training stage of {}",
+                    searched.join(", ")
+                )));
             }
             let (Some(checked), Some(bootstrap)) = (first, bootstrap) else {
                 return Err(Error::Usage("no stages to compare".into()));

@@ -168,23 +168,24 @@ pub fn deltas(a: &Examples, b: &Examples, bootstrap: Bootstrap) -> BTreeMap<Stri
 /// A model stage and the adapter applied to it, as an eval stage names them.
 type ModelAndAdapter = (String, Option<String>);
 
+/// The model a training stage trains on and the adapter it continues.
+fn training_inputs(recipe: &Recipe, stage: &str) -> Option<ModelAndAdapter> {
+    let s = recipe.stage(stage)?;
+    let (model, adapter) = match (s.params::<DpoParams>(), s.params::<SftParams>()) {
+        (Some(p), _) => (&p.model, &p.adapter),
+        (_, Some(p)) => (&p.model, &p.adapter),
+        _ => return None,
+    };
+    Some((
+        model.value.clone(),
+        adapter.as_ref().map(|a| a.value.clone()),
+    ))
+}
+
 /// The stage a training stage started from, and the (model, adapter)
 /// pairs whose evaluation measures it.
 fn parent_of(recipe: &Recipe, stage: &str) -> Option<(String, Vec<ModelAndAdapter>)> {
-    let s = recipe.stage(stage)?;
-    let (model, adapter) = if let Some(p) = s.params::<DpoParams>() {
-        (
-            p.model.value.clone(),
-            p.adapter.as_ref().map(|a| a.value.clone()),
-        )
-    } else if let Some(p) = s.params::<SftParams>() {
-        (
-            p.model.value.clone(),
-            p.adapter.as_ref().map(|a| a.value.clone()),
-        )
-    } else {
-        return None;
-    };
+    let (model, adapter) = training_inputs(recipe, stage)?;
     Some(match adapter {
         Some(a) => (a.clone(), vec![(model, Some(a))]),
         None => {
@@ -216,14 +217,9 @@ pub fn evaluate(
     bootstrap: Bootstrap,
 ) -> Evaluated {
     let mut out = Evaluated::default();
-    let Some(s) = recipe.stage(stage) else {
+    let Some((model, _)) = training_inputs(recipe, stage) else {
         return out;
     };
-    let model = s
-        .params::<DpoParams>()
-        .map(|p| p.model.value.clone())
-        .or_else(|| s.params::<SftParams>().map(|p| p.model.value.clone()))
-        .unwrap_or_default();
     let own = evals_of(recipe, &model, Some(stage));
     let Some(evaluation) = own.iter().find_map(|e| load(plan, cache, e)) else {
         out.hints.push(match own.first() {
@@ -292,7 +288,7 @@ pub fn verdicts(stages: &[(String, &Evaluation)], bootstrap: Bootstrap) -> Vec<V
     for (i, (a, ea)) in stages.iter().enumerate() {
         for (b, eb) in &stages[i + 1..] {
             for &(metric, higher_is_better) in METRICS {
-                let (x, y) = paired_values(ea, eb, metric);
+                let (x, y) = paired(&ea.examples, &eb.examples, metric);
                 let paired = x.len();
                 let Some(d) = paired_difference(&x, &y, bootstrap.resamples, bootstrap.seed) else {
                     continue;
@@ -327,10 +323,6 @@ pub fn verdicts(stages: &[(String, &Evaluation)], bootstrap: Bootstrap) -> Vec<V
         }
     }
     out
-}
-
-fn paired_values(a: &Evaluation, b: &Evaluation, metric: &str) -> (Vec<f64>, Vec<f64>) {
-    paired(&a.examples, &b.examples, metric)
 }
 
 /// Verdicts between the evaluated stages of a comparison.

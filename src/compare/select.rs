@@ -36,20 +36,52 @@ pub fn split_selector(selector: &str) -> (Option<&str>, &str) {
     }
 }
 
-/// The stages of `candidates` (in their order) that any selector for
-/// `recipe` matches; errors name a selector that matched nothing anywhere
-/// (the caller checks across recipes).
-pub fn select(recipe: &str, candidates: &[String], selectors: &[String]) -> Vec<String> {
-    candidates
-        .iter()
-        .filter(|name| {
-            selectors.iter().any(|s| {
-                let (r, pattern) = split_selector(s);
-                r.is_none_or(|r| r == recipe) && wildcard(pattern, name)
-            })
-        })
-        .cloned()
-        .collect()
+/// What the selectors pick from one recipe.
+pub struct Selection {
+    /// Stage names, in selector order (a glob's matches in `training` order).
+    pub stages: Vec<String>,
+    /// For each selector: whether it picked anything here.
+    pub matched: Vec<bool>,
+}
+
+/// The stages of recipe `recipe` the selectors pick: a glob picks the
+/// training stages it matches; a plain name is taken as asked, so a stage
+/// that is not a finished training stage gets its own error from
+/// `collect`. With several recipes a plain name without `recipe:` counts
+/// only where the recipe has that stage (`has_stage`).
+pub fn select(
+    recipe: &str,
+    training: &[String],
+    has_stage: &dyn Fn(&str) -> bool,
+    selectors: &[String],
+    several_recipes: bool,
+) -> Selection {
+    let mut stages: Vec<String> = Vec::new();
+    let mut matched = vec![false; selectors.len()];
+    for (k, selector) in selectors.iter().enumerate() {
+        let (r, pattern) = split_selector(selector);
+        if r.is_some_and(|r| r != recipe) {
+            continue;
+        }
+        let picked: Vec<&str> = if pattern.contains(['*', '?']) {
+            training
+                .iter()
+                .filter(|n| wildcard(pattern, n))
+                .map(String::as_str)
+                .collect()
+        } else if !several_recipes || r.is_some() || has_stage(pattern) {
+            vec![pattern]
+        } else {
+            Vec::new()
+        };
+        matched[k] = !picked.is_empty();
+        for name in picked {
+            if !stages.iter().any(|s| s == name) {
+                stages.push(name.to_string());
+            }
+        }
+    }
+    Selection { stages, matched }
 }
 
 /// Sorts `stages` best first by their evaluation's `metric` (stages without

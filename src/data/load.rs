@@ -1,8 +1,8 @@
 //! Shared row loop and prompt/completion encoding for SFT and DPO loading.
 //!
-//! Encoding follows TRL: the prompt and prompt+completion are tokenized
-//! separately and the completion is the suffix of the latter beyond the
-//! prompt's length. Tokenizing the whole text (not the pieces) keeps merges
+//! Encoding follows TRL 1.16: the prompt and prompt+completion are
+//! tokenized separately and the completion is the latter's suffix past the
+//! prefix the two share (`common_prefix_length`). Tokenizing the whole text (not the pieces) keeps merges
 //! across the boundary identical to what the model sees at inference.
 
 use std::cell::OnceCell;
@@ -144,8 +144,6 @@ impl EncodedPair {
 pub(crate) fn common_prefix_length(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
-
-impl EncodedPair {}
 
 /// Turns prompt/completion turns into token ids.
 pub(crate) struct PairEncoder<'a> {

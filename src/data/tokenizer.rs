@@ -145,4 +145,13 @@ impl ModelTokenizer {
             .map(|encoding| encoding.get_ids().to_vec())
             .map_err(|e| RowError::Encode(e.to_string()))
     }
+
+    /// The text of a completion: `ids` without the `stop` tokens, decoded
+    /// with special tokens left out.
+    pub fn decode_completion(&self, ids: &[u32], stop: &[u32]) -> Result<String, RowError> {
+        let ids: Vec<u32> = ids.iter().copied().filter(|t| !stop.contains(t)).collect();
+        self.tokenizer
+            .decode(&ids, true)
+            .map_err(|e| RowError::Encode(format!("decoding a completion: {e}")))
+    }
 }

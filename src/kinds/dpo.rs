@@ -83,16 +83,13 @@ impl Kind for Dpo {
         let mut problems = Vec::new();
         training::check_tables(&p.lora, &p.train, &p.data, &mut problems);
         p.dpo.check(&mut problems);
-        if let Some(r) = p
-            .reference
-            .as_ref()
-            .filter(|_| !p.dpo.loss().needs_reference())
-        {
+        let loss = p.dpo.loss();
+        if let Some(r) = p.reference.as_ref().filter(|_| !loss.needs_reference()) {
             problems.push(
                 Problem::new(format!(
                     "stage `{}`: loss {} uses no reference model, but `reference` is set",
                     ctx.stage,
-                    loss_label(&p.dpo.loss())
+                    loss_label(&loss)
                 ))
                 .at(r.span.clone(), "not used by this loss")
                 .help("remove `reference`, or add a loss that compares with it"),
@@ -284,12 +281,12 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         None => None,
     };
     let loss = p.dpo.loss();
+    let loop_settings = p
+        .train
+        .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);
     let (train_reference, eval, reference) = if loss.needs_reference() {
         let reference = reference_spec(ctx)?;
         // Only the pairs training will visit, in its seeded order.
-        let loop_settings = p
-            .train
-            .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);
         let draws = loop_settings.steps * loop_settings.grad_accum * loop_settings.batch as u64;
         let visited = crate::train::order::visited(ctx.seed, train.examples.len(), draws);
         let train_scores = reference_scores(
@@ -319,8 +316,5 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         device: device.clone(),
     };
     ctx.metrics.insert("reference".into(), reference.into());
-    let settings = p
-        .train
-        .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);
-    training::train_and_save(ctx, &model, &model_dir, &objective, &settings)
+    training::train_and_save(ctx, &model, &model_dir, &objective, &loop_settings)
 }

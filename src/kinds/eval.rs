@@ -206,12 +206,9 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         generation_seconds += started.elapsed().as_secs_f64();
         if p.normalize_whitespace.value {
             let text = |ids: &[u32]| -> anyhow::Result<String> {
-                let ids: Vec<u32> = ids.iter().copied().filter(|t| !stop.contains(t)).collect();
-                let decoded = tokenizer
-                    .inner()
-                    .decode(&ids, true)
-                    .map_err(|e| anyhow::anyhow!("decoding a completion: {e}"))?;
-                Ok(task::normalize_whitespace(&decoded))
+                Ok(task::normalize_whitespace(
+                    &tokenizer.decode_completion(ids, &stop)?,
+                ))
             };
             for (g, e) in greedy.iter_mut().zip(&data.examples) {
                 g.exact = text(&g.generated)? == text(e.completion_ids())?;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::diag::checks::{at_least, non_negative, positive, unit_interval};
 use crate::diag::span::Sp;
 use crate::diag::{did_you_mean, Problem};
-pub use crate::train::preference_loss::{LossParams, LossTerm, PreferenceLoss, Smoothing};
+use crate::train::preference_loss::{LossParams, LossTerm, PreferenceLoss, Smoothing};
 
 /// Which modules get LoRA layers: a list of names (exact, or matching the
 /// end of a module's dotted name), a regular expression matched against the
@@ -324,7 +324,7 @@ impl Default for DpoSpec {
 }
 
 fn default_beta() -> Sp<f64> {
-    Sp::implicit(0.1)
+    Sp::implicit(LossParams::default().beta)
 }
 fn default_simpo_gamma() -> Sp<f64> {
     Sp::implicit(LossParams::default().simpo_gamma)

@@ -15,7 +15,7 @@ use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
 const EVAL_BATCH: usize = 16;
 
 /// Per-pair summed completion log-probs and completion lengths.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PairScores {
     pub chosen: Vec<f32>,
     pub rejected: Vec<f32>,
@@ -49,6 +49,24 @@ pub fn pair_logprobs(
     Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts))
 }
 
+/// Log-probs of `pairs` under `model` in one forward pass with no graph.
+fn score_batch(
+    model: &Decoder,
+    pairs: &[&DpoExample],
+    pad_id: u32,
+    device: &Device,
+) -> anyhow::Result<PairScores> {
+    let (sums, counts) = pair_logprobs(model, pairs, pad_id, device, Mode::Inference)?;
+    let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
+    let b = pairs.len();
+    Ok(PairScores {
+        chosen: sums[..b].to_vec(),
+        rejected: sums[b..].to_vec(),
+        chosen_tokens: counts[..b].to_vec(),
+        rejected_tokens: counts[b..].to_vec(),
+    })
+}
+
 /// Log-probs of every pair under `model` with no graph (reference or evaluation).
 pub fn score_pairs(
     model: &Decoder,
@@ -56,21 +74,10 @@ pub fn score_pairs(
     pad_id: u32,
     device: &Device,
 ) -> anyhow::Result<PairScores> {
-    let mut s = PairScores {
-        chosen: Vec::new(),
-        rejected: Vec::new(),
-        chosen_tokens: Vec::new(),
-        rejected_tokens: Vec::new(),
-    };
+    let mut s = PairScores::default();
     for chunk in data.examples.chunks(EVAL_BATCH) {
         let pairs: Vec<&DpoExample> = chunk.iter().collect();
-        let (sums, counts) = pair_logprobs(model, &pairs, pad_id, device, Mode::Inference)?;
-        let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
-        let b = pairs.len();
-        s.chosen.extend_from_slice(&sums[..b]);
-        s.rejected.extend_from_slice(&sums[b..]);
-        s.chosen_tokens.extend_from_slice(&counts[..b]);
-        s.rejected_tokens.extend_from_slice(&counts[b..]);
+        s.extend(&score_batch(model, &pairs, pad_id, device)?);
     }
     Ok(s)
 }
@@ -90,9 +97,9 @@ const SAVE_BATCH: usize = 4 * EVAL_BATCH;
 /// Log-probs of the pairs `wanted` (indices into `data`) under the model
 /// `load` gives, kept in the grow-only folder `dir`: pairs already saved
 /// there are read, the rest computed in batches, each batch saved as its
-/// own file atomically, so Ctrl-C (checked between batches) keeps what is
-/// done and a longer run computes only the pairs it adds. The model is
-/// loaded only when something is missing. Unwanted pairs are NaN.
+/// own file atomically, so Ctrl-C (checked before every forward pass) keeps
+/// what is done and a longer run computes only the pairs it adds. The model
+/// is loaded only when something is missing. Unwanted pairs are NaN.
 #[allow(clippy::too_many_arguments)]
 pub fn score_pairs_into(
     load: impl FnOnce() -> anyhow::Result<Decoder>,
@@ -105,12 +112,7 @@ pub fn score_pairs_into(
     interrupt: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<(PairScores, ScoringCount)> {
     let n = data.examples.len();
-    let mut scores = PairScores {
-        chosen: vec![f32::NAN; n],
-        rejected: vec![f32::NAN; n],
-        chosen_tokens: vec![f32::NAN; n],
-        rejected_tokens: vec![f32::NAN; n],
-    };
+    let mut scores = PairScores::filled(n, f32::NAN);
     let mut have = vec![false; n];
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -118,19 +120,12 @@ pub fn score_pairs_into(
         .collect();
     files.sort();
     for file in &files {
-        let part = PairScores::load(file)?;
-        let map = candle_core::safetensors::load(file, &Device::Cpu)?;
-        let index: Vec<u32> = map
-            .get("index")
-            .ok_or_else(|| anyhow::anyhow!("{}: no tensor `index`", file.display()))?
-            .to_vec1()?;
-        for (k, &i) in index.iter().enumerate() {
-            let i = i as usize;
-            anyhow::ensure!(i < n, "{}: pair {i} is past the data's {n}", file.display());
-            scores.chosen[i] = part.chosen[k];
-            scores.rejected[i] = part.rejected[k];
-            scores.chosen_tokens[i] = part.chosen_tokens[k];
-            scores.rejected_tokens[i] = part.rejected_tokens[k];
+        let (part, index) = PairScores::load_with_index(file)?;
+        if let Some(i) = index.iter().find(|&&i| i >= n) {
+            anyhow::bail!("{}: pair {i} is past the data's {n}", file.display());
+        }
+        scores.place(&index, &part);
+        for &i in &index {
             have[i] = true;
         }
     }
@@ -147,12 +142,7 @@ pub fn score_pairs_into(
     let started = std::time::Instant::now();
     let mut finished = 0usize;
     for (file_number, chunk) in missing.chunks(SAVE_BATCH).enumerate() {
-        let mut part = PairScores {
-            chosen: Vec::new(),
-            rejected: Vec::new(),
-            chosen_tokens: Vec::new(),
-            rejected_tokens: Vec::new(),
-        };
+        let mut part = PairScores::default();
         // Ctrl-C is checked before every forward pass; what is done is saved first.
         let mut stopped = false;
         for batch in chunk.chunks(EVAL_BATCH) {
@@ -161,14 +151,8 @@ pub fn score_pairs_into(
                 break;
             }
             let pairs: Vec<&DpoExample> = batch.iter().map(|&i| &data.examples[i]).collect();
-            let (sums, counts) = pair_logprobs(&model, &pairs, pad_id, device, Mode::Inference)?;
-            let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
-            let b = pairs.len();
-            part.chosen.extend_from_slice(&sums[..b]);
-            part.rejected.extend_from_slice(&sums[b..]);
-            part.chosen_tokens.extend_from_slice(&counts[..b]);
-            part.rejected_tokens.extend_from_slice(&counts[b..]);
-            finished += b;
+            part.extend(&score_batch(&model, &pairs, pad_id, device)?);
+            finished += batch.len();
             let rate = finished as f64 / started.elapsed().as_secs_f64().max(1e-9);
             progress.set_position(
                 finished as u64,
@@ -176,20 +160,14 @@ pub fn score_pairs_into(
             );
         }
         let done = &chunk[..part.chosen.len()];
-        for (k, &i) in done.iter().enumerate() {
-            scores.chosen[i] = part.chosen[k];
-            scores.rejected[i] = part.rejected[k];
-            scores.chosen_tokens[i] = part.chosen_tokens[k];
-            scores.rejected_tokens[i] = part.rejected_tokens[k];
-        }
         if !done.is_empty() {
-            let index: Vec<u32> = done.iter().map(|&i| i as u32).collect();
+            scores.place(done, &part);
             let name = format!(
                 "pairs-{:08}-{}.safetensors",
                 done[0],
                 files.len() + file_number
             );
-            part.save_with_index(&dir.join(name), &index)?;
+            part.save_with_index(&dir.join(name), done)?;
         }
         if stopped {
             return Err(crate::sink::Interrupted.into());
@@ -199,61 +177,95 @@ pub fn score_pairs_into(
 }
 
 impl PairScores {
-    /// Saves these scores with the pair indices they belong to, atomically
-    /// (temporary file in the same folder, fsync, rename).
-    fn save_with_index(&self, path: &std::path::Path, index: &[u32]) -> anyhow::Result<()> {
-        let mut map = self.tensors()?;
-        map.insert(
-            "index".into(),
-            Tensor::from_slice(index, index.len(), &Device::Cpu)?,
-        );
-        let tmp = path.with_extension("tmp");
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        crate::fsutil::fsync_dir(crate::fsutil::parent_dir(path))?;
-        Ok(())
-    }
-
-    fn tensors(&self) -> anyhow::Result<HashMap<String, Tensor>> {
-        let mut map = HashMap::new();
-        for (name, v) in Self::NAMES.iter().zip([
-            &self.chosen,
-            &self.rejected,
-            &self.chosen_tokens,
-            &self.rejected_tokens,
-        ]) {
-            map.insert(
-                name.to_string(),
-                Tensor::from_slice(v, v.len(), &Device::Cpu)?,
-            );
-        }
-        Ok(map)
-    }
-}
-
-impl PairScores {
     const NAMES: [&'static str; 4] = ["chosen", "rejected", "chosen_tokens", "rejected_tokens"];
 
-    pub fn save(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        let mut map = HashMap::new();
-        for (name, v) in Self::NAMES.iter().zip([
+    /// `n` pairs, every value `value`.
+    fn filled(n: usize, value: f32) -> Self {
+        PairScores {
+            chosen: vec![value; n],
+            rejected: vec![value; n],
+            chosen_tokens: vec![value; n],
+            rejected_tokens: vec![value; n],
+        }
+    }
+
+    fn columns(&self) -> [&Vec<f32>; 4] {
+        [
             &self.chosen,
             &self.rejected,
             &self.chosen_tokens,
             &self.rejected_tokens,
-        ]) {
-            map.insert(
-                name.to_string(),
-                Tensor::from_slice(v, v.len(), &Device::Cpu)?,
-            );
+        ]
+    }
+
+    fn columns_mut(&mut self) -> [&mut Vec<f32>; 4] {
+        [
+            &mut self.chosen,
+            &mut self.rejected,
+            &mut self.chosen_tokens,
+            &mut self.rejected_tokens,
+        ]
+    }
+
+    /// Appends `other`'s pairs.
+    fn extend(&mut self, other: &PairScores) {
+        for (mine, theirs) in self.columns_mut().into_iter().zip(other.columns()) {
+            mine.extend_from_slice(theirs);
         }
-        candle_core::safetensors::save(&map, path)?;
+    }
+
+    /// Puts `part`'s k-th pair at index `at[k]`.
+    fn place(&mut self, at: &[usize], part: &PairScores) {
+        for (mine, theirs) in self.columns_mut().into_iter().zip(part.columns()) {
+            for (&i, &v) in at.iter().zip(theirs) {
+                mine[i] = v;
+            }
+        }
+    }
+
+    fn tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        Self::NAMES
+            .iter()
+            .zip(self.columns())
+            .map(|(name, v)| {
+                Ok((
+                    name.to_string(),
+                    Tensor::from_slice(v, v.len(), &Device::Cpu)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Writes the scores with the pair index each belongs to, atomically.
+    fn save_with_index(&self, path: &std::path::Path, index: &[usize]) -> anyhow::Result<()> {
+        let index: Vec<u32> = index.iter().map(|&i| i as u32).collect();
+        let mut tensors = self.tensors()?;
+        tensors.push((
+            "index".into(),
+            Tensor::from_slice(&index, index.len(), &Device::Cpu)?,
+        ));
+        crate::model::io::write_safetensors_atomic(path, &tensors)?;
         Ok(())
     }
 
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+    /// Scores and pair indices of a file written by `save_with_index`, read once.
+    fn load_with_index(path: &std::path::Path) -> anyhow::Result<(Self, Vec<usize>)> {
         let map = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let index: Vec<u32> = map
+            .get("index")
+            .ok_or_else(|| anyhow::anyhow!("{}: no tensor `index`", path.display()))?
+            .to_vec1()?;
+        let scores = Self::read(path, &map)?;
+        anyhow::ensure!(
+            scores.columns().iter().all(|c| c.len() == index.len()),
+            "{}: {} indices for a different number of scores",
+            path.display(),
+            index.len()
+        );
+        Ok((scores, index.into_iter().map(|i| i as usize).collect()))
+    }
+
+    fn read(path: &std::path::Path, map: &HashMap<String, Tensor>) -> anyhow::Result<Self> {
         let get = |n: &str| -> anyhow::Result<Vec<f32>> {
             Ok(map
                 .get(n)

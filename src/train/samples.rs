@@ -57,18 +57,10 @@ pub fn complete(
         };
         let generated = generate(model, &encoded, &options)?;
         for (prompt, ids) in prompts.iter().zip(generated) {
-            let ids: Vec<u32> = ids
-                .into_iter()
-                .filter(|id| !stop_tokens.contains(id))
-                .collect();
-            let completion = tokenizer
-                .inner()
-                .decode(&ids, true)
-                .map_err(|e| anyhow::anyhow!("decoding a completion: {e}"))?;
             out.push(Sample {
                 prompt: prompt.clone(),
                 mode: mode.clone(),
-                completion,
+                completion: tokenizer.decode_completion(&ids, &stop_tokens)?,
             });
         }
     }

@@ -79,28 +79,6 @@ pub fn normalize_whitespace(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Whether each row's greedy completion equals its completion.
-pub fn greedy_exact_match(
-    model: &Decoder,
-    examples: &[SftExample],
-    stop_tokens: &[u32],
-    max_new_tokens: usize,
-    progress: &dyn Progress,
-    interrupt: &AtomicBool,
-) -> anyhow::Result<Vec<bool>> {
-    Ok(greedy_match(
-        model,
-        examples,
-        stop_tokens,
-        max_new_tokens,
-        progress,
-        interrupt,
-    )?
-    .into_iter()
-    .map(|g| g.exact)
-    .collect())
-}
-
 /// One row's completion under teacher forcing.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TeacherForced {

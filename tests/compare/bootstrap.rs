@@ -138,3 +138,35 @@ fn examples_pair_by_file_and_line_not_by_position() {
         .collect();
     assert!(deltas(&ea.examples, &other, bootstrap).is_empty());
 }
+
+#[test]
+fn selectors_pick_globs_in_recipe_order_and_plain_names_as_asked() {
+    use lora_runner::compare::select::{select, wildcard};
+    assert!(wildcard("dpo_*", "dpo_fresh") && wildcard("*", "") && wildcard("d?o*h", "dpo_fresh"));
+    assert!(!wildcard("dpo_*", "sft") && !wildcard("dpo_?", "dpo_ab") && !wildcard("a*b", "ab c"));
+    let training: Vec<String> = ["sft", "dpo_continued", "dpo_fresh"]
+        .map(String::from)
+        .to_vec();
+    let has = |s: &str| s == "sft" || s == "eval";
+    let sel = |selectors: &[&str], several: bool| {
+        let s: Vec<String> = selectors.iter().map(|x| x.to_string()).collect();
+        let picked = select("tiny", &training, &has, &s, several);
+        (picked.stages, picked.matched)
+    };
+    // A glob keeps the recipe's order; a plain name is taken as asked (even
+    // one that is not a training stage: `collect` reports it); duplicates once.
+    assert_eq!(
+        sel(&["dpo_*", "eval", "dpo_fresh"], false),
+        (
+            vec!["dpo_continued".into(), "dpo_fresh".into(), "eval".into()],
+            vec![true, true, true]
+        )
+    );
+    // Another recipe's selectors pick nothing here; with several recipes a
+    // bare name counts only where the recipe has it.
+    assert_eq!(
+        sel(&["other:dpo_*", "tiny:sft", "missing"], true),
+        (vec!["sft".into()], vec![false, true, false])
+    );
+    assert_eq!(sel(&["nope*"], false), (vec![], vec![false]));
+}

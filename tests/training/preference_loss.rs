@@ -450,6 +450,9 @@ fn every_term_matches_trl_1_16_itself() {
     let losses = fixture["losses"].as_object().unwrap();
     assert_eq!(losses.len(), LossTerm::ALL.len());
     for term in LossTerm::ALL {
+        // The recipe's (serde) name and the one matched here are TRL's.
+        assert_eq!(serde_json::to_value(term).unwrap(), term.name());
+        assert_eq!(LossTerm::from_name(term.name()), Some(term));
         let want = &losses[term.name()];
         let params = LossParams {
             beta: fixture["params"]["beta"].as_f64().unwrap(),

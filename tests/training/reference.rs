@@ -93,13 +93,6 @@ fn scheme_one_and_scheme_two_reference_logprobs_agree() {
     );
 }
 
-struct Quiet;
-impl lora_runner::sink::Progress for Quiet {
-    fn set_total(&self, _: u64) {}
-    fn set_position(&self, _: u64, _: &str) {}
-    fn log(&self, _: &str) {}
-}
-
 #[test]
 fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
     use lora_runner::train::dpo::{score_pairs_into, ScoringCount};
@@ -122,7 +115,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
             &dir,
             pad,
             &Device::Cpu,
-            &Quiet,
+            &lora_runner::progress::Silent,
             &AtomicBool::new(stop),
         )
     };
@@ -192,7 +185,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
         &dir,
         pad,
         &Device::Cpu,
-        &Quiet,
+        &lora_runner::progress::Silent,
         &AtomicBool::new(false),
     )
     .unwrap();

@@ -7,28 +7,39 @@ use lora_runner::data::SftExample;
 use lora_runner::model::decoder::{Decoder, LoadOptions};
 use lora_runner::model::generate::{generate, GenerateOptions};
 use lora_runner::model::init::{init_model, InitSpec};
-use lora_runner::sink::Progress;
-use lora_runner::train::task::{greedy_exact_match, greedy_match, teacher_forced};
+use lora_runner::progress::Silent;
+use lora_runner::train::task::{greedy_match, teacher_forced};
 
-struct Quiet;
-impl Progress for Quiet {
-    fn set_total(&self, _: u64) {}
-    fn set_position(&self, _: u64, _: &str) {}
-    fn log(&self, _: &str) {}
+/// Exact match of every row (what `sft/exact_match` averages).
+fn exact(
+    model: &Decoder,
+    rows: &[SftExample],
+    stop: &[u32],
+    interrupt: &AtomicBool,
+) -> anyhow::Result<Vec<bool>> {
+    Ok(greedy_match(model, rows, stop, 4, &Silent, interrupt)?
+        .into_iter()
+        .map(|g| g.exact)
+        .collect())
 }
 
-#[test]
-fn exact_match_is_greedy_completion_equal_to_the_row_token_for_token() {
-    let tmp = tempfile::tempdir().unwrap();
-    init_model(&InitSpec::tiny(5), tmp.path()).unwrap();
-    let model = Decoder::load(
-        tmp.path(),
+/// A tiny random model.
+fn tiny_model(dir: &std::path::Path, seed: u64) -> Decoder {
+    init_model(&InitSpec::tiny(seed), dir).unwrap();
+    Decoder::load(
+        dir,
         &LoadOptions {
             dtype: Some(DType::F32),
             device: Device::Cpu,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn exact_match_is_greedy_completion_equal_to_the_row_token_for_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path(), 5);
     // Prompts of 2 to 5 tokens, so batches are left-padded.
     let prompts: Vec<Vec<u32>> = (0..40u32)
         .map(|i| (0..2 + i % 4).map(|k| 1 + (i * 3 + k * 5) % 17).collect())
@@ -67,11 +78,11 @@ fn exact_match_is_greedy_completion_equal_to_the_row_token_for_token() {
         })
         .collect();
     let quiet = AtomicBool::new(false);
-    let matched = greedy_exact_match(&model, &rows, &[], 4, &Quiet, &quiet).unwrap();
+    let matched = exact(&model, &rows, &[], &quiet).unwrap();
     let want: Vec<bool> = (0..40).map(|i| i % 3 == 0).collect();
     assert_eq!(matched, want);
     // Prefix match: all 4, the first of 4 (one off at index 1), 4 of 5.
-    let prefix: Vec<f64> = greedy_match(&model, &rows, &[], 4, &Quiet, &quiet)
+    let prefix: Vec<f64> = greedy_match(&model, &rows, &[], 4, &Silent, &quiet)
         .unwrap()
         .iter()
         .map(|g| g.prefix)
@@ -88,34 +99,18 @@ fn exact_match_is_greedy_completion_equal_to_the_row_token_for_token() {
     };
     let ends_in_stop = row([alone[0].clone(), vec![stop]].concat());
     let stops_early = row([alone[0][..2].to_vec(), vec![stop], alone[0][2..].to_vec()].concat());
-    let matched = greedy_exact_match(
-        &model,
-        &[ends_in_stop, stops_early],
-        &[stop],
-        4,
-        &Quiet,
-        &quiet,
-    )
-    .unwrap();
+    let matched = exact(&model, &[ends_in_stop, stops_early], &[stop], &quiet).unwrap();
     assert_eq!(matched, vec![true, false]);
 
     // Ctrl-C stops before the next batch.
-    let stopped = greedy_exact_match(&model, &rows, &[], 4, &Quiet, &AtomicBool::new(true));
+    let stopped = exact(&model, &rows, &[], &AtomicBool::new(true));
     assert!(stopped.is_err());
 }
 
 #[test]
 fn teacher_forced_scores_match_the_full_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    init_model(&InitSpec::tiny(8), tmp.path()).unwrap();
-    let model = Decoder::load(
-        tmp.path(),
-        &LoadOptions {
-            dtype: Some(DType::F32),
-            device: Device::Cpu,
-        },
-    )
-    .unwrap();
+    let model = tiny_model(tmp.path(), 8);
     // Odd rows: arbitrary tokens; even rows: the prompt's greedy
     // continuation, so every completion token is the argmax.
     let rows: Vec<SftExample> = (0..20u32)
