@@ -5,7 +5,7 @@
 //! 2. The stage kinds (`kinds`), the comparison (`compare`) and the device
 //!    choice (`device`): they turn a stage's parameters into work for the
 //!    libraries below.
-//! 3. The engine (`recipe`, `stage`, `graph`, `plan`, `exec`, `cache`,
+//! 3. The engine (`recipe`, `stage`, `graph`, `plan`, `exec`, `executor`, `cache`,
 //!    `hashing`, `gc`, `progress`, `report`, `schema`) and, beside it, the ML
 //!    libraries (`model`, `data`, `train`), which know nothing of recipes,
 //!    stages or the cache. Leaves every layer may use: `diag` (problems with
@@ -21,6 +21,7 @@ pub mod data;
 pub mod device;
 pub mod diag;
 pub mod exec;
+pub mod executor;
 pub mod fsutil;
 pub mod gc;
 pub mod graph;

@@ -21,8 +21,12 @@ pub trait Reporter: Send + Sync {
     fn finish(&self);
 }
 
-/// Bars when stderr is a terminal, lines otherwise.
+/// Bars when stderr is a terminal, lines otherwise; events for a parent
+/// runner (`RUNNER_PROGRESS=events`, set by `--jobs`).
 pub fn reporter() -> Box<dyn Reporter> {
+    if std::env::var("RUNNER_PROGRESS").as_deref() == Ok("events") {
+        return Box::new(Events);
+    }
     if std::io::stderr().is_terminal() && std::env::var_os("RUNNER_PLAIN").is_none() {
         Box::new(Bars::new())
     } else {
@@ -170,5 +174,106 @@ impl Reporter for Silent {
     }
     fn stage_done(&self, _: &str) {}
     fn stage_line(&self, _: &str) {}
+    fn finish(&self) {}
+}
+
+/// What a stage running in a child process tells the runner that started it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Start {
+        name: String,
+        kind: String,
+        why: String,
+    },
+    Total {
+        total: u64,
+    },
+    Position {
+        done: u64,
+        message: String,
+    },
+    Log {
+        line: String,
+    },
+    Done {
+        line: String,
+    },
+    Line {
+        line: String,
+    },
+}
+
+/// Marks an event line on a child's stderr; other lines are its own output.
+pub const EVENT_PREFIX: &str = "@runner ";
+
+impl Event {
+    pub fn parse(line: &str) -> Option<Event> {
+        serde_json::from_str(line.strip_prefix(EVENT_PREFIX)?).ok()
+    }
+
+    fn emit(&self) {
+        let json = serde_json::to_string(self).expect("events serialize");
+        eprintln!("{EVENT_PREFIX}{json}");
+    }
+}
+
+/// Progress as event lines on stderr, for a parent runner to show.
+pub struct Events;
+
+/// (total, when the last position was sent): positions at most five a second.
+struct EventStage(Mutex<(u64, Instant)>);
+
+impl Progress for EventStage {
+    fn set_total(&self, total: u64) {
+        self.0.lock().expect("progress lock").0 = total;
+        Event::Total { total }.emit();
+    }
+    fn set_position(&self, done: u64, message: &str) {
+        let mut state = self.0.lock().expect("progress lock");
+        if done != state.0 && state.1.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        state.1 = Instant::now();
+        Event::Position {
+            done,
+            message: message.to_string(),
+        }
+        .emit();
+    }
+    fn log(&self, line: &str) {
+        Event::Log {
+            line: line.to_string(),
+        }
+        .emit();
+    }
+}
+
+impl Reporter for Events {
+    fn start_pipeline(&self, _: usize) {}
+    fn start_stage(&self, name: &str, kind: &str, why: &str) -> Box<dyn Progress + '_> {
+        Event::Start {
+            name: name.to_string(),
+            kind: kind.to_string(),
+            why: why.to_string(),
+        }
+        .emit();
+        Box::new(EventStage(Mutex::new((
+            0,
+            Instant::now() - Duration::from_secs(1),
+        ))))
+    }
+    fn stage_done(&self, line: &str) {
+        Event::Done {
+            line: line.to_string(),
+        }
+        .emit();
+    }
+    fn stage_line(&self, line: &str) {
+        Event::Line {
+            line: line.to_string(),
+        }
+        .emit();
+    }
     fn finish(&self) {}
 }

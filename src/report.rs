@@ -38,6 +38,12 @@ pub struct PlanStageJson {
     /// What the stage's kind says about it (e.g. "loss simpo: no reference").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// For a stage a sweep made: the stage as written in the recipe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant_of: Option<String>,
+    /// For a stage a sweep made: parameter path -> value as written, inherited axes first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<(String, String)>,
 }
 
 fn note(recipe: &Recipe, p: &PlannedStage) -> Option<String> {
@@ -80,6 +86,15 @@ pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
                 },
                 deps: dep_names(recipe, p),
                 note: note(recipe, p),
+                variant_of: recipe.stages[p.index]
+                    .variant
+                    .as_ref()
+                    .map(|v| v.of.clone()),
+                values: recipe.stages[p.index]
+                    .variant
+                    .as_ref()
+                    .map(|v| v.values.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
     }
@@ -108,6 +123,31 @@ fn table(rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// `sweep: dpo_fresh: 4 variants (dpo.beta × lora.r)`, one line per swept stage.
+fn sweep_lines(recipe: &Recipe) -> String {
+    let mut out = String::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for stage in &recipe.stages {
+        let Some(v) = &stage.variant else { continue };
+        if seen.contains(&v.of.as_str()) {
+            continue;
+        }
+        seen.push(&v.of);
+        let count = recipe
+            .stages
+            .iter()
+            .filter(|s| s.variant.as_ref().is_some_and(|w| w.of == v.of))
+            .count();
+        let axes: Vec<&str> = v.values.iter().map(|(path, _)| path.as_str()).collect();
+        out.push_str(&format!(
+            "sweep: {}: {count} variant(s) over {}\n",
+            v.of,
+            axes.join(" × ")
+        ));
+    }
+    out
+}
+
 pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
     let to_run = plan.stages.iter().filter(|s| s.status.will_run()).count();
     let mut rows = vec![vec![
@@ -131,6 +171,7 @@ pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
         .iter()
         .filter_map(|p| note(recipe, p).map(|n| format!("note: {}: {n}\n", p.name)))
         .collect();
+    let notes = format!("{}{notes}", sweep_lines(recipe));
     format!(
         "plan for {} (recipe `{}`, cache {})\n{}{notes}{} of {} stage(s) to run\n",
         recipe.path.display(),
@@ -142,7 +183,13 @@ pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
     )
 }
 
-pub fn status_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
+/// Each stage's state; `jobs` (stage -> its Slurm job, when it has one) adds a line under it.
+pub fn status_text(
+    recipe: &Recipe,
+    plan: &Plan,
+    cache: &Cache,
+    jobs: &std::collections::BTreeMap<String, String>,
+) -> String {
     let mut rows = vec![vec![
         "STAGE".into(),
         "KIND".into(),
@@ -172,8 +219,13 @@ pub fn status_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
             metrics,
         ]);
     }
+    let jobs: String = plan
+        .stages
+        .iter()
+        .filter_map(|p| jobs.get(&p.name).map(|j| format!("{}: {j}\n", p.name)))
+        .collect();
     format!(
-        "{} (recipe `{}`)\n{}",
+        "{} (recipe `{}`)\n{}{jobs}",
         recipe.path.display(),
         recipe.header.name.value,
         table(rows)

@@ -10,6 +10,7 @@ use crate::stage::Registry;
 pub fn recipe_schema(registry: &Registry) -> Value {
     let mut generator = SchemaSettings::draft2020_12().into_generator();
     let header = generator.subschema_for::<crate::recipe::RecipeHeader>();
+    let executor = generator.subschema_for::<crate::recipe::executor::ExecutorSection>();
     let mut stage_variants = Vec::new();
     let mut defaults = Map::new();
     let mut kinds = Vec::new();
@@ -40,6 +41,16 @@ pub fn recipe_schema(registry: &Registry) -> Value {
             .and_then(Value::as_object_mut)
         {
             props.insert("kind".into(), json!({ "const": name }));
+            props.insert(crate::recipe::matrix::MATRIX.into(), json!({
+                "description": "A sweep: parameter paths (`dpo.beta`, `lora.r`) to lists of values. The stage expands into one stage per combination, named `stage@beta=0.1-r=8`, each with its own key; stages that refer to it fan out with it.",
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": { "type": "array", "minItems": 1 },
+            }));
+            props.insert(crate::recipe::matrix::FAN_OUT.into(), json!({
+                "description": "How this stage's matrix meets the swept stages it refers to: \"join\" (default) pairs axes of the same parameter path, \"cross\" crosses them.",
+                "enum": ["join", "cross"],
+            }));
         }
     }
     json!({
@@ -52,6 +63,7 @@ pub fn recipe_schema(registry: &Registry) -> Value {
         "properties": {
             "recipe": header.to_value(),
             "defaults": { "type": "object", "additionalProperties": false, "properties": defaults },
+            "executor": executor.to_value(),
             "stages": {
                 "type": "object",
                 "description": "Stages by name; references between them make the DAG.",

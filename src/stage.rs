@@ -250,6 +250,17 @@ pub struct Stage {
     pub params: Box<dyn Params>,
     /// Span of the whole `[stages.<name>]` table.
     pub span: Range<usize>,
+    /// Set when a sweep made this stage: which stage, at which values.
+    pub variant: Option<Variant>,
+}
+
+/// One stage of a sweep (`matrix`), or of a stage fanned out with one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// The stage as written (`dpo_fresh` for `dpo_fresh@beta=0.1`).
+    pub of: String,
+    /// (parameter path, value as written), inherited axes first.
+    pub values: Vec<(String, String)>,
 }
 
 impl Stage {

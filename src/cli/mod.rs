@@ -49,6 +49,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where `runner run` runs stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Dry run: every stage in execution order, cached or to run, and why.
@@ -72,6 +79,29 @@ pub enum Command {
         /// Run this stage and its inputs, nothing after it.
         #[arg(long, value_name = "STAGE")]
         until: Option<String>,
+        /// Run up to N ready stages at once, each in its own process with its
+        /// share of the threads (--threads each; default: cores / N). Results
+        /// are byte-identical to --jobs 1 at the same --threads.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        jobs: u32,
+        /// With --jobs: one device per job slot, e.g. cuda:0,cuda:1.
+        #[arg(long, value_name = "DEVICES", value_delimiter = ',')]
+        devices: Vec<DeviceSpec>,
+        /// Where stages run: `local` (here), or `slurm`: one sbatch job per stage
+        /// not cached, after its parents' jobs, on the same cache (which must be on
+        /// storage every node sees). Settings: [executor.slurm] in the recipe.
+        #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+        executor: ExecutorKind,
+        /// With --executor slurm: follow the jobs to the end, with the exit codes
+        /// of a local run (Ctrl-C stops waiting; the jobs go on).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel the recipe's queued and running Slurm jobs (a cancelled training
+    /// stage resumes from its last checkpoint when submitted again).
+    Cancel {
+        /// The recipe (a TOML file).
+        recipe: PathBuf,
     },
     /// Each stage's state: cached artifact, when it finished, its headline metrics.
     Status {
@@ -282,6 +312,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             force,
             only,
             until,
+            jobs,
+            devices,
+            executor,
+            wait,
         } => {
             let checked = check(recipe, registry)?;
             for name in force.iter().chain(only).chain(until) {
@@ -311,15 +345,103 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
                 .map_err(exec_error)?;
             let interrupt = install_interrupt();
             let reporter = crate::progress::reporter();
-            let outcome = exec::execute(
-                &checked.recipe,
-                &cache,
-                &plan,
-                &selected,
-                reporter.as_ref(),
-                &interrupt,
-            )
-            .map_err(exec_error)?;
+            let program = std::env::current_exe()
+                .map_err(Error::io("finding the runner binary for stage processes"))?;
+            let passed_device = cli.device.clone().map(String::from);
+            let outcome = if *executor == ExecutorKind::Slurm {
+                let submission = crate::executor::slurm::Submission {
+                    program,
+                    threads: cli.threads,
+                    device: passed_device,
+                    force,
+                };
+                let slurm = crate::executor::slurm::Slurm;
+                let submitted = crate::executor::slurm::submit(
+                    &slurm,
+                    &checked.recipe,
+                    &cache,
+                    &plan,
+                    &selected,
+                    &submission,
+                )
+                .map_err(Error::environment("submitting to Slurm"))?;
+                let cached = plan
+                    .stages
+                    .iter()
+                    .filter(|p| selected.contains(&p.index) && !p.status.will_run())
+                    .count();
+                for s in &submitted {
+                    let how = if s.fresh {
+                        "submitted"
+                    } else {
+                        "already queued"
+                    };
+                    eprintln!(
+                        "[runner] {}: job {} {how}; output {}",
+                        s.stage,
+                        s.id,
+                        s.output.display()
+                    );
+                }
+                let fresh = submitted.iter().filter(|s| s.fresh).count();
+                eprintln!(
+                    "{fresh} job(s) submitted, {} already queued or running, {cached} stage(s) cached",
+                    submitted.len() - fresh
+                );
+                if !*wait {
+                    return Ok(());
+                }
+                crate::executor::slurm::wait(
+                    &slurm,
+                    &cache,
+                    &submitted,
+                    reporter.as_ref(),
+                    &interrupt,
+                    std::time::Duration::from_secs(1),
+                )
+                .map_err(Error::environment("following the Slurm jobs"))?
+            } else if *jobs > 1 || !devices.is_empty() {
+                let jobs = *jobs as usize;
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let threads = cli
+                    .threads
+                    .filter(|t| *t > 0)
+                    .unwrap_or((cores / jobs).max(1));
+                let note = if jobs * threads > cores {
+                    " (more threads than cores: stages will slow each other down)"
+                } else {
+                    ""
+                };
+                eprintln!("[runner] {jobs} jobs × {threads} thread(s) on {cores} core(s){note}");
+                let settings = crate::executor::local::Parallel {
+                    jobs,
+                    threads,
+                    devices: devices.iter().cloned().map(String::from).collect(),
+                    device: passed_device,
+                    program,
+                    force: force.clone(),
+                };
+                crate::executor::local::run_parallel(
+                    &checked.recipe,
+                    &cache,
+                    &plan,
+                    &selected,
+                    &settings,
+                    reporter.as_ref(),
+                    &interrupt,
+                )
+                .map_err(exec_error)?
+            } else {
+                exec::execute(
+                    &checked.recipe,
+                    &cache,
+                    &plan,
+                    &selected,
+                    reporter.as_ref(),
+                    &interrupt,
+                )
+                .map_err(exec_error)?
+            };
             let ran = outcome
                 .stages
                 .iter()
@@ -355,16 +477,63 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
                 ) {
                     let (report, verdict) =
                         write_report(&checked.recipe, &cache, &summaries, bootstrap)?;
-                    print!("{}", crate::compare::text_table(&summaries));
-                    print!("{verdict}");
-                    println!("report: {}", report.display());
+                    let mut summaries = summaries;
+                    if summaries.len() > 2 {
+                        // A sweep: a ranking says more than every pair's verdict (those are in the report).
+                        let metric = crate::compare::evaluation::METRICS.iter().find(|(m, _)| {
+                            summaries.iter().all(|s| {
+                                s.evaluated
+                                    .evaluation
+                                    .as_ref()
+                                    .is_some_and(|e| e.metrics.contains_key(*m))
+                            })
+                        });
+                        print!("{}", crate::compare::text_table(&summaries));
+                        if let Some((metric, _)) = metric {
+                            if let Ok(ranking) =
+                                crate::compare::select::rank(&mut summaries, metric, bootstrap)
+                            {
+                                print!("{ranking}");
+                            }
+                        }
+                        println!("every pair's verdict, and the ranking by other metrics (`runner compare --sort`): {}", report.display());
+                    } else {
+                        print!("{}", crate::compare::text_table(&summaries));
+                        print!("{verdict}");
+                        println!("report: {}", report.display());
+                    }
                 }
             }
             Ok(())
         }
         Command::Status { recipe } => {
             let (checked, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
-            print!("{}", report::status_text(&checked.recipe, &plan, &cache));
+            let jobs = job_lines(&cache, &plan);
+            print!(
+                "{}",
+                report::status_text(&checked.recipe, &plan, &cache, &jobs)
+            );
+            Ok(())
+        }
+        Command::Cancel { recipe } => {
+            let (_, cache, plan) = check_and_plan(recipe, registry, &open_cache, device)?;
+            let slurm = crate::executor::slurm::Slurm;
+            let jobs = crate::executor::slurm::jobs_of(&slurm, &cache, &plan)
+                .map_err(Error::environment("reading the Slurm queue"))?;
+            let active: Vec<(&String, &String)> = jobs
+                .iter()
+                .filter(|(_, (_, state))| state.active())
+                .map(|(stage, (record, _))| (stage, &record.id))
+                .collect();
+            let ids: Vec<String> = active.iter().map(|(_, id)| id.to_string()).collect();
+            crate::executor::Executor::cancel(&slurm, &ids)
+                .map_err(Error::environment("cancelling Slurm jobs"))?;
+            for (stage, id) in &active {
+                println!("cancelled job {id} ({stage})");
+            }
+            if active.is_empty() {
+                println!("no queued or running job of {}", recipe.display());
+            }
             Ok(())
         }
         Command::Show {
@@ -376,6 +545,18 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             let planned = plan.by_name(stage).ok_or_else(|| {
                 Error::Usage(format!("no stage `{stage}` in {}", recipe.display()))
             })?;
+            let job = job_lines(&cache, &plan).remove(stage);
+            // A stage that has not finished but was submitted: where its job is.
+            if let (Some(job), false) =
+                (&job, matches!(planned.status, plan::Status::Cached { .. }))
+            {
+                println!(
+                    "stage     {stage} ({})\nstatus    {}\njob       {job}",
+                    planned.kind,
+                    planned.reason()
+                );
+                return Ok(());
+            }
             let out = report::show(&cache, planned, *json).map_err(|e| match e {
                 report::ShowError::NotCached { .. } => Error::Usage(e.to_string()),
                 report::ShowError::NoManifest(_) => {
@@ -383,6 +564,9 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
                 }
             })?;
             println!("{out}");
+            if let (Some(job), false) = (job, *json) {
+                println!("job       {job}");
+            }
             Ok(())
         }
         Command::Export { recipe, stage, dir } => {
@@ -477,7 +661,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             };
             let ranking = match sort {
                 Some(metric) => Some(
-                    crate::compare::select::rank(&mut summaries, metric).map_err(Error::Usage)?,
+                    crate::compare::select::rank(&mut summaries, metric, bootstrap)
+                        .map_err(Error::Usage)?,
                 ),
                 None => None,
             };
@@ -715,6 +900,57 @@ fn install_interrupt() -> Arc<AtomicBool> {
         flag
     })
     .clone()
+}
+
+/// `job 12 RUNNING, output PATH` for each stage of the plan submitted to
+/// Slurm; a stage that will never start says which input's job failed.
+fn job_lines(cache: &Cache, plan: &Plan) -> std::collections::BTreeMap<String, String> {
+    use crate::executor::JobState;
+    let slurm = crate::executor::slurm::Slurm;
+    let jobs = match crate::executor::slurm::jobs_of(&slurm, cache, plan) {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            return plan
+                .stages
+                .iter()
+                .filter_map(|p| {
+                    let r = crate::executor::slurm::job_record(cache, &p.key)?;
+                    Some((
+                        p.name.clone(),
+                        format!("job {} (state unknown: {e:#})", r.id),
+                    ))
+                })
+                .collect()
+        }
+    };
+    let mut lines = std::collections::BTreeMap::new();
+    for p in &plan.stages {
+        let Some((record, state)) = jobs.get(&p.name) else {
+            continue;
+        };
+        let mut line = format!("job {} {}", record.id, state.label());
+        if let JobState::Never(_) = state {
+            for (_, d) in &p.deps {
+                let up = plan.by_index(*d);
+                if let Some((r, s)) = jobs.get(&up.name) {
+                    if matches!(s, JobState::Failed(_) | JobState::Never(_)) {
+                        line = format!(
+                            "job {} never started: input `{}` failed (job {} {})",
+                            record.id,
+                            up.name,
+                            r.id,
+                            s.label()
+                        );
+                    }
+                }
+            }
+        }
+        lines.insert(
+            p.name.clone(),
+            format!("{line}, output {}", record.output.display()),
+        );
+    }
+    lines
 }
 
 /// Errors of selecting and running stages: a name or an order the user got wrong, or I/O.

@@ -141,7 +141,8 @@ fn load(plan: &Plan, cache: &Cache, eval: &str) -> Option<Evaluation> {
 }
 
 /// Paired values of `metric` for the examples both have.
-fn paired(a: &Examples, b: &Examples, metric: &str) -> (Vec<f64>, Vec<f64>) {
+/// The values of `metric` on the examples both evaluations have, paired.
+pub fn paired(a: &Examples, b: &Examples, metric: &str) -> (Vec<f64>, Vec<f64>) {
     a.iter()
         .filter_map(|(k, m)| Some((*m.get(metric)?, *b.get(k)?.get(metric)?)))
         .unzip()

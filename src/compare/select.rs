@@ -86,7 +86,11 @@ pub fn select(
 
 /// Sorts `stages` best first by their evaluation's `metric` (stages without
 /// it last, in their order) and returns the ranking as text lines.
-pub fn rank(stages: &mut [StageSummary], metric: &str) -> Result<String, String> {
+pub fn rank(
+    stages: &mut [StageSummary],
+    metric: &str,
+    bootstrap: crate::compare::evaluation::Bootstrap,
+) -> Result<String, String> {
     let Some(&(_, higher_is_better)) = METRICS.iter().find(|(m, _)| *m == metric) else {
         let known: Vec<&str> = METRICS.iter().map(|(m, _)| *m).collect();
         return Err(format!(
@@ -111,9 +115,38 @@ pub fn rank(stages: &mut [StageSummary], metric: &str) -> Result<String, String>
         "ranking by {metric} ({} is better):\n",
         if higher_is_better { "higher" } else { "lower" }
     );
+    fn examples(s: &StageSummary) -> Option<&crate::compare::evaluation::Examples> {
+        s.evaluated.evaluation.as_ref().map(|e| &e.examples)
+    }
+    let leader = stages.first().and_then(examples);
     for (i, s) in stages.iter().enumerate() {
+        // How far behind the first it is, paired by example, with its 95% interval.
+        let behind = match (i, leader, examples(s)) {
+            (1.., Some(lead), Some(own)) => {
+                let (x, y) = crate::compare::evaluation::paired(own, lead, metric);
+                crate::compare::bootstrap::paired_difference(
+                    &x,
+                    &y,
+                    bootstrap.resamples,
+                    bootstrap.seed,
+                )
+                .map(|d| {
+                    let tie = if d.significant() {
+                        "behind #1"
+                    } else {
+                        "tied with #1 within noise"
+                    };
+                    format!(
+                        "  {:+.4} [{:+.4}, {:+.4}] vs #1, {tie}",
+                        d.mean, d.low, d.high
+                    )
+                })
+                .unwrap_or_default()
+            }
+            _ => String::new(),
+        };
         match value(s) {
-            Some(v) => out.push_str(&format!("  {}. {} {v:.4}\n", i + 1, s.name)),
+            Some(v) => out.push_str(&format!("  {}. {} {v:.4}{behind}\n", i + 1, s.name)),
             None => out.push_str(&format!("  -. {} (not evaluated)\n", s.name)),
         }
     }

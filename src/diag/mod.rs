@@ -41,6 +41,25 @@ impl Problem {
         self
     }
 
+    /// The same problem with stage name `from` read as `to` (a sweep's
+    /// variants report a problem they share once, under the stage's name).
+    pub fn renamed(mut self, from: &str, to: &str) -> Self {
+        if from != to {
+            let swap = |t: &mut String| *t = t.replace(&format!("`{from}`"), &format!("`{to}`"));
+            swap(&mut self.message);
+            if let Some((_, label)) = &mut self.span {
+                swap(label);
+            }
+            for (_, label) in &mut self.others {
+                swap(label);
+            }
+            if let Some(help) = &mut self.help {
+                swap(help);
+            }
+        }
+        self
+    }
+
     pub fn also(mut self, span: Range<usize>, label: impl Into<String>) -> Self {
         if !span.is_empty() {
             self.others.push((span, label.into()));

@@ -10,8 +10,8 @@ use std::path::Path;
 /// layers it lists, and the leaves.
 const LEAVES: &[&str] = &["diag", "fsutil", "sink", "units"];
 const ENGINE: &[&str] = &[
-    "cache", "exec", "gc", "graph", "hashing", "plan", "progress", "recipe", "report", "schema",
-    "stage",
+    "cache", "exec", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "report",
+    "schema", "stage",
 ];
 const ML: &[&str] = &["data", "model", "train"];
 const STAGE_LAYER: &[&str] = &["compare", "device", "kinds"];

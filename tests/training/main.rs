@@ -11,7 +11,9 @@ mod data_tokenize;
 mod dpo_gradient;
 mod preference_loss;
 mod reference;
+mod slurm;
 mod stages;
+mod sweeps;
 mod task_metrics;
 
 /// Entry point of the child processes `Workspace::child` starts.

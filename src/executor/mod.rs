@@ -1,0 +1,105 @@
+//! Executors: where a planned stage runs when not in this process. Every
+//! executor runs a stage the same way, as `runner run RECIPE --only STAGE`
+//! on the same cache (`StageCommand`), so a stage behaves identically
+//! wherever it runs: its own lock, checkpoints, resume and atomic promotion.
+//! `local` runs ready stages as child processes, N at a time (`--jobs`);
+//! `slurm` submits each as a batch job with dependencies on its parents'.
+
+pub mod local;
+pub mod slurm;
+
+use std::path::PathBuf;
+
+/// The command line that runs one stage of a recipe in another process.
+#[derive(Clone, Debug)]
+pub struct StageCommand {
+    /// The `runner` binary.
+    pub program: PathBuf,
+    pub cache: PathBuf,
+    pub recipe: PathBuf,
+    pub stage: String,
+    /// Compute threads of the stage (part of what makes results bit-identical).
+    pub threads: usize,
+    /// `--device`, when one is to be passed on.
+    pub device: Option<String>,
+    /// The stage was forced with `--force`.
+    pub force: bool,
+}
+
+impl StageCommand {
+    /// Arguments after the program name.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--cache".to_string(),
+            self.cache.display().to_string(),
+            "--threads".to_string(),
+            self.threads.to_string(),
+        ];
+        if let Some(d) = &self.device {
+            args.extend(["--device".to_string(), d.clone()]);
+        }
+        args.extend([
+            "run".to_string(),
+            self.recipe.display().to_string(),
+            "--only".to_string(),
+            self.stage.clone(),
+        ]);
+        if self.force {
+            args.extend(["--force".to_string(), self.stage.clone()]);
+        }
+        args
+    }
+}
+
+/// Where a submitted stage is, as its scheduler reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting (the scheduler's reason: `Dependency`, `Resources`, ...).
+    Pending(String),
+    Running,
+    Completed,
+    /// Ended without success (`FAILED`, `CANCELLED`, `TIMEOUT`, ...): the
+    /// state and reason as the scheduler gives them.
+    Failed(String),
+    /// Waiting for an input that failed: it will never start.
+    Never(String),
+    /// The scheduler no longer knows the job.
+    Unknown,
+}
+
+impl JobState {
+    /// Queued or running: submitting the stage again would run it twice.
+    pub fn active(&self) -> bool {
+        matches!(self, JobState::Pending(_) | JobState::Running)
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            JobState::Pending(why) if why.is_empty() || why == "None" => "PENDING".into(),
+            JobState::Pending(why) => format!("PENDING ({why})"),
+            JobState::Running => "RUNNING".into(),
+            JobState::Completed => "COMPLETED".into(),
+            JobState::Failed(what) => what.clone(),
+            JobState::Never(why) => format!("NEVER STARTS ({why})"),
+            JobState::Unknown => "gone from the queue".into(),
+        }
+    }
+}
+
+/// A scheduler that runs stage commands as jobs: the whole interface a
+/// cluster executor implements (Slurm now; a Kubernetes Job one could follow).
+pub trait Executor {
+    /// Submit `command` to start after the jobs `after` succeed; its output goes to `output`.
+    fn submit(
+        &self,
+        name: &str,
+        command: &StageCommand,
+        after: &[String],
+        settings: &crate::recipe::executor::SlurmSettings,
+        output: &std::path::Path,
+    ) -> anyhow::Result<String>;
+    /// The state of each job id (ids the scheduler forgot are `Unknown`).
+    fn state(&self, ids: &[String])
+        -> anyhow::Result<std::collections::BTreeMap<String, JobState>>;
+    fn cancel(&self, ids: &[String]) -> anyhow::Result<()>;
+}
