@@ -31,11 +31,45 @@ th{background:#f3f3f3}.verdict{font-size:1.1rem;font-weight:600;background:#eef6
 code{background:#f3f3f3;padding:0 .2rem}.note{color:#666}";
 
 /// The headline sentence: on the first headline metric any verdict covers.
-fn headline(verdicts: &[Verdict]) -> (String, bool) {
+/// With more than two stages (a sweep), the best stage on that metric against
+/// each other one, not every pair.
+fn headline(verdicts: &[Verdict], stages: &[StageSummary]) -> (String, bool) {
     for (metric, label) in HEADLINE {
-        let on: Vec<&Verdict> = verdicts.iter().filter(|v| v.metric == *metric).collect();
+        let mut on: Vec<&Verdict> = verdicts.iter().filter(|v| v.metric == *metric).collect();
         if on.is_empty() {
             continue;
+        }
+        let mut lead = String::new();
+        if on.len() > 1 {
+            let higher_is_better = crate::compare::evaluation::METRICS
+                .iter()
+                .find(|(m, _)| m == metric)
+                .is_none_or(|(_, h)| *h);
+            let value = |s: &StageSummary| {
+                s.evaluated
+                    .evaluation
+                    .as_ref()
+                    .and_then(|e| e.metrics.get(*metric).copied())
+            };
+            let best =
+                stages
+                    .iter()
+                    .filter_map(|s| Some((s, value(s)?)))
+                    .max_by(|(_, x), (_, y)| {
+                        if higher_is_better {
+                            x.total_cmp(y)
+                        } else {
+                            y.total_cmp(x)
+                        }
+                    });
+            if let Some((best, v)) = best {
+                on.retain(|x| x.a == best.name || x.b == best.name);
+                lead = format!(
+                    "Best on {label} of {} stages: {} ({v:.3}). ",
+                    stages.len(),
+                    best.name
+                );
+            }
         }
         let lines: Vec<String> = on
             .iter()
@@ -58,7 +92,7 @@ fn headline(verdicts: &[Verdict]) -> (String, bool) {
             })
             .collect();
         let decided = on.iter().any(|v| v.better.is_some());
-        return (lines.join(". "), decided);
+        return (format!("{lead}{}", lines.join(". ")), decided);
     }
     (
         "No verdict: the compared stages have no evaluation in common (add eval stages over the same data)."
@@ -160,7 +194,7 @@ pub fn html_report(
         escape(title)
     );
     // The verdict.
-    let (sentence, decided) = headline(verdicts);
+    let (sentence, decided) = headline(verdicts, stages);
     let _ = write!(
         out,
         "<section id=\"verdict\"><h2>Verdict</h2><p class=\"verdict{}\">{}</p>",
