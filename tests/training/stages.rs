@@ -752,7 +752,13 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
         .skip(1)
         .take(2)
         .collect();
-    let loss = |line: &str| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let loss = |line: &str| {
+        line.split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
     assert!(loss(ranking[0]) <= loss(ranking[1]), "{ranked}");
     let (best, other) = match ranking[0].split_whitespace().nth(1).unwrap() {
         "dpo_fresh" => ("dpo_fresh", "dpo_continued"),
