@@ -110,10 +110,11 @@ pub fn submit(
         .iter()
         .filter(|p| selected.contains(&p.index) && p.status.will_run())
         .collect();
-    let known: Vec<String> = to_run
+    let records: BTreeMap<usize, JobRecord> = to_run
         .iter()
-        .filter_map(|p| job_record(cache, &p.key).map(|r| r.id))
+        .filter_map(|p| Some((p.index, job_record(cache, &p.key)?)))
         .collect();
+    let known: Vec<String> = records.values().map(|r| r.id.clone()).collect();
     let states = if known.is_empty() {
         BTreeMap::new()
     } else {
@@ -123,15 +124,15 @@ pub fn submit(
     let mut out = Vec::new();
     for p in to_run {
         let stage = &recipe.stages[p.index];
-        if let Some(record) = job_record(cache, &p.key) {
+        if let Some(record) = records.get(&p.index) {
             if states.get(&record.id).is_some_and(JobState::active) {
                 jobs.insert(p.index, record.id.clone());
                 out.push(Submitted {
                     stage: p.name.clone(),
                     key: p.key.clone(),
-                    id: record.id,
+                    id: record.id.clone(),
                     fresh: false,
-                    output: record.output,
+                    output: record.output.clone(),
                 });
                 continue;
             }
@@ -276,8 +277,9 @@ impl Executor for Slurm {
             ("--gres", &settings.gres),
             ("--account", &settings.account),
         ];
+        // An empty value unsets what a level above set (`gres = ""` for a merge).
         for (flag, value) in flags {
-            if let Some(v) = value {
+            if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
                 sbatch.arg(format!("{flag}={v}"));
             }
         }

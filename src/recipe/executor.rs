@@ -47,7 +47,8 @@ pub struct SlurmSection {
     pub stage: BTreeMap<String, SlurmSettings>,
 }
 
-/// The settings of one job; unset fields fall back to the level above.
+/// The settings of one job; unset fields fall back to the level above, and an
+/// empty string passes no flag at all (`gres = ""`: no GPU for this kind).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SlurmSettings {
