@@ -6,10 +6,11 @@
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Mode;
 use crate::model::error::Result;
+use crate::model::fused_attention::attention;
 use crate::model::linear::Linear;
-use crate::model::ops::{masked_softmax, rope};
+use crate::model::ops::rope;
 use crate::model::weights::WeightLoader;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 /// Additive mask value for disallowed attention; finite so a fully masked
 /// (padding) row never produces NaN.
@@ -182,16 +183,9 @@ impl Attention {
         // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
-        // Softmax in f32 (as HF does) unless the model already runs in f64.
-        let softmax_dtype = if x.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
-        let probs = masked_softmax(&scores, &ctx.mask)?.to_dtype(x.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        // Softmax in f32 (as HF does), fused on the CPU: no [heads, t, T]
+        // scores or probabilities are kept for backward.
+        let out = attention(&q, &k, &v, &ctx.mask)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;

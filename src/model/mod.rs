@@ -19,6 +19,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod export;
+pub mod fused_attention;
 pub mod generate;
 pub mod init;
 pub mod io;

@@ -13,6 +13,18 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
 };
 
+/// Whether the CPU kernels of this module (and `fused_attention`) run on
+/// `device`: on the CPU, unless `LORA_RUNNER_GENERIC_OPS=1` asks for the
+/// compositions of candle ops a GPU runs, so that path can be measured and
+/// tested on a CPU.
+pub fn fused_kernels(device: &candle_core::Device) -> bool {
+    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let generic = *GENERIC.get_or_init(|| {
+        std::env::var("LORA_RUNNER_GENERIC_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
+    });
+    device.is_cpu() && !generic
+}
+
 fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -181,7 +193,7 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     };
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_features))?;
-    let y = if x.device().is_cpu() {
+    let y = if fused_kernels(x.device()) {
         x2.contiguous()?.apply_op2(&w.contiguous()?, FrozenMatmul)?
     } else {
         x2.matmul(&w.t()?)?
@@ -258,7 +270,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core:
     let Some(b) = b else {
         return frozen_matmul(x, w);
     };
-    if !x.device().is_cpu() {
+    if !fused_kernels(x.device()) {
         return frozen_matmul(x, w)?.broadcast_add(b);
     }
     let dims = x.dims().to_vec();
@@ -323,7 +335,7 @@ impl CustomOp2 for MulByConstant {
 
 /// x * c for a constant c (same shape); no gradient is kept for c.
 pub fn mul_by_constant(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_kernels(x.device()) {
         x.contiguous()?.apply_op2(&c.contiguous()?, MulByConstant)
     } else {
         x.mul(&c.detach())
@@ -385,7 +397,7 @@ impl CustomOp1 for SoftmaxLastDim {
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_kernels(x.device()) {
         x.contiguous()?.apply_op1(SoftmaxLastDim)
     } else {
         softmax_last_dim_slow(x)
@@ -492,7 +504,7 @@ impl CustomOp2 for MaskedSoftmax {
 
 /// Softmax of scores [B, G, R, T] plus mask [B, Tq, T] (f32), see [`MaskedSoftmax`].
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-    if scores.device().is_cpu() {
+    if fused_kernels(scores.device()) {
         scores
             .contiguous()?
             .apply_op2(&mask.to_dtype(DType::F32)?.contiguous()?, MaskedSoftmax)
@@ -614,7 +626,7 @@ impl CustomOp2 for RmsNorm {
 
 /// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * w.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_kernels(x.device()) {
         x.contiguous()?
             .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
     } else {
@@ -726,7 +738,7 @@ impl CustomOp3 for Rope {
 
 /// Applies rotary embeddings; see [`Rope`] for shapes.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_kernels(x.device()) {
         x.contiguous()?
             .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
     } else {
@@ -885,7 +897,7 @@ impl CustomOp2 for TokenLogProbGrad {
 /// log_softmax(logits, -1) gathered at `targets`: logits [N, V] (f32/f64),
 /// result [N]. Backward recomputes the softmax instead of storing it.
 pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+    if fused_kernels(logits.device()) && matches!(logits.dtype(), DType::F32 | DType::F64) {
         logits.contiguous()?.apply_op1(TokenLogProb {
             targets: std::sync::Arc::new(targets.to_vec()),
         })

@@ -255,7 +255,9 @@ pub fn train(
         tokens_total += tokens;
 
         let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let mut line = serde_json::json!({ "step": state.step, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens_per_s });
+        // elapsed_s: seconds since this process began the loop, so a benchmark
+        // can time steps end to end (checkpoints and evaluations included).
+        let mut line = serde_json::json!({ "step": state.step, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens_per_s, "elapsed_s": clock.elapsed().as_secs_f64() });
         for (k, v) in &sums {
             line[k] = (*v).into();
         }

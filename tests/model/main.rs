@@ -3,6 +3,7 @@
 //! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
 
 mod forward_reference;
+mod fused_attention;
 mod generate;
 mod init_and_tokenizer;
 mod loading_errors;

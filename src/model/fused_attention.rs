@@ -1,0 +1,527 @@
+//! Attention (scores, masked softmax, weighted values) as one CPU op with
+//! its own backward, in the manner of FlashAttention.
+//!
+//! The composition `softmax(QKᵀ + mask)·V` keeps the scores and the
+//! probabilities, [B, heads, t, T] each, until backward: at 2048 tokens that
+//! is most of a training step's memory, and writing and reading them is much
+//! of its time. This op keeps only its output. Backward recomputes each
+//! block's probabilities from Q and K, and both passes skip the keys no
+//! query of a block can see (the causal upper triangle, trailing padding).
+//!
+//! Work is split by (row, KV head): each unit is computed by one thread in a
+//! fixed order, so results do not depend on the thread count. Block products
+//! go through the `gemm` crate (candle's own CPU matmul kernel) without
+//! threads of their own. f32 and f64 only; other dtypes and other devices
+//! take the composition (`attention_slow`), which the tests use as the
+//! reference.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::model::ops::{fused_kernels, masked_softmax};
+
+/// Query rows per block: the transient scores of a block are
+/// `QUERY_BLOCK × visible keys`, a few hundred KiB at 4096 keys.
+const QUERY_BLOCK: usize = 64;
+
+/// An additive mask entry at or below this hides its key (the model's mask
+/// uses -1e30; 0 allows).
+const HIDDEN_BELOW: f32 = -1e29;
+
+/// Element types with a kernel here.
+trait Float:
+    num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + WithDType + Send + Sync + 'static
+{
+    fn of_f32(v: f32) -> Self;
+}
+impl Float for f32 {
+    fn of_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Float for f64 {
+    fn of_f32(v: f32) -> Self {
+        v as f64
+    }
+}
+
+/// Shapes of one call: `rows` query rows per (batch, KV head) unit, made of
+/// `rep` query heads of `tq` tokens each; `keys` keys; `hd` head dim.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    kv_heads: usize,
+    rep: usize,
+    tq: usize,
+    keys: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn rows(&self) -> usize {
+        self.rep * self.tq
+    }
+}
+
+/// The attention op; the mask [B, tq, T] (f32, additive) rides along as a
+/// constant, since it gets no gradient.
+struct FusedAttention {
+    mask: Tensor,
+}
+
+/// Row-major matrix views for `gemm`: a pointer with row and column strides.
+#[derive(Clone, Copy)]
+struct Mat<T> {
+    ptr: *const T,
+    rs: isize,
+    cs: isize,
+}
+
+impl<T> Mat<T> {
+    /// A row-major matrix with `cols` columns starting at `data`.
+    fn rows(data: &[T], cols: usize) -> Self {
+        Mat {
+            ptr: data.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    fn transposed(data: &[T], cols: usize) -> Self {
+        Mat {
+            ptr: data.as_ptr(),
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+}
+
+/// dst[m, n] (row-major, `dst.len() >= m * n`) = lhs[m, k] · rhs[k, n],
+/// or += when `accumulate`.
+///
+/// Safety of the `gemm` call: `lhs` and `rhs` views are built from slices
+/// the caller sized for (m, k) and (k, n) with the given strides.
+fn matmul<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+) {
+    assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: see the function comment; dst holds m * n elements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// For each mask row, the number of leading keys a query may see (one past
+/// the last visible key), or all keys when it sees none: the composition
+/// then spreads such a row evenly over every key, and so does this op.
+fn visible_keys(mask: &[f32], keys: usize) -> Vec<usize> {
+    mask.chunks_exact(keys)
+        .map(|row| match row.iter().rposition(|&m| m > HIDDEN_BELOW) {
+            Some(last) => last + 1,
+            None => keys,
+        })
+        .collect()
+}
+
+/// One block of query rows: rows `first..first + len` of the unit (all of
+/// one query head), which see at most `keys` keys and use mask rows
+/// `token..token + len`.
+struct Block {
+    first: usize,
+    token: usize,
+    len: usize,
+    keys: usize,
+}
+
+fn blocks(d: Dims, visible: &[usize]) -> Vec<Block> {
+    let mut out = Vec::new();
+    for head in 0..d.rep {
+        for token in (0..d.tq).step_by(QUERY_BLOCK) {
+            let len = QUERY_BLOCK.min(d.tq - token);
+            let keys = visible[token..token + len]
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0);
+            out.push(Block {
+                first: head * d.tq + token,
+                token,
+                len,
+                keys,
+            });
+        }
+    }
+    out
+}
+
+/// probs[len, keys] = softmax(q_block · k[..keys]ᵀ + mask) row by row,
+/// with the same arithmetic as the model's masked softmax.
+fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], probs: &mut [T]) {
+    let (len, nk, hd) = (blk.len, blk.keys, d.hd);
+    let probs = &mut probs[..len * nk];
+    matmul(
+        (len, nk, hd),
+        probs,
+        false,
+        Mat::rows(&q[blk.first * hd..], hd),
+        Mat::transposed(k, hd),
+    );
+    for (i, row) in probs.chunks_exact_mut(nk).enumerate() {
+        let m = &mask[(blk.token + i) * d.keys..][..nk];
+        let mut max = T::neg_infinity();
+        for (s, &mv) in row.iter_mut().zip(m) {
+            *s += T::of_f32(mv);
+            max = num_traits::Float::max(max, *s);
+        }
+        let mut sum = T::zero();
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = T::one() / sum;
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+/// Output rows of one (batch, KV head) unit.
+fn forward_unit<T: Float>(
+    d: Dims,
+    blocks: &[Block],
+    (q, k, v): (&[T], &[T], &[T]),
+    mask: &[f32],
+    out: &mut [T],
+) {
+    let hd = d.hd;
+    let mut probs = vec![T::zero(); QUERY_BLOCK * d.keys];
+    for blk in blocks {
+        block_probs(d, blk, q, k, mask, &mut probs);
+        matmul(
+            (blk.len, hd, blk.keys),
+            &mut out[blk.first * hd..][..blk.len * hd],
+            false,
+            Mat::rows(&probs, blk.keys),
+            Mat::rows(v, hd),
+        );
+    }
+}
+
+/// Gradients of one unit's q, k and v (`dk`, `dv` start at zero).
+#[allow(clippy::too_many_arguments)]
+fn backward_unit<T: Float>(
+    d: Dims,
+    blocks: &[Block],
+    (q, k, v): (&[T], &[T], &[T]),
+    (out, dout): (&[T], &[T]),
+    mask: &[f32],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let hd = d.hd;
+    let mut probs = vec![T::zero(); QUERY_BLOCK * d.keys];
+    let mut dprobs = vec![T::zero(); QUERY_BLOCK * d.keys];
+    for blk in blocks {
+        let (len, nk) = (blk.len, blk.keys);
+        let rows = blk.first * hd..(blk.first + len) * hd;
+        block_probs(d, blk, q, k, mask, &mut probs);
+        let (p, dp) = (&probs[..len * nk], &mut dprobs[..len * nk]);
+        // dV += Pᵀ · dO
+        matmul(
+            (nk, hd, len),
+            dv,
+            true,
+            Mat::transposed(p, nk),
+            Mat::rows(&dout[rows.clone()], hd),
+        );
+        // dP = dO · Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)) in place.
+        matmul(
+            (len, nk, hd),
+            dp,
+            false,
+            Mat::rows(&dout[rows.clone()], hd),
+            Mat::transposed(v, hd),
+        );
+        for i in 0..len {
+            let o = &out[rows.start + i * hd..][..hd];
+            let g = &dout[rows.start + i * hd..][..hd];
+            let delta = o.iter().zip(g).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+            for (ds, &pv) in dp[i * nk..][..nk].iter_mut().zip(&p[i * nk..][..nk]) {
+                *ds = pv * (*ds - delta);
+            }
+        }
+        // dQ = dS · K ; dK += dSᵀ · Q
+        matmul(
+            (len, hd, nk),
+            &mut dq[rows.clone()],
+            false,
+            Mat::rows(dp, nk),
+            Mat::rows(k, hd),
+        );
+        matmul(
+            (nk, hd, len),
+            dk,
+            true,
+            Mat::transposed(dp, nk),
+            Mat::rows(&q[rows], hd),
+        );
+    }
+}
+
+fn cpu_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
+        None => bail!("fused-attention: {what} must be contiguous"),
+    }
+}
+
+impl FusedAttention {
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<Dims> {
+        let (b, g, r, hd) = q.shape().dims4()?;
+        let (kb, kg, t, khd) = k.shape().dims4()?;
+        let (mb, tq, mt) = self.mask.dims3()?;
+        let consistent = k.shape() == v.shape()
+            && (kb, kg, khd) == (b, g, hd)
+            && (mb, mt) == (b, t)
+            && tq > 0
+            && r % tq == 0;
+        if !consistent {
+            bail!(
+                "fused-attention: q {:?}, k {:?}, v {:?} and mask {:?} do not fit",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                self.mask.dims()
+            );
+        }
+        Ok(Dims {
+            batch: b,
+            kv_heads: g,
+            rep: r / tq,
+            tq,
+            keys: t,
+            hd,
+        })
+    }
+
+    /// The mask as f32 values with each batch row's visible-key counts.
+    fn with_mask<R>(
+        &self,
+        d: Dims,
+        f: impl FnOnce(&[f32], &[usize]) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let (storage, layout) = self.mask.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            bail!("fused-attention: the mask is not on the CPU")
+        };
+        let mask = cpu_slice::<f32>(cpu, layout, "the mask")?;
+        let visible = visible_keys(mask, d.keys);
+        f(mask, &visible)
+    }
+
+    fn forward<T: Float>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
+        let (rows, hd, keys) = (d.rows(), d.hd, d.keys);
+        let mut out = vec![T::zero(); d.batch * d.kv_heads * rows * hd];
+        self.with_mask(d, |mask, visible| {
+            out.par_chunks_mut(rows * hd)
+                .enumerate()
+                .for_each(|(unit, out)| {
+                    let b = unit / d.kv_heads;
+                    let bl = blocks(d, &visible[b * d.tq..][..d.tq]);
+                    let kv = unit * keys * hd..(unit + 1) * keys * hd;
+                    forward_unit(
+                        d,
+                        &bl,
+                        (&q[unit * rows * hd..][..rows * hd], &k[kv.clone()], &v[kv]),
+                        &mask[b * d.tq * keys..][..d.tq * keys],
+                        out,
+                    );
+                });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Float>(
+        &self,
+        d: Dims,
+        (q, k, v): (&[T], &[T], &[T]),
+        (out, dout): (&[T], &[T]),
+    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let (rows, hd, keys) = (d.rows(), d.hd, d.keys);
+        let units = d.batch * d.kv_heads;
+        let mut dq = vec![T::zero(); units * rows * hd];
+        let mut dk = vec![T::zero(); units * keys * hd];
+        let mut dv = vec![T::zero(); units * keys * hd];
+        self.with_mask(d, |mask, visible| {
+            dq.par_chunks_mut(rows * hd)
+                .zip(dk.par_chunks_mut(keys * hd))
+                .zip(dv.par_chunks_mut(keys * hd))
+                .enumerate()
+                .for_each(|(unit, ((dq, dk), dv))| {
+                    let b = unit / d.kv_heads;
+                    let bl = blocks(d, &visible[b * d.tq..][..d.tq]);
+                    let qr = unit * rows * hd..(unit + 1) * rows * hd;
+                    let kv = unit * keys * hd..(unit + 1) * keys * hd;
+                    backward_unit(
+                        d,
+                        &bl,
+                        (&q[qr.clone()], &k[kv.clone()], &v[kv]),
+                        (&out[qr.clone()], &dout[qr]),
+                        &mask[b * d.tq * keys..][..d.tq * keys],
+                        dq,
+                        dk,
+                        dv,
+                    );
+                });
+            Ok(())
+        })?;
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1, l2, l3)?;
+        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(self.forward::<f32>(
+                d,
+                cpu_slice(s1, l1, "q")?,
+                cpu_slice(s2, l2, "k")?,
+                cpu_slice(s3, l3, "v")?,
+            )?),
+            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(self.forward::<f64>(
+                d,
+                cpu_slice(s1, l1, "q")?,
+                cpu_slice(s2, l2, "k")?,
+                cpu_slice(s3, l3, "v")?,
+            )?),
+            dt => bail!("fused-attention: unsupported dtypes {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let tensors = [q, k, v, res, &grad];
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let mut cpu = Vec::with_capacity(guards.len());
+        for (storage, layout) in &guards {
+            let Storage::Cpu(s) = &**storage else {
+                bail!("fused-attention: backward on a non-CPU tensor")
+            };
+            cpu.push((s, *layout));
+        }
+        let d = self.dims(cpu[0].1, cpu[1].1, cpu[2].1)?;
+        macro_rules! grads {
+            ($t:ty) => {{
+                let s = |i: usize, what| cpu_slice::<$t>(cpu[i].0, cpu[i].1, what);
+                let (dq, dk, dv) = self.backward::<$t>(
+                    d,
+                    (s(0, "q")?, s(1, "k")?, s(2, "v")?),
+                    (s(3, "the output")?, s(4, "the gradient")?),
+                )?;
+                let dev = q.device();
+                (
+                    Tensor::from_vec(dq, q.shape(), dev)?,
+                    Tensor::from_vec(dk, k.shape(), dev)?,
+                    Tensor::from_vec(dv, v.shape(), dev)?,
+                )
+            }};
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => grads!(f32),
+            DType::F64 => grads!(f64),
+            dt => bail!("fused-attention: unsupported dtype {dt:?}"),
+        };
+        drop(guards);
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// softmax(q·kᵀ + mask)·v for q [B, G, R, hd] (already scaled; the R rows
+/// of each KV head are its query heads' t tokens, stacked), k and v
+/// [B, G, T, hd], and an additive mask [B, t, T] (f32) shared by the heads.
+/// Fused on the CPU for f32 and f64; elsewhere [`attention_slow`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_kernels(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) {
+        let op = FusedAttention {
+            mask: mask.to_dtype(DType::F32)?.contiguous()?.detach(),
+        };
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    } else {
+        attention_slow(q, k, v, mask)
+    }
+}
+
+/// The composition: scores in f32 (f64 for f64 models), the model's masked
+/// softmax, probabilities cast back, times v.
+pub fn attention_slow(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let softmax_dtype = if q.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
+    let probs = masked_softmax(&scores, mask)?.to_dtype(q.dtype())?;
+    probs.matmul(v)
+}
