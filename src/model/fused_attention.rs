@@ -19,6 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::model::gemm::{matmul, Float, Mat, Threads};
 use crate::model::ops::{fused_kernels, masked_softmax};
 
 /// Query rows per block: the transient scores of a block are
@@ -28,23 +29,6 @@ const QUERY_BLOCK: usize = 64;
 /// An additive mask entry at or below this hides its key (the model's mask
 /// uses -1e30; 0 allows).
 const HIDDEN_BELOW: f32 = -1e29;
-
-/// Element types with a kernel here.
-trait Float:
-    num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + WithDType + Send + Sync + 'static
-{
-    fn of_f32(v: f32) -> Self;
-}
-impl Float for f32 {
-    fn of_f32(v: f32) -> Self {
-        v
-    }
-}
-impl Float for f64 {
-    fn of_f32(v: f32) -> Self {
-        v as f64
-    }
-}
 
 /// Shapes of one call: `rows` query rows per (batch, KV head) unit, made of
 /// `rep` query heads of `tq` tokens each; `keys` keys; `hd` head dim.
@@ -68,75 +52,6 @@ impl Dims {
 /// constant, since it gets no gradient.
 struct FusedAttention {
     mask: Tensor,
-}
-
-/// Row-major matrix views for `gemm`: a pointer with row and column strides.
-#[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rs: isize,
-    cs: isize,
-}
-
-impl<T> Mat<T> {
-    /// A row-major matrix with `cols` columns starting at `data`.
-    fn rows(data: &[T], cols: usize) -> Self {
-        Mat {
-            ptr: data.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-    /// The transpose of a row-major matrix with `cols` columns.
-    fn transposed(data: &[T], cols: usize) -> Self {
-        Mat {
-            ptr: data.as_ptr(),
-            rs: 1,
-            cs: cols as isize,
-        }
-    }
-}
-
-/// dst[m, n] (row-major, `dst.len() >= m * n`) = lhs[m, k] · rhs[k, n],
-/// or += when `accumulate`.
-///
-/// Safety of the `gemm` call: `lhs` and `rhs` views are built from slices
-/// the caller sized for (m, k) and (k, n) with the given strides.
-fn matmul<T: Float>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    accumulate: bool,
-    lhs: Mat<T>,
-    rhs: Mat<T>,
-) {
-    assert!(dst.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: see the function comment; dst holds m * n elements.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 /// For each mask row, the number of leading keys a query may see (one past
@@ -191,8 +106,9 @@ fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], p
         (len, nk, hd),
         probs,
         false,
-        Mat::rows(&q[blk.first * hd..], hd),
-        Mat::transposed(k, hd),
+        (Mat::rows(&q[blk.first * hd..], hd), Mat::transposed(k, hd)),
+        T::one(),
+        Threads::One,
     );
     for (i, row) in probs.chunks_exact_mut(nk).enumerate() {
         let m = &mask[(blk.token + i) * d.keys..][..nk];
@@ -229,8 +145,9 @@ fn forward_unit<T: Float>(
             (blk.len, hd, blk.keys),
             &mut out[blk.first * hd..][..blk.len * hd],
             false,
-            Mat::rows(&probs, blk.keys),
-            Mat::rows(v, hd),
+            (Mat::rows(&probs, blk.keys), Mat::rows(v, hd)),
+            T::one(),
+            Threads::One,
         );
     }
 }
@@ -260,16 +177,18 @@ fn backward_unit<T: Float>(
             (nk, hd, len),
             dv,
             true,
-            Mat::transposed(p, nk),
-            Mat::rows(&dout[rows.clone()], hd),
+            (Mat::transposed(p, nk), Mat::rows(&dout[rows.clone()], hd)),
+            T::one(),
+            Threads::One,
         );
         // dP = dO · Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)) in place.
         matmul(
             (len, nk, hd),
             dp,
             false,
-            Mat::rows(&dout[rows.clone()], hd),
-            Mat::transposed(v, hd),
+            (Mat::rows(&dout[rows.clone()], hd), Mat::transposed(v, hd)),
+            T::one(),
+            Threads::One,
         );
         for i in 0..len {
             let o = &out[rows.start + i * hd..][..hd];
@@ -284,15 +203,17 @@ fn backward_unit<T: Float>(
             (len, hd, nk),
             &mut dq[rows.clone()],
             false,
-            Mat::rows(dp, nk),
-            Mat::rows(k, hd),
+            (Mat::rows(dp, nk), Mat::rows(k, hd)),
+            T::one(),
+            Threads::One,
         );
         matmul(
             (nk, hd, len),
             dk,
             true,
-            Mat::transposed(dp, nk),
-            Mat::rows(&q[rows], hd),
+            (Mat::transposed(dp, nk), Mat::rows(&q[rows], hd)),
+            T::one(),
+            Threads::One,
         );
     }
 }

@@ -4,9 +4,10 @@
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Mode;
 use crate::model::error::Result;
+use crate::model::fused_linear::{lora_linear, Adapter};
 use crate::model::lora::LoraAdapter;
 use crate::model::names;
-use crate::model::ops::{frozen_linear, mul_by_constant};
+use crate::model::ops::frozen_linear;
 use crate::model::rng::SplitMix64;
 use crate::model::weights::WeightLoader;
 use candle_core::Tensor;
@@ -51,40 +52,41 @@ impl Linear {
 
     /// y = x W^T + b + s · B(A(dropout(x))); only the adapter path is scaled.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight, self.bias.as_ref())?;
-        if let Some(lora) = &self.lora {
-            let dtype = x.dtype();
-            let xin = match mode {
-                Mode::Train { dropout_seed } if lora.dropout > 0.0 => {
-                    dropout(x, lora.dropout, dropout_seed, &self.name)?
-                }
-                _ => x.clone(),
-            };
-            let (a, b) = if mode == Mode::Inference {
-                (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
-            } else {
-                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
-            };
-            // Scale the small [out, r] matrix rather than the [N, out] output.
-            let (a, b) = (a.to_dtype(dtype)?, (b.to_dtype(dtype)? * lora.scale)?);
-            let (lead, last) = xin.dims().split_at(xin.rank() - 1);
-            let rows: usize = lead.iter().product();
-            let x2 = xin.reshape((rows, last[0]))?;
-            let h = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            let h = h.reshape(y.shape())?;
-            y = (y + h)?;
-        }
-        Ok(y)
+        let Some(lora) = &self.lora else {
+            return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
+        };
+        let mask = match mode {
+            Mode::Train { dropout_seed } if lora.dropout > 0.0 => {
+                Some(dropout_mask(x, lora.dropout, dropout_seed, &self.name)?)
+            }
+            _ => None,
+        };
+        let (a, b) = if mode == Mode::Inference {
+            (lora.a.as_detached_tensor(), lora.b.as_detached_tensor())
+        } else {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        };
+        let adapter = Adapter {
+            a: &a,
+            b: &b,
+            scale: lora.scale,
+            dropout: mask.as_ref(),
+        };
+        Ok(lora_linear(
+            x,
+            (&self.weight, self.bias.as_ref()),
+            &adapter,
+        )?)
     }
 }
 
-/// Inverted dropout with a mask drawn from (seed, module name).
-fn dropout(x: &Tensor, p: f64, seed: u64, module: &str) -> Result<Tensor> {
+/// The inverted-dropout mask (0 or 1/(1-p), shaped like x, in x's dtype)
+/// drawn from (seed, module name).
+fn dropout_mask(x: &Tensor, p: f64, seed: u64, module: &str) -> Result<Tensor> {
     let mut rng = SplitMix64::for_stream(seed, module);
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(mul_by_constant(x, &mask)?)
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }

@@ -4,6 +4,7 @@ use crate::model::config::ModelConfig;
 use crate::model::decoder::Mode;
 use crate::model::error::Result;
 use crate::model::linear::Linear;
+use crate::model::ops::swiglu;
 use crate::model::weights::WeightLoader;
 use candle_core::Tensor;
 
@@ -24,8 +25,8 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, mode)?.silu()?;
+        let gate = self.gate_proj.forward(x, mode)?;
         let up = self.up_proj.forward(x, mode)?;
-        self.down_proj.forward(&(gate * up)?, mode)
+        self.down_proj.forward(&swiglu(&gate, &up)?, mode)
     }
 }

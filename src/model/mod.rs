@@ -20,6 +20,8 @@ pub mod decoder;
 pub mod error;
 pub mod export;
 pub mod fused_attention;
+pub mod fused_linear;
+pub mod gemm;
 pub mod generate;
 pub mod init;
 pub mod io;

@@ -4,6 +4,7 @@
 
 mod forward_reference;
 mod fused_attention;
+mod fused_linear;
 mod generate;
 mod init_and_tokenizer;
 mod loading_errors;

@@ -217,3 +217,58 @@ fn masked_softmax_matches_composition() {
         }
     });
 }
+
+#[test]
+fn swiglu_matches_composition_including_saturated_and_zero_gates() {
+    with_big_stack(|| {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            // Random gates plus the edges: 0, tiny, and saturated either way.
+            let mut g = Tensor::randn(0f32, 2.0, 24, &Device::Cpu)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            g[..6].copy_from_slice(&[0.0, 1e-3, -100.0, 100.0, -20.0, 20.0]);
+            let g = Tensor::from_vec(g, (2, 3, 4), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let gate = Var::from_tensor(&g).unwrap();
+            let up = Var::from_tensor(&randn(&[2, 3, 4], dtype)).unwrap();
+            let r = randn(&[2, 3, 4], dtype);
+            let fast = ops::swiglu(gate.as_tensor(), up.as_tensor()).unwrap();
+            let slow = ops::swiglu_slow(gate.as_tensor(), up.as_tensor()).unwrap();
+            assert!(max_abs_diff(&fast, &slow) < tol);
+            let grads = |y: &Tensor| {
+                let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+                let gg = g.get(gate.as_tensor()).unwrap().clone();
+                let gu = g.get(up.as_tensor()).unwrap().clone();
+                (gg, gu)
+            };
+            let (fg, fu) = grads(&fast);
+            let (sg, su) = grads(&slow);
+            assert!(
+                max_abs_diff(&fg, &sg) < tol,
+                "dgate {}",
+                max_abs_diff(&fg, &sg)
+            );
+            assert!(
+                max_abs_diff(&fu, &su) < tol,
+                "dup {}",
+                max_abs_diff(&fu, &su)
+            );
+            let finite = fg.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+            assert!(finite
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite()));
+        }
+        // d/dg silu(g) at 0 is 1/2 (closed form), so dgate = up/2 there.
+        let gate = Var::from_tensor(&Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap()).unwrap();
+        let up = Tensor::new(&[1.0f64, -2.0, 4.0], &Device::Cpu).unwrap();
+        let y = ops::swiglu(gate.as_tensor(), &up).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dg = g.get(gate.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(dg, vec![0.5, -1.0, 2.0]);
+    });
+}

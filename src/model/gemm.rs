@@ -1,0 +1,121 @@
+//! Matrix products on CPU slices through the `gemm` crate (the kernel
+//! candle's own CPU matmul uses), for the fused ops that work on raw
+//! storage: row-major views with strides, an optional accumulate, and the
+//! choice of threads left to the caller.
+
+use candle_core::WithDType;
+
+/// Element types with a kernel here.
+pub trait Float:
+    num_traits::Float + std::ops::AddAssign + std::ops::MulAssign + WithDType + Send + Sync + 'static
+{
+    fn of_f32(v: f32) -> Self;
+}
+impl Float for f32 {
+    fn of_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Float for f64 {
+    fn of_f32(v: f32) -> Self {
+        v as f64
+    }
+}
+
+/// A matrix view for `gemm`: a slice with row and column strides.
+#[derive(Clone, Copy)]
+pub struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major matrix with `cols` columns starting at `data`.
+    pub fn rows(data: &'a [T], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn transposed(data: &'a [T], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+    /// Whether a (rows, cols) matrix at these strides lies inside the slice.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// How `gemm` may split one product over threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    /// On the calling thread: the caller already runs products in parallel.
+    One,
+    /// Over the current rayon pool, as candle's matmul does (RAYON_NUM_THREADS).
+    Pool,
+}
+
+/// dst[m, n] (row-major) = scale · lhs[m, k] · rhs[k, n], or += when
+/// `accumulate`. Panics if a view or dst is too short for its shape.
+pub fn matmul<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    accumulate: bool,
+    (lhs, rhs): (Mat<T>, Mat<T>),
+    scale: T,
+    threads: Threads,
+) {
+    assert!(dst.len() >= m * n, "gemm: destination too short");
+    assert!(
+        lhs.covers(m, k) && rhs.covers(k, n),
+        "gemm: operand too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    let parallelism = match threads {
+        Threads::One => gemm::Parallelism::None,
+        Threads::Pool => match candle_core::utils::get_num_threads() {
+            0 | 1 => gemm::Parallelism::None,
+            n => gemm::Parallelism::Rayon(n),
+        },
+    };
+    // SAFETY: every element the product reads lies inside its slice
+    // (`covers`), and dst holds m * n elements at row stride n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::one(),
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
