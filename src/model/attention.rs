@@ -116,6 +116,43 @@ impl AttentionContext {
             mask: Tensor::from_vec(mask, (b, t, total), device)?,
         })
     }
+
+    /// Sequences of `lengths` tokens packed one after another into a single
+    /// row (padding-free batching): each token's rope position counts from
+    /// its own sequence's start and it sees only earlier tokens of that
+    /// sequence, so every sequence is computed as it would be alone.
+    pub fn packed(
+        inv_freq: &[f64],
+        sliding_window: Option<usize>,
+        lengths: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        let total: usize = lengths.iter().sum();
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(total * half);
+        let mut sin = Vec::with_capacity(total * half);
+        let mut mask = vec![MASKED; total * total];
+        let mut start = 0;
+        for &len in lengths {
+            for pos in 0..len {
+                for f in inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+                let query = start + pos;
+                let first =
+                    start + pos.saturating_sub(sliding_window.map_or(pos, |w| w.saturating_sub(1)));
+                mask[query * total + first..=query * total + query].fill(0.0);
+            }
+            start += len;
+        }
+        Ok(AttentionContext {
+            cos: Tensor::from_vec(cos, (1, total, half), device)?,
+            sin: Tensor::from_vec(sin, (1, total, half), device)?,
+            mask: Tensor::from_vec(mask, (1, total, total), device)?,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]

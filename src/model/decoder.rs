@@ -185,12 +185,58 @@ impl Decoder {
         real: &[Vec<bool>],
         past: usize,
         mode: Mode,
+        kv: Option<&mut KvUpdate>,
+    ) -> Result<Tensor> {
+        let ctx = AttentionContext::new(
+            &self.inv_freq,
+            self.config.sliding_window,
+            real,
+            past,
+            &self.device,
+        )?;
+        self.forward_in_context(input_ids, &ctx, mode, kv)
+    }
+
+    /// Final-norm hidden states [1, Σ lengths, hidden] of sequences packed
+    /// into one row (`input_ids` [1, Σ lengths], u32): no padding is
+    /// computed, and each sequence's states equal those it has alone (see
+    /// `AttentionContext::packed`).
+    pub fn forward_hidden_packed(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let total: usize = lengths.iter().sum();
+        if input_ids.dims() != [1, total] || total == 0 {
+            return Err(ModelError::Input(format!(
+                "packed input_ids must be [1, {total}], got {:?}",
+                input_ids.dims()
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        check_vocabulary(
+            ids.to_vec2::<u32>()?.iter().flatten(),
+            self.config.vocab_size,
+        )?;
+        let ctx = AttentionContext::packed(
+            &self.inv_freq,
+            self.config.sliding_window,
+            lengths,
+            &self.device,
+        )?;
+        self.forward_in_context(&ids, &ctx, mode, None)
+    }
+
+    fn forward_in_context(
+        &self,
+        input_ids: &Tensor,
+        ctx: &AttentionContext,
+        mode: Mode,
         mut kv: Option<&mut KvUpdate>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
-        let ctx =
-            AttentionContext::new(&self.inv_freq, c.sliding_window, real, past, &self.device)?;
         let flat = input_ids.flatten_all()?.to_device(&self.device)?;
         let mut x = self
             .embed_tokens
@@ -198,7 +244,7 @@ impl Decoder {
             .reshape((b, t, c.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = kv.as_ref().and_then(|kv| kv.past.get(i));
-            let (y, layer_kv) = layer.forward(&x, &ctx, mode, layer_past)?;
+            let (y, layer_kv) = layer.forward(&x, ctx, mode, layer_past)?;
             x = y;
             if let Some(kv) = kv.as_mut() {
                 kv.next.push(layer_kv);

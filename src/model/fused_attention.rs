@@ -54,51 +54,56 @@ struct FusedAttention {
     mask: Tensor,
 }
 
-/// For each mask row, the number of leading keys a query may see (one past
-/// the last visible key), or all keys when it sees none: the composition
-/// then spreads such a row evenly over every key, and so does this op.
-fn visible_keys(mask: &[f32], keys: usize) -> Vec<usize> {
+/// For each mask row, the keys from its first to its last visible one
+/// (keys outside add exactly 0 to the softmax), or all keys when it sees
+/// none: the composition then spreads such a row evenly over every key, and
+/// so does this op. Causal rows end at their diagonal; rows of a packed
+/// sequence also start at their segment.
+fn visible_keys(mask: &[f32], keys: usize) -> Vec<std::ops::Range<usize>> {
     mask.chunks_exact(keys)
-        .map(|row| match row.iter().rposition(|&m| m > HIDDEN_BELOW) {
-            Some(last) => last + 1,
-            None => keys,
+        .map(|row| {
+            let visible = |m: &f32| *m > HIDDEN_BELOW;
+            match (row.iter().position(visible), row.iter().rposition(visible)) {
+                (Some(first), Some(last)) => first..last + 1,
+                _ => 0..keys,
+            }
         })
         .collect()
 }
 
 /// One block of query rows: rows `first..first + len` of the unit (all of
-/// one query head), which see at most `keys` keys and use mask rows
-/// `token..token + len`.
+/// one query head), which use mask rows `token..token + len` and see at
+/// most the `keys` keys from `key0`.
 struct Block {
     first: usize,
     token: usize,
     len: usize,
+    key0: usize,
     keys: usize,
 }
 
-fn blocks(d: Dims, visible: &[usize]) -> Vec<Block> {
+fn blocks(d: Dims, visible: &[std::ops::Range<usize>]) -> Vec<Block> {
     let mut out = Vec::new();
     for head in 0..d.rep {
         for token in (0..d.tq).step_by(QUERY_BLOCK) {
             let len = QUERY_BLOCK.min(d.tq - token);
-            let keys = visible[token..token + len]
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(0);
+            let rows = &visible[token..token + len];
+            let key0 = rows.iter().map(|r| r.start).min().unwrap_or(0);
+            let end = rows.iter().map(|r| r.end).max().unwrap_or(0);
             out.push(Block {
                 first: head * d.tq + token,
                 token,
                 len,
-                keys,
+                key0,
+                keys: end - key0,
             });
         }
     }
     out
 }
 
-/// probs[len, keys] = softmax(q_block · k[..keys]ᵀ + mask) row by row,
-/// with the same arithmetic as the model's masked softmax.
+/// probs[len, keys] = softmax(q_block · k[key0..key0 + keys]ᵀ + mask) row
+/// by row, with the same arithmetic as the model's masked softmax.
 fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], probs: &mut [T]) {
     let (len, nk, hd) = (blk.len, blk.keys, d.hd);
     let probs = &mut probs[..len * nk];
@@ -106,12 +111,15 @@ fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], p
         (len, nk, hd),
         probs,
         false,
-        (Mat::rows(&q[blk.first * hd..], hd), Mat::transposed(k, hd)),
+        (
+            Mat::rows(&q[blk.first * hd..], hd),
+            Mat::transposed(&k[blk.key0 * hd..], hd),
+        ),
         T::one(),
         Threads::One,
     );
     for (i, row) in probs.chunks_exact_mut(nk).enumerate() {
-        let m = &mask[(blk.token + i) * d.keys..][..nk];
+        let m = &mask[(blk.token + i) * d.keys + blk.key0..][..nk];
         let mut max = T::neg_infinity();
         for (s, &mv) in row.iter_mut().zip(m) {
             *s += T::of_f32(mv);
@@ -145,7 +153,10 @@ fn forward_unit<T: Float>(
             (blk.len, hd, blk.keys),
             &mut out[blk.first * hd..][..blk.len * hd],
             false,
-            (Mat::rows(&probs, blk.keys), Mat::rows(v, hd)),
+            (
+                Mat::rows(&probs, blk.keys),
+                Mat::rows(&v[blk.key0 * hd..], hd),
+            ),
             T::one(),
             Threads::One,
         );
@@ -170,12 +181,13 @@ fn backward_unit<T: Float>(
     for blk in blocks {
         let (len, nk) = (blk.len, blk.keys);
         let rows = blk.first * hd..(blk.first + len) * hd;
+        let seen = blk.key0 * hd..(blk.key0 + nk) * hd;
         block_probs(d, blk, q, k, mask, &mut probs);
         let (p, dp) = (&probs[..len * nk], &mut dprobs[..len * nk]);
         // dV += Pᵀ · dO
         matmul(
             (nk, hd, len),
-            dv,
+            &mut dv[seen.clone()],
             true,
             (Mat::transposed(p, nk), Mat::rows(&dout[rows.clone()], hd)),
             T::one(),
@@ -186,7 +198,10 @@ fn backward_unit<T: Float>(
             (len, nk, hd),
             dp,
             false,
-            (Mat::rows(&dout[rows.clone()], hd), Mat::transposed(v, hd)),
+            (
+                Mat::rows(&dout[rows.clone()], hd),
+                Mat::transposed(&v[seen.clone()], hd),
+            ),
             T::one(),
             Threads::One,
         );
@@ -203,13 +218,13 @@ fn backward_unit<T: Float>(
             (len, hd, nk),
             &mut dq[rows.clone()],
             false,
-            (Mat::rows(dp, nk), Mat::rows(k, hd)),
+            (Mat::rows(dp, nk), Mat::rows(&k[seen.clone()], hd)),
             T::one(),
             Threads::One,
         );
         matmul(
             (nk, hd, len),
-            dk,
+            &mut dk[seen],
             true,
             (Mat::transposed(dp, nk), Mat::rows(&q[rows], hd)),
             T::one(),
@@ -262,7 +277,7 @@ impl FusedAttention {
     fn with_mask<R>(
         &self,
         d: Dims,
-        f: impl FnOnce(&[f32], &[usize]) -> candle_core::Result<R>,
+        f: impl FnOnce(&[f32], &[std::ops::Range<usize>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
         let (storage, layout) = self.mask.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {

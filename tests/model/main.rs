@@ -11,6 +11,7 @@ mod loading_errors;
 mod lora_gradients;
 mod merge;
 mod ops_backward;
+mod packing;
 mod peft_format;
 #[path = "../support/mod.rs"]
 mod support;
