@@ -6,7 +6,8 @@
 //! is most of a training step's memory, and writing and reading them is much
 //! of its time. This op keeps only its output. Backward recomputes each
 //! block's probabilities from Q and K, and both passes skip the keys no
-//! query of a block can see (the causal upper triangle, trailing padding).
+//! query of a block can see (the causal upper triangle, trailing padding,
+//! the other sequences of a packed row).
 //!
 //! Work is split by (row, KV head): each unit is computed by one thread in a
 //! fixed order, so results do not depend on the thread count. Block products
@@ -16,10 +17,10 @@
 //! reference.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::model::gemm::{matmul, Float, Mat, Threads};
+use crate::model::kernel::{self, matmul, Float, Mat, Threads};
 use crate::model::ops::{fused_kernels, masked_softmax};
 
 /// Query rows per block: the transient scores of a block are
@@ -238,10 +239,7 @@ fn cpu_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
-        None => bail!("fused-attention: {what} must be contiguous"),
-    }
+    kernel::slice(s, l, "fused-attention", what)
 }
 
 impl FusedAttention {
@@ -273,19 +271,16 @@ impl FusedAttention {
         })
     }
 
-    /// The mask as f32 values with each batch row's visible-key counts.
+    /// The mask as f32 values with each mask row's visible keys.
     fn with_mask<R>(
         &self,
         d: Dims,
         f: impl FnOnce(&[f32], &[std::ops::Range<usize>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        let (storage, layout) = self.mask.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            bail!("fused-attention: the mask is not on the CPU")
-        };
-        let mask = cpu_slice::<f32>(cpu, layout, "the mask")?;
-        let visible = visible_keys(mask, d.keys);
-        f(mask, &visible)
+        kernel::with_cpu("fused-attention", &[&self.mask], |c| {
+            let mask = cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?;
+            f(mask, &visible_keys(mask, d.keys))
+        })
     }
 
     fn forward<T: Float>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
@@ -392,38 +387,30 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let tensors = [q, k, v, res, &grad];
-        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let mut cpu = Vec::with_capacity(guards.len());
-        for (storage, layout) in &guards {
-            let Storage::Cpu(s) = &**storage else {
-                bail!("fused-attention: backward on a non-CPU tensor")
-            };
-            cpu.push((s, *layout));
-        }
-        let d = self.dims(cpu[0].1, cpu[1].1, cpu[2].1)?;
-        macro_rules! grads {
-            ($t:ty) => {{
-                let s = |i: usize, what| cpu_slice::<$t>(cpu[i].0, cpu[i].1, what);
-                let (dq, dk, dv) = self.backward::<$t>(
-                    d,
-                    (s(0, "q")?, s(1, "k")?, s(2, "v")?),
-                    (s(3, "the output")?, s(4, "the gradient")?),
-                )?;
-                let dev = q.device();
-                (
-                    Tensor::from_vec(dq, q.shape(), dev)?,
-                    Tensor::from_vec(dk, k.shape(), dev)?,
-                    Tensor::from_vec(dv, v.shape(), dev)?,
-                )
-            }};
-        }
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => grads!(f32),
-            DType::F64 => grads!(f64),
-            dt => bail!("fused-attention: unsupported dtype {dt:?}"),
-        };
-        drop(guards);
+        let (dq, dk, dv) = kernel::with_cpu("fused-attention", &[q, k, v, res, &grad], |cpu| {
+            let d = self.dims(cpu[0].1, cpu[1].1, cpu[2].1)?;
+            macro_rules! grads {
+                ($t:ty) => {{
+                    let s = |i: usize, what| cpu_slice::<$t>(cpu[i].0, cpu[i].1, what);
+                    let (dq, dk, dv) = self.backward::<$t>(
+                        d,
+                        (s(0, "q")?, s(1, "k")?, s(2, "v")?),
+                        (s(3, "the output")?, s(4, "the gradient")?),
+                    )?;
+                    let dev = q.device();
+                    (
+                        Tensor::from_vec(dq, q.shape(), dev)?,
+                        Tensor::from_vec(dk, k.shape(), dev)?,
+                        Tensor::from_vec(dv, v.shape(), dev)?,
+                    )
+                }};
+            }
+            Ok(match q.dtype() {
+                DType::F32 => grads!(f32),
+                DType::F64 => grads!(f64),
+                dt => bail!("fused-attention: unsupported dtype {dt:?}"),
+            })
+        })?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

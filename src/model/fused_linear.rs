@@ -11,9 +11,9 @@
 //! of the adapter (y = x·Wᵀ + b + s·((x∘m)·Aᵀ)·Bᵀ).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
-use crate::model::gemm::{matmul, Float, Mat, Threads};
+use crate::model::kernel::{self, matmul, Float, Mat, Threads};
 use crate::model::ops::{frozen_linear, fused_kernels, mul_by_constant};
 
 struct LoraLinear {
@@ -40,26 +40,7 @@ fn cpu_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
-        None => bail!("lora-linear: {what} must be contiguous"),
-    }
-}
-
-/// Runs `f` on the CPU storage of each tensor (read-locked while it runs).
-fn with_cpu<R>(
-    tensors: &[&Tensor],
-    f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut cpu = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(s) = &**storage else {
-            bail!("lora-linear: a tensor is not on the CPU")
-        };
-        cpu.push((s, *layout));
-    }
-    f(&cpu)
+    kernel::slice(s, l, "lora-linear", what)
 }
 
 /// The adapter's input: x, or x∘m under dropout.
@@ -248,7 +229,7 @@ impl CustomOp3 for LoraLinear {
             self.dropout.as_ref(),
         ];
         let present: Vec<&Tensor> = constants.iter().flatten().copied().collect();
-        let y = with_cpu(&present, |c| {
+        let y = kernel::with_cpu("lora-linear", &present, |c| {
             // c holds W, then the bias and the mask where present.
             let mut rest = c[1..].iter();
             let bias = self.bias.as_ref().and_then(|_| rest.next());
@@ -293,7 +274,7 @@ impl CustomOp3 for LoraLinear {
         let want = [x.track_op(), a.track_op(), b.track_op()];
         let mut tensors = vec![x, a, b, &self.weight, &grad];
         tensors.extend(self.dropout.as_ref());
-        let grads = with_cpu(&tensors, |c| {
+        let grads = kernel::with_cpu("lora-linear", &tensors, |c| {
             let d = self.dims(c[0].1, c[1].1, c[2].1)?;
             macro_rules! run {
                 ($t:ty) => {{

@@ -30,10 +30,7 @@ fn contiguous_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
-        None => bail!("{what}: input must be contiguous"),
-    }
+    crate::model::kernel::slice(s, l, what, "input")
 }
 
 /// Arithmetic type of the CPU kernels: f32 for f32/f16/bf16 data, f64 for

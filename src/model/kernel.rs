@@ -1,9 +1,42 @@
-//! Matrix products on CPU slices through the `gemm` crate (the kernel
-//! candle's own CPU matmul uses), for the fused ops that work on raw
-//! storage: row-major views with strides, an optional accumulate, and the
+//! What the fused CPU ops (`fused_attention`, `fused_linear`) share: the
+//! element types they support, access to a tensor's CPU storage, and
+//! matrix products on slices through the `gemm` crate (the kernel candle's
+//! own CPU matmul uses) with strides, an optional accumulate, and the
 //! choice of threads left to the caller.
 
-use candle_core::WithDType;
+use candle_core::{bail, CpuStorage, Layout, Storage, Tensor, WithDType};
+
+/// A contiguous tensor's elements in CPU storage; `op` and `what` name it
+/// in the error.
+pub fn slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
+        None => bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+/// Runs `f` on the CPU storage and layout of each tensor, read-locked while
+/// it runs (inside a custom op's backward, whose inputs are tensors).
+pub fn with_cpu<R>(
+    op: &str,
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut cpu = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(s) = &**storage else {
+            bail!("{op}: a tensor is not on the CPU")
+        };
+        cpu.push((s, *layout));
+    }
+    f(&cpu)
+}
 
 /// Element types with a kernel here.
 pub trait Float:
