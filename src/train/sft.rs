@@ -8,6 +8,10 @@ use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
 use crate::model::decoder::{next_token_targets, Decoder, Mode};
 
+/// The longest packed row: its attention mask is dense, tokens² floats
+/// (64 MiB at 4096), where a padded batch's is rows · seq_len².
+const PACK_MAX_TOKENS: usize = 4096;
+
 /// Rows per forward pass when evaluating.
 const EVAL_BATCH: usize = 16;
 
@@ -26,8 +30,8 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 ///
 /// Right-padded rows are packed into one row without their padding
 /// (`Decoder::forward_hidden_packed`): the same log-probs, without computing
-/// the padding (a fifth of the tokens on typical data). Other layouts run
-/// padded.
+/// the padding (a fifth of the tokens on typical data). Other layouts, and
+/// batches of more than `PACK_MAX_TOKENS` real tokens, run padded.
 pub(crate) fn masked_logprobs(
     model: &Decoder,
     input_ids: &[u32],
@@ -44,7 +48,9 @@ pub(crate) fn masked_logprobs(
         .collect();
     let targets = next_token_targets(&id_rows, &loss_rows)?;
     anyhow::ensure!(!targets.is_empty(), "a batch with no completion tokens");
-    let logprobs = match right_padded_lengths(attention_mask, t) {
+    let packable = right_padded_lengths(attention_mask, t)
+        .filter(|lengths| lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
+    let logprobs = match packable {
         Some(lengths) => {
             let packed: Vec<u32> = id_rows
                 .iter()
@@ -160,4 +166,21 @@ pub fn mean_completion_loss(
         count += n;
     }
     Ok(total / count.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::right_padded_lengths;
+
+    #[test]
+    fn only_right_padded_batches_with_no_empty_row_pack() {
+        let right = [1., 1., 1., 0., 1., 0., 0., 0.];
+        assert_eq!(right_padded_lengths(&right, 4), Some(vec![3, 1]));
+        let left = [1., 1., 1., 1., 0., 1., 1., 1.];
+        assert_eq!(right_padded_lengths(&left, 4), None);
+        let empty_row = [1., 1., 0., 0., 0., 0., 0., 0.];
+        assert_eq!(right_padded_lengths(&empty_row, 4), None);
+        let hole = [1., 0., 1., 0.];
+        assert_eq!(right_padded_lengths(&hole, 4), None);
+    }
 }
