@@ -39,19 +39,26 @@ pub struct Lines;
 
 struct LineStage {
     name: String,
-    total: Mutex<(u64, Instant)>,
+    /// Total steps, when the last line was printed, and its step.
+    total: Mutex<(u64, Instant, Option<u64>)>,
 }
 
 impl Progress for LineStage {
     fn set_total(&self, total: u64) {
-        self.total.lock().expect("progress lock").0 = total;
+        let mut state = self.total.lock().expect("progress lock");
+        // A new count (the reference pass, then training) may repeat steps.
+        if state.0 != total {
+            *state = (total, state.1, None);
+        }
     }
     fn set_position(&self, done: u64, message: &str) {
         let mut state = self.total.lock().expect("progress lock");
-        let (total, last) = *state;
-        // At most one line every few seconds, and always the last step.
-        if done == total || last.elapsed() >= Duration::from_secs(5) {
-            state.1 = Instant::now();
+        let (total, last, printed) = *state;
+        // At most one line every few seconds, and always the last step; never
+        // the same step twice (`--executor slurm --wait` polls a job's step).
+        let due = done == total || last.elapsed() >= Duration::from_secs(5);
+        if due && printed != Some(done) {
+            *state = (total, Instant::now(), Some(done));
             eprintln!("[runner] {}: step {done}/{total} {message}", self.name);
         }
     }
@@ -68,7 +75,7 @@ impl Reporter for Lines {
         eprintln!("[runner] {name} ({kind}): running ({why})");
         Box::new(LineStage {
             name: name.to_string(),
-            total: Mutex::new((0, Instant::now() - Duration::from_secs(60))),
+            total: Mutex::new((0, Instant::now() - Duration::from_secs(60), None)),
         })
     }
     fn stage_done(&self, line: &str) {
