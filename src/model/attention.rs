@@ -6,7 +6,7 @@
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Mode;
 use crate::model::error::Result;
-use crate::model::fused_attention::attention;
+use crate::model::fused_attention::{attention, AttentionMask};
 use crate::model::linear::Linear;
 use crate::model::ops::rope;
 use crate::model::weights::WeightLoader;
@@ -59,8 +59,8 @@ pub struct AttentionContext {
     /// [B, t, head_dim / 2] in f32.
     cos: Tensor,
     sin: Tensor,
-    /// [B, t, past + t] additive mask in f32 (shared by all heads).
-    mask: Tensor,
+    /// [B, t, past + t] (shared by all heads and layers).
+    mask: AttentionMask,
 }
 
 impl AttentionContext {
@@ -113,7 +113,7 @@ impl AttentionContext {
         Ok(AttentionContext {
             cos: Tensor::from_vec(cos, (b, t, half), device)?,
             sin: Tensor::from_vec(sin, (b, t, half), device)?,
-            mask: Tensor::from_vec(mask, (b, t, total), device)?,
+            mask: AttentionMask::from_vec(mask, (b, t, total), device)?,
         })
     }
 
@@ -150,7 +150,7 @@ impl AttentionContext {
         Ok(AttentionContext {
             cos: Tensor::from_vec(cos, (1, total, half), device)?,
             sin: Tensor::from_vec(sin, (1, total, half), device)?,
-            mask: Tensor::from_vec(mask, (1, total, total), device)?,
+            mask: AttentionMask::from_vec(mask, (1, total, total), device)?,
         })
     }
 }

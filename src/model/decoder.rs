@@ -197,35 +197,39 @@ impl Decoder {
         self.forward_in_context(input_ids, &ctx, mode, kv)
     }
 
-    /// Final-norm hidden states [1, Σ lengths, hidden] of sequences packed
-    /// into one row (`input_ids` [1, Σ lengths], u32): no padding is
-    /// computed, and each sequence's states equal those it has alone (see
+    /// Final-norm hidden states [1, Σ lengths, hidden] of `sequences`
+    /// packed into one row, and where each sequence starts in it: no padding
+    /// is computed, and each sequence's states equal those it has alone (see
     /// `AttentionContext::packed`).
     pub fn forward_hidden_packed(
         &self,
-        input_ids: &Tensor,
-        lengths: &[usize],
+        sequences: &[&[u32]],
         mode: Mode,
-    ) -> Result<Tensor> {
-        let total: usize = lengths.iter().sum();
-        if input_ids.dims() != [1, total] || total == 0 {
-            return Err(ModelError::Input(format!(
-                "packed input_ids must be [1, {total}], got {:?}",
-                input_ids.dims()
-            )));
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        if lengths.contains(&0) || lengths.is_empty() {
+            return Err(ModelError::Input(
+                "packed sequences must be at least one token each".into(),
+            ));
         }
-        let ids = input_ids.to_dtype(DType::U32)?;
-        check_vocabulary(
-            ids.to_vec2::<u32>()?.iter().flatten(),
-            self.config.vocab_size,
-        )?;
+        check_vocabulary(sequences.iter().copied().flatten(), self.config.vocab_size)?;
+        let starts = lengths
+            .iter()
+            .scan(0, |next, &len| {
+                let start = *next;
+                *next += len;
+                Some(start)
+            })
+            .collect();
+        let total: usize = lengths.iter().sum();
+        let ids = Tensor::from_vec(sequences.concat(), (1, total), &self.device)?;
         let ctx = AttentionContext::packed(
             &self.inv_freq,
             self.config.sliding_window,
-            lengths,
+            &lengths,
             &self.device,
         )?;
-        self.forward_in_context(&ids, &ctx, mode, None)
+        Ok((self.forward_in_context(&ids, &ctx, mode, None)?, starts))
     }
 
     fn forward_in_context(

@@ -17,11 +17,14 @@
 //! reference.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::ops::Range;
+use std::sync::Arc;
 
+use crate::model::kernel::fused_kernels;
 use crate::model::kernel::{self, matmul, Float, Mat, Threads};
-use crate::model::ops::{fused_kernels, masked_softmax};
+use crate::model::ops::masked_softmax;
 
 /// Query rows per block: the transient scores of a block are
 /// `QUERY_BLOCK × visible keys`, a few hundred KiB at 4096 keys.
@@ -49,10 +52,39 @@ impl Dims {
     }
 }
 
-/// The attention op; the mask [B, tq, T] (f32, additive) rides along as a
-/// constant, since it gets no gradient.
+/// An additive attention mask [B, t, T] (f32: 0 shows a key, -1e30 hides
+/// it) shared by all heads and layers, with each row's visible keys (see
+/// `visible_keys`), found once per forward pass rather than in every layer.
+#[derive(Clone, Debug)]
+pub struct AttentionMask {
+    dense: Tensor,
+    visible: Arc<[Range<usize>]>,
+}
+
+impl AttentionMask {
+    /// The mask of row-major `values` shaped (B, t, T), on `device`.
+    pub fn from_vec(
+        values: Vec<f32>,
+        (b, t, keys): (usize, usize, usize),
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let visible = visible_keys(&values, keys).into();
+        Ok(AttentionMask {
+            dense: Tensor::from_vec(values, (b, t, keys), device)?,
+            visible,
+        })
+    }
+
+    /// The mask as a tensor [B, t, T] (f32).
+    pub fn dense(&self) -> &Tensor {
+        &self.dense
+    }
+}
+
+/// The attention op; the mask rides along as a constant, since it gets no
+/// gradient.
 struct FusedAttention {
-    mask: Tensor,
+    mask: AttentionMask,
 }
 
 /// For each mask row, the keys from its first to its last visible one
@@ -60,7 +92,7 @@ struct FusedAttention {
 /// none: the composition then spreads such a row evenly over every key, and
 /// so does this op. Causal rows end at their diagonal; rows of a packed
 /// sequence also start at their segment.
-fn visible_keys(mask: &[f32], keys: usize) -> Vec<std::ops::Range<usize>> {
+fn visible_keys(mask: &[f32], keys: usize) -> Vec<Range<usize>> {
     mask.chunks_exact(keys)
         .map(|row| {
             let visible = |m: &f32| *m > HIDDEN_BELOW;
@@ -83,7 +115,7 @@ struct Block {
     keys: usize,
 }
 
-fn blocks(d: Dims, visible: &[std::ops::Range<usize>]) -> Vec<Block> {
+fn blocks(d: Dims, visible: &[Range<usize>]) -> Vec<Block> {
     let mut out = Vec::new();
     for head in 0..d.rep {
         for token in (0..d.tq).step_by(QUERY_BLOCK) {
@@ -246,7 +278,7 @@ impl FusedAttention {
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<Dims> {
         let (b, g, r, hd) = q.shape().dims4()?;
         let (kb, kg, t, khd) = k.shape().dims4()?;
-        let (mb, tq, mt) = self.mask.dims3()?;
+        let (mb, tq, mt) = self.mask.dense.dims3()?;
         let consistent = k.shape() == v.shape()
             && (kb, kg, khd) == (b, g, hd)
             && (mb, mt) == (b, t)
@@ -258,7 +290,7 @@ impl FusedAttention {
                 q.dims(),
                 k.dims(),
                 v.dims(),
-                self.mask.dims()
+                self.mask.dense.dims()
             );
         }
         Ok(Dims {
@@ -274,19 +306,20 @@ impl FusedAttention {
     /// The mask as f32 values with each mask row's visible keys.
     fn with_mask<R>(
         &self,
-        d: Dims,
-        f: impl FnOnce(&[f32], &[std::ops::Range<usize>]) -> candle_core::Result<R>,
+        f: impl FnOnce(&[f32], &[Range<usize>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        kernel::with_cpu("fused-attention", &[&self.mask], |c| {
-            let mask = cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?;
-            f(mask, &visible_keys(mask, d.keys))
+        kernel::with_cpu("fused-attention", &[&self.mask.dense], |c| {
+            f(
+                cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?,
+                &self.mask.visible,
+            )
         })
     }
 
     fn forward<T: Float>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
         let (rows, hd, keys) = (d.rows(), d.hd, d.keys);
         let mut out = vec![T::zero(); d.batch * d.kv_heads * rows * hd];
-        self.with_mask(d, |mask, visible| {
+        self.with_mask(|mask, visible| {
             out.par_chunks_mut(rows * hd)
                 .enumerate()
                 .for_each(|(unit, out)| {
@@ -318,7 +351,7 @@ impl FusedAttention {
         let mut dq = vec![T::zero(); units * rows * hd];
         let mut dk = vec![T::zero(); units * keys * hd];
         let mut dv = vec![T::zero(); units * keys * hd];
-        self.with_mask(d, |mask, visible| {
+        self.with_mask(|mask, visible| {
             dq.par_chunks_mut(rows * hd)
                 .zip(dk.par_chunks_mut(keys * hd))
                 .zip(dv.par_chunks_mut(keys * hd))
@@ -417,13 +450,16 @@ impl CustomOp3 for FusedAttention {
 
 /// softmax(q·kᵀ + mask)·v for q [B, G, R, hd] (already scaled; the R rows
 /// of each KV head are its query heads' t tokens, stacked), k and v
-/// [B, G, T, hd], and an additive mask [B, t, T] (f32) shared by the heads.
+/// [B, G, T, hd], and a mask [B, t, T] shared by the heads.
 /// Fused on the CPU for f32 and f64; elsewhere [`attention_slow`].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+) -> candle_core::Result<Tensor> {
     if fused_kernels(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) {
-        let op = FusedAttention {
-            mask: mask.to_dtype(DType::F32)?.contiguous()?.detach(),
-        };
+        let op = FusedAttention { mask: mask.clone() };
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
@@ -437,7 +473,7 @@ pub fn attention_slow(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: &Tensor,
+    mask: &AttentionMask,
 ) -> candle_core::Result<Tensor> {
     let softmax_dtype = if q.dtype() == DType::F64 {
         DType::F64
@@ -445,6 +481,6 @@ pub fn attention_slow(
         DType::F32
     };
     let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
-    let probs = masked_softmax(&scores, mask)?.to_dtype(q.dtype())?;
+    let probs = masked_softmax(&scores, &mask.dense)?.to_dtype(q.dtype())?;
     probs.matmul(v)
 }

@@ -13,8 +13,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
-use crate::model::kernel::{self, matmul, Float, Mat, Threads};
-use crate::model::ops::{frozen_linear, fused_kernels, mul_by_constant};
+use crate::model::kernel::{self, fused_kernels, matmul, Float, Mat, Threads};
+use crate::model::ops::{frozen_linear, mul_by_constant};
 
 struct LoraLinear {
     /// [out, in], frozen.

@@ -1,10 +1,23 @@
-//! What the fused CPU ops (`fused_attention`, `fused_linear`) share: the
-//! element types they support, access to a tensor's CPU storage, and
+//! What the fused CPU ops (`ops`, `fused_attention`, `fused_linear`) share:
+//! whether they run on a device, the element types they support, access to
+//! a tensor's CPU storage, and
 //! matrix products on slices through the `gemm` crate (the kernel candle's
 //! own CPU matmul uses) with strides, an optional accumulate, and the
 //! choice of threads left to the caller.
 
 use candle_core::{bail, CpuStorage, Layout, Storage, Tensor, WithDType};
+
+/// Whether the fused CPU kernels (`ops`, `fused_attention`, `fused_linear`) run on
+/// `device`: on the CPU, unless `LORA_RUNNER_GENERIC_OPS=1` asks for the
+/// compositions of candle ops a GPU runs, so that path can be measured and
+/// tested on a CPU.
+pub fn fused_kernels(device: &candle_core::Device) -> bool {
+    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let generic = *GENERIC.get_or_init(|| {
+        std::env::var("LORA_RUNNER_GENERIC_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
+    });
+    device.is_cpu() && !generic
+}
 
 /// A contiguous tensor's elements in CPU storage; `op` and `what` name it
 /// in the error.

@@ -8,29 +8,18 @@
 //! differentiable composition of candle ops (the `*_slow` functions), which
 //! the tests also use as the reference.
 
+use crate::model::kernel::{self, fused_kernels};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
 };
-
-/// Whether the CPU kernels of this module (and `fused_attention`) run on
-/// `device`: on the CPU, unless `LORA_RUNNER_GENERIC_OPS=1` asks for the
-/// compositions of candle ops a GPU runs, so that path can be measured and
-/// tested on a CPU.
-pub fn fused_kernels(device: &candle_core::Device) -> bool {
-    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let generic = *GENERIC.get_or_init(|| {
-        std::env::var("LORA_RUNNER_GENERIC_OPS").is_ok_and(|v| !v.is_empty() && v != "0")
-    });
-    device.is_cpu() && !generic
-}
 
 fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    crate::model::kernel::slice(s, l, what, "input")
+    kernel::slice(s, l, what, "input")
 }
 
 /// Arithmetic type of the CPU kernels: f32 for f32/f16/bf16 data, f64 for
@@ -130,6 +119,19 @@ fn same_dtype(op: &str, s1: &CpuStorage, s2: &CpuStorage) -> candle_core::Result
         (a, b) if a == b => Ok(a),
         (a, b) => bail!("{op}: unsupported dtypes {a:?}/{b:?}"),
     }
+}
+
+/// The common dtype of an elementwise kernel's two inputs, which must have
+/// the same shape.
+fn elementwise_dtype(
+    op: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> candle_core::Result<DType> {
+    if l1.shape() != l2.shape() {
+        bail!("{op}: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+    }
+    same_dtype(op, s1, s2)
 }
 
 // ---------------------------------------------------------------- frozen matmul
@@ -304,15 +306,9 @@ impl CustomOp2 for MulByConstant {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            bail!(
-                "mul-by-constant: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            );
-        }
         let n = self.name();
-        let out = per_float_dtype!(n, same_dtype(n, s1, s2)?, |T, A| mul_elems(
+        let dtype = elementwise_dtype(n, (s1, l1), (s2, l2))?;
+        let out = per_float_dtype!(n, dtype, |T, A| mul_elems(
             contiguous_slice::<T>(s1, l1, n)?,
             contiguous_slice::<T>(s2, l2, n)?,
         ));
@@ -415,11 +411,9 @@ impl CustomOp2 for Swiglu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            bail!("swiglu: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
-        }
         let n = self.name();
-        let out = per_float_dtype!(n, same_dtype(n, s1, s2)?, |T, A| swiglu_fwd::<T, A>(
+        let dtype = elementwise_dtype(n, (s1, l1), (s2, l2))?;
+        let out = per_float_dtype!(n, dtype, |T, A| swiglu_fwd::<T, A>(
             contiguous_slice::<T>(s1, l1, n)?,
             contiguous_slice::<T>(s2, l2, n)?,
         ));

@@ -4,11 +4,11 @@
 
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor, Var};
-use lora_runner::model::fused_attention::{attention, attention_slow};
+use lora_runner::model::fused_attention::{attention, attention_slow, AttentionMask};
 
 /// The model's additive mask [B, t, past + t] for rows whose positions are
 /// real (true) or padding: causal, padding hidden, optional sliding window.
-fn mask(real: &[Vec<bool>], past: usize, window: Option<usize>) -> Tensor {
+fn mask(real: &[Vec<bool>], past: usize, window: Option<usize>) -> AttentionMask {
     let total = real[0].len();
     let mut m = Vec::new();
     for row in real {
@@ -19,7 +19,7 @@ fn mask(real: &[Vec<bool>], past: usize, window: Option<usize>) -> Tensor {
             }
         }
     }
-    Tensor::from_vec(m, (real.len(), total - past, total), &Device::Cpu).unwrap()
+    AttentionMask::from_vec(m, (real.len(), total - past, total), &Device::Cpu).unwrap()
 }
 
 fn randn(shape: &[usize], dtype: DType) -> Tensor {
@@ -86,7 +86,7 @@ struct Inputs {
     q: Var,
     k: Var,
     v: Var,
-    mask: Tensor,
+    mask: AttentionMask,
     weights: Tensor,
 }
 
@@ -105,7 +105,7 @@ fn inputs(c: &Case, dtype: DType) -> Inputs {
     }
 }
 
-type Attention = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>;
+type Attention = fn(&Tensor, &Tensor, &Tensor, &AttentionMask) -> candle_core::Result<Tensor>;
 
 /// Output and the gradients of sum(output ∘ weights) by q, k, v.
 fn run(f: Attention, x: &Inputs) -> [Tensor; 4] {
@@ -170,6 +170,7 @@ fn fused_attention_gradients_match_finite_differences_at_the_causal_edge() {
         // composition's too) passes its formal gradient. No loss reads such a
         // row, so this one does not either.
         let sees_a_key = mask(&c.real, c.past, c.window)
+            .dense()
             .max_keepdim(2)
             .unwrap()
             .ge(-1e29)

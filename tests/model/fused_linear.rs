@@ -62,16 +62,15 @@ fn project(f: Projection, i: &Inputs, a: &Tensor, x: &Tensor) -> Tensor {
     f(x, (&i.w, i.bias.as_ref()), &adapter).unwrap()
 }
 
+/// sum(y ∘ weights), the scalar every test differentiates.
+fn weighted_sum(y: &Tensor, i: &Inputs) -> Tensor {
+    y.mul(&i.weights).unwrap().sum_all().unwrap()
+}
+
 /// Output and the gradients of sum(y ∘ weights) by x, A and B; W gets none.
 fn run(f: Projection, i: &Inputs) -> [Tensor; 4] {
     let y = project(f, i, i.a.as_tensor(), i.x.as_tensor());
-    let grads = y
-        .mul(&i.weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = weighted_sum(&y, i).backward().unwrap();
     assert!(
         grads.get(&i.w).is_none(),
         "the frozen weight got a gradient"
@@ -109,11 +108,7 @@ fn fused_lora_projection_gradients_match_finite_differences() {
         let i = inputs(DType::F64, true, true);
         let [_, dx, da, _] = run(lora_linear, &i);
         let objective = |a: &Tensor, x: &Tensor| {
-            project(lora_linear, &i, a, x)
-                .mul(&i.weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
+            weighted_sum(&project(lora_linear, &i, a, x), &i)
                 .to_scalar::<f64>()
                 .unwrap()
         };
@@ -155,13 +150,7 @@ fn a_frozen_input_gets_no_gradient_and_the_adapter_still_does() {
         let i = inputs(DType::F32, false, false);
         let x = i.x.as_tensor().detach();
         let y = project(lora_linear, &i, i.a.as_tensor(), &x);
-        let grads = y
-            .mul(&i.weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = weighted_sum(&y, &i).backward().unwrap();
         assert!(grads.get(&x).is_none());
         assert!(grads.get(i.a.as_tensor()).is_some() && grads.get(i.b.as_tensor()).is_some());
     });

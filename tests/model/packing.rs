@@ -33,22 +33,12 @@ fn padded(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
 }
 
 fn packed(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
-    let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
-    let total: usize = lengths.iter().sum();
-    let ids = Tensor::from_vec(seqs.concat(), (1, total), &Device::Cpu).unwrap();
-    let hidden = model
-        .forward_hidden_packed(&ids, &lengths, Mode::Eval)
-        .unwrap();
-    let mut start = 0;
-    let mut at = Vec::new();
-    for (row, len) in lengths.iter().enumerate() {
-        at.extend(
-            targets(&seqs[row..=row])
-                .into_iter()
-                .map(|(_, t, tok)| (0, start + t, tok)),
-        );
-        start += len;
-    }
+    let slices: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (hidden, starts) = model.forward_hidden_packed(&slices, Mode::Eval).unwrap();
+    let at: Vec<(usize, usize, u32)> = targets(seqs)
+        .into_iter()
+        .map(|(row, t, tok)| (0, starts[row] + t, tok))
+        .collect();
     model.token_logprobs(&hidden, &at).unwrap()
 }
 
