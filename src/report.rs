@@ -38,6 +38,10 @@ pub struct PlanStageJson {
     /// What the stage's kind says about it (e.g. "loss simpo: no reference").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// A training stage's estimated peak memory (`run` records it as the
+    /// metric `memory/estimate_gib`, beside the measured peak in the manifest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::units::MemoryEstimate>,
     /// For a stage a sweep made: the stage as written in the recipe.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub variant_of: Option<String>,
@@ -49,6 +53,12 @@ pub struct PlanStageJson {
 fn note(recipe: &Recipe, p: &PlannedStage) -> Option<String> {
     let stage = &recipe.stages[p.index];
     stage.kind.plan_note(stage.params.as_ref())
+}
+
+fn memory(recipe: &Recipe, p: &PlannedStage) -> Option<crate::units::MemoryEstimate> {
+    let on_gpu = p.key_inputs.device.as_deref() == Some("cuda");
+    let view = crate::stage::StageView::new(&recipe.stages, p.index);
+    view.kind().plan_memory(view, on_gpu)
 }
 
 fn dep_names(recipe: &Recipe, p: &PlannedStage) -> Vec<String> {
@@ -86,6 +96,7 @@ pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
                 },
                 deps: dep_names(recipe, p),
                 note: note(recipe, p),
+                memory: memory(recipe, p),
                 variant_of: recipe.stages[p.index]
                     .variant
                     .as_ref()
@@ -170,6 +181,9 @@ pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
         .stages
         .iter()
         .filter_map(|p| note(recipe, p).map(|n| format!("note: {}: {n}\n", p.name)))
+        .chain(plan.stages.iter().filter_map(|p| {
+            memory(recipe, p).map(|m| format!("memory: {}: {}\n", p.name, m.describe()))
+        }))
         .collect();
     let notes = format!("{}{notes}", sweep_lines(recipe));
     format!(

@@ -21,6 +21,7 @@ use toml::Spanned;
 use crate::diag::span::Sp;
 use crate::diag::{toml_problem, Problem};
 pub use crate::sink::{Interrupted, Progress};
+use crate::units::MemoryEstimate;
 
 /// Numeric type of weights and compute.
 #[derive(
@@ -376,6 +377,7 @@ pub trait StageKind: Send + Sync {
     fn uses_device(&self) -> bool;
     fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String>;
     fn plan_note(&self, params: &dyn Params) -> Option<String>;
+    fn plan_memory(&self, stage: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate>;
     fn check(&self, stage: StageView<'_>) -> Vec<Problem>;
     fn run(&self, params: &dyn Params, ctx: &mut RunContext) -> anyhow::Result<()>;
 }
@@ -443,6 +445,12 @@ pub trait Kind: Send + Sync + 'static {
     /// Something `plan` should say about the stage beyond its status
     /// (e.g. "no reference" for a reference-free preference loss).
     fn plan_note(&self, _params: &Self::Params) -> Option<String> {
+        None
+    }
+
+    /// A training stage's peak memory, estimated before running (`stage`
+    /// gives the recipe around it; `on_gpu`: where it will compute).
+    fn plan_memory(&self, _stage: StageView<'_>, _on_gpu: bool) -> Option<MemoryEstimate> {
         None
     }
 
@@ -518,6 +526,9 @@ impl<K: Kind> StageKind for K {
     }
     fn plan_note(&self, params: &dyn Params) -> Option<String> {
         Kind::plan_note(self, typed::<K>(params))
+    }
+    fn plan_memory(&self, stage: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate> {
+        Kind::plan_memory(self, stage, on_gpu)
     }
     fn check(&self, stage: StageView<'_>) -> Vec<Problem> {
         Kind::check(self, typed::<K>(stage.stage().params.as_ref()), stage)

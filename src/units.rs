@@ -73,3 +73,32 @@ mod tests {
         }
     }
 }
+
+/// The bytes a training step is estimated to hold, by what holds them: made
+/// by `model::memory`, shown by `plan` and recorded by `run`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct MemoryEstimate {
+    pub weights_bytes: u64,
+    /// The adapter in f32 with its gradient, summed gradient and AdamW moments.
+    pub adapter_bytes: u64,
+    pub activations_bytes: u64,
+    /// The process itself: code, allocator, threads, tokenizer and data.
+    pub runtime_bytes: u64,
+    /// The peak: runtime + weights + adapter + activations, or two copies
+    /// of the weights during a reference pass when that is more.
+    pub estimate_bytes: u64,
+}
+
+impl MemoryEstimate {
+    /// One line for `plan`.
+    pub fn describe(&self) -> String {
+        let b = |n: u64| human_bytes(n, ByteDigits::ThreeSignificant);
+        format!(
+            "~{} peak (weights {}, adapter + AdamW {}, activations {})",
+            b(self.estimate_bytes),
+            b(self.weights_bytes),
+            b(self.adapter_bytes),
+            b(self.activations_bytes)
+        )
+    }
+}

@@ -194,6 +194,19 @@ fn summary(
         (Objective::Dpo, None, false) => "DPO, fresh adapter".into(),
         (Objective::Sft, _, _) => "SFT".into(),
     };
+    // Scheme two: what the merge it trained on cost in precision.
+    let merge_precision = parent("model")
+        .filter(|_| on_merged)
+        .and_then(|p| cache.manifest(&p.artifact))
+        .map(|merge| {
+            merge
+                .metrics
+                .iter()
+                .filter(|(k, _)| k.starts_with("merge/"))
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                .collect()
+        })
+        .unwrap_or_default();
     let reference = m
         .metrics
         .get("reference")
@@ -216,6 +229,7 @@ fn summary(
         wall_seconds: m.wall_seconds,
         lora: lora_description(dir),
         reference,
+        merge_precision,
         evaluated: Default::default(),
     }
 }

@@ -32,6 +32,10 @@ pub struct StageSummary {
     pub lora: String,
     /// What the DPO reference model was (or what SFT started from).
     pub reference: String,
+    /// Scheme two: the `merge/...` metrics of the merge it trained on (the
+    /// error of the saved and of the loaded merged model against an f32 merge).
+    #[serde(default)]
+    pub merge_precision: BTreeMap<String, f64>,
     /// What the recipe's eval stages measured for it and its parent.
     #[serde(default)]
     pub evaluated: crate::compare::evaluation::Evaluated,

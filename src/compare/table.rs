@@ -88,11 +88,43 @@ const ROWS: &[(&str, &str, CellFn)] = &[
     ("peak_memory", "peak memory", |s| {
         human_bytes_opt(s.peak_memory_bytes)
     }),
+    ("memory_estimate", "peak memory, plan's estimate", |s| {
+        s.final_metric("memory/estimate_gib")
+            .map_or_else(|| MISSING.to_string(), |g| format!("{g:.2} GiB"))
+    }),
+    ("base_bits", "base projections, bits a weight", |s| {
+        s.final_metric("base/bits_per_weight")
+            .map_or_else(|| MISSING.to_string(), |b| format!("{b:.1}"))
+    }),
+    (
+        "merge_error",
+        "merge error: largest ΔW, KL (saved; as loaded)",
+        merge_cell,
+    ),
     ("wall_time", "wall time", |s| human_duration(s.wall_seconds)),
     ("steps", "steps", |s| format_count(s.steps)),
     ("lora", "LoRA", |s| s.lora.clone()),
     ("reference", "reference", |s| s.reference.clone()),
 ];
+
+/// Scheme two's merge against an f32 merge into the unquantized model:
+/// "1.2e-3, KL 4.0e-5; 3.1e-2, KL 2.2e-3" (the second part when loading
+/// stages quantize the merged model again).
+fn merge_cell(s: &StageSummary) -> String {
+    let m = &s.merge_precision;
+    let part = |prefix: &str| {
+        let w = m.get(&format!("{prefix}/weight_max_abs_err"))?;
+        Some(match m.get(&format!("{prefix}/kl")) {
+            Some(kl) => format!("{w:.1e}, KL {kl:.1e}"),
+            None => format!("{w:.1e}"),
+        })
+    };
+    match (part("merge"), part("merge/loaded")) {
+        (Some(saved), Some(loaded)) => format!("{saved}; {loaded}"),
+        (Some(saved), None) => saved,
+        _ => MISSING.to_string(),
+    }
+}
 
 /// The eval stage's value of `metric`, with its change from the parent and
 /// that change's 95% interval: "0.380 (−0.100 [−0.130, −0.070])".

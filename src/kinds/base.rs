@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::params::Quantize;
 use super::{key_with_path, resolved_input};
 use crate::diag::checks::{at_least, positive};
 use crate::diag::span::Sp;
@@ -105,6 +106,12 @@ pub struct BaseParams {
     /// dtype of the weights `init` writes (a loaded folder keeps its own).
     #[serde(default)]
     pub dtype: Sp<Dtype>,
+    /// Hold the decoder layers' projections quantized in every stage that
+    /// loads this model ("q8_0" or "q4_k"; embeddings, norms and the output
+    /// head stay dense). The folder itself stays as it is: stages quantize
+    /// when they load it.
+    #[serde(default, skip_serializing_if = "super::params::no_quantize")]
+    pub quantize: Option<Sp<Quantize>>,
     #[serde(skip)]
     #[schemars(skip)]
     resolved: Option<PathBuf>,
@@ -184,25 +191,26 @@ impl BaseParams {
     /// Names of the model's linear modules (what LoRA targets match), when
     /// its shape is known without running: from `init` or the folder's config.json.
     pub fn linear_modules(&self) -> Option<Result<Vec<String>, Problem>> {
-        use crate::model::config::{linear_module_names, ModelConfig};
+        use crate::model::config::linear_module_names;
+        Some(self.model_config()?.map(|c| linear_module_names(&c)))
+    }
+
+    /// The model's config.json, when its shape is known without running:
+    /// from `init` or the folder.
+    pub fn model_config(&self) -> Option<Result<crate::model::ModelConfig, Problem>> {
+        use crate::model::config::ModelConfig;
         if let Some(init) = &self.init {
             // The seed does not change the shape.
             let spec = init.model_spec(self.dtype.value, 0);
-            return Some(
-                spec.model_config()
-                    .map(|c| linear_module_names(&c))
-                    .map_err(|e| {
-                        Problem::new(e.to_string()).at(init.hidden.span.clone(), "this shape")
-                    }),
-            );
+            return Some(spec.model_config().map_err(|e| {
+                Problem::new(e.to_string()).at(init.hidden.span.clone(), "this shape")
+            }));
         }
         let (written, folder) = (self.path.as_ref()?, self.resolved.as_ref()?);
         Some(
-            ModelConfig::from_file(&folder.join("config.json"))
-                .map(|c| linear_module_names(&c))
-                .map_err(|e| {
-                    Problem::new(e.to_string()).at(written.span.clone(), "this model folder")
-                }),
+            ModelConfig::from_file(&folder.join("config.json")).map_err(|e| {
+                Problem::new(e.to_string()).at(written.span.clone(), "this model folder")
+            }),
         )
     }
 }
@@ -269,6 +277,15 @@ impl Kind for Base {
         }
     }
 
+    fn plan_note(&self, p: &BaseParams) -> Option<String> {
+        let q = p.quantize.as_ref()?.value.quantization()?;
+        Some(format!(
+            "projections held {} by the stages that load it ({})",
+            q.name(),
+            q.describe()
+        ))
+    }
+
     fn files(&self, p: &BaseParams) -> Vec<FileInput> {
         match (&p.path, &p.resolved) {
             (Some(written), Some(resolved)) => {
@@ -279,6 +296,11 @@ impl Kind for Base {
     }
 
     fn run(&self, params: &BaseParams, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let quantize = params
+            .quantize
+            .as_ref()
+            .and_then(|q| q.value.quantization());
+        super::inputs::write_quantization(&ctx.out_dir, quantize)?;
         match (&params.resolved, &params.init) {
             (Some(folder), _) => {
                 // Referenced, not copied: the artifact records where the model is.

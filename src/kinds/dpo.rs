@@ -101,6 +101,14 @@ impl Kind for Dpo {
         problems
     }
 
+    fn plan_memory(
+        &self,
+        stage: StageView<'_>,
+        on_gpu: bool,
+    ) -> Option<crate::units::MemoryEstimate> {
+        super::memory::estimate(stage, on_gpu)
+    }
+
     fn plan_note(&self, p: &DpoParams) -> Option<String> {
         let loss = p.dpo.loss();
         (!loss.needs_reference()).then(|| format!("loss {}: {NO_REFERENCE}", loss_label(&loss)))
@@ -147,7 +155,7 @@ pub fn loss_label(loss: &crate::train::preference_loss::PreferenceLoss) -> Strin
 /// Folders of the reference policy: a model, and an adapter applied to it (or none).
 #[derive(Debug)]
 pub struct ReferenceSpec {
-    pub model: std::path::PathBuf,
+    pub model: inputs::ModelSource,
     /// Artifact hash of the model, for the derived cache key.
     pub model_artifact: String,
     pub adapter: Option<(std::path::PathBuf, String)>,
@@ -164,7 +172,6 @@ fn artifact_name(dir: &std::path::Path) -> String {
 /// the policy's starting point: model + the continued adapter (scheme one),
 /// or the model alone when a fresh adapter is trained (scheme two).
 pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
-    use super::inputs::model_dir;
     let (model, adapter) = match ctx.inputs.get("reference") {
         Some(r) if r.output == ArtifactKind::Model => (r.clone(), None),
         Some(r) => {
@@ -190,7 +197,7 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
         ),
     };
     Ok(ReferenceSpec {
-        model: model_dir(&model)?,
+        model: inputs::model_source(&model)?,
         model_artifact: artifact_name(&model.dir),
         description: match &adapter {
             Some(a) => format!("{} + adapter `{}` (frozen)", model.stage, a.stage),
@@ -267,7 +274,9 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let data = p.data.as_ref().expect("checked when parsing");
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let (model, model_dir) = training::policy(ctx, &p.lora, dtype, &device)?;
+    let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
+    let rows = 2 * p.train.batch.value as usize;
+    let memory = training::memory_estimate(&model, &p.train, rows, p.dpo.loss().needs_reference());
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let pad_id = tokenizer.pad_id();
     let settings = inputs::settings(&p.train, data);
@@ -316,5 +325,5 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         device: device.clone(),
     };
     ctx.metrics.insert("reference".into(), reference.into());
-    training::train_and_save(ctx, &model, &model_dir, &objective, &loop_settings)
+    training::train_and_save(ctx, &model, &model_dir, &objective, &loop_settings, memory)
 }

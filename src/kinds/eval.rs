@@ -166,8 +166,9 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use std::io::Write;
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let model_dir = inputs::model_dir(ctx.input("model")?)?;
-    let mut model = inputs::load_model(&model_dir, dtype, &device)?;
+    let source = inputs::model_source(ctx.input("model")?)?;
+    let model_dir = source.dir.clone();
+    let mut model = inputs::load_model(&source, dtype, &device)?;
     if let Some(adapter) = ctx.inputs.get("adapter") {
         inputs::load_adapter(&mut model, adapter)?;
     }
@@ -213,6 +214,21 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             for (g, e) in greedy.iter_mut().zip(&data.examples) {
                 g.exact = text(&g.generated)? == text(e.completion_ids())?;
             }
+        }
+        if source.quantize.is_some() {
+            // What holding the model quantized costs, once, against the same
+            // model and adapter dense in f32.
+            let dense = inputs::ModelSource {
+                quantize: None,
+                ..source.clone()
+            };
+            let mut unquantized = inputs::load_model(&dense, candle_core::DType::F32, &device)?;
+            if let Some(adapter) = ctx.inputs.get("adapter") {
+                inputs::load_adapter(&mut unquantized, adapter)?;
+            }
+            let d = crate::train::divergence::divergence(&unquantized, &model, &data.examples)?;
+            metric(ctx, "quantization/kl", d.mean_kl);
+            metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);
         }
         let tokens: usize = forced.iter().map(|f| f.tokens).sum();
         let loss = forced.iter().map(|f| f.nll).sum::<f64>() / tokens.max(1) as f64;
@@ -324,7 +340,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             (false, Some(_)) => {
                 let m = ctx.input("model")?;
                 Some(super::dpo::ReferenceSpec {
-                    model: model_dir.clone(),
+                    model: source.clone(),
                     model_artifact: m
                         .dir
                         .file_name()

@@ -10,11 +10,56 @@ use candle_core::{DType, Device};
 use super::params::{DataSpec, TrainSpec};
 use crate::data::{self, DatasetKind, DpoDataset, ModelTokenizer, SftDataset, TokenizeSettings};
 use crate::model::decoder::{Decoder, LoadOptions};
+use crate::model::quantized::Quantization;
 use crate::stage::{Dtype, InputArtifact, RunContext};
 
 /// The Hugging Face folder behind a model artifact (a `base` stage refers to its folder).
 pub fn model_dir(input: &InputArtifact) -> anyhow::Result<PathBuf> {
     Ok(crate::cache::payload_dir(&input.dir)?)
+}
+
+/// A model artifact as the stages that load it see it: its folder and how
+/// its projections are held.
+#[derive(Clone, Debug)]
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub quantize: Option<Quantization>,
+}
+
+/// The file in a model artifact that says how loading stages hold it
+/// (absent: dense). Artifacts made before it existed have none.
+pub const QUANTIZATION_FILE: &str = "quantization.json";
+
+pub fn write_quantization(artifact: &Path, quantize: Option<Quantization>) -> anyhow::Result<()> {
+    if let Some(q) = quantize {
+        let json = serde_json::json!({ "quantize": q });
+        crate::fsutil::write_atomic(
+            &artifact.join(QUANTIZATION_FILE),
+            serde_json::to_string_pretty(&json)?.as_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+/// How the stages that load the model artifact at `artifact` hold it.
+pub fn quantization(artifact: &Path) -> anyhow::Result<Option<Quantization>> {
+    let path = artifact.join(QUANTIZATION_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Some(
+        serde_json::from_value(json["quantize"].clone())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+    ))
+}
+
+pub fn model_source(input: &InputArtifact) -> anyhow::Result<ModelSource> {
+    Ok(ModelSource {
+        dir: model_dir(input)?,
+        quantize: quantization(&input.dir)?,
+    })
 }
 
 pub fn dtype(d: Dtype) -> DType {
@@ -25,15 +70,13 @@ pub fn dtype(d: Dtype) -> DType {
     }
 }
 
-pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Decoder> {
-    Decoder::load(
-        dir,
-        &LoadOptions {
-            dtype: Some(dtype),
-            device: device.clone(),
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("loading model {}: {e}", dir.display()))
+pub fn load_model(source: &ModelSource, dtype: DType, device: &Device) -> anyhow::Result<Decoder> {
+    let options = LoadOptions {
+        dtype: Some(dtype),
+        device: device.clone(),
+    };
+    Decoder::load_quantized(&source.dir, &options, source.quantize)
+        .map_err(|e| anyhow::anyhow!("loading model {}: {e}", source.dir.display()))
 }
 
 /// Load an adapter stage's artifact into `model` (trainable).

@@ -53,7 +53,7 @@ fn use_of<'a>(view: StageView<'a>) -> LoraUse<'a> {
 }
 
 /// The LoRA config of the adapter a stage makes, following continuations.
-fn adapter_config(view: StageView<'_>, depth: usize) -> Option<Cow<'_, LoraSpec>> {
+pub(crate) fn adapter_config(view: StageView<'_>, depth: usize) -> Option<Cow<'_, LoraSpec>> {
     if depth > view.stage_count() {
         return None;
     }

@@ -4,12 +4,15 @@
 use serde::{Deserialize, Serialize};
 
 use super::lora::{check_adapter_model, check_written_adapter_or_lora};
+use super::params::Quantize;
 use super::{inputs, model_refs};
 use crate::diag::checks::at_least;
 use crate::diag::span::Sp;
 use crate::diag::Problem;
+use crate::model::decoder::{Decoder, LoadOptions};
+use crate::model::merge::{merge_lora, save_model_folder};
 use crate::stage::{
-    ArtifactKind, Dtype, Kind, ParseContext, Role, RunContext, StageRef, StageView,
+    ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageRef, StageView,
 };
 
 pub struct Merge;
@@ -29,7 +32,25 @@ pub struct MergeParams {
     /// Split the safetensors file above this many bytes.
     #[serde(default = "default_shard")]
     pub shard_bytes: Sp<u64>,
+    /// How the stages that load the merged model hold its projections
+    /// ("none", "q8_0", "q4_k"); the `model` stage's way when left out. A
+    /// quantized `model` is dequantised for the merge and the merged model
+    /// saved dense in `dtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<Sp<Quantize>>,
+    /// Held-out rows (SFT format, relative to the recipe) on which the
+    /// merge's precision is measured: the KL of the merged model's
+    /// next-token distributions from an f32 merge into the unquantized
+    /// model (metrics `merge/kl...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<Sp<String>>,
+    #[serde(skip)]
+    #[schemars(skip)]
+    recipe_dir: std::path::PathBuf,
 }
+
+/// Rows of `eval` are cut (from the left of the prompt) to this many tokens.
+const EVAL_SEQ_LEN: usize = 2048;
 
 fn default_shard() -> Sp<u64> {
     Sp::implicit(5_000_000_000)
@@ -68,7 +89,23 @@ impl Kind for Merge {
             );
         }
         at_least(&mut problems, "shard_bytes", &p.shard_bytes, 1 << 20);
+        p.recipe_dir = ctx.recipe_dir.to_path_buf();
         problems
+    }
+
+    fn plan_note(&self, p: &MergeParams) -> Option<String> {
+        let q = p.quantize.as_ref()?.value;
+        Some(match q.quantization() {
+            Some(q) => format!("merged model held {} by the stages that load it", q.name()),
+            None => "merged model held dense by the stages that load it".into(),
+        })
+    }
+
+    fn files(&self, p: &MergeParams) -> Vec<FileInput> {
+        p.eval
+            .iter()
+            .map(|f| super::file_input("eval", f, &p.recipe_dir))
+            .collect()
     }
 
     fn refs(&self, p: &MergeParams) -> Vec<StageRef> {
@@ -82,23 +119,100 @@ impl Kind for Merge {
     }
 
     fn run(&self, p: &MergeParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-        let model_dir = inputs::model_dir(ctx.input("model")?)?;
-        let adapter = ctx.input("adapter")?;
-        // W' = W + s·B·A in f32, cast once to the saved dtype (the base's unless `dtype` says).
-        let options = crate::model::decoder::LoadOptions {
+        let source = inputs::model_source(ctx.input("model")?)?;
+        let adapter = ctx.input("adapter")?.clone();
+        // W' = W + s·B·A in f32, cast once to the saved dtype (the base's
+        // unless `dtype` says); a quantized W is dequantised first.
+        let options = LoadOptions {
             dtype: p.dtype.as_ref().map(|d| inputs::dtype(d.value)),
             device: candle_core::Device::Cpu,
         };
-        let mut model = crate::model::decoder::Decoder::load(&model_dir, &options)
-            .map_err(|e| anyhow::anyhow!("loading model {}: {e}", model_dir.display()))?;
-        inputs::load_adapter(&mut model, adapter)?;
-        let merged = crate::model::merge::merge_lora(&model)?;
-        crate::model::merge::save_model_folder(
+        let load = |source: &inputs::ModelSource, options: &LoadOptions| {
+            Decoder::load_quantized(&source.dir, options, source.quantize)
+                .map_err(|e| anyhow::anyhow!("loading model {}: {e}", source.dir.display()))
+        };
+        let mut model = load(&source, &options)?;
+        inputs::load_adapter(&mut model, &adapter)?;
+        let merged = merge_lora(&model)?;
+        drop(model);
+        save_model_folder(
             &merged,
             &ctx.out_dir,
-            Some(&model_dir),
+            Some(&source.dir),
             p.shard_bytes.value,
         )?;
+        drop(merged);
+        let held = match &p.quantize {
+            Some(q) => q.value.quantization(),
+            None => source.quantize,
+        };
+        inputs::write_quantization(&ctx.out_dir, held)?;
+        if source.quantize.is_none() && held.is_none() && p.eval.is_none() {
+            return Ok(());
+        }
+        // The precision each conversion costs, against an f32 merge into the
+        // unquantized model: the saved weights, then as loading stages hold them.
+        ctx.progress
+            .log("measuring the merge's precision against an f32 merge");
+        let f32_options = LoadOptions {
+            dtype: Some(candle_core::DType::F32),
+            device: candle_core::Device::Cpu,
+        };
+        let dense = |dir: &std::path::Path| inputs::ModelSource {
+            dir: dir.to_path_buf(),
+            quantize: None,
+        };
+        let mut exact = load(&dense(&source.dir), &f32_options)?;
+        inputs::load_adapter(&mut exact, &adapter)?;
+        let exact = merge_lora(&exact)?;
+        let saved = load(&dense(&ctx.out_dir), &f32_options)?;
+        let mut compared = vec![("merge", saved)];
+        if held.is_some() {
+            let loaded = inputs::ModelSource {
+                dir: ctx.out_dir.clone(),
+                quantize: held,
+            };
+            compared.push(("merge/loaded", load(&loaded, &f32_options)?));
+        }
+        let rows = match ctx.files.get("eval").cloned() {
+            Some(file) => {
+                let tokenizer = inputs::load_tokenizer(&source.dir)?;
+                let settings = crate::data::TokenizeSettings::new(EVAL_SEQ_LEN);
+                let ds = inputs::sft_tokens(ctx, &file, &tokenizer, &source.dir, &settings)?;
+                Some(ds.examples)
+            }
+            None => None,
+        };
+        for (prefix, model) in &compared {
+            let (max_err, rel_rms) = weight_error(&exact, model)?;
+            ctx.metrics
+                .insert(format!("{prefix}/weight_max_abs_err"), max_err.into());
+            ctx.metrics
+                .insert(format!("{prefix}/weight_rel_rms_err"), rel_rms.into());
+            if let Some(rows) = &rows {
+                let d = crate::train::divergence::divergence(&exact, model, rows)?;
+                ctx.metrics.insert(format!("{prefix}/kl"), d.mean_kl.into());
+                ctx.metrics.insert(
+                    format!("{prefix}/logits_max_abs_err"),
+                    d.max_logit_error.into(),
+                );
+            }
+        }
         Ok(())
     }
+}
+
+/// The largest |Δ| over every projection weight of `model` against
+/// `exact`, and the root-mean-square Δ relative to the weights' own.
+fn weight_error(exact: &Decoder, model: &Decoder) -> anyhow::Result<(f64, f64)> {
+    use candle_core::DType;
+    let (mut max_err, mut sq_err, mut sq) = (0.0f64, 0.0f64, 0.0f64);
+    for (e, m) in exact.linears().zip(model.linears()) {
+        let e = e.weight.to_dense(DType::F64)?;
+        let diff = (m.weight.to_dense(DType::F64)? - &e)?;
+        max_err = max_err.max(diff.abs()?.max_all()?.to_scalar::<f64>()?);
+        sq_err += diff.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        sq += e.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok((max_err, (sq_err / sq.max(f64::MIN_POSITIVE)).sqrt()))
 }

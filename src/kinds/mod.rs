@@ -9,6 +9,7 @@ pub mod eval;
 pub mod export;
 pub mod inputs;
 pub mod lora;
+pub mod memory;
 pub mod merge;
 pub mod params;
 pub mod sft;

@@ -97,6 +97,38 @@ impl LoraSpec {
 }
 
 pub use crate::data::settings::{BadRows, Overlong};
+
+/// How the stages that load a model hold its decoder layers' projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+pub enum Quantize {
+    /// Dense, in the loading stage's dtype.
+    #[serde(rename = "none")]
+    None,
+    /// 8-bit blocks of 32 (8.5 bits a weight).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 4-bit super-blocks of 256 (4.5 bits a weight); rows that are not a
+    /// multiple of 256 use q5_0 (5.5 bits), as llama.cpp does.
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+/// Leaves `quantize` out of a stage key when it asks for nothing, so that
+/// keys made before the setting existed stand.
+pub fn no_quantize(q: &Option<Sp<Quantize>>) -> bool {
+    q.as_ref().is_none_or(|q| q.value == Quantize::None)
+}
+
+impl Quantize {
+    pub fn quantization(self) -> Option<crate::model::quantized::Quantization> {
+        use crate::model::quantized::Quantization;
+        match self {
+            Quantize::None => None,
+            Quantize::Q8_0 => Some(Quantization::Q8_0),
+            Quantize::Q4K => Some(Quantization::Q4K),
+        }
+    }
+}
 pub use crate::train::schedule::Schedule;
 
 /// Optimisation settings of a training stage.
@@ -145,6 +177,16 @@ pub struct TrainSpec {
     /// Write a checkpoint every N steps (0: only on Ctrl-C).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: Sp<u64>,
+    /// Activation checkpointing: keep only each decoder layer's input during
+    /// the forward pass and recompute the layer in backward (less memory,
+    /// about a third more compute). Gradients equal the plain ones to float
+    /// rounding. Left out of the stage key when off, so older keys stand.
+    #[serde(default, skip_serializing_if = "is_off")]
+    pub checkpointing: Sp<bool>,
+}
+
+fn is_off(flag: &Sp<bool>) -> bool {
+    !flag.value
 }
 
 impl Default for TrainSpec {
@@ -165,6 +207,7 @@ impl Default for TrainSpec {
             bad_rows: Sp::default(),
             eval_every: Sp::default(),
             checkpoint_every: default_checkpoint_every(),
+            checkpointing: Sp::default(),
         }
     }
 }

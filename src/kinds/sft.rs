@@ -78,6 +78,14 @@ impl Kind for Sft {
         problems
     }
 
+    fn plan_memory(
+        &self,
+        stage: StageView<'_>,
+        on_gpu: bool,
+    ) -> Option<crate::units::MemoryEstimate> {
+        super::memory::estimate(stage, on_gpu)
+    }
+
     fn refs(&self, p: &SftParams) -> Vec<StageRef> {
         model_refs(&p.model, &p.adapter, None)
     }
@@ -105,7 +113,8 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let data = p.data.as_ref().expect("checked when parsing");
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let (model, model_dir) = training::policy(ctx, &p.lora, dtype, &device)?;
+    let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
+    let memory = training::memory_estimate(&model, &p.train, p.train.batch.value as usize, false);
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let settings = inputs::settings(&p.train, data);
     let train_file = ctx.files["data.train"].clone();
@@ -124,5 +133,5 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     };
     // Each adapter applies its own dropout rate (none at 0) in training mode.
     let settings = p.train.loop_settings(ctx.seed, true);
-    training::train_and_save(ctx, &model, &model_dir, &objective, &settings)
+    training::train_and_save(ctx, &model, &model_dir, &objective, &settings, memory)
 }

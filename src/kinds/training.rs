@@ -75,22 +75,30 @@ pub fn check(
     problems
 }
 
-/// The policy model: the `model` input with a new adapter, or with the `adapter` input loaded trainable.
+/// The policy model: the `model` input with a new adapter, or with the
+/// `adapter` input loaded trainable; checkpointed when `train` says so.
 pub fn policy(
     ctx: &RunContext,
     lora: &Option<LoraSpec>,
+    train: &TrainSpec,
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> anyhow::Result<(crate::model::decoder::Decoder, PathBuf)> {
-    let model_dir = inputs::model_dir(ctx.input("model")?)?;
-    let mut model = inputs::load_model(&model_dir, dtype, device)?;
+    let source = inputs::model_source(ctx.input("model")?)?;
+    let mut model = inputs::load_model(&source, dtype, device)?;
     match (ctx.inputs.get("adapter"), lora) {
         (Some(adapter), _) => inputs::load_adapter(&mut model, adapter)?,
         (None, Some(spec)) => model.apply_lora(&lora::lora_config(spec), ctx.seed)?,
         (None, None) => anyhow::bail!("stage `{}` has neither `adapter` nor `lora`", ctx.stage),
     }
-    Ok((model, model_dir))
+    if train.checkpointing.value {
+        model.enable_checkpointing();
+    }
+    Ok((model, source.dir))
 }
+
+/// Beside an adapter trained on a quantized base: the base and its formats.
+pub const BASE_QUANTIZATION_FILE: &str = "base_quantization.json";
 
 /// Train `model` on `objective` in the stage's folders, save the adapter as
 /// the artifact, and record the metrics before and after.
@@ -100,6 +108,7 @@ pub fn train_and_save(
     model_dir: &std::path::Path,
     objective: &dyn Objective,
     settings: &trainer::LoopSettings,
+    memory: Option<crate::model::memory::MemoryEstimate>,
 ) -> anyhow::Result<()> {
     let before = objective.evaluate(model)?;
     let resume_file = ctx.cache.resume_file(&ctx.key);
@@ -111,7 +120,47 @@ pub fn train_and_save(
         interrupt: ctx.interrupt,
     };
     let metrics: Metrics = trainer::train(model, objective, settings, &env)?;
+    let (bits, weights) = model.linears().fold((0.0, 0.0), |(bits, n), l| {
+        let (out, inp) = l.weight.dims();
+        let per = l.weight.format().map_or(
+            8.0 * model.dtype.size_in_bytes() as f64,
+            crate::model::quantized::Quantization::bits_per_weight,
+        );
+        (bits + per * (out * inp) as f64, n + (out * inp) as f64)
+    });
+    if weights > 0.0 {
+        ctx.metrics
+            .insert("base/bits_per_weight".into(), (bits / weights).into());
+    }
+    // The estimate goes beside the measured peak the manifest records.
+    if let Some(estimate) = memory {
+        ctx.metrics.insert(
+            "memory/estimate_gib".into(),
+            gib(estimate.estimate_bytes).into(),
+        );
+    }
     crate::model::peft::save_adapter(model, &ctx.out_dir, &model_dir.display().to_string())?;
+    if let Some(q) = model.quantization {
+        // The adapter is ordinary PEFT and loads on the full-precision base;
+        // this says what it was trained against.
+        let mut formats = std::collections::BTreeMap::<&str, usize>::new();
+        for linear in model.linears() {
+            let name = linear
+                .weight
+                .format()
+                .map_or("dense", crate::model::quantized::format_name);
+            *formats.entry(name).or_default() += 1;
+        }
+        let note = serde_json::json!({
+            "base_model_name_or_path": model_dir.display().to_string(),
+            "quantize": q,
+            "formats": formats,
+        });
+        crate::fsutil::write_atomic(
+            &ctx.out_dir.join(BASE_QUANTIZATION_FILE),
+            serde_json::to_string_pretty(&note)?.as_bytes(),
+        )?;
+    }
     for (k, v) in before {
         ctx.metrics.insert(format!("before/{k}"), v.into());
     }
@@ -119,4 +168,36 @@ pub fn train_and_save(
         ctx.metrics.insert(k, v.into());
     }
     Ok(())
+}
+
+fn gib(bytes: u64) -> f64 {
+    (bytes as f64 / (1u64 << 30) as f64 * 1000.0).round() / 1000.0
+}
+
+/// The memory estimate of a training step on the loaded `model`: `rows`
+/// sequences of `train.seq_len` a micro-batch, a reference model beside it
+/// or not.
+pub fn memory_estimate(
+    model: &crate::model::decoder::Decoder,
+    train: &TrainSpec,
+    rows: usize,
+    reference_model: bool,
+) -> Option<crate::model::memory::MemoryEstimate> {
+    let lora = model.lora_config.as_ref()?;
+    let targets = lora.resolve(&model.config).ok()?;
+    Some(crate::model::memory::estimate(
+        &crate::model::memory::StepShape {
+            config: &model.config,
+            dtype: model.dtype,
+            quantization: model.quantization,
+            targets: &targets,
+            dropout: lora.dropout > 0.0,
+            rows,
+            seq_len: train.seq_len.value as usize,
+            checkpointing: model.checkpointing(),
+            reference_model,
+            fused: crate::model::memory::fused_path(!model.device.is_cpu(), model.dtype),
+            on_gpu: !model.device.is_cpu(),
+        },
+    ))
 }

@@ -55,6 +55,7 @@ pub struct LayerKv {
 
 /// Per-call attention inputs shared by all layers: rope tables and mask for
 /// the new tokens of each row.
+#[derive(Clone, Debug)]
 pub struct AttentionContext {
     /// [B, t, head_dim / 2] in f32.
     cos: Tensor,

@@ -13,13 +13,21 @@ use crate::model::error::{ModelError, Result};
 use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
 use crate::model::names;
 use crate::model::ops::{frozen_matmul, rms_norm};
+use crate::model::quantized::Quantization;
+use crate::model::recompute::{checkpointed_layer, recomputed_rows, RecomputedGrads, RowFunction};
 use crate::model::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
+use std::sync::Arc;
 
 pub use crate::model::attention::rope_inv_freq;
 pub use crate::model::layer::DecoderLayer;
 pub use crate::model::linear::Linear;
+
+/// Rows of output-head logits alive at once under checkpointing (256 rows
+/// of a 151936-token vocabulary are 156 MB in f32).
+const HEAD_CHUNK_ROWS: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -66,7 +74,12 @@ pub struct Decoder {
     pub device: Device,
     /// The LoRA configuration applied, if any.
     pub lora_config: Option<LoraConfig>,
+    /// How the layers' projections are held (None: dense in `dtype`).
+    pub quantization: Option<Quantization>,
     inv_freq: Vec<f64>,
+    /// Set by `enable_checkpointing`: forward passes that keep a graph keep
+    /// only each layer's input, and backward recomputes the layer.
+    checkpointing: Option<RecomputedGrads>,
 }
 
 /// Per-layer keys/values for a forward pass that continues a KV cache:
@@ -80,6 +93,16 @@ pub(crate) struct KvUpdate<'a> {
 impl Decoder {
     /// Loads config.json and model.safetensors (or shards + index) from `dir`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_quantized(dir, opts, None)
+    }
+
+    /// `load`, with the decoder layers' projections held in `quantize`'s
+    /// block formats (see `quantized`); needs an f32, bf16 or f16 dtype.
+    pub fn load_quantized(
+        dir: &Path,
+        opts: &LoadOptions,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
         let files = CheckpointFiles::open(dir)?;
@@ -88,24 +111,25 @@ impl Decoder {
             .or_else(|| config.torch_dtype.as_deref().and_then(parse_torch_dtype))
             .or_else(|| files.first_float_dtype())
             .unwrap_or(DType::F32);
-        Self::from_checkpoint(config, &files, dtype, &opts.device)
+        if quantize.is_some() && dtype == DType::F64 {
+            return Err(ModelError::Input(
+                "a quantized base computes in f32, bf16 or f16, not f64".into(),
+            ));
+        }
+        let w = WeightLoader {
+            files: &files,
+            dtype,
+            device: &opts.device,
+            quantize,
+        };
+        Self::from_checkpoint(config, &w)
     }
 
-    fn from_checkpoint(
-        config: ModelConfig,
-        files: &CheckpointFiles,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    fn from_checkpoint(config: ModelConfig, w: &WeightLoader) -> Result<Self> {
         let c = &config;
-        let w = WeightLoader {
-            files,
-            dtype,
-            device,
-        };
         let embed_tokens = w.get(names::EMBED_TOKENS, &[c.vocab_size, c.hidden_size])?;
         let layers = (0..c.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&w, c, i))
+            .map(|i| DecoderLayer::load(w, c, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = w.get(names::FINAL_NORM, &[c.hidden_size])?;
         // Some tied checkpoints still carry lm_head.weight; it equals the embeddings then.
@@ -121,10 +145,12 @@ impl Decoder {
             layers,
             norm,
             lm_head,
-            dtype,
-            device: device.clone(),
+            dtype: w.dtype,
+            device: w.device.clone(),
             lora_config: None,
+            quantization: w.quantize,
             inv_freq,
+            checkpointing: None,
         })
     }
 
@@ -246,6 +272,18 @@ impl Decoder {
             .embed_tokens
             .index_select(&flat, 0)?
             .reshape((b, t, c.hidden_size))?;
+        // Inference keeps no graph, and a KV-cache pass never runs backward.
+        let recompute = match (&self.checkpointing, mode, &kv) {
+            (Some(grads), Mode::Eval | Mode::Train { .. }, None) => Some(grads),
+            _ => None,
+        };
+        if let Some(grads) = recompute {
+            let ctx = Arc::new(ctx.clone());
+            for layer in &self.layers {
+                x = checkpointed_layer(layer, &x, &ctx, mode, grads)?;
+            }
+            return Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?);
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = kv.as_ref().and_then(|kv| kv.past.get(i));
             let (y, layer_kv) = layer.forward(&x, ctx, mode, layer_past)?;
@@ -292,7 +330,6 @@ impl Decoder {
         targets: &[(usize, usize, u32)],
     ) -> Result<Tensor> {
         let positions: Vec<(usize, usize)> = targets.iter().map(|&(b, t, _)| (b, t)).collect();
-        let logits = self.logits_at(hidden, &positions)?;
         let mut tok = Vec::with_capacity(targets.len());
         for &(_, _, id) in targets {
             if id as usize >= self.config.vocab_size {
@@ -302,7 +339,44 @@ impl Decoder {
             }
             tok.push(id);
         }
+        if self.checkpointing.is_some() {
+            // The [rows, vocab] logits exist for one chunk of rows at a time.
+            let rows = self.gather_rows(hidden, &positions)?;
+            let (weight, tok) = (self.lm_head_weight().clone(), Arc::new(tok));
+            let head: RowFunction = Arc::new(move |range, x| {
+                let logits = frozen_matmul(x, &weight)?;
+                let logits = match logits.dtype() {
+                    DType::F64 => logits,
+                    _ => logits.to_dtype(DType::F32)?,
+                };
+                crate::model::ops::token_logprobs(&logits, &tok[range])
+            });
+            return Ok(recomputed_rows(&rows, HEAD_CHUNK_ROWS, head)?);
+        }
+        let logits = self.logits_at(hidden, &positions)?;
         Ok(crate::model::ops::token_logprobs(&logits, &tok)?)
+    }
+
+    /// Activation checkpointing from now on: forward passes that keep a
+    /// graph store one hidden state per layer instead of its activations;
+    /// backward runs each layer again. Call `add_recomputed_gradients` on the
+    /// gradients of every backward.
+    pub fn enable_checkpointing(&mut self) {
+        self.checkpointing
+            .get_or_insert_with(RecomputedGrads::default);
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing.is_some()
+    }
+
+    /// Adds the LoRA gradients that checkpointed layers computed during the
+    /// last backward to `grads` (a no-op without checkpointing).
+    pub fn add_recomputed_gradients(&self, grads: &mut GradStore) -> Result<()> {
+        if let Some(recomputed) = &self.checkpointing {
+            recomputed.merge_into(grads, &self.trainable_vars())?;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ LoRA
@@ -374,8 +448,9 @@ impl Decoder {
         self.lora_parameters().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// Base weights by HF tensor name (adapters not merged), for saving.
-    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Base weights by HF tensor name (adapters not merged), for saving;
+    /// quantized projections are dequantised into `dtype`.
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(names::EMBED_TOKENS.to_string(), self.embed_tokens.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
             out.push((names::input_layernorm(i), layer.input_layernorm.clone()));
@@ -384,7 +459,7 @@ impl Decoder {
                 layer.post_attention_layernorm.clone(),
             ));
             for l in layer.linears() {
-                out.push((names::weight(&l.name), l.weight.clone()));
+                out.push((names::weight(&l.name), l.weight.to_dense(self.dtype)?));
                 if let Some(b) = &l.bias {
                     out.push((names::bias(&l.name), b.clone()));
                 }
@@ -394,7 +469,7 @@ impl Decoder {
         if let Some(h) = &self.lm_head {
             out.push((names::LM_HEAD.to_string(), h.clone()));
         }
-        out
+        Ok(out)
     }
 }
 

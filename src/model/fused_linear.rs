@@ -15,10 +15,11 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Wit
 
 use crate::model::kernel::{self, fused_kernels, matmul, Float, Mat, Threads};
 use crate::model::ops::{frozen_linear, mul_by_constant};
+use crate::model::quantized::{quantized_matmul, FrozenWeight};
 
 struct LoraLinear {
-    /// [out, in], frozen.
-    weight: Tensor,
+    /// [out, in], frozen; a quantized one is dequantised for each product.
+    weight: FrozenWeight,
     /// [out], frozen.
     bias: Option<Tensor>,
     /// [n, in] dropout mask (0 or 1/(1-p)) on the adapter's input.
@@ -192,7 +193,7 @@ impl LoraLinear {
         let (n, inp) = x.shape().dims2()?;
         let (r, a_in) = a.shape().dims2()?;
         let (out, b_r) = b.shape().dims2()?;
-        let (w_out, w_in) = self.weight.dims2()?;
+        let (w_out, w_in) = self.weight.dims();
         let bias_ok = self.bias.as_ref().is_none_or(|b| b.dims() == [out]);
         let mask_ok = self.dropout.as_ref().is_none_or(|m| m.dims() == [n, inp]);
         if (a_in, b_r, w_out, w_in) != (inp, r, out, inp) || !bias_ok || !mask_ok {
@@ -223,11 +224,8 @@ impl CustomOp3 for LoraLinear {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1, l2, l3)?;
-        let constants = [
-            Some(&self.weight),
-            self.bias.as_ref(),
-            self.dropout.as_ref(),
-        ];
+        let weight = self.weight.to_dense(s1.dtype())?;
+        let constants = [Some(&weight), self.bias.as_ref(), self.dropout.as_ref()];
         let present: Vec<&Tensor> = constants.iter().flatten().copied().collect();
         let y = kernel::with_cpu("lora-linear", &present, |c| {
             // c holds W, then the bias and the mask where present.
@@ -272,7 +270,8 @@ impl CustomOp3 for LoraLinear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let want = [x.track_op(), a.track_op(), b.track_op()];
-        let mut tensors = vec![x, a, b, &self.weight, &grad];
+        let weight = self.weight.to_dense(x.dtype())?;
+        let mut tensors = vec![x, a, b, &weight, &grad];
         tensors.extend(self.dropout.as_ref());
         let grads = kernel::with_cpu("lora-linear", &tensors, |c| {
             let d = self.dims(c[0].1, c[1].1, c[2].1)?;
@@ -326,14 +325,37 @@ pub fn lora_linear(
     (weight, bias): (&Tensor, Option<&Tensor>),
     adapter: &Adapter,
 ) -> candle_core::Result<Tensor> {
+    lora_linear_on(x, (&FrozenWeight::Dense(weight.clone()), bias), adapter)
+}
+
+/// [`lora_linear`] on a frozen weight that may be quantized. The fused op
+/// dequantises a quantized W for each product, forward and backward, so the
+/// graph never holds a dense copy; elsewhere the product is
+/// [`quantized_matmul`] and the adapter a composition.
+pub fn lora_linear_on(
+    x: &Tensor,
+    (weight, bias): (&FrozenWeight, Option<&Tensor>),
+    adapter: &Adapter,
+) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
-    let same_dtype = [weight, adapter.a, adapter.b]
-        .into_iter()
-        .chain(bias)
-        .chain(adapter.dropout)
-        .all(|t| t.dtype() == dtype);
+    let weight_fits = weight.as_dense().is_none_or(|w| w.dtype() == dtype);
+    let same_dtype = weight_fits
+        && [adapter.a, adapter.b]
+            .into_iter()
+            .chain(bias)
+            .chain(adapter.dropout)
+            .all(|t| t.dtype() == dtype);
     if !(fused_kernels(x.device()) && same_dtype && matches!(dtype, DType::F32 | DType::F64)) {
-        return lora_linear_slow(x, (weight, bias), adapter);
+        return match weight {
+            FrozenWeight::Dense(w) => lora_linear_slow(x, (w, bias), adapter),
+            FrozenWeight::Quantized(q) => {
+                let mut y = quantized_matmul(x, q)?;
+                if let Some(b) = bias {
+                    y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+                }
+                y + adapter_delta(x, adapter)?
+            }
+        };
     }
     let (a, b) = (adapter.a, adapter.b);
     let dims = x.dims().to_vec();
@@ -343,7 +365,10 @@ pub fn lora_linear(
     let rows: usize = lead.iter().product();
     let constant = |t: &Tensor| t.contiguous().map(|t| t.detach());
     let op = LoraLinear {
-        weight: constant(weight)?,
+        weight: match weight {
+            FrozenWeight::Dense(w) => FrozenWeight::Dense(constant(w)?),
+            quantized => quantized.clone(),
+        },
         bias: bias.map(constant).transpose()?,
         dropout: adapter
             .dropout
@@ -356,7 +381,7 @@ pub fn lora_linear(
             .contiguous()?
             .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
     let mut out_dims = lead.to_vec();
-    out_dims.push(weight.dim(0)?);
+    out_dims.push(weight.dims().0);
     y.reshape(out_dims)
 }
 
@@ -369,6 +394,12 @@ pub fn lora_linear_slow(
     adapter: &Adapter,
 ) -> candle_core::Result<Tensor> {
     let y = frozen_linear(x, weight, bias)?;
+    y + adapter_delta(x, adapter)?
+}
+
+/// s·((x∘m)·Aᵀ)·Bᵀ as a composition of candle ops, shaped like x with the
+/// adapter's output features last.
+pub fn adapter_delta(x: &Tensor, adapter: &Adapter) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let a = adapter.a.to_dtype(dtype)?;
     let b = (adapter.b.to_dtype(dtype)? * adapter.scale)?;
@@ -382,6 +413,7 @@ pub fn lora_linear_slow(
         .reshape((rows, last[0]))?
         .matmul(&a.t()?)?
         .matmul(&b.t()?)?;
-    let h = h.reshape(y.shape())?;
-    y + h
+    let mut dims = lead.to_vec();
+    dims.push(b.dim(0)?);
+    h.reshape(dims)
 }

@@ -4,10 +4,11 @@
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Mode;
 use crate::model::error::Result;
-use crate::model::fused_linear::{lora_linear, Adapter};
+use crate::model::fused_linear::{lora_linear_on, Adapter};
 use crate::model::lora::LoraAdapter;
 use crate::model::names;
 use crate::model::ops::frozen_linear;
+use crate::model::quantized::{quantized_matmul, FrozenWeight};
 use crate::model::rng::SplitMix64;
 use crate::model::weights::WeightLoader;
 use candle_core::Tensor;
@@ -17,8 +18,8 @@ use candle_core::Tensor;
 pub struct Linear {
     /// Full module name, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// [out, in], frozen.
-    pub weight: Tensor,
+    /// [out, in], frozen; dense or quantized.
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
 }
@@ -29,7 +30,7 @@ impl Linear {
     pub fn load(w: &WeightLoader, c: &ModelConfig, layer: usize, proj: &str) -> Result<Self> {
         let name = names::projection(layer, proj);
         let (out_f, in_f) = c.projection_shape(proj).expect("known projection");
-        let weight = w.get(&names::weight(&name), &[out_f, in_f])?;
+        let weight = w.projection(&names::weight(&name), &[out_f, in_f])?;
         let bias = if c.projection_has_bias(proj) {
             Some(w.get(&names::bias(&name), &[out_f])?)
         } else {
@@ -44,16 +45,41 @@ impl Linear {
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims().1
     }
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims().0
     }
 
     /// y = x W^T + b + s · B(A(dropout(x))); only the adapter path is scaled.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let parts = self.adapter_parts(x, mode)?;
+        let adapter = parts.as_ref().map(|p| Adapter {
+            a: &p.a,
+            b: &p.b,
+            scale: p.scale,
+            dropout: p.mask.as_ref(),
+        });
+        match (&self.weight, adapter) {
+            (FrozenWeight::Dense(w), None) => Ok(frozen_linear(x, w, self.bias.as_ref())?),
+            (FrozenWeight::Quantized(q), None) => {
+                let y = quantized_matmul(x, q)?;
+                Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                    None => y,
+                })
+            }
+            (weight, Some(adapter)) => {
+                Ok(lora_linear_on(x, (weight, self.bias.as_ref()), &adapter)?)
+            }
+        }
+    }
+
+    /// The adapter's A and B (detached for inference), its dropout mask in
+    /// training, and its scale.
+    fn adapter_parts(&self, x: &Tensor, mode: Mode) -> Result<Option<AdapterParts>> {
         let Some(lora) = &self.lora else {
-            return Ok(frozen_linear(x, &self.weight, self.bias.as_ref())?);
+            return Ok(None);
         };
         let mask = match mode {
             Mode::Train { dropout_seed } if lora.dropout > 0.0 => {
@@ -66,18 +92,21 @@ impl Linear {
         } else {
             (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
         };
-        let adapter = Adapter {
-            a: &a,
-            b: &b,
+        Ok(Some(AdapterParts {
+            a,
+            b,
+            mask,
             scale: lora.scale,
-            dropout: mask.as_ref(),
-        };
-        Ok(lora_linear(
-            x,
-            (&self.weight, self.bias.as_ref()),
-            &adapter,
-        )?)
+        }))
     }
+}
+
+/// What one forward pass gives the adapter op (`Adapter` borrows them).
+struct AdapterParts {
+    a: Tensor,
+    b: Tensor,
+    mask: Option<Tensor>,
+    scale: f64,
 }
 
 /// The inverted-dropout mask (0 or 1/(1-p), shaped like x, in x's dtype)

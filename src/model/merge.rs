@@ -5,6 +5,7 @@
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
 use crate::model::io::{read_json, write_file_atomic, write_json_atomic, write_safetensors_atomic};
+use crate::model::quantized::FrozenWeight;
 use crate::model::weights::{torch_dtype_name, INDEX_FILE, SINGLE_FILE};
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
@@ -32,10 +33,10 @@ pub fn merge_lora(decoder: &Decoder) -> Result<Decoder> {
     for layer in &mut merged.layers {
         for linear in layer.linears_mut() {
             if let Some(lora) = linear.lora.take() {
-                let dtype = linear.weight.dtype();
-                let w = (linear.weight.to_dtype(DType::F32)?
-                    + lora.delta_weight()?.to_device(linear.weight.device())?)?;
-                linear.weight = w.to_dtype(dtype)?;
+                // A quantized weight is dequantised: the merged one is dense.
+                let w = linear.weight.to_dense(DType::F32)?;
+                let w = (&w + lora.delta_weight()?.to_device(w.device())?)?;
+                linear.weight = FrozenWeight::Dense(w.to_dtype(decoder.dtype)?);
             }
         }
     }
@@ -61,7 +62,7 @@ pub fn save_model_folder(
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let tensors = decoder.base_tensors();
+    let tensors = decoder.base_tensors()?;
     // Greedy sharding in checkpoint order.
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut current = 0u64;

@@ -5,6 +5,7 @@
 
 pub mod adamw;
 pub mod checkpoint;
+pub mod divergence;
 pub mod dpo;
 pub mod order;
 pub mod preference_loss;

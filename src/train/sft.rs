@@ -30,8 +30,9 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 ///
 /// Right-padded rows are packed into one row without their padding
 /// (`Decoder::forward_hidden_packed`): the same log-probs, without computing
-/// the padding (a sixth of the tokens on the peer benchmark's data). Other layouts, and
-/// batches of more than `PACK_MAX_TOKENS` real tokens, run padded.
+/// the padding (a sixth of the tokens on the peer benchmark's data). Other
+/// layouts, batches of more than `PACK_MAX_TOKENS` real tokens, and the
+/// composition attention run padded.
 pub(crate) fn masked_logprobs(
     model: &Decoder,
     input_ids: &[u32],
@@ -48,8 +49,16 @@ pub(crate) fn masked_logprobs(
         .collect();
     let targets = next_token_targets(&id_rows, &loss_rows)?;
     anyhow::ensure!(!targets.is_empty(), "a batch with no completion tokens");
+    // Only the fused attention skips the keys a packed sequence cannot see;
+    // the composition (GPU, half precision) would compute and keep scores
+    // for every pair of the packed row: rows² times a padded batch's.
+    let fused_attention = crate::model::kernel::fused_kernels(device)
+        && matches!(
+            model.dtype,
+            candle_core::DType::F32 | candle_core::DType::F64
+        );
     let packable = right_padded_lengths(attention_mask, t)
-        .filter(|lengths| lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
+        .filter(|lengths| fused_attention && lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
     let logprobs = match packable {
         Some(lengths) => {
             let sequences: Vec<&[u32]> = id_rows

@@ -211,7 +211,9 @@ pub fn train(
             }
             tokens += n;
             let scale = state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
-            let mut g = optimizer.gradients(&(loss * (scale / accum as f64))?.backward()?)?;
+            let mut store = (loss * (scale / accum as f64))?.backward()?;
+            model.add_recomputed_gradients(&mut store)?;
+            let mut g = optimizer.gradients(&store)?;
             if scale != 1.0 {
                 g = g
                     .iter()

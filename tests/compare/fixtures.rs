@@ -36,6 +36,7 @@ pub fn empty_stage(name: &str, objective: Objective) -> StageSummary {
         steps: 0,
         lora: String::new(),
         reference: String::new(),
+        merge_precision: BTreeMap::new(),
         evaluated: Default::default(),
     }
 }

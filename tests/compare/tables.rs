@@ -136,7 +136,7 @@ fn text_table_columns_are_aligned() {
     let stages = realistic_stages();
     let table = text_table(&stages);
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 2 + 21, "{table}");
+    assert_eq!(lines.len(), 2 + 24, "{table}");
     assert!(!table.contains('\x1b'), "no colour codes");
     // Every cell of column k starts at the same character offset on every line.
     let header = lines[0];

@@ -58,7 +58,7 @@ fn lora_gradients_match_finite_differences_and_base_gets_none() {
         // Frozen base weights: no gradient anywhere.
         for lin in model.linears() {
             assert!(
-                grads.get(&lin.weight).is_none(),
+                grads.get(lin.weight.as_dense().unwrap()).is_none(),
                 "{} got a gradient",
                 lin.name
             );
@@ -211,6 +211,8 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
             .self_attn
             .q_proj
             .weight
+            .as_dense()
+            .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
@@ -248,6 +250,8 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
             .self_attn
             .q_proj
             .weight
+            .as_dense()
+            .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()

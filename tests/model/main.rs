@@ -2,6 +2,7 @@
 //! slow to link): forward against candle-transformers, generation, init and
 //! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
 
+mod checkpointing;
 mod forward_reference;
 mod fused_attention;
 mod fused_linear;
@@ -9,9 +10,11 @@ mod generate;
 mod init_and_tokenizer;
 mod loading_errors;
 mod lora_gradients;
+mod memory;
 mod merge;
 mod ops_backward;
 mod packing;
 mod peft_format;
+mod quantized;
 #[path = "../support/mod.rs"]
 mod support;

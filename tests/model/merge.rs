@@ -68,7 +68,13 @@ fn bf16_merge_error_measured_0_066_of_logits_up_to_3_8() {
     let with_adapter = logits(&model, &ids);
     let merged = merge_lora(&model).unwrap();
     assert_eq!(
-        merged.layers[0].self_attn.q_proj.weight.dtype(),
+        merged.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .as_dense()
+            .unwrap()
+            .dtype(),
         DType::BF16
     );
     let d = max_abs_diff(&with_adapter, &logits(&merged, &ids));

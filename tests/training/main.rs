@@ -10,6 +10,7 @@ mod data_errors;
 mod data_tokenize;
 mod dpo_gradient;
 mod preference_loss;
+mod quantized;
 mod reference;
 mod slurm;
 mod stages;

@@ -263,7 +263,7 @@ fn sft_lowers_the_eval_loss_and_dpo_raises_preference_accuracy_in_both_schemes()
 }
 
 /// Wait until the stage's work folder says it checkpointed at least `step`.
-fn wait_for_checkpoint(ws: &Workspace, step: u64, child: &mut std::process::Child) {
+pub(crate) fn wait_for_checkpoint(ws: &Workspace, step: u64, child: &mut std::process::Child) {
     let start = Instant::now();
     loop {
         let work = ws.cache().join("work");

@@ -1,0 +1,78 @@
+//! A training stage's memory estimate from the recipe alone: the model's
+//! shape (following merges to the base), how the stages hold it, the
+//! adapter it trains and one micro-batch.
+
+use super::base::BaseParams;
+use super::dpo::DpoParams;
+use super::lora::{adapter_config, lora_config};
+use super::merge::MergeParams;
+use super::params::TrainSpec;
+use super::sft::SftParams;
+use crate::model::memory::{estimate as estimate_step, MemoryEstimate, StepShape};
+use crate::model::quantized::Quantization;
+use crate::model::ModelConfig;
+use crate::stage::{Dtype, StageView};
+
+/// The estimate for an `sft` or `dpo` stage; None for other kinds or when
+/// the model's shape is not known before running.
+/// `on_gpu`: where the stage computes (plan resolves the device).
+pub fn estimate(view: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate> {
+    let (train, dtype, rows, reference): (&TrainSpec, Dtype, usize, bool) =
+        if let Some(p) = view.params::<SftParams>() {
+            let dtype = p.dtype.as_ref().map_or(Dtype::F32, |d| d.value);
+            (&p.train, dtype, p.train.batch.value as usize, false)
+        } else if let Some(p) = view.params::<DpoParams>() {
+            let dtype = p.dtype.as_ref().map_or(Dtype::F32, |d| d.value);
+            let reference = p.dpo.loss().needs_reference();
+            (&p.train, dtype, 2 * p.train.batch.value as usize, reference)
+        } else {
+            return None;
+        };
+    let model = view.target("model")?;
+    let config = model_config(model, 0)?;
+    let spec = adapter_config(view, 0)?;
+    let lora = lora_config(&spec);
+    let targets = lora.resolve(&config).ok()?;
+    let dtype = super::inputs::dtype(dtype);
+    Some(estimate_step(&StepShape {
+        config: &config,
+        dtype,
+        quantization: quantization(model, 0),
+        targets: &targets,
+        dropout: lora.dropout > 0.0,
+        rows,
+        seq_len: train.seq_len.value as usize,
+        checkpointing: train.checkpointing.value,
+        reference_model: reference,
+        fused: crate::model::memory::fused_path(on_gpu, dtype),
+        on_gpu,
+    }))
+}
+
+/// The shape of the model a model stage makes (a merge keeps its model's).
+fn model_config(view: StageView<'_>, depth: usize) -> Option<ModelConfig> {
+    if depth > view.stage_count() {
+        return None;
+    }
+    match view.params::<BaseParams>() {
+        Some(base) => base.model_config()?.ok(),
+        None => model_config(view.target("model")?, depth + 1),
+    }
+}
+
+/// How the stages that load a model stage hold it.
+fn quantization(view: StageView<'_>, depth: usize) -> Option<Quantization> {
+    if depth > view.stage_count() {
+        return None;
+    }
+    if let Some(base) = view.params::<BaseParams>() {
+        return base.quantize.as_ref()?.value.quantization();
+    }
+    match view
+        .params::<MergeParams>()
+        .and_then(|m| m.quantize.as_ref())
+    {
+        Some(q) => q.value.quantization(),
+        None => quantization(view.target("model")?, depth + 1),
+    }
+}

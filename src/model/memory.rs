@@ -1,0 +1,147 @@
+//! Peak memory of a training step, estimated from shapes alone (what `plan`
+//! shows before anything runs, and what `run` records beside the measured
+//! peak).
+//!
+//! What the terms count, per token of a micro-batch (N = rows × seq_len):
+//! - weights: the embeddings, norms and head in the compute dtype, the seven
+//!   projections of each layer in it or in their quantized block format;
+//! - the adapter: each LoRA parameter in f32 with its gradient, the summed
+//!   gradient of accumulation and AdamW's two moments (20 bytes);
+//! - activations the backward keeps, per layer: the layer input, the two
+//!   norm outputs, the attention output and the residual (5·hidden), the
+//!   query before and after rope and the attention result (3·q), the keys
+//!   before and after rope and the values (3·kv), gate, up and their SwiGLU
+//!   product (3·ffn); dropout masks in front of the adapters when dropout is
+//!   on. The output head keeps the f32 logits of every supervised position.
+//! - with checkpointing: one hidden state per layer, one layer's activations
+//!   and their gradients while it is recomputed, and one chunk of 256 rows of
+//!   head logits.
+//! - on candle's compositions (a GPU, or half precision on the CPU) every
+//!   intermediate is kept, and the attention keeps heads × seq_len scores
+//!   per token and layer.
+//!
+//! Checked against measured peak RSS on a Qwen2-0.5B shape (README,
+//! `scripts/bench-memory.sh`).
+
+use candle_core::DType;
+
+use crate::model::config::ModelConfig;
+use crate::model::lora::ResolvedTarget;
+use crate::model::quantized::Quantization;
+pub use crate::units::MemoryEstimate;
+
+/// Rows of head logits alive at once under checkpointing (decoder.rs).
+const HEAD_CHUNK_ROWS: u64 = 256;
+
+/// The process before any model: code, allocator, thread stacks, tokenizer
+/// and data (measured: a 64-hidden model's whole SFT stage peaks near this).
+const RUNTIME_BYTES: u64 = 64 << 20;
+
+/// What a training step's memory depends on.
+#[derive(Clone, Debug)]
+pub struct StepShape<'a> {
+    pub config: &'a ModelConfig,
+    /// Compute dtype of the base and the activations.
+    pub dtype: DType,
+    pub quantization: Option<Quantization>,
+    /// The adapters trained (module name, rank).
+    pub targets: &'a [ResolvedTarget],
+    pub dropout: bool,
+    /// Sequences in one micro-batch (a DPO pair is two).
+    pub rows: usize,
+    pub seq_len: usize,
+    pub checkpointing: bool,
+    /// DPO: a second copy of the weights is loaded for the reference pass.
+    pub reference_model: bool,
+    /// The fused CPU ops run (CPU, f32 or f64); otherwise candle's
+    /// compositions, as on a GPU.
+    pub fused: bool,
+    pub on_gpu: bool,
+}
+
+pub fn estimate(s: &StepShape) -> MemoryEstimate {
+    let c = s.config;
+    let dt = s.dtype.size_in_bytes() as u64;
+    let (h, f, l) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.num_hidden_layers as u64,
+    );
+    let q = (c.num_attention_heads * c.head_dim) as u64;
+    let kv = (c.num_key_value_heads * c.head_dim) as u64;
+    let vocab = c.vocab_size as u64;
+
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let mut weights = heads * vocab * h * dt + (2 * l + 1) * h * dt;
+    for (projection, _) in crate::model::names::PROJECTIONS {
+        let (out, inp) = c.projection_shape(projection).expect("known projection");
+        let bits = match s.quantization.and_then(|qz| qz.format_for(inp)) {
+            Some(format) => Quantization::bits_per_weight(format),
+            None => 8.0 * dt as f64,
+        };
+        weights += l * ((out * inp) as f64 * bits / 8.0).ceil() as u64;
+        if c.projection_has_bias(projection) {
+            weights += l * out as u64 * dt;
+        }
+    }
+
+    let mut lora_params = 0u64;
+    let mut masks = 0u64;
+    for t in s.targets {
+        let projection = t.module.rsplit('.').next().unwrap_or_default();
+        if let Some((out, inp)) = c.projection_shape(projection) {
+            lora_params += (t.r * (inp + out)) as u64;
+            masks += inp as u64;
+        }
+    }
+    let adapter = lora_params * 20;
+
+    let tokens = (s.rows * s.seq_len) as u64;
+    // Elements kept per token and layer by the fused CPU ops; dropout masks
+    // are per targeted module, summed over all layers already.
+    let fused_layer = (5 * h + 3 * q + 3 * kv + 3 * f) * dt;
+    let masks = if s.dropout { masks * dt } else { 0 };
+    let (per_layer, recompute, head) = if s.fused {
+        // Logits in f32 for the fused log-softmax.
+        (fused_layer, 2, 4 * vocab)
+    } else {
+        // candle's compositions keep every intermediate (2.5 times the fused
+        // ops' activations, measured) and the attention's scores and
+        // probabilities, in f32 and in the compute dtype, over each row's keys.
+        let scores = if dt == 4 { 8 } else { 2 * dt + 8 };
+        let attention = scores * c.num_attention_heads as u64 * s.seq_len as u64;
+        let upcast = if dt == 4 { 0 } else { dt };
+        // The CPU's log-softmax is fused on the f32 logits; the GPU's keeps
+        // four [positions, vocab] f32 tensors.
+        let log_softmax = if s.on_gpu { 16 } else { 4 };
+        (
+            fused_layer * 5 / 2 + attention,
+            3,
+            (upcast + log_softmax) * vocab,
+        )
+    };
+    let activations = if s.checkpointing {
+        tokens * l * h * dt
+            + recompute * tokens * per_layer
+            + masks * tokens / l.max(1)
+            + tokens.min(HEAD_CHUNK_ROWS) * head
+    } else {
+        tokens * l * per_layer + masks * tokens + tokens * head
+    };
+    let training = weights + adapter + activations;
+    let reference = if s.reference_model { 2 * weights } else { 0 };
+    MemoryEstimate {
+        weights_bytes: weights,
+        adapter_bytes: adapter,
+        activations_bytes: activations,
+        runtime_bytes: RUNTIME_BYTES,
+        estimate_bytes: RUNTIME_BYTES + training.max(reference),
+    }
+}
+
+/// Whether a step on the CPU (not `on_gpu`) in `dtype` runs the fused ops.
+pub fn fused_path(on_gpu: bool, dtype: DType) -> bool {
+    !on_gpu
+        && matches!(dtype, DType::F32 | DType::F64)
+        && crate::model::kernel::fused_kernels(&candle_core::Device::Cpu)
+}

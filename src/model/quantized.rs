@@ -1,0 +1,244 @@
+//! A frozen base held quantized (QLoRA-style): the seven projections of
+//! every decoder layer in one of llama.cpp's block formats through candle's
+//! `quantized` module (CPU and CUDA kernels), LoRA on top in f32.
+//!
+//! Embeddings, norms and the output head stay in the compute dtype: the
+//! embeddings are a row lookup (no product to speed up, and a tied head
+//! shares them), the norms are a few thousand numbers, and the head's
+//! logits are where quantization error reaches the loss most directly
+//! (bitsandbytes' QLoRA keeps them unquantized too).
+//!
+//! Products dequantise the weight one projection at a time, forward and
+//! backward (as bitsandbytes does for QLoRA), and use the dense product:
+//! exact in the dequantised weight, never a dense copy of the model. Only
+//! the input gets a gradient. On a GPU and for half-precision inputs the
+//! forward is candle's quantized matmul, which rounds the input to 8-bit
+//! blocks as llama.cpp does.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+
+use crate::model::kernel::{self, matmul, Mat, Threads};
+use serde::{Deserialize, Serialize};
+
+/// How a base's projections are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
+pub enum Quantization {
+    /// 8-bit blocks of 32 weights with one f16 scale (8.5 bits a weight).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 4-bit super-blocks of 256 weights with 6-bit sub-block scales (4.5
+    /// bits a weight); rows that are not a multiple of 256 use q5_0 (blocks
+    /// of 32, 5.5 bits), as llama.cpp falls back.
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::Q8_0 => "q8_0",
+            Quantization::Q4K => "q4_k",
+        }
+    }
+
+    /// What the setting means, for `plan`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Quantization::Q8_0 => "8.5 bits a weight",
+            Quantization::Q4K => {
+                "4.5 bits a weight; q5_0, 5.5 bits, where a row is not a multiple of 256"
+            }
+        }
+    }
+
+    /// The block format of a weight whose rows hold `in_features` values;
+    /// None when no format's block divides the row (the weight stays dense).
+    pub fn format_for(self, in_features: usize) -> Option<GgmlDType> {
+        let preferred = match self {
+            Quantization::Q8_0 => [GgmlDType::Q8_0, GgmlDType::Q8_0],
+            Quantization::Q4K => [GgmlDType::Q4K, GgmlDType::Q5_0],
+        };
+        preferred
+            .into_iter()
+            .find(|f| in_features.is_multiple_of(f.block_size()))
+    }
+
+    /// Bits a weight takes in `format` (scales included).
+    pub fn bits_per_weight(format: GgmlDType) -> f64 {
+        8.0 * format.type_size() as f64 / format.block_size() as f64
+    }
+}
+
+/// Name of a block format as llama.cpp writes it.
+pub fn format_name(format: GgmlDType) -> &'static str {
+    match format {
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+/// A frozen projection weight [out, in]: dense in the compute dtype, or quantized.
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    /// (out, in).
+    pub fn dims(&self) -> (usize, usize) {
+        let dims = match self {
+            FrozenWeight::Dense(t) => t.dims(),
+            FrozenWeight::Quantized(q) => q.shape().dims(),
+        };
+        (dims[0], dims[1])
+    }
+
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => Some(t),
+            FrozenWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The block format when quantized.
+    pub fn format(&self) -> Option<GgmlDType> {
+        match self {
+            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Quantized(q) => Some(q.dtype()),
+        }
+    }
+
+    /// The weight as a dense tensor in `dtype` (dequantised in f32 first).
+    pub fn to_dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(t) => t.to_dtype(dtype),
+            FrozenWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+        }
+    }
+
+    /// Bytes the weight takes in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            FrozenWeight::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// `dense` [out, in] quantized in the format `quantization` gives its
+    /// rows, on `device`; dense as it is when no format fits.
+    pub fn quantize(
+        dense: Tensor,
+        quantization: Quantization,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (_, in_features) = dense.dims2()?;
+        match quantization.format_for(in_features) {
+            Some(format) => {
+                let cpu = dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                Ok(FrozenWeight::Quantized(Arc::new(QTensor::quantize_onto(
+                    &cpu, format, device,
+                )?)))
+            }
+            None => Ok(FrozenWeight::Dense(dense.to_device(device)?)),
+        }
+    }
+}
+
+/// x·Wᵀ for a quantized W [out, in] and x [..., in] (f32, bf16 or f16);
+/// backward gives x its gradient and W none.
+pub fn quantized_matmul(x: &Tensor, weight: &Arc<QTensor>) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(QuantizedMatmul {
+        weight: weight.clone(),
+    })
+}
+
+struct QuantizedMatmul {
+    weight: Arc<QTensor>,
+}
+
+impl CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "quantized-matmul"
+    }
+
+    /// f32 and f64 inputs: the weight dequantised and multiplied with the
+    /// project's gemm (exact in the dequantised weight, and ten times the
+    /// speed of candle's quantized product on batches of rows here); other
+    /// dtypes: candle's quantized product.
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, inp) = self.weight.shape().dims2()?;
+        let dims = l.shape().dims();
+        let rows = l.shape().elem_count() / inp.max(1);
+        let mut y_dims = dims.to_vec();
+        if y_dims.pop() != Some(inp) {
+            candle_core::bail!("quantized-matmul: input {dims:?} does not end in {inp}");
+        }
+        y_dims.push(out);
+        let w = self.weight.dequantize(&Device::Cpu)?;
+        macro_rules! product {
+            ($t:ty) => {{
+                let w = w.to_dtype(<$t as candle_core::WithDType>::DTYPE)?;
+                kernel::with_cpu("quantized-matmul", &[&w], |c| {
+                    let x = kernel::slice::<$t>(s, l, "quantized-matmul", "x")?;
+                    let w = kernel::slice::<$t>(c[0].0, c[0].1, "quantized-matmul", "W")?;
+                    let mut y = vec![<$t>::default(); rows * out];
+                    matmul(
+                        (rows, out, inp),
+                        &mut y,
+                        false,
+                        (Mat::rows(x, inp), Mat::transposed(w, inp)),
+                        1.0,
+                        Threads::Pool,
+                    );
+                    Ok(y)
+                })?
+            }};
+        }
+        let y = match s.dtype() {
+            DType::F32 => CpuStorage::F32(product!(f32)),
+            DType::F64 => CpuStorage::F64(product!(f64)),
+            _ => return self.weight.as_ref().cpu_fwd(s, l),
+        };
+        Ok((y, Shape::from(y_dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.weight.as_ref().cuda_fwd(s, l)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // dx = dy·W with W dequantised for this product only.
+        let w = self
+            .weight
+            .dequantize(arg.device())?
+            .to_dtype(grad_res.dtype())?;
+        let dims = grad_res.dims().to_vec();
+        let (out, lead) = dims.split_last().expect("a product's output has rank >= 2");
+        let rows: usize = lead.iter().product();
+        let dx = grad_res.reshape((rows, *out))?.matmul(&w)?;
+        let mut x_dims = lead.to_vec();
+        x_dims.push(w.dim(1)?);
+        Ok(Some(dx.reshape(x_dims)?.to_dtype(arg.dtype())?))
+    }
+}

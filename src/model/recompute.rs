@@ -1,0 +1,269 @@
+//! Activation checkpointing: a decoder layer whose forward pass keeps only
+//! its input, and whose backward pass runs the layer again (same dropout
+//! masks: they are drawn from the step's seed and the module name) to get
+//! the gradients.
+//!
+//! The layer becomes one graph node, a `CustomOp1` on its input. Its forward
+//! hands over the output computed beforehand (the layer's own graph is freed
+//! as soon as that output is taken), its backward re-runs the layer with a
+//! graph and backpropagates through it. candle's custom ops can return a
+//! gradient only for their inputs, so the gradients of the layer's LoRA Vars
+//! are added to a `RecomputedGrads` store the trainer merges after backward.
+//!
+//! The output head gets the same treatment per chunk of rows
+//! (`recomputed_rows`): its [rows, vocab] logits, the largest activation of
+//! a long sequence (1.2 GB for 2048 tokens of a 151936-token vocabulary in
+//! f32), exist for one chunk at a time in forward and in backward.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
+
+use crate::model::attention::AttentionContext;
+use crate::model::decoder::Mode;
+use crate::model::layer::DecoderLayer;
+
+/// Gradients of LoRA Vars found while recomputing checkpointed layers during
+/// backward, by Var id, summed over every layer pass of the backward.
+#[derive(Clone, Debug, Default)]
+pub struct RecomputedGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+
+impl RecomputedGrads {
+    fn add(&self, var: &Var, grad: &Tensor) -> candle_core::Result<()> {
+        let mut store = self.0.lock().expect("gradient store lock");
+        let sum = match store.remove(&var.id()) {
+            Some(g) => (g + grad)?,
+            None => grad.clone(),
+        };
+        store.insert(var.id(), sum);
+        Ok(())
+    }
+
+    /// Adds what the last backward recomputed for `vars` into `grads`, and
+    /// empties the store for the next one.
+    pub fn merge_into(&self, grads: &mut GradStore, vars: &[Var]) -> candle_core::Result<()> {
+        let mut store = self.0.lock().expect("gradient store lock");
+        for var in vars {
+            if let Some(extra) = store.remove(&var.id()) {
+                let sum = match grads.get(var.as_tensor()) {
+                    Some(g) => (g + extra)?,
+                    None => extra,
+                };
+                grads.insert(var.as_tensor(), sum);
+            }
+        }
+        store.clear();
+        Ok(())
+    }
+}
+
+/// `layer` applied to `x` keeping only `x` for backward.
+pub fn checkpointed_layer(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    ctx: &Arc<AttentionContext>,
+    mode: Mode,
+    grads: &RecomputedGrads,
+) -> candle_core::Result<Tensor> {
+    let (output, _) = layer.forward(&x.detach(), ctx, mode, None).map_err(wrap)?;
+    // The embeddings are not Vars: without `tracked` the first layer's node
+    // would not be in the graph and its LoRA gradients never computed.
+    tracked(x)?.apply_op1(Recompute {
+        layer: layer.clone(),
+        ctx: ctx.clone(),
+        mode,
+        output: Precomputed::new(output)?,
+        grads: grads.clone(),
+    })
+}
+
+fn wrap(e: crate::model::error::ModelError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+struct Recompute {
+    layer: DecoderLayer,
+    ctx: Arc<AttentionContext>,
+    mode: Mode,
+    /// The layer's output (its graph freed as the forward takes it).
+    output: Precomputed,
+    grads: RecomputedGrads,
+}
+
+/// An output computed before its graph node exists, handed over once by the
+/// node's forward (which must return fresh storage: a copy, contiguous from 0).
+struct Precomputed(Mutex<Option<Tensor>>);
+
+impl Precomputed {
+    fn new(output: Tensor) -> candle_core::Result<Self> {
+        let output = if output.layout().start_offset() == 0 && output.is_contiguous() {
+            output
+        } else {
+            output.copy()?
+        };
+        Ok(Precomputed(Mutex::new(Some(output))))
+    }
+
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .expect("output lock")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("a recomputed op ran twice".into()))
+    }
+
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let output = self.take()?;
+        let (storage, layout) = output.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("recomputed op: the output is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let output = self.take()?;
+        let (storage, layout) = output.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("recomputed op: the output is not on the GPU"),
+        }
+    }
+}
+
+/// `x` itself when it is in the graph, else a Var copy of it: a custom op
+/// on a tensor outside the graph gets no backward call.
+fn tracked(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        Ok(x.clone())
+    } else {
+        Ok(Var::from_tensor(x)?.into_inner())
+    }
+}
+
+impl CustomOp1 for Recompute {
+    fn name(&self) -> &'static str {
+        "checkpointed-layer"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let input = Var::from_tensor(&arg.detach())?;
+        let (output, _) = self
+            .layer
+            .forward(input.as_tensor(), &self.ctx, self.mode, None)
+            .map_err(wrap)?;
+        // d/d(output) of Σ output·g is g: backward of this scalar is the
+        // layer's vector-Jacobian product with the incoming gradient.
+        let grads = (output * grad_res.detach())?.sum_all()?.backward()?;
+        for linear in self.layer.linears() {
+            if let Some(lora) = &linear.lora {
+                for var in [&lora.a, &lora.b] {
+                    if let Some(g) = grads.get(var.as_tensor()) {
+                        self.grads.add(var, g)?;
+                    }
+                }
+            }
+        }
+        Ok(grads.get(input.as_tensor()).cloned())
+    }
+}
+
+/// A function of a chunk of rows: `rows` of the whole input, and their values.
+pub type RowFunction =
+    Arc<dyn Fn(Range<usize>, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// `f` applied to `x` [N, ...] in chunks of `chunk` rows and concatenated
+/// along the first dimension, keeping only `x` for backward; backward
+/// recomputes one chunk at a time. `f` must treat rows independently and
+/// must not depend on Vars (their gradients would be lost).
+pub fn recomputed_rows(x: &Tensor, chunk: usize, f: RowFunction) -> candle_core::Result<Tensor> {
+    let n = x.dim(0)?;
+    let detached = x.detach();
+    let parts = chunks(n, chunk)
+        .map(|rows| f(rows.clone(), &detached.narrow(0, rows.start, rows.len())?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let output = Tensor::cat(&parts, 0)?;
+    if !x.track_op() {
+        return Ok(output);
+    }
+    x.apply_op1(RecomputeRows {
+        f,
+        chunk,
+        output: Precomputed::new(output)?,
+    })
+}
+
+fn chunks(n: usize, chunk: usize) -> impl Iterator<Item = Range<usize>> {
+    let chunk = chunk.max(1);
+    (0..n.div_ceil(chunk)).map(move |i| i * chunk..((i + 1) * chunk).min(n))
+}
+
+struct RecomputeRows {
+    f: RowFunction,
+    chunk: usize,
+    output: Precomputed,
+}
+
+impl CustomOp1 for RecomputeRows {
+    fn name(&self) -> &'static str {
+        "recomputed-rows"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.output.cuda()
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, grad_res) = (arg.dim(0)?, grad_res.detach());
+        let parts = chunks(n, self.chunk)
+            .map(|rows| {
+                let input = Var::from_tensor(&arg.narrow(0, rows.start, rows.len())?.detach())?;
+                let g = grad_res.narrow(0, rows.start, rows.len())?;
+                let out = (self.f)(rows, input.as_tensor())?;
+                let grads = (out * g)?.sum_all()?.backward()?;
+                match grads.get(input.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => input.as_tensor().zeros_like(),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    }
+}

@@ -1,0 +1,189 @@
+//! A quantized base end to end on the demo task: SFT with checkpointing on
+//! a q4_k base still learns, both DPO schemes still learn, the merge and the
+//! evaluation measure what the quantization costs, the adapter stays
+//! portable, and a killed run resumes to the same bytes.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::{plan_entry, Workspace};
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recipes/data")
+        .join(name)
+}
+
+/// hidden 64 (rows of 64: q5_0 blocks) and ffn 256 (down_proj's rows of 256:
+/// q4_k super-blocks), so both formats of `q4_k` are used.
+fn recipe(quantize: &str, sft_steps: u32) -> String {
+    format!(
+        r#"[recipe]
+name = "quantized"
+seed = 5
+
+[stages.base]
+kind = "base"
+init = {{ hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 256, vocab = 100 }}
+quantize = "{quantize}"
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = {{ train = "{sft_train}", eval = "{sft_eval}" }}
+lora = {{ r = 8, alpha = 16, targets = "all-linear" }}
+train = {{ steps = {sft_steps}, batch = 8, lr = 5e-3, seq_len = 32, checkpoint_every = 5, checkpointing = true }}
+
+[stages.dpo_continued]
+kind = "dpo"
+model = "base"
+adapter = "sft"
+data = {{ train = "{dpo_train}", eval = "{dpo_eval}" }}
+train = {{ steps = 30, batch = 8, lr = 5e-3, seq_len = 32 }}
+
+[stages.merged]
+kind = "merge"
+model = "base"
+adapter = "sft"
+eval = "{sft_eval}"
+
+[stages.dpo_fresh]
+kind = "dpo"
+model = "merged"
+lora = {{ r = 4, alpha = 8, targets = "all-linear" }}
+data = {{ train = "{dpo_train}", eval = "{dpo_eval}" }}
+train = {{ steps = 30, batch = 8, lr = 5e-3, seq_len = 32 }}
+
+[stages.eval_sft]
+kind = "eval"
+model = "base"
+adapter = "sft"
+data = {{ sft = "{sft_eval}" }}
+max_new_tokens = 8
+seq_len = 32
+"#,
+        sft_train = data("sft_train.jsonl").display(),
+        sft_eval = data("sft_eval.jsonl").display(),
+        dpo_train = data("dpo_train.jsonl").display(),
+        dpo_eval = data("dpo_eval.jsonl").display(),
+    )
+}
+
+fn shown(ws: &Workspace, stage: &str) -> serde_json::Value {
+    let out = ws
+        .runner(&["show", "recipe.toml", stage, "--json"])
+        .ok()
+        .stdout;
+    serde_json::from_str(&out).unwrap()
+}
+
+fn metric(ws: &Workspace, stage: &str, name: &str) -> f64 {
+    shown(ws, stage)["manifest"]["metrics"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{stage} has no metric {name}"))
+}
+
+fn artifact(ws: &Workspace, stage: &str) -> PathBuf {
+    PathBuf::from(shown(ws, stage)["path"].as_str().unwrap())
+}
+
+#[test]
+fn a_q4_k_base_with_checkpointing_still_learns_in_both_schemes_and_measures_its_error() {
+    let ws = Workspace::new();
+    ws.write("recipe.toml", &recipe("q4_k", 40));
+    let plan = ws.runner(&["plan", "recipe.toml"]).ok();
+    assert!(
+        plan.stdout.contains("q4_k"),
+        "plan shows the quantization:\n{}",
+        plan.stdout
+    );
+    ws.runner(&["run", "recipe.toml"]).ok();
+
+    let (before, after) = (
+        metric(&ws, "sft", "before/eval/loss"),
+        metric(&ws, "sft", "eval/loss"),
+    );
+    assert!(after <= before / 2.0, "SFT eval loss {before} -> {after}");
+    for stage in ["dpo_continued", "dpo_fresh"] {
+        let acc = metric(&ws, stage, "eval/rewards/accuracies");
+        assert!(acc >= 0.9, "{stage}: held-out preference accuracy {acc}");
+    }
+
+    // The merge dequantises: the saved weights carry the q4_k rounding of
+    // the base, and the re-quantized model (as dpo_fresh loads it) more.
+    let saved = metric(&ws, "merged", "merge/weight_max_abs_err");
+    let loaded = metric(&ws, "merged", "merge/loaded/weight_max_abs_err");
+    assert!(
+        saved > 1e-4 && loaded >= saved,
+        "saved {saved}, loaded {loaded}"
+    );
+    let kl = metric(&ws, "merged", "merge/kl");
+    assert!(kl > 0.0 && kl < 1.0, "merge KL {kl}");
+    let q_kl = metric(&ws, "eval_sft", "quantization/kl");
+    assert!(q_kl > 0.0 && q_kl < 1.0, "quantization KL {q_kl}");
+
+    // Scheme one's adapter is an ordinary PEFT adapter that says what it
+    // was trained against, and loads onto the full-precision base.
+    let sft = artifact(&ws, "sft");
+    let note: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sft.join("base_quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(note["quantize"], "q4_k");
+    assert_eq!(note["formats"]["q4_k"], 2, "{note}");
+    assert_eq!(note["formats"]["q5_0"], 12, "{note}");
+    let base = artifact(&ws, "base");
+    let mut dense = lora_runner::model::Decoder::load(&base, &Default::default()).unwrap();
+    lora_runner::model::peft::load_adapter(&mut dense, &sft).unwrap();
+    assert!(dense.quantization.is_none() && !dense.lora_parameters().is_empty());
+}
+
+#[test]
+fn quantize_is_in_the_base_key_and_a_killed_quantized_run_resumes_to_the_same_bytes() {
+    let only_sft = ["run", "recipe.toml", "--until", "sft"];
+    let keys = |text: String| {
+        let ws = Workspace::new();
+        ws.write("recipe.toml", &text);
+        let plan = ws.runner(&["plan", "recipe.toml", "--json"]).ok().json();
+        (plan_entry(&plan, "base").2, plan_entry(&plan, "sft").2)
+    };
+    let (q8, q4) = (keys(recipe("q8_0", 20)), keys(recipe("q4_k", 20)));
+    let none = keys(recipe("none", 20));
+    let omitted = keys(recipe("none", 20).replace("quantize = \"none\"\n", ""));
+    assert!(
+        q8.0 != q4.0 && q4.0 != none.0 && q8.1 != q4.1,
+        "{q8:?} {q4:?} {none:?}"
+    );
+    assert_eq!(
+        none, omitted,
+        "\"none\" is the default and keeps older keys"
+    );
+
+    let text = recipe("q8_0", 20);
+    let straight = Workspace::new();
+    straight.write("recipe.toml", &text);
+    straight.runner(&only_sft).ok();
+    let want = std::fs::read(artifact(&straight, "sft").join("adapter_model.safetensors")).unwrap();
+
+    let killed = Workspace::new();
+    killed.write("recipe.toml", &text);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(only_sft)
+        .current_dir(killed.path("."))
+        .env("RUNNER_CACHE", killed.cache())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::stages::wait_for_checkpoint(&killed, 10, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = killed.runner(&only_sft).ok();
+    assert!(
+        resumed.stderr.contains("resuming from step"),
+        "{}",
+        resumed.stderr
+    );
+    let got = std::fs::read(artifact(&killed, "sft").join("adapter_model.safetensors")).unwrap();
+    assert!(
+        got == want,
+        "the resumed run ends with the same adapter bytes"
+    );
+}
