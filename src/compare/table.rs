@@ -89,8 +89,10 @@ const ROWS: &[(&str, &str, CellFn)] = &[
         human_bytes_opt(s.peak_memory_bytes)
     }),
     ("memory_estimate", "peak memory, plan's estimate", |s| {
-        s.final_metric("memory/estimate_gib")
-            .map_or_else(|| MISSING.to_string(), |g| format!("{g:.2} GiB"))
+        s.final_metric("memory/estimate_gib").map_or_else(
+            || MISSING.to_string(),
+            |g| human_bytes((g * (1u64 << 30) as f64) as u64),
+        )
     }),
     ("base_bits", "base projections, bits a weight", |s| {
         s.final_metric("base/bits_per_weight")
