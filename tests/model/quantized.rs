@@ -243,3 +243,78 @@ fn merging_into_a_quantized_base_adds_the_delta_to_the_dequantised_weight() {
         }
     });
 }
+
+/// Mean KL(p ‖ q) and the largest logit gap over every position of `rows`,
+/// from the models' full logits with a log-softmax written out here in f64.
+fn kl_by_hand(p: &Decoder, q: &Decoder, rows: &[Vec<u32>]) -> (f64, f64, usize) {
+    let logits = |m: &Decoder, ids: &[u32]| -> Vec<Vec<f64>> {
+        let hidden = m
+            .forward_hidden(&ids_tensor(&[ids.to_vec()]), None, Mode::Inference)
+            .unwrap();
+        let l = m.logits(&hidden).unwrap().to_dtype(DType::F64).unwrap();
+        l.squeeze(0).unwrap().to_vec2::<f64>().unwrap()
+    };
+    let log_softmax = |row: &[f64]| -> Vec<f64> {
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        row.iter().map(|v| v - lse).collect()
+    };
+    let (mut kl, mut gap, mut n) = (0.0, 0.0f64, 0);
+    for ids in rows {
+        let (lp, lq) = (logits(p, ids), logits(q, ids));
+        // Every position but the last predicts a next token.
+        for t in 0..ids.len() - 1 {
+            let (a, b) = (log_softmax(&lp[t]), log_softmax(&lq[t]));
+            kl += a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| x.exp() * (x - y))
+                .sum::<f64>();
+            for (x, y) in lp[t].iter().zip(&lq[t]) {
+                gap = gap.max((x - y).abs());
+            }
+            n += 1;
+        }
+    }
+    (kl / n as f64, gap, n)
+}
+
+#[test]
+fn divergence_equals_the_kl_computed_by_hand_and_is_zero_between_equal_models() {
+    use lora_runner::data::SftExample;
+    use lora_runner::train::divergence::divergence;
+    with_big_stack(|| {
+        let dir = quantizable_dir();
+        let dense = Decoder::load(&dir, &f32_options()).unwrap();
+        let quantized =
+            Decoder::load_quantized(&dir, &f32_options(), Some(Quantization::Q4K)).unwrap();
+        // A one-token row predicts nothing and is left out.
+        let rows = [
+            random_ids(1, 9, 128, 1).remove(0),
+            random_ids(1, 5, 128, 2).remove(0),
+            vec![3],
+        ];
+        let examples: Vec<SftExample> = rows
+            .iter()
+            .map(|ids| SftExample {
+                input_ids: ids.clone(),
+                completion_start: ids.len() - 1,
+            })
+            .collect();
+        let d = divergence(&dense, &quantized, &examples).unwrap();
+        let (kl, gap, n) = kl_by_hand(&dense, &quantized, &rows[..2]);
+        assert_eq!(d.positions, n);
+        assert!(
+            kl > 0.0 && (d.mean_kl - kl).abs() <= 1e-6 * kl,
+            "{} vs {kl}",
+            d.mean_kl
+        );
+        assert!(
+            (d.max_logit_error - gap).abs() <= 1e-6 * gap,
+            "{} vs {gap}",
+            d.max_logit_error
+        );
+        let same = divergence(&dense, &dense, &examples).unwrap();
+        assert_eq!((same.mean_kl, same.max_logit_error), (0.0, 0.0));
+    });
+}
