@@ -58,7 +58,8 @@ pub enum ExecutorKind {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Dry run: every stage in execution order, cached or to run, and why.
+    /// Dry run: every stage in execution order, cached or to run, and why,
+    /// with each training stage's estimated peak memory.
     Plan {
         /// The recipe (a TOML file).
         recipe: PathBuf,
