@@ -275,8 +275,7 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
-    let rows = 2 * p.train.batch.value as usize;
-    let memory = training::memory_estimate(&model, &p.train, rows, p.dpo.loss().needs_reference());
+    let memory = training::memory_estimate(&model, &p.train, super::memory::dpo_step(p));
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let pad_id = tokenizer.pad_id();
     let settings = inputs::settings(&p.train, data);

@@ -168,10 +168,16 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let source = inputs::model_source(ctx.input("model")?)?;
     let model_dir = source.dir.clone();
-    let mut model = inputs::load_model(&source, dtype, &device)?;
-    if let Some(adapter) = ctx.inputs.get("adapter") {
-        inputs::load_adapter(&mut model, adapter)?;
-    }
+    // The model with the stage's adapter, if it has one.
+    let adapter = ctx.inputs.get("adapter").cloned();
+    let load = |source: &inputs::ModelSource, dtype| -> anyhow::Result<_> {
+        let mut model = inputs::load_model(source, dtype, &device)?;
+        if let Some(adapter) = &adapter {
+            inputs::load_adapter(&mut model, adapter)?;
+        }
+        Ok(model)
+    };
+    let model = load(&source, dtype)?;
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let mut settings = crate::data::TokenizeSettings::new(p.seq_len.value as usize);
     settings.chat_format = p.format.as_ref().map(|f| f.value.clone());
@@ -218,14 +224,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         if source.quantize.is_some() {
             // What holding the model quantized costs, once, against the same
             // model and adapter dense in f32.
-            let dense = inputs::ModelSource {
-                quantize: None,
-                ..source.clone()
-            };
-            let mut unquantized = inputs::load_model(&dense, candle_core::DType::F32, &device)?;
-            if let Some(adapter) = ctx.inputs.get("adapter") {
-                inputs::load_adapter(&mut unquantized, adapter)?;
-            }
+            let unquantized = load(&source.dense(), candle_core::DType::F32)?;
             let d = crate::train::divergence::divergence(&unquantized, &model, &data.examples)?;
             metric(ctx, "quantization/kl", d.mean_kl);
             metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);

@@ -26,6 +26,16 @@ pub struct ModelSource {
     pub quantize: Option<Quantization>,
 }
 
+impl ModelSource {
+    /// The same folder held dense: what quantization is measured against.
+    pub fn dense(&self) -> ModelSource {
+        ModelSource {
+            dir: self.dir.clone(),
+            quantize: None,
+        }
+    }
+}
+
 /// The file in a model artifact that says how loading stages hold it
 /// (absent: dense). Artifacts made before it existed have none.
 pub const QUANTIZATION_FILE: &str = "quantization.json";
@@ -75,7 +85,12 @@ pub fn load_model(source: &ModelSource, dtype: DType, device: &Device) -> anyhow
         dtype: Some(dtype),
         device: device.clone(),
     };
-    Decoder::load_quantized(&source.dir, &options, source.quantize)
+    load_with(source, &options)
+}
+
+/// `source` loaded with `options` (a `dtype` of None keeps the folder's).
+pub fn load_with(source: &ModelSource, options: &LoadOptions) -> anyhow::Result<Decoder> {
+    Decoder::load_quantized(&source.dir, options, source.quantize)
         .map_err(|e| anyhow::anyhow!("loading model {}: {e}", source.dir.display()))
 }
 

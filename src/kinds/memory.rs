@@ -8,6 +8,7 @@ use super::lora::{adapter_config, lora_config};
 use super::merge::MergeParams;
 use super::params::TrainSpec;
 use super::sft::SftParams;
+use crate::diag::span::Sp;
 use crate::model::memory::{estimate as estimate_step, MemoryEstimate, StepShape};
 use crate::model::quantized::Quantization;
 use crate::model::ModelConfig;
@@ -17,17 +18,15 @@ use crate::stage::{Dtype, StageView};
 /// the model's shape is not known before running.
 /// `on_gpu`: where the stage computes (plan resolves the device).
 pub fn estimate(view: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate> {
-    let (train, dtype, rows, reference): (&TrainSpec, Dtype, usize, bool) =
+    let (train, dtype, (rows, reference)): (&TrainSpec, &Option<Sp<Dtype>>, _) =
         if let Some(p) = view.params::<SftParams>() {
-            let dtype = p.dtype.as_ref().map_or(Dtype::F32, |d| d.value);
-            (&p.train, dtype, p.train.batch.value as usize, false)
+            (&p.train, &p.dtype, sft_step(p))
         } else if let Some(p) = view.params::<DpoParams>() {
-            let dtype = p.dtype.as_ref().map_or(Dtype::F32, |d| d.value);
-            let reference = p.dpo.loss().needs_reference();
-            (&p.train, dtype, 2 * p.train.batch.value as usize, reference)
+            (&p.train, &p.dtype, dpo_step(p))
         } else {
             return None;
         };
+    let dtype = dtype.as_ref().map_or(Dtype::F32, |d| d.value);
     let model = view.target("model")?;
     let config = model_config(model, 0)?;
     let spec = adapter_config(view, 0)?;
@@ -47,6 +46,20 @@ pub fn estimate(view: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate> {
         fused: crate::model::memory::fused_path(on_gpu, dtype),
         on_gpu,
     }))
+}
+
+/// An SFT micro-batch: its rows, and no reference model.
+pub(crate) fn sft_step(p: &SftParams) -> (usize, bool) {
+    (p.train.batch.value as usize, false)
+}
+
+/// A DPO micro-batch: chosen and rejected rows of each pair, and a
+/// reference model beside the policy when the loss needs one.
+pub(crate) fn dpo_step(p: &DpoParams) -> (usize, bool) {
+    (
+        2 * p.train.batch.value as usize,
+        p.dpo.loss().needs_reference(),
+    )
 }
 
 /// The shape of the model a model stage makes (a merge keeps its model's).

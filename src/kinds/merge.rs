@@ -14,6 +14,7 @@ use crate::model::merge::{merge_lora, save_model_folder};
 use crate::stage::{
     ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageRef, StageView,
 };
+use candle_core::{DType, Device};
 
 pub struct Merge;
 
@@ -125,13 +126,9 @@ impl Kind for Merge {
         // unless `dtype` says); a quantized W is dequantised first.
         let options = LoadOptions {
             dtype: p.dtype.as_ref().map(|d| inputs::dtype(d.value)),
-            device: candle_core::Device::Cpu,
+            device: Device::Cpu,
         };
-        let load = |source: &inputs::ModelSource, options: &LoadOptions| {
-            Decoder::load_quantized(&source.dir, options, source.quantize)
-                .map_err(|e| anyhow::anyhow!("loading model {}: {e}", source.dir.display()))
-        };
-        let mut model = load(&source, &options)?;
+        let mut model = inputs::load_with(&source, &options)?;
         inputs::load_adapter(&mut model, &adapter)?;
         let merged = merge_lora(&model)?;
         drop(model);
@@ -154,25 +151,18 @@ impl Kind for Merge {
         // unquantized model: the saved weights, then as loading stages hold them.
         ctx.progress
             .log("measuring the merge's precision against an f32 merge");
-        let f32_options = LoadOptions {
-            dtype: Some(candle_core::DType::F32),
-            device: candle_core::Device::Cpu,
-        };
-        let dense = |dir: &std::path::Path| inputs::ModelSource {
-            dir: dir.to_path_buf(),
-            quantize: None,
-        };
-        let mut exact = load(&dense(&source.dir), &f32_options)?;
+        let f32_cpu =
+            |source: &inputs::ModelSource| inputs::load_model(source, DType::F32, &Device::Cpu);
+        let mut exact = f32_cpu(&source.dense())?;
         inputs::load_adapter(&mut exact, &adapter)?;
         let exact = merge_lora(&exact)?;
-        let saved = load(&dense(&ctx.out_dir), &f32_options)?;
-        let mut compared = vec![("merge", saved)];
+        let merged = inputs::ModelSource {
+            dir: ctx.out_dir.clone(),
+            quantize: held,
+        };
+        let mut compared = vec![("merge", f32_cpu(&merged.dense())?)];
         if held.is_some() {
-            let loaded = inputs::ModelSource {
-                dir: ctx.out_dir.clone(),
-                quantize: held,
-            };
-            compared.push(("merge/loaded", load(&loaded, &f32_options)?));
+            compared.push(("merge/loaded", f32_cpu(&merged)?));
         }
         let rows = match ctx.files.get("eval").cloned() {
             Some(file) => {
@@ -205,7 +195,6 @@ impl Kind for Merge {
 /// The largest |Δ| over every projection weight of `model` against
 /// `exact`, and the root-mean-square Δ relative to the weights' own.
 fn weight_error(exact: &Decoder, model: &Decoder) -> anyhow::Result<(f64, f64)> {
-    use candle_core::DType;
     let (mut max_err, mut sq_err, mut sq) = (0.0f64, 0.0f64, 0.0f64);
     for (e, m) in exact.linears().zip(model.linears()) {
         let e = e.weight.to_dense(DType::F64)?;

@@ -114,7 +114,7 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
-    let memory = training::memory_estimate(&model, &p.train, p.train.batch.value as usize, false);
+    let memory = training::memory_estimate(&model, &p.train, super::memory::sft_step(p));
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let settings = inputs::settings(&p.train, data);
     let train_file = ctx.files["data.train"].clone();

@@ -120,18 +120,9 @@ pub fn train_and_save(
         interrupt: ctx.interrupt,
     };
     let metrics: Metrics = trainer::train(model, objective, settings, &env)?;
-    let (bits, weights) = model.linears().fold((0.0, 0.0), |(bits, n), l| {
-        let (out, inp) = l.weight.dims();
-        let per = l.weight.format().map_or(
-            8.0 * model.dtype.size_in_bytes() as f64,
-            crate::model::quantized::Quantization::bits_per_weight,
-        );
-        (bits + per * (out * inp) as f64, n + (out * inp) as f64)
-    });
-    if weights > 0.0 {
-        ctx.metrics
-            .insert("base/bits_per_weight".into(), (bits / weights).into());
-    }
+    let (bits_per_weight, formats) = base_precision(model);
+    ctx.metrics
+        .insert("base/bits_per_weight".into(), bits_per_weight.into());
     // The estimate goes beside the measured peak the manifest records.
     if let Some(estimate) = memory {
         ctx.metrics.insert(
@@ -143,14 +134,6 @@ pub fn train_and_save(
     if let Some(q) = model.quantization {
         // The adapter is ordinary PEFT and loads on the full-precision base;
         // this says what it was trained against.
-        let mut formats = std::collections::BTreeMap::<&str, usize>::new();
-        for linear in model.linears() {
-            let name = linear
-                .weight
-                .format()
-                .map_or("dense", crate::model::quantized::format_name);
-            *formats.entry(name).or_default() += 1;
-        }
         let note = serde_json::json!({
             "base_model_name_or_path": model_dir.display().to_string(),
             "quantize": q,
@@ -170,18 +153,41 @@ pub fn train_and_save(
     Ok(())
 }
 
+/// The projections' mean bits a weight, and how many are held in each
+/// format ("dense" or a block format's name).
+fn base_precision(
+    model: &crate::model::decoder::Decoder,
+) -> (f64, std::collections::BTreeMap<&'static str, usize>) {
+    use crate::model::quantized::{format_name, Quantization};
+    let (mut bits, mut weights) = (0.0, 0.0);
+    let mut formats = std::collections::BTreeMap::new();
+    for linear in model.linears() {
+        let (out, inp) = linear.weight.dims();
+        let format = linear.weight.format();
+        let per = format.map_or(
+            8.0 * model.dtype.size_in_bytes() as f64,
+            Quantization::bits_per_weight,
+        );
+        bits += per * (out * inp) as f64;
+        weights += (out * inp) as f64;
+        *formats
+            .entry(format.map_or("dense", format_name))
+            .or_default() += 1;
+    }
+    (bits / weights.max(1.0), formats)
+}
+
 fn gib(bytes: u64) -> f64 {
     (bytes as f64 / (1u64 << 30) as f64 * 1000.0).round() / 1000.0
 }
 
 /// The memory estimate of a training step on the loaded `model`: `rows`
 /// sequences of `train.seq_len` a micro-batch, a reference model beside it
-/// or not.
+/// or not (`super::memory::sft_step`, `dpo_step`).
 pub fn memory_estimate(
     model: &crate::model::decoder::Decoder,
     train: &TrainSpec,
-    rows: usize,
-    reference_model: bool,
+    (rows, reference_model): (usize, bool),
 ) -> Option<crate::model::memory::MemoryEstimate> {
     let lora = model.lora_config.as_ref()?;
     let targets = lora.resolve(&model.config).ok()?;

@@ -26,8 +26,8 @@ pub use crate::model::layer::DecoderLayer;
 pub use crate::model::linear::Linear;
 
 /// Rows of output-head logits alive at once under checkpointing (256 rows
-/// of a 151936-token vocabulary are 156 MB in f32).
-const HEAD_CHUNK_ROWS: usize = 256;
+/// of a 151936-token vocabulary are 156 MB in f32); `memory` counts them.
+pub(crate) const HEAD_CHUNK_ROWS: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -297,7 +297,7 @@ impl Decoder {
 
     /// Logits (f32, or f64 for an f64 model) at every position: [B, T, vocab]. Prefer `logits_at`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        upcast(&frozen_matmul(hidden, self.lm_head_weight())?)
+        Ok(upcast(&frozen_matmul(hidden, self.lm_head_weight())?)?)
     }
 
     fn gather_rows(&self, hidden: &Tensor, positions: &[(usize, usize)]) -> Result<Tensor> {
@@ -318,7 +318,7 @@ impl Decoder {
     /// Logits (f32) only at the given (batch, position) pairs: [N, vocab].
     pub fn logits_at(&self, hidden: &Tensor, positions: &[(usize, usize)]) -> Result<Tensor> {
         let rows = self.gather_rows(hidden, positions)?;
-        upcast(&frozen_matmul(&rows, self.lm_head_weight())?)
+        Ok(upcast(&frozen_matmul(&rows, self.lm_head_weight())?)?)
     }
 
     /// log p(token | prefix) (f32, [N]) for each (batch, position, token):
@@ -344,11 +344,7 @@ impl Decoder {
             let rows = self.gather_rows(hidden, &positions)?;
             let (weight, tok) = (self.lm_head_weight().clone(), Arc::new(tok));
             let head: RowFunction = Arc::new(move |range, x| {
-                let logits = frozen_matmul(x, &weight)?;
-                let logits = match logits.dtype() {
-                    DType::F64 => logits,
-                    _ => logits.to_dtype(DType::F32)?,
-                };
+                let logits = upcast(&frozen_matmul(x, &weight)?)?;
                 crate::model::ops::token_logprobs(&logits, &tok[range])
             });
             return Ok(recomputed_rows(&rows, HEAD_CHUNK_ROWS, head)?);
@@ -374,7 +370,7 @@ impl Decoder {
     /// last backward to `grads` (a no-op without checkpointing).
     pub fn add_recomputed_gradients(&self, grads: &mut GradStore) -> Result<()> {
         if let Some(recomputed) = &self.checkpointing {
-            recomputed.merge_into(grads, &self.trainable_vars())?;
+            recomputed.merge_into(grads)?;
         }
         Ok(())
     }
@@ -547,10 +543,10 @@ pub fn sum_by_sequence(
 }
 
 /// Logits and log-probs are computed in f32 (f64 when the model runs in f64).
-fn upcast(t: &Tensor) -> Result<Tensor> {
-    Ok(if t.dtype() == DType::F64 {
-        t.clone()
+fn upcast(t: &Tensor) -> candle_core::Result<Tensor> {
+    if t.dtype() == DType::F64 {
+        Ok(t.clone())
     } else {
-        t.to_dtype(DType::F32)?
-    })
+        t.to_dtype(DType::F32)
+    }
 }

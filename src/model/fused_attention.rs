@@ -22,8 +22,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::model::kernel::fused_kernels;
-use crate::model::kernel::{self, matmul, Float, Mat, Threads};
+use crate::model::kernel::{self, fused_for, matmul, Float, Mat, Threads};
 use crate::model::ops::masked_softmax;
 
 /// Query rows per block: the transient scores of a block are
@@ -458,7 +457,7 @@ pub fn attention(
     v: &Tensor,
     mask: &AttentionMask,
 ) -> candle_core::Result<Tensor> {
-    if fused_kernels(q.device()) && matches!(q.dtype(), DType::F32 | DType::F64) {
+    if fused_for(q.device(), q.dtype()) {
         let op = FusedAttention { mask: mask.clone() };
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)

@@ -13,9 +13,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
-use crate::model::kernel::{self, fused_kernels, matmul, Float, Mat, Threads};
+use crate::model::kernel::{self, fused_for, matmul, Float, Mat, Threads};
 use crate::model::ops::{frozen_linear, mul_by_constant};
-use crate::model::quantized::{quantized_matmul, FrozenWeight};
+use crate::model::quantized::{frozen_projection, FrozenWeight};
 
 struct LoraLinear {
     /// [out, in], frozen; a quantized one is dequantised for each product.
@@ -330,8 +330,8 @@ pub fn lora_linear(
 
 /// [`lora_linear`] on a frozen weight that may be quantized. The fused op
 /// dequantises a quantized W for each product, forward and backward, so the
-/// graph never holds a dense copy; elsewhere the product is
-/// [`quantized_matmul`] and the adapter a composition.
+/// graph never holds a dense copy; elsewhere the frozen part is
+/// [`frozen_projection`] and the adapter a composition.
 pub fn lora_linear_on(
     x: &Tensor,
     (weight, bias): (&FrozenWeight, Option<&Tensor>),
@@ -345,17 +345,8 @@ pub fn lora_linear_on(
             .chain(bias)
             .chain(adapter.dropout)
             .all(|t| t.dtype() == dtype);
-    if !(fused_kernels(x.device()) && same_dtype && matches!(dtype, DType::F32 | DType::F64)) {
-        return match weight {
-            FrozenWeight::Dense(w) => lora_linear_slow(x, (w, bias), adapter),
-            FrozenWeight::Quantized(q) => {
-                let mut y = quantized_matmul(x, q)?;
-                if let Some(b) = bias {
-                    y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
-                }
-                y + adapter_delta(x, adapter)?
-            }
-        };
+    if !(fused_for(x.device(), dtype) && same_dtype) {
+        return frozen_projection(x, weight, bias)? + adapter_delta(x, adapter)?;
     }
     let (a, b) = (adapter.a, adapter.b);
     let dims = x.dims().to_vec();

@@ -19,6 +19,13 @@ pub fn fused_kernels(device: &candle_core::Device) -> bool {
     device.is_cpu() && !generic
 }
 
+/// Whether the fused kernels that compute in the data's own type (the
+/// attention, the LoRA projection, the token log-probs: f32 and f64 only)
+/// run for `dtype` on `device`; elsewhere their compositions do.
+pub fn fused_for(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    fused_kernels(device) && matches!(dtype, candle_core::DType::F32 | candle_core::DType::F64)
+}
+
 /// A contiguous tensor's elements in CPU storage; `op` and `what` name it
 /// in the error.
 pub fn slice<'a, T: WithDType>(

@@ -7,8 +7,7 @@ use crate::model::error::Result;
 use crate::model::fused_linear::{lora_linear_on, Adapter};
 use crate::model::lora::LoraAdapter;
 use crate::model::names;
-use crate::model::ops::frozen_linear;
-use crate::model::quantized::{quantized_matmul, FrozenWeight};
+use crate::model::quantized::{frozen_projection, FrozenWeight};
 use crate::model::rng::SplitMix64;
 use crate::model::weights::WeightLoader;
 use candle_core::Tensor;
@@ -60,19 +59,11 @@ impl Linear {
             scale: p.scale,
             dropout: p.mask.as_ref(),
         });
-        match (&self.weight, adapter) {
-            (FrozenWeight::Dense(w), None) => Ok(frozen_linear(x, w, self.bias.as_ref())?),
-            (FrozenWeight::Quantized(q), None) => {
-                let y = quantized_matmul(x, q)?;
-                Ok(match &self.bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-                    None => y,
-                })
-            }
-            (weight, Some(adapter)) => {
-                Ok(lora_linear_on(x, (weight, self.bias.as_ref()), &adapter)?)
-            }
-        }
+        let bias = self.bias.as_ref();
+        Ok(match adapter {
+            None => frozen_projection(x, &self.weight, bias)?,
+            Some(adapter) => lora_linear_on(x, (&self.weight, bias), &adapter)?,
+        })
     }
 
     /// The adapter's A and B (detached for inference), its dropout mask in

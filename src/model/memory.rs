@@ -26,12 +26,10 @@
 use candle_core::DType;
 
 use crate::model::config::ModelConfig;
+use crate::model::decoder::HEAD_CHUNK_ROWS;
 use crate::model::lora::ResolvedTarget;
 use crate::model::quantized::Quantization;
 pub use crate::units::MemoryEstimate;
-
-/// Rows of head logits alive at once under checkpointing (decoder.rs).
-const HEAD_CHUNK_ROWS: u64 = 256;
 
 /// The process before any model: code, allocator, thread stacks, tokenizer
 /// and data (measured: the whole demo, a 128-hidden model, peaks at 43 MB).
@@ -124,7 +122,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         tokens * l * h * dt
             + recompute * tokens * per_layer
             + masks * tokens / l.max(1)
-            + tokens.min(HEAD_CHUNK_ROWS) * head
+            + tokens.min(HEAD_CHUNK_ROWS as u64) * head
     } else {
         tokens * l * per_layer + masks * tokens + tokens * head
     };
@@ -141,7 +139,5 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
 
 /// Whether a step on the CPU (not `on_gpu`) in `dtype` runs the fused ops.
 pub fn fused_path(on_gpu: bool, dtype: DType) -> bool {
-    !on_gpu
-        && matches!(dtype, DType::F32 | DType::F64)
-        && crate::model::kernel::fused_kernels(&candle_core::Device::Cpu)
+    !on_gpu && crate::model::kernel::fused_for(&candle_core::Device::Cpu, dtype)
 }

@@ -1002,7 +1002,7 @@ impl CustomOp2 for TokenLogProbGrad {
 /// log_softmax(logits, -1) gathered at `targets`: logits [N, V] (f32/f64),
 /// result [N]. Backward recomputes the softmax instead of storing it.
 pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    if fused_kernels(logits.device()) && matches!(logits.dtype(), DType::F32 | DType::F64) {
+    if kernel::fused_for(logits.device(), logits.dtype()) {
         logits.contiguous()?.apply_op1(TokenLogProb {
             targets: std::sync::Arc::new(targets.to_vec()),
         })

@@ -43,20 +43,17 @@ impl RecomputedGrads {
         Ok(())
     }
 
-    /// Adds what the last backward recomputed for `vars` into `grads`, and
-    /// empties the store for the next one.
-    pub fn merge_into(&self, grads: &mut GradStore, vars: &[Var]) -> candle_core::Result<()> {
+    /// Adds what the last backward recomputed into `grads`, and empties the
+    /// store for the next one.
+    pub fn merge_into(&self, grads: &mut GradStore) -> candle_core::Result<()> {
         let mut store = self.0.lock().expect("gradient store lock");
-        for var in vars {
-            if let Some(extra) = store.remove(&var.id()) {
-                let sum = match grads.get(var.as_tensor()) {
-                    Some(g) => (g + extra)?,
-                    None => extra,
-                };
-                grads.insert(var.as_tensor(), sum);
-            }
+        for (id, extra) in store.drain() {
+            let sum = match grads.get_id(id) {
+                Some(g) => (g + extra)?,
+                None => extra,
+            };
+            grads.insert_id(id, sum);
         }
-        store.clear();
         Ok(())
     }
 }
