@@ -884,6 +884,14 @@ fn set_threads(threads: Option<usize>) {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // Safe in the 2021 edition; done before any other thread exists.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    // candle runs elementwise ops over a pool of its own whose workers spin
+    // between ops, on the cores gemm's threads and ours need: 12% of a
+    // training step's samples on 2 cores for 1% of useful work. On the
+    // calling thread alone, SFT on the peer benchmark ran 1.2–1.35× faster
+    // (README, Benchmarks). CANDLE_NUM_THREADS set by the user still wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 /// Ctrl-C sets a flag that stages check between steps; a second Ctrl-C exits at once.

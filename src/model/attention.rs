@@ -8,7 +8,7 @@ use crate::model::decoder::Mode;
 use crate::model::error::Result;
 use crate::model::fused_attention::{attention, AttentionMask};
 use crate::model::linear::Linear;
-use crate::model::ops::rope;
+use crate::model::ops::{merge_heads, split_heads, Heads, Rotary};
 use crate::model::weights::WeightLoader;
 use candle_core::{Device, Tensor};
 
@@ -57,9 +57,8 @@ pub struct LayerKv {
 /// the new tokens of each row.
 #[derive(Clone, Debug)]
 pub struct AttentionContext {
-    /// [B, t, head_dim / 2] in f32.
-    cos: Tensor,
-    sin: Tensor,
+    /// Rope angles [B, t, head_dim / 2] in f32.
+    rotary: Rotary,
     /// [B, t, past + t] (shared by all heads and layers).
     mask: AttentionMask,
 }
@@ -112,8 +111,10 @@ impl AttentionContext {
             }
         }
         Ok(AttentionContext {
-            cos: Tensor::from_vec(cos, (b, t, half), device)?,
-            sin: Tensor::from_vec(sin, (b, t, half), device)?,
+            rotary: Rotary {
+                cos: Tensor::from_vec(cos, (b, t, half), device)?,
+                sin: Tensor::from_vec(sin, (b, t, half), device)?,
+            },
             mask: AttentionMask::from_vec(mask, (b, t, total), device)?,
         })
     }
@@ -149,9 +150,48 @@ impl AttentionContext {
             start += len;
         }
         Ok(AttentionContext {
-            cos: Tensor::from_vec(cos, (1, total, half), device)?,
-            sin: Tensor::from_vec(sin, (1, total, half), device)?,
+            rotary: Rotary {
+                cos: Tensor::from_vec(cos, (1, total, half), device)?,
+                sin: Tensor::from_vec(sin, (1, total, half), device)?,
+            },
             mask: AttentionMask::from_vec(mask, (1, total, total), device)?,
+        })
+    }
+}
+
+impl AttentionContext {
+    /// The context of the query tokens `rows` only (indices into the new
+    /// tokens, the same for every batch row): their rope angles and mask
+    /// rows, over the same keys.
+    pub fn select_queries(&self, rows: &[usize]) -> Result<Self> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), self.rotary.cos.device())?;
+        Ok(AttentionContext {
+            rotary: Rotary {
+                cos: self.rotary.cos.index_select(&idx, 1)?,
+                sin: self.rotary.sin.index_select(&idx, 1)?,
+            },
+            mask: self.mask.select_queries(rows)?,
+        })
+    }
+}
+
+/// The outputs a layer computes at a few query positions only (see
+/// `DecoderLayer::forward_at`): the positions, and the attention context
+/// of those queries.
+#[derive(Clone, Debug)]
+pub struct QuerySelection {
+    /// [n] u32 indices into the layer's tokens.
+    pub rows: Tensor,
+    pub ctx: AttentionContext,
+}
+
+impl QuerySelection {
+    pub fn new(ctx: &AttentionContext, rows: &[usize]) -> Result<Self> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        Ok(QuerySelection {
+            rows: Tensor::from_vec(idx, rows.len(), ctx.rotary.cos.device())?,
+            ctx: ctx.select_queries(rows)?,
         })
     }
 }
@@ -190,26 +230,42 @@ impl Attention {
         mode: Mode,
         past: Option<&LayerKv>,
     ) -> Result<(Tensor, LayerKv)> {
-        let (b, t, _) = x.dims3()?;
+        self.forward_queries(x, ctx, mode, past, None)
+    }
+
+    /// `forward`, with the output only at `queries` when given: keys and
+    /// values still come from every token, but the query and output
+    /// projections run on the selected rows alone.
+    pub fn forward_queries(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        mode: Mode,
+        past: Option<&LayerKv>,
+        queries: Option<&QuerySelection>,
+    ) -> Result<(Tensor, LayerKv)> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self
-            .q_proj
-            .forward(x, mode)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x, mode)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x, mode)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = (rope(&q, &ctx.cos, &ctx.sin)? * (1.0 / (hd as f64).sqrt()))?;
-        let k = rope(&k, &ctx.cos, &ctx.sin)?;
+        let (xq, q_ctx) = match queries {
+            Some(sel) => (x.index_select(&sel.rows, 1)?, &sel.ctx),
+            None => (x.clone(), ctx),
+        };
+        let query_heads = Heads {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        let kv_heads = Heads {
+            heads: nkv,
+            ..query_heads
+        };
+        // Grouped-query attention without copying K/V: query heads sharing a
+        // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q_proj = self.q_proj.forward(&xq, mode)?;
+        let q = split_heads(&q_proj, query_heads, Some(&q_ctx.rotary), scale)?;
+        let k_proj = self.k_proj.forward(x, mode)?;
+        let k = split_heads(&k_proj, kv_heads, Some(&ctx.rotary), 1.0)?;
+        let v = split_heads(&self.v_proj.forward(x, mode)?, kv_heads, None, 1.0)?;
         let (k, v) = match past {
             Some(p) => (
                 Tensor::cat(&[&p.keys, &k], 2)?,
@@ -217,16 +273,9 @@ impl Attention {
             ),
             None => (k, v),
         };
-        // Grouped-query attention without copying K/V: query heads sharing a
-        // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
-        let rep = nh / nkv;
-        let q = q.reshape((b, nkv, rep * t, hd))?;
         // Softmax in f32 (as HF does), fused on the CPU: no [heads, t, T]
         // scores or probabilities are kept for backward.
-        let out = attention(&q, &k, &v, &ctx.mask)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let out = merge_heads(&attention(&q, &k, &v, &q_ctx.mask)?, query_heads)?;
         let out = self.o_proj.forward(&out, mode)?;
         Ok((out, LayerKv { keys: k, values: v }))
     }

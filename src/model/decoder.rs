@@ -7,7 +7,7 @@
 //! Base weights are plain tensors (never Vars), so backward only reaches the
 //! LoRA Vars; the custom ops in `ops` keep frozen weights out of backward.
 
-use crate::model::attention::{AttentionContext, LayerKv};
+use crate::model::attention::{AttentionContext, LayerKv, QuerySelection};
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
@@ -220,7 +220,7 @@ impl Decoder {
             past,
             &self.device,
         )?;
-        self.forward_in_context(input_ids, &ctx, mode, kv)
+        self.forward_in_context(input_ids, &ctx, mode, kv, None)
     }
 
     /// Final-norm hidden states [1, Σ lengths, hidden] of `sequences`
@@ -232,6 +232,38 @@ impl Decoder {
         sequences: &[&[u32]],
         mode: Mode,
     ) -> Result<(Tensor, Vec<usize>)> {
+        let (ids, ctx, starts) = self.pack(sequences)?;
+        Ok((
+            self.forward_in_context(&ids, &ctx, mode, None, None)?,
+            starts,
+        ))
+    }
+
+    /// `forward_hidden_packed` at the packed positions `at` only:
+    /// [1, at.len(), hidden], equal to those rows of the full result. The
+    /// last layer runs its query, output and MLP products on these rows
+    /// alone (only its keys and values need every token), and so saves most
+    /// of a layer when a loss reads a few positions a sequence, as SFT and
+    /// DPO on short completions do.
+    pub fn forward_hidden_packed_at(
+        &self,
+        sequences: &[&[u32]],
+        at: &[usize],
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (ids, ctx, _) = self.pack(sequences)?;
+        let total = ids.dim(1)?;
+        if let Some(&bad) = at.iter().find(|&&p| p >= total) {
+            return Err(ModelError::Input(format!(
+                "position {bad} is outside the {total} packed tokens"
+            )));
+        }
+        self.forward_in_context(&ids, &ctx, mode, None, Some(at))
+    }
+
+    /// The packed row's ids [1, Σ lengths], its attention context and where
+    /// each sequence starts.
+    fn pack(&self, sequences: &[&[u32]]) -> Result<(Tensor, AttentionContext, Vec<usize>)> {
         let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
         if lengths.contains(&0) || lengths.is_empty() {
             return Err(ModelError::Input(
@@ -239,14 +271,7 @@ impl Decoder {
             ));
         }
         check_vocabulary(sequences.iter().copied().flatten(), self.config.vocab_size)?;
-        let starts = lengths
-            .iter()
-            .scan(0, |next, &len| {
-                let start = *next;
-                *next += len;
-                Some(start)
-            })
-            .collect();
+        let starts = packed_starts(&lengths);
         let total: usize = lengths.iter().sum();
         let ids = Tensor::from_vec(sequences.concat(), (1, total), &self.device)?;
         let ctx = AttentionContext::packed(
@@ -255,15 +280,18 @@ impl Decoder {
             &lengths,
             &self.device,
         )?;
-        Ok((self.forward_in_context(&ids, &ctx, mode, None)?, starts))
+        Ok((ids, ctx, starts))
     }
 
+    /// The layers and the final norm over `input_ids` [B, t]; with `at`,
+    /// only those positions of each row come out ([B, at.len(), hidden]).
     fn forward_in_context(
         &self,
         input_ids: &Tensor,
         ctx: &AttentionContext,
         mode: Mode,
         mut kv: Option<&mut KvUpdate>,
+        at: Option<&[usize]>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = input_ids.dims2()?;
@@ -277,16 +305,28 @@ impl Decoder {
             (Some(grads), Mode::Eval | Mode::Train { .. }, None) => Some(grads),
             _ => None,
         };
+        let selection = at.map(|at| QuerySelection::new(ctx, at)).transpose()?;
         if let Some(grads) = recompute {
             let ctx = Arc::new(ctx.clone());
             for layer in &self.layers {
                 x = checkpointed_layer(layer, &x, &ctx, mode, grads)?;
             }
+            // Checkpointed layers keep their whole output; select after.
+            if let Some(sel) = &selection {
+                x = x.index_select(&sel.rows, 1)?;
+            }
             return Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?);
+        }
+        // The last layer computes only the selected rows (no layers: select
+        // the embeddings).
+        let last = self.layers.len().saturating_sub(1);
+        if let (true, Some(sel)) = (self.layers.is_empty(), &selection) {
+            x = x.index_select(&sel.rows, 1)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = kv.as_ref().and_then(|kv| kv.past.get(i));
-            let (y, layer_kv) = layer.forward(&x, ctx, mode, layer_past)?;
+            let queries = selection.as_ref().filter(|_| i == last);
+            let (y, layer_kv) = layer.forward_queries(&x, ctx, mode, layer_past, queries)?;
             x = y;
             if let Some(kv) = kv.as_mut() {
                 kv.next.push(layer_kv);
@@ -467,6 +507,18 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+/// Where each of sequences of `lengths` tokens starts when packed into one row.
+pub fn packed_starts(lengths: &[usize]) -> Vec<usize> {
+    lengths
+        .iter()
+        .scan(0, |next, &len| {
+            let start = *next;
+            *next += len;
+            Some(start)
+        })
+        .collect()
 }
 
 /// An error naming the first token id outside a vocabulary of `vocab_size`.

@@ -78,6 +78,25 @@ impl AttentionMask {
     pub fn dense(&self) -> &Tensor {
         &self.dense
     }
+
+    /// The mask of the query tokens `rows` only ([B, rows.len(), T]): what
+    /// attention needs when only some positions' outputs are wanted.
+    pub fn select_queries(&self, rows: &[usize]) -> candle_core::Result<Self> {
+        let (b, t, _) = self.dense.dims3()?;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
+            bail!("query row {bad} is outside a mask of {t} queries");
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), self.dense.device())?;
+        let visible = (0..b)
+            .flat_map(|batch| rows.iter().map(move |&r| batch * t + r))
+            .map(|i| self.visible[i].clone())
+            .collect();
+        Ok(AttentionMask {
+            dense: self.dense.index_select(&idx, 1)?,
+            visible,
+        })
+    }
 }
 
 /// The attention op; the mask rides along as a constant, since it gets no
@@ -157,9 +176,17 @@ fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], p
             *s += T::of_f32(mv);
             max = num_traits::Float::max(max, *s);
         }
+        // A hidden key's exp underflows to exactly 0 when the row sees some
+        // key: skip the call (and libm's slow underflow path). A row that
+        // sees none spreads evenly, as the composition does.
+        let sees_none = max <= T::of_f32(HIDDEN_BELOW);
         let mut sum = T::zero();
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
+        for (s, &mv) in row.iter_mut().zip(m) {
+            *s = if sees_none || mv > HIDDEN_BELOW {
+                (*s - max).exp()
+            } else {
+                T::zero()
+            };
             sum += *s;
         }
         let inv = T::one() / sum;

@@ -189,8 +189,12 @@ fn backward<T: Float>(
 }
 
 impl LoraLinear {
+    /// x is [..., in]: its leading dims are the rows.
     fn dims(&self, x: &Layout, a: &Layout, b: &Layout) -> candle_core::Result<Dims> {
-        let (n, inp) = x.shape().dims2()?;
+        let Some((&inp, lead)) = x.dims().split_last() else {
+            bail!("lora-linear: scalar input")
+        };
+        let n = lead.iter().product();
         let (r, a_in) = a.shape().dims2()?;
         let (out, b_r) = b.shape().dims2()?;
         let (w_out, w_in) = self.weight.dims();
@@ -257,7 +261,11 @@ impl CustomOp3 for LoraLinear {
                 dt => bail!("lora-linear: unsupported dtype {dt:?}"),
             })
         })?;
-        Ok((y, Shape::from((d.n, d.out))))
+        // Shaped like x with `out` features last: no reshape nodes around
+        // the op, whose gradients candle would zero and add into.
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("checked by dims") = d.out;
+        Ok((y, Shape::from(dims)))
     }
 
     fn bwd(
@@ -349,8 +357,7 @@ pub fn lora_linear_on(
         return frozen_projection(x, weight, bias)? + adapter_delta(x, adapter)?;
     }
     let (a, b) = (adapter.a, adapter.b);
-    let dims = x.dims().to_vec();
-    let Some((&inp, lead)) = dims.split_last() else {
+    let Some((&inp, lead)) = x.dims().split_last() else {
         bail!("lora-linear: scalar input")
     };
     let rows: usize = lead.iter().product();
@@ -367,13 +374,8 @@ pub fn lora_linear_on(
             .transpose()?,
         scale: adapter.scale,
     };
-    let y =
-        x.reshape((rows, inp))?
-            .contiguous()?
-            .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(weight.dims().0);
-    y.reshape(out_dims)
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 /// The composition: the frozen projection plus the adapter path (dropout

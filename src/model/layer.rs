@@ -1,6 +1,6 @@
 //! One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)).
 
-use crate::model::attention::{Attention, AttentionContext, LayerKv};
+use crate::model::attention::{Attention, AttentionContext, LayerKv, QuerySelection};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Mode;
 use crate::model::error::Result;
@@ -42,9 +42,30 @@ impl DecoderLayer {
         mode: Mode,
         past: Option<&LayerKv>,
     ) -> Result<(Tensor, LayerKv)> {
+        self.forward_queries(x, ctx, mode, past, None)
+    }
+
+    /// `forward` with the output only at `queries` ([B, n, hidden]) when
+    /// given. Every token still feeds attention's keys and values, so this
+    /// equals the selected rows of the full output, at the cost of the K
+    /// and V projections alone for the other tokens.
+    pub fn forward_queries(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        mode: Mode,
+        past: Option<&LayerKv>,
+        queries: Option<&QuerySelection>,
+    ) -> Result<(Tensor, LayerKv)> {
         let h = rms_norm(x, &self.input_layernorm, self.rms_norm_eps)?;
-        let (attn, kv) = self.self_attn.forward(&h, ctx, mode, past)?;
-        let x = (x + attn)?;
+        let (attn, kv) = self
+            .self_attn
+            .forward_queries(&h, ctx, mode, past, queries)?;
+        let residual = match queries {
+            Some(sel) => x.index_select(&sel.rows, 1)?,
+            None => x.clone(),
+        };
+        let x = (residual + attn)?;
         let h = rms_norm(&x, &self.post_attention_layernorm, self.rms_norm_eps)?;
         let x = (x + self.mlp.forward(&h, mode)?)?;
         Ok((x, kv))

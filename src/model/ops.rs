@@ -694,6 +694,16 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dtype = x.dtype();
+        // The usual case, a frozen weight: dx in one pass over the rows
+        // instead of a dozen elementwise ops.
+        if !w.track_op() && fused_kernels(x.device()) {
+            let gx = x.contiguous()?.apply_op3_no_bwd(
+                &w.contiguous()?,
+                &grad.contiguous()?,
+                &RmsNormBackward { eps: self.eps },
+            )?;
+            return Ok((Some(gx), None));
+        }
         let acc = if dtype == DType::F64 {
             DType::F64
         } else {
@@ -729,6 +739,73 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
+/// dx of RMSNorm for x, a frozen w and the output gradient g (same
+/// shapes as the forward): per row, with r = 1/sqrt(mean(x²) + eps) and
+/// n = x·r, dx = r·(g·w − n·mean(g·w·n)).
+struct RmsNormBackward {
+    eps: f32,
+}
+
+fn rms_norm_grad_rows<T: WithDType, A: Acc>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<T> {
+    let dim = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    let inv_dim = A::ONE / A::of_f32(dim as f32);
+    let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
+    for ((row, grow), orow) in rows.zip(out.chunks_exact_mut(dim)) {
+        let ss = row.iter().fold(A::ZERO, |s, v| s + A::of(*v) * A::of(*v));
+        let r = A::ONE / (ss * inv_dim + A::of_f32(eps)).sqrt();
+        let mut dot = A::ZERO;
+        for ((v, gv), wv) in row.iter().zip(grow).zip(w) {
+            dot = dot + A::of(*gv) * A::of(*wv) * (A::of(*v) * r);
+        }
+        let m = dot * inv_dim;
+        for (((o, v), gv), wv) in orow.iter_mut().zip(row).zip(grow).zip(w) {
+            let n = A::of(*v) * r;
+            *o = (r * (A::of(*gv) * A::of(*wv) - n * m)).to();
+        }
+    }
+    out
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dim = l2.shape().elem_count();
+        if l1.dims().last() != Some(&dim) || l1.shape() != l3.shape() {
+            bail!(
+                "rms-norm-backward: x {:?}, w {:?} and grad {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let n = self.name();
+        same_dtype(n, s1, s3)?;
+        let out = per_float_dtype!(
+            n,
+            same_dtype(n, s1, s2)?,
+            |T, A| rms_norm_grad_rows::<T, A>(
+                contiguous_slice::<T>(s1, l1, n)?,
+                contiguous_slice::<T>(s2, l2, n)?,
+                contiguous_slice::<T>(s3, l3, n)?,
+                self.eps,
+            )
+        );
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 /// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * w.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     if fused_kernels(x.device()) {
@@ -756,102 +833,10 @@ pub fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Te
 
 // ---------------------------------------------------------------- rope
 
-/// Rotary embedding in the HF "rotate_half" layout. x: [B, H, T, D];
-/// cos, sin: [B, T, D/2] in f32 (per-batch positions allow left padding).
-struct Rope;
-
-fn rope_apply<T: WithDType, A: Acc>(
-    x: &[T],
-    cos: &[f32],
-    sin: &[f32],
-    (b, h, t, d): (usize, usize, usize, usize),
-) -> Vec<T> {
-    let half = d / 2;
-    let mut out = vec![T::zero(); x.len()];
-    for bi in 0..b {
-        for hi in 0..h {
-            for ti in 0..t {
-                let base = ((bi * h + hi) * t + ti) * d;
-                let cs = (bi * t + ti) * half;
-                for i in 0..half {
-                    let x1 = A::of(x[base + i]);
-                    let x2 = A::of(x[base + half + i]);
-                    let (c, s) = (A::of_f32(cos[cs + i]), A::of_f32(sin[cs + i]));
-                    out[base + i] = (x1 * c - x2 * s).to();
-                    out[base + half + i] = (x2 * c + x1 * s).to();
-                }
-            }
-        }
-    }
-    out
-}
-
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = l1.shape().dims4()?;
-        let (b, _h, t, d) = dims;
-        if d % 2 != 0 {
-            bail!("rope: head dimension {d} must be even");
-        }
-        let expect = [b, t, d / 2];
-        if l2.dims() != expect || l3.dims() != expect {
-            bail!(
-                "rope: cos/sin must be {expect:?}, got {:?}/{:?}",
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        let n = self.name();
-        let cos = contiguous_slice::<f32>(s2, l2, n)?;
-        let sin = contiguous_slice::<f32>(s3, l3, n)?;
-        let out = per_float_dtype!(n, s1.dtype(), |T, A| rope_apply::<T, A>(
-            contiguous_slice::<T>(s1, l1, n)?,
-            cos,
-            sin,
-            dims,
-        ));
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The rotation is orthogonal: its transpose is the rotation by -angle.
-        let gx = grad
-            .contiguous()?
-            .apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
-        Ok((Some(gx), None, None))
-    }
-}
-
-/// Applies rotary embeddings; see [`Rope`] for shapes.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    if fused_kernels(x.device()) {
-        x.contiguous()?
-            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
-    } else {
-        rope_slow(x, cos, sin)
-    }
-}
-
-/// Reference: differentiable composition of candle ops.
+/// Rotary embedding in the HF "rotate_half" layout, as a composition of
+/// candle ops: x [B, H, T, D]; cos, sin [B, T, D/2] in f32 (per-batch
+/// positions allow left padding). The model applies it inside
+/// [`split_heads`].
 pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let (_b, _h, _t, d) = x.dims4()?;
     let half = d / 2;
@@ -862,6 +847,242 @@ pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<
     let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
     let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
     Tensor::cat(&[y1, y2], D::Minus1)
+}
+
+// ---------------------------------------------------------------- attention heads
+
+/// How attention lays out a projection's output [B, t, heads·hd]: as
+/// [B, kv_heads, rep·t, hd], the rep = heads / kv_heads query heads that
+/// share a KV head stacked along time (query head h reads KV head h / rep,
+/// as HF's repeat_kv). Keys and values have heads = kv_heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Heads {
+    fn rep(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// Rotary angles of the tokens: cos and sin [B, t, hd/2] in f32.
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// `split_heads` as one op: the reshape, transpose, copy, rope and scale of
+/// the composition are six graph nodes, each with a gradient buffer zeroed
+/// and added into in backward; this is one, and one pass each way. Its
+/// adjoint (scale, rotate back, token-major) is its backward, and without
+/// rope and scale it is `merge_heads`.
+#[derive(Clone)]
+struct SplitHeads {
+    heads: Heads,
+    rotary: Option<Rotary>,
+    scale: f64,
+    /// false: [B, t, heads·hd] → [B, kv, rep·t, hd], rotate, scale.
+    /// true: scale, rotate by −angle, [B, kv, rep·t, hd] → [B, t, heads·hd].
+    adjoint: bool,
+}
+
+fn split_heads_apply<T: WithDType, A: Acc>(
+    x: &[T],
+    rotary: Option<(&[f32], &[f32])>,
+    scale: f64,
+    (heads, b, t): (Heads, usize, usize),
+    adjoint: bool,
+) -> Vec<T> {
+    let (nh, nkv, hd, rep) = (heads.heads, heads.kv_heads, heads.head_dim, heads.rep());
+    let half = hd / 2;
+    let s: T = T::from_f64(scale);
+    let mut out = vec![T::zero(); x.len()];
+    for bi in 0..b {
+        for ti in 0..t {
+            for head in 0..nh {
+                let token_major = ((bi * t + ti) * nh + head) * hd;
+                let (g, j) = (head / rep, head % rep);
+                let stacked = ((bi * nkv + g) * rep * t + j * t + ti) * hd;
+                let (src, dst) = match adjoint {
+                    false => (token_major, stacked),
+                    true => (stacked, token_major),
+                };
+                let (xs, ys) = (&x[src..src + hd], &mut out[dst..dst + hd]);
+                let Some((cos, sin)) = rotary else {
+                    for (y, v) in ys.iter_mut().zip(xs) {
+                        *y = *v * s;
+                    }
+                    continue;
+                };
+                let angles = (bi * t + ti) * half;
+                for i in 0..half {
+                    let (c, sn) = (A::of_f32(cos[angles + i]), A::of_f32(sin[angles + i]));
+                    if adjoint {
+                        // The composition's backward: scale, then rope by −angle.
+                        let (g1, g2) = (A::of(xs[i] * s), A::of(xs[half + i] * s));
+                        ys[i] = (g1 * c + g2 * sn).to();
+                        ys[half + i] = (g2 * c - g1 * sn).to();
+                    } else {
+                        // Rounded after rope, then scaled, as rope then affine.
+                        let (x1, x2) = (A::of(xs[i]), A::of(xs[half + i]));
+                        let (y1, y2): (T, T) = ((x1 * c - x2 * sn).to(), (x2 * c + x1 * sn).to());
+                        ys[i] = y1 * s;
+                        ys[half + i] = y2 * s;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl SplitHeads {
+    /// (B, t) of the input, checked against the layout and the angles.
+    fn batch_tokens(&self, input: &Layout) -> candle_core::Result<(usize, usize)> {
+        let h = self.heads;
+        let fits =
+            h.kv_heads > 0 && h.heads.is_multiple_of(h.kv_heads) && h.head_dim.is_multiple_of(2);
+        let bt = match (self.adjoint, input.dims()) {
+            (false, &[b, t, width]) if fits && width == h.heads * h.head_dim => Some((b, t)),
+            (true, &[b, g, rows, d])
+                if fits && g == h.kv_heads && d == h.head_dim && rows.is_multiple_of(h.rep()) =>
+            {
+                Some((b, rows / h.rep()))
+            }
+            _ => None,
+        };
+        let Some((b, t)) = bt else {
+            bail!("split-heads: input {:?} does not fit {h:?}", input.dims());
+        };
+        if let Some(r) = &self.rotary {
+            let expect = [b, t, h.head_dim / 2];
+            if r.cos.dims() != expect || r.sin.dims() != expect {
+                bail!(
+                    "split-heads: cos/sin must be {expect:?}, got {:?}/{:?}",
+                    r.cos.dims(),
+                    r.sin.dims()
+                );
+            }
+        }
+        Ok((b, t))
+    }
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t) = self.batch_tokens(l1)?;
+        let h = self.heads;
+        let shape: Shape = match self.adjoint {
+            false => (b, h.kv_heads, h.rep() * t, h.head_dim).into(),
+            true => (b, t, h.heads * h.head_dim).into(),
+        };
+        let n = self.name();
+        let angles: Vec<&Tensor> = self.rotary.iter().flat_map(|r| [&r.cos, &r.sin]).collect();
+        let out = kernel::with_cpu(n, &angles, |c| {
+            let rotary = match c {
+                [(cs, cl), (ss, sl)] => Some((
+                    contiguous_slice::<f32>(cs, cl, n)?,
+                    contiguous_slice::<f32>(ss, sl, n)?,
+                )),
+                _ => None,
+            };
+            Ok(per_float_dtype!(n, s1.dtype(), |T, A| split_heads_apply::<
+                T,
+                A,
+            >(
+                contiguous_slice::<T>(s1, l1, n)?,
+                rotary,
+                self.scale,
+                (h, b, t),
+                self.adjoint,
+            )))
+        })?;
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let adjoint = SplitHeads {
+            adjoint: !self.adjoint,
+            ..self.clone()
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&adjoint)?))
+    }
+}
+
+/// Queries, keys or values for attention: `x` [B, t, heads·hd] as
+/// [B, kv_heads, rep·t, hd] (see [`Heads`]), rotated by `rotary` when given
+/// and multiplied by `scale`.
+pub fn split_heads(
+    x: &Tensor,
+    heads: Heads,
+    rotary: Option<&Rotary>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    if fused_kernels(x.device()) {
+        x.contiguous()?.apply_op1(SplitHeads {
+            heads,
+            rotary: rotary.cloned(),
+            scale,
+            adjoint: false,
+        })
+    } else {
+        split_heads_slow(x, heads, rotary, scale)
+    }
+}
+
+/// Reference: differentiable composition of candle ops.
+pub fn split_heads_slow(
+    x: &Tensor,
+    heads: Heads,
+    rotary: Option<&Rotary>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    let (nh, nkv, hd) = (heads.heads, heads.kv_heads, heads.head_dim);
+    let y = x.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+    let y = match rotary {
+        Some(r) => rope_slow(&y, &r.cos, &r.sin)?,
+        None => y.contiguous()?,
+    };
+    let y = if scale == 1.0 { y } else { (y * scale)? };
+    y.reshape((b, nkv, heads.rep() * t, hd))
+}
+
+/// Attention's output [B, kv_heads, rep·t, hd] back to [B, t, heads·hd],
+/// the layout the output projection reads.
+pub fn merge_heads(o: &Tensor, heads: Heads) -> candle_core::Result<Tensor> {
+    if fused_kernels(o.device()) {
+        o.contiguous()?.apply_op1(SplitHeads {
+            heads,
+            rotary: None,
+            scale: 1.0,
+            adjoint: true,
+        })
+    } else {
+        merge_heads_slow(o, heads)
+    }
+}
+
+/// Reference: differentiable composition of candle ops.
+pub fn merge_heads_slow(o: &Tensor, heads: Heads) -> candle_core::Result<Tensor> {
+    let (b, _, rows, hd) = o.dims4()?;
+    let t = rows / heads.rep();
+    o.reshape((b, heads.heads, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, heads.heads * hd))
 }
 
 // ---------------------------------------------------------------- log-softmax + gather

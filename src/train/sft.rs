@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use super::trainer::{Metrics, Objective};
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
-use crate::model::decoder::{next_token_targets, Decoder, Mode};
+use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Mode};
 
 /// The longest packed row: its attention mask is dense, tokens² floats
 /// (64 MiB at 4096), where a padded batch's is rows · seq_len².
@@ -62,12 +62,20 @@ pub(crate) fn masked_logprobs(
                 .zip(&lengths)
                 .map(|(row, &len)| &row[..len])
                 .collect();
-            let (hidden, starts) = model.forward_hidden_packed(&sequences, mode)?;
-            let at: Vec<(usize, usize, u32)> = targets
+            // Only the target positions' hidden states are computed past
+            // the last layer's keys and values.
+            let starts = packed_starts(&lengths);
+            let at: Vec<usize> = targets
                 .iter()
-                .map(|&(row, pos, token)| (0, starts[row] + pos, token))
+                .map(|&(row, pos, _)| starts[row] + pos)
                 .collect();
-            model.token_logprobs(&hidden, &at)?
+            let hidden = model.forward_hidden_packed_at(&sequences, &at, mode)?;
+            let rows: Vec<(usize, usize, u32)> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, _, token))| (0, i, token))
+                .collect();
+            model.token_logprobs(&hidden, &rows)?
         }
         None => {
             let ids = Tensor::from_vec(input_ids.to_vec(), (rows, t), device)?;

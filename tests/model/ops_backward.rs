@@ -90,21 +90,127 @@ fn rms_norm_matches_composition() {
     });
 }
 
+/// The one-pass dx of RMSNorm (frozen weight) in f64 against the
+/// composition's and against central differences, on rows where the norm
+/// is ordinary, all zeros (r = 1/sqrt(eps)), tiny against eps, and huge.
 #[test]
-fn rope_matches_composition() {
+fn rms_norm_backward_in_one_pass_matches_composition_and_differences() {
+    with_big_stack(|| {
+        let dim = 6;
+        let base = randn(&[4, dim], DType::F64).to_vec2::<f64>().unwrap();
+        let rows = [
+            base[0].clone(),
+            vec![0.0; dim],
+            base[2].iter().map(|v| v * 1e-5).collect(),
+            base[3].iter().map(|v| v * 1e4).collect(),
+        ];
+        let flat: Vec<f64> = rows.concat();
+        let x = Var::from_vec(flat.clone(), (4, dim), &Device::Cpu).unwrap();
+        let w = (randn(&[dim], DType::F64) + 1.0).unwrap();
+        let r = randn(&[4, dim], DType::F64);
+        let eps = 1e-6;
+        let fast = grad_of(&x, &ops::rms_norm(x.as_tensor(), &w, eps).unwrap(), &r);
+        let slow = grad_of(&x, &ops::rms_norm_slow(x.as_tensor(), &w, eps).unwrap(), &r);
+        let (fast, slow) = (
+            fast.to_vec2::<f64>().unwrap(),
+            slow.to_vec2::<f64>().unwrap(),
+        );
+        let loss = |v: &[f64]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), (4, dim), &Device::Cpu).unwrap();
+            let y = ops::rms_norm_slow(&t, &w, eps).unwrap();
+            y.mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        for row in 0..4 {
+            let scale = fast[row].iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+            for i in 0..dim {
+                // 1e-8: the fused op holds eps in f32 (1e-6 rounds by 3e-9
+                // relative), which the all-zero row's r = 1/sqrt(eps) shows.
+                let d = (fast[row][i] - slow[row][i]).abs();
+                assert!(
+                    d <= 1e-8 * scale,
+                    "row {row} [{i}]: {} vs {}",
+                    fast[row][i],
+                    slow[row][i]
+                );
+            }
+            // Central differences with a step relative to the row's size.
+            let size = rows[row].iter().fold(0f64, |m, v| m.max(v.abs()));
+            let h = 1e-5 * size.max(1e-3);
+            for i in 0..dim {
+                let (mut up, mut down) = (flat.clone(), flat.clone());
+                up[row * dim + i] += h;
+                down[row * dim + i] -= h;
+                let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
+                let d = (numeric - fast[row][i]).abs();
+                assert!(
+                    d <= 1e-5 * scale.max(1.0),
+                    "row {row} [{i}]: analytic {} numeric {numeric}",
+                    fast[row][i]
+                );
+            }
+        }
+    });
+}
+
+/// split_heads (rope, scale, grouped-query layout in one op) and
+/// merge_heads against the reshape/transpose/rope/affine composition:
+/// values exactly equal (the op rounds where the composition does), and
+/// gradients, for grouped queries (4 heads on 2), keys (rep 1) and values
+/// (no rope).
+#[test]
+fn split_and_merge_heads_match_composition() {
     with_big_stack(|| {
         for dtype in [DType::F32, DType::F64] {
-            let (b, h, t, d) = (2, 3, 5, 8);
-            let x = Var::from_tensor(&randn(&[b, h, t, d], dtype)).unwrap();
-            let angles = (randn(&[b, t, d / 2], DType::F32) * 3.0).unwrap();
-            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-            let r = randn(&[b, h, t, d], dtype);
-            let fast = ops::rope(x.as_tensor(), &cos, &sin).unwrap();
-            let slow = ops::rope_slow(x.as_tensor(), &cos, &sin).unwrap();
-            assert!(max_abs_diff(&fast, &slow) < 1e-5);
-            let diff = max_abs_diff(&grad_of(&x, &fast, &r), &grad_of(&x, &slow, &r));
-            assert!(diff < 1e-5, "rope grad diff {diff}");
+            let (b, t, hd) = (2, 5, 8);
+            let angles = (randn(&[b, t, hd / 2], DType::F32) * 3.0).unwrap();
+            let rotary = ops::Rotary {
+                cos: angles.cos().unwrap(),
+                sin: angles.sin().unwrap(),
+            };
+            let cases = [
+                (4, 2, Some(&rotary), 0.35),
+                (2, 2, Some(&rotary), 1.0),
+                (2, 2, None, 1.0),
+            ];
+            for (heads, kv_heads, rot, scale) in cases {
+                let layout = ops::Heads {
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                };
+                let x = Var::from_tensor(&randn(&[b, t, heads * hd], dtype)).unwrap();
+                let fast = ops::split_heads(x.as_tensor(), layout, rot, scale).unwrap();
+                let slow = ops::split_heads_slow(x.as_tensor(), layout, rot, scale).unwrap();
+                assert_eq!(fast.dims(), [b, kv_heads, heads / kv_heads * t, hd]);
+                assert_eq!(max_abs_diff(&fast, &slow), 0.0, "{heads}/{kv_heads} values");
+                let r = randn(fast.dims(), dtype);
+                let d = max_abs_diff(&grad_of(&x, &fast, &r), &grad_of(&x, &slow, &r));
+                assert!(d < 1e-6, "{heads}/{kv_heads} {rot:?}: split grad diff {d}");
+
+                let o = Var::from_tensor(&randn(fast.dims(), dtype)).unwrap();
+                let fast = ops::merge_heads(o.as_tensor(), layout).unwrap();
+                let slow = ops::merge_heads_slow(o.as_tensor(), layout).unwrap();
+                assert_eq!(fast.dims(), [b, t, heads * hd]);
+                assert_eq!(max_abs_diff(&fast, &slow), 0.0, "{heads}/{kv_heads} merge");
+                let r = randn(&[b, t, heads * hd], dtype);
+                let d = max_abs_diff(&grad_of(&o, &fast, &r), &grad_of(&o, &slow, &r));
+                assert_eq!(d, 0.0, "merge grad diff");
+            }
         }
+        // A layout that does not fit is an error, not a panic.
+        let x = randn(&[1, 3, 20], DType::F32);
+        let bad = ops::Heads {
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let err = ops::split_heads(&x, bad, None, 1.0).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
     });
 }
 

@@ -105,3 +105,113 @@ fn packed_sequences_give_the_padded_log_probs_and_gradients() {
         assert!(max_abs_diff(&alone, &in_one) > 1e-3);
     });
 }
+
+/// `forward_hidden_packed_at`: the last layer computes only the selected
+/// rows; log-probs and LoRA gradients equal the full pass's at those rows.
+/// Selections: the short completions a loss reads (in order), and rows out
+/// of order with a repeat, the first and the last token included.
+#[test]
+fn selected_positions_give_the_full_pass_log_probs_and_gradients() {
+    with_big_stack(|| {
+        let seqs: Vec<Vec<u32>> = [9usize, 3, 70]
+            .iter()
+            .zip(7u64..)
+            .map(|(&len, seed)| random_ids(1, len, 128, seed).remove(0))
+            .collect();
+        let slices: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let all = targets(&seqs);
+        let completions: Vec<usize> = vec![6, 7, 10, 77, 78, 79, 80];
+        let scrambled: Vec<usize> = vec![81, 0, 40, 12, 40, 9];
+        for (window, checkpointing) in [(None, false), (Some(4), false), (None, true)] {
+            let mut model = model(window);
+            if checkpointing {
+                model.enable_checkpointing();
+            }
+            for at in [&completions, &scrambled] {
+                // The packed row's next-token targets, by packed position.
+                let (_, starts) = model
+                    .forward_hidden_packed(&slices, Mode::Inference)
+                    .unwrap();
+                let target_at = |p: usize| {
+                    all.iter()
+                        .find(|&&(row, t, _)| starts[row] + t == p)
+                        .map_or(0, |&(_, _, tok)| tok)
+                };
+                let full_rows: Vec<(usize, usize, u32)> =
+                    at.iter().map(|&p| (0, p, target_at(p))).collect();
+                let sel_rows: Vec<(usize, usize, u32)> = at
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| (0, i, target_at(p)))
+                    .collect();
+                let (hidden, _) = model.forward_hidden_packed(&slices, Mode::Eval).unwrap();
+                let full = model.token_logprobs(&hidden, &full_rows).unwrap();
+                let hidden_at = model
+                    .forward_hidden_packed_at(&slices, at, Mode::Eval)
+                    .unwrap();
+                assert_eq!(hidden_at.dims(), [1, at.len(), hidden.dim(2).unwrap()]);
+                let sel = model.token_logprobs(&hidden_at, &sel_rows).unwrap();
+                let d = max_abs_diff_f64(&full, &sel);
+                assert!(
+                    d < 1e-10,
+                    "{window:?} {checkpointing}: log-probs differ by {d}"
+                );
+                // Weighted, so that each row's gradient counts differently.
+                let weights: Vec<f64> = (0..at.len()).map(|i| 1.0 + i as f64).collect();
+                let w = Tensor::from_vec(weights, at.len(), &Device::Cpu).unwrap();
+                // Checkpointed layers' gradients are merged after each backward.
+                let mut gf = (&full * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                model.add_recomputed_gradients(&mut gf).unwrap();
+                let mut gs = (&sel * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                model.add_recomputed_gradients(&mut gs).unwrap();
+                for (name, var) in model.lora_parameters() {
+                    let (a, b) = (gf.get(var.as_tensor()), gs.get(var.as_tensor()));
+                    let (a, b) = (
+                        a.expect("full gradient"),
+                        b.unwrap_or_else(|| {
+                            panic!("{window:?} {checkpointing} {at:?}: no gradient for {name}")
+                        }),
+                    );
+                    let d = max_abs_diff_f64(a, b);
+                    assert!(
+                        d < 1e-10,
+                        "{window:?} {checkpointing}: {name} differs by {d}"
+                    );
+                    assert!(
+                        a.abs()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap()
+                            > 0.0
+                    );
+                }
+            }
+        }
+        let model = model(None);
+        let err = model
+            .forward_hidden_packed_at(&slices, &[82], Mode::Eval)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("position 82 is outside the 82 packed tokens"),
+            "{err}"
+        );
+    });
+}
+
+fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
+    let flat = |t: &Tensor| {
+        let t = t.to_dtype(DType::F64).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    };
+    let (a, b) = (flat(a), flat(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
