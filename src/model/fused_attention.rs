@@ -171,29 +171,63 @@ fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], p
     );
     for (i, row) in probs.chunks_exact_mut(nk).enumerate() {
         let m = &mask[(blk.token + i) * d.keys + blk.key0..][..nk];
-        let mut max = T::neg_infinity();
         for (s, &mv) in row.iter_mut().zip(m) {
             *s += T::of_f32(mv);
-            max = num_traits::Float::max(max, *s);
         }
+        let max = row_max(row);
         // A hidden key's exp underflows to exactly 0 when the row sees some
-        // key: skip the call (and libm's slow underflow path). A row that
-        // sees none spreads evenly, as the composition does.
+        // key: skip it. A row that sees none spreads evenly, as the
+        // composition does.
         let sees_none = max <= T::of_f32(HIDDEN_BELOW);
-        let mut sum = T::zero();
         for (s, &mv) in row.iter_mut().zip(m) {
             *s = if sees_none || mv > HIDDEN_BELOW {
-                (*s - max).exp()
+                (*s - max).exp_fast()
             } else {
                 T::zero()
             };
-            sum += *s;
         }
-        let inv = T::one() / sum;
+        let inv = T::one() / row_sum(row);
         for s in row.iter_mut() {
             *s *= inv;
         }
     }
+}
+
+/// Independent accumulators of the row reductions: one running max or sum
+/// waits on each add's latency; eight let the loop vectorise.
+const LANES: usize = 8;
+
+/// The largest element (NaN elements are passed over, as `f32::max` does);
+/// exact, whatever the order.
+fn row_max<T: Float>(row: &[T]) -> T {
+    let larger = |a: T, b: T| if b > a { b } else { a };
+    let mut acc = [T::neg_infinity(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = larger(*a, v);
+        }
+    }
+    rest.iter()
+        .fold(acc.into_iter().fold(T::neg_infinity(), larger), |m, &v| {
+            larger(m, v)
+        })
+}
+
+/// The sum, in eight interleaved partial sums added pairwise at the end.
+fn row_sum<T: Float>(row: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    let total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+    rest.iter().fold(total, |s, &v| s + v)
 }
 
 /// Output rows of one (batch, KV head) unit.

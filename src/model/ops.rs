@@ -45,7 +45,7 @@ trait Acc:
 }
 
 macro_rules! impl_acc {
-    ($t:ty) => {
+    ($t:ty, $exp:path) => {
         impl Acc for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -60,7 +60,7 @@ macro_rules! impl_acc {
                 v as $t
             }
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
@@ -74,8 +74,8 @@ macro_rules! impl_acc {
         }
     };
 }
-impl_acc!(f32);
-impl_acc!(f64);
+impl_acc!(f32, kernel::exp_f32);
+impl_acc!(f64, f64::exp);
 
 /// The one per-dtype dispatch of the CPU kernels: evaluates `$body` (a
 /// `Vec<$t>`) with `$t` bound to the element type of `$dtype` and `$a` to its
