@@ -71,7 +71,8 @@ pub enum Command {
     Run {
         /// The recipe (a TOML file).
         recipe: PathBuf,
-        /// Rerun this stage even if cached (repeatable).
+        /// Rerun this stage even if cached (repeatable); a swept stage's own
+        /// name forces every variant of it.
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
         /// Run only this stage; its inputs must be cached.
@@ -320,11 +321,29 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<(), Error> {
             wait,
         } => {
             let checked = check(recipe, registry)?;
-            for name in force.iter().chain(only).chain(until) {
+            let no_stage =
+                |name: &str| Error::Usage(format!("no stage `{name}` in {}", recipe.display()));
+            // --force on a swept stage's own name forces all its variants.
+            let mut forced = Vec::new();
+            for name in force {
+                let named = checked.recipe.stages_named(name);
+                if named.is_empty() {
+                    return Err(no_stage(name));
+                }
+                forced.extend(named.into_iter().map(str::to_string));
+            }
+            let force = &forced;
+            // --only and --until take one stage: a swept one by its variant.
+            for name in only.iter().chain(until) {
                 if checked.recipe.stage(name).is_none() {
+                    let variants = checked.recipe.stages_named(name);
+                    if variants.is_empty() {
+                        return Err(no_stage(name));
+                    }
                     return Err(Error::Usage(format!(
-                        "no stage `{name}` in {}",
-                        recipe.display()
+                        "`{name}` is swept in {}: name one variant ({})",
+                        recipe.display(),
+                        variants.join(", ")
                     )));
                 }
             }

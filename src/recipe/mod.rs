@@ -54,6 +54,20 @@ impl Recipe {
         self.stages.iter().find(|s| s.name.value == name)
     }
 
+    /// The stages `name` stands for on the command line: the stage of that
+    /// name, else every variant of the swept stage written as `name`
+    /// (`dpo` → `dpo@beta=0.1`, `dpo@beta=0.5`); empty if neither.
+    pub fn stages_named(&self, name: &str) -> Vec<&str> {
+        if let Some(stage) = self.stage(name) {
+            return vec![stage.name.value.as_str()];
+        }
+        self.stages
+            .iter()
+            .filter(|s| s.variant.as_ref().is_some_and(|v| v.of == name))
+            .map(|s| s.name.value.as_str())
+            .collect()
+    }
+
     pub fn error(&self, problems: Vec<Problem>) -> RecipeError {
         RecipeError::new(&self.path, self.source.clone(), problems)
     }

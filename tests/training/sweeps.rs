@@ -346,6 +346,43 @@ fn jobs_2_runs_stages_side_by_side_to_the_same_bytes_as_one_at_a_time() {
         "{}",
         again.stderr
     );
+    // --force with a swept stage's own name reruns every variant of it
+    // (to the same bytes); --only wants one variant and says which exist.
+    let forced = parallel
+        .runner(&["--threads", "1", "run", "r.toml", "--force", "continued"])
+        .ok();
+    assert!(
+        forced.stderr.contains("2 stage(s) ran, 7 cached"),
+        "{}",
+        forced.stderr
+    );
+    for stage in &DPO_VARIANTS[..2] {
+        assert!(
+            forced.stderr.contains(&format!("{stage} (dpo): running")),
+            "{stage}: {}",
+            forced.stderr
+        );
+        assert!(
+            adapter_bytes(&serial, "r.toml", stage) == adapter_bytes(&parallel, "r.toml", stage)
+        );
+    }
+    let only = parallel.runner(&["run", "r.toml", "--only", "continued"]);
+    assert_eq!(only.code, 2, "{}", only.stderr);
+    assert!(
+        only.stderr.contains(
+            "`continued` is swept in r.toml: name one variant \
+             (continued@beta=0.1, continued@beta=0.5)"
+        ),
+        "{}",
+        only.stderr
+    );
+    let unknown = parallel.runner(&["run", "r.toml", "--force", "continuedd"]);
+    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("no stage `continuedd` in r.toml"),
+        "{}",
+        unknown.stderr
+    );
 }
 
 /// A sweep over data files, one of them broken at line 2.
