@@ -159,29 +159,13 @@ impl AttentionContext {
     }
 }
 
-impl AttentionContext {
-    /// The context of the query tokens `rows` only (indices into the new
-    /// tokens, the same for every batch row): their rope angles and mask
-    /// rows, over the same keys.
-    pub fn select_queries(&self, rows: &[usize]) -> Result<Self> {
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::from_vec(idx, rows.len(), self.rotary.cos.device())?;
-        Ok(AttentionContext {
-            rotary: Rotary {
-                cos: self.rotary.cos.index_select(&idx, 1)?,
-                sin: self.rotary.sin.index_select(&idx, 1)?,
-            },
-            mask: self.mask.select_queries(rows)?,
-        })
-    }
-}
-
 /// The outputs a layer computes at a few query positions only (see
-/// `DecoderLayer::forward_at`): the positions, and the attention context
-/// of those queries.
+/// `DecoderLayer::forward`): the positions, and the attention context of
+/// those queries (their rope angles and mask rows, over the same keys).
 #[derive(Clone, Debug)]
 pub struct QuerySelection {
-    /// [n] u32 indices into the layer's tokens.
+    /// [n] u32 indices into the layer's new tokens (the same for every
+    /// batch row).
     pub rows: Tensor,
     pub ctx: AttentionContext,
 }
@@ -189,9 +173,17 @@ pub struct QuerySelection {
 impl QuerySelection {
     pub fn new(ctx: &AttentionContext, rows: &[usize]) -> Result<Self> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), ctx.rotary.cos.device())?;
+        let selected = AttentionContext {
+            mask: ctx.mask.select_queries(rows, &idx)?,
+            rotary: Rotary {
+                cos: ctx.rotary.cos.index_select(&idx, 1)?,
+                sin: ctx.rotary.sin.index_select(&idx, 1)?,
+            },
+        };
         Ok(QuerySelection {
-            rows: Tensor::from_vec(idx, rows.len(), ctx.rotary.cos.device())?,
-            ctx: ctx.select_queries(rows)?,
+            rows: idx,
+            ctx: selected,
         })
     }
 }
@@ -222,21 +214,11 @@ impl Attention {
 
     /// Attention of the tokens `x` [B, t, hidden] over the `past` keys and
     /// values (if any) followed by their own. Returns the output and the
-    /// keys/values including the new tokens (what a KV cache keeps).
+    /// keys/values including the new tokens (what a KV cache keeps). With
+    /// `queries`, the output is only at those rows: keys and values still
+    /// come from every token, but the query and output projections run on
+    /// the selected rows alone.
     pub fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &AttentionContext,
-        mode: Mode,
-        past: Option<&LayerKv>,
-    ) -> Result<(Tensor, LayerKv)> {
-        self.forward_queries(x, ctx, mode, past, None)
-    }
-
-    /// `forward`, with the output only at `queries` when given: keys and
-    /// values still come from every token, but the query and output
-    /// projections run on the selected rows alone.
-    pub fn forward_queries(
         &self,
         x: &Tensor,
         ctx: &AttentionContext,

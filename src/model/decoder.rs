@@ -326,7 +326,7 @@ impl Decoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = kv.as_ref().and_then(|kv| kv.past.get(i));
             let queries = selection.as_ref().filter(|_| i == last);
-            let (y, layer_kv) = layer.forward_queries(&x, ctx, mode, layer_past, queries)?;
+            let (y, layer_kv) = layer.forward(&x, ctx, mode, layer_past, queries)?;
             x = y;
             if let Some(kv) = kv.as_mut() {
                 kv.next.push(layer_kv);

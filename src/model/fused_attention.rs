@@ -80,20 +80,19 @@ impl AttentionMask {
     }
 
     /// The mask of the query tokens `rows` only ([B, rows.len(), T]): what
-    /// attention needs when only some positions' outputs are wanted.
-    pub fn select_queries(&self, rows: &[usize]) -> candle_core::Result<Self> {
+    /// attention needs when only some positions' outputs are wanted. `idx`
+    /// holds the same rows as a u32 tensor.
+    pub fn select_queries(&self, rows: &[usize], idx: &Tensor) -> candle_core::Result<Self> {
         let (b, t, _) = self.dense.dims3()?;
         if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
             bail!("query row {bad} is outside a mask of {t} queries");
         }
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::from_vec(idx, rows.len(), self.dense.device())?;
         let visible = (0..b)
             .flat_map(|batch| rows.iter().map(move |&r| batch * t + r))
             .map(|i| self.visible[i].clone())
             .collect();
         Ok(AttentionMask {
-            dense: self.dense.index_select(&idx, 1)?,
+            dense: self.dense.index_select(idx, 1)?,
             visible,
         })
     }

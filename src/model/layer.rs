@@ -34,22 +34,12 @@ impl DecoderLayer {
 
     /// The layer applied to `x` [B, t, hidden]; attention also sees `past`
     /// keys/values when given. Returns the output and this layer's
-    /// keys/values including the new tokens.
+    /// keys/values including the new tokens. With `queries`, the output is
+    /// only at those rows ([B, n, hidden]): every token still feeds
+    /// attention's keys and values, so this equals the selected rows of the
+    /// full output, at the cost of the K and V projections alone for the
+    /// other tokens.
     pub fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &AttentionContext,
-        mode: Mode,
-        past: Option<&LayerKv>,
-    ) -> Result<(Tensor, LayerKv)> {
-        self.forward_queries(x, ctx, mode, past, None)
-    }
-
-    /// `forward` with the output only at `queries` ([B, n, hidden]) when
-    /// given. Every token still feeds attention's keys and values, so this
-    /// equals the selected rows of the full output, at the cost of the K
-    /// and V projections alone for the other tokens.
-    pub fn forward_queries(
         &self,
         x: &Tensor,
         ctx: &AttentionContext,
@@ -58,9 +48,7 @@ impl DecoderLayer {
         queries: Option<&QuerySelection>,
     ) -> Result<(Tensor, LayerKv)> {
         let h = rms_norm(x, &self.input_layernorm, self.rms_norm_eps)?;
-        let (attn, kv) = self
-            .self_attn
-            .forward_queries(&h, ctx, mode, past, queries)?;
+        let (attn, kv) = self.self_attn.forward(&h, ctx, mode, past, queries)?;
         let residual = match queries {
             Some(sel) => x.index_select(&sel.rows, 1)?,
             None => x.clone(),

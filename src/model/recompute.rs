@@ -66,7 +66,9 @@ pub fn checkpointed_layer(
     mode: Mode,
     grads: &RecomputedGrads,
 ) -> candle_core::Result<Tensor> {
-    let (output, _) = layer.forward(&x.detach(), ctx, mode, None).map_err(wrap)?;
+    let (output, _) = layer
+        .forward(&x.detach(), ctx, mode, None, None)
+        .map_err(wrap)?;
     // The embeddings are not Vars: without `tracked` the first layer's node
     // would not be in the graph and its LoRA gradients never computed.
     tracked(x)?.apply_op1(Recompute {
@@ -170,7 +172,7 @@ impl CustomOp1 for Recompute {
         let input = Var::from_tensor(&arg.detach())?;
         let (output, _) = self
             .layer
-            .forward(input.as_tensor(), &self.ctx, self.mode, None)
+            .forward(input.as_tensor(), &self.ctx, self.mode, None, None)
             .map_err(wrap)?;
         // d/d(output) of Σ output·g is g: backward of this scalar is the
         // layer's vector-Jacobian product with the incoming gradient.

@@ -29,8 +29,9 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 /// at the positions `loss_mask` marks, with the (row, position, token) targets.
 ///
 /// Right-padded rows are packed into one row without their padding
-/// (`Decoder::forward_hidden_packed`): the same log-probs, without computing
-/// the padding (a sixth of the tokens on the peer benchmark's data). Other
+/// (`Decoder::forward_hidden_packed_at`, which also runs the last layer's
+/// query, output and MLP products only at the target positions): the same
+/// log-probs, without computing the padding (a sixth of the tokens on the peer benchmark's data). Other
 /// layouts, batches of more than `PACK_MAX_TOKENS` real tokens, and the
 /// composition attention run padded.
 pub(crate) fn masked_logprobs(
