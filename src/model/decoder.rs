@@ -406,6 +406,17 @@ impl Decoder {
         self.checkpointing.is_some()
     }
 
+    /// The same model (its weights and LoRA Vars shared) with a recomputed
+    /// gradient store of its own, for a backward pass that runs beside
+    /// others.
+    pub fn with_own_recomputed_gradients(&self) -> Decoder {
+        let mut copy = self.clone();
+        if copy.checkpointing.is_some() {
+            copy.checkpointing = Some(RecomputedGrads::default());
+        }
+        copy
+    }
+
     /// Adds the LoRA gradients that checkpointed layers computed during the
     /// last backward to `grads` (a no-op without checkpointing).
     pub fn add_recomputed_gradients(&self, grads: &mut GradStore) -> Result<()> {

@@ -158,8 +158,37 @@ impl<'a, T> Mat<'a, T> {
 pub enum Threads {
     /// On the calling thread: the caller already runs products in parallel.
     One,
-    /// Over the current rayon pool, as candle's matmul does (RAYON_NUM_THREADS).
+    /// Over as many threads as this thread may use ([`threads_here`]).
     Pool,
+}
+
+thread_local! {
+    /// Set by [`with_threads`] on a thread that runs one of several shards.
+    static THREADS_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Threads the fused kernels may spread one op over when called from this
+/// thread: its share under [`with_threads`], else the pool's size
+/// (RAYON_NUM_THREADS, as candle's matmul reads it).
+pub fn threads_here() -> usize {
+    THREADS_HERE
+        .with(std::cell::Cell::get)
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+        .max(1)
+}
+
+/// Runs `f` with the fused kernels limited to `n` threads on this thread.
+/// With 1 they run on it alone (no rayon pool): a training step's shards
+/// on their own threads then share the cores without waking a pool.
+pub fn with_threads<R>(n: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREADS_HERE.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(THREADS_HERE.with(|t| t.replace(Some(n.max(1)))));
+    f()
 }
 
 /// dst[m, n] (row-major) = scale · lhs[m, k] · rhs[k, n], or += when
@@ -188,7 +217,7 @@ pub fn matmul<T: Float>(
     }
     let parallelism = match threads {
         Threads::One => gemm::Parallelism::None,
-        Threads::Pool => match candle_core::utils::get_num_threads() {
+        Threads::Pool => match threads_here() {
             0 | 1 => gemm::Parallelism::None,
             n => gemm::Parallelism::Rayon(n),
         },

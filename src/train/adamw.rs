@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 /// Hyper-parameters of AdamW.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,17 +47,6 @@ impl AdamW {
 
     pub fn params(&self) -> &[(String, Var)] {
         &self.params
-    }
-
-    /// Gradients of every parameter, zeros where backward produced none.
-    pub fn gradients(&self, grads: &GradStore) -> Result<Vec<Tensor>> {
-        self.params
-            .iter()
-            .map(|(_, p)| match grads.get(p.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => p.as_tensor().zeros_like(),
-            })
-            .collect()
     }
 
     /// One update with the given gradients (in `params` order) at learning rate `lr`.

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::preference_loss::{attach, dpo_metrics, PairBatch, PreferenceLoss};
-use super::trainer::{Metrics, Objective};
+use super::trainer::{Metrics, Objective, ShardOutput};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
 use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
+use crate::model::kernel::threads_here;
 
 /// Pairs per forward pass when computing reference log-probs and evaluating.
 const EVAL_BATCH: usize = 16;
@@ -49,8 +50,27 @@ pub fn pair_logprobs(
     Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts))
 }
 
-/// Log-probs of `pairs` under `model` in one forward pass with no graph.
+/// Log-probs of `pairs` under `model` with no graph: one forward pass per
+/// pair on the CPU, spread over the threads (`shards`), one in all elsewhere.
 fn score_batch(
+    model: &Decoder,
+    pairs: &[&DpoExample],
+    pad_id: u32,
+    device: &Device,
+) -> anyhow::Result<PairScores> {
+    let shards = super::shards::split(pairs.len(), device.is_cpu());
+    let parts = super::shards::run(shards.len(), threads_here(), |i| {
+        score_shard(model, &pairs[shards[i].clone()], pad_id, device)
+    })?;
+    let mut scores = PairScores::default();
+    for part in &parts {
+        scores.extend(part);
+    }
+    Ok(scores)
+}
+
+/// Log-probs of `pairs` under `model` in one forward pass with no graph.
+fn score_shard(
     model: &Decoder,
     pairs: &[&DpoExample],
     pad_id: u32,
@@ -339,21 +359,39 @@ impl Objective for DpoObjective {
         self.train.examples.len()
     }
 
-    fn loss(
+    fn tokens(&self, i: usize) -> usize {
+        let p = &self.train.examples[i];
+        2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()
+    }
+
+    /// Each pair's chosen then rejected summed log-probs ([2 · pairs]).
+    fn forward(
         &self,
         model: &Decoder,
         examples: &[usize],
         mode: Mode,
-    ) -> anyhow::Result<(Tensor, Metrics, usize)> {
+    ) -> anyhow::Result<ShardOutput> {
         let pairs: Vec<&DpoExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
-        let (policy, counts) = pair_logprobs(model, &pairs, self.pad_id, &self.device, mode)?;
-        let (loss, metrics) =
-            self.score(&policy, &counts, self.train_reference.as_ref(), examples)?;
-        let tokens = pairs
-            .iter()
-            .map(|p| 2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len())
-            .sum();
-        Ok((loss, metrics, tokens))
+        let (values, counts) = pair_logprobs(model, &pairs, self.pad_id, &self.device, mode)?;
+        Ok(ShardOutput { values, counts })
+    }
+
+    fn loss(
+        &self,
+        shards: &[ShardOutput],
+        examples: &[usize],
+    ) -> anyhow::Result<(Tensor, Metrics)> {
+        // Every shard's chosen, then every shard's rejected, as one batch.
+        let (mut values, mut counts) = (Vec::new(), Vec::new());
+        for half in 0..2 {
+            for s in shards {
+                let b = s.counts.len() / 2;
+                values.push(s.values.narrow(0, half * b, b)?);
+                counts.extend_from_slice(&s.counts[half * b..][..b]);
+            }
+        }
+        let policy = Tensor::cat(&values, 0)?;
+        self.score(&policy, &counts, self.train_reference.as_ref(), examples)
     }
 
     fn evaluate(&self, model: &Decoder) -> anyhow::Result<Metrics> {

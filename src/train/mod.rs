@@ -13,6 +13,7 @@ pub mod samples;
 pub mod scaler;
 pub mod schedule;
 pub mod sft;
+pub mod shards;
 pub mod task;
 pub mod trainer;
 pub use trainer::with_big_stack;

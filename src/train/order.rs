@@ -49,6 +49,13 @@ pub fn dropout_seed(seed: u64, step: u64, micro: u64) -> u64 {
     SplitMix64::for_stream(seed, &format!("dropout/{step}/{micro}")).next_u64()
 }
 
+/// Seed for the dropout masks of shard `shard` of a micro-batch whose seed
+/// is `micro_seed`: shards draw masks of their own (equal seeds would give
+/// every shard the same masks).
+pub fn shard_dropout_seed(micro_seed: u64, shard: usize) -> u64 {
+    SplitMix64::for_stream(micro_seed, &format!("shard/{shard}")).next_u64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

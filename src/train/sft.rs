@@ -3,10 +3,11 @@
 
 use candle_core::{Device, Tensor};
 
-use super::trainer::{Metrics, Objective};
+use super::trainer::{Metrics, Objective, ShardOutput};
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
 use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Mode};
+use crate::model::kernel::threads_here;
 
 /// The longest packed row: its attention mask is dense, tokens² floats
 /// (64 MiB at 4096), where a padded batch's is rows · seq_len².
@@ -127,20 +128,45 @@ impl Objective for SftObjective {
         self.train.examples.len()
     }
 
-    fn loss(
+    fn tokens(&self, i: usize) -> usize {
+        self.train.examples[i].input_ids.len()
+    }
+
+    fn forward(
         &self,
         model: &Decoder,
         examples: &[usize],
         mode: Mode,
-    ) -> anyhow::Result<(Tensor, Metrics, usize)> {
+    ) -> anyhow::Result<ShardOutput> {
         let rows: Vec<&SftExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
-        let (sum, n) = completion_logprob(model, &rows, self.pad_id, &self.device, mode)?;
-        let loss = (sum.neg()? / n as f64)?;
-        Ok((
-            loss,
-            Metrics::new(),
-            rows.iter().map(|r| r.input_ids.len()).sum(),
-        ))
+        let batch = sft_batch(&rows, self.pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
+        let (values, _) = masked_logprobs(
+            model,
+            &batch.input_ids,
+            &batch.attention_mask,
+            &batch.label_mask,
+            (batch.batch_size, batch.seq_len),
+            &self.device,
+            mode,
+        )?;
+        Ok(ShardOutput {
+            values,
+            counts: Vec::new(),
+        })
+    }
+
+    /// Mean negative log-likelihood over every completion token of the
+    /// micro-batch (not a mean of the shards' means).
+    fn loss(
+        &self,
+        shards: &[ShardOutput],
+        _examples: &[usize],
+    ) -> anyhow::Result<(Tensor, Metrics)> {
+        let parts: Vec<&Tensor> = shards.iter().map(|s| &s.values).collect();
+        let logprobs = Tensor::cat(&parts, 0)?;
+        let n = logprobs.elem_count();
+        let loss = (logprobs.sum_all()?.neg()? / n as f64)?;
+        Ok((loss, Metrics::new()))
     }
 
     fn evaluate(&self, model: &Decoder) -> anyhow::Result<Metrics> {
@@ -164,10 +190,20 @@ pub fn mean_completion_loss(
 ) -> anyhow::Result<f64> {
     let (mut total, mut count) = (0.0f64, 0usize);
     for chunk in examples.chunks(EVAL_BATCH) {
-        let rows: Vec<&SftExample> = chunk.iter().collect();
-        let (sum, n) = completion_logprob(model, &rows, pad_id, device, Mode::Inference)?;
-        total -= sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        count += n;
+        // One forward pass per example on the CPU, over the threads.
+        let shards = super::shards::split(chunk.len(), device.is_cpu());
+        let parts = super::shards::run(shards.len(), threads_here(), |i| {
+            let rows: Vec<&SftExample> = chunk[shards[i].clone()].iter().collect();
+            let (sum, n) = completion_logprob(model, &rows, pad_id, device, Mode::Inference)?;
+            Ok((
+                sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+                n,
+            ))
+        })?;
+        for (sum, n) in parts {
+            total -= sum;
+            count += n;
+        }
     }
     Ok(total / count.max(1) as f64)
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use super::adamw::{clip_factor, AdamW, AdamWConfig};
 use super::checkpoint::{self, LoopState};
@@ -17,24 +17,43 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::schedule::Schedule;
 use crate::model::decoder::{Decoder, Mode};
+use crate::model::kernel;
 use crate::sink::{Interrupted, Progress};
 
 /// Scalar metrics by TRL's names.
 pub type Metrics = BTreeMap<String, f64>;
 
-/// The loss a stage optimises, over its examples.
-pub trait Objective {
+/// What the forward pass of one shard of a micro-batch hands the loss.
+pub struct ShardOutput {
+    /// Per-unit values with their graph (SFT: each completion token's
+    /// log-prob; DPO: each sequence's summed log-prob).
+    pub values: Tensor,
+    /// Per-unit counts the loss needs besides (DPO: completion tokens).
+    pub counts: Vec<f32>,
+}
+
+/// The loss a stage optimises, over its examples. A micro-batch is split
+/// into shards (`shards::split`) whose forward passes run apart; the loss
+/// then sees all of their outputs, so it may couple a batch's examples.
+pub trait Objective: Sync {
     /// Number of training examples (rows or pairs).
     fn examples(&self) -> usize;
 
-    /// Mean loss of the micro-batch made of `examples` (indices), its metrics,
-    /// and the number of tokens it processed.
-    fn loss(
+    /// Tokens the forward pass reads for example `i` (tokens/s).
+    fn tokens(&self, i: usize) -> usize;
+
+    /// The forward pass of the shard made of `examples` (indices).
+    fn forward(
         &self,
         model: &Decoder,
         examples: &[usize],
         mode: Mode,
-    ) -> anyhow::Result<(Tensor, Metrics, usize)>;
+    ) -> anyhow::Result<ShardOutput>;
+
+    /// Mean loss of a micro-batch and its metrics from its shards' outputs,
+    /// in order; `examples` are the shards' examples one after another.
+    fn loss(&self, shards: &[ShardOutput], examples: &[usize])
+        -> anyhow::Result<(Tensor, Metrics)>;
 
     /// Metrics on held-out data, named `eval/...`; empty without an eval split.
     fn evaluate(&self, model: &Decoder) -> anyhow::Result<Metrics>;
@@ -197,8 +216,15 @@ pub fn train(
             } else {
                 Mode::Eval
             };
-            let (loss, m, n) = objective.loss(model, &examples, mode)?;
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let scale = state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
+            let (value, m, g) = micro_batch(
+                model,
+                &params,
+                objective,
+                &examples,
+                mode,
+                scale / accum as f64,
+            )?;
             if !value.is_finite() {
                 anyhow::bail!(
                     "step {}: the loss is {value}; stopped (the last good checkpoint, if any, is kept)",
@@ -209,11 +235,8 @@ pub fn train(
             for (k, v) in m {
                 *sums.entry(k).or_default() += v / accum as f64;
             }
-            tokens += n;
-            let scale = state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
-            let mut store = (loss * (scale / accum as f64))?.backward()?;
-            model.add_recomputed_gradients(&mut store)?;
-            let mut g = optimizer.gradients(&store)?;
+            tokens += examples.iter().map(|&i| objective.tokens(i)).sum::<usize>();
+            let mut g = g;
             if scale != 1.0 {
                 g = g
                     .iter()
@@ -309,6 +332,89 @@ pub fn train(
         tokens_total as f64 / clock.elapsed().as_secs_f64().max(1e-9),
     );
     Ok(out)
+}
+
+/// One micro-batch as the training loop computes it: the shards' forward
+/// passes on their threads, the loss over all of their outputs, then the
+/// shards' backward passes on their threads, seeded with the loss's
+/// gradient at their outputs. Returns the loss, its metrics and the
+/// gradients of `loss · scale` for `params` (in order), summed in shard
+/// order.
+pub fn micro_batch(
+    model: &Decoder,
+    params: &[(String, Var)],
+    objective: &dyn Objective,
+    examples: &[usize],
+    mode: Mode,
+    scale: f64,
+) -> anyhow::Result<(f64, Metrics, Vec<Tensor>)> {
+    let shards = super::shards::split(examples.len(), model.device.is_cpu());
+    let threads = kernel::threads_here();
+    // Checkpointed layers add their LoRA gradients to a store of the model
+    // during backward: a shard's forward and backward use a copy with a
+    // store of its own.
+    let shard_models: Vec<Decoder> = shards
+        .iter()
+        .map(|_| model.with_own_recomputed_gradients())
+        .collect();
+    let model_for = |shard: usize| &shard_models[shard];
+    let outputs = super::shards::run(shards.len(), threads, |i| {
+        let mode = match mode {
+            Mode::Train { dropout_seed } => Mode::Train {
+                dropout_seed: order::shard_dropout_seed(dropout_seed, i),
+            },
+            other => other,
+        };
+        objective.forward(model_for(i), &examples[shards[i].clone()], mode)
+    })?;
+    // The loss sees each shard's output as a leaf, so its backward stops
+    // there; each shard then backpropagates its own part.
+    let leaves: Vec<Var> = outputs
+        .iter()
+        .map(|o| Var::from_tensor(&o.values.detach()))
+        .collect::<candle_core::Result<_>>()?;
+    let as_leaves: Vec<ShardOutput> = outputs
+        .iter()
+        .zip(&leaves)
+        .map(|(o, leaf)| ShardOutput {
+            values: leaf.as_tensor().clone(),
+            counts: o.counts.clone(),
+        })
+        .collect();
+    let (loss, metrics) = objective.loss(&as_leaves, examples)?;
+    let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    if !value.is_finite() {
+        return Ok((value, metrics, Vec::new()));
+    }
+    let upstream = (loss * scale)?.backward()?;
+    let seeds: Vec<Tensor> = leaves
+        .iter()
+        .map(|leaf| match upstream.get(leaf.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => leaf.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let grads = super::shards::run(shards.len(), threads, |i| {
+        let mut store = (&outputs[i].values * &seeds[i])?.sum_all()?.backward()?;
+        model_for(i).add_recomputed_gradients(&mut store)?;
+        params
+            .iter()
+            .map(|(_, var)| match store.get(var.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => var.as_tensor().zeros_like(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(Into::into)
+    })?;
+    let mut sum = grads.into_iter();
+    let first = sum.next().expect("a micro-batch has a shard");
+    let total = sum.try_fold(first, |acc, g| {
+        acc.iter()
+            .zip(&g)
+            .map(|(a, b)| a + b)
+            .collect::<candle_core::Result<Vec<_>>>()
+    })?;
+    Ok((value, metrics, total))
 }
 
 /// Keep the first `lines` lines of a file (drop what a killed run wrote after its checkpoint).

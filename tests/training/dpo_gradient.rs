@@ -13,7 +13,7 @@ use lora_runner::model::init::{init_model, InitSpec};
 use lora_runner::model::lora::{LoraConfig, TargetModules};
 use lora_runner::train::dpo::{pair_logprobs, score_pairs, DpoObjective};
 use lora_runner::train::preference_loss::{LossParams, LossTerm, PreferenceLoss};
-use lora_runner::train::trainer::Objective;
+use lora_runner::train::trainer::micro_batch;
 
 fn lora_gradients(model: &Decoder, loss: &Tensor) -> Vec<f64> {
     let grads = loss.backward().unwrap();
@@ -90,15 +90,24 @@ fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
         pad_id: pad,
         device: Device::Cpu,
     };
-    let (loss, _, _) = objective.loss(&model, &chosen, Mode::Eval).unwrap();
-    let value = loss
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    // As the training loop computes it: one shard per pair, the loss over
+    // all three, each shard's backward apart, the gradients summed.
+    let params = model.lora_parameters();
+    let (value, _, grads) =
+        micro_batch(&model, &params, &objective, &chosen, Mode::Eval, 1.0).unwrap();
     // Reference log-probs are kept in f32, so Δ is 0 to f32 rounding.
     assert!((value - std::f64::consts::LN_2).abs() < 1e-6, "{value}");
-    let from_loss = lora_gradients(&model, &loss);
+    let from_loss: Vec<f64> = grads
+        .iter()
+        .flat_map(|g| {
+            g.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect();
 
     // The closed form, from the log-probs alone.
     let picked: Vec<&DpoExample> = chosen.iter().map(|&i| &pairs.examples[i]).collect();

@@ -12,6 +12,7 @@ mod dpo_gradient;
 mod preference_loss;
 mod quantized;
 mod reference;
+mod shards;
 mod slurm;
 mod stages;
 mod sweeps;

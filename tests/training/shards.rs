@@ -1,0 +1,163 @@
+//! A micro-batch split into one shard per example (forward and backward on
+//! threads of their own, gradients summed in shard order) gives the loss
+//! and LoRA gradients of the whole batch in one pass, with and without
+//! activation checkpointing, and the same bytes on any number of threads.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use lora_runner::data::{load_sft, ModelTokenizer, SftExample, TokenizeSettings};
+use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::kernel::with_threads;
+use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::train::sft::{completion_logprob, SftObjective};
+use lora_runner::train::trainer::micro_batch;
+
+/// A tiny model with LoRA (B ≠ 0, so A has a gradient too) and SFT data.
+fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
+    let base = dir.join("base");
+    init_model(&InitSpec::tiny(5), &base).unwrap();
+    let opts = LoadOptions {
+        dtype: Some(dtype),
+        device: Device::Cpu,
+    };
+    let mut model = Decoder::load(&base, &opts).unwrap();
+    let mut lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
+    lora.dropout = dropout;
+    model.apply_lora(&lora, 9).unwrap();
+    for (name, var) in model.lora_parameters() {
+        if name.contains("lora_B") {
+            let n = var.as_tensor().elem_count();
+            let values: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2)
+                .collect();
+            let t = Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap();
+            var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
+        }
+    }
+    let tokenizer = ModelTokenizer::load(&base.join("tokenizer.json")).unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_train.jsonl");
+    let train = load_sft(&data, &tokenizer, &TokenizeSettings::new(48)).unwrap();
+    let objective = SftObjective {
+        train,
+        eval: None,
+        pad_id: tokenizer.pad_id(),
+        device: Device::Cpu,
+    };
+    (model, objective)
+}
+
+fn flat(grads: &[Tensor]) -> Vec<f64> {
+    grads
+        .iter()
+        .flat_map(|g| {
+            g.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Loss and LoRA gradients of the batch in one forward and one backward.
+fn one_pass(model: &Decoder, objective: &SftObjective, examples: &[usize]) -> (f64, Vec<f64>) {
+    let rows: Vec<&SftExample> = examples
+        .iter()
+        .map(|&i| &objective.train.examples[i])
+        .collect();
+    let (sum, n) =
+        completion_logprob(model, &rows, objective.pad_id, &Device::Cpu, Mode::Eval).unwrap();
+    let loss = (sum.neg().unwrap() / n as f64).unwrap();
+    let store = loss.backward().unwrap();
+    let grads: Vec<Tensor> = model
+        .lora_parameters()
+        .iter()
+        .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
+        .collect();
+    (loss.to_scalar::<f64>().unwrap(), flat(&grads))
+}
+
+fn max_relative_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+    assert!(scale > 1e-6, "the gradients are not all zero");
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn sharded_micro_batch_gives_the_one_pass_loss_and_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, objective) = setup(tmp.path(), DType::F64, 0.0);
+    // Rows of different lengths, one repeated.
+    let examples = [3, 0, 5, 0, 1];
+    let lengths: Vec<usize> = examples
+        .iter()
+        .map(|&i| objective.train.examples[i].input_ids.len())
+        .collect();
+    assert!(
+        lengths.iter().any(|&l| l != lengths[0]),
+        "the rows differ in length: {lengths:?}"
+    );
+    let (loss, expected) = one_pass(&model, &objective, &examples);
+    let params = model.lora_parameters();
+    for checkpointing in [false, true] {
+        let mut model = model.clone();
+        if checkpointing {
+            model.enable_checkpointing();
+        }
+        let (value, _, grads) = with_threads(2, || {
+            micro_batch(&model, &params, &objective, &examples, Mode::Eval, 1.0).unwrap()
+        });
+        assert!(
+            (value - loss).abs() < 1e-12,
+            "loss {value} vs {loss} (checkpointing {checkpointing})"
+        );
+        // The LoRA Vars and their gradients are f32 (cast from the f64
+        // computation): each shard's gradient is rounded before the sum.
+        let diff = max_relative_difference(&flat(&grads), &expected);
+        assert!(diff < 1e-6, "{diff} (checkpointing {checkpointing})");
+    }
+}
+
+#[test]
+fn sharded_gradients_are_the_same_bytes_on_any_number_of_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, objective) = setup(tmp.path(), DType::F32, 0.1);
+    let params = model.lora_parameters();
+    let examples = [2, 4, 1, 6];
+    let mode = Mode::Train { dropout_seed: 11 };
+    let mut checkpointed = model.clone();
+    checkpointed.enable_checkpointing();
+    let run = |model: &Decoder, threads: usize| {
+        let (loss, _, grads) = with_threads(threads, || {
+            micro_batch(model, &params, &objective, &examples, mode, 1.0).unwrap()
+        });
+        let bits: Vec<u32> = grads
+            .iter()
+            .flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect();
+        (loss.to_bits(), bits)
+    };
+    let one = run(&model, 1);
+    assert_eq!(run(&model, 2), one, "2 threads");
+    assert_eq!(run(&model, 3), one, "3 threads");
+    // Checkpointed layers' gradients go through each shard's own store.
+    let one = run(&checkpointed, 1);
+    for _ in 0..3 {
+        assert_eq!(run(&checkpointed, 2), one, "2 threads, checkpointing");
+    }
+    // Dropout is on: a different seed changes the gradients.
+    let other = with_threads(2, || {
+        let mode = Mode::Train { dropout_seed: 12 };
+        micro_batch(&model, &params, &objective, &examples, mode, 1.0).unwrap()
+    });
+    assert_ne!(
+        other.0.to_bits(),
+        run(&model, 1).0,
+        "the dropout seed matters"
+    );
+}
