@@ -50,6 +50,11 @@ pub fn pair_logprobs(
     Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts))
 }
 
+/// Tokens a pair's forward pass reads: the prompt twice, both completions.
+fn pair_tokens(p: &DpoExample) -> usize {
+    2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()
+}
+
 /// Log-probs of `pairs` under `model` with no graph: one forward pass per
 /// pair on the CPU, spread over the threads (`shards`), one in all elsewhere.
 fn score_batch(
@@ -58,7 +63,8 @@ fn score_batch(
     pad_id: u32,
     device: &Device,
 ) -> anyhow::Result<PairScores> {
-    let shards = super::shards::split(pairs.len(), device.is_cpu());
+    let tokens: Vec<usize> = pairs.iter().map(|p| pair_tokens(p)).collect();
+    let shards = super::shards::split(&tokens, device.is_cpu());
     let parts = super::shards::run(shards.len(), threads_here(), |i| {
         score_shard(model, &pairs[shards[i].clone()], pad_id, device)
     })?;
@@ -360,8 +366,7 @@ impl Objective for DpoObjective {
     }
 
     fn tokens(&self, i: usize) -> usize {
-        let p = &self.train.examples[i];
-        2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()
+        pair_tokens(&self.train.examples[i])
     }
 
     /// Each pair's chosen then rejected summed log-probs ([2 · pairs]).

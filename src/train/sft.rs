@@ -191,7 +191,8 @@ pub fn mean_completion_loss(
     let (mut total, mut count) = (0.0f64, 0usize);
     for chunk in examples.chunks(EVAL_BATCH) {
         // One forward pass per example on the CPU, over the threads.
-        let shards = super::shards::split(chunk.len(), device.is_cpu());
+        let tokens: Vec<usize> = chunk.iter().map(|e| e.input_ids.len()).collect();
+        let shards = super::shards::split(&tokens, device.is_cpu());
         let parts = super::shards::run(shards.len(), threads_here(), |i| {
             let rows: Vec<&SftExample> = chunk[shards[i].clone()].iter().collect();
             let (sum, n) = completion_logprob(model, &rows, pad_id, device, Mode::Inference)?;

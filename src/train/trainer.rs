@@ -348,7 +348,8 @@ pub fn micro_batch(
     mode: Mode,
     scale: f64,
 ) -> anyhow::Result<(f64, Metrics, Vec<Tensor>)> {
-    let shards = super::shards::split(examples.len(), model.device.is_cpu());
+    let tokens: Vec<usize> = examples.iter().map(|&i| objective.tokens(i)).collect();
+    let shards = super::shards::split(&tokens, model.device.is_cpu());
     let threads = kernel::threads_here();
     // Checkpointed layers add their LoRA gradients to a store of the model
     // during backward: a shard's forward and backward use a copy with a

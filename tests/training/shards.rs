@@ -1,5 +1,5 @@
-//! A micro-batch split into one shard per example (forward and backward on
-//! threads of their own, gradients summed in shard order) gives the loss
+//! A micro-batch split into shards of whole examples (forward and backward
+//! on threads of their own, gradients summed in shard order) gives the loss
 //! and LoRA gradients of the whole batch in one pass, with and without
 //! activation checkpointing, and the same bytes on any number of threads.
 
@@ -12,7 +12,8 @@ use lora_runner::model::init::{init_model, InitSpec};
 use lora_runner::model::kernel::with_threads;
 use lora_runner::model::lora::{LoraConfig, TargetModules};
 use lora_runner::train::sft::{completion_logprob, SftObjective};
-use lora_runner::train::trainer::micro_batch;
+use lora_runner::train::shards::split;
+use lora_runner::train::trainer::{micro_batch, Objective};
 
 /// A tiny model with LoRA (B ≠ 0, so A has a gradient too) and SFT data.
 fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
@@ -37,8 +38,21 @@ fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
         }
     }
     let tokenizer = ModelTokenizer::load(&base.join("tokenizer.json")).unwrap();
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_train.jsonl");
-    let train = load_sft(&data, &tokenizer, &TokenizeSettings::new(48)).unwrap();
+    // Completions of 20 to 200 letters: shards of one long example and of
+    // several short ones (`shards::split` closes a shard at 128 tokens).
+    let rows: String = [150, 60, 90, 200, 30, 20, 110, 45]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let text: String = (0..n)
+                .map(|k| (b'a' + ((k * 7 + i) % 26) as u8) as char)
+                .collect();
+            format!("{{\"prompt\": \"copy {i}:\", \"completion\": \" {text}\"}}\n")
+        })
+        .collect();
+    let data = dir.join("sft.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let train = load_sft(&data, &tokenizer, &TokenizeSettings::new(256)).unwrap();
     let objective = SftObjective {
         train,
         eval: None,
@@ -92,14 +106,12 @@ fn sharded_micro_batch_gives_the_one_pass_loss_and_gradients() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, objective) = setup(tmp.path(), DType::F64, 0.0);
     // Rows of different lengths, one repeated.
-    let examples = [3, 0, 5, 0, 1];
-    let lengths: Vec<usize> = examples
-        .iter()
-        .map(|&i| objective.train.examples[i].input_ids.len())
-        .collect();
+    let examples = [0, 1, 2, 3, 4, 5, 1];
+    let tokens: Vec<usize> = examples.iter().map(|&i| objective.tokens(i)).collect();
+    let shards = split(&tokens, true);
     assert!(
-        lengths.iter().any(|&l| l != lengths[0]),
-        "the rows differ in length: {lengths:?}"
+        shards.len() >= 3 && shards.iter().any(|s| s.len() > 1),
+        "several shards, some of several examples: {shards:?} of {tokens:?}"
     );
     let (loss, expected) = one_pass(&model, &objective, &examples);
     let params = model.lora_parameters();
@@ -127,7 +139,7 @@ fn sharded_gradients_are_the_same_bytes_on_any_number_of_threads() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, objective) = setup(tmp.path(), DType::F32, 0.1);
     let params = model.lora_parameters();
-    let examples = [2, 4, 1, 6];
+    let examples = [2, 4, 1, 6, 5];
     let mode = Mode::Train { dropout_seed: 11 };
     let mut checkpointed = model.clone();
     checkpointed.enable_checkpointing();
@@ -145,6 +157,9 @@ fn sharded_gradients_are_the_same_bytes_on_any_number_of_threads() {
     let one = run(&model, 1);
     assert_eq!(run(&model, 2), one, "2 threads");
     assert_eq!(run(&model, 3), one, "3 threads");
+    // More threads than examples: each shard's products and attention
+    // spread over two threads of a pool.
+    assert_eq!(run(&model, 8), one, "8 threads");
     // Checkpointed layers' gradients go through each shard's own store.
     let one = run(&checkpointed, 1);
     for _ in 0..3 {
