@@ -229,6 +229,18 @@ fn row_sum<T: Float>(row: &[T]) -> T {
     rest.iter().fold(total, |s, &v| s + v)
 }
 
+/// The fewest (batch, KV head) units rayon may hand one task: one where
+/// this thread may use several threads; all of them where it may use one
+/// (a shard of several on its own thread), so the loop never splits and
+/// runs on the calling thread without waking the pool.
+fn units_per_task() -> usize {
+    if kernel::threads_here() > 1 {
+        1
+    } else {
+        usize::MAX
+    }
+}
+
 /// Output rows of one (batch, KV head) unit.
 fn forward_unit<T: Float>(
     d: Dims,
@@ -379,26 +391,21 @@ impl FusedAttention {
         let (rows, hd, keys) = (d.rows(), d.hd, d.keys);
         let mut out = vec![T::zero(); d.batch * d.kv_heads * rows * hd];
         self.with_mask(|mask, visible| {
-            let unit_forward = |(unit, out): (usize, &mut [T])| {
-                let b = unit / d.kv_heads;
-                let bl = blocks(d, &visible[b * d.tq..][..d.tq]);
-                let kv = unit * keys * hd..(unit + 1) * keys * hd;
-                forward_unit(
-                    d,
-                    &bl,
-                    (&q[unit * rows * hd..][..rows * hd], &k[kv.clone()], &v[kv]),
-                    &mask[b * d.tq * keys..][..d.tq * keys],
-                    out,
-                );
-            };
-            // One shard of several runs on its own thread: no pool.
-            if kernel::threads_here() > 1 {
-                out.par_chunks_mut(rows * hd)
-                    .enumerate()
-                    .for_each(unit_forward);
-            } else {
-                out.chunks_mut(rows * hd).enumerate().for_each(unit_forward);
-            }
+            out.par_chunks_mut(rows * hd)
+                .enumerate()
+                .with_min_len(units_per_task())
+                .for_each(|(unit, out)| {
+                    let b = unit / d.kv_heads;
+                    let bl = blocks(d, &visible[b * d.tq..][..d.tq]);
+                    let kv = unit * keys * hd..(unit + 1) * keys * hd;
+                    forward_unit(
+                        d,
+                        &bl,
+                        (&q[unit * rows * hd..][..rows * hd], &k[kv.clone()], &v[kv]),
+                        &mask[b * d.tq * keys..][..d.tq * keys],
+                        out,
+                    );
+                });
             Ok(())
         })?;
         Ok(out)
@@ -417,8 +424,12 @@ impl FusedAttention {
         let mut dk = vec![T::zero(); units * keys * hd];
         let mut dv = vec![T::zero(); units * keys * hd];
         self.with_mask(|mask, visible| {
-            let unit_backward =
-                |(unit, ((dq, dk), dv)): (usize, ((&mut [T], &mut [T]), &mut [T]))| {
+            dq.par_chunks_mut(rows * hd)
+                .zip(dk.par_chunks_mut(keys * hd))
+                .zip(dv.par_chunks_mut(keys * hd))
+                .enumerate()
+                .with_min_len(units_per_task())
+                .for_each(|(unit, ((dq, dk), dv))| {
                     let b = unit / d.kv_heads;
                     let bl = blocks(d, &visible[b * d.tq..][..d.tq]);
                     let qr = unit * rows * hd..(unit + 1) * rows * hd;
@@ -433,20 +444,7 @@ impl FusedAttention {
                         dk,
                         dv,
                     );
-                };
-            if kernel::threads_here() > 1 {
-                dq.par_chunks_mut(rows * hd)
-                    .zip(dk.par_chunks_mut(keys * hd))
-                    .zip(dv.par_chunks_mut(keys * hd))
-                    .enumerate()
-                    .for_each(unit_backward);
-            } else {
-                dq.chunks_mut(rows * hd)
-                    .zip(dk.chunks_mut(keys * hd))
-                    .zip(dv.chunks_mut(keys * hd))
-                    .enumerate()
-                    .for_each(unit_backward);
-            }
+                });
             Ok(())
         })?;
         Ok((dq, dk, dv))

@@ -10,7 +10,6 @@ use super::trainer::{Metrics, Objective, ShardOutput};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
 use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
-use crate::model::kernel::threads_here;
 
 /// Pairs per forward pass when computing reference log-probs and evaluating.
 const EVAL_BATCH: usize = 16;
@@ -55,8 +54,8 @@ fn pair_tokens(p: &DpoExample) -> usize {
     2 * p.prompt_ids.len() + p.chosen_ids.len() + p.rejected_ids.len()
 }
 
-/// Log-probs of `pairs` under `model` with no graph: one forward pass per
-/// pair on the CPU, spread over the threads (`shards`), one in all elsewhere.
+/// Log-probs of `pairs` under `model` with no graph, in shards of pairs
+/// spread over the threads on the CPU (`shards`), in one pass elsewhere.
 fn score_batch(
     model: &Decoder,
     pairs: &[&DpoExample],
@@ -64,9 +63,8 @@ fn score_batch(
     device: &Device,
 ) -> anyhow::Result<PairScores> {
     let tokens: Vec<usize> = pairs.iter().map(|p| pair_tokens(p)).collect();
-    let shards = super::shards::split(&tokens, device.is_cpu());
-    let parts = super::shards::run(shards.len(), threads_here(), |i| {
-        score_shard(model, &pairs[shards[i].clone()], pad_id, device)
+    let parts = super::shards::map(&tokens, device.is_cpu(), |range| {
+        score_shard(model, &pairs[range], pad_id, device)
     })?;
     let mut scores = PairScores::default();
     for part in &parts {

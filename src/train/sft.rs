@@ -7,7 +7,6 @@ use super::trainer::{Metrics, Objective, ShardOutput};
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
 use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Mode};
-use crate::model::kernel::threads_here;
 
 /// The longest packed row: its attention mask is dense, tokens² floats
 /// (64 MiB at 4096), where a padded batch's is rows · seq_len².
@@ -32,9 +31,9 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 /// Right-padded rows are packed into one row without their padding
 /// (`Decoder::forward_hidden_packed_at`, which also runs the last layer's
 /// query, output and MLP products only at the target positions): the same
-/// log-probs, without computing the padding (a sixth of the tokens on the peer benchmark's data). Other
-/// layouts, batches of more than `PACK_MAX_TOKENS` real tokens, and the
-/// composition attention run padded.
+/// log-probs, without computing the padding (a sixth of the tokens on the
+/// peer benchmark's data). Other layouts, batches of more than
+/// `PACK_MAX_TOKENS` real tokens, and the composition attention run padded.
 pub(crate) fn masked_logprobs(
     model: &Decoder,
     input_ids: &[u32],
@@ -101,6 +100,27 @@ fn right_padded_lengths(attention_mask: &[f32], t: usize) -> Option<Vec<usize>> 
         .collect()
 }
 
+/// The log-probability of each completion token of `examples` ([n], in order).
+pub fn completion_logprobs(
+    model: &Decoder,
+    examples: &[&SftExample],
+    pad_id: u32,
+    device: &Device,
+    mode: Mode,
+) -> anyhow::Result<Tensor> {
+    let batch = sft_batch(examples, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
+    let (logprobs, _) = masked_logprobs(
+        model,
+        &batch.input_ids,
+        &batch.attention_mask,
+        &batch.label_mask,
+        (batch.batch_size, batch.seq_len),
+        device,
+        mode,
+    )?;
+    Ok(logprobs)
+}
+
 /// Summed log-probability of the completion tokens of `examples`, and their count.
 pub fn completion_logprob(
     model: &Decoder,
@@ -109,18 +129,8 @@ pub fn completion_logprob(
     device: &Device,
     mode: Mode,
 ) -> anyhow::Result<(Tensor, usize)> {
-    let batch = sft_batch(examples, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
-    let shape = (batch.batch_size, batch.seq_len);
-    let (logprobs, targets) = masked_logprobs(
-        model,
-        &batch.input_ids,
-        &batch.attention_mask,
-        &batch.label_mask,
-        shape,
-        device,
-        mode,
-    )?;
-    Ok((logprobs.sum_all()?, targets.len()))
+    let logprobs = completion_logprobs(model, examples, pad_id, device, mode)?;
+    Ok((logprobs.sum_all()?, logprobs.elem_count()))
 }
 
 impl Objective for SftObjective {
@@ -139,18 +149,8 @@ impl Objective for SftObjective {
         mode: Mode,
     ) -> anyhow::Result<ShardOutput> {
         let rows: Vec<&SftExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
-        let batch = sft_batch(&rows, self.pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
-        let (values, _) = masked_logprobs(
-            model,
-            &batch.input_ids,
-            &batch.attention_mask,
-            &batch.label_mask,
-            (batch.batch_size, batch.seq_len),
-            &self.device,
-            mode,
-        )?;
         Ok(ShardOutput {
-            values,
+            values: completion_logprobs(model, &rows, self.pad_id, &self.device, mode)?,
             counts: Vec::new(),
         })
     }
@@ -190,11 +190,10 @@ pub fn mean_completion_loss(
 ) -> anyhow::Result<f64> {
     let (mut total, mut count) = (0.0f64, 0usize);
     for chunk in examples.chunks(EVAL_BATCH) {
-        // One forward pass per example on the CPU, over the threads.
+        // Shards of examples over the threads on the CPU (`shards`).
         let tokens: Vec<usize> = chunk.iter().map(|e| e.input_ids.len()).collect();
-        let shards = super::shards::split(&tokens, device.is_cpu());
-        let parts = super::shards::run(shards.len(), threads_here(), |i| {
-            let rows: Vec<&SftExample> = chunk[shards[i].clone()].iter().collect();
+        let parts = super::shards::map(&tokens, device.is_cpu(), |range| {
+            let rows: Vec<&SftExample> = chunk[range].iter().collect();
             let (sum, n) = completion_logprob(model, &rows, pad_id, device, Mode::Inference)?;
             Ok((
                 sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::{backprop::GradStore, Tensor, Var};
 
 use super::adamw::{clip_factor, AdamW, AdamWConfig};
 use super::checkpoint::{self, LoopState};
@@ -217,7 +217,12 @@ pub fn train(
                 Mode::Eval
             };
             let scale = state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
-            let (value, m, g) = micro_batch(
+            let MicroBatch {
+                loss: value,
+                metrics: m,
+                grads: mut g,
+                tokens: n,
+            } = micro_batch(
                 model,
                 &params,
                 objective,
@@ -235,8 +240,7 @@ pub fn train(
             for (k, v) in m {
                 *sums.entry(k).or_default() += v / accum as f64;
             }
-            tokens += examples.iter().map(|&i| objective.tokens(i)).sum::<usize>();
-            let mut g = g;
+            tokens += n;
             if scale != 1.0 {
                 g = g
                     .iter()
@@ -245,11 +249,7 @@ pub fn train(
             }
             grads = Some(match grads {
                 None => g,
-                Some(acc) => acc
-                    .iter()
-                    .zip(&g)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<_>>()?,
+                Some(acc) => add_gradients(&acc, &g)?,
             });
         }
         let mut grads = grads.expect("at least one micro-batch");
@@ -334,12 +334,22 @@ pub fn train(
     Ok(out)
 }
 
+/// What one micro-batch gives the training loop.
+pub struct MicroBatch {
+    /// The objective's loss (not scaled).
+    pub loss: f64,
+    pub metrics: Metrics,
+    /// Gradients of `loss · scale` for the parameters, in their order;
+    /// empty when the loss is not finite.
+    pub grads: Vec<Tensor>,
+    /// Tokens the forward passes read.
+    pub tokens: usize,
+}
+
 /// One micro-batch as the training loop computes it: the shards' forward
 /// passes on their threads, the loss over all of their outputs, then the
 /// shards' backward passes on their threads, seeded with the loss's
-/// gradient at their outputs. Returns the loss, its metrics and the
-/// gradients of `loss · scale` for `params` (in order), summed in shard
-/// order.
+/// gradient at their outputs; the gradients are summed in shard order.
 pub fn micro_batch(
     model: &Decoder,
     params: &[(String, Var)],
@@ -347,7 +357,7 @@ pub fn micro_batch(
     examples: &[usize],
     mode: Mode,
     scale: f64,
-) -> anyhow::Result<(f64, Metrics, Vec<Tensor>)> {
+) -> anyhow::Result<MicroBatch> {
     let tokens: Vec<usize> = examples.iter().map(|&i| objective.tokens(i)).collect();
     let shards = super::shards::split(&tokens, model.device.is_cpu());
     let threads = kernel::threads_here();
@@ -358,7 +368,6 @@ pub fn micro_batch(
         .iter()
         .map(|_| model.with_own_recomputed_gradients())
         .collect();
-    let model_for = |shard: usize| &shard_models[shard];
     let outputs = super::shards::run(shards.len(), threads, |i| {
         let mode = match mode {
             Mode::Train { dropout_seed } => Mode::Train {
@@ -366,7 +375,7 @@ pub fn micro_batch(
             },
             other => other,
         };
-        objective.forward(model_for(i), &examples[shards[i].clone()], mode)
+        objective.forward(&shard_models[i], &examples[shards[i].clone()], mode)
     })?;
     // The loss sees each shard's output as a leaf, so its backward stops
     // there; each shard then backpropagates its own part.
@@ -384,38 +393,46 @@ pub fn micro_batch(
         .collect();
     let (loss, metrics) = objective.loss(&as_leaves, examples)?;
     let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let mut done = MicroBatch {
+        loss: value,
+        metrics,
+        grads: Vec::new(),
+        tokens: tokens.iter().sum(),
+    };
     if !value.is_finite() {
-        return Ok((value, metrics, Vec::new()));
+        return Ok(done);
     }
     let upstream = (loss * scale)?.backward()?;
     let seeds: Vec<Tensor> = leaves
         .iter()
-        .map(|leaf| match upstream.get(leaf.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => leaf.as_tensor().zeros_like(),
-        })
+        .map(|leaf| gradient_or_zeros(&upstream, leaf))
         .collect::<candle_core::Result<_>>()?;
     let grads = super::shards::run(shards.len(), threads, |i| {
         let mut store = (&outputs[i].values * &seeds[i])?.sum_all()?.backward()?;
-        model_for(i).add_recomputed_gradients(&mut store)?;
+        shard_models[i].add_recomputed_gradients(&mut store)?;
         params
             .iter()
-            .map(|(_, var)| match store.get(var.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => var.as_tensor().zeros_like(),
-            })
+            .map(|(_, var)| gradient_or_zeros(&store, var))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(Into::into)
     })?;
-    let mut sum = grads.into_iter();
-    let first = sum.next().expect("a micro-batch has a shard");
-    let total = sum.try_fold(first, |acc, g| {
-        acc.iter()
-            .zip(&g)
-            .map(|(a, b)| a + b)
-            .collect::<candle_core::Result<Vec<_>>>()
-    })?;
-    Ok((value, metrics, total))
+    let mut shard_grads = grads.into_iter();
+    let first = shard_grads.next().expect("a micro-batch has a shard");
+    done.grads = shard_grads.try_fold(first, |acc, g| add_gradients(&acc, &g))?;
+    Ok(done)
+}
+
+/// `var`'s gradient in `store`, zeros where backward produced none.
+fn gradient_or_zeros(store: &GradStore, var: &Var) -> candle_core::Result<Tensor> {
+    match store.get(var.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => var.as_tensor().zeros_like(),
+    }
+}
+
+/// Two lists of gradients (the same parameters, in order) added.
+fn add_gradients(a: &[Tensor], b: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    a.iter().zip(b).map(|(a, b)| a + b).collect()
 }
 
 /// Keep the first `lines` lines of a file (drop what a killed run wrote after its checkpoint).

@@ -139,3 +139,33 @@ pub fn init_dir_amplified(tag: &str, spec: &InitSpec) -> PathBuf {
     amplify_weights(&dir, 10.0);
     dir
 }
+
+/// Sets every LoRA B of `model` to fixed values in ±`amplitude`/2: a fresh
+/// adapter's B is zero, which hides A's gradient and the adapter itself.
+pub fn set_lora_b(model: &lora_runner::model::decoder::Decoder, amplitude: f32) {
+    for (name, var) in model.lora_parameters() {
+        if name.contains("lora_B") {
+            let n = var.as_tensor().elem_count();
+            let values: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * amplitude)
+                .collect();
+            let t = Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap();
+            var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
+        }
+    }
+}
+
+/// The elements of `tensors`, one after another, as f64.
+pub fn flat_f64(tensors: &[Tensor]) -> Vec<f64> {
+    tensors
+        .iter()
+        .flat_map(|t| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        })
+        .collect()
+}

@@ -15,25 +15,19 @@ use lora_runner::train::dpo::{pair_logprobs, score_pairs, DpoObjective};
 use lora_runner::train::preference_loss::{LossParams, LossTerm, PreferenceLoss};
 use lora_runner::train::trainer::micro_batch;
 
+use crate::support::model::{flat_f64, set_lora_b};
+
 fn lora_gradients(model: &Decoder, loss: &Tensor) -> Vec<f64> {
     let grads = loss.backward().unwrap();
-    model
+    let per_var: Vec<Tensor> = model
         .lora_parameters()
         .iter()
-        .flat_map(|(_, var)| {
-            grads
-                .get(var.as_tensor())
-                .map(|g| {
-                    g.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f64>()
-                        .unwrap()
-                })
-                .unwrap_or_else(|| vec![0.0; var.as_tensor().elem_count()])
+        .map(|(_, var)| match grads.get(var.as_tensor()) {
+            Some(g) => g.clone(),
+            None => var.as_tensor().zeros_like().unwrap(),
         })
-        .collect()
+        .collect();
+    flat_f64(&per_var)
 }
 
 fn norm(v: &[f64]) -> f64 {
@@ -57,16 +51,7 @@ fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
         .apply_lora(&LoraConfig::new(4, 8.0, TargetModules::AllLinear), 9)
         .unwrap();
     // A continued SFT adapter has B ≠ 0, so A's gradient is not zero either.
-    for (name, var) in model.lora_parameters() {
-        if name.contains("lora_B") {
-            let n = var.as_tensor().elem_count();
-            let values: Vec<f32> = (0..n)
-                .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2)
-                .collect();
-            var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    set_lora_b(&model, 0.2);
     let tokenizer = ModelTokenizer::load(&base.join("tokenizer.json")).unwrap();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/dpo_eval.jsonl");
     let pairs = load_dpo(&data, &tokenizer, &TokenizeSettings::new(32)).unwrap();
@@ -90,24 +75,17 @@ fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
         pad_id: pad,
         device: Device::Cpu,
     };
-    // As the training loop computes it: one shard per pair, the loss over
-    // all three, each shard's backward apart, the gradients summed.
+    // As the training loop computes it: shards of pairs, the loss over all
+    // three, each shard's backward apart, the gradients summed.
     let params = model.lora_parameters();
-    let (value, _, grads) =
-        micro_batch(&model, &params, &objective, &chosen, Mode::Eval, 1.0).unwrap();
+    let step = micro_batch(&model, &params, &objective, &chosen, Mode::Eval, 1.0).unwrap();
     // Reference log-probs are kept in f32, so Δ is 0 to f32 rounding.
-    assert!((value - std::f64::consts::LN_2).abs() < 1e-6, "{value}");
-    let from_loss: Vec<f64> = grads
-        .iter()
-        .flat_map(|g| {
-            g.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        })
-        .collect();
+    assert!(
+        (step.loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "{}",
+        step.loss
+    );
+    let from_loss = flat_f64(&step.grads);
 
     // The closed form, from the log-probs alone.
     let picked: Vec<&DpoExample> = chosen.iter().map(|&i| &pairs.examples[i]).collect();

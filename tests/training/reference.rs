@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use lora_runner::data::{load_dpo, ModelTokenizer, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions};
 use lora_runner::model::init::{init_model, InitSpec};
@@ -12,6 +12,8 @@ use lora_runner::model::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
 use lora_runner::model::peft::{load_adapter, save_adapter};
 use lora_runner::train::dpo::score_pairs;
+
+use crate::support::model::set_lora_b;
 
 fn load(dir: &Path) -> Decoder {
     Decoder::load(
@@ -38,16 +40,7 @@ fn scheme_one_and_scheme_two_reference_logprobs_agree() {
     let mut sft = load(&base_dir);
     sft.apply_lora(&LoraConfig::new(4, 8.0, TargetModules::AllLinear), 5)
         .unwrap();
-    for (name, var) in sft.lora_parameters() {
-        if name.contains("lora_B") {
-            let n = var.as_tensor().elem_count();
-            let values: Vec<f32> = (0..n)
-                .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.4)
-                .collect();
-            var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    set_lora_b(&sft, 0.4);
     save_adapter(&sft, &adapter_dir, "base").unwrap();
     save_model_folder(
         &merge_lora(&sft).unwrap(),

@@ -15,6 +15,8 @@ use lora_runner::train::sft::{completion_logprob, SftObjective};
 use lora_runner::train::shards::split;
 use lora_runner::train::trainer::{micro_batch, Objective};
 
+use crate::support::model::{flat_f64, set_lora_b};
+
 /// A tiny model with LoRA (B ≠ 0, so A has a gradient too) and SFT data.
 fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
     let base = dir.join("base");
@@ -27,16 +29,7 @@ fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
     let mut lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
     lora.dropout = dropout;
     model.apply_lora(&lora, 9).unwrap();
-    for (name, var) in model.lora_parameters() {
-        if name.contains("lora_B") {
-            let n = var.as_tensor().elem_count();
-            let values: Vec<f32> = (0..n)
-                .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2)
-                .collect();
-            let t = Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap();
-            var.set(&t.to_dtype(var.dtype()).unwrap()).unwrap();
-        }
-    }
+    set_lora_b(&model, 0.2);
     let tokenizer = ModelTokenizer::load(&base.join("tokenizer.json")).unwrap();
     // Completions of 20 to 200 letters: shards of one long example and of
     // several short ones (`shards::split` closes a shard at 128 tokens).
@@ -62,20 +55,6 @@ fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
     (model, objective)
 }
 
-fn flat(grads: &[Tensor]) -> Vec<f64> {
-    grads
-        .iter()
-        .flat_map(|g| {
-            g.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        })
-        .collect()
-}
-
 /// Loss and LoRA gradients of the batch in one forward and one backward.
 fn one_pass(model: &Decoder, objective: &SftObjective, examples: &[usize]) -> (f64, Vec<f64>) {
     let rows: Vec<&SftExample> = examples
@@ -91,7 +70,7 @@ fn one_pass(model: &Decoder, objective: &SftObjective, examples: &[usize]) -> (f
         .iter()
         .map(|(_, v)| store.get(v.as_tensor()).unwrap().clone())
         .collect();
-    (loss.to_scalar::<f64>().unwrap(), flat(&grads))
+    (loss.to_scalar::<f64>().unwrap(), flat_f64(&grads))
 }
 
 fn max_relative_difference(a: &[f64], b: &[f64]) -> f64 {
@@ -120,16 +99,19 @@ fn sharded_micro_batch_gives_the_one_pass_loss_and_gradients() {
         if checkpointing {
             model.enable_checkpointing();
         }
-        let (value, _, grads) = with_threads(2, || {
+        let step = with_threads(2, || {
             micro_batch(&model, &params, &objective, &examples, Mode::Eval, 1.0).unwrap()
         });
         assert!(
-            (value - loss).abs() < 1e-12,
-            "loss {value} vs {loss} (checkpointing {checkpointing})"
+            (step.loss - loss).abs() < 1e-12,
+            "loss {} vs {loss} (checkpointing {checkpointing})",
+            step.loss
         );
+        let n: usize = examples.iter().map(|&i| objective.tokens(i)).sum();
+        assert_eq!(step.tokens, n);
         // The LoRA Vars and their gradients are f32 (cast from the f64
         // computation): each shard's gradient is rounded before the sum.
-        let diff = max_relative_difference(&flat(&grads), &expected);
+        let diff = max_relative_difference(&flat_f64(&step.grads), &expected);
         assert!(diff < 1e-6, "{diff} (checkpointing {checkpointing})");
     }
 }
@@ -144,15 +126,16 @@ fn sharded_gradients_are_the_same_bytes_on_any_number_of_threads() {
     let mut checkpointed = model.clone();
     checkpointed.enable_checkpointing();
     let run = |model: &Decoder, threads: usize| {
-        let (loss, _, grads) = with_threads(threads, || {
+        let step = with_threads(threads, || {
             micro_batch(model, &params, &objective, &examples, mode, 1.0).unwrap()
         });
-        let bits: Vec<u32> = grads
+        let bits: Vec<u32> = step
+            .grads
             .iter()
             .flat_map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .map(f32::to_bits)
             .collect();
-        (loss.to_bits(), bits)
+        (step.loss.to_bits(), bits)
     };
     let one = run(&model, 1);
     assert_eq!(run(&model, 2), one, "2 threads");
@@ -171,7 +154,7 @@ fn sharded_gradients_are_the_same_bytes_on_any_number_of_threads() {
         micro_batch(&model, &params, &objective, &examples, mode, 1.0).unwrap()
     });
     assert_ne!(
-        other.0.to_bits(),
+        other.loss.to_bits(),
         run(&model, 1).0,
         "the dropout seed matters"
     );
