@@ -1,12 +1,13 @@
 //! lora-runner: declarative, cached, resumable two-stage LoRA fine-tuning.
 //!
 //! Three layers, each importing only from the layers below it:
-//! 1. `cli`: parses the command line, calls the engine, renders errors.
+//! 1. `cli`: parses the command line, calls one entry point per command (a
+//!    file each), renders errors with their exit codes.
 //! 2. The stage kinds (`kinds`), the comparison (`compare`) and the device
 //!    choice (`device`): they turn a stage's parameters into work for the
 //!    libraries below.
-//! 3. The engine (`recipe`, `stage`, `graph`, `plan`, `exec`, `executor`, `cache`,
-//!    `hashing`, `gc`, `progress`, `report`, `schema`) and, beside it, the ML
+//! 3. The engine (`recipe`, `stage`, `graph`, `plan`, `executor`, `cache`,
+//!    `hashing`, `gc`, `progress`, `schema`) and, beside it, the ML
 //!    libraries (`model`, `data`, `train`), which know nothing of recipes,
 //!    stages or the cache. Leaves every layer may use: `diag` (problems with
 //!    spans), `fsutil` (atomic writes, folder sizes), `sink` (progress and
@@ -20,7 +21,6 @@ pub mod compare;
 pub mod data;
 pub mod device;
 pub mod diag;
-pub mod exec;
 pub mod executor;
 pub mod fsutil;
 pub mod gc;
@@ -31,7 +31,6 @@ pub mod model;
 pub mod plan;
 pub mod progress;
 pub mod recipe;
-pub mod report;
 pub mod schema;
 pub mod sink;
 pub mod stage;

@@ -78,6 +78,6 @@ pub fn recipe_schema(registry: &Registry) -> Value {
 pub fn plan_schema() -> Value {
     let schema = SchemaSettings::draft2020_12()
         .into_generator()
-        .into_root_schema_for::<crate::report::PlanJson>();
+        .into_root_schema_for::<crate::plan::render::PlanJson>();
     schema.to_value()
 }

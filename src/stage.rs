@@ -251,6 +251,8 @@ pub struct Stage {
     pub params: Box<dyn Params>,
     /// Span of the whole `[stages.<name>]` table.
     pub span: Range<usize>,
+    /// The folder the recipe's relative paths are resolved against.
+    pub recipe_dir: PathBuf,
     /// Set when a sweep made this stage: which stage, at which values.
     pub variant: Option<Variant>,
 }
@@ -272,17 +274,12 @@ impl Stage {
 
     /// Files and folders read; their content hashes enter the key.
     pub fn files(&self) -> Vec<FileInput> {
-        self.kind.files(self.params.as_ref())
+        self.kind.files(self.params.as_ref(), &self.recipe_dir)
     }
 
     /// Parameters as they enter the cache key, every default filled in.
     pub fn key_params(&self) -> serde_json::Value {
         self.kind.key_params(self.params.as_ref())
-    }
-
-    /// The parameters as the kind's own type, when they are a `P`.
-    pub fn params<P: 'static>(&self) -> Option<&P> {
-        self.params.as_ref().as_any().downcast_ref()
     }
 }
 
@@ -322,8 +319,20 @@ impl<'a> StageView<'a> {
         self.stage().kind.as_ref()
     }
 
-    pub fn params<P: 'static>(&self) -> Option<&'a P> {
-        self.stage().params.as_ref().as_any().downcast_ref()
+    /// An empty span at the start of the stage's table: "this stage".
+    pub fn stage_start(&self) -> Range<usize> {
+        let start = self.stage().span.start;
+        start..start
+    }
+
+    /// The stage's answer to `Q`, if its kind gives one (see `Ask`).
+    pub fn ask<Q: Question>(&self) -> Option<Q::Answer> {
+        let mut slot = Slot::<Q>(None);
+        let stage = self.stage();
+        stage
+            .kind
+            .answer(stage.params.as_ref(), &mut Ask(&mut slot));
+        slot.0
     }
 
     /// The reference written under `field`, if any.
@@ -350,6 +359,29 @@ impl<'a> StageView<'a> {
     }
 }
 
+/// A question a stage asks of a stage it refers to (the shape of the model
+/// it makes, the adapter it makes). The stage layer defines the questions
+/// and each kind answers those it can from its own parameters
+/// (`Kind::answer`); the engine only carries them, as std's `Error::provide` does.
+pub trait Question: 'static {
+    type Answer: 'static;
+}
+
+struct Slot<Q: Question>(Option<Q::Answer>);
+
+/// The question being asked of a kind, whatever it is.
+pub struct Ask<'a>(&'a mut dyn Any);
+
+impl Ask<'_> {
+    /// Answer with `answer()` when the question is `Q` (computed only then).
+    pub fn give<Q: Question>(&mut self, answer: impl FnOnce() -> Q::Answer) -> &mut Self {
+        if let Some(slot) = self.0.downcast_mut::<Slot<Q>>() {
+            slot.0 = Some(answer());
+        }
+        self
+    }
+}
+
 /// One kind of stage, as the engine sees it: object-safe, parameters
 /// type-erased. Implemented for every `Kind`; implement `Kind` instead.
 pub trait StageKind: Send + Sync {
@@ -373,11 +405,12 @@ pub trait StageKind: Send + Sync {
     fn schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema;
     fn key_params(&self, params: &dyn Params) -> serde_json::Value;
     fn refs(&self, params: &dyn Params) -> Vec<StageRef>;
-    fn files(&self, params: &dyn Params) -> Vec<FileInput>;
+    fn files(&self, params: &dyn Params, recipe_dir: &Path) -> Vec<FileInput>;
     fn uses_device(&self) -> bool;
     fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String>;
     fn plan_note(&self, params: &dyn Params) -> Option<String>;
     fn plan_memory(&self, stage: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate>;
+    fn answer(&self, params: &dyn Params, ask: &mut Ask<'_>);
     fn check(&self, stage: StageView<'_>) -> Vec<Problem>;
     fn run(&self, params: &dyn Params, ctx: &mut RunContext) -> anyhow::Result<()>;
 }
@@ -426,8 +459,9 @@ pub trait Kind: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Files and folders read (data, model folders).
-    fn files(&self, _params: &Self::Params) -> Vec<FileInput> {
+    /// Files and folders read (data, model folders); relative paths are
+    /// resolved against `recipe_dir`.
+    fn files(&self, _params: &Self::Params, _recipe_dir: &Path) -> Vec<FileInput> {
         Vec::new()
     }
 
@@ -450,9 +484,17 @@ pub trait Kind: Send + Sync + 'static {
 
     /// A training stage's peak memory, estimated before running (`stage`
     /// gives the recipe around it; `on_gpu`: where it will compute).
-    fn plan_memory(&self, _stage: StageView<'_>, _on_gpu: bool) -> Option<MemoryEstimate> {
+    fn plan_memory(
+        &self,
+        _params: &Self::Params,
+        _stage: StageView<'_>,
+        _on_gpu: bool,
+    ) -> Option<MemoryEstimate> {
         None
     }
+
+    /// Answers the questions of the stages that refer to this one (`Ask::give`).
+    fn answer(&self, _params: &Self::Params, _ask: &mut Ask<'_>) {}
 
     /// Checks against the stages this one refers to, once the DAG is known
     /// to be whole (every reference exists, of the right artifact kind, no cycle).
@@ -515,8 +557,8 @@ impl<K: Kind> StageKind for K {
     fn refs(&self, params: &dyn Params) -> Vec<StageRef> {
         Kind::refs(self, typed::<K>(params))
     }
-    fn files(&self, params: &dyn Params) -> Vec<FileInput> {
-        Kind::files(self, typed::<K>(params))
+    fn files(&self, params: &dyn Params, recipe_dir: &Path) -> Vec<FileInput> {
+        Kind::files(self, typed::<K>(params), recipe_dir)
     }
     fn uses_device(&self) -> bool {
         Kind::uses_device(self)
@@ -528,7 +570,15 @@ impl<K: Kind> StageKind for K {
         Kind::plan_note(self, typed::<K>(params))
     }
     fn plan_memory(&self, stage: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate> {
-        Kind::plan_memory(self, stage, on_gpu)
+        Kind::plan_memory(
+            self,
+            typed::<K>(stage.stage().params.as_ref()),
+            stage,
+            on_gpu,
+        )
+    }
+    fn answer(&self, params: &dyn Params, ask: &mut Ask<'_>) {
+        Kind::answer(self, typed::<K>(params), ask)
     }
     fn check(&self, stage: StageView<'_>) -> Vec<Problem> {
         Kind::check(self, typed::<K>(stage.stage().params.as_ref()), stage)

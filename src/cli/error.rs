@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::compare::CompareError;
 use crate::diag::RecipeError;
 
 /// Exit codes, stable for scripts (also in README and `--help`).
@@ -31,7 +32,27 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The command line names something that is not there, or asks for what cannot be done yet.
+    /// The command line names a stage the recipe does not have.
+    #[error("no stage `{stage}` in {}", .recipe.display())]
+    NoStage { stage: String, recipe: PathBuf },
+    /// The command line names a swept stage where one variant is wanted.
+    #[error("`{stage}` is swept in {}: name one variant ({})", .recipe.display(), .variants.join(", "))]
+    Swept {
+        stage: String,
+        recipe: PathBuf,
+        variants: Vec<String>,
+    },
+    /// The command needs a stage's artifact, which is not in the cache.
+    #[error("stage `{stage}` has no cached artifact ({reason}); run `runner run {} --until {stage}` first", .recipe.display())]
+    NotCached {
+        stage: String,
+        reason: String,
+        recipe: PathBuf,
+    },
+    /// The stages to compare are named wrong, not run yet, or the report could not be written.
+    #[error("{0}")]
+    Compare(#[from] CompareError),
+    /// The command line names something else that is not there, or asks for what cannot be done yet.
     #[error("{0}")]
     Usage(String),
     /// Reading or writing the cache or another file failed.
@@ -57,7 +78,14 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Recipe(_) | Error::RecipeUnreadable { .. } | Error::Usage(_) => exit::USAGE,
+            Error::Compare(e) if e.is_environment() => exit::ENVIRONMENT,
+            Error::Recipe(_)
+            | Error::RecipeUnreadable { .. }
+            | Error::NoStage { .. }
+            | Error::Swept { .. }
+            | Error::NotCached { .. }
+            | Error::Compare(_)
+            | Error::Usage(_) => exit::USAGE,
             Error::Io { .. } | Error::Environment { .. } => exit::ENVIRONMENT,
             Error::StageFailed => exit::STAGE_FAILED,
             Error::Interrupted => exit::INTERRUPTED,
@@ -70,6 +98,13 @@ impl Error {
             Error::Recipe(e) => Some(e.render(color)),
             Error::StageFailed | Error::Interrupted => None,
             other => Some(format!("error: {other}\n")),
+        }
+    }
+
+    pub fn no_stage(stage: &str, recipe: &std::path::Path) -> Error {
+        Error::NoStage {
+            stage: stage.to_string(),
+            recipe: recipe.to_path_buf(),
         }
     }
 

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::{Cache, Manifest, Parent};
 use crate::compare::evaluation::{evaluate, Bootstrap};
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
+use crate::compare::CompareError;
 use crate::graph::Dag;
 use crate::plan::{Plan, Status};
 use crate::recipe::Recipe;
@@ -107,39 +108,41 @@ pub fn collect(
     cache: &Cache,
     names: &[String],
     bootstrap: Bootstrap,
-) -> Result<Vec<StageSummary>, String> {
+) -> Result<Vec<StageSummary>, CompareError> {
     let names = if names.is_empty() {
         leaf_training_stages(recipe, dag)
     } else {
         names.to_vec()
     };
     if names.is_empty() {
-        return Err(format!(
-            "{} has no training stages to compare",
-            recipe.path.display()
-        ));
+        return Err(CompareError::NoTrainingStages {
+            recipe: recipe.path.clone(),
+        });
     }
     let mut found = Vec::new();
     for name in &names {
-        let planned = plan
-            .by_name(name)
-            .ok_or_else(|| format!("no stage `{name}` in {}", recipe.path.display()))?;
+        let planned = plan.by_name(name).ok_or_else(|| CompareError::NoStage {
+            stage: name.clone(),
+            recipe: recipe.path.clone(),
+        })?;
         let Some(objective) = recipe.stage(name).and_then(objective) else {
-            return Err(format!(
-                "stage `{name}` is a `{}` stage; compare takes sft and dpo stages",
-                planned.kind
-            ));
+            return Err(CompareError::NotTraining {
+                stage: name.clone(),
+                kind: planned.kind.clone(),
+            });
         };
         let Status::Cached { artifact } = &planned.status else {
-            return Err(format!(
-                "stage `{name}` has not run ({}); run `runner run {}` first",
-                planned.reason(),
-                recipe.path.display()
-            ));
+            return Err(CompareError::NotRun {
+                stage: name.clone(),
+                reason: planned.reason(),
+                recipe: recipe.path.clone(),
+            });
         };
         let manifest = cache
             .manifest(artifact)
-            .ok_or_else(|| format!("artifact of `{name}` has no manifest"))?;
+            .ok_or_else(|| CompareError::NoManifest {
+                stage: name.clone(),
+            })?;
         found.push((name.clone(), objective, artifact.clone(), manifest));
     }
     // Bytes each stage needed beyond what all compared stages share (the SFT adapter, the base).

@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
 use crate::compare::bootstrap::{paired_difference, Interval};
-use crate::kinds::eval::{EvalParams, EXAMPLES_FILE};
-use crate::kinds::{dpo::DpoParams, merge::MergeParams, sft::SftParams};
+use crate::kinds::eval::EXAMPLES_FILE;
 use crate::plan::{Plan, Status};
 use crate::recipe::Recipe;
+use crate::stage::{Role, Stage};
 
 /// Per-example metrics the comparison reads, with whether higher is better.
 pub const METRICS: &[(&str, bool)] = &[
@@ -72,16 +72,24 @@ pub struct Bootstrap {
     pub seed: u64,
 }
 
+/// The stage `s` names under `field` (`model`, `adapter`), if any.
+fn named(s: &Stage, field: &str) -> Option<String> {
+    s.refs()
+        .into_iter()
+        .find(|r| r.field == field)
+        .map(|r| r.target.value)
+}
+
 /// Evals of (model, adapter) in the recipe, in recipe order.
 fn evals_of(recipe: &Recipe, model: &str, adapter: Option<&str>) -> Vec<String> {
     recipe
         .stages
         .iter()
-        .filter_map(|s| {
-            let p = s.params::<EvalParams>()?;
-            (p.model.value == model && p.adapter.as_ref().map(|a| a.value.as_str()) == adapter)
-                .then(|| s.name.value.clone())
+        .filter(|s| s.kind.role() == Role::Evaluate)
+        .filter(|s| {
+            named(s, "model").as_deref() == Some(model) && named(s, "adapter").as_deref() == adapter
         })
+        .map(|s| s.name.value.clone())
         .collect()
 }
 
@@ -172,15 +180,10 @@ type ModelAndAdapter = (String, Option<String>);
 /// The model a training stage trains on and the adapter it continues.
 fn training_inputs(recipe: &Recipe, stage: &str) -> Option<ModelAndAdapter> {
     let s = recipe.stage(stage)?;
-    let (model, adapter) = match (s.params::<DpoParams>(), s.params::<SftParams>()) {
-        (Some(p), _) => (&p.model, &p.adapter),
-        (_, Some(p)) => (&p.model, &p.adapter),
-        _ => return None,
-    };
-    Some((
-        model.value.clone(),
-        adapter.as_ref().map(|a| a.value.clone()),
-    ))
+    if !matches!(s.kind.role(), Role::Train(_)) {
+        return None;
+    }
+    Some((named(s, "model")?, named(s, "adapter")))
 }
 
 /// The stage a training stage started from, and the (model, adapter)
@@ -192,9 +195,12 @@ fn parent_of(recipe: &Recipe, stage: &str) -> Option<(String, Vec<ModelAndAdapte
         None => {
             let mut same = vec![(model.clone(), None)];
             // A merged model is its model + adapter: an eval of those measures it too.
-            if let Some(m) = recipe.stage(&model).and_then(|m| m.params::<MergeParams>()) {
-                if let Some(a) = &m.adapter {
-                    same.push((m.model.value.clone(), Some(a.value.clone())));
+            if let Some(m) = recipe
+                .stage(&model)
+                .filter(|m| m.kind.role() == Role::Merge)
+            {
+                if let (Some(base), Some(a)) = (named(m, "model"), named(m, "adapter")) {
+                    same.push((base, Some(a)));
                 }
             }
             (model, same)

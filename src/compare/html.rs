@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use crate::compare::evaluation::{Bootstrap, Verdict};
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 use crate::compare::table::{ComparisonTable, METRIC_COLUMN};
 
 /// The task metric the summary sentence and the before/after chart use,

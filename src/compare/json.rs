@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::compare::evaluation::{verdicts_of, Bootstrap, Evaluated, Verdict};
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 use crate::compare::table::ComparisonTable;
 
 /// `runner compare --json` output.

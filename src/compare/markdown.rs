@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 use crate::compare::table::{ComparisonTable, METRIC_COLUMN};
 
 /// `charts` are (title, path relative to the markdown file) pairs, embedded

@@ -2,7 +2,7 @@
 //! globs (`dpo_*`, `a:dpo_*` for recipe `a`), and ranking by a metric.
 
 use crate::compare::evaluation::METRICS;
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 
 /// `*` matches any run of characters, `?` any one; everything else itself.
 pub fn wildcard(pattern: &str, name: &str) -> bool {
@@ -37,7 +37,7 @@ pub fn split_selector(selector: &str) -> (Option<&str>, &str) {
 }
 
 /// What the selectors pick from one recipe.
-pub struct Selection {
+pub struct Picked {
     /// Stage names, in selector order (a glob's matches in `training` order).
     pub stages: Vec<String>,
     /// For each selector: whether it picked anything here.
@@ -55,7 +55,7 @@ pub fn select(
     has_stage: &dyn Fn(&str) -> bool,
     selectors: &[String],
     several_recipes: bool,
-) -> Selection {
+) -> Picked {
     let mut stages: Vec<String> = Vec::new();
     let mut matched = vec![false; selectors.len()];
     for (k, selector) in selectors.iter().enumerate() {
@@ -81,7 +81,7 @@ pub fn select(
             }
         }
     }
-    Selection { stages, matched }
+    Picked { stages, matched }
 }
 
 /// Sorts `stages` best first by their evaluation's `metric` (stages without
@@ -90,13 +90,12 @@ pub fn rank(
     stages: &mut [StageSummary],
     metric: &str,
     bootstrap: crate::compare::evaluation::Bootstrap,
-) -> Result<String, String> {
+) -> Result<String, crate::compare::CompareError> {
     let Some(&(_, higher_is_better)) = METRICS.iter().find(|(m, _)| *m == metric) else {
-        let known: Vec<&str> = METRICS.iter().map(|(m, _)| *m).collect();
-        return Err(format!(
-            "cannot rank by `{metric}`: expected one of {}",
-            known.join(", ")
-        ));
+        return Err(crate::compare::CompareError::UnknownMetric {
+            metric: metric.to_string(),
+            known: METRICS.iter().map(|(m, _)| m.to_string()).collect(),
+        });
     };
     let value = |s: &StageSummary| {
         s.evaluated

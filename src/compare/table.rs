@@ -4,7 +4,7 @@ use crate::compare::format::{
     format_count, format_metric, format_percent, human_bytes, human_bytes_opt, human_duration,
     MISSING,
 };
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 
 /// One labelled row: a cell per stage, already formatted.
 #[derive(Clone, Debug, PartialEq, Eq)]

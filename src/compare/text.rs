@@ -1,6 +1,6 @@
 //! The comparison table for a terminal: aligned plain-text columns, no colour.
 
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 use crate::compare::table::{ComparisonTable, METRIC_COLUMN};
 
 /// Columns are padded to their widest cell (counted in characters, so "—" is one).

@@ -364,8 +364,8 @@ pub fn wait(
     reporter: &dyn crate::progress::Reporter,
     interrupt: &std::sync::atomic::AtomicBool,
     poll: std::time::Duration,
-) -> anyhow::Result<crate::exec::Report> {
-    use crate::exec::Outcome;
+) -> anyhow::Result<crate::executor::Report> {
+    use crate::executor::Outcome;
     use std::sync::atomic::Ordering;
     reporter.start_pipeline(submitted.len());
     let mut outcomes: BTreeMap<String, Outcome> = BTreeMap::new();
@@ -448,7 +448,7 @@ pub fn wait(
     }
     drop(bars);
     reporter.finish();
-    Ok(crate::exec::Report {
+    Ok(crate::executor::Report {
         stages: submitted
             .iter()
             .filter_map(|s| outcomes.remove(&s.stage).map(|o| (s.stage.clone(), o)))

@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::lineage::{AdapterMade, Made};
 use super::params::{LoraSpec, Targets};
 use super::{key_with_path, resolved_input, stage_ref, MODEL};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::fsutil;
-use crate::stage::{ArtifactKind, FileInput, Kind, ParseContext, Role, RunContext, StageRef};
+use crate::stage::{ArtifactKind, Ask, FileInput, Kind, ParseContext, Role, RunContext, StageRef};
 
 pub struct Adapter;
 
@@ -95,8 +96,12 @@ impl Kind for Adapter {
         vec![stage_ref("model", &p.model, MODEL)]
     }
 
-    fn files(&self, p: &AdapterParams) -> Vec<FileInput> {
+    fn files(&self, p: &AdapterParams, _recipe_dir: &std::path::Path) -> Vec<FileInput> {
         vec![resolved_input("path", &p.path, p.folder.clone())]
+    }
+
+    fn answer(&self, p: &AdapterParams, ask: &mut Ask<'_>) {
+        ask.give::<AdapterMade>(|| Made::Own(read_peft_shape(p.folder())));
     }
 
     fn run(&self, params: &AdapterParams, ctx: &mut RunContext) -> anyhow::Result<()> {

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::lineage::{HeldAs, ModelShape};
 use super::params::Quantize;
 use super::{key_with_path, resolved_input};
 use crate::diag::checks::{at_least, positive};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::fsutil;
-use crate::stage::{ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext};
+use crate::stage::{ArtifactKind, Ask, Dtype, FileInput, Kind, ParseContext, Role, RunContext};
 
 pub struct Base;
 
@@ -188,13 +189,6 @@ impl InitSpec {
 }
 
 impl BaseParams {
-    /// Names of the model's linear modules (what LoRA targets match), when
-    /// its shape is known without running: from `init` or the folder's config.json.
-    pub fn linear_modules(&self) -> Option<Result<Vec<String>, Problem>> {
-        use crate::model::config::linear_module_names;
-        Some(self.model_config()?.map(|c| linear_module_names(&c)))
-    }
-
     /// The model's config.json, when its shape is known without running:
     /// from `init` or the folder.
     pub fn model_config(&self) -> Option<Result<crate::model::ModelConfig, Problem>> {
@@ -286,7 +280,12 @@ impl Kind for Base {
         ))
     }
 
-    fn files(&self, p: &BaseParams) -> Vec<FileInput> {
+    fn answer(&self, p: &BaseParams, ask: &mut Ask<'_>) {
+        ask.give::<ModelShape>(|| p.model_config())
+            .give::<HeldAs>(|| p.quantize.as_ref().and_then(|q| q.value.quantization()));
+    }
+
+    fn files(&self, p: &BaseParams, _recipe_dir: &std::path::Path) -> Vec<FileInput> {
         match (&p.path, &p.resolved) {
             (Some(written), Some(resolved)) => {
                 vec![resolved_input("path", written, resolved.clone())]

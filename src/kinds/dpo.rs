@@ -4,13 +4,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use super::lineage::AdapterMade;
 use super::lora::{check_written_adapter_or_lora, lora_use};
 use super::params::{DataSpec, DpoSpec, LoraSpec, TrainSpec};
+use super::reference::{reference_scores, reference_spec};
 use super::{inputs, model_refs, training};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::stage::{
-    ArtifactKind, Dtype, FileInput, Kind, Objective, ParseContext, Role, RunContext, StageRef,
+    ArtifactKind, Ask, Dtype, FileInput, Kind, Objective, ParseContext, Role, RunContext, StageRef,
     StageView,
 };
 
@@ -44,12 +48,6 @@ pub struct DpoParams {
     pub dpo: DpoSpec,
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
-    #[serde(skip)]
-    #[schemars(skip)]
-    pub(crate) recipe_dir: std::path::PathBuf,
-    #[serde(skip)]
-    #[schemars(skip)]
-    pub(crate) span: std::ops::Range<usize>,
 }
 
 impl Kind for Dpo {
@@ -95,18 +93,24 @@ impl Kind for Dpo {
                 .help("remove `reference`, or add a loss that compares with it"),
             );
         }
-        p.recipe_dir = ctx.recipe_dir.to_path_buf();
-        p.span = ctx.stage_start();
         training::fill_defaults(&p.adapter, &mut p.lora, &mut p.dtype, ctx);
         problems
     }
 
     fn plan_memory(
         &self,
+        p: &DpoParams,
         stage: StageView<'_>,
         on_gpu: bool,
     ) -> Option<crate::units::MemoryEstimate> {
-        super::memory::estimate(stage, on_gpu)
+        let batch = super::memory::dpo_step(p);
+        super::memory::estimate(stage, &p.train, &p.dtype, batch, on_gpu)
+    }
+
+    fn answer(&self, p: &DpoParams, ask: &mut Ask<'_>) {
+        if let Some(made) = lora_use(&p.adapter, &p.lora).made() {
+            ask.give::<AdapterMade>(|| made);
+        }
     }
 
     fn plan_note(&self, p: &DpoParams) -> Option<String> {
@@ -118,8 +122,8 @@ impl Kind for Dpo {
         model_refs(&p.model, &p.adapter, Some(&p.reference))
     }
 
-    fn files(&self, p: &DpoParams) -> Vec<FileInput> {
-        training::data_files(&p.data, &p.recipe_dir)
+    fn files(&self, p: &DpoParams, recipe_dir: &Path) -> Vec<FileInput> {
+        training::data_files(&p.data, recipe_dir)
     }
 
     fn check(&self, p: &DpoParams, stage: StageView<'_>) -> Vec<Problem> {
@@ -127,7 +131,7 @@ impl Kind for Dpo {
             stage,
             &p.data,
             lora_use(&p.adapter, &p.lora),
-            p.span.clone(),
+            stage.stage_start(),
         )
     }
 
@@ -152,123 +156,6 @@ pub fn loss_label(loss: &crate::train::preference_loss::PreferenceLoss) -> Strin
     terms.join(" + ")
 }
 
-/// Folders of the reference policy: a model, and an adapter applied to it (or none).
-#[derive(Debug)]
-pub struct ReferenceSpec {
-    pub model: inputs::ModelSource,
-    /// Artifact hash of the model, for the derived cache key.
-    pub model_artifact: String,
-    pub adapter: Option<(std::path::PathBuf, String)>,
-    pub description: String,
-}
-
-fn artifact_name(dir: &std::path::Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// The reference policy of a DPO stage: `reference` when given; otherwise
-/// the policy's starting point: model + the continued adapter (scheme one),
-/// or the model alone when a fresh adapter is trained (scheme two).
-pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
-    let (model, adapter) = match ctx.inputs.get("reference") {
-        Some(r) if r.output == ArtifactKind::Model => (r.clone(), None),
-        Some(r) => {
-            // An adapter stage: its own model, from its manifest's lineage.
-            let parent = r.manifest["parents"]
-                .as_array()
-                .and_then(|ps| ps.iter().find(|p| p["field"] == "model"))
-                .ok_or_else(|| anyhow::anyhow!("reference `{}` records no model", r.stage))?;
-            let artifact = parent["artifact"].as_str().unwrap_or_default();
-            let model_artifact = crate::stage::InputArtifact {
-                stage: parent["stage"].as_str().unwrap_or("model").to_string(),
-                kind: "model".into(),
-                output: ArtifactKind::Model,
-                key: String::new(),
-                dir: ctx.cache.artifact_dir(artifact),
-                manifest: serde_json::Value::Null,
-            };
-            (model_artifact, Some(r.clone()))
-        }
-        None => (
-            ctx.input("model")?.clone(),
-            ctx.inputs.get("adapter").cloned(),
-        ),
-    };
-    Ok(ReferenceSpec {
-        model: inputs::model_source(&model)?,
-        model_artifact: artifact_name(&model.dir),
-        description: match &adapter {
-            Some(a) => format!("{} + adapter `{}` (frozen)", model.stage, a.stage),
-            None => model.stage.clone(),
-        },
-        adapter: adapter.map(|a| (a.dir.clone(), artifact_name(&a.dir))),
-    })
-}
-
-/// Reference log-probs of the pairs `wanted` of `data` (no graph), kept in
-/// a grow-only derived folder keyed by the reference's artifacts and the
-/// tokenized data's key: a resumed or longer run computes only the pairs it
-/// has not seen, and Ctrl-C keeps the batches already done.
-#[allow(clippy::too_many_arguments)]
-pub fn reference_scores(
-    ctx: &mut RunContext,
-    reference: &ReferenceSpec,
-    data: &crate::data::DpoDataset,
-    data_id: &str,
-    wanted: &[usize],
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-    pad_id: u32,
-) -> anyhow::Result<crate::train::dpo::PairScores> {
-    use crate::train::dpo;
-    let key = serde_json::json!({
-        // 2: grown pair by pair (files of pair indices and scores).
-        "version": 2,
-        "model": reference.model_artifact,
-        "adapter": reference.adapter.as_ref().map(|a| &a.1),
-        "data": data_id,
-        "dtype": format!("{dtype:?}"),
-        "device": format!("{:?}", device.location()),
-    });
-    let key = crate::hashing::derived_key(&key);
-    let dir = ctx.derived_growing("reference-logps", &key)?;
-    let _lock = ctx
-        .cache
-        .lock_stage(&format!("derived-reference-logps-{key}"), |_| {})?;
-    let load = || -> anyhow::Result<crate::model::decoder::Decoder> {
-        let mut model = inputs::load_model(&reference.model, dtype, device)?;
-        if let Some((adapter, _)) = &reference.adapter {
-            crate::model::peft::load_adapter(&mut model, adapter)?;
-        }
-        Ok(model)
-    };
-    let (scores, count) = dpo::score_pairs_into(
-        load,
-        data,
-        wanted,
-        &dir,
-        pad_id,
-        device,
-        ctx.progress,
-        ctx.interrupt,
-    )?;
-    ctx.progress.log(&format!(
-        "reference log-probs ({}): {} pairs computed, {} reused, of {} in the file",
-        reference.description,
-        count.computed,
-        count.reused,
-        data.examples.len()
-    ));
-    for (what, n) in [("computed", count.computed), ("reused", count.reused)] {
-        let name = format!("reference/pairs_{what}");
-        let total = ctx.metrics.get(&name).and_then(|v| v.as_u64()).unwrap_or(0);
-        ctx.metrics.insert(name, (total + n as u64).into());
-    }
-    Ok(scores)
-}
-
 fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::dpo::DpoObjective;
     let data = p.data.as_ref().expect("checked when parsing");
@@ -279,10 +166,10 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let pad_id = tokenizer.pad_id();
     let settings = inputs::settings(&p.train, data);
-    let train_file = ctx.files["data.train"].clone();
+    let train_file = ctx.files[super::input::TRAIN].clone();
     let (train, train_key) =
         inputs::dpo_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
-    let eval = match ctx.files.get("data.eval").cloned() {
+    let eval = match ctx.files.get(super::input::EVAL).cloned() {
         Some(f) => Some(inputs::dpo_tokens(
             ctx, &f, &tokenizer, &model_dir, &settings,
         )?),

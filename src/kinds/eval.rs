@@ -1,16 +1,24 @@
 //! `eval`: losses, preference accuracy and samples for a model with or
 //! without an adapter.
 
+use std::path::Path;
+
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use super::lora::{check_adapter_model, check_written_adapter_or_lora};
+use super::reference::{reference_scores, reference_spec, ReferenceSpec};
 use super::{inputs, model_refs};
+use crate::data::ModelTokenizer;
 use crate::diag::checks::{at_least, non_negative, positive};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
+use crate::model::decoder::Decoder;
 use crate::stage::{
-    ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageRef, StageView,
+    ArtifactKind, Dtype, FileInput, InputArtifact, Kind, ParseContext, Role, RunContext, StageRef,
+    StageView,
 };
+use crate::train::{dpo, task};
 
 pub struct Eval;
 
@@ -63,9 +71,6 @@ pub struct EvalParams {
     pub format: Option<Sp<String>>,
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
-    #[serde(skip)]
-    #[schemars(skip)]
-    recipe_dir: std::path::PathBuf,
 }
 
 fn default_new_tokens() -> Sp<u32> {
@@ -121,7 +126,6 @@ impl Kind for Eval {
                 .help("set `data.sft`, `data.dpo` or `prompts`"),
             );
         }
-        p.recipe_dir = ctx.recipe_dir.to_path_buf();
         if p.dtype.is_none() {
             p.dtype = Some(Sp::implicit(ctx.dtype));
         }
@@ -132,14 +136,13 @@ impl Kind for Eval {
         model_refs(&p.model, &p.adapter, Some(&p.reference))
     }
 
-    fn files(&self, p: &EvalParams) -> Vec<FileInput> {
-        let dir = &p.recipe_dir;
+    fn files(&self, p: &EvalParams, recipe_dir: &Path) -> Vec<FileInput> {
         let mut files = Vec::new();
         if let Some(f) = &p.data.sft {
-            files.push(super::file_input("data.sft", f, dir));
+            files.push(super::file_input(super::input::SFT_ROWS, f, recipe_dir));
         }
         if let Some(f) = &p.data.dpo {
-            files.push(super::file_input("data.dpo", f, dir));
+            files.push(super::file_input(super::input::DPO_ROWS, f, recipe_dir));
         }
         files
     }
@@ -162,70 +165,130 @@ pub const RESULTS_FILE: &str = "eval.jsonl";
 pub const EXAMPLES_FILE: &str = "examples.jsonl";
 
 fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-    use crate::train::{dpo, task};
-    use std::io::Write;
-    let device = crate::device::candle(&ctx.device)?;
-    let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let source = inputs::model_source(ctx.input("model")?)?;
-    let model_dir = source.dir.clone();
-    // The model with the stage's adapter, if it has one.
-    let adapter = ctx.inputs.get("adapter").cloned();
-    let load = |source: &inputs::ModelSource, dtype| -> anyhow::Result<_> {
-        let mut model = inputs::load_model(source, dtype, &device)?;
-        if let Some(adapter) = &adapter {
-            inputs::load_adapter(&mut model, adapter)?;
-        }
-        Ok(model)
-    };
-    let model = load(&source, dtype)?;
-    let tokenizer = inputs::load_tokenizer(&model_dir)?;
-    let mut settings = crate::data::TokenizeSettings::new(p.seq_len.value as usize);
-    settings.chat_format = p.format.as_ref().map(|f| f.value.clone());
-    let mut results = Vec::new();
-    let metric = |ctx: &mut RunContext, name: &str, value: f64| {
-        ctx.metrics.insert(name.to_string(), value.into());
-    };
+    let mut eval = Evaluator::new(p, ctx)?;
+    if let Some(file) = ctx.files.get(super::input::SFT_ROWS).cloned() {
+        eval.sft_rows(ctx, &file)?;
+    }
+    if let Some(file) = ctx.files.get(super::input::DPO_ROWS).cloned() {
+        eval.dpo_rows(ctx, &file)?;
+    }
+    if eval.generation_seconds > 0.0 {
+        metric(ctx, "generation/seconds", eval.generation_seconds);
+    }
+    eval.samples(ctx)?;
+    eval.write(ctx)
+}
 
-    let stop: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
-    let max_new_tokens = p.max_new_tokens.value as usize;
-    // What greedy decoding for the task metrics cost.
-    let mut generation_seconds = 0.0;
-    // One line per evaluated row, paired across stages by (data, line).
-    let mut examples: Vec<serde_json::Value> = Vec::new();
-    let file_name = |f: &std::path::Path| {
-        f.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
+fn metric(ctx: &mut RunContext, name: &str, value: f64) {
+    ctx.metrics.insert(name.to_string(), value.into());
+}
 
-    if let Some(file) = ctx.files.get("data.sft").cloned() {
-        let data = inputs::sft_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
-        let forced = task::teacher_forced(&model, &data.examples, tokenizer.pad_id(), &device)?;
+fn file_name(f: &Path) -> String {
+    f.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// One model (with the stage's adapter, if any) being evaluated, and what
+/// has been found so far.
+struct Evaluator<'p> {
+    p: &'p EvalParams,
+    device: Device,
+    dtype: DType,
+    source: inputs::ModelSource,
+    adapter: Option<InputArtifact>,
+    model: Decoder,
+    tokenizer: ModelTokenizer,
+    settings: crate::data::TokenizeSettings,
+    /// Token ids that end a greedy completion.
+    stop: Vec<u32>,
+    /// eval.jsonl: a line per data file, then the samples.
+    results: Vec<serde_json::Value>,
+    /// One line per evaluated row, paired across stages by (data, line).
+    examples: Vec<serde_json::Value>,
+    /// What greedy decoding for the task metrics cost.
+    generation_seconds: f64,
+}
+
+impl<'p> Evaluator<'p> {
+    fn new(p: &'p EvalParams, ctx: &RunContext) -> anyhow::Result<Self> {
+        let device = crate::device::candle(&ctx.device)?;
+        let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
+        let source = inputs::model_source(ctx.input("model")?)?;
+        let adapter = ctx.inputs.get("adapter").cloned();
+        let model = load(&source, &adapter, dtype, &device)?;
+        let tokenizer = inputs::load_tokenizer(&source.dir)?;
+        let mut settings = crate::data::TokenizeSettings::new(p.seq_len.value as usize);
+        settings.chat_format = p.format.as_ref().map(|f| f.value.clone());
+        let stop = tokenizer.eos().map(|e| e.id).into_iter().collect();
+        Ok(Evaluator {
+            p,
+            device,
+            dtype,
+            source,
+            adapter,
+            model,
+            tokenizer,
+            settings,
+            stop,
+            results: Vec::new(),
+            examples: Vec::new(),
+            generation_seconds: 0.0,
+        })
+    }
+
+    /// Greedy completions of `rows`, timed into `generation_seconds`.
+    fn greedy(
+        &mut self,
+        ctx: &RunContext,
+        rows: &[crate::data::SftExample],
+    ) -> anyhow::Result<Vec<task::Greedy>> {
         let started = std::time::Instant::now();
-        let mut greedy = task::greedy_match(
-            &model,
-            &data.examples,
-            &stop,
-            max_new_tokens,
+        let greedy = task::greedy_match(
+            &self.model,
+            rows,
+            &self.stop,
+            self.p.max_new_tokens.value as usize,
             ctx.progress,
             ctx.interrupt,
         )?;
-        generation_seconds += started.elapsed().as_secs_f64();
-        if p.normalize_whitespace.value {
+        self.generation_seconds += started.elapsed().as_secs_f64();
+        Ok(greedy)
+    }
+
+    /// Prompt/completion rows: teacher-forced loss and accuracy, greedy
+    /// exact and prefix match, and what quantization costs.
+    fn sft_rows(&mut self, ctx: &mut RunContext, file: &Path) -> anyhow::Result<()> {
+        let (tokenizer, model_dir) = (&self.tokenizer, &self.source.dir);
+        let data = inputs::sft_tokens(ctx, file, tokenizer, model_dir, &self.settings)?;
+        let forced = task::teacher_forced(
+            &self.model,
+            &data.examples,
+            tokenizer.pad_id(),
+            &self.device,
+        )?;
+        let mut greedy = self.greedy(ctx, &data.examples)?;
+        if self.p.normalize_whitespace.value {
             let text = |ids: &[u32]| -> anyhow::Result<String> {
                 Ok(task::normalize_whitespace(
-                    &tokenizer.decode_completion(ids, &stop)?,
+                    &self.tokenizer.decode_completion(ids, &self.stop)?,
                 ))
             };
             for (g, e) in greedy.iter_mut().zip(&data.examples) {
                 g.exact = text(&g.generated)? == text(e.completion_ids())?;
             }
         }
-        if source.quantize.is_some() {
+        if self.source.quantize.is_some() {
             // What holding the model quantized costs, once, against the same
             // model and adapter dense in f32.
-            let unquantized = load(&source.dense(), candle_core::DType::F32)?;
-            let d = crate::train::divergence::divergence(&unquantized, &model, &data.examples)?;
+            let unquantized = load(
+                &self.source.dense(),
+                &self.adapter,
+                DType::F32,
+                &self.device,
+            )?;
+            let d =
+                crate::train::divergence::divergence(&unquantized, &self.model, &data.examples)?;
             metric(ctx, "quantization/kl", d.mean_kl);
             metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);
         }
@@ -245,7 +308,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         ] {
             metric(ctx, name, value);
         }
-        results.push(serde_json::json!({
+        self.results.push(serde_json::json!({
             "sft/loss": loss,
             "sft/perplexity": loss.exp(),
             "sft/exact_match": exact,
@@ -253,10 +316,10 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             "sft/token_accuracy": accuracy,
             "rows": data.examples.len(),
         }));
-        let name = file_name(&file);
+        let name = file_name(file);
         for ((line, f), g) in data.lines.iter().zip(&forced).zip(&greedy) {
             let per = f.tokens.max(1) as f64;
-            examples.push(serde_json::json!({
+            self.examples.push(serde_json::json!({
                 "data": "sft",
                 "file": name,
                 "line": line,
@@ -266,11 +329,16 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
                 "sft/token_accuracy": f.correct as f64 / per,
             }));
         }
+        Ok(())
     }
 
-    if let Some(file) = ctx.files.get("data.dpo").cloned() {
-        let (data, data_key) = inputs::dpo_tokens(ctx, &file, &tokenizer, &model_dir, &settings)?;
-        let policy = dpo::score_pairs(&model, &data, tokenizer.pad_id(), &device)?;
+    /// Preference pairs: does the model rank chosen above rejected, by how
+    /// much, does greedy decoding give the chosen completion, and the
+    /// rewards against a reference when there is one.
+    fn dpo_rows(&mut self, ctx: &mut RunContext, file: &Path) -> anyhow::Result<()> {
+        let (tokenizer, model_dir) = (&self.tokenizer, &self.source.dir);
+        let (data, data_key) = inputs::dpo_tokens(ctx, file, tokenizer, model_dir, &self.settings)?;
+        let policy = dpo::score_pairs(&self.model, &data, tokenizer.pad_id(), &self.device)?;
         let n = policy.chosen.len().max(1) as f64;
         // Reference-free: does the model itself rank chosen above rejected?
         let prefers = policy
@@ -298,19 +366,10 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
                 completion_start: e.prompt_ids.len(),
             })
             .collect();
-        let started = std::time::Instant::now();
-        let chosen_greedy = task::greedy_match(
-            &model,
-            &chosen_rows,
-            &stop,
-            max_new_tokens,
-            ctx.progress,
-            ctx.interrupt,
-        )?;
-        generation_seconds += started.elapsed().as_secs_f64();
+        let chosen_greedy = self.greedy(ctx, &chosen_rows)?;
         let chosen_exact = chosen_greedy.iter().filter(|g| g.exact).count() as f64 / n;
         metric(ctx, "preference/chosen_exact_match", chosen_exact);
-        let name = file_name(&file);
+        let name = file_name(file);
         let mut pairs: Vec<serde_json::Value> = (0..policy.chosen.len())
             .map(|i| {
                 let margin = f64::from(policy.chosen[i] - policy.rejected[i]);
@@ -330,40 +389,19 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             "preference/chosen_exact_match": chosen_exact,
             "pairs": policy.chosen.len(),
         });
-        // Against a reference: `reference`, else the model without the adapter.
-        let reference = match (
-            ctx.inputs.contains_key("reference"),
-            ctx.inputs.get("adapter"),
-        ) {
-            (true, _) => Some(super::dpo::reference_spec(ctx)?),
-            (false, Some(_)) => {
-                let m = ctx.input("model")?;
-                Some(super::dpo::ReferenceSpec {
-                    model: source.clone(),
-                    model_artifact: m
-                        .dir
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    adapter: None,
-                    description: m.stage.clone(),
-                })
-            }
-            (false, None) => None,
-        };
-        if let Some(reference) = reference {
+        if let Some(reference) = self.reference(ctx)? {
             let all: Vec<usize> = (0..data.examples.len()).collect();
-            let scores = super::dpo::reference_scores(
+            let scores = reference_scores(
                 ctx,
                 &reference,
                 &data,
                 &data_key,
                 &all,
-                dtype,
-                &device,
-                tokenizer.pad_id(),
+                self.dtype,
+                &self.device,
+                self.tokenizer.pad_id(),
             )?;
-            let (beta, mut wins, mut margin) = (p.beta.value, 0usize, 0f64);
+            let (beta, mut wins, mut margin) = (self.p.beta.value, 0usize, 0f64);
             for (i, pair) in pairs.iter_mut().enumerate() {
                 let rc = beta * (policy.chosen[i] - scores.chosen[i]) as f64;
                 let rr = beta * (policy.rejected[i] - scores.rejected[i]) as f64;
@@ -380,41 +418,84 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             ctx.metrics
                 .insert("reference".into(), reference.description.into());
         }
-        results.push(line);
-        examples.extend(pairs);
+        self.results.push(line);
+        self.examples.extend(pairs);
+        Ok(())
     }
 
-    if generation_seconds > 0.0 {
-        metric(ctx, "generation/seconds", generation_seconds);
-    }
-    for sample in crate::train::samples::complete(
-        &model,
-        &tokenizer,
-        &p.prompts,
-        p.max_new_tokens.value as usize,
-        p.temperature.value,
-        ctx.seed,
-    )? {
-        results.push(serde_json::to_value(&sample)?);
-    }
-    if !p.prompts.is_empty() {
-        ctx.metrics.insert(
-            "samples".into(),
-            serde_json::to_value(
-                results
-                    .iter()
-                    .filter(|r| r.get("prompt").is_some())
-                    .collect::<Vec<_>>(),
-            )?,
-        );
+    /// The rewards' reference: `reference`, else the model without the adapter.
+    fn reference(&self, ctx: &RunContext) -> anyhow::Result<Option<ReferenceSpec>> {
+        Ok(
+            match (ctx.inputs.contains_key("reference"), &self.adapter) {
+                (true, _) => Some(reference_spec(ctx)?),
+                (false, Some(_)) => {
+                    let m = ctx.input("model")?;
+                    Some(ReferenceSpec {
+                        model: self.source.clone(),
+                        model_artifact: file_name(&m.dir),
+                        adapter: None,
+                        description: m.stage.clone(),
+                    })
+                }
+                (false, None) => None,
+            },
+        )
     }
 
-    for (file, lines) in [(RESULTS_FILE, &results), (EXAMPLES_FILE, &examples)] {
-        let mut out = std::fs::File::create(ctx.out_dir.join(file))?;
-        for r in lines {
-            writeln!(out, "{r}")?;
+    /// Completions of the stage's `prompts`, into eval.jsonl and the manifest.
+    fn samples(&mut self, ctx: &mut RunContext) -> anyhow::Result<()> {
+        let p = self.p;
+        for sample in crate::train::samples::complete(
+            &self.model,
+            &self.tokenizer,
+            &p.prompts,
+            p.max_new_tokens.value as usize,
+            p.temperature.value,
+            ctx.seed,
+        )? {
+            self.results.push(serde_json::to_value(&sample)?);
         }
-        out.sync_all()?;
+        if !p.prompts.is_empty() {
+            ctx.metrics.insert(
+                "samples".into(),
+                serde_json::to_value(
+                    self.results
+                        .iter()
+                        .filter(|r| r.get("prompt").is_some())
+                        .collect::<Vec<_>>(),
+                )?,
+            );
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// eval.jsonl and examples.jsonl into the artifact.
+    fn write(&self, ctx: &RunContext) -> anyhow::Result<()> {
+        use std::io::Write;
+        for (file, lines) in [
+            (RESULTS_FILE, &self.results),
+            (EXAMPLES_FILE, &self.examples),
+        ] {
+            let mut out = std::fs::File::create(ctx.out_dir.join(file))?;
+            for r in lines {
+                writeln!(out, "{r}")?;
+            }
+            out.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// The model in `source` with the stage's adapter, if it has one.
+fn load(
+    source: &inputs::ModelSource,
+    adapter: &Option<InputArtifact>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Decoder> {
+    let mut model = inputs::load_model(source, dtype, device)?;
+    if let Some(adapter) = adapter {
+        inputs::load_adapter(&mut model, adapter)?;
+    }
+    Ok(model)
 }

@@ -3,13 +3,8 @@
 //! was trained on, a new adapter's targets must name modules of its model,
 //! and a continued adapter keeps its r, alpha and targets.
 
-use std::borrow::Cow;
-
-use super::adapter::{read_peft_shape, AdapterParams};
-use super::base::BaseParams;
-use super::dpo::DpoParams;
+use super::lineage::{self, Made};
 use super::params::{LoraSpec, Targets};
-use super::sft::SftParams;
 use crate::diag::span::Sp;
 use crate::diag::{did_you_mean, Problem};
 use crate::stage::{ArtifactKind, StageView};
@@ -24,8 +19,17 @@ pub enum LoraUse<'a> {
     /// Continues the adapter named by the `adapter` field; `constraint` is a
     /// `lora` table merged in from `[defaults.<kind>]`, which must agree with it.
     Continue { constraint: Option<&'a LoraSpec> },
-    /// Imported from a PEFT folder; the config is read from it when known.
-    Imported(Option<LoraSpec>),
+}
+
+impl LoraUse<'_> {
+    /// What a training stage tells the stages that refer to it (`lineage::AdapterMade`).
+    pub fn made(&self) -> Option<Made> {
+        match self {
+            LoraUse::None => None,
+            LoraUse::New(spec) => Some(Made::Own(Some((*spec).clone()))),
+            LoraUse::Continue { .. } => Some(Made::Continued),
+        }
+    }
 }
 
 /// LoRA use of a training stage from its `adapter` and `lora` keys.
@@ -36,43 +40,6 @@ pub fn lora_use<'a>(adapter: &Option<Sp<String>>, lora: &'a Option<LoraSpec>) ->
         },
         (None, Some(spec)) => LoraUse::New(spec),
         (None, None) => LoraUse::None,
-    }
-}
-
-/// How the stage behind `view` relates to LoRA adapters.
-fn use_of<'a>(view: StageView<'a>) -> LoraUse<'a> {
-    if let Some(p) = view.params::<SftParams>() {
-        lora_use(&p.adapter, &p.lora)
-    } else if let Some(p) = view.params::<DpoParams>() {
-        lora_use(&p.adapter, &p.lora)
-    } else if let Some(p) = view.params::<AdapterParams>() {
-        LoraUse::Imported(read_peft_shape(p.folder()))
-    } else {
-        LoraUse::None
-    }
-}
-
-/// The LoRA config of the adapter a stage makes, following continuations.
-pub(crate) fn adapter_config(view: StageView<'_>, depth: usize) -> Option<Cow<'_, LoraSpec>> {
-    if depth > view.stage_count() {
-        return None;
-    }
-    match use_of(view) {
-        LoraUse::New(spec) => Some(Cow::Borrowed(spec)),
-        LoraUse::Imported(spec) => spec.map(Cow::Owned),
-        LoraUse::Continue { .. } => adapter_config(view.target("adapter")?, depth + 1),
-        LoraUse::None => None,
-    }
-}
-
-/// Linear module names of the model a stage makes (following merges to their base).
-fn model_modules(view: StageView<'_>, depth: usize) -> Option<Result<Vec<String>, Problem>> {
-    if depth > view.stage_count() {
-        return None;
-    }
-    match view.params::<BaseParams>() {
-        Some(base) => base.linear_modules(),
-        None => model_modules(view.target("model")?, depth + 1),
     }
 }
 
@@ -141,7 +108,7 @@ pub fn check_lora(view: StageView<'_>, lora: LoraUse<'_>, problems: &mut Vec<Pro
     match lora {
         LoraUse::New(spec) => {
             if let Some(m) = view.target("model") {
-                match model_modules(m, 0) {
+                match lineage::model_modules(m) {
                     Some(Ok(modules)) => check_targets(spec, &modules, m.name(), problems),
                     Some(Err(p)) => problems.push(p),
                     None => {}
@@ -152,7 +119,7 @@ pub fn check_lora(view: StageView<'_>, lora: LoraUse<'_>, problems: &mut Vec<Pro
             constraint: Some(wanted),
         } => {
             if let Some(a) = view.target("adapter") {
-                if let Some(actual) = adapter_config(a, 0) {
+                if let Some(actual) = lineage::adapter_config(a) {
                     check_continuation(view, a.name(), wanted, &actual, problems);
                 }
             }

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::lineage::HeldAs;
 use super::lora::{check_adapter_model, check_written_adapter_or_lora};
 use super::params::Quantize;
 use super::{inputs, model_refs};
@@ -12,7 +13,7 @@ use crate::diag::Problem;
 use crate::model::decoder::{Decoder, LoadOptions};
 use crate::model::merge::{merge_lora, save_model_folder};
 use crate::stage::{
-    ArtifactKind, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageRef, StageView,
+    ArtifactKind, Ask, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageRef, StageView,
 };
 use candle_core::{DType, Device};
 
@@ -45,9 +46,6 @@ pub struct MergeParams {
     /// model (metrics `merge/kl...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<Sp<String>>,
-    #[serde(skip)]
-    #[schemars(skip)]
-    recipe_dir: std::path::PathBuf,
 }
 
 /// Rows of `eval` are cut (from the left of the prompt) to this many tokens.
@@ -90,7 +88,6 @@ impl Kind for Merge {
             );
         }
         at_least(&mut problems, "shard_bytes", &p.shard_bytes, 1 << 20);
-        p.recipe_dir = ctx.recipe_dir.to_path_buf();
         problems
     }
 
@@ -102,10 +99,16 @@ impl Kind for Merge {
         })
     }
 
-    fn files(&self, p: &MergeParams) -> Vec<FileInput> {
+    fn answer(&self, p: &MergeParams, ask: &mut Ask<'_>) {
+        if let Some(q) = &p.quantize {
+            ask.give::<HeldAs>(|| q.value.quantization());
+        }
+    }
+
+    fn files(&self, p: &MergeParams, recipe_dir: &std::path::Path) -> Vec<FileInput> {
         p.eval
             .iter()
-            .map(|f| super::file_input("eval", f, &p.recipe_dir))
+            .map(|f| super::file_input(super::input::MERGE_ROWS, f, recipe_dir))
             .collect()
     }
 
@@ -164,7 +167,7 @@ impl Kind for Merge {
         if held.is_some() {
             compared.push(("merge/loaded", f32_cpu(&merged)?));
         }
-        let rows = match ctx.files.get("eval").cloned() {
+        let rows = match ctx.files.get(super::input::MERGE_ROWS).cloned() {
             Some(file) => {
                 let tokenizer = inputs::load_tokenizer(&source.dir)?;
                 let settings = crate::data::TokenizeSettings::new(EVAL_SEQ_LEN);

@@ -1,6 +1,8 @@
 //! The built-in stage kinds, one file each, and what several of them share:
-//! parameter tables (`params`), LoRA checks (`lora`), loading inputs
-//! (`inputs`) and the training glue (`training`).
+//! parameter tables (`params`), what a stage asks of the stages it refers
+//! to (`lineage`), LoRA checks (`lora`), memory estimates (`memory`),
+//! loading inputs (`inputs`), the reference policy (`reference`) and the
+//! training glue (`training`).
 
 pub mod adapter;
 pub mod base;
@@ -8,10 +10,12 @@ pub mod dpo;
 pub mod eval;
 pub mod export;
 pub mod inputs;
+pub mod lineage;
 pub mod lora;
 pub mod memory;
 pub mod merge;
 pub mod params;
+pub mod reference;
 pub mod sft;
 mod training;
 
@@ -30,6 +34,20 @@ pub fn builtin() -> Registry {
         .with(merge::Merge)
         .with(eval::Eval)
         .with(export::Export)
+}
+
+/// The names data files enter a stage's key and `RunContext::files` under.
+pub mod input {
+    /// A training stage's training rows.
+    pub const TRAIN: &str = "data.train";
+    /// A training stage's held-out rows.
+    pub const EVAL: &str = "data.eval";
+    /// An eval stage's prompt/completion rows.
+    pub const SFT_ROWS: &str = "data.sft";
+    /// An eval stage's preference pairs.
+    pub const DPO_ROWS: &str = "data.dpo";
+    /// A merge's held-out rows for its precision check.
+    pub const MERGE_ROWS: &str = "eval";
 }
 
 pub const MODEL: &[ArtifactKind] = &[ArtifactKind::Model];

@@ -2,13 +2,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use super::lineage::AdapterMade;
 use super::lora::{check_written_adapter_or_lora, lora_use};
 use super::params::{DataSpec, LoraSpec, TrainSpec};
 use super::{inputs, model_refs, training};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::stage::{
-    ArtifactKind, Dtype, FileInput, Kind, Objective, ParseContext, Role, RunContext, StageRef,
+    ArtifactKind, Ask, Dtype, FileInput, Kind, Objective, ParseContext, Role, RunContext, StageRef,
     StageView,
 };
 
@@ -34,12 +37,6 @@ pub struct SftParams {
     /// Compute dtype; the recipe's default when left out.
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
-    #[serde(skip)]
-    #[schemars(skip)]
-    pub(crate) recipe_dir: std::path::PathBuf,
-    #[serde(skip)]
-    #[schemars(skip)]
-    pub(crate) span: std::ops::Range<usize>,
 }
 
 impl Kind for Sft {
@@ -72,26 +69,32 @@ impl Kind for Sft {
     fn prepare(&self, p: &mut SftParams, ctx: &ParseContext) -> Vec<Problem> {
         let mut problems = Vec::new();
         training::check_tables(&p.lora, &p.train, &p.data, &mut problems);
-        p.recipe_dir = ctx.recipe_dir.to_path_buf();
-        p.span = ctx.stage_start();
         training::fill_defaults(&p.adapter, &mut p.lora, &mut p.dtype, ctx);
         problems
     }
 
     fn plan_memory(
         &self,
+        p: &SftParams,
         stage: StageView<'_>,
         on_gpu: bool,
     ) -> Option<crate::units::MemoryEstimate> {
-        super::memory::estimate(stage, on_gpu)
+        let batch = super::memory::sft_step(p);
+        super::memory::estimate(stage, &p.train, &p.dtype, batch, on_gpu)
+    }
+
+    fn answer(&self, p: &SftParams, ask: &mut Ask<'_>) {
+        if let Some(made) = lora_use(&p.adapter, &p.lora).made() {
+            ask.give::<AdapterMade>(|| made);
+        }
     }
 
     fn refs(&self, p: &SftParams) -> Vec<StageRef> {
         model_refs(&p.model, &p.adapter, None)
     }
 
-    fn files(&self, p: &SftParams) -> Vec<FileInput> {
-        training::data_files(&p.data, &p.recipe_dir)
+    fn files(&self, p: &SftParams, recipe_dir: &Path) -> Vec<FileInput> {
+        training::data_files(&p.data, recipe_dir)
     }
 
     fn check(&self, p: &SftParams, stage: StageView<'_>) -> Vec<Problem> {
@@ -99,7 +102,7 @@ impl Kind for Sft {
             stage,
             &p.data,
             lora_use(&p.adapter, &p.lora),
-            p.span.clone(),
+            stage.stage_start(),
         )
     }
 
@@ -117,9 +120,9 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let memory = training::memory_estimate(&model, &p.train, super::memory::sft_step(p));
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let settings = inputs::settings(&p.train, data);
-    let train_file = ctx.files["data.train"].clone();
+    let train_file = ctx.files[super::input::TRAIN].clone();
     let train = inputs::sft_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
-    let eval = match ctx.files.get("data.eval").cloned() {
+    let eval = match ctx.files.get(super::input::EVAL).cloned() {
         Some(f) => Some(inputs::sft_tokens(
             ctx, &f, &tokenizer, &model_dir, &settings,
         )?),

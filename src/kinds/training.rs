@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::lora::{self, LoraUse};
 use super::params::{DataSpec, LoraSpec, TrainSpec};
-use super::{file_input, inputs};
+use super::{file_input, input, inputs};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::stage::{Dtype, FileInput, ParseContext, RunContext, StageView};
@@ -15,9 +15,9 @@ use crate::train::trainer::{self, LoopEnv, Metrics, Objective};
 /// `data.train` and `data.eval` as stage inputs.
 pub fn data_files(data: &Option<DataSpec>, recipe_dir: &std::path::Path) -> Vec<FileInput> {
     let Some(data) = data else { return Vec::new() };
-    let mut files = vec![file_input("data.train", &data.train, recipe_dir)];
+    let mut files = vec![file_input(input::TRAIN, &data.train, recipe_dir)];
     if let Some(eval) = &data.eval {
-        files.push(file_input("data.eval", eval, recipe_dir));
+        files.push(file_input(input::EVAL, eval, recipe_dir));
     }
     files
 }
@@ -187,7 +187,7 @@ fn gib(bytes: u64) -> f64 {
 pub fn memory_estimate(
     model: &crate::model::decoder::Decoder,
     train: &TrainSpec,
-    (rows, reference_model): (usize, bool),
+    batch: super::memory::MicroBatch,
 ) -> Option<crate::model::memory::MemoryEstimate> {
     let lora = model.lora_config.as_ref()?;
     let targets = lora.resolve(&model.config).ok()?;
@@ -198,10 +198,10 @@ pub fn memory_estimate(
             quantization: model.quantization,
             targets: &targets,
             dropout: lora.dropout > 0.0,
-            rows,
+            rows: batch.rows,
             seq_len: train.seq_len.value as usize,
             checkpointing: model.checkpointing(),
-            reference_model,
+            reference_model: batch.reference,
             fused: crate::model::memory::fused_path(!model.device.is_cpu(), model.dtype),
             on_gpu: !model.device.is_cpu(),
         },

@@ -2,6 +2,7 @@
 //! under SIGKILL, concurrent runs, failures, interrupts, --only/--until/--force, gc.
 
 use crate::support;
+use lora_runner::cli::exit;
 use std::time::{Duration, Instant};
 
 use crate::support::{plan_entry, Workspace};
@@ -250,7 +251,7 @@ fn two_concurrent_runs_compute_a_shared_stage_once() {
     }
     let second = ws.child(&["run", "two.toml"]).ok();
     let first = first.wait_with_output().unwrap();
-    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(first.status.code(), Some(exit::OK));
     assert_eq!(ws.executions("shared"), 1, "computed once");
     assert_eq!((ws.executions("x"), ws.executions("y")), (1, 1));
     assert!(
@@ -277,7 +278,7 @@ fn a_failed_stage_stops_its_dependents_only_and_exits_1() {
         &CHAIN.replace("message = \"A\"", "message = \"fail\""),
     );
     let run = ws.child(&["run", "recipe.toml"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.code, exit::STAGE_FAILED, "{}", run.stderr);
     assert!(
         run.stderr.contains("a: FAILED: asked to fail"),
         "{}",
@@ -325,7 +326,7 @@ fn ctrl_c_stops_at_a_step_boundary_and_exits_130() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
-        Some(130),
+        Some(exit::INTERRUPTED),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -338,7 +339,7 @@ fn ctrl_c_stops_at_a_step_boundary_and_exits_130() {
 fn only_until_and_force_select_stages() {
     let ws = chain();
     let run = ws.child(&["run", "recipe.toml", "--only", "b"]);
-    assert_eq!(run.code, 2, "--only needs cached inputs");
+    assert_eq!(run.code, exit::USAGE, "--only needs cached inputs");
     assert!(
         run.stderr.contains("its input `a` is not cached"),
         "{}",
@@ -357,7 +358,7 @@ fn only_until_and_force_select_stages() {
     assert_eq!(ws.executions("a"), 1);
 
     let run = ws.child(&["run", "recipe.toml", "--only", "nope"]);
-    assert_eq!(run.code, 2);
+    assert_eq!(run.code, exit::USAGE);
     assert!(run.stderr.contains("no stage `nope`"));
 }
 
@@ -463,7 +464,7 @@ fn gc_removes_only_what_no_recipe_reaches() {
     ws.child(&["gc", "--delete"]).ok();
     assert_eq!(ws.artifacts().len(), 2, "b and its parent a");
     ws.child(&["unpin", "chain.b"]).ok();
-    assert_eq!(ws.child(&["unpin", "chain.b"]).code, 2);
+    assert_eq!(ws.child(&["unpin", "chain.b"]).code, exit::USAGE);
     // With no recipe and no pin, everything goes.
     ws.child(&["gc", "--delete"]).ok();
     assert!(ws.artifacts().is_empty());
@@ -473,7 +474,7 @@ fn gc_removes_only_what_no_recipe_reaches() {
 fn export_copies_an_artifact_out_of_the_cache() {
     let ws = chain();
     let run = ws.child(&["export", "recipe.toml", "b", "out"]);
-    assert_eq!(run.code, 2, "not cached yet");
+    assert_eq!(run.code, exit::USAGE, "not cached yet");
     ws.child(&["run", "recipe.toml"]).ok();
     ws.child(&["export", "recipe.toml", "b", "out"]).ok();
     assert_eq!(
@@ -511,7 +512,7 @@ fn a_cache_that_cannot_be_opened_exits_3_and_says_which() {
     let ws = chain();
     ws.write("not-a-folder", "a file where the cache should be");
     let run = ws.child(&["--cache", "not-a-folder", "plan", "recipe.toml"]);
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, exit::ENVIRONMENT, "{}", run.stderr);
     assert!(
         run.stderr.starts_with("error: cache not-a-folder: "),
         "{}",
@@ -519,7 +520,7 @@ fn a_cache_that_cannot_be_opened_exits_3_and_says_which() {
     );
     // The recipe's own mistakes stay exit 2, whatever the cache.
     let run = ws.child(&["--cache", "not-a-folder", "plan", "missing.toml"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
     assert!(
         run.stderr
             .starts_with("error: cannot read recipe missing.toml: "),

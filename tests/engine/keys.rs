@@ -4,6 +4,7 @@
 use crate::support;
 use crate::support::Workspace;
 use lora_runner::cache::Cache;
+use lora_runner::cli::exit;
 use lora_runner::plan::{self, Overrides};
 
 /// Keys of every stage of `text`, by stage name.
@@ -225,13 +226,13 @@ fn asking_for_a_gpu_without_cuda_is_a_recipe_error_at_the_device_line() {
         &RECIPE.replace("seed = 5", "seed = 5\ndevice = \"cuda:0\""),
     );
     let run = ws.runner(&["plan", "recipe.toml"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
     assert!(run.stderr.contains("[recipe.toml:4:10]"), "{}", run.stderr);
     assert!(run.stderr.contains("built without CUDA"), "{}", run.stderr);
     // --device overrides the recipe.
     ws.runner(&["plan", "recipe.toml", "--device", "cpu"]).ok();
     let bad = ws.runner(&["plan", "recipe.toml", "--device", "tpu"]);
-    assert_eq!(bad.code, 2);
+    assert_eq!(bad.code, exit::USAGE);
     assert!(
         bad.stderr.contains("unknown device `tpu`"),
         "{}",

@@ -10,8 +10,7 @@ use std::path::Path;
 /// layers it lists, and the leaves.
 const LEAVES: &[&str] = &["diag", "fsutil", "sink", "units"];
 const ENGINE: &[&str] = &[
-    "cache", "exec", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "report",
-    "schema", "stage",
+    "cache", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "schema", "stage",
 ];
 const ML: &[&str] = &["data", "model", "train"];
 const STAGE_LAYER: &[&str] = &["compare", "device", "kinds"];

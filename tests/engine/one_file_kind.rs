@@ -3,6 +3,7 @@
 //! kinds do — `plan`, `schema`, `--help` — and, as a training kind, in
 //! `compare`, without the engine or the comparison knowing its name.
 
+use lora_runner::cli::exit;
 use std::io::Write;
 
 use lora_runner::diag::checks::at_least;
@@ -105,7 +106,7 @@ fn a_kind_in_one_file_shows_up_in_plan_schema_help_and_compare() {
     // A bad value is reported at its position, through the kind's own check.
     ws.write("bad.toml", &RECIPE.replace("steps = 2", "steps = 0"));
     let bad = ws.child(&["plan", "bad.toml"]);
-    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert_eq!(bad.code, exit::USAGE, "{}", bad.stderr);
     assert!(
         bad.stderr.contains("`steps` must be >= 1, got 0") && bad.stderr.contains("[bad.toml:7:9]"),
         "{}",

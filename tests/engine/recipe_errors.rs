@@ -2,6 +2,7 @@
 
 use crate::support;
 use crate::support::Workspace;
+use lora_runner::cli::exit;
 use lora_runner::diag::RecipeError;
 
 /// Load and type-check `text` as `<ws>/recipe.toml`; return the error.
@@ -428,7 +429,7 @@ fn the_cli_renders_problems_with_the_line_and_exits_2() {
     let text = with_base(&ws, &format!("{SFT}train = {{ stpes = 3 }}\n"));
     ws.write("recipe.toml", &text);
     let run = ws.runner(&["plan", "recipe.toml"]);
-    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
     assert!(run.stderr.contains("[recipe.toml:12:11]"), "{}", run.stderr);
     assert!(
         run.stderr.contains("train = { stpes = 3 }"),

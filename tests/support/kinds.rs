@@ -29,8 +29,6 @@ pub struct EmitParams {
     pub steps: Sp<u64>,
     #[serde(default)]
     pub sleep_ms: Sp<u64>,
-    #[serde(skip)]
-    dir: std::path::PathBuf,
 }
 
 fn one() -> Sp<u64> {
@@ -55,10 +53,9 @@ impl Kind for Emit {
     fn summary(&self) -> &'static str {
         "test kind"
     }
-    fn prepare(&self, p: &mut EmitParams, ctx: &ParseContext) -> Vec<Problem> {
+    fn prepare(&self, p: &mut EmitParams, _ctx: &ParseContext) -> Vec<Problem> {
         let mut problems = Vec::new();
         at_least(&mut problems, "steps", &p.steps, 1);
-        p.dir = ctx.recipe_dir.to_path_buf();
         problems
     }
     fn key_params(&self, p: &EmitParams) -> serde_json::Value {
@@ -73,10 +70,10 @@ impl Kind for Emit {
             .map(|i| stage_ref("input", i, MODEL))
             .collect()
     }
-    fn files(&self, p: &EmitParams) -> Vec<FileInput> {
+    fn files(&self, p: &EmitParams, recipe_dir: &std::path::Path) -> Vec<FileInput> {
         p.data
             .iter()
-            .map(|d| lora_runner::kinds::file_input("data", d, &p.dir))
+            .map(|d| lora_runner::kinds::file_input("data", d, recipe_dir))
             .collect()
     }
     fn run(&self, p: &EmitParams, ctx: &mut RunContext) -> anyhow::Result<()> {

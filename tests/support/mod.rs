@@ -6,6 +6,7 @@ pub mod fixtures;
 pub mod kinds;
 pub mod model;
 
+use lora_runner::cli::exit;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -161,9 +162,11 @@ impl From<Output> for Run {
 impl Run {
     pub fn ok(self) -> Self {
         assert_eq!(
-            self.code, 0,
+            self.code,
+            exit::OK,
             "stdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
+            self.stdout,
+            self.stderr
         );
         self
     }

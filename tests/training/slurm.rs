@@ -2,6 +2,7 @@
 //! scripts/slurm-local/ and sets RUNNER_TEST_SLURM=1. Without it these tests
 //! say they were skipped. Every wait is bounded and names the job it waited for.
 
+use lora_runner::cli::exit;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -196,7 +197,7 @@ fn a_failing_job_stops_its_dependants_and_status_says_why() {
     let text = failing_recipe(&ws);
     ws.write("r.toml", &text);
     let run = ws.runner(&["run", "r.toml", "--executor", "slurm", "--wait"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.code, exit::STAGE_FAILED, "{}", run.stderr);
     assert!(
         run.stderr.contains("dpo@train=bad.jsonl: FAILED: job "),
         "{}",

@@ -2,6 +2,7 @@
 //! exact resume after SIGKILL, determinism, failures that name their cause.
 
 use crate::support;
+use lora_runner::cli::exit;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -223,7 +224,7 @@ fn sft_lowers_the_eval_loss_and_dpo_raises_preference_accuracy_in_both_schemes()
         );
     }
     let run = ws.runner(&["compare", "recipe.toml", "base"]);
-    assert_eq!(run.code, 2);
+    assert_eq!(run.code, exit::USAGE);
     assert!(
         run.stderr.contains("compare takes sft and dpo stages"),
         "{}",
@@ -361,7 +362,7 @@ fn ctrl_c_checkpoints_and_plan_says_where_it_resumes() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
-        Some(130),
+        Some(exit::INTERRUPTED),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -381,7 +382,7 @@ fn a_bad_data_row_fails_the_stage_naming_file_and_line() {
         recipe(5, 5, "").replace(&data("sft_train.jsonl").display().to_string(), "sft.jsonl");
     ws.write("recipe.toml", &text);
     let run = ws.runner(&["run", "recipe.toml"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.code, exit::STAGE_FAILED, "{}", run.stderr);
     assert!(
         run.stderr
             .contains("sft.jsonl:2: missing field \"completion\""),
@@ -417,7 +418,7 @@ fn a_diverging_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
         ),
     );
     let run = ws.runner(&["run", "recipe.toml", "--until", "sft"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.code, exit::STAGE_FAILED, "{}", run.stderr);
     let re = regex::Regex::new(r"step (\d+): the (loss|gradient norm) is (NaN|inf|-inf)").unwrap();
     let caps = re
         .captures(&run.stderr)
@@ -475,7 +476,7 @@ fn an_exported_adapter_is_imported_checked_against_its_model_and_continued() {
         &import("hidden = 48, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100"),
     );
     let run = ws.runner(&["run", "import.toml"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.code, exit::STAGE_FAILED, "{}", run.stderr);
     assert!(
         run.stderr.contains("tensor `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` has shape [8, 32], but the model"),
         "{}",
@@ -770,14 +771,14 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
         "the best column first: {ranked}"
     );
     let bad = ws.runner(&["compare", "recipe.toml", "--sort", "bleu"]);
-    assert_eq!(bad.code, 2);
+    assert_eq!(bad.code, exit::USAGE);
     assert!(
         bad.stderr.contains("cannot rank by `bleu`"),
         "{}",
         bad.stderr
     );
     let none = ws.runner(&["compare", "recipe.toml", "nope*"]);
-    assert_eq!(none.code, 2);
+    assert_eq!(none.code, exit::USAGE);
     assert!(
         none.stderr
             .contains("`nope*` matches no training stage of tiny"),

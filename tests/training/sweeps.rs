@@ -2,6 +2,7 @@
 //! expands and fans out, what its variants' keys are, and that stages run
 //! in parallel end with the same bytes as one at a time.
 
+use lora_runner::cli::exit;
 use std::path::{Path, PathBuf};
 
 use crate::support::{plan_entry, Workspace};
@@ -245,7 +246,7 @@ seq_len = 32
     // An explicit variant name that does not exist is a recipe error with a suggestion.
     ws.write("r.toml", &recipe("", "dpo@lr=0.001-beta=0.2"));
     let bad = ws.runner(&["plan", "r.toml"]);
-    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert_eq!(bad.code, exit::USAGE, "{}", bad.stderr);
     assert!(
         bad.stderr.contains("unknown stage `dpo@lr=0.001-beta=0.2`")
             && bad.stderr.contains("did you mean `dpo@lr=1e-3-beta=0.2`?"),
@@ -298,7 +299,7 @@ fn matrix_mistakes_point_at_what_was_written() {
             sweep_recipe(4, "").replacen(r#"matrix = { "dpo.beta" = [0.1, 0.5] }"#, matrix, 1);
         ws.write("r.toml", &text);
         let run = ws.runner(&["plan", "r.toml"]);
-        assert_eq!(run.code, 2, "{matrix}: {}", run.stderr);
+        assert_eq!(run.code, exit::USAGE, "{matrix}: {}", run.stderr);
         assert!(run.stderr.contains(message), "{matrix}: {}", run.stderr);
         assert!(
             run.stderr.contains(at),
@@ -367,7 +368,7 @@ fn jobs_2_runs_stages_side_by_side_to_the_same_bytes_as_one_at_a_time() {
         );
     }
     let only = parallel.runner(&["run", "r.toml", "--only", "continued"]);
-    assert_eq!(only.code, 2, "{}", only.stderr);
+    assert_eq!(only.code, exit::USAGE, "{}", only.stderr);
     assert!(
         only.stderr.contains(
             "`continued` is swept in r.toml: name one variant \
@@ -377,7 +378,7 @@ fn jobs_2_runs_stages_side_by_side_to_the_same_bytes_as_one_at_a_time() {
         only.stderr
     );
     let unknown = parallel.runner(&["run", "r.toml", "--force", "continuedd"]);
-    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert_eq!(unknown.code, exit::USAGE, "{}", unknown.stderr);
     assert!(
         unknown.stderr.contains("no stage `continuedd` in r.toml"),
         "{}",
@@ -419,7 +420,7 @@ fn with_jobs_a_failed_stage_stops_only_its_dependants() {
     let text = failing_recipe(&ws);
     ws.write("r.toml", &text);
     let run = ws.runner(&["--threads", "1", "run", "r.toml", "--jobs", "2"]);
-    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.code, exit::STAGE_FAILED, "{}", run.stderr);
     assert!(
         run.stderr.contains("dpo@train=bad.jsonl: FAILED") && run.stderr.contains("bad.jsonl:2"),
         "{}",

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::canvas::{write_svg, ChartLayout};
 use super::legend::legend_for;
 use super::panel::{Panel, PanelSeries};
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 use crate::stage::Objective;
 
 pub const DPO_CHART_TITLE: &str = "DPO rewards per step";

@@ -9,7 +9,7 @@ use super::style::{
     stage_colour, stage_marker, text_style, LEGEND_ROW_HEIGHT, LEGEND_SIZE, NOTE_COLOUR, NOTE_SIZE,
     SMOOTHED_STROKE,
 };
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 
 #[derive(Clone, Debug)]
 pub struct LegendEntry {

@@ -11,7 +11,7 @@ use std::path::Path;
 use super::canvas::{write_svg, ChartLayout};
 use super::legend::legend_for;
 use super::panel::{Panel, PanelSeries};
-use crate::compare::stage::StageSummary;
+use crate::compare::summary::StageSummary;
 use crate::stage::Objective;
 
 pub const LOSS_CHART_TITLE: &str = "Training loss per step";

@@ -13,7 +13,7 @@ use super::style::{
     AXIS_DESC_SIZE, GRID_BOLD, GRID_LIGHT, PANEL_CAPTION_SIZE, RAW_OPACITY, SMOOTHED_STROKE,
     TICK_LABEL_SIZE,
 };
-use crate::compare::stage::Point;
+use crate::compare::summary::Point;
 
 /// One stage's data in one panel.
 #[derive(Clone, Debug)]

@@ -1,6 +1,6 @@
 //! Light smoothing for noisy per-step curves.
 
-use crate::compare::stage::Point;
+use crate::compare::summary::Point;
 
 /// Share of a curve's points one smoothing window spans (~5%).
 pub const SMOOTHING_FRACTION: f64 = 0.05;

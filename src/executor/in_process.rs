@@ -1,100 +1,18 @@
-//! Execution: run a plan's stages in order, skipping cached ones, each
-//! under its lock, promoting each result atomically into the cache.
+//! Running a plan's stages in this process, in order, skipping cached ones,
+//! each under its lock, promoting each result atomically into the cache.
+//! (A stage that another executor starts runs here too, in its own process.)
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::cache::{self, Cache, InputFile, Manifest, Parent};
-use crate::graph::Dag;
 use crate::plan::{Plan, PlannedStage, Reason, Status};
 use crate::progress::Reporter;
 use crate::recipe::Recipe;
 use crate::stage::{InputArtifact, Interrupted, RunContext};
 
-/// Which stages to run.
-#[derive(Clone, Debug, Default)]
-pub struct Selection {
-    /// Run only this stage (its inputs must be cached).
-    pub only: Option<String>,
-    /// Run this stage and what it depends on, nothing after.
-    pub until: Option<String>,
-}
-
-/// How each stage ended.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Cached,
-    Ran {
-        artifact: String,
-        seconds: f64,
-    },
-    Failed(String),
-    /// Not run because an input failed or was not run.
-    Blocked(String),
-    Interrupted,
-}
-
-#[derive(Debug, Default)]
-pub struct Report {
-    /// (stage, outcome) in execution order.
-    pub stages: Vec<(String, Outcome)>,
-}
-
-impl Report {
-    pub fn failed(&self) -> bool {
-        self.stages
-            .iter()
-            .any(|(_, o)| matches!(o, Outcome::Failed(_) | Outcome::Blocked(_)))
-    }
-    pub fn interrupted(&self) -> bool {
-        self.stages.iter().any(|(_, o)| *o == Outcome::Interrupted)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("unknown stage `{0}`")]
-    UnknownStage(String),
-    #[error("--only {stage}: its input `{input}` is not cached; run `runner run --until {stage}` instead")]
-    InputNotCached { stage: String, input: String },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Stage indices selected to run, in plan order.
-pub fn select(
-    recipe: &Recipe,
-    dag: &Dag,
-    plan: &Plan,
-    selection: &Selection,
-) -> Result<Vec<usize>, ExecError> {
-    let index_of = |name: &str| {
-        recipe
-            .stages
-            .iter()
-            .position(|s| s.name.value == name)
-            .ok_or_else(|| ExecError::UnknownStage(name.to_string()))
-    };
-    let mut chosen: Vec<usize> = plan.stages.iter().map(|s| s.index).collect();
-    if let Some(until) = &selection.until {
-        let keep = dag.ancestors_and_self(index_of(until)?);
-        chosen.retain(|i| keep.contains(i));
-    }
-    if let Some(only) = &selection.only {
-        let i = index_of(only)?;
-        for (_, d) in dag.deps(i) {
-            if plan.by_index(d).status.will_run() {
-                return Err(ExecError::InputNotCached {
-                    stage: only.clone(),
-                    input: recipe.stages[d].name.value.clone(),
-                });
-            }
-        }
-        chosen.retain(|&c| c == i);
-    }
-    Ok(chosen)
-}
+use super::{ExecError, Outcome, Report};
 
 /// Run the selected stages of a plan.
 pub fn execute(

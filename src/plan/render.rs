@@ -1,4 +1,5 @@
-//! Human and machine renderings of plans, statuses and manifests.
+//! Plans, statuses and a stage's manifest rendered for people (`plan`,
+//! `status`, `show`) and programs (`plan --json`).
 
 use serde::Serialize;
 

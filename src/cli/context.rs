@@ -1,0 +1,110 @@
+//! What every command starts from: the global options, a recipe loaded and
+//! type-checked, the cache opened and a plan made.
+
+use std::path::{Path, PathBuf};
+
+use crate::cache::Cache;
+use crate::diag::Problem;
+use crate::executor::ExecError;
+use crate::graph::{self, Dag};
+use crate::plan::{self, Overrides, Plan};
+use crate::recipe::{self, LoadError, Recipe};
+use crate::stage::{DeviceSpec, Registry};
+
+use super::Error;
+
+/// The options every command shares, and the stage kinds it knows.
+pub struct Context<'a> {
+    pub registry: &'a Registry,
+    pub cache: PathBuf,
+    pub threads: Option<usize>,
+    /// `--device`, overriding the recipe's.
+    pub device: Option<DeviceSpec>,
+}
+
+/// A recipe loaded and type-checked.
+pub struct Checked {
+    pub recipe: Recipe,
+    pub dag: Dag,
+}
+
+impl Context<'_> {
+    pub fn open_cache(&self) -> Result<Cache, Error> {
+        Cache::open(&self.cache).map_err(Error::io(format!("cache {}", self.cache.display())))
+    }
+
+    pub fn check(&self, path: &Path) -> Result<Checked, Error> {
+        let recipe = recipe::load(path, self.registry).map_err(|e| match e {
+            LoadError::Io { path, source } => Error::RecipeUnreadable { path, source },
+            LoadError::Invalid(e) => Error::Recipe(e),
+        })?;
+        let dag = graph::build(&recipe)?;
+        Ok(Checked { recipe, dag })
+    }
+
+    /// The device the recipe's stages compute on: `--device`, else the recipe's
+    /// `device`, with `auto` decided and a GPU checked to be there.
+    fn resolve_device(&self, checked: &Checked) -> Result<DeviceSpec, Error> {
+        let header = &checked.recipe.header.device;
+        let (wanted, span) = match &self.device {
+            Some(d) => (d, 0..0),
+            None => (&header.value, header.span.clone()),
+        };
+        crate::device::resolve(wanted).map_err(|e| {
+            Error::Recipe(
+                checked
+                    .recipe
+                    .error(vec![Problem::new(e.to_string()).at(span, "device")]),
+            )
+        })
+    }
+
+    /// The plan of `checked` with the stages in `force` rerun whatever their cache says.
+    pub fn plan(&self, checked: &Checked, cache: &Cache, force: &[String]) -> Result<Plan, Error> {
+        let overrides = Overrides {
+            force: force.to_vec(),
+            device: self.resolve_device(checked)?,
+        };
+        plan::plan(&checked.recipe, &checked.dag, cache, &overrides).map_err(|e| match e {
+            plan::PlanError::Recipe(e) => Error::Recipe(e),
+            plan::PlanError::Io(e) => Error::io(format!("cache {}", cache.root.display()))(e),
+        })
+    }
+
+    /// `recipe` checked, the cache opened, and the plan made with no stage forced.
+    pub fn check_and_plan(&self, recipe: &Path) -> Result<(Checked, Cache, Plan), Error> {
+        let checked = self.check(recipe)?;
+        let cache = self.open_cache()?;
+        let plan = self.plan(&checked, &cache, &[])?;
+        Ok((checked, cache, plan))
+    }
+
+    /// The cached artifact of `stage` in `recipe`, or a usage error saying how to make it.
+    pub fn cached_artifact(
+        &self,
+        recipe: &Path,
+        stage: &str,
+    ) -> Result<(Checked, Cache, String), Error> {
+        let (checked, cache, plan) = self.check_and_plan(recipe)?;
+        let planned = plan
+            .by_name(stage)
+            .ok_or_else(|| Error::no_stage(stage, recipe))?;
+        let plan::Status::Cached { artifact } = &planned.status else {
+            return Err(Error::NotCached {
+                stage: stage.to_string(),
+                reason: planned.reason(),
+                recipe: recipe.to_path_buf(),
+            });
+        };
+        let artifact = artifact.clone();
+        Ok((checked, cache, artifact))
+    }
+}
+
+/// Errors of selecting and running stages: a name or an order the user got wrong, or I/O.
+pub fn exec_error(e: ExecError) -> Error {
+    match e {
+        ExecError::Io(e) => Error::io("running stages")(e),
+        other => Error::Usage(other.to_string()),
+    }
+}

@@ -1,0 +1,29 @@
+//! `runner plan`: the dry run.
+
+use std::path::PathBuf;
+
+use super::{Context, Error};
+use crate::plan::render;
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// The recipe (a TOML file).
+    recipe: PathBuf,
+    /// Machine-readable output (schemas/plan.schema.json).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn plan(ctx: &Context, args: &PlanArgs) -> Result<(), Error> {
+    let (checked, cache, plan) = ctx.check_and_plan(&args.recipe)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&render::plan_json(&checked.recipe, &plan))
+                .expect("plan serializes")
+        );
+    } else {
+        print!("{}", render::plan_text(&checked.recipe, &plan, &cache));
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! `runner run`: the plan carried out here (one stage at a time, or child
+//! processes with `--jobs`) or by Slurm, then the schemes compared.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::context::{exec_error, Checked};
+use super::{process, Context, Error};
+use crate::cache::Cache;
+use crate::executor::{self, in_process, parallel, slurm, Outcome, Report, Selection};
+use crate::plan::Plan;
+use crate::progress::Reporter;
+use crate::recipe::Recipe;
+use crate::stage::DeviceSpec;
+
+/// Where `runner run` runs stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The recipe (a TOML file).
+    recipe: PathBuf,
+    /// Rerun this stage even if cached (repeatable); a swept stage's own
+    /// name forces every variant of it.
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Run only this stage; its inputs must be cached.
+    #[arg(long, value_name = "STAGE", conflicts_with = "until")]
+    only: Option<String>,
+    /// Run this stage and its inputs, nothing after it.
+    #[arg(long, value_name = "STAGE")]
+    until: Option<String>,
+    /// Run up to N ready stages at once, each in its own process with its
+    /// share of the threads (--threads each; default: cores / N). Results
+    /// are byte-identical to --jobs 1 at the same --threads.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: u32,
+    /// With --jobs: one device per job slot, e.g. cuda:0,cuda:1.
+    #[arg(long, value_name = "DEVICES", value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
+    /// Where stages run: `local` (here), or `slurm`: one sbatch job per stage
+    /// not cached, after its parents' jobs, on the same cache (which must be on
+    /// storage every node sees). Settings: [executor.slurm] in the recipe.
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+    executor: ExecutorKind,
+    /// With --executor slurm: follow the jobs to the end, with the exit codes
+    /// of a local run (Ctrl-C stops waiting; the jobs go on).
+    #[arg(long)]
+    wait: bool,
+}
+
+/// Everything an executor is handed.
+struct Work<'a> {
+    recipe: &'a Recipe,
+    cache: &'a Cache,
+    plan: &'a Plan,
+    selected: &'a [usize],
+    force: &'a [String],
+    reporter: &'a dyn Reporter,
+    interrupt: &'a AtomicBool,
+    /// This binary, for stage processes.
+    program: PathBuf,
+    /// `--threads` and `--device` as given, passed on to stage processes.
+    threads: Option<usize>,
+    device: Option<String>,
+}
+
+pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
+    let checked = ctx.check(&args.recipe)?;
+    let force = forced_stages(&checked, &args.recipe, &args.force)?;
+    for name in args.only.iter().chain(&args.until) {
+        one_stage(&checked, &args.recipe, name)?;
+    }
+    let cache = ctx.open_cache()?;
+    let plan = ctx.plan(&checked, &cache, &force)?;
+    let selection = Selection {
+        only: args.only.clone(),
+        until: args.until.clone(),
+    };
+    let wanted = ctx
+        .device
+        .clone()
+        .unwrap_or_else(|| checked.recipe.header.device.value.clone());
+    eprintln!(
+        "[runner] device: {} (asked: {})",
+        String::from(plan.device.clone()),
+        String::from(wanted)
+    );
+    let selected =
+        executor::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(exec_error)?;
+    let interrupt = process::install_interrupt();
+    let reporter = crate::progress::reporter();
+    let work = Work {
+        recipe: &checked.recipe,
+        cache: &cache,
+        plan: &plan,
+        selected: &selected,
+        force: &force,
+        reporter: reporter.as_ref(),
+        interrupt: &interrupt,
+        program: std::env::current_exe()
+            .map_err(Error::io("finding the runner binary for stage processes"))?,
+        threads: ctx.threads,
+        device: ctx.device.clone().map(String::from),
+    };
+    let outcome = match args.executor {
+        ExecutorKind::Slurm => match on_slurm(&work, args.wait)? {
+            Some(outcome) => outcome,
+            None => return Ok(()),
+        },
+        ExecutorKind::Local if args.jobs > 1 || !args.devices.is_empty() => {
+            in_parallel(&work, args)?
+        }
+        ExecutorKind::Local => in_process::execute(
+            work.recipe,
+            work.cache,
+            work.plan,
+            work.selected,
+            work.reporter,
+            work.interrupt,
+        )
+        .map_err(exec_error)?,
+    };
+    finish(&outcome, &interrupt)?;
+    if selection.only.is_none() && selection.until.is_none() {
+        compare_schemes(ctx, &checked, &cache);
+    }
+    Ok(())
+}
+
+/// `--force` names, a swept stage's own name standing for all its variants.
+fn forced_stages(checked: &Checked, recipe: &Path, force: &[String]) -> Result<Vec<String>, Error> {
+    let mut forced = Vec::new();
+    for name in force {
+        let named = checked.recipe.stages_named(name);
+        if named.is_empty() {
+            return Err(Error::no_stage(name, recipe));
+        }
+        forced.extend(named.into_iter().map(str::to_string));
+    }
+    Ok(forced)
+}
+
+/// `--only` and `--until` take one stage: a swept one by its variant.
+fn one_stage(checked: &Checked, recipe: &Path, name: &str) -> Result<(), Error> {
+    if checked.recipe.stage(name).is_some() {
+        return Ok(());
+    }
+    let variants = checked.recipe.stages_named(name);
+    if variants.is_empty() {
+        return Err(Error::no_stage(name, recipe));
+    }
+    Err(Error::Swept {
+        stage: name.to_string(),
+        recipe: recipe.to_path_buf(),
+        variants: variants.into_iter().map(str::to_string).collect(),
+    })
+}
+
+/// One sbatch job per stage to run; with `wait`, followed to the end
+/// (None: submitted, not followed).
+fn on_slurm(work: &Work, wait: bool) -> Result<Option<Report>, Error> {
+    let submission = slurm::Submission {
+        program: work.program.clone(),
+        threads: work.threads,
+        device: work.device.clone(),
+        force: work.force,
+    };
+    let submitted = slurm::submit(
+        &slurm::Slurm,
+        work.recipe,
+        work.cache,
+        work.plan,
+        work.selected,
+        &submission,
+    )
+    .map_err(Error::environment("submitting to Slurm"))?;
+    let cached = work
+        .plan
+        .stages
+        .iter()
+        .filter(|p| work.selected.contains(&p.index) && !p.status.will_run())
+        .count();
+    for s in &submitted {
+        let how = if s.fresh {
+            "submitted"
+        } else {
+            "already queued"
+        };
+        eprintln!(
+            "[runner] {}: job {} {how}; output {}",
+            s.stage,
+            s.id,
+            s.output.display()
+        );
+    }
+    let fresh = submitted.iter().filter(|s| s.fresh).count();
+    eprintln!(
+        "{fresh} job(s) submitted, {} already queued or running, {cached} stage(s) cached",
+        submitted.len() - fresh
+    );
+    if !wait {
+        return Ok(None);
+    }
+    slurm::wait(
+        &slurm::Slurm,
+        work.cache,
+        &submitted,
+        work.reporter,
+        work.interrupt,
+        std::time::Duration::from_secs(1),
+    )
+    .map(Some)
+    .map_err(Error::environment("following the Slurm jobs"))
+}
+
+/// `--jobs N`: ready stages as child processes, each with its share of the threads.
+fn in_parallel(work: &Work, args: &RunArgs) -> Result<Report, Error> {
+    let jobs = args.jobs as usize;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = work
+        .threads
+        .filter(|t| *t > 0)
+        .unwrap_or((cores / jobs).max(1));
+    let note = if jobs * threads > cores {
+        " (more threads than cores: stages will slow each other down)"
+    } else {
+        ""
+    };
+    eprintln!("[runner] {jobs} jobs × {threads} thread(s) on {cores} core(s){note}");
+    let settings = parallel::Parallel {
+        jobs,
+        threads,
+        devices: args.devices.iter().cloned().map(String::from).collect(),
+        device: work.device.clone(),
+        program: work.program.clone(),
+        force: work.force.to_vec(),
+    };
+    parallel::run_parallel(
+        work.recipe,
+        work.cache,
+        work.plan,
+        work.selected,
+        &settings,
+        work.reporter,
+        work.interrupt,
+    )
+    .map_err(exec_error)
+}
+
+/// The run's last line, and its exit: interrupted, a stage failed, or done.
+fn finish(outcome: &Report, interrupt: &AtomicBool) -> Result<(), Error> {
+    let ran = outcome
+        .stages
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Ran { .. }))
+        .count();
+    let cached = outcome
+        .stages
+        .iter()
+        .filter(|(_, o)| *o == Outcome::Cached)
+        .count();
+    eprintln!(
+        "{ran} stage(s) ran, {cached} cached, {} not done",
+        outcome.stages.len() - ran - cached
+    );
+    if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
+        return Err(Error::Interrupted);
+    }
+    if outcome.failed() {
+        return Err(Error::StageFailed);
+    }
+    Ok(())
+}
+
+/// A whole recipe with two schemes (or a sweep): shown side by side, as
+/// `runner compare` does. The stages are done, so a failure here is a warning.
+fn compare_schemes(ctx: &Context, checked: &Checked, cache: &Cache) {
+    let shown = ctx.plan(checked, cache, &[]).and_then(|plan| {
+        crate::compare::report::after_run(&checked.recipe, &checked.dag, &plan, cache)
+            .map_err(Error::from)
+    });
+    match shown {
+        Ok(Some(text)) => print!("{text}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: the stages ran, but comparing them failed: {e}"),
+    }
+}
