@@ -100,20 +100,11 @@ fn gather(
         let chosen = if selectors.is_empty() {
             Vec::new()
         } else {
-            let picked = select::select(
-                &name,
-                &crate::compare::training_stages(&checked.recipe, &checked.dag),
-                &|stage| checked.recipe.stage(stage).is_some(),
-                selectors,
-                recipes.len() > 1,
-            );
-            for (m, here) in matched.iter_mut().zip(&picked.matched) {
-                *m |= here;
-            }
-            if picked.stages.is_empty() {
+            let picked = pick(&checked, selectors, recipes.len() > 1, &mut matched);
+            if picked.is_empty() {
                 continue;
             }
-            picked.stages
+            picked
         };
         let bootstrap = match &first {
             Some((_, b)) => *b,
@@ -152,4 +143,25 @@ fn gather(
         first,
         bootstrap,
     })
+}
+
+/// The stages of one recipe the selectors pick; `matched` records which
+/// selectors picked anything (over all recipes).
+fn pick(
+    checked: &Checked,
+    selectors: &[String],
+    several_recipes: bool,
+    matched: &mut [bool],
+) -> Vec<String> {
+    let picked = select::select(
+        &checked.recipe.header.name.value,
+        &crate::compare::training_stages(&checked.recipe, &checked.dag),
+        &|stage| checked.recipe.stage(stage).is_some(),
+        selectors,
+        several_recipes,
+    );
+    for (m, here) in matched.iter_mut().zip(&picked.matched) {
+        *m |= here;
+    }
+    picked.stages
 }

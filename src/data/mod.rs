@@ -3,17 +3,17 @@
 //!
 //! Flow: [`ModelTokenizer::load`] → [`load_sft`] / [`load_dpo`] (uses
 //! [`TokenizeSettings`], returns a dataset with its [`DataReport`]) →
-//! `write`/`read` for the engine's artifact cache, keyed by
+//! `write`/`read` in a compact binary form (`stored`), keyed by
 //! [`tokenization_identity`] → [`sft_micro_batches`] / [`dpo_micro_batches`].
 
 pub mod batch;
-pub mod cache;
 pub mod dpo;
 pub mod error;
 pub mod report;
 pub mod rows;
 pub mod settings;
 pub mod sft;
+pub mod stored;
 pub mod template;
 pub mod tokenizer;
 pub mod truncate;

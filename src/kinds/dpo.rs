@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::lineage::AdapterMade;
 use super::lora::{check_written_adapter_or_lora, lora_use};
+use super::memory::MicroBatch;
 use super::params::{DataSpec, DpoSpec, LoraSpec, TrainSpec};
 use super::reference::{reference_scores, reference_spec};
 use super::{inputs, model_refs, training};
@@ -48,6 +49,17 @@ pub struct DpoParams {
     pub dpo: DpoSpec,
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
+}
+
+impl DpoParams {
+    /// A micro-batch: chosen and rejected rows of each pair, and a reference
+    /// model beside the policy when the loss needs one.
+    fn micro_batch(&self) -> MicroBatch {
+        MicroBatch {
+            rows: 2 * self.train.batch.value as usize,
+            reference: self.dpo.loss().needs_reference(),
+        }
+    }
 }
 
 impl Kind for Dpo {
@@ -103,7 +115,7 @@ impl Kind for Dpo {
         stage: StageView<'_>,
         on_gpu: bool,
     ) -> Option<crate::units::MemoryEstimate> {
-        let batch = super::memory::dpo_step(p);
+        let batch = p.micro_batch();
         super::memory::estimate(stage, &p.train, &p.dtype, batch, on_gpu)
     }
 
@@ -162,7 +174,7 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
-    let memory = training::memory_estimate(&model, &p.train, super::memory::dpo_step(p));
+    let memory = training::memory_estimate(&model, &p.train, p.micro_batch());
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let pad_id = tokenizer.pad_id();
     let settings = inputs::settings(&p.train, data);

@@ -135,7 +135,7 @@ fn tokens_key(
     };
     let key = serde_json::json!({
         // A new on-disk layout must never read an old one.
-        "format": data::cache::CACHE_FORMAT_VERSION,
+        "format": data::stored::FORMAT_VERSION,
         "identity": identity,
         "data": hash(file)?,
         "tokenizer": hash(&model_dir.join("tokenizer.json"))?,

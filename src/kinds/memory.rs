@@ -2,11 +2,9 @@
 //! shape (following merges to the base), how the stages hold it, the
 //! adapter it trains and one micro-batch.
 
-use super::dpo::DpoParams;
 use super::lineage;
 use super::lora::lora_config;
 use super::params::TrainSpec;
-use super::sft::SftParams;
 use crate::diag::span::Sp;
 use crate::model::memory::{estimate as estimate_step, MemoryEstimate, StepShape};
 use crate::stage::{Dtype, StageView};
@@ -50,21 +48,4 @@ pub fn estimate(
         fused: crate::model::memory::fused_path(on_gpu, dtype),
         on_gpu,
     }))
-}
-
-/// An SFT micro-batch: its rows, and no reference model.
-pub(crate) fn sft_step(p: &SftParams) -> MicroBatch {
-    MicroBatch {
-        rows: p.train.batch.value as usize,
-        reference: false,
-    }
-}
-
-/// A DPO micro-batch: chosen and rejected rows of each pair, and a
-/// reference model beside the policy when the loss needs one.
-pub(crate) fn dpo_step(p: &DpoParams) -> MicroBatch {
-    MicroBatch {
-        rows: 2 * p.train.batch.value as usize,
-        reference: p.dpo.loss().needs_reference(),
-    }
 }

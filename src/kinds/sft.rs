@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::lineage::AdapterMade;
 use super::lora::{check_written_adapter_or_lora, lora_use};
+use super::memory::MicroBatch;
 use super::params::{DataSpec, LoraSpec, TrainSpec};
 use super::{inputs, model_refs, training};
 use crate::diag::span::Sp;
@@ -37,6 +38,16 @@ pub struct SftParams {
     /// Compute dtype; the recipe's default when left out.
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
+}
+
+impl SftParams {
+    /// A micro-batch: its rows, and no reference model.
+    fn micro_batch(&self) -> MicroBatch {
+        MicroBatch {
+            rows: self.train.batch.value as usize,
+            reference: false,
+        }
+    }
 }
 
 impl Kind for Sft {
@@ -79,7 +90,7 @@ impl Kind for Sft {
         stage: StageView<'_>,
         on_gpu: bool,
     ) -> Option<crate::units::MemoryEstimate> {
-        let batch = super::memory::sft_step(p);
+        let batch = p.micro_batch();
         super::memory::estimate(stage, &p.train, &p.dtype, batch, on_gpu)
     }
 
@@ -117,7 +128,7 @@ fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
     let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
-    let memory = training::memory_estimate(&model, &p.train, super::memory::sft_step(p));
+    let memory = training::memory_estimate(&model, &p.train, p.micro_batch());
     let tokenizer = inputs::load_tokenizer(&model_dir)?;
     let settings = inputs::settings(&p.train, data);
     let train_file = ctx.files[super::input::TRAIN].clone();

@@ -183,7 +183,7 @@ fn gib(bytes: u64) -> f64 {
 
 /// The memory estimate of a training step on the loaded `model`: `rows`
 /// sequences of `train.seq_len` a micro-batch, a reference model beside it
-/// or not (`super::memory::sft_step`, `dpo_step`).
+/// or not (each training kind's `micro_batch`).
 pub fn memory_estimate(
     model: &crate::model::decoder::Decoder,
     train: &TrainSpec,

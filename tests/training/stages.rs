@@ -603,6 +603,38 @@ fn reference_free_losses_learn_the_preference_without_a_reference_pass() {
 }
 
 #[test]
+fn a_comparison_that_cannot_be_written_is_a_warning_after_a_run_and_exit_3_from_compare() {
+    let ws = Workspace::new();
+    ws.write("recipe.toml", &recipe(4, 2, ""));
+    let first = ws.runner(&["run", "recipe.toml"]).ok();
+    assert!(first.stdout.contains("report: "), "{}", first.stdout);
+    // The report's folder is taken by a file: the stages are done, the report cannot be.
+    let reports = ws.cache().join("reports").join("tiny");
+    std::fs::remove_dir_all(&reports).unwrap();
+    std::fs::write(&reports, "not a folder").unwrap();
+    let again = ws.runner(&["run", "recipe.toml"]).ok();
+    assert!(
+        again
+            .stderr
+            .contains("warning: the stages ran, but comparing them failed: creating"),
+        "{}",
+        again.stderr
+    );
+    assert!(!again.stdout.contains("report: "), "{}", again.stdout);
+    let compare = ws.runner(&["compare", "recipe.toml"]);
+    assert_eq!(compare.code, exit::ENVIRONMENT, "{}", compare.stderr);
+    assert!(compare.stderr.contains("creating"), "{}", compare.stderr);
+    // A stage that is not there is the command line's fault, typed and named.
+    let missing = ws.runner(&["compare", "recipe.toml", "nope"]);
+    assert_eq!(missing.code, exit::USAGE, "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("no stage `nope` in"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[test]
 fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report() {
     let ws = Workspace::new();
     let sft_eval = data("sft_eval.jsonl").display().to_string();

@@ -1,4 +1,4 @@
-//! Compact on-disk form of tokenized datasets, for the engine's artifact
+//! Tokenized datasets stored in a compact binary form, for the engine's
 //! cache.
 //!
 //! A dataset directory holds three files:
@@ -24,7 +24,7 @@ use crate::data::settings::DatasetKind;
 use crate::data::sft::{SftDataset, SftExample};
 
 /// Bumped whenever the file layout changes.
-pub const CACHE_FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 2;
 
 const HEADER_FILE: &str = "header.json";
 const TOKENS_FILE: &str = "tokens.bin";
@@ -184,7 +184,7 @@ fn write_dataset(
     write_atomic(&dir.join(TOKENS_FILE), &u32s_to_le_bytes(tokens))?;
     write_atomic(&dir.join(LENGTHS_FILE), &u32s_to_le_bytes(&lengths))?;
     let header = Header {
-        format_version: CACHE_FORMAT_VERSION,
+        format_version: FORMAT_VERSION,
         kind,
         examples,
         tokens: tokens.len(),
@@ -205,11 +205,11 @@ fn read_dataset(
     let header_bytes = std::fs::read(&header_path).map_err(|e| DataError::io(&header_path, e))?;
     let header: Header = serde_json::from_slice(&header_bytes)
         .map_err(|e| corrupt(dir, &format!("{HEADER_FILE}: {e}")))?;
-    if header.format_version != CACHE_FORMAT_VERSION {
+    if header.format_version != FORMAT_VERSION {
         return Err(corrupt(
             dir,
             &format!(
-                "format version {} (expected {CACHE_FORMAT_VERSION})",
+                "format version {} (expected {FORMAT_VERSION})",
                 header.format_version
             ),
         ));
