@@ -106,49 +106,11 @@ fn run_one(
             p.name
         ));
     })?;
-    // Another process may have finished it while we waited (by the same rules as the plan).
-    if let Some(record) = cache.key_record(&p.key) {
-        if cache.verify(&record.artifact) == cache::Integrity::Whole
-            && stage
-                .kind
-                .outside_changed(stage.params.as_ref(), &cache.artifact_dir(&record.artifact))
-                .is_none()
-            && !p.reasons.contains(&Reason::Forced)
-        {
-            cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
-            return Ok(Outcome::Cached);
-        }
+    if finished_meanwhile(recipe, cache, p) {
+        cache.write_stage_record(&recipe.canonical, &p.name, &p.record())?;
+        return Ok(Outcome::Cached);
     }
-
-    let mut inputs = BTreeMap::new();
-    let mut parents = Vec::new();
-    for (field, d) in &p.deps {
-        let artifact = &artifacts[d];
-        let dir = cache.artifact_dir(artifact);
-        let manifest = std::fs::read(dir.join(cache::MANIFEST))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
-        let up = &recipe.stages[*d];
-        let up_key = p.key_inputs.inputs[*field].clone();
-        parents.push(Parent {
-            field: field.to_string(),
-            stage: up.name.value.clone(),
-            key: up_key.clone(),
-            artifact: artifact.clone(),
-        });
-        inputs.insert(
-            field.to_string(),
-            InputArtifact {
-                stage: up.name.value.clone(),
-                kind: up.kind.name().to_string(),
-                output: up.kind.output(),
-                key: up_key,
-                dir,
-                manifest,
-            },
-        );
-    }
+    let (inputs, parents) = upstream(recipe, cache, p, artifacts);
     let files: BTreeMap<String, std::path::PathBuf> = stage
         .files()
         .into_iter()
@@ -189,35 +151,15 @@ fn run_one(
         }
         return Ok(Outcome::Failed(format!("{e:#}")));
     }
-
     let manifest = Manifest {
-        artifact: String::new(),
-        stage: p.name.clone(),
-        kind: p.kind.clone(),
-        kind_version: stage.kind.version(),
-        key: p.key.clone(),
-        recipe: recipe.path.display().to_string(),
-        recipe_name: recipe.header.name.value.clone(),
-        seed: recipe.header.seed.value,
-        params: p.key_inputs.params.clone(),
         parents,
-        inputs: p
-            .files
-            .iter()
-            .map(|(field, d)| InputFile {
-                field: field.clone(),
-                path: d.path.clone(),
-                hash: p.key_inputs.files[field].clone(),
-            })
-            .collect(),
         metrics,
-        files: BTreeMap::new(),
         derived,
-        program: format!("runner {}", env!("CARGO_PKG_VERSION")),
         started,
         finished: cache::now_rfc3339(),
         wall_seconds: clock.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_memory::read(),
+        ..manifest_of(recipe, p)
     };
     let (artifact, _) = cache.promote(&staging, manifest)?;
     // Checkpoints are only for resuming this key; the result is safe now.
@@ -227,6 +169,94 @@ fn run_one(
         artifact,
         seconds: clock.elapsed().as_secs_f64(),
     })
+}
+
+/// Another process may have finished the stage while we waited for its
+/// lock (by the same rules as the plan).
+fn finished_meanwhile(recipe: &Recipe, cache: &Cache, p: &PlannedStage) -> bool {
+    let stage = &recipe.stages[p.index];
+    cache.key_record(&p.key).is_some_and(|record| {
+        cache.verify(&record.artifact) == cache::Integrity::Whole
+            && stage
+                .kind
+                .outside_changed(stage.params.as_ref(), &cache.artifact_dir(&record.artifact))
+                .is_none()
+            && !p.reasons.contains(&Reason::Forced)
+    })
+}
+
+/// The artifacts a stage reads, by field, and their lineage for its manifest.
+fn upstream(
+    recipe: &Recipe,
+    cache: &Cache,
+    p: &PlannedStage,
+    artifacts: &BTreeMap<usize, String>,
+) -> (BTreeMap<String, InputArtifact>, Vec<Parent>) {
+    let mut inputs = BTreeMap::new();
+    let mut parents = Vec::new();
+    for (field, d) in &p.deps {
+        let artifact = &artifacts[d];
+        let dir = cache.artifact_dir(artifact);
+        let manifest = std::fs::read(dir.join(cache::MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let up = &recipe.stages[*d];
+        let up_key = p.key_inputs.inputs[*field].clone();
+        parents.push(Parent {
+            field: field.to_string(),
+            stage: up.name.value.clone(),
+            key: up_key.clone(),
+            artifact: artifact.clone(),
+        });
+        inputs.insert(
+            field.to_string(),
+            InputArtifact {
+                stage: up.name.value.clone(),
+                kind: up.kind.name().to_string(),
+                output: up.kind.output(),
+                key: up_key,
+                dir,
+                manifest,
+            },
+        );
+    }
+    (inputs, parents)
+}
+
+/// The manifest of a stage's artifact, as far as the plan says it (what
+/// the run adds is filled in by the caller).
+fn manifest_of(recipe: &Recipe, p: &PlannedStage) -> Manifest {
+    let stage = &recipe.stages[p.index];
+    Manifest {
+        artifact: String::new(),
+        stage: p.name.clone(),
+        kind: p.kind.clone(),
+        kind_version: stage.kind.version(),
+        key: p.key.clone(),
+        recipe: recipe.path.display().to_string(),
+        recipe_name: recipe.header.name.value.clone(),
+        seed: recipe.header.seed.value,
+        params: p.key_inputs.params.clone(),
+        parents: Vec::new(),
+        inputs: p
+            .files
+            .iter()
+            .map(|(field, d)| InputFile {
+                field: field.clone(),
+                path: d.path.clone(),
+                hash: p.key_inputs.files[field].clone(),
+            })
+            .collect(),
+        metrics: serde_json::Map::new(),
+        files: BTreeMap::new(),
+        derived: Vec::new(),
+        program: format!("runner {}", env!("CARGO_PKG_VERSION")),
+        started: String::new(),
+        finished: String::new(),
+        wall_seconds: 0.0,
+        peak_rss_bytes: None,
+    }
 }
 
 /// Peak resident memory per stage, from Linux's VmHWM (reset between stages
