@@ -105,6 +105,6 @@ impl Context<'_> {
 pub fn exec_error(e: ExecError) -> Error {
     match e {
         ExecError::Io(e) => Error::io("running stages")(e),
-        other => Error::Usage(other.to_string()),
+        other => Error::Select(other),
     }
 }

@@ -49,6 +49,12 @@ pub enum Error {
         reason: String,
         recipe: PathBuf,
     },
+    /// `--only`/`--until` name a stage wrong, or `--only` a stage whose inputs are not cached.
+    #[error("{0}")]
+    Select(crate::executor::ExecError),
+    /// `show` of a stage that has no artifact yet.
+    #[error("{0}")]
+    NotShown(crate::plan::render::ShowError),
     /// The stages to compare are named wrong, not run yet, or the report could not be written.
     #[error("{0}")]
     Compare(#[from] CompareError),
@@ -85,6 +91,8 @@ impl Error {
             | Error::Swept { .. }
             | Error::NotCached { .. }
             | Error::Compare(_)
+            | Error::Select(_)
+            | Error::NotShown(_)
             | Error::Usage(_) => exit::USAGE,
             Error::Io { .. } | Error::Environment { .. } => exit::ENVIRONMENT,
             Error::StageFailed => exit::STAGE_FAILED,

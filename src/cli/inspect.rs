@@ -50,7 +50,7 @@ pub fn show(ctx: &Context, args: &ShowArgs) -> Result<(), Error> {
         return Ok(());
     }
     let out = render::show(&cache, planned, args.json).map_err(|e| match e {
-        render::ShowError::NotCached { .. } => Error::Usage(e.to_string()),
+        render::ShowError::NotCached { .. } => Error::NotShown(e),
         render::ShowError::NoManifest(_) => {
             Error::environment(format!("cache {}", cache.root.display()))(e.into())
         }
