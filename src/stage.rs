@@ -697,3 +697,87 @@ impl RunContext<'_> {
             .ok_or_else(|| anyhow::anyhow!("stage `{}` has no input `{field}`", self.stage))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind that answers `Width` with its parameter, and nothing else.
+    struct Answering;
+    struct Silent;
+    struct Width;
+    impl Question for Width {
+        type Answer = u32;
+    }
+    struct Depth;
+    impl Question for Depth {
+        type Answer = u32;
+    }
+
+    #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+    struct P {
+        width: u32,
+    }
+
+    impl Kind for Answering {
+        type Params = P;
+        fn name(&self) -> &'static str {
+            "answering"
+        }
+        fn output(&self) -> ArtifactKind {
+            ArtifactKind::Model
+        }
+        fn role(&self) -> Role {
+            Role::Source
+        }
+        fn summary(&self) -> &'static str {
+            ""
+        }
+        fn answer(&self, p: &P, ask: &mut Ask<'_>) {
+            ask.give::<Width>(|| p.width);
+        }
+        fn run(&self, _: &P, _: &mut RunContext) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Kind for Silent {
+        type Params = P;
+        fn name(&self) -> &'static str {
+            "silent"
+        }
+        fn output(&self) -> ArtifactKind {
+            ArtifactKind::Model
+        }
+        fn role(&self) -> Role {
+            Role::Source
+        }
+        fn summary(&self) -> &'static str {
+            ""
+        }
+        fn run(&self, _: &P, _: &mut RunContext) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn stage(kind: Arc<dyn StageKind>, width: u32) -> Stage {
+        Stage {
+            name: Sp::implicit("s".into()),
+            kind,
+            params: Box::new(P { width }),
+            span: 10..20,
+            recipe_dir: PathBuf::new(),
+            variant: None,
+        }
+    }
+
+    #[test]
+    fn a_kind_answers_only_the_questions_it_knows_and_only_when_asked() {
+        let stages = [stage(Arc::new(Answering), 7), stage(Arc::new(Silent), 9)];
+        let answering = StageView::new(&stages, 0);
+        assert_eq!(answering.ask::<Width>(), Some(7));
+        assert_eq!(answering.ask::<Depth>(), None, "not a question it answers");
+        assert_eq!(StageView::new(&stages, 1).ask::<Width>(), None);
+        assert_eq!(answering.stage_start(), 10..10);
+    }
+}
