@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::init::{init_model, InitSpec};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use std::time::Instant;
 
 fn status_mib(key: &str) -> Option<f64> {

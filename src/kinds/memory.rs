@@ -9,8 +9,8 @@ use super::merge::MergeParams;
 use super::params::TrainSpec;
 use super::sft::SftParams;
 use crate::diag::span::Sp;
+use crate::model::kernels::quantized::Quantization;
 use crate::model::memory::{estimate as estimate_step, MemoryEstimate, StepShape};
-use crate::model::quantized::Quantization;
 use crate::model::ModelConfig;
 use crate::stage::{Dtype, StageView};
 

@@ -1,29 +1,32 @@
 //! One trainable decoder for Llama, Mistral and Qwen2, laid out like
 //! candle-transformers' `qwen2.rs`: the `Decoder` holds the embeddings, the
-//! `DecoderLayer`s (`attention`, `mlp`), the final RMSNorm and the optional
-//! untied output head, and loops over the layers; LoRA may sit on any of the
-//! seven projections (`linear`).
+//! `DecoderLayer`s (`layers`), the final RMSNorm and the optional untied
+//! output head, and loops over the layers; LoRA may sit on any of the seven
+//! projections.
 //!
 //! Base weights are plain tensors (never Vars), so backward only reaches the
-//! LoRA Vars; the custom ops in `ops` keep frozen weights out of backward.
+//! LoRA Vars; the custom ops in `kernels` keep frozen weights out of backward.
 
-use crate::model::attention::{AttentionContext, LayerKv, QuerySelection};
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
-use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
-use crate::model::names;
-use crate::model::ops::{frozen_matmul, rms_norm};
-use crate::model::quantized::Quantization;
-use crate::model::recompute::{checkpointed_layer, recomputed_rows, RecomputedGrads, RowFunction};
-use crate::model::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
+use crate::model::formats::names;
+use crate::model::formats::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
+use crate::model::kernels::ops::{frozen_matmul, rms_norm};
+use crate::model::kernels::quantized::Quantization;
+use crate::model::kernels::recompute::{
+    checkpointed_layer, recomputed_rows, RecomputedGrads, RowFunction,
+};
+use crate::model::layers::attention::{AttentionContext, LayerKv, QuerySelection};
+use crate::model::layers::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
 use std::sync::Arc;
 
-pub use crate::model::attention::rope_inv_freq;
-pub use crate::model::layer::DecoderLayer;
-pub use crate::model::linear::Linear;
+pub use crate::model::layers::attention::rope_inv_freq;
+pub use crate::model::layers::layer::DecoderLayer;
+pub use crate::model::layers::linear::Linear;
+pub use crate::model::mode::Mode;
 
 /// Rows of output-head logits alive at once under checkpointing (256 rows
 /// of a 151936-token vocabulary are 156 MB in f32); `memory` counts them.
@@ -44,20 +47,6 @@ impl Default for LoadOptions {
             device: Device::Cpu,
         }
     }
-}
-
-/// Forward-pass mode. Dropout only runs in `Train`, seeded per step so a
-/// resumed run reproduces the same masks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// No dropout; the graph to the LoRA Vars is kept (backward possible).
-    Eval,
-    /// No dropout and no graph: LoRA weights are used detached, so
-    /// intermediates are freed as the forward pass goes (evaluation, DPO
-    /// reference log-probs).
-    Inference,
-    /// Dropout on, seeded by `dropout_seed` (derive it from seed and step).
-    Train { dropout_seed: u64 },
 }
 
 /// The model: embeddings, the decoder layers, the final norm and the output
@@ -385,12 +374,12 @@ impl Decoder {
             let (weight, tok) = (self.lm_head_weight().clone(), Arc::new(tok));
             let head: RowFunction = Arc::new(move |range, x| {
                 let logits = upcast(&frozen_matmul(x, &weight)?)?;
-                crate::model::ops::token_logprobs(&logits, &tok[range])
+                crate::model::kernels::ops::token_logprobs(&logits, &tok[range])
             });
             return Ok(recomputed_rows(&rows, HEAD_CHUNK_ROWS, head)?);
         }
         let logits = self.logits_at(hidden, &positions)?;
-        Ok(crate::model::ops::token_logprobs(&logits, &tok)?)
+        Ok(crate::model::kernels::ops::token_logprobs(&logits, &tok)?)
     }
 
     /// Activation checkpointing from now on: forward passes that keep a

@@ -11,10 +11,10 @@
 //! padded row computes what it would alone, and after the prompt every row
 //! advances one token per step.
 
-use crate::model::attention::LayerKv;
 use crate::model::decoder::{check_vocabulary, Decoder, KvUpdate, Mode};
 use crate::model::error::{ModelError, Result};
-use crate::model::rng::SplitMix64;
+use crate::model::kernels::rng::SplitMix64;
+use crate::model::layers::attention::LayerKv;
 use candle_core::{DType, Tensor};
 
 /// Token fed for padding; never attended to, so any valid id would do.

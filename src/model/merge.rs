@@ -4,9 +4,11 @@
 
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
-use crate::model::io::{read_json, write_file_atomic, write_json_atomic, write_safetensors_atomic};
-use crate::model::quantized::FrozenWeight;
-use crate::model::weights::{torch_dtype_name, INDEX_FILE, SINGLE_FILE};
+use crate::model::formats::io::{
+    read_json, write_file_atomic, write_json_atomic, write_safetensors_atomic,
+};
+use crate::model::formats::weights::{torch_dtype_name, INDEX_FILE, SINGLE_FILE};
+use crate::model::kernels::quantized::FrozenWeight;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 use std::path::Path;

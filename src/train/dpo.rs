@@ -268,7 +268,7 @@ impl PairScores {
             "index".into(),
             Tensor::from_slice(&index, index.len(), &Device::Cpu)?,
         ));
-        crate::model::io::write_safetensors_atomic(path, &tensors)?;
+        crate::model::formats::io::write_safetensors_atomic(path, &tensors)?;
         Ok(())
     }
 

@@ -53,7 +53,7 @@ pub(crate) fn masked_logprobs(
     // Only the fused attention skips the keys a packed sequence cannot see;
     // the composition (GPU, half precision) would compute and keep scores
     // for every pair of the packed row: rows² times a padded batch's.
-    let fused_attention = crate::model::kernel::fused_for(device, model.dtype);
+    let fused_attention = crate::model::kernels::cpu::fused_for(device, model.dtype);
     let packable = right_padded_lengths(attention_mask, t)
         .filter(|lengths| fused_attention && lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
     let logprobs = match packable {

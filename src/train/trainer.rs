@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::schedule::Schedule;
 use crate::model::decoder::{Decoder, Mode};
-use crate::model::kernel;
+use crate::model::kernels::cpu;
 use crate::sink::{Interrupted, Progress};
 
 /// Scalar metrics by TRL's names.
@@ -360,7 +360,7 @@ pub fn micro_batch(
 ) -> anyhow::Result<MicroBatch> {
     let tokens: Vec<usize> = examples.iter().map(|&i| objective.tokens(i)).collect();
     let shards = super::shards::split(&tokens, model.device.is_cpu());
-    let threads = kernel::threads_here();
+    let threads = cpu::threads_here();
     // Checkpointed layers add their LoRA gradients to a store of the model
     // during backward: a shard's forward and backward use a copy with a
     // store of its own.

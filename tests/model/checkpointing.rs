@@ -7,7 +7,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 /// A model with random LoRA B (so every A has a gradient), checkpointed or not.
 fn model(checkpointing: bool) -> Decoder {
@@ -155,8 +155,8 @@ fn a_second_backward_starts_from_an_empty_store() {
 
 #[test]
 fn output_head_in_chunks_of_rows_equals_the_whole() {
-    use lora_runner::model::ops::token_logprobs;
-    use lora_runner::model::recompute::{recomputed_rows, RowFunction};
+    use lora_runner::model::kernels::ops::token_logprobs;
+    use lora_runner::model::kernels::recompute::{recomputed_rows, RowFunction};
     use std::sync::Arc;
     with_big_stack(|| {
         let dev = Device::Cpu;

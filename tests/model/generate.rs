@@ -9,8 +9,8 @@ use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::generate::{
     generate, greedy_token, sample_token, GenerateOptions, KvCache, Sampling,
 };
+use lora_runner::model::kernels::rng::SplitMix64;
 use lora_runner::model::merge::merge_lora;
-use lora_runner::model::rng::SplitMix64;
 use lora_runner::model::{LoraConfig, TargetModules};
 use std::path::Path;
 use std::time::Instant;

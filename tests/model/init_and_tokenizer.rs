@@ -5,9 +5,9 @@ use crate::support::model::*;
 use candle_core::{DType, Device};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::formats::tokenizer::{load_tokenizer, CHATML_TEMPLATE};
 use lora_runner::model::init::init_model;
-use lora_runner::model::lora::{LoraConfig, TargetModules};
-use lora_runner::model::tokenizer::{load_tokenizer, CHATML_TEMPLATE};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 const FILES: [&str; 4] = [
     "config.json",
@@ -191,7 +191,7 @@ fn half_precision_loads_match_f32_roughly() {
 
 #[test]
 fn chat_template_forms() {
-    use lora_runner::model::tokenizer::chat_template_from_config;
+    use lora_runner::model::formats::tokenizer::chat_template_from_config;
     let single = serde_json::json!({"chat_template": "{{ x }}"});
     assert_eq!(
         chat_template_from_config(&single).unwrap().as_deref(),
@@ -224,7 +224,7 @@ fn chat_template_forms() {
 /// no "default" (when no name is asked for), rather than taking the first.
 #[test]
 fn chat_template_list_without_default_is_an_error() {
-    use lora_runner::model::tokenizer::chat_template_from_config;
+    use lora_runner::model::formats::tokenizer::chat_template_from_config;
     let list = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]});
     let err = chat_template_from_config(&list).unwrap_err();
     assert!(err.contains("no \"default\""), "{err}");
@@ -264,5 +264,5 @@ fn inference_mode_equals_eval_without_a_graph() {
 fn decoder_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Decoder>();
-    assert_send_sync::<lora_runner::model::tokenizer::LoadedTokenizer>();
+    assert_send_sync::<lora_runner::model::formats::tokenizer::LoadedTokenizer>();
 }

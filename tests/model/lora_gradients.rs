@@ -5,7 +5,7 @@ use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 /// Weighted sum of next-token log-probs over a padded batch.
 fn loss(model: &Decoder, ids: &Tensor, mask: &Tensor, targets: &[(usize, usize, u32)]) -> Tensor {

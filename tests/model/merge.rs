@@ -5,7 +5,7 @@ use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
 
 fn adapted_model(dir: &std::path::Path, dtype: DType) -> Decoder {
@@ -127,8 +127,8 @@ fn merged_model_saves_sharded_and_reloads() {
 
 #[test]
 fn export_helpers_write_loadable_folders() {
-    use lora_runner::model::export::{export_adapter, export_merged_model};
-    use lora_runner::model::peft::load_adapter;
+    use lora_runner::model::formats::export::{export_adapter, export_merged_model};
+    use lora_runner::model::formats::peft::load_adapter;
     let dir = init_dir_amplified("export", &spec(Architecture::Llama, true, 34));
     let model = adapted_model(&dir, DType::F32);
     let ids = ids_tensor(&random_ids(1, 7, 128, 7));

@@ -6,7 +6,7 @@ use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 /// Next-token targets at every position but the last of each sequence.
 fn targets(seqs: &[Vec<u32>]) -> Vec<(usize, usize, u32)> {

@@ -8,9 +8,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::kernels::quantized::{quantized_matmul, FrozenWeight, Quantization};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::merge_lora;
-use lora_runner::model::quantized::{quantized_matmul, FrozenWeight, Quantization};
 use std::sync::Arc;
 
 /// Values in [-0.3, 0.3) from a seeded generator (candle's randn is not seeded).

@@ -13,9 +13,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
-use crate::model::kernel::{self, fused_for, matmul, Float, Mat, Threads};
-use crate::model::ops::{frozen_linear, mul_by_constant};
-use crate::model::quantized::{frozen_projection, FrozenWeight};
+use crate::model::kernels::cpu::{self, fused_for, matmul, Float, Mat, Threads};
+use crate::model::kernels::ops::{frozen_linear, mul_by_constant};
+use crate::model::kernels::quantized::{frozen_projection, FrozenWeight};
 
 struct LoraLinear {
     /// [out, in], frozen; a quantized one is dequantised for each product.
@@ -41,7 +41,7 @@ fn cpu_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    kernel::slice(s, l, "lora-linear", what)
+    cpu::slice(s, l, "lora-linear", what)
 }
 
 /// The adapter's input: x, or x∘m under dropout.
@@ -231,7 +231,7 @@ impl CustomOp3 for LoraLinear {
         let weight = self.weight.to_dense(s1.dtype())?;
         let constants = [Some(&weight), self.bias.as_ref(), self.dropout.as_ref()];
         let present: Vec<&Tensor> = constants.iter().flatten().copied().collect();
-        let y = kernel::with_cpu("lora-linear", &present, |c| {
+        let y = cpu::with_cpu("lora-linear", &present, |c| {
             // c holds W, then the bias and the mask where present.
             let mut rest = c[1..].iter();
             let bias = self.bias.as_ref().and_then(|_| rest.next());
@@ -281,7 +281,7 @@ impl CustomOp3 for LoraLinear {
         let weight = self.weight.to_dense(x.dtype())?;
         let mut tensors = vec![x, a, b, &weight, &grad];
         tensors.extend(self.dropout.as_ref());
-        let grads = kernel::with_cpu("lora-linear", &tensors, |c| {
+        let grads = cpu::with_cpu("lora-linear", &tensors, |c| {
             let d = self.dims(c[0].1, c[1].1, c[2].1)?;
             macro_rules! run {
                 ($t:ty) => {{

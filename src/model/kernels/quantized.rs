@@ -21,7 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use crate::model::kernel::{self, matmul, Mat, Threads};
+use crate::model::kernels::cpu::{self, matmul, Mat, Threads};
 use serde::{Deserialize, Serialize};
 
 /// How a base's projections are held.
@@ -160,7 +160,7 @@ pub fn frozen_projection(
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     match weight {
-        FrozenWeight::Dense(w) => crate::model::ops::frozen_linear(x, w, bias),
+        FrozenWeight::Dense(w) => crate::model::kernels::ops::frozen_linear(x, w, bias),
         FrozenWeight::Quantized(q) => {
             let y = quantized_matmul(x, q)?;
             match bias {
@@ -205,9 +205,9 @@ impl CustomOp1 for QuantizedMatmul {
         macro_rules! product {
             ($t:ty) => {{
                 let w = w.to_dtype(<$t as candle_core::WithDType>::DTYPE)?;
-                kernel::with_cpu("quantized-matmul", &[&w], |c| {
-                    let x = kernel::slice::<$t>(s, l, "quantized-matmul", "x")?;
-                    let w = kernel::slice::<$t>(c[0].0, c[0].1, "quantized-matmul", "W")?;
+                cpu::with_cpu("quantized-matmul", &[&w], |c| {
+                    let x = cpu::slice::<$t>(s, l, "quantized-matmul", "x")?;
+                    let w = cpu::slice::<$t>(c[0].0, c[0].1, "quantized-matmul", "W")?;
                     let mut y = vec![<$t>::default(); rows * out];
                     matmul(
                         (rows, out, inp),

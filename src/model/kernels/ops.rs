@@ -8,7 +8,7 @@
 //! differentiable composition of candle ops (the `*_slow` functions), which
 //! the tests also use as the reference.
 
-use crate::model::kernel::{self, fused_kernels};
+use crate::model::kernels::cpu::{self, fused_kernels};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
@@ -19,7 +19,7 @@ fn contiguous_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    kernel::slice(s, l, what, "input")
+    cpu::slice(s, l, what, "input")
 }
 
 /// Arithmetic type of the CPU kernels: f32 for f32/f16/bf16 data, f64 for
@@ -74,7 +74,7 @@ macro_rules! impl_acc {
         }
     };
 }
-impl_acc!(f32, kernel::exp_f32);
+impl_acc!(f32, cpu::exp_f32);
 impl_acc!(f64, f64::exp);
 
 /// The one per-dtype dispatch of the CPU kernels: evaluates `$body` (a
@@ -986,7 +986,7 @@ impl CustomOp1 for SplitHeads {
         };
         let n = self.name();
         let angles: Vec<&Tensor> = self.rotary.iter().flat_map(|r| [&r.cos, &r.sin]).collect();
-        let out = kernel::with_cpu(n, &angles, |c| {
+        let out = cpu::with_cpu(n, &angles, |c| {
             let rotary = match c {
                 [(cs, cl), (ss, sl)] => Some((
                     contiguous_slice::<f32>(cs, cl, n)?,
@@ -1223,7 +1223,7 @@ impl CustomOp2 for TokenLogProbGrad {
 /// log_softmax(logits, -1) gathered at `targets`: logits [N, V] (f32/f64),
 /// result [N]. Backward recomputes the softmax instead of storing it.
 pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    if kernel::fused_for(logits.device(), logits.dtype()) {
+    if cpu::fused_for(logits.device(), logits.dtype()) {
         logits.contiguous()?.apply_op1(TokenLogProb {
             targets: std::sync::Arc::new(targets.to_vec()),
         })

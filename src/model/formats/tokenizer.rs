@@ -4,7 +4,7 @@
 //! folder with its chat template.
 
 use crate::model::error::{ModelError, Result};
-use crate::model::io::{read_json, write_file_atomic, write_json_atomic};
+use crate::model::formats::io::{read_json, write_file_atomic, write_json_atomic};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 

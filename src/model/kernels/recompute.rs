@@ -23,9 +23,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
 
-use crate::model::attention::AttentionContext;
-use crate::model::decoder::Mode;
-use crate::model::layer::DecoderLayer;
+use crate::model::layers::attention::AttentionContext;
+use crate::model::layers::layer::DecoderLayer;
+use crate::model::mode::Mode;
 
 /// Gradients of LoRA Vars found while recomputing checkpointed layers during
 /// backward, by Var id, summed over every layer pass of the backward.

@@ -22,8 +22,8 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::model::kernel::{self, fused_for, matmul, Float, Mat, Threads};
-use crate::model::ops::masked_softmax;
+use crate::model::kernels::cpu::{self, fused_for, matmul, Float, Mat, Threads};
+use crate::model::kernels::ops::masked_softmax;
 
 /// Query rows per block: the transient scores of a block are
 /// `QUERY_BLOCK × visible keys`, a few hundred KiB at 4096 keys.
@@ -234,7 +234,7 @@ fn row_sum<T: Float>(row: &[T]) -> T {
 /// (a shard of several on its own thread), so the loop never splits and
 /// runs on the calling thread without waking the pool.
 fn units_per_task() -> usize {
-    if kernel::threads_here() > 1 {
+    if cpu::threads_here() > 1 {
         1
     } else {
         usize::MAX
@@ -342,7 +342,7 @@ fn cpu_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    kernel::slice(s, l, "fused-attention", what)
+    cpu::slice(s, l, "fused-attention", what)
 }
 
 impl FusedAttention {
@@ -379,7 +379,7 @@ impl FusedAttention {
         &self,
         f: impl FnOnce(&[f32], &[Range<usize>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        kernel::with_cpu("fused-attention", &[&self.mask.dense], |c| {
+        cpu::with_cpu("fused-attention", &[&self.mask.dense], |c| {
             f(
                 cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?,
                 &self.mask.visible,
@@ -493,7 +493,7 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (dq, dk, dv) = kernel::with_cpu("fused-attention", &[q, k, v, res, &grad], |cpu| {
+        let (dq, dk, dv) = cpu::with_cpu("fused-attention", &[q, k, v, res, &grad], |cpu| {
             let d = self.dims(cpu[0].1, cpu[1].1, cpu[2].1)?;
             macro_rules! grads {
                 ($t:ty) => {{
