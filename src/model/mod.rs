@@ -9,7 +9,8 @@
 //!   forward passes run in a `Mode`, `token_logprobs` scores them.
 //!   `generate` decodes with a KV cache.
 //! - `layers/`: the decoder's blocks (attention, MLP, projections, LoRA).
-//! - `kernels/`: the CPU kernels under them, and activation checkpointing.
+//! - `kernels/`: the CPU kernels under them, with one numeric trait and one
+//!   dtype dispatch (`kernels::float`), and activation checkpointing.
 //! - `formats/`: HF weights, PEFT adapters, exports, tokenizer files.
 //! - `init` writes seeded models for tests and demos, `merge` folds
 //!   adapters into the weights, `memory` estimates a run's peak.
