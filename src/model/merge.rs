@@ -13,9 +13,6 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
-/// Default shard size limit (transformers uses 5 GB).
-pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
-
 /// Files copied next to the weights when present in the source folder.
 pub const TOKENIZER_FILES: [&str; 8] = [
     "tokenizer.json",

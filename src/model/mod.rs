@@ -5,9 +5,11 @@
 //! - `family` declares what differs between model families; `config` reads
 //!   an HF config.json into one `ModelConfig`.
 //! - `decoder::Decoder` is the model: `Decoder::load` reads an HF folder,
-//!   `apply_lora` or `formats::peft::load_adapter` attach adapters, the
-//!   forward passes run in a `Mode`, `token_logprobs` scores them.
-//!   `generate` decodes with a KV cache.
+//!   `apply_lora` or `formats::peft::load_adapter` attach adapters,
+//!   `forward` runs a padded or packed batch (`Input`) in a `Mode` at the
+//!   rows a loss reads (`Rows`), `token_logprobs` scores them, and
+//!   `backward` returns the LoRA gradients (merging those that
+//!   checkpointed layers recompute). `generate` decodes with a KV cache.
 //! - `layers/`: the decoder's blocks (attention, MLP, projections, LoRA).
 //! - `kernels/`: the CPU kernels under them, with one numeric trait and one
 //!   dtype dispatch (`kernels::float`), and activation checkpointing.
@@ -32,7 +34,7 @@ pub mod merge;
 pub mod mode;
 
 pub use config::{linear_module_names, Architecture, ModelConfig};
-pub use decoder::{Decoder, LoadOptions};
+pub use decoder::{Decoder, Input, LoadOptions, Rows};
 pub use error::{ModelError, Result};
 pub use layers::lora::{LoraConfig, TargetModules};
 pub use mode::Mode;

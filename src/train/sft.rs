@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use super::trainer::{Metrics, Objective, ShardOutput};
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
-use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Mode};
+use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Input, Mode, Rows};
 
 /// The longest packed row: its attention mask is dense, tokens² floats
 /// (64 MiB at 4096), where a padded batch's is rows · seq_len².
@@ -29,7 +29,7 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 /// at the positions `loss_mask` marks, with the (row, position, token) targets.
 ///
 /// Right-padded rows are packed into one row without their padding
-/// (`Decoder::forward_hidden_packed_at`, which also runs the last layer's
+/// (`Decoder::forward` at `Rows::At`, which also runs the last layer's
 /// query, output and MLP products only at the target positions): the same
 /// log-probs, without computing the padding (a sixth of the tokens on the
 /// peer benchmark's data). Other layouts, batches of more than
@@ -70,7 +70,7 @@ pub(crate) fn masked_logprobs(
                 .iter()
                 .map(|&(row, pos, _)| starts[row] + pos)
                 .collect();
-            let hidden = model.forward_hidden_packed_at(&sequences, &at, mode)?;
+            let hidden = model.forward(Input::Packed(&sequences), Rows::At(&at), mode)?;
             let rows: Vec<(usize, usize, u32)> = targets
                 .iter()
                 .enumerate()
@@ -81,7 +81,7 @@ pub(crate) fn masked_logprobs(
         None => {
             let ids = Tensor::from_vec(input_ids.to_vec(), (rows, t), device)?;
             let mask = Tensor::from_vec(attention_mask.to_vec(), (rows, t), device)?;
-            let hidden = model.forward_hidden(&ids, Some(&mask), mode)?;
+            let hidden = model.forward(Input::padded(&ids, Some(&mask)), Rows::All, mode)?;
             model.token_logprobs(&hidden, &targets)?
         }
     };

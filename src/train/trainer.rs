@@ -361,13 +361,6 @@ pub fn micro_batch(
     let tokens: Vec<usize> = examples.iter().map(|&i| objective.tokens(i)).collect();
     let shards = super::shards::split(&tokens, model.device.is_cpu());
     let threads = cpu::threads_here();
-    // Checkpointed layers add their LoRA gradients to a store of the model
-    // during backward: a shard's forward and backward use a copy with a
-    // store of its own.
-    let shard_models: Vec<Decoder> = shards
-        .iter()
-        .map(|_| model.with_own_recomputed_gradients())
-        .collect();
     let outputs = super::shards::run(shards.len(), threads, |i| {
         let mode = match mode {
             Mode::Train { dropout_seed } => Mode::Train {
@@ -375,7 +368,7 @@ pub fn micro_batch(
             },
             other => other,
         };
-        objective.forward(&shard_models[i], &examples[shards[i].clone()], mode)
+        objective.forward(model, &examples[shards[i].clone()], mode)
     })?;
     // The loss sees each shard's output as a leaf, so its backward stops
     // there; each shard then backpropagates its own part.
@@ -408,8 +401,7 @@ pub fn micro_batch(
         .map(|leaf| gradient_or_zeros(&upstream, leaf))
         .collect::<candle_core::Result<_>>()?;
     let grads = super::shards::run(shards.len(), threads, |i| {
-        let mut store = (&outputs[i].values * &seeds[i])?.sum_all()?.backward()?;
-        shard_models[i].add_recomputed_gradients(&mut store)?;
+        let store = model.backward(&(&outputs[i].values * &seeds[i])?.sum_all()?)?;
         params
             .iter()
             .map(|(_, var)| gradient_or_zeros(&store, var))

@@ -4,7 +4,7 @@
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
 
@@ -36,7 +36,11 @@ fn adapted_model(dir: &std::path::Path, dtype: DType) -> Decoder {
 
 fn logits(model: &Decoder, ids: &Tensor) -> Tensor {
     model
-        .logits(&model.forward_hidden(ids, None, Mode::Eval).unwrap())
+        .logits(
+            &model
+                .forward(Input::padded(ids, None), Rows::All, Mode::Eval)
+                .unwrap(),
+        )
         .unwrap()
 }
 
@@ -173,7 +177,11 @@ fn bf16_base_trains_f32_lora_vars() {
         let ids = random_ids(1, 6, 128, 9);
         let targets: Vec<(usize, usize, u32)> = (0..5).map(|t| (0, t, ids[0][t + 1])).collect();
         let hidden = model
-            .forward_hidden(&ids_tensor(&ids), None, Mode::Train { dropout_seed: 1 })
+            .forward(
+                Input::padded(&ids_tensor(&ids), None),
+                Rows::All,
+                Mode::Train { dropout_seed: 1 },
+            )
             .unwrap();
         let lp = model.token_logprobs(&hidden, &targets).unwrap();
         assert_eq!(lp.dtype(), DType::F32);

@@ -4,7 +4,7 @@
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use lora_runner::model::formats::peft::{load_adapter, save_adapter};
 use lora_runner::model::layers::lora::{LoraConfig, PatternMap, TargetModules};
 use std::collections::HashMap;
@@ -16,7 +16,11 @@ fn load(dir: &Path) -> Decoder {
 
 fn logits(model: &Decoder, ids: &Tensor) -> Tensor {
     model
-        .logits(&model.forward_hidden(ids, None, Mode::Eval).unwrap())
+        .logits(
+            &model
+                .forward(Input::padded(ids, None), Rows::All, Mode::Eval)
+                .unwrap(),
+        )
         .unwrap()
 }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 use lora_runner::data::SftExample;
-use lora_runner::model::decoder::{Decoder, LoadOptions};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Rows};
 use lora_runner::model::generate::{generate, GenerateOptions};
 use lora_runner::model::init::{init_model, InitSpec};
 use lora_runner::progress::Silent;
@@ -145,7 +145,11 @@ fn teacher_forced_scores_match_the_full_logits() {
             .unsqueeze(0)
             .unwrap();
         let hidden = model
-            .forward_hidden(&ids, None, lora_runner::model::decoder::Mode::Inference)
+            .forward(
+                Input::padded(&ids, None),
+                Rows::All,
+                lora_runner::model::decoder::Mode::Inference,
+            )
             .unwrap();
         let logits: Vec<Vec<f32>> = model
             .logits(&hidden)
