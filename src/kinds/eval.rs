@@ -162,7 +162,8 @@ pub const RESULTS_FILE: &str = "eval.jsonl";
 pub const EXAMPLES_FILE: &str = "examples.jsonl";
 
 fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
-    use crate::train::{dpo, task};
+    use crate::metrics::task;
+    use crate::train::dpo;
     use std::io::Write;
     let device = crate::device::candle(&ctx.device)?;
     let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
@@ -225,7 +226,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
             // What holding the model quantized costs, once, against the same
             // model and adapter dense in f32.
             let unquantized = load(&source.dense(), candle_core::DType::F32)?;
-            let d = crate::train::divergence::divergence(&unquantized, &model, &data.examples)?;
+            let d = crate::metrics::divergence::divergence(&unquantized, &model, &data.examples)?;
             metric(ctx, "quantization/kl", d.mean_kl);
             metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);
         }
@@ -387,7 +388,7 @@ fn run_eval(p: &EvalParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     if generation_seconds > 0.0 {
         metric(ctx, "generation/seconds", generation_seconds);
     }
-    for sample in crate::train::samples::complete(
+    for sample in crate::metrics::samples::complete(
         &model,
         &tokenizer,
         &p.prompts,

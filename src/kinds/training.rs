@@ -10,7 +10,7 @@ use super::{file_input, inputs};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::stage::{Dtype, FileInput, ParseContext, RunContext, StageView};
-use crate::train::trainer::{self, LoopEnv, Metrics, Objective};
+use crate::train::trainer::{self, LoopEnv, Metrics, TrainingObjective};
 
 /// `data.train` and `data.eval` as stage inputs.
 pub fn data_files(data: &Option<DataSpec>, recipe_dir: &std::path::Path) -> Vec<FileInput> {
@@ -106,7 +106,7 @@ pub fn train_and_save(
     ctx: &mut RunContext,
     model: &crate::model::decoder::Decoder,
     model_dir: &std::path::Path,
-    objective: &dyn Objective,
+    objective: &dyn TrainingObjective,
     settings: &trainer::LoopSettings,
     memory: Option<crate::model::memory::MemoryEstimate>,
 ) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::trainer::{Metrics, Objective, ShardOutput};
+use super::trainer::{Metrics, ShardOutput, TrainingObjective};
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
 use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Input, Mode, Rows};
@@ -133,7 +133,7 @@ pub fn completion_logprob(
     Ok((logprobs.sum_all()?, logprobs.elem_count()))
 }
 
-impl Objective for SftObjective {
+impl TrainingObjective for SftObjective {
     fn examples(&self) -> usize {
         self.train.examples.len()
     }

@@ -13,7 +13,7 @@ const ENGINE: &[&str] = &[
     "cache", "exec", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "report",
     "schema", "stage",
 ];
-const ML: &[&str] = &["data", "model", "train"];
+const ML: &[&str] = &["data", "metrics", "model", "train"];
 const STAGE_LAYER: &[&str] = &["compare", "device", "kinds"];
 
 fn layer_of(module: &str) -> &'static str {

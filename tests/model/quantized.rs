@@ -286,7 +286,7 @@ fn kl_by_hand(p: &Decoder, q: &Decoder, rows: &[Vec<u32>]) -> (f64, f64, usize) 
 #[test]
 fn divergence_equals_the_kl_computed_by_hand_and_is_zero_between_equal_models() {
     use lora_runner::data::SftExample;
-    use lora_runner::train::divergence::divergence;
+    use lora_runner::metrics::divergence::divergence;
     with_big_stack(|| {
         let dir = quantizable_dir();
         let dense = Decoder::load(&dir, &f32_options()).unwrap();

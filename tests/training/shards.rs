@@ -13,7 +13,7 @@ use lora_runner::model::kernels::cpu::with_threads;
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::train::sft::{completion_logprob, SftObjective};
 use lora_runner::train::shards::split;
-use lora_runner::train::trainer::{micro_batch, Objective};
+use lora_runner::train::trainer::{micro_batch, TrainingObjective};
 
 use crate::support::model::{flat_f64, set_lora_b};
 
