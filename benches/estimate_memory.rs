@@ -8,9 +8,9 @@
 use candle_core::DType;
 use lora_runner::model::config::Architecture;
 use lora_runner::model::init::InitSpec;
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::kernels::quantized::Quantization;
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::memory::{estimate, fused_path, StepShape};
-use lora_runner::model::quantized::Quantization;
 
 fn main() {
     let spec = InitSpec {

@@ -8,9 +8,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use lora_runner::model::init::{init_model, InitSpec};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use std::time::Instant;
 
 fn status_mib(key: &str) -> Option<f64> {
@@ -74,7 +74,7 @@ fn run() -> anyhow::Result<()> {
     let tokens = (batch * seq) as f64;
 
     let forward = |mode: Mode| -> anyhow::Result<Tensor> {
-        let hidden = model.forward_hidden(&input, None, mode)?;
+        let hidden = model.forward(Input::padded(&input, None), Rows::All, mode)?;
         Ok(model.token_logprobs(&hidden, &targets)?.mean_all()?.neg()?)
     };
     let time_forward = || -> anyhow::Result<f64> {

@@ -51,7 +51,7 @@ fn cuda_available() -> bool {
 /// Largest |difference| between the logits of a small seeded model computed
 /// on `device` and on the CPU, in f32, on a padded batch.
 pub fn logits_check(device: &DeviceSpec) -> anyhow::Result<f64> {
-    use crate::model::decoder::{Decoder, LoadOptions, Mode};
+    use crate::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
     let dir = tempfile::tempdir()?;
     let mut spec = crate::model::init::InitSpec::tiny(7);
     spec.embedding_std = 1.0 / (spec.hidden_size as f64).sqrt();
@@ -73,7 +73,7 @@ pub fn logits_check(device: &DeviceSpec) -> anyhow::Result<f64> {
         )?;
         let ids = candle_core::Tensor::from_vec(ids.clone(), (2, 12), &dev)?;
         let mask = candle_core::Tensor::from_vec(mask.clone(), (2, 12), &dev)?;
-        let hidden = model.forward_hidden(&ids, Some(&mask), Mode::Inference)?;
+        let hidden = model.forward(Input::padded(&ids, Some(&mask)), Rows::All, Mode::Inference)?;
         Ok(model
             .logits(&hidden)?
             .flatten_all()?

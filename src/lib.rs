@@ -8,7 +8,7 @@
 //!    libraries below.
 //! 3. The engine (`recipe`, `stage`, `graph`, `plan`, `executor`, `cache`,
 //!    `hashing`, `gc`, `progress`, `schema`) and, beside it, the ML
-//!    libraries (`model`, `data`, `train`), which know nothing of recipes,
+//!    libraries (`model`, `data`, `train`, `metrics`), which know nothing of recipes,
 //!    stages or the cache. Leaves every layer may use: `diag` (problems with
 //!    spans), `fsutil` (atomic writes, folder sizes), `sink` (progress and
 //!    Ctrl-C), `units` (byte sizes for people).
@@ -27,6 +27,7 @@ pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod kinds;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod progress;

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::rng::SplitMix64;
+use crate::model::kernels::rng::SplitMix64;
 
 /// Resamples when the caller does not say.
 pub const DEFAULT_RESAMPLES: usize = 10_000;

@@ -15,7 +15,7 @@ pub struct SpecialToken {
     pub id: u32,
 }
 
-pub use crate::model::tokenizer::TokenizerConfig;
+pub use crate::model::formats::tokenizer::TokenizerConfig;
 
 // The parser itself is the model's; this adds reading the file with data errors.
 impl TokenizerConfig {

@@ -34,10 +34,11 @@ pub const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safeten
 /// r, alpha, targets and rslora of a PEFT folder, read by the model code's
 /// adapter_config.json parser; None when it cannot be read (the stage reports that when it runs).
 pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
-    use crate::model::lora::TargetModules;
-    let lora = crate::model::peft::read_adapter_config(&folder.join("adapter_config.json"))
-        .ok()?
-        .lora;
+    use crate::model::layers::lora::TargetModules;
+    let lora =
+        crate::model::formats::peft::read_adapter_config(&folder.join("adapter_config.json"))
+            .ok()?
+            .lora;
     let targets = match lora.target_modules {
         TargetModules::List(l) => Targets::List(l),
         TargetModules::Regex(r) => Targets::Pattern(r),
@@ -126,9 +127,10 @@ pub fn check_against_model(
     model_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use crate::model::config::ModelConfig;
-    use crate::model::lora::peft_tensor_name;
+    use crate::model::layers::lora::peft_tensor_name;
     let config = ModelConfig::from_dir(model_dir)?;
-    let peft = crate::model::peft::read_adapter_config(&adapter.join("adapter_config.json"))?;
+    let peft =
+        crate::model::formats::peft::read_adapter_config(&adapter.join("adapter_config.json"))?;
     let targets = peft
         .lora
         .resolve(&config)

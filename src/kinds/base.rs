@@ -141,7 +141,7 @@ impl InitSpec {
         if let Some(std) = &self.embedding_std {
             positive(problems, "init.embedding_std", std);
         }
-        let tokens = crate::model::tokenizer::builtin_vocab_size();
+        let tokens = crate::model::formats::tokenizer::builtin_vocab_size();
         if (self.vocab.value as usize) < tokens {
             problems.push(
                 Problem::new(format!(

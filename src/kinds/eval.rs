@@ -13,12 +13,13 @@ use crate::data::ModelTokenizer;
 use crate::diag::checks::{at_least, non_negative, positive};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
+use crate::metrics::task;
 use crate::model::decoder::Decoder;
 use crate::stage::{
     ArtifactKind, Dtype, FileInput, InputArtifact, Kind, ParseContext, Role, RunContext, StageRef,
     StageView,
 };
-use crate::train::{dpo, task};
+use crate::train::dpo;
 
 pub struct Eval;
 
@@ -288,7 +289,7 @@ impl<'p> Evaluator<'p> {
                 &self.device,
             )?;
             let d =
-                crate::train::divergence::divergence(&unquantized, &self.model, &data.examples)?;
+                crate::metrics::divergence::divergence(&unquantized, &self.model, &data.examples)?;
             metric(ctx, "quantization/kl", d.mean_kl);
             metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);
         }
@@ -445,7 +446,7 @@ impl<'p> Evaluator<'p> {
     /// Completions of the stage's `prompts`, into eval.jsonl and the manifest.
     fn samples(&mut self, ctx: &mut RunContext) -> anyhow::Result<()> {
         let p = self.p;
-        for sample in crate::train::samples::complete(
+        for sample in crate::metrics::samples::complete(
             &self.model,
             &self.tokenizer,
             &p.prompts,

@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use super::params::{DataSpec, TrainSpec};
 use crate::data::{self, DatasetKind, DpoDataset, ModelTokenizer, SftDataset, TokenizeSettings};
 use crate::model::decoder::{Decoder, LoadOptions};
-use crate::model::quantized::Quantization;
+use crate::model::kernels::quantized::Quantization;
 use crate::stage::{Dtype, InputArtifact, RunContext};
 
 /// The Hugging Face folder behind a model artifact (a `base` stage refers to its folder).
@@ -96,7 +96,7 @@ pub fn load_with(source: &ModelSource, options: &LoadOptions) -> anyhow::Result<
 
 /// Load an adapter stage's artifact into `model` (trainable).
 pub fn load_adapter(model: &mut Decoder, adapter: &InputArtifact) -> anyhow::Result<()> {
-    crate::model::peft::load_adapter(model, &adapter.dir)
+    crate::model::formats::peft::load_adapter(model, &adapter.dir)
         .map_err(|e| anyhow::anyhow!("loading adapter of stage `{}`: {e}", adapter.stage))?;
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use super::params::LoraSpec;
 use crate::diag::Problem;
-use crate::model::quantized::Quantization;
+use crate::model::kernels::quantized::Quantization;
 use crate::model::ModelConfig;
 use crate::stage::{Question, StageView};
 

@@ -229,8 +229,8 @@ fn check_continuation(
 }
 
 /// The model code's LoRA config from a recipe's `lora` table.
-pub fn lora_config(spec: &LoraSpec) -> crate::model::lora::LoraConfig {
-    let mut config = crate::model::lora::LoraConfig::new(
+pub fn lora_config(spec: &LoraSpec) -> crate::model::layers::lora::LoraConfig {
+    let mut config = crate::model::layers::lora::LoraConfig::new(
         spec.r.value as usize,
         spec.alpha.value,
         spec.targets.to_model(),

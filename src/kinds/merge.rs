@@ -183,7 +183,7 @@ impl Kind for Merge {
             ctx.metrics
                 .insert(format!("{prefix}/weight_rel_rms_err"), rel_rms.into());
             if let Some(rows) = &rows {
-                let d = crate::train::divergence::divergence(&exact, model, rows)?;
+                let d = crate::metrics::divergence::divergence(&exact, model, rows)?;
                 ctx.metrics.insert(format!("{prefix}/kl"), d.mean_kl.into());
                 ctx.metrics.insert(
                     format!("{prefix}/logits_max_abs_err"),

@@ -22,8 +22,8 @@ pub enum Targets {
 
 impl Targets {
     /// The same targets in the model code's terms (PEFT's matching rules live there).
-    pub fn to_model(&self) -> crate::model::lora::TargetModules {
-        use crate::model::lora::TargetModules;
+    pub fn to_model(&self) -> crate::model::layers::lora::TargetModules {
+        use crate::model::layers::lora::TargetModules;
         match self {
             Targets::List(l) => TargetModules::List(l.clone()),
             Targets::Pattern(p) if p == "all-linear" => TargetModules::AllLinear,
@@ -33,7 +33,7 @@ impl Targets {
 
     /// Does `module` (a full dotted name such as `model.layers.0.self_attn.q_proj`) match?
     pub fn matches(&self, module: &str) -> bool {
-        crate::model::lora::LoraConfig::new(1, 1.0, self.to_model())
+        crate::model::layers::lora::LoraConfig::new(1, 1.0, self.to_model())
             .targets(module)
             .unwrap_or(false)
     }
@@ -120,8 +120,8 @@ pub fn no_quantize(q: &Option<Sp<Quantize>>) -> bool {
 }
 
 impl Quantize {
-    pub fn quantization(self) -> Option<crate::model::quantized::Quantization> {
-        use crate::model::quantized::Quantization;
+    pub fn quantization(self) -> Option<crate::model::kernels::quantized::Quantization> {
+        use crate::model::kernels::quantized::Quantization;
         match self {
             Quantize::None => None,
             Quantize::Q8_0 => Some(Quantization::Q8_0),

@@ -93,7 +93,7 @@ pub fn reference_scores(
     let load = || -> anyhow::Result<crate::model::decoder::Decoder> {
         let mut model = inputs::load_model(&reference.model, dtype, device)?;
         if let Some((adapter, _)) = &reference.adapter {
-            crate::model::peft::load_adapter(&mut model, adapter)?;
+            crate::model::formats::peft::load_adapter(&mut model, adapter)?;
         }
         Ok(model)
     };

@@ -10,7 +10,7 @@ use super::{file_input, input, inputs};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::stage::{Dtype, FileInput, ParseContext, RunContext, StageView};
-use crate::train::trainer::{self, LoopEnv, Metrics, Objective};
+use crate::train::trainer::{self, LoopEnv, Metrics, TrainingObjective};
 
 /// `data.train` and `data.eval` as stage inputs.
 pub fn data_files(data: &Option<DataSpec>, recipe_dir: &std::path::Path) -> Vec<FileInput> {
@@ -106,7 +106,7 @@ pub fn train_and_save(
     ctx: &mut RunContext,
     model: &crate::model::decoder::Decoder,
     model_dir: &std::path::Path,
-    objective: &dyn Objective,
+    objective: &dyn TrainingObjective,
     settings: &trainer::LoopSettings,
     memory: Option<crate::model::memory::MemoryEstimate>,
 ) -> anyhow::Result<()> {
@@ -130,7 +130,11 @@ pub fn train_and_save(
             gib(estimate.estimate_bytes).into(),
         );
     }
-    crate::model::peft::save_adapter(model, &ctx.out_dir, &model_dir.display().to_string())?;
+    crate::model::formats::peft::save_adapter(
+        model,
+        &ctx.out_dir,
+        &model_dir.display().to_string(),
+    )?;
     if let Some(q) = model.quantization {
         // The adapter is ordinary PEFT and loads on the full-precision base;
         // this says what it was trained against.
@@ -158,7 +162,7 @@ pub fn train_and_save(
 fn base_precision(
     model: &crate::model::decoder::Decoder,
 ) -> (f64, std::collections::BTreeMap<&'static str, usize>) {
-    use crate::model::quantized::{format_name, Quantization};
+    use crate::model::kernels::quantized::{format_name, Quantization};
     let (mut bits, mut weights) = (0.0, 0.0);
     let mut formats = std::collections::BTreeMap::new();
     for linear in model.linears() {

@@ -1,43 +1,13 @@
-//! HF `config.json` parsing for the Llama, Mistral and Qwen2 families.
+//! HF `config.json` parsing into one `ModelConfig` for every family (what
+//! differs between families is declared in `family`).
 
 use crate::model::error::{ModelError, Result};
-use crate::model::io::read_json;
-use crate::model::names::{self, Group};
+pub use crate::model::family::Architecture;
+use crate::model::family::SlidingWindow;
+use crate::model::formats::io::read_json;
+use crate::model::formats::names::{self, Group};
 use serde_json::{json, Value};
 use std::path::Path;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Mistral,
-    /// Qwen2 and Qwen1.5 (Qwen1.5 checkpoints use model_type "qwen2").
-    Qwen2,
-}
-
-impl Architecture {
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Architecture::Llama => "llama",
-            Architecture::Mistral => "mistral",
-            Architecture::Qwen2 => "qwen2",
-        }
-    }
-    pub fn hf_class(self) -> &'static str {
-        match self {
-            Architecture::Llama => "LlamaForCausalLM",
-            Architecture::Mistral => "MistralForCausalLM",
-            Architecture::Qwen2 => "Qwen2ForCausalLM",
-        }
-    }
-    pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "llama" | "llamaforcausallm" => Some(Architecture::Llama),
-            "mistral" | "mistralforcausallm" => Some(Architecture::Mistral),
-            "qwen2" | "qwen2forcausallm" => Some(Architecture::Qwen2),
-            _ => None,
-        }
-    }
-}
 
 /// Llama-3 style rope frequency scaling.
 #[derive(Clone, Debug, PartialEq)]
@@ -225,16 +195,17 @@ impl ModelConfig {
                 }
             }
         };
-        let attention_bias = match architecture {
-            Architecture::Qwen2 => true,
-            _ => get_bool(v, "attention_bias", file)?.unwrap_or(false),
-        };
-        if architecture != Architecture::Qwen2 && get_bool(v, "mlp_bias", file)?.unwrap_or(false) {
+        let family = architecture.family();
+        let attention_bias =
+            family.qkv_bias || get_bool(v, "attention_bias", file)?.unwrap_or(false);
+        if !family.qkv_bias && get_bool(v, "mlp_bias", file)?.unwrap_or(false) {
             return Err(ModelError::config(file, "mlp_bias = true is not supported"));
         }
-        let sliding_window = match architecture {
-            Architecture::Mistral => get_usize(v, "sliding_window", file)?,
-            Architecture::Qwen2 if get_bool(v, "use_sliding_window", file)?.unwrap_or(false) => {
+        let sliding_window = match family.sliding_window {
+            SlidingWindow::WhenSet => get_usize(v, "sliding_window", file)?,
+            SlidingWindow::WhenEnabled
+                if get_bool(v, "use_sliding_window", file)?.unwrap_or(false) =>
+            {
                 get_usize(v, "sliding_window", file)?
             }
             _ => None,
@@ -315,30 +286,33 @@ impl ModelConfig {
                 obj.insert("rope_scaling".into(), Value::Null);
             }
         }
-        match self.architecture {
-            Architecture::Qwen2 => {
+        let family = self.architecture.family();
+        match family.sliding_window {
+            SlidingWindow::WhenEnabled => {
                 obj.insert(
                     "use_sliding_window".into(),
                     json!(self.sliding_window.is_some()),
                 );
                 obj.insert("sliding_window".into(), json!(self.sliding_window));
             }
-            Architecture::Mistral => {
+            SlidingWindow::WhenSet => {
                 obj.insert("sliding_window".into(), json!(self.sliding_window));
             }
-            Architecture::Llama => {
-                obj.insert("attention_bias".into(), json!(self.attention_bias));
-                obj.insert("mlp_bias".into(), json!(false));
-            }
+            SlidingWindow::Never => {}
+        }
+        if family.states_biases {
+            obj.insert("attention_bias".into(), json!(self.attention_bias));
+            obj.insert("mlp_bias".into(), json!(false));
         }
         v
     }
 
     /// Whether q/k/v carry a bias. Qwen2 has q/k/v bias but no o_proj bias.
     pub fn projection_has_bias(&self, projection: &str) -> bool {
-        match self.architecture {
-            Architecture::Qwen2 => matches!(projection, "q_proj" | "k_proj" | "v_proj"),
-            _ => self.attention_bias && names::group_of(projection) == Some(Group::Attention),
+        if self.architecture.family().qkv_bias {
+            matches!(projection, "q_proj" | "k_proj" | "v_proj")
+        } else {
+            self.attention_bias && names::group_of(projection) == Some(Group::Attention)
         }
     }
 

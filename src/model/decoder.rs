@@ -1,29 +1,68 @@
-//! One trainable decoder for Llama, Mistral and Qwen2, laid out like
+//! One trainable decoder for every family, laid out like
 //! candle-transformers' `qwen2.rs`: the `Decoder` holds the embeddings, the
-//! `DecoderLayer`s (`attention`, `mlp`), the final RMSNorm and the optional
-//! untied output head, and loops over the layers; LoRA may sit on any of the
-//! seven projections (`linear`).
+//! `DecoderLayer`s (`layers`), the final RMSNorm and the optional untied
+//! output head, and loops over the layers; LoRA may sit on any of the seven
+//! projections. One `forward` takes padded or packed input (`Input`) and
+//! the positions to compute (`Rows`); one `backward` returns the LoRA
+//! gradients, those of checkpointed layers included.
 //!
 //! Base weights are plain tensors (never Vars), so backward only reaches the
-//! LoRA Vars; the custom ops in `ops` keep frozen weights out of backward.
+//! LoRA Vars; the custom ops in `kernels` keep frozen weights out of backward.
 
-use crate::model::attention::{AttentionContext, LayerKv, QuerySelection};
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
-use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
-use crate::model::names;
-use crate::model::ops::{frozen_matmul, rms_norm};
-use crate::model::quantized::Quantization;
-use crate::model::recompute::{checkpointed_layer, recomputed_rows, RecomputedGrads, RowFunction};
-use crate::model::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
+use crate::model::formats::names;
+use crate::model::formats::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
+use crate::model::kernels::ops::{frozen_matmul, rms_norm};
+use crate::model::kernels::quantized::Quantization;
+use crate::model::kernels::recompute::{
+    backward_with_recomputed, checkpointed_layer, recomputed_rows, RowFunction,
+};
+use crate::model::layers::attention::{AttentionContext, LayerKv, QuerySelection};
+use crate::model::layers::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
 use std::sync::Arc;
 
-pub use crate::model::attention::rope_inv_freq;
-pub use crate::model::layer::DecoderLayer;
-pub use crate::model::linear::Linear;
+pub use crate::model::layers::attention::rope_inv_freq;
+pub use crate::model::layers::layer::DecoderLayer;
+pub use crate::model::layers::linear::Linear;
+pub use crate::model::mode::Mode;
+
+/// The tokens of a forward pass and how they are laid out.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Rows `ids` [B, T] (u32) and an optional attention mask [B, T]
+    /// (1 = token, 0 = padding; left or right padding).
+    Padded {
+        ids: &'a Tensor,
+        mask: Option<&'a Tensor>,
+    },
+    /// Sequences packed into one row [1, Σ lengths] (each starts at its
+    /// `packed_starts`): no padding is computed, and each sequence's states
+    /// equal those it has alone (see `AttentionContext::packed`).
+    Packed(&'a [&'a [u32]]),
+}
+
+impl<'a> Input<'a> {
+    /// `Input::Padded`, in a call.
+    pub fn padded(ids: &'a Tensor, mask: Option<&'a Tensor>) -> Self {
+        Input::Padded { ids, mask }
+    }
+}
+
+/// The positions of each row a forward pass computes.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    All,
+    /// These positions only, equal to those rows of `All`. The last layer
+    /// runs its query, output and MLP products on them alone (only its keys
+    /// and values need every token), and so saves most of a layer when a
+    /// loss reads a few positions a sequence, as SFT and DPO on short
+    /// completions do.
+    At(&'a [usize]),
+}
 
 /// Rows of output-head logits alive at once under checkpointing (256 rows
 /// of a 151936-token vocabulary are 156 MB in f32); `memory` counts them.
@@ -46,20 +85,6 @@ impl Default for LoadOptions {
     }
 }
 
-/// Forward-pass mode. Dropout only runs in `Train`, seeded per step so a
-/// resumed run reproduces the same masks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// No dropout; the graph to the LoRA Vars is kept (backward possible).
-    Eval,
-    /// No dropout and no graph: LoRA weights are used detached, so
-    /// intermediates are freed as the forward pass goes (evaluation, DPO
-    /// reference log-probs).
-    Inference,
-    /// Dropout on, seeded by `dropout_seed` (derive it from seed and step).
-    Train { dropout_seed: u64 },
-}
-
 /// The model: embeddings, the decoder layers, the final norm and the output
 /// head (the embeddings when tied).
 #[derive(Clone, Debug)]
@@ -79,7 +104,7 @@ pub struct Decoder {
     inv_freq: Vec<f64>,
     /// Set by `enable_checkpointing`: forward passes that keep a graph keep
     /// only each layer's input, and backward recomputes the layer.
-    checkpointing: Option<RecomputedGrads>,
+    checkpointing: bool,
 }
 
 /// Per-layer keys/values for a forward pass that continues a KV cache:
@@ -150,7 +175,7 @@ impl Decoder {
             lora_config: None,
             quantization: w.quantize,
             inv_freq,
-            checkpointing: None,
+            checkpointing: false,
         })
     }
 
@@ -159,16 +184,63 @@ impl Decoder {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Final-norm hidden states [B, T, hidden] for `input_ids` [B, T] (u32)
-    /// and an optional `attention_mask` [B, T] (1 = token, 0 = padding; left
-    /// or right padding). Logits are left to `logits_at` / `token_logprobs`
-    /// so that only the positions a loss needs pay for the vocabulary GEMM.
-    pub fn forward_hidden(
+    /// Final-norm hidden states of `input` laid out as it says, at `rows`
+    /// of each row: [B, T, hidden] for every row, [B, at.len(), hidden] at
+    /// selected ones. Logits are left to `logits_at` / `token_logprobs` so
+    /// that only the positions a loss needs pay for the vocabulary GEMM.
+    pub fn forward(&self, input: Input, rows: Rows, mode: Mode) -> Result<Tensor> {
+        let (ids, ctx) = match input {
+            Input::Padded { ids, mask } => self.padded(ids, mask)?,
+            Input::Packed(sequences) => self.pack(sequences)?,
+        };
+        let at = match rows {
+            Rows::All => None,
+            Rows::At(at) => {
+                let total = ids.dim(1)?;
+                if let Some(&bad) = at.iter().find(|&&p| p >= total) {
+                    let what = match input {
+                        Input::Padded { .. } => "tokens of a row",
+                        Input::Packed(_) => "packed tokens",
+                    };
+                    return Err(ModelError::Input(format!(
+                        "position {bad} is outside the {total} {what}"
+                    )));
+                }
+                Some(at)
+            }
+        };
+        self.forward_in_context(&ids, &ctx, mode, None, at)
+    }
+
+    /// Embeds the new tokens `input_ids` [B, t] (u32) of a pass that
+    /// continues a KV cache, runs them through every layer and the final
+    /// norm, without a graph. `real[b]` marks each position of row b, the
+    /// `past` cached ones then the t new ones (true = token); attention also
+    /// sees the cached keys/values and `kv.next` gets each layer's extended
+    /// ones.
+    pub(crate) fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        real: &[Vec<bool>],
+        past: usize,
+        kv: &mut KvUpdate,
+    ) -> Result<Tensor> {
+        let ctx = AttentionContext::new(
+            &self.inv_freq,
+            self.config.sliding_window,
+            real,
+            past,
+            &self.device,
+        )?;
+        self.forward_in_context(input_ids, &ctx, Mode::Inference, Some(kv), None)
+    }
+
+    /// The padded rows' ids (u32) and their attention context.
+    fn padded(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        mode: Mode,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, AttentionContext)> {
         let c = &self.config;
         let (b, t) = input_ids.dims2().map_err(|_| {
             ModelError::Input(format!(
@@ -197,73 +269,12 @@ impl Decoder {
             }
             None => vec![vec![true; t]; b],
         };
-        self.forward_tokens(&ids, &mask, 0, mode, None)
+        let ctx = AttentionContext::new(&self.inv_freq, c.sliding_window, &mask, 0, &self.device)?;
+        Ok((ids, ctx))
     }
 
-    /// Embeds the new tokens `input_ids` [B, t] (u32), runs them through
-    /// every layer and the final norm. `real[b]` marks each position of row
-    /// b, the `past` cached ones then the t new ones (true = token). With
-    /// `kv`, attention also sees its cached keys/values and `kv.next` gets
-    /// each layer's extended ones.
-    pub(crate) fn forward_tokens(
-        &self,
-        input_ids: &Tensor,
-        real: &[Vec<bool>],
-        past: usize,
-        mode: Mode,
-        kv: Option<&mut KvUpdate>,
-    ) -> Result<Tensor> {
-        let ctx = AttentionContext::new(
-            &self.inv_freq,
-            self.config.sliding_window,
-            real,
-            past,
-            &self.device,
-        )?;
-        self.forward_in_context(input_ids, &ctx, mode, kv, None)
-    }
-
-    /// Final-norm hidden states [1, Σ lengths, hidden] of `sequences`
-    /// packed into one row, and where each sequence starts in it: no padding
-    /// is computed, and each sequence's states equal those it has alone (see
-    /// `AttentionContext::packed`).
-    pub fn forward_hidden_packed(
-        &self,
-        sequences: &[&[u32]],
-        mode: Mode,
-    ) -> Result<(Tensor, Vec<usize>)> {
-        let (ids, ctx, starts) = self.pack(sequences)?;
-        Ok((
-            self.forward_in_context(&ids, &ctx, mode, None, None)?,
-            starts,
-        ))
-    }
-
-    /// `forward_hidden_packed` at the packed positions `at` only:
-    /// [1, at.len(), hidden], equal to those rows of the full result. The
-    /// last layer runs its query, output and MLP products on these rows
-    /// alone (only its keys and values need every token), and so saves most
-    /// of a layer when a loss reads a few positions a sequence, as SFT and
-    /// DPO on short completions do.
-    pub fn forward_hidden_packed_at(
-        &self,
-        sequences: &[&[u32]],
-        at: &[usize],
-        mode: Mode,
-    ) -> Result<Tensor> {
-        let (ids, ctx, _) = self.pack(sequences)?;
-        let total = ids.dim(1)?;
-        if let Some(&bad) = at.iter().find(|&&p| p >= total) {
-            return Err(ModelError::Input(format!(
-                "position {bad} is outside the {total} packed tokens"
-            )));
-        }
-        self.forward_in_context(&ids, &ctx, mode, None, Some(at))
-    }
-
-    /// The packed row's ids [1, Σ lengths], its attention context and where
-    /// each sequence starts.
-    fn pack(&self, sequences: &[&[u32]]) -> Result<(Tensor, AttentionContext, Vec<usize>)> {
+    /// The packed row's ids [1, Σ lengths] and its attention context.
+    fn pack(&self, sequences: &[&[u32]]) -> Result<(Tensor, AttentionContext)> {
         let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
         if lengths.contains(&0) || lengths.is_empty() {
             return Err(ModelError::Input(
@@ -271,7 +282,6 @@ impl Decoder {
             ));
         }
         check_vocabulary(sequences.iter().copied().flatten(), self.config.vocab_size)?;
-        let starts = packed_starts(&lengths);
         let total: usize = lengths.iter().sum();
         let ids = Tensor::from_vec(sequences.concat(), (1, total), &self.device)?;
         let ctx = AttentionContext::packed(
@@ -280,7 +290,7 @@ impl Decoder {
             &lengths,
             &self.device,
         )?;
-        Ok((ids, ctx, starts))
+        Ok((ids, ctx))
     }
 
     /// The layers and the final norm over `input_ids` [B, t]; with `at`,
@@ -301,15 +311,13 @@ impl Decoder {
             .index_select(&flat, 0)?
             .reshape((b, t, c.hidden_size))?;
         // Inference keeps no graph, and a KV-cache pass never runs backward.
-        let recompute = match (&self.checkpointing, mode, &kv) {
-            (Some(grads), Mode::Eval | Mode::Train { .. }, None) => Some(grads),
-            _ => None,
-        };
+        let recompute =
+            self.checkpointing && matches!(mode, Mode::Eval | Mode::Train { .. }) && kv.is_none();
         let selection = at.map(|at| QuerySelection::new(ctx, at)).transpose()?;
-        if let Some(grads) = recompute {
+        if recompute {
             let ctx = Arc::new(ctx.clone());
             for layer in &self.layers {
-                x = checkpointed_layer(layer, &x, &ctx, mode, grads)?;
+                x = checkpointed_layer(layer, &x, &ctx, mode)?;
             }
             // Checkpointed layers keep their whole output; select after.
             if let Some(sel) = &selection {
@@ -379,51 +387,37 @@ impl Decoder {
             }
             tok.push(id);
         }
-        if self.checkpointing.is_some() {
+        if self.checkpointing {
             // The [rows, vocab] logits exist for one chunk of rows at a time.
             let rows = self.gather_rows(hidden, &positions)?;
             let (weight, tok) = (self.lm_head_weight().clone(), Arc::new(tok));
             let head: RowFunction = Arc::new(move |range, x| {
                 let logits = upcast(&frozen_matmul(x, &weight)?)?;
-                crate::model::ops::token_logprobs(&logits, &tok[range])
+                crate::model::kernels::ops::token_logprobs(&logits, &tok[range])
             });
             return Ok(recomputed_rows(&rows, HEAD_CHUNK_ROWS, head)?);
         }
         let logits = self.logits_at(hidden, &positions)?;
-        Ok(crate::model::ops::token_logprobs(&logits, &tok)?)
+        Ok(crate::model::kernels::ops::token_logprobs(&logits, &tok)?)
     }
 
     /// Activation checkpointing from now on: forward passes that keep a
     /// graph store one hidden state per layer instead of its activations;
-    /// backward runs each layer again. Call `add_recomputed_gradients` on the
-    /// gradients of every backward.
+    /// backward (`Decoder::backward`) runs each layer again.
     pub fn enable_checkpointing(&mut self) {
-        self.checkpointing
-            .get_or_insert_with(RecomputedGrads::default);
+        self.checkpointing = true;
     }
 
     pub fn checkpointing(&self) -> bool {
-        self.checkpointing.is_some()
+        self.checkpointing
     }
 
-    /// The same model (its weights and LoRA Vars shared) with a recomputed
-    /// gradient store of its own, for a backward pass that runs beside
-    /// others.
-    pub fn with_own_recomputed_gradients(&self) -> Decoder {
-        let mut copy = self.clone();
-        if copy.checkpointing.is_some() {
-            copy.checkpointing = Some(RecomputedGrads::default());
-        }
-        copy
-    }
-
-    /// Adds the LoRA gradients that checkpointed layers computed during the
-    /// last backward to `grads` (a no-op without checkpointing).
-    pub fn add_recomputed_gradients(&self, grads: &mut GradStore) -> Result<()> {
-        if let Some(recomputed) = &self.checkpointing {
-            recomputed.merge_into(grads)?;
-        }
-        Ok(())
+    /// The gradients of `loss` (a scalar of this model's forward passes):
+    /// candle's backward, plus the LoRA gradients that checkpointed layers
+    /// recompute during it. Use it for every backward through this model: a
+    /// checkpointed layer refuses a plain `Tensor::backward`.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok(backward_with_recomputed(loss)?)
     }
 
     // ------------------------------------------------------------ LoRA

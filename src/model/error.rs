@@ -1,11 +1,12 @@
 //! Error type for the model side. Every variant that concerns a file or a
 //! tensor names it, so a user can act on the message without a debugger.
 
+use crate::model::family::Architecture;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{file}: unknown architecture: model_type {model_type:?} (architectures {architectures:?}); supported: llama, mistral, qwen2")]
+    #[error("{file}: unknown architecture: model_type {model_type:?} (architectures {architectures:?}); supported: {}", Architecture::supported())]
     UnknownArchitecture {
         file: PathBuf,
         model_type: String,

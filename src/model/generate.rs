@@ -2,7 +2,7 @@
 //!
 //! [`KvCache`] keeps, per layer, the keys and values (after rope) of every
 //! token a batch of sequences has seen, so each step only runs the new
-//! tokens through the model: the same layers as `Decoder::forward_hidden`
+//! tokens through the model: the same layers as `Decoder::forward`
 //! (same positions, mask rules, ops and dtypes), in `Mode::Inference`: no
 //! graph is built and LoRA adapters are used detached.
 //!
@@ -11,10 +11,10 @@
 //! padded row computes what it would alone, and after the prompt every row
 //! advances one token per step.
 
-use crate::model::attention::LayerKv;
-use crate::model::decoder::{check_vocabulary, Decoder, KvUpdate, Mode};
+use crate::model::decoder::{check_vocabulary, Decoder, KvUpdate};
 use crate::model::error::{ModelError, Result};
-use crate::model::rng::SplitMix64;
+use crate::model::kernels::rng::SplitMix64;
+use crate::model::layers::attention::LayerKv;
 use candle_core::{DType, Tensor};
 
 /// Token fed for padding; never attended to, so any valid id would do.
@@ -62,8 +62,8 @@ impl KvCache {
     /// row) through `model`, continuing each row after its cached tokens,
     /// appends their keys and values, and returns their final-norm hidden
     /// states [batch, t, hidden]. `attention_mask` marks padding (false) as
-    /// in `forward_hidden`; None means every new token is real. The result
-    /// equals the matching rows of `forward_hidden` over the whole sequence
+    /// in `Decoder::forward`; None means every new token is real. The result
+    /// equals the matching rows of `Decoder::forward` over the whole sequence
     /// (cached + new tokens, same mask) in `Mode::Inference`. On error the
     /// cache is left unchanged.
     pub fn forward(
@@ -95,8 +95,7 @@ impl KvCache {
             past: &self.layers,
             next: Vec::with_capacity(model.layers.len()),
         };
-        let hidden =
-            model.forward_tokens(&ids, &real, self.len(), Mode::Inference, Some(&mut kv))?;
+        let hidden = model.forward_cached(&ids, &real, self.len(), &mut kv)?;
         // Commit only once everything succeeded.
         self.layers = kv.next;
         self.real = real;

@@ -5,13 +5,13 @@
 
 use crate::model::config::{Architecture, ModelConfig};
 use crate::model::error::{ModelError, Result};
-use crate::model::io::{write_json_atomic, write_safetensors_atomic};
-use crate::model::names;
-use crate::model::rng::SplitMix64;
-use crate::model::tokenizer::{
+use crate::model::formats::io::{write_json_atomic, write_safetensors_atomic};
+use crate::model::formats::names;
+use crate::model::formats::tokenizer::{
     builtin_special_id, builtin_vocab_size, write_builtin_tokenizer, IM_END,
 };
-use crate::model::weights::{torch_dtype_name, SINGLE_FILE};
+use crate::model::formats::weights::{torch_dtype_name, SINGLE_FILE};
+use crate::model::kernels::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
@@ -112,7 +112,7 @@ impl InitSpec {
             vocab_size: self.vocab_size,
             max_position_embeddings: 2048,
             torch_dtype: Some(torch_dtype_name(self.dtype).to_string()),
-            attention_bias: self.architecture == Architecture::Qwen2,
+            attention_bias: self.architecture.family().qkv_bias,
             sliding_window: None,
             bos_token_id: None,
             eos_token_id: builtin_special_id(IM_END),

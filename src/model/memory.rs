@@ -27,8 +27,8 @@ use candle_core::DType;
 
 use crate::model::config::ModelConfig;
 use crate::model::decoder::HEAD_CHUNK_ROWS;
-use crate::model::lora::ResolvedTarget;
-use crate::model::quantized::Quantization;
+use crate::model::kernels::quantized::Quantization;
+use crate::model::layers::lora::ResolvedTarget;
 pub use crate::units::MemoryEstimate;
 
 /// The process before any model: code, allocator, thread stacks, tokenizer
@@ -71,7 +71,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
 
     let heads = if c.tie_word_embeddings { 1 } else { 2 };
     let mut weights = heads * vocab * h * dt + (2 * l + 1) * h * dt;
-    for (projection, _) in crate::model::names::PROJECTIONS {
+    for (projection, _) in crate::model::formats::names::PROJECTIONS {
         let (out, inp) = c.projection_shape(projection).expect("known projection");
         let bits = match s.quantization.and_then(|qz| qz.format_for(inp)) {
             Some(format) => Quantization::bits_per_weight(format),
@@ -139,5 +139,5 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
 
 /// Whether a step on the CPU (not `on_gpu`) in `dtype` runs the fused ops.
 pub fn fused_path(on_gpu: bool, dtype: DType) -> bool {
-    !on_gpu && crate::model::kernel::fused_for(&candle_core::Device::Cpu, dtype)
+    !on_gpu && crate::model::kernels::cpu::fused_for(&candle_core::Device::Cpu, dtype)
 }

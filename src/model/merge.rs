@@ -4,15 +4,14 @@
 
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
-use crate::model::io::{read_json, write_file_atomic, write_json_atomic, write_safetensors_atomic};
-use crate::model::quantized::FrozenWeight;
-use crate::model::weights::{torch_dtype_name, INDEX_FILE, SINGLE_FILE};
+use crate::model::formats::io::{
+    read_json, write_file_atomic, write_json_atomic, write_safetensors_atomic,
+};
+use crate::model::formats::weights::{torch_dtype_name, INDEX_FILE, SINGLE_FILE};
+use crate::model::kernels::quantized::FrozenWeight;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Map, Value};
 use std::path::Path;
-
-/// Default shard size limit (transformers uses 5 GB).
-pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
 /// Files copied next to the weights when present in the source folder.
 pub const TOKENIZER_FILES: [&str; 8] = [

@@ -1,46 +1,40 @@
-//! The model side of lora-runner: config parsing, a trainable decoder for
-//! Llama / Mistral / Qwen2, custom ops with cheap backward, LoRA, the PEFT
-//! adapter format, seeded `init` models and tokenizers, merging and export.
+//! The model side of lora-runner: a trainable decoder for the Llama,
+//! Mistral and Qwen2 families with LoRA, and what reads, writes, builds and
+//! sizes it. A library: it takes paths and plain values.
 //!
-//! Typical use by the engine:
-//! - `init::init_model(&spec, dir)` writes a seeded HF folder;
-//! - `decoder::Decoder::load(dir, &LoadOptions)` loads any HF folder;
-//! - `decoder.apply_lora(&lora_config, seed)` or `peft::load_adapter(&mut decoder, dir)`;
-//! - `decoder.forward_hidden(ids, mask, Mode::Train { dropout_seed })` then
-//!   `decoder.token_logprobs(&hidden, &targets)` for a loss;
-//!   `decoder.lora_parameters()` gives the Vars by PEFT tensor name;
-//! - `export::export_adapter` / `export::export_merged_model` at the end.
+//! - `family` declares what differs between model families; `config` reads
+//!   an HF config.json into one `ModelConfig`.
+//! - `decoder::Decoder` is the model: `Decoder::load` reads an HF folder,
+//!   `apply_lora` or `formats::peft::load_adapter` attach adapters,
+//!   `forward` runs a padded or packed batch (`Input`) in a `Mode` at the
+//!   rows a loss reads (`Rows`), `token_logprobs` scores them, and
+//!   `backward` returns the LoRA gradients (merging those that
+//!   checkpointed layers recompute). `generate` decodes with a KV cache.
+//! - `layers/`: the decoder's blocks (attention, MLP, projections, LoRA).
+//! - `kernels/`: the CPU kernels under them, with one numeric trait and one
+//!   dtype dispatch (`kernels::float`), and activation checkpointing.
+//! - `formats/`: HF weights, PEFT adapters, exports, tokenizer files.
+//! - `init` writes seeded models for tests and demos, `merge` folds
+//!   adapters into the weights, `memory` estimates a run's peak.
 //!
 //! Backward walks candle's graph recursively: call it on a thread with a
 //! 64 MiB stack.
 
-pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod error;
-pub mod export;
-pub mod fused_attention;
-pub mod fused_linear;
+pub mod family;
+pub mod formats;
 pub mod generate;
 pub mod init;
-pub mod io;
-pub mod kernel;
-pub mod layer;
-pub mod linear;
-pub mod lora;
+pub mod kernels;
+pub mod layers;
 pub mod memory;
 pub mod merge;
-pub mod mlp;
-pub mod names;
-pub mod ops;
-pub mod peft;
-pub mod quantized;
-pub mod recompute;
-pub mod rng;
-pub mod tokenizer;
-pub mod weights;
+pub mod mode;
 
 pub use config::{linear_module_names, Architecture, ModelConfig};
-pub use decoder::{Decoder, LoadOptions, Mode};
+pub use decoder::{Decoder, Input, LoadOptions, Rows};
 pub use error::{ModelError, Result};
-pub use lora::{LoraConfig, TargetModules};
+pub use layers::lora::{LoraConfig, TargetModules};
+pub use mode::Mode;

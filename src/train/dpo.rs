@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::preference_loss::{attach, dpo_metrics, PairBatch, PreferenceLoss};
-use super::trainer::{Metrics, Objective, ShardOutput};
+use super::trainer::{Metrics, ShardOutput, TrainingObjective};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
 use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
@@ -268,7 +268,7 @@ impl PairScores {
             "index".into(),
             Tensor::from_slice(&index, index.len(), &Device::Cpu)?,
         ));
-        crate::model::io::write_safetensors_atomic(path, &tensors)?;
+        crate::model::formats::io::write_safetensors_atomic(path, &tensors)?;
         Ok(())
     }
 
@@ -358,7 +358,7 @@ impl DpoObjective {
     }
 }
 
-impl Objective for DpoObjective {
+impl TrainingObjective for DpoObjective {
     fn examples(&self) -> usize {
         self.train.examples.len()
     }

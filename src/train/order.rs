@@ -2,7 +2,7 @@
 //! permutation per epoch, a pure function of (seed, position), so a resumed
 //! run needs only the number of examples seen to continue identically.
 
-use crate::model::rng::SplitMix64;
+use crate::model::kernels::rng::SplitMix64;
 
 /// Indices of `count` examples starting at cursor `seen`, over a dataset of `n`.
 pub fn take(seed: u64, n: usize, seen: u64, count: usize) -> Vec<usize> {

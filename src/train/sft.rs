@@ -3,10 +3,10 @@
 
 use candle_core::{Device, Tensor};
 
-use super::trainer::{Metrics, Objective, ShardOutput};
+use super::trainer::{Metrics, ShardOutput, TrainingObjective};
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftDataset, SftExample};
-use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Mode};
+use crate::model::decoder::{next_token_targets, packed_starts, Decoder, Input, Mode, Rows};
 
 /// The longest packed row: its attention mask is dense, tokens² floats
 /// (64 MiB at 4096), where a padded batch's is rows · seq_len².
@@ -29,7 +29,7 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 /// at the positions `loss_mask` marks, with the (row, position, token) targets.
 ///
 /// Right-padded rows are packed into one row without their padding
-/// (`Decoder::forward_hidden_packed_at`, which also runs the last layer's
+/// (`Decoder::forward` at `Rows::At`, which also runs the last layer's
 /// query, output and MLP products only at the target positions): the same
 /// log-probs, without computing the padding (a sixth of the tokens on the
 /// peer benchmark's data). Other layouts, batches of more than
@@ -53,7 +53,7 @@ pub(crate) fn masked_logprobs(
     // Only the fused attention skips the keys a packed sequence cannot see;
     // the composition (GPU, half precision) would compute and keep scores
     // for every pair of the packed row: rows² times a padded batch's.
-    let fused_attention = crate::model::kernel::fused_for(device, model.dtype);
+    let fused_attention = crate::model::kernels::cpu::fused_for(device, model.dtype);
     let packable = right_padded_lengths(attention_mask, t)
         .filter(|lengths| fused_attention && lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
     let logprobs = match packable {
@@ -70,7 +70,7 @@ pub(crate) fn masked_logprobs(
                 .iter()
                 .map(|&(row, pos, _)| starts[row] + pos)
                 .collect();
-            let hidden = model.forward_hidden_packed_at(&sequences, &at, mode)?;
+            let hidden = model.forward(Input::Packed(&sequences), Rows::At(&at), mode)?;
             let rows: Vec<(usize, usize, u32)> = targets
                 .iter()
                 .enumerate()
@@ -81,7 +81,7 @@ pub(crate) fn masked_logprobs(
         None => {
             let ids = Tensor::from_vec(input_ids.to_vec(), (rows, t), device)?;
             let mask = Tensor::from_vec(attention_mask.to_vec(), (rows, t), device)?;
-            let hidden = model.forward_hidden(&ids, Some(&mask), mode)?;
+            let hidden = model.forward(Input::padded(&ids, Some(&mask)), Rows::All, mode)?;
             model.token_logprobs(&hidden, &targets)?
         }
     };
@@ -133,7 +133,7 @@ pub fn completion_logprob(
     Ok((logprobs.sum_all()?, logprobs.elem_count()))
 }
 
-impl Objective for SftObjective {
+impl TrainingObjective for SftObjective {
     fn examples(&self) -> usize {
         self.train.examples.len()
     }

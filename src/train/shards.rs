@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::model::kernel::{threads_here, with_threads};
+use crate::model::kernels::cpu::{threads_here, with_threads};
 
 /// Stack of a shard's thread: backward walks the graph recursively (as
 /// `with_big_stack`).
@@ -68,7 +68,7 @@ pub fn map<T: Send>(
 /// `f(0) .. f(n - 1)` in order, on up to `threads` threads (the calling
 /// one among them), each taking the next index when it is free. A thread
 /// gives the fused kernels `threads / workers` threads of their own
-/// (`kernel::with_threads`). The first error by index is returned.
+/// (`cpu::with_threads`). The first error by index is returned.
 pub fn run<T: Send>(
     n: usize,
     threads: usize,

@@ -8,16 +8,15 @@ use std::time::Instant;
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::adamw::{clip_factor, AdamW, AdamWConfig};
 use super::checkpoint::{self, LoopState};
 use super::order;
-use super::schedule::lr_at;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use super::schedule::Schedule;
+use super::schedule::{lr_at, Schedule};
 use crate::model::decoder::{Decoder, Mode};
-use crate::model::kernel;
+use crate::model::kernels::cpu;
 use crate::sink::{Interrupted, Progress};
 
 /// Scalar metrics by TRL's names.
@@ -35,7 +34,7 @@ pub struct ShardOutput {
 /// The loss a stage optimises, over its examples. A micro-batch is split
 /// into shards (`shards::split`) whose forward passes run apart; the loss
 /// then sees all of their outputs, so it may couple a batch's examples.
-pub trait Objective: Sync {
+pub trait TrainingObjective: Sync {
     /// Number of training examples (rows or pairs).
     fn examples(&self) -> usize;
 
@@ -107,163 +106,122 @@ pub struct LoopEnv<'a> {
 /// Train the model's LoRA parameters; returns the final metrics.
 pub fn train(
     model: &Decoder,
-    objective: &dyn Objective,
+    objective: &dyn TrainingObjective,
     s: &LoopSettings,
     env: &LoopEnv,
 ) -> anyhow::Result<Metrics> {
-    let params = model.lora_parameters();
-    anyhow::ensure!(
-        !params.is_empty(),
-        "the model has no LoRA parameters to train"
-    );
-    let mut optimizer = AdamW::new(
-        params.clone(),
-        AdamWConfig {
-            beta1: s.betas[0],
-            beta2: s.betas[1],
-            eps: s.eps,
-            weight_decay: s.weight_decay,
-        },
-    )?;
-    let (steps, batch, accum) = (s.steps, s.batch, s.grad_accum);
-    let metrics_path = env.work_dir.join(METRICS_FILE);
-    let mut state = LoopState {
-        step: 0,
-        metrics_lines: 0,
-        examples_seen: 0,
-        seed: s.seed,
-        // f16 gradients underflow without loss scaling; bf16 and f32 need none.
-        scaler: (model.dtype == candle_core::DType::F16).then(super::scaler::LossScaler::default),
-    };
-    match checkpoint::latest(env.work_dir, &model.device)? {
-        Some(ck) => {
-            for (name, var) in &params {
-                let t = ck
-                    .params
-                    .get(name)
-                    .ok_or_else(|| anyhow::anyhow!("checkpoint lacks parameter `{name}`"))?;
-                var.set(t)?;
-            }
-            optimizer.load_state(&ck.optimizer, ck.state.step)?;
-            state = ck.state;
-            truncate_lines(&metrics_path, state.metrics_lines)?;
-            env.progress
-                .log(&format!("resuming from step {}", state.step));
-        }
-        None => {
-            let _ = std::fs::remove_file(&metrics_path);
-        }
+    let mut run = Run::start(model, objective, s, env)?;
+    while run.state.step < s.steps {
+        run.step()?;
     }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)?;
-    fn write_line(
-        file: &mut std::fs::File,
-        state: &mut LoopState,
-        line: serde_json::Value,
-    ) -> anyhow::Result<()> {
-        writeln!(file, "{line}")?;
-        state.metrics_lines += 1;
-        Ok(())
-    }
-    fn write_eval(
-        file: &mut std::fs::File,
-        state: &mut LoopState,
-        eval: &Metrics,
-    ) -> anyhow::Result<()> {
-        if eval.is_empty() {
-            return Ok(());
-        }
-        let mut line = serde_json::json!({ "step": state.step });
-        for (k, v) in eval {
-            line[k] = (*v).into();
-        }
-        write_line(file, state, line)
-    }
-    let save = |state: &LoopState, optimizer: &AdamW| -> anyhow::Result<()> {
-        let tensors = params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        checkpoint::save(
-            env.work_dir,
-            env.resume_file,
-            state,
-            &tensors,
-            &optimizer.state(),
-        )
-    };
+    run.finish()
+}
 
-    env.progress.set_total(steps);
-    env.progress.set_position(state.step, "");
-    let mut last: Metrics = Metrics::new();
-    let (mut tokens_total, clock) = (0usize, Instant::now());
-    while state.step < steps {
-        let step = state.step;
+/// A training run between its start (fresh or resumed) and its end.
+struct Run<'a> {
+    model: &'a Decoder,
+    objective: &'a dyn TrainingObjective,
+    s: &'a LoopSettings,
+    env: &'a LoopEnv<'a>,
+    params: Vec<(String, Var)>,
+    optimizer: AdamW,
+    state: LoopState,
+    metrics_path: PathBuf,
+    metrics_file: std::fs::File,
+    /// The last step's metrics.
+    last: Metrics,
+    tokens_total: usize,
+    /// Started when the loop begins (after setup and resume).
+    clock: Instant,
+}
+
+/// What a step's micro-batches add up to.
+struct Accumulated {
+    grads: Vec<Tensor>,
+    /// Loss and metrics, averaged over the micro-batches.
+    sums: Metrics,
+    tokens: usize,
+}
+
+impl<'a> Run<'a> {
+    /// The optimizer and loop state, resumed from the newest checkpoint
+    /// when there is one, and the metrics file opened for appending.
+    fn start(
+        model: &'a Decoder,
+        objective: &'a dyn TrainingObjective,
+        s: &'a LoopSettings,
+        env: &'a LoopEnv<'a>,
+    ) -> anyhow::Result<Self> {
+        let params = model.lora_parameters();
+        anyhow::ensure!(
+            !params.is_empty(),
+            "the model has no LoRA parameters to train"
+        );
+        let mut optimizer = AdamW::new(
+            params.clone(),
+            AdamWConfig {
+                beta1: s.betas[0],
+                beta2: s.betas[1],
+                eps: s.eps,
+                weight_decay: s.weight_decay,
+            },
+        )?;
+        let metrics_path = env.work_dir.join(METRICS_FILE);
+        let fresh = LoopState {
+            step: 0,
+            metrics_lines: 0,
+            examples_seen: 0,
+            seed: s.seed,
+            // f16 gradients underflow without loss scaling; bf16 and f32 need none.
+            scaler: (model.dtype == candle_core::DType::F16)
+                .then(super::scaler::LossScaler::default),
+        };
+        let state =
+            resume(&params, &mut optimizer, &metrics_path, &model.device, env)?.unwrap_or(fresh);
+        let metrics_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)?;
+        env.progress.set_total(s.steps);
+        env.progress.set_position(state.step, "");
+        Ok(Run {
+            model,
+            objective,
+            s,
+            env,
+            params,
+            optimizer,
+            state,
+            metrics_path,
+            metrics_file,
+            last: Metrics::new(),
+            tokens_total: 0,
+            clock: Instant::now(),
+        })
+    }
+
+    /// One optimizer step: its micro-batches, clipping, the update, the
+    /// metrics line, then evaluation and checkpoints when due. A step whose
+    /// f16 gradients overflowed is skipped with a smaller loss scale.
+    fn step(&mut self) -> anyhow::Result<()> {
+        let (s, step) = (self.s, self.state.step);
         let started = Instant::now();
-        let lr = lr_at(s.schedule, s.lr, step, steps, s.warmup);
-        let mut grads: Option<Vec<Tensor>> = None;
-        let mut sums = Metrics::new();
-        let mut tokens = 0;
-        for micro in 0..accum {
-            let examples = order::take(s.seed, objective.examples(), state.examples_seen, batch);
-            state.examples_seen += batch as u64;
-            let mode = if s.dropout {
-                Mode::Train {
-                    dropout_seed: order::dropout_seed(s.seed, step, micro),
-                }
-            } else {
-                Mode::Eval
-            };
-            let scale = state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
-            let MicroBatch {
-                loss: value,
-                metrics: m,
-                grads: mut g,
-                tokens: n,
-            } = micro_batch(
-                model,
-                &params,
-                objective,
-                &examples,
-                mode,
-                scale / accum as f64,
-            )?;
-            if !value.is_finite() {
-                anyhow::bail!(
-                    "step {}: the loss is {value}; stopped (the last good checkpoint, if any, is kept)",
-                    step + 1
-                );
-            }
-            *sums.entry("loss".into()).or_default() += value / accum as f64;
-            for (k, v) in m {
-                *sums.entry(k).or_default() += v / accum as f64;
-            }
-            tokens += n;
-            if scale != 1.0 {
-                g = g
-                    .iter()
-                    .map(|t| t / scale)
-                    .collect::<candle_core::Result<_>>()?;
-            }
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => add_gradients(&acc, &g)?,
-            });
-        }
-        let mut grads = grads.expect("at least one micro-batch");
+        let lr = lr_at(s.schedule, s.lr, step, s.steps, s.warmup);
+        let Accumulated {
+            mut grads,
+            sums,
+            tokens,
+        } = self.accumulate(step)?;
         let (norm, factor) = clip_factor(&grads, s.max_grad_norm)?;
-        if let Some(scaler) = state.scaler.as_mut() {
+        if let Some(scaler) = self.state.scaler.as_mut() {
             if !scaler.update(norm.is_finite()) {
-                // Overflow under loss scaling: skip this step with a smaller scale.
-                env.progress.log(&format!(
+                self.env.progress.log(&format!(
                     "step {}: f16 gradients overflowed; skipped, loss scale now {}",
                     step + 1,
                     scaler.scale
                 ));
-                state.step += 1;
-                continue;
+                self.state.step += 1;
+                return Ok(());
             }
         }
         if !norm.is_finite() {
@@ -275,63 +233,203 @@ pub fn train(
                 .map(|g| g * factor)
                 .collect::<candle_core::Result<_>>()?;
         }
-        optimizer.apply(&grads, lr)?;
-        state.step += 1;
-        tokens_total += tokens;
-
+        self.optimizer.apply(&grads, lr)?;
+        self.state.step += 1;
+        self.tokens_total += tokens;
         let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         // elapsed_s: seconds since this process began the loop, so a benchmark
         // can time steps end to end (checkpoints and evaluations included).
-        let mut line = serde_json::json!({ "step": state.step, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens_per_s, "elapsed_s": clock.elapsed().as_secs_f64() });
+        let mut line = serde_json::json!({ "step": self.state.step, "lr": lr, "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens_per_s, "elapsed_s": self.clock.elapsed().as_secs_f64() });
         for (k, v) in &sums {
             line[k] = (*v).into();
         }
-        write_line(&mut metrics_file, &mut state, line)?;
-        env.progress.set_position(
-            state.step,
+        self.write_line(line)?;
+        self.env.progress.set_position(
+            self.state.step,
             &format!("loss {:.4} {:.0} tok/s", sums["loss"], tokens_per_s),
         );
-        last = sums;
-        last.insert("grad_norm".into(), norm);
-
-        let done = state.step;
-        let every = |n: u64| n > 0 && done.is_multiple_of(n) && done < steps;
-        if every(s.eval_every) {
-            let eval = objective.evaluate(model)?;
-            write_eval(&mut metrics_file, &mut state, &eval)?;
-        }
-        if env.interrupt.load(Ordering::SeqCst) {
-            metrics_file.sync_all()?;
-            save(&state, &optimizer)?;
-            env.progress
-                .log(&format!("checkpointed at step {}", state.step));
-            return Err(Interrupted.into());
-        }
-        if every(s.checkpoint_every) {
-            metrics_file.sync_all()?;
-            save(&state, &optimizer)?;
-        }
+        self.last = sums;
+        self.last.insert("grad_norm".into(), norm);
+        self.after_step()
     }
 
-    let eval = objective.evaluate(model)?;
-    write_eval(&mut metrics_file, &mut state, &eval)?;
-    metrics_file.sync_all()?;
-    std::fs::copy(&metrics_path, env.out_dir.join(METRICS_FILE))?;
-    let mut out = last;
-    out.extend(eval);
-    out.insert("steps".into(), steps as f64);
-    out.insert(
-        "trainable_parameters".into(),
-        params
+    /// The gradients, loss and metrics of step `step`'s micro-batches,
+    /// unscaled and averaged.
+    fn accumulate(&mut self, step: u64) -> anyhow::Result<Accumulated> {
+        let (s, accum) = (self.s, self.s.grad_accum);
+        let mut grads: Option<Vec<Tensor>> = None;
+        let mut sums = Metrics::new();
+        let mut tokens = 0;
+        for micro in 0..accum {
+            let examples = order::take(
+                s.seed,
+                self.objective.examples(),
+                self.state.examples_seen,
+                s.batch,
+            );
+            self.state.examples_seen += s.batch as u64;
+            let mode = micro_batch_mode(s, step, micro);
+            let scale = self.state.scaler.as_ref().map_or(1.0, |sc| sc.scale);
+            let mut done = micro_batch(
+                self.model,
+                &self.params,
+                self.objective,
+                &examples,
+                mode,
+                scale / accum as f64,
+            )?;
+            let value = done.loss;
+            if !value.is_finite() {
+                anyhow::bail!(
+                    "step {}: the loss is {value}; stopped (the last good checkpoint, if any, is kept)",
+                    step + 1
+                );
+            }
+            *sums.entry("loss".into()).or_default() += value / accum as f64;
+            for (k, v) in done.metrics {
+                *sums.entry(k).or_default() += v / accum as f64;
+            }
+            tokens += done.tokens;
+            if scale != 1.0 {
+                done.grads = done
+                    .grads
+                    .iter()
+                    .map(|t| t / scale)
+                    .collect::<candle_core::Result<_>>()?;
+            }
+            grads = Some(match grads {
+                None => done.grads,
+                Some(acc) => add_gradients(&acc, &done.grads)?,
+            });
+        }
+        let grads = grads.expect("at least one micro-batch");
+        Ok(Accumulated {
+            grads,
+            sums,
+            tokens,
+        })
+    }
+
+    /// Evaluation and checkpoints the finished step calls for, and a stop on
+    /// Ctrl-C (after a checkpoint).
+    fn after_step(&mut self) -> anyhow::Result<()> {
+        let (done, steps) = (self.state.step, self.s.steps);
+        let every = |n: u64| n > 0 && done.is_multiple_of(n) && done < steps;
+        if every(self.s.eval_every) {
+            let eval = self.objective.evaluate(self.model)?;
+            self.write_eval(&eval)?;
+        }
+        if self.env.interrupt.load(Ordering::SeqCst) {
+            self.checkpoint()?;
+            self.env
+                .progress
+                .log(&format!("checkpointed at step {}", self.state.step));
+            return Err(Interrupted.into());
+        }
+        if every(self.s.checkpoint_every) {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// The metrics so far on disk, then a checkpoint of this step.
+    fn checkpoint(&self) -> anyhow::Result<()> {
+        self.metrics_file.sync_all()?;
+        let tensors = self
+            .params
             .iter()
-            .map(|(_, v)| v.as_tensor().elem_count())
-            .sum::<usize>() as f64,
-    );
-    out.insert(
-        "tokens_per_s".into(),
-        tokens_total as f64 / clock.elapsed().as_secs_f64().max(1e-9),
-    );
-    Ok(out)
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        checkpoint::save(
+            self.env.work_dir,
+            self.env.resume_file,
+            &self.state,
+            &tensors,
+            &self.optimizer.state(),
+        )
+    }
+
+    /// The final evaluation, metrics.jsonl copied into the artifact, and the
+    /// run's metrics.
+    fn finish(mut self) -> anyhow::Result<Metrics> {
+        let eval = self.objective.evaluate(self.model)?;
+        self.write_eval(&eval)?;
+        self.metrics_file.sync_all()?;
+        std::fs::copy(&self.metrics_path, self.env.out_dir.join(METRICS_FILE))?;
+        let mut out = self.last;
+        out.extend(eval);
+        out.insert("steps".into(), self.s.steps as f64);
+        out.insert(
+            "trainable_parameters".into(),
+            self.params
+                .iter()
+                .map(|(_, v)| v.as_tensor().elem_count())
+                .sum::<usize>() as f64,
+        );
+        out.insert(
+            "tokens_per_s".into(),
+            self.tokens_total as f64 / self.clock.elapsed().as_secs_f64().max(1e-9),
+        );
+        Ok(out)
+    }
+
+    fn write_line(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
+        writeln!(self.metrics_file, "{line}")?;
+        self.state.metrics_lines += 1;
+        Ok(())
+    }
+
+    /// One `eval/...` line at this step; none when `eval` is empty.
+    fn write_eval(&mut self, eval: &Metrics) -> anyhow::Result<()> {
+        if eval.is_empty() {
+            return Ok(());
+        }
+        let mut line = serde_json::json!({ "step": self.state.step });
+        for (k, v) in eval {
+            line[k] = (*v).into();
+        }
+        self.write_line(line)
+    }
+}
+
+/// The loop state of the newest checkpoint in the work folder, with the
+/// parameters and optimizer restored and metrics.jsonl cut back to it;
+/// None (and no metrics file) when there is none.
+fn resume(
+    params: &[(String, Var)],
+    optimizer: &mut AdamW,
+    metrics_path: &Path,
+    device: &candle_core::Device,
+    env: &LoopEnv,
+) -> anyhow::Result<Option<LoopState>> {
+    let Some(ck) = checkpoint::latest(env.work_dir, device)? else {
+        let _ = std::fs::remove_file(metrics_path);
+        return Ok(None);
+    };
+    for (name, var) in params {
+        let t = ck
+            .params
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("checkpoint lacks parameter `{name}`"))?;
+        var.set(t)?;
+    }
+    optimizer.load_state(&ck.optimizer, ck.state.step)?;
+    truncate_lines(metrics_path, ck.state.metrics_lines)?;
+    env.progress
+        .log(&format!("resuming from step {}", ck.state.step));
+    Ok(Some(ck.state))
+}
+
+/// The forward mode of micro-batch `micro` of step `step`: dropout seeded
+/// by both when it is on.
+fn micro_batch_mode(s: &LoopSettings, step: u64, micro: u64) -> Mode {
+    if s.dropout {
+        Mode::Train {
+            dropout_seed: order::dropout_seed(s.seed, step, micro),
+        }
+    } else {
+        Mode::Eval
+    }
 }
 
 /// What one micro-batch gives the training loop.
@@ -353,21 +451,14 @@ pub struct MicroBatch {
 pub fn micro_batch(
     model: &Decoder,
     params: &[(String, Var)],
-    objective: &dyn Objective,
+    objective: &dyn TrainingObjective,
     examples: &[usize],
     mode: Mode,
     scale: f64,
 ) -> anyhow::Result<MicroBatch> {
     let tokens: Vec<usize> = examples.iter().map(|&i| objective.tokens(i)).collect();
     let shards = super::shards::split(&tokens, model.device.is_cpu());
-    let threads = kernel::threads_here();
-    // Checkpointed layers add their LoRA gradients to a store of the model
-    // during backward: a shard's forward and backward use a copy with a
-    // store of its own.
-    let shard_models: Vec<Decoder> = shards
-        .iter()
-        .map(|_| model.with_own_recomputed_gradients())
-        .collect();
+    let threads = cpu::threads_here();
     let outputs = super::shards::run(shards.len(), threads, |i| {
         let mode = match mode {
             Mode::Train { dropout_seed } => Mode::Train {
@@ -375,7 +466,7 @@ pub fn micro_batch(
             },
             other => other,
         };
-        objective.forward(&shard_models[i], &examples[shards[i].clone()], mode)
+        objective.forward(model, &examples[shards[i].clone()], mode)
     })?;
     // The loss sees each shard's output as a leaf, so its backward stops
     // there; each shard then backpropagates its own part.
@@ -408,8 +499,7 @@ pub fn micro_batch(
         .map(|leaf| gradient_or_zeros(&upstream, leaf))
         .collect::<candle_core::Result<_>>()?;
     let grads = super::shards::run(shards.len(), threads, |i| {
-        let mut store = (&outputs[i].values * &seeds[i])?.sum_all()?.backward()?;
-        shard_models[i].add_recomputed_gradients(&mut store)?;
+        let store = model.backward(&(&outputs[i].values * &seeds[i])?.sum_all()?)?;
         params
             .iter()
             .map(|(_, var)| gradient_or_zeros(&store, var))

@@ -1,7 +1,7 @@
 //! The paired bootstrap against closed forms.
 
 use lora_runner::compare::bootstrap::paired_difference;
-use lora_runner::model::rng::SplitMix64;
+use lora_runner::model::kernels::rng::SplitMix64;
 
 fn bernoulli(rng: &mut SplitMix64, p: f64, n: usize) -> Vec<f64> {
     (0..n)

@@ -12,7 +12,7 @@ const LEAVES: &[&str] = &["diag", "fsutil", "sink", "units"];
 const ENGINE: &[&str] = &[
     "cache", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "schema", "stage",
 ];
-const ML: &[&str] = &["data", "model", "train"];
+const ML: &[&str] = &["data", "metrics", "model", "train"];
 const STAGE_LAYER: &[&str] = &["compare", "device", "kinds"];
 
 fn layer_of(module: &str) -> &'static str {

@@ -6,8 +6,8 @@ use crate::support::model::*;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 /// A model with random LoRA B (so every A has a gradient), checkpointed or not.
 fn model(checkpointing: bool) -> Decoder {
@@ -52,7 +52,11 @@ fn loss_and_grads(model: &Decoder, seqs: &[Vec<u32>], mode: Mode) -> (f64, GradS
         .flat_map(|(row, s)| (t - seqs[row].len()..t - 1).map(move |i| (row, i, s[i + 1])))
         .collect();
     let hidden = model
-        .forward_hidden(&ids_tensor(&ids), Some(&ids_tensor(&mask)), mode)
+        .forward(
+            Input::padded(&ids_tensor(&ids), Some(&ids_tensor(&mask))),
+            Rows::All,
+            mode,
+        )
         .unwrap();
     let padded = model
         .token_logprobs(&hidden, &targets)
@@ -61,7 +65,7 @@ fn loss_and_grads(model: &Decoder, seqs: &[Vec<u32>], mode: Mode) -> (f64, GradS
         .unwrap();
 
     let slices: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let (hidden, starts) = model.forward_hidden_packed(&slices, mode).unwrap();
+    let (hidden, starts) = forward_packed(model, &slices, mode);
     let at: Vec<(usize, usize, u32)> = seqs
         .iter()
         .enumerate()
@@ -77,8 +81,7 @@ fn loss_and_grads(model: &Decoder, seqs: &[Vec<u32>], mode: Mode) -> (f64, GradS
         .unwrap();
 
     let loss = (padded + packed).unwrap();
-    let mut grads = loss.backward().unwrap();
-    model.add_recomputed_gradients(&mut grads).unwrap();
+    let grads = model.backward(&loss).unwrap();
     (loss.to_scalar::<f64>().unwrap(), grads)
 }
 
@@ -132,6 +135,25 @@ fn checkpointed_gradients_equal_plain_ones() {
     });
 }
 
+/// A plain `Tensor::backward` through checkpointed layers would lose their
+/// LoRA gradients: it fails instead of returning them silently incomplete.
+#[test]
+fn a_plain_backward_through_checkpointed_layers_is_refused() {
+    with_big_stack(|| {
+        let model = model(true);
+        let ids = ids_tensor(&random_ids(1, 6, 128, 4));
+        let hidden = model
+            .forward(Input::padded(&ids, None), Rows::All, Mode::Eval)
+            .unwrap();
+        let loss = hidden.sum_all().unwrap();
+        let Err(err) = loss.backward() else {
+            panic!("a plain backward was let through")
+        };
+        assert!(err.to_string().contains("Decoder::backward"), "{err}");
+        assert!(model.backward(&loss).is_ok());
+    });
+}
+
 #[test]
 fn a_second_backward_starts_from_an_empty_store() {
     with_big_stack(|| {
@@ -155,8 +177,8 @@ fn a_second_backward_starts_from_an_empty_store() {
 
 #[test]
 fn output_head_in_chunks_of_rows_equals_the_whole() {
-    use lora_runner::model::ops::token_logprobs;
-    use lora_runner::model::recompute::{recomputed_rows, RowFunction};
+    use lora_runner::model::kernels::ops::token_logprobs;
+    use lora_runner::model::kernels::recompute::{recomputed_rows, RowFunction};
     use std::sync::Arc;
     with_big_stack(|| {
         let dev = Device::Cpu;

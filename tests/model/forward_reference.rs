@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use std::path::Path;
 
 const TOL: f32 = 1e-4;
@@ -85,7 +85,11 @@ fn our_logits(dir: &Path, ids: &[Vec<u32>], mask: Option<&[Vec<u32>]>) -> Tensor
     let model = Decoder::load(dir, &LoadOptions::default()).unwrap();
     let mask = mask.map(ids_tensor);
     let hidden = model
-        .forward_hidden(&ids_tensor(ids), mask.as_ref(), Mode::Eval)
+        .forward(
+            Input::padded(&ids_tensor(ids), mask.as_ref()),
+            Rows::All,
+            Mode::Eval,
+        )
         .unwrap();
     model.logits(&hidden).unwrap()
 }

@@ -4,7 +4,7 @@
 
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor, Var};
-use lora_runner::model::fused_attention::{attention, attention_slow, AttentionMask};
+use lora_runner::model::kernels::fused_attention::{attention, attention_slow, AttentionMask};
 
 /// The model's additive mask [B, t, past + t] for rows whose positions are
 /// real (true) or padding: causal, padding hidden, optional sliding window.

@@ -4,7 +4,7 @@
 
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor, Var};
-use lora_runner::model::fused_linear::{lora_linear, lora_linear_slow, Adapter};
+use lora_runner::model::kernels::fused_linear::{lora_linear, lora_linear_slow, Adapter};
 
 fn randn(shape: &[usize], dtype: DType) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)

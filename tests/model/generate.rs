@@ -1,16 +1,16 @@
 //! Generation with a KV cache: the cached forward against the full
-//! `forward_hidden`, greedy decoding against a naive re-run-everything loop,
+//! `Decoder::forward`, greedy decoding against a naive re-run-everything loop,
 //! seeded sampling, stop tokens and LoRA adapters.
 
 use crate::support::model::*;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use lora_runner::model::generate::{
     generate, greedy_token, sample_token, GenerateOptions, KvCache, Sampling,
 };
+use lora_runner::model::kernels::rng::SplitMix64;
 use lora_runner::model::merge::merge_lora;
-use lora_runner::model::rng::SplitMix64;
 use lora_runner::model::{LoraConfig, TargetModules};
 use std::path::Path;
 use std::time::Instant;
@@ -53,7 +53,7 @@ fn mask_tensor(mask: &[Vec<bool>]) -> Tensor {
 
 /// Feeds a left-padded batch to the cache in chunks (prompt, then single
 /// tokens and a multi-token chunk) and checks every real position against
-/// forward_hidden over the whole sequence so far.
+/// `Decoder::forward` over the whole sequence so far.
 fn check_cached_forward(model: &Decoder, prompts: &[Vec<u32>]) {
     let (mut ids, mut mask) = left_pad(prompts);
     let continuation = random_ids(prompts.len(), 9, model.config.vocab_size, 77);
@@ -65,9 +65,9 @@ fn check_cached_forward(model: &Decoder, prompts: &[Vec<u32>]) {
         let cached = cache.forward(model, &new_ids, Some(&new_mask)).unwrap();
         let past = ids[0].len() - new_ids[0].len();
         let full = model
-            .forward_hidden(
-                &ids_tensor(&ids),
-                Some(&mask_tensor(&mask)),
+            .forward(
+                Input::padded(&ids_tensor(&ids), Some(&mask_tensor(&mask))),
+                Rows::All,
                 Mode::Inference,
             )
             .unwrap();
@@ -162,14 +162,18 @@ fn cached_forward_rejects_bad_input_and_keeps_the_cache() {
     assert!(KvCache::new(0).forward(&model, &[], None).is_err());
 }
 
-/// Independent reference: re-run forward_hidden over the whole sequence
+/// Independent reference: re-run `Decoder::forward` over the whole sequence
 /// (one prompt, no padding, no cache) and take the first maximal logit.
 fn naive_greedy(model: &Decoder, prompt: &[u32], max_new: usize, stop: &[u32]) -> Vec<u32> {
     let mut ids = prompt.to_vec();
     let mut out = Vec::new();
     while out.len() < max_new {
         let hidden = model
-            .forward_hidden(&ids_tensor(&[ids.clone()]), None, Mode::Inference)
+            .forward(
+                Input::padded(&ids_tensor(&[ids.clone()]), None),
+                Rows::All,
+                Mode::Inference,
+            )
             .unwrap();
         let logits = model
             .logits_at(&hidden, &[(0, ids.len() - 1)])

@@ -4,10 +4,10 @@
 use crate::support::model::*;
 use candle_core::{DType, Device};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::formats::tokenizer::CHATML_TEMPLATE;
 use lora_runner::model::init::init_model;
-use lora_runner::model::lora::{LoraConfig, TargetModules};
-use lora_runner::model::tokenizer::{load_tokenizer, CHATML_TEMPLATE};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 const FILES: [&str; 4] = [
     "config.json",
@@ -49,7 +49,9 @@ fn init_folder_loads_through_the_normal_loader() {
     assert_eq!(model.layers[0].self_attn.q_proj.weight.dims(), (64, 32));
     assert_eq!(model.layers[0].self_attn.k_proj.weight.dims(), (32, 32));
     let ids = ids_tensor(&random_ids(1, 5, 128, 1));
-    let h = model.forward_hidden(&ids, None, Mode::Eval).unwrap();
+    let h = model
+        .forward(Input::padded(&ids, None), Rows::All, Mode::Eval)
+        .unwrap();
     assert_eq!(h.dims(), &[1, 5, 32]);
     // Loaded again as f32 from the same files.
     let f32_model = Decoder::load(
@@ -146,7 +148,11 @@ fn dropout_only_in_training_and_seeded() {
         }
     }
     let ids = ids_tensor(&random_ids(1, 6, 128, 2));
-    let run = |mode| model.forward_hidden(&ids, None, mode).unwrap();
+    let run = |mode| {
+        model
+            .forward(Input::padded(&ids, None), Rows::All, mode)
+            .unwrap()
+    };
     let eval = run(Mode::Eval);
     assert_eq!(max_abs_diff(&eval, &run(Mode::Eval)), 0.0);
     let t1 = run(Mode::Train { dropout_seed: 10 });
@@ -175,7 +181,9 @@ fn half_precision_loads_match_f32_roughly() {
             m.layers[1].mlp.down_proj.weight.as_dense().unwrap().dtype(),
             dtype
         );
-        let h = m.forward_hidden(&ids, None, Mode::Eval).unwrap();
+        let h = m
+            .forward(Input::padded(&ids, None), Rows::All, Mode::Eval)
+            .unwrap();
         assert_eq!(h.dtype(), dtype);
         m.logits(&h).unwrap()
     };
@@ -191,7 +199,7 @@ fn half_precision_loads_match_f32_roughly() {
 
 #[test]
 fn chat_template_forms() {
-    use lora_runner::model::tokenizer::chat_template_from_config;
+    use lora_runner::model::formats::tokenizer::chat_template_from_config;
     let single = serde_json::json!({"chat_template": "{{ x }}"});
     assert_eq!(
         chat_template_from_config(&single).unwrap().as_deref(),
@@ -224,7 +232,7 @@ fn chat_template_forms() {
 /// no "default" (when no name is asked for), rather than taking the first.
 #[test]
 fn chat_template_list_without_default_is_an_error() {
-    use lora_runner::model::tokenizer::chat_template_from_config;
+    use lora_runner::model::formats::tokenizer::chat_template_from_config;
     let list = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]});
     let err = chat_template_from_config(&list).unwrap_err();
     assert!(err.contains("no \"default\""), "{err}");
@@ -253,8 +261,12 @@ fn inference_mode_equals_eval_without_a_graph() {
         .apply_lora(&LoraConfig::new(2, 4.0, TargetModules::AllLinear), 3)
         .unwrap();
     let ids = ids_tensor(&random_ids(1, 6, 128, 5));
-    let eval = model.forward_hidden(&ids, None, Mode::Eval).unwrap();
-    let inference = model.forward_hidden(&ids, None, Mode::Inference).unwrap();
+    let eval = model
+        .forward(Input::padded(&ids, None), Rows::All, Mode::Eval)
+        .unwrap();
+    let inference = model
+        .forward(Input::padded(&ids, None), Rows::All, Mode::Inference)
+        .unwrap();
     assert_eq!(max_abs_diff(&eval, &inference), 0.0);
     assert!(eval.track_op() && !inference.track_op());
 }
@@ -264,5 +276,5 @@ fn inference_mode_equals_eval_without_a_graph() {
 fn decoder_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Decoder>();
-    assert_send_sync::<lora_runner::model::tokenizer::LoadedTokenizer>();
+    assert_send_sync::<LoadedTokenizer>();
 }

@@ -4,12 +4,14 @@
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 /// Weighted sum of next-token log-probs over a padded batch.
 fn loss(model: &Decoder, ids: &Tensor, mask: &Tensor, targets: &[(usize, usize, u32)]) -> Tensor {
-    let hidden = model.forward_hidden(ids, Some(mask), Mode::Eval).unwrap();
+    let hidden = model
+        .forward(Input::padded(ids, Some(mask)), Rows::All, Mode::Eval)
+        .unwrap();
     let lp = model.token_logprobs(&hidden, targets).unwrap();
     let w: Vec<f64> = (0..targets.len())
         .map(|i| 0.5 + 0.25 * (i % 3) as f64)
@@ -150,7 +152,11 @@ fn sequence_sums_of_next_token_logprobs() {
         assert_eq!(targets.len(), 3 + 5);
         assert_eq!(targets[0], (0, 1, ids[0][2]));
         let hidden = model
-            .forward_hidden(&ids_tensor(&ids), None, Mode::Eval)
+            .forward(
+                Input::padded(&ids_tensor(&ids), None),
+                Rows::All,
+                Mode::Eval,
+            )
             .unwrap();
         let lp = model.token_logprobs(&hidden, &targets).unwrap();
         let sums = sum_by_sequence(&lp, &targets, 2)
@@ -224,7 +230,9 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
             .collect();
         let input = ids_tensor(&ids);
         let loss_at = |mode| {
-            let hidden = model.forward_hidden(&input, None, mode).unwrap();
+            let hidden = model
+                .forward(Input::padded(&input, None), Rows::All, mode)
+                .unwrap();
             model
                 .token_logprobs(&hidden, &targets)
                 .unwrap()

@@ -6,9 +6,9 @@ use crate::support::model::*;
 use candle_core::{DType, Device};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, LoadOptions};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::kernels::quantized::Quantization;
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::memory::{estimate, StepShape};
-use lora_runner::model::quantized::Quantization;
 
 fn held_bytes(model: &Decoder) -> u64 {
     let dense = |t: &candle_core::Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;

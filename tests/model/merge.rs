@@ -4,8 +4,8 @@
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
 
 fn adapted_model(dir: &std::path::Path, dtype: DType) -> Decoder {
@@ -36,7 +36,11 @@ fn adapted_model(dir: &std::path::Path, dtype: DType) -> Decoder {
 
 fn logits(model: &Decoder, ids: &Tensor) -> Tensor {
     model
-        .logits(&model.forward_hidden(ids, None, Mode::Eval).unwrap())
+        .logits(
+            &model
+                .forward(Input::padded(ids, None), Rows::All, Mode::Eval)
+                .unwrap(),
+        )
         .unwrap()
 }
 
@@ -127,8 +131,8 @@ fn merged_model_saves_sharded_and_reloads() {
 
 #[test]
 fn export_helpers_write_loadable_folders() {
-    use lora_runner::model::export::{export_adapter, export_merged_model};
-    use lora_runner::model::peft::load_adapter;
+    use lora_runner::model::formats::export::{export_adapter, export_merged_model};
+    use lora_runner::model::formats::peft::load_adapter;
     let dir = init_dir_amplified("export", &spec(Architecture::Llama, true, 34));
     let model = adapted_model(&dir, DType::F32);
     let ids = ids_tensor(&random_ids(1, 7, 128, 7));
@@ -173,7 +177,11 @@ fn bf16_base_trains_f32_lora_vars() {
         let ids = random_ids(1, 6, 128, 9);
         let targets: Vec<(usize, usize, u32)> = (0..5).map(|t| (0, t, ids[0][t + 1])).collect();
         let hidden = model
-            .forward_hidden(&ids_tensor(&ids), None, Mode::Train { dropout_seed: 1 })
+            .forward(
+                Input::padded(&ids_tensor(&ids), None),
+                Rows::All,
+                Mode::Train { dropout_seed: 1 },
+            )
             .unwrap();
         let lp = model.token_logprobs(&hidden, &targets).unwrap();
         assert_eq!(lp.dtype(), DType::F32);

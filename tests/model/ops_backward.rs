@@ -3,7 +3,7 @@
 
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor, Var};
-use lora_runner::model::ops;
+use lora_runner::model::kernels::ops;
 
 fn randn(shape: &[usize], dtype: DType) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu)

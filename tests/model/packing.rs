@@ -5,8 +5,8 @@
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 
 /// Next-token targets at every position but the last of each sequence.
 fn targets(seqs: &[Vec<u32>]) -> Vec<(usize, usize, u32)> {
@@ -27,14 +27,18 @@ fn padded(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
         .map(|s| [vec![1; s.len()], vec![0; t - s.len()]].concat())
         .collect();
     let hidden = model
-        .forward_hidden(&ids_tensor(&ids), Some(&ids_tensor(&mask)), Mode::Eval)
+        .forward(
+            Input::padded(&ids_tensor(&ids), Some(&ids_tensor(&mask))),
+            Rows::All,
+            Mode::Eval,
+        )
         .unwrap();
     model.token_logprobs(&hidden, &targets(seqs)).unwrap()
 }
 
 fn packed(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
     let slices: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let (hidden, starts) = model.forward_hidden_packed(&slices, Mode::Eval).unwrap();
+    let (hidden, starts) = forward_packed(model, &slices, Mode::Eval);
     let at: Vec<(usize, usize, u32)> = targets(seqs)
         .into_iter()
         .map(|(row, t, tok)| (0, starts[row] + t, tok))
@@ -106,7 +110,7 @@ fn packed_sequences_give_the_padded_log_probs_and_gradients() {
     });
 }
 
-/// `forward_hidden_packed_at`: the last layer computes only the selected
+/// `forward` at `Rows::At`: the last layer computes only the selected
 /// rows; log-probs and LoRA gradients equal the full pass's at those rows.
 /// Selections: the short completions a loss reads (in order), and rows out
 /// of order with a repeat, the first and the last token included.
@@ -129,9 +133,7 @@ fn selected_positions_give_the_full_pass_log_probs_and_gradients() {
             }
             for at in [&completions, &scrambled] {
                 // The packed row's next-token targets, by packed position.
-                let (_, starts) = model
-                    .forward_hidden_packed(&slices, Mode::Inference)
-                    .unwrap();
+                let (_, starts) = forward_packed(&model, &slices, Mode::Inference);
                 let target_at = |p: usize| {
                     all.iter()
                         .find(|&&(row, t, _)| starts[row] + t == p)
@@ -144,10 +146,10 @@ fn selected_positions_give_the_full_pass_log_probs_and_gradients() {
                     .enumerate()
                     .map(|(i, &p)| (0, i, target_at(p)))
                     .collect();
-                let (hidden, _) = model.forward_hidden_packed(&slices, Mode::Eval).unwrap();
+                let (hidden, _) = forward_packed(&model, &slices, Mode::Eval);
                 let full = model.token_logprobs(&hidden, &full_rows).unwrap();
                 let hidden_at = model
-                    .forward_hidden_packed_at(&slices, at, Mode::Eval)
+                    .forward(Input::Packed(&slices), Rows::At(at), Mode::Eval)
                     .unwrap();
                 assert_eq!(hidden_at.dims(), [1, at.len(), hidden.dim(2).unwrap()]);
                 let sel = model.token_logprobs(&hidden_at, &sel_rows).unwrap();
@@ -159,11 +161,13 @@ fn selected_positions_give_the_full_pass_log_probs_and_gradients() {
                 // Weighted, so that each row's gradient counts differently.
                 let weights: Vec<f64> = (0..at.len()).map(|i| 1.0 + i as f64).collect();
                 let w = Tensor::from_vec(weights, at.len(), &Device::Cpu).unwrap();
-                // Checkpointed layers' gradients are merged after each backward.
-                let mut gf = (&full * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                model.add_recomputed_gradients(&mut gf).unwrap();
-                let mut gs = (&sel * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                model.add_recomputed_gradients(&mut gs).unwrap();
+                // Checkpointed layers' gradients are merged by the model's backward.
+                let gf = model
+                    .backward(&(&full * &w).unwrap().sum_all().unwrap())
+                    .unwrap();
+                let gs = model
+                    .backward(&(&sel * &w).unwrap().sum_all().unwrap())
+                    .unwrap();
                 for (name, var) in model.lora_parameters() {
                     let (a, b) = (gf.get(var.as_tensor()), gs.get(var.as_tensor()));
                     let (a, b) = (
@@ -193,7 +197,7 @@ fn selected_positions_give_the_full_pass_log_probs_and_gradients() {
         }
         let model = model(None);
         let err = model
-            .forward_hidden_packed_at(&slices, &[82], Mode::Eval)
+            .forward(Input::Packed(&slices), Rows::At(&[82]), Mode::Eval)
             .unwrap_err();
         assert!(
             err.to_string()

@@ -4,9 +4,9 @@
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, PatternMap, TargetModules};
-use lora_runner::model::peft::{load_adapter, save_adapter};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::formats::peft::{load_adapter, save_adapter};
+use lora_runner::model::layers::lora::{LoraConfig, PatternMap, TargetModules};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -16,7 +16,11 @@ fn load(dir: &Path) -> Decoder {
 
 fn logits(model: &Decoder, ids: &Tensor) -> Tensor {
     model
-        .logits(&model.forward_hidden(ids, None, Mode::Eval).unwrap())
+        .logits(
+            &model
+                .forward(Input::padded(ids, None), Rows::All, Mode::Eval)
+                .unwrap(),
+        )
         .unwrap()
 }
 
@@ -255,7 +259,7 @@ fn missing_and_extra_adapter_tensors_are_named() {
 /// `(.*\.)?(key)$` matches, even when a later key names the module exactly.
 #[test]
 fn pattern_keys_follow_peft_order() {
-    use lora_runner::model::lora::pattern_key_for;
+    use lora_runner::model::layers::lora::pattern_key_for;
     let cfg: LoraConfig = serde_json::from_str(
         r#"{"r": 8, "alpha": 16, "target_modules": "all-linear",
             "rank_pattern": {"layers\\.0\\..*": 3, "model.layers.0.self_attn.q_proj": 5, "q_proj": 7}}"#,

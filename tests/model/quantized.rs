@@ -7,10 +7,10 @@ use crate::support::model::*;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use lora_runner::model::config::Architecture;
-use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::kernels::quantized::{quantized_matmul, FrozenWeight, Quantization};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::merge_lora;
-use lora_runner::model::quantized::{quantized_matmul, FrozenWeight, Quantization};
 use std::sync::Arc;
 
 /// Values in [-0.3, 0.3) from a seeded generator (candle's randn is not seeded).
@@ -135,7 +135,7 @@ fn logprobs_and_grads(model: &Decoder, ids: &[Vec<u32>]) -> (Tensor, Vec<Tensor>
         .flat_map(|(b, s)| (0..s.len() - 1).map(move |t| (b, t, s[t + 1])))
         .collect();
     let hidden = model
-        .forward_hidden(&ids_tensor(ids), None, Mode::Eval)
+        .forward(Input::padded(&ids_tensor(ids), None), Rows::All, Mode::Eval)
         .unwrap();
     let lp = model.token_logprobs(&hidden, &targets).unwrap();
     let grads = lp.sum_all().unwrap().backward().unwrap();
@@ -249,7 +249,11 @@ fn merging_into_a_quantized_base_adds_the_delta_to_the_dequantised_weight() {
 fn kl_by_hand(p: &Decoder, q: &Decoder, rows: &[Vec<u32>]) -> (f64, f64, usize) {
     let logits = |m: &Decoder, ids: &[u32]| -> Vec<Vec<f64>> {
         let hidden = m
-            .forward_hidden(&ids_tensor(&[ids.to_vec()]), None, Mode::Inference)
+            .forward(
+                Input::padded(&ids_tensor(&[ids.to_vec()]), None),
+                Rows::All,
+                Mode::Inference,
+            )
             .unwrap();
         let l = m.logits(&hidden).unwrap().to_dtype(DType::F64).unwrap();
         l.squeeze(0).unwrap().to_vec2::<f64>().unwrap()
@@ -282,7 +286,7 @@ fn kl_by_hand(p: &Decoder, q: &Decoder, rows: &[Vec<u32>]) -> (f64, f64, usize) 
 #[test]
 fn divergence_equals_the_kl_computed_by_hand_and_is_zero_between_equal_models() {
     use lora_runner::data::SftExample;
-    use lora_runner::train::divergence::divergence;
+    use lora_runner::metrics::divergence::divergence;
     with_big_stack(|| {
         let dir = quantizable_dir();
         let dense = Decoder::load(&dir, &f32_options()).unwrap();

@@ -2,8 +2,11 @@
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
+use lora_runner::model::error::ModelError;
+use lora_runner::model::formats::io::read_json;
+use lora_runner::model::formats::tokenizer::TokenizerConfig;
 use lora_runner::model::init::{init_model, InitSpec};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -168,4 +171,63 @@ pub fn flat_f64(tensors: &[Tensor]) -> Vec<f64> {
                 .unwrap()
         })
         .collect()
+}
+
+/// A tokenizer loaded from an HF folder.
+pub struct LoadedTokenizer {
+    pub tokenizer: tokenizers::Tokenizer,
+    /// The chat template (Jinja source), from tokenizer_config.json or chat_template.jinja.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+}
+
+/// A reference loader for the tokenizer tests (the program loads through
+/// `data::ModelTokenizer`): loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`
+/// (special tokens, chat template) or `dir/chat_template.jinja`.
+pub fn load_tokenizer(dir: &Path) -> Result<LoadedTokenizer, ModelError> {
+    let path = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let tokenizer: tokenizers::Tokenizer =
+        text.parse()
+            .map_err(|e: tokenizers::Error| ModelError::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+    let cfg_path = dir.join("tokenizer_config.json");
+    let cfg = if cfg_path.exists() {
+        TokenizerConfig::from_json(&read_json(&cfg_path)?)
+            .map_err(|m| ModelError::config(&cfg_path, m))?
+    } else {
+        TokenizerConfig::default()
+    };
+    let mut chat_template = cfg.chat_template;
+    let jinja = dir.join("chat_template.jinja");
+    if chat_template.is_none() && jinja.exists() {
+        chat_template =
+            Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
+    }
+    Ok(LoadedTokenizer {
+        tokenizer,
+        chat_template,
+        bos_token: cfg.bos_token,
+        eos_token: cfg.eos_token,
+        pad_token: cfg.pad_token,
+    })
+}
+
+/// `Decoder::forward` of `sequences` packed into one row, and where each
+/// sequence starts in it.
+pub fn forward_packed(
+    model: &lora_runner::model::decoder::Decoder,
+    sequences: &[&[u32]],
+    mode: lora_runner::model::decoder::Mode,
+) -> (Tensor, Vec<usize>) {
+    use lora_runner::model::decoder::{packed_starts, Input, Rows};
+    let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+    let hidden = model
+        .forward(Input::Packed(sequences), Rows::All, mode)
+        .unwrap();
+    (hidden, packed_starts(&lengths))
 }

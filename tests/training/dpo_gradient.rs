@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use lora_runner::data::{load_dpo, DpoExample, ModelTokenizer, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::init::{init_model, InitSpec};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::train::dpo::{pair_logprobs, score_pairs, DpoObjective};
 use lora_runner::train::preference_loss::{LossParams, LossTerm, PreferenceLoss};
 use lora_runner::train::trainer::micro_batch;

@@ -173,7 +173,7 @@ fn a_q4_k_base_with_checkpointing_still_learns_in_both_schemes_and_measures_its_
     assert_eq!(note["formats"]["q5_0"], 12, "{note}");
     let base = artifact(&ws, "base");
     let mut dense = lora_runner::model::Decoder::load(&base, &Default::default()).unwrap();
-    lora_runner::model::peft::load_adapter(&mut dense, &sft).unwrap();
+    lora_runner::model::formats::peft::load_adapter(&mut dense, &sft).unwrap();
     assert!(dense.quantization.is_none() && !dense.lora_parameters().is_empty());
 }
 

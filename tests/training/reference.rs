@@ -7,10 +7,10 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use lora_runner::data::{load_dpo, ModelTokenizer, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions};
+use lora_runner::model::formats::peft::{load_adapter, save_adapter};
 use lora_runner::model::init::{init_model, InitSpec};
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
-use lora_runner::model::peft::{load_adapter, save_adapter};
 use lora_runner::train::dpo::score_pairs;
 
 use crate::support::model::set_lora_b;

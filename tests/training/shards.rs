@@ -9,11 +9,11 @@ use candle_core::{DType, Device, Tensor};
 use lora_runner::data::{load_sft, ModelTokenizer, SftExample, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::init::{init_model, InitSpec};
-use lora_runner::model::kernel::with_threads;
-use lora_runner::model::lora::{LoraConfig, TargetModules};
+use lora_runner::model::kernels::cpu::with_threads;
+use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::train::sft::{completion_logprob, SftObjective};
 use lora_runner::train::shards::split;
-use lora_runner::train::trainer::{micro_batch, Objective};
+use lora_runner::train::trainer::{micro_batch, TrainingObjective};
 
 use crate::support::model::{flat_f64, set_lora_b};
 

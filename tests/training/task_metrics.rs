@@ -4,11 +4,11 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device};
 use lora_runner::data::SftExample;
-use lora_runner::model::decoder::{Decoder, LoadOptions};
+use lora_runner::metrics::task::{greedy_match, teacher_forced};
+use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Rows};
 use lora_runner::model::generate::{generate, GenerateOptions};
 use lora_runner::model::init::{init_model, InitSpec};
 use lora_runner::progress::Silent;
-use lora_runner::train::task::{greedy_match, teacher_forced};
 
 /// Exact match of every row (what `sft/exact_match` averages).
 fn exact(
@@ -145,7 +145,11 @@ fn teacher_forced_scores_match_the_full_logits() {
             .unsqueeze(0)
             .unwrap();
         let hidden = model
-            .forward_hidden(&ids, None, lora_runner::model::decoder::Mode::Inference)
+            .forward(
+                Input::padded(&ids, None),
+                Rows::All,
+                lora_runner::model::decoder::Mode::Inference,
+            )
             .unwrap();
         let logits: Vec<Vec<f32>> = model
             .logits(&hidden)
@@ -179,7 +183,7 @@ fn teacher_forced_scores_match_the_full_logits() {
 
 #[test]
 fn whitespace_normalisation_collapses_runs_and_trims() {
-    use lora_runner::train::task::normalize_whitespace;
+    use lora_runner::metrics::task::normalize_whitespace;
     assert_eq!(normalize_whitespace("  abc.\n"), "abc.");
     assert_eq!(normalize_whitespace(" a \t b  c "), "a b c");
     assert_eq!(

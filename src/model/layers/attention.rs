@@ -4,12 +4,12 @@
 //! KV-cache generation run the same code.
 
 use crate::model::config::ModelConfig;
-use crate::model::decoder::Mode;
 use crate::model::error::Result;
-use crate::model::fused_attention::{attention, AttentionMask};
-use crate::model::linear::Linear;
-use crate::model::ops::{merge_heads, split_heads, Heads, Rotary};
-use crate::model::weights::WeightLoader;
+use crate::model::formats::weights::WeightLoader;
+use crate::model::kernels::fused_attention::{attention, AttentionMask};
+use crate::model::kernels::ops::{merge_heads, split_heads, Heads, Rotary};
+use crate::model::layers::linear::Linear;
+use crate::model::mode::Mode;
 use candle_core::{Device, Tensor};
 
 /// Additive mask value for disallowed attention; finite so a fully masked

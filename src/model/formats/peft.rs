@@ -5,9 +5,11 @@
 
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
-use crate::model::io::{read_json, write_json_atomic, write_safetensors_atomic};
-use crate::model::lora::{peft_tensor_name, LoraAdapter, LoraConfig, PatternMap, TargetModules};
-use crate::model::names::PROJECTIONS;
+use crate::model::formats::io::{read_json, write_json_atomic, write_safetensors_atomic};
+use crate::model::formats::names::PROJECTIONS;
+use crate::model::layers::lora::{
+    peft_tensor_name, LoraAdapter, LoraConfig, PatternMap, TargetModules,
+};
 use candle_core::{DType, Tensor, Var};
 use serde_json::{json, Value};
 use std::collections::HashMap;

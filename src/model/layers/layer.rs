@@ -1,14 +1,14 @@
 //! One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)).
 
-use crate::model::attention::{Attention, AttentionContext, LayerKv, QuerySelection};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::Mode;
 use crate::model::error::Result;
-use crate::model::linear::Linear;
-use crate::model::mlp::Mlp;
-use crate::model::names;
-use crate::model::ops::rms_norm;
-use crate::model::weights::WeightLoader;
+use crate::model::formats::names;
+use crate::model::formats::weights::WeightLoader;
+use crate::model::kernels::ops::rms_norm;
+use crate::model::layers::attention::{Attention, AttentionContext, LayerKv, QuerySelection};
+use crate::model::layers::linear::Linear;
+use crate::model::layers::mlp::Mlp;
+use crate::model::mode::Mode;
 use candle_core::Tensor;
 
 #[derive(Clone, Debug)]

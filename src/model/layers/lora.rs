@@ -3,7 +3,7 @@
 
 use crate::model::config::{linear_module_names, ModelConfig};
 use crate::model::error::{ModelError, Result};
-use crate::model::rng::SplitMix64;
+use crate::model::kernels::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -216,7 +216,7 @@ impl LoraConfig {
 }
 
 /// PEFT's tensor name for a module's LoRA matrix ("A" or "B").
-pub use crate::model::names::peft_tensor as peft_tensor_name;
+pub use crate::model::formats::names::peft_tensor as peft_tensor_name;
 
 /// The trainable part of one LoRA linear layer. A is [r, in], B is [out, r],
 /// both f32 Vars; they are cast to the compute dtype in the forward pass.

@@ -19,9 +19,10 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, WithDType};
 
-use crate::model::kernel::{self, matmul, Mat, Threads};
+use crate::model::kernels::cpu::{self, matmul, Mat, Threads};
+use crate::model::kernels::float::per_float_dtype;
 use serde::{Deserialize, Serialize};
 
 /// How a base's projections are held.
@@ -160,7 +161,7 @@ pub fn frozen_projection(
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     match weight {
-        FrozenWeight::Dense(w) => crate::model::ops::frozen_linear(x, w, bias),
+        FrozenWeight::Dense(w) => crate::model::kernels::ops::frozen_linear(x, w, bias),
         FrozenWeight::Quantized(q) => {
             let y = quantized_matmul(x, q)?;
             match bias {
@@ -202,13 +203,14 @@ impl CustomOp1 for QuantizedMatmul {
         }
         y_dims.push(out);
         let w = self.weight.dequantize(&Device::Cpu)?;
-        macro_rules! product {
-            ($t:ty) => {{
-                let w = w.to_dtype(<$t as candle_core::WithDType>::DTYPE)?;
-                kernel::with_cpu("quantized-matmul", &[&w], |c| {
-                    let x = kernel::slice::<$t>(s, l, "quantized-matmul", "x")?;
-                    let w = kernel::slice::<$t>(c[0].0, c[0].1, "quantized-matmul", "W")?;
-                    let mut y = vec![<$t>::default(); rows * out];
+        let y = per_float_dtype!(
+            s.dtype(),
+            |T| {
+                let w = w.to_dtype(T::DTYPE)?;
+                T::to_cpu_storage_owned(cpu::with_cpu("quantized-matmul", &[&w], |c| {
+                    let x = cpu::slice::<T>(s, l, "quantized-matmul", "x")?;
+                    let w = cpu::slice::<T>(c[0].0, c[0].1, "quantized-matmul", "W")?;
+                    let mut y = vec![T::default(); rows * out];
                     matmul(
                         (rows, out, inp),
                         &mut y,
@@ -218,14 +220,10 @@ impl CustomOp1 for QuantizedMatmul {
                         Threads::Pool,
                     );
                     Ok(y)
-                })?
-            }};
-        }
-        let y = match s.dtype() {
-            DType::F32 => CpuStorage::F32(product!(f32)),
-            DType::F64 => CpuStorage::F64(product!(f64)),
-            _ => return self.weight.as_ref().cpu_fwd(s, l),
-        };
+                })?)
+            },
+            _ => return self.weight.as_ref().cpu_fwd(s, l)
+        );
         Ok((y, Shape::from(y_dims)))
     }
 

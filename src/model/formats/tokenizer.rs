@@ -1,10 +1,10 @@
 //! Tokenizers: a small character-level tokenizer the program builds itself
 //! for `init` models (a real tokenizers::Tokenizer, serialized as
-//! tokenizer.json + tokenizer_config.json), and loading of any HF tokenizer
-//! folder with its chat template.
+//! tokenizer.json + tokenizer_config.json), and the one parser of
+//! tokenizer_config.json (`data::ModelTokenizer` loads a tokenizer folder).
 
 use crate::model::error::{ModelError, Result};
-use crate::model::io::{read_json, write_file_atomic, write_json_atomic};
+use crate::model::formats::io::{write_file_atomic, write_json_atomic};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -111,16 +111,6 @@ pub fn write_builtin_tokenizer(dir: &Path, model_max_length: usize) -> Result<()
     )
 }
 
-/// A tokenizer loaded from an HF folder.
-pub struct LoadedTokenizer {
-    pub tokenizer: tokenizers::Tokenizer,
-    /// The chat template (Jinja source), from tokenizer_config.json or chat_template.jinja.
-    pub chat_template: Option<String>,
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub pad_token: Option<String>,
-}
-
 /// Special tokens and chat template as read from tokenizer_config.json.
 /// The one parser of that file (`data` uses it too).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -173,37 +163,4 @@ pub fn chat_template_from_config(cfg: &Value) -> std::result::Result<Option<Stri
             .ok_or_else(|| "\"chat_template\" list has no \"default\" entry".to_string()),
         Some(_) => Err("\"chat_template\" must be a string or a list".into()),
     }
-}
-
-/// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`
-/// (special tokens, chat template) or `dir/chat_template.jinja`.
-pub fn load_tokenizer(dir: &Path) -> Result<LoadedTokenizer> {
-    let path = dir.join("tokenizer.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let tokenizer: tokenizers::Tokenizer =
-        text.parse()
-            .map_err(|e: tokenizers::Error| ModelError::Tokenizer {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-    let cfg_path = dir.join("tokenizer_config.json");
-    let cfg = if cfg_path.exists() {
-        TokenizerConfig::from_json(&read_json(&cfg_path)?)
-            .map_err(|m| ModelError::config(&cfg_path, m))?
-    } else {
-        TokenizerConfig::default()
-    };
-    let mut chat_template = cfg.chat_template;
-    let jinja = dir.join("chat_template.jinja");
-    if chat_template.is_none() && jinja.exists() {
-        chat_template =
-            Some(std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?);
-    }
-    Ok(LoadedTokenizer {
-        tokenizer,
-        chat_template,
-        bos_token: cfg.bos_token,
-        eos_token: cfg.eos_token,
-        pad_token: cfg.pad_token,
-    })
 }

@@ -8,7 +8,8 @@
 //! differentiable composition of candle ops (the `*_slow` functions), which
 //! the tests also use as the reference.
 
-use crate::model::kernel::{self, fused_kernels};
+use crate::model::kernels::cpu::{self, fused_kernels};
+use crate::model::kernels::float::{per_float_dtype, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
@@ -19,98 +20,7 @@ fn contiguous_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    kernel::slice(s, l, what, "input")
-}
-
-/// Arithmetic type of the CPU kernels: f32 for f32/f16/bf16 data, f64 for
-/// f64 data (so an f64 model is exact enough for finite-difference checks).
-trait Acc:
-    Copy
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + PartialOrd
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INF: Self;
-    fn of<T: WithDType>(v: T) -> Self;
-    fn to<T: WithDType>(self) -> T;
-    fn of_f32(v: f32) -> Self;
-    fn exp(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn max(self, o: Self) -> Self;
-    fn ln(self) -> Self;
-}
-
-macro_rules! impl_acc {
-    ($t:ty, $exp:path) => {
-        impl Acc for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            const NEG_INF: Self = <$t>::NEG_INFINITY;
-            fn of<T: WithDType>(v: T) -> Self {
-                v.to_f64() as $t
-            }
-            fn to<T: WithDType>(self) -> T {
-                T::from_f64(self as f64)
-            }
-            fn of_f32(v: f32) -> Self {
-                v as $t
-            }
-            fn exp(self) -> Self {
-                $exp(self)
-            }
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn max(self, o: Self) -> Self {
-                <$t>::max(self, o)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-        }
-    };
-}
-impl_acc!(f32, kernel::exp_f32);
-impl_acc!(f64, f64::exp);
-
-/// The one per-dtype dispatch of the CPU kernels: evaluates `$body` (a
-/// `Vec<$t>`) with `$t` bound to the element type of `$dtype` and `$a` to its
-/// accumulator (f32 for f32/f16/bf16, f64 for f64, see [`Acc`]), and wraps
-/// the result in the matching `CpuStorage`.
-macro_rules! per_float_dtype {
-    ($op:expr, $dtype:expr, |$t:ident, $a:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                #[allow(dead_code)]
-                type $a = f32;
-                CpuStorage::F32($body)
-            }
-            DType::F64 => {
-                type $t = f64;
-                #[allow(dead_code)]
-                type $a = f64;
-                CpuStorage::F64($body)
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                #[allow(dead_code)]
-                type $a = f32;
-                CpuStorage::F16($body)
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                #[allow(dead_code)]
-                type $a = f32;
-                CpuStorage::BF16($body)
-            }
-            dt => bail!("{}: unsupported dtype {dt:?}", $op),
-        }
-    };
+    cpu::slice(s, l, what, "input")
 }
 
 /// The common dtype of a two-input kernel's inputs.
@@ -343,11 +253,11 @@ pub fn mul_by_constant(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
 struct Swiglu;
 
 /// silu(g)·u and its derivative: ∂/∂g = u·σ(g)·(1 + g·(1 − σ(g))), ∂/∂u = silu(g).
-fn sigmoid<A: Acc>(g: A) -> A {
-    A::ONE / (A::ONE + (A::ZERO - g).exp())
+fn sigmoid<A: Float>(g: A) -> A {
+    A::one() / (A::one() + (A::zero() - g).exp_fast())
 }
 
-fn swiglu_fwd<T: WithDType, A: Acc>(g: &[T], u: &[T]) -> Vec<T> {
+fn swiglu_fwd<T: WithDType, A: Float>(g: &[T], u: &[T]) -> Vec<T> {
     g.iter()
         .zip(u)
         .map(|(&g, &u)| {
@@ -358,13 +268,13 @@ fn swiglu_fwd<T: WithDType, A: Acc>(g: &[T], u: &[T]) -> Vec<T> {
 }
 
 /// [dgate..., dup...] for gate g, up u and the output gradient dy.
-fn swiglu_bwd<T: WithDType, A: Acc>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+fn swiglu_bwd<T: WithDType, A: Float>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); 2 * g.len()];
     let (dg, du) = out.split_at_mut(g.len());
     for i in 0..g.len() {
         let (gv, uv, d) = (A::of(g[i]), A::of(u[i]), A::of(dy[i]));
         let s = sigmoid(gv);
-        dg[i] = (d * uv * s * (A::ONE + gv * (A::ONE - s))).to();
+        dg[i] = (d * uv * s * (A::one() + gv * (A::one() - s))).to();
         du[i] = (d * gv * s).to();
     }
     out
@@ -451,25 +361,25 @@ pub fn swiglu_slow(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 
 struct SoftmaxLastDim;
 
-fn softmax_rows<T: WithDType, A: Acc>(src: &[T], dim: usize) -> Vec<T> {
+fn softmax_rows<T: WithDType, A: Float>(src: &[T], dim: usize) -> Vec<T> {
     let mut out = vec![T::zero(); src.len()];
-    let mut tmp = vec![A::ZERO; dim];
+    let mut tmp = vec![A::zero(); dim];
     for (row, orow) in src.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let mut max = A::NEG_INF;
+        let mut max = A::neg_infinity();
         for (t, v) in tmp.iter_mut().zip(row) {
             *t = A::of(*v);
-            max = max.max(*t);
+            max = num_traits::Float::max(max, *t);
         }
-        if max == A::NEG_INF {
+        if max == A::neg_infinity() {
             // Fully masked row: leave zeros rather than NaN.
             continue;
         }
-        let mut sum = A::ZERO;
+        let mut sum = A::zero();
         for t in tmp.iter_mut() {
-            *t = (*t - max).exp();
-            sum = sum + *t;
+            *t = (*t - max).exp_fast();
+            sum += *t;
         }
-        let inv = A::ONE / sum;
+        let inv = A::one() / sum;
         for (o, t) in orow.iter_mut().zip(&tmp) {
             *o = (*t * inv).to();
         }
@@ -524,34 +434,34 @@ pub fn softmax_last_dim_slow(x: &Tensor) -> candle_core::Result<Tensor> {
 /// than a broadcast_add, so backward keeps no [B, G, R, T] gradient for it.
 struct MaskedSoftmax;
 
-fn masked_softmax_rows<T: WithDType, A: Acc>(
+fn masked_softmax_rows<T: WithDType, A: Float>(
     src: &[T],
     mask: &[f32],
     (b, g, r, t): (usize, usize, usize, usize),
     tq: usize,
 ) -> Vec<T> {
     let mut out = vec![T::zero(); src.len()];
-    let mut tmp = vec![A::ZERO; t];
+    let mut tmp = vec![A::zero(); t];
     for bi in 0..b {
         for gi in 0..g {
             for ri in 0..r {
                 let row_start = ((bi * g + gi) * r + ri) * t;
                 let m = &mask[(bi * tq + ri % tq) * t..][..t];
                 let row = &src[row_start..row_start + t];
-                let mut max = A::NEG_INF;
+                let mut max = A::neg_infinity();
                 for ((dst, v), mv) in tmp.iter_mut().zip(row).zip(m) {
                     *dst = A::of(*v) + A::of_f32(*mv);
-                    max = Acc::max(max, *dst);
+                    max = num_traits::Float::max(max, *dst);
                 }
-                if max == A::NEG_INF {
+                if max == A::neg_infinity() {
                     continue;
                 }
-                let mut sum = A::ZERO;
+                let mut sum = A::zero();
                 for v in tmp.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum = sum + *v;
+                    *v = (*v - max).exp_fast();
+                    sum += *v;
                 }
-                let inv = A::ONE / sum;
+                let inv = A::one() / sum;
                 for (o, v) in out[row_start..row_start + t].iter_mut().zip(&tmp) {
                     *o = (*v * inv).to();
                 }
@@ -638,17 +548,17 @@ struct RmsNorm {
     eps: f32,
 }
 
-fn rms_norm_rows<T: WithDType, A: Acc>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
+fn rms_norm_rows<T: WithDType, A: Float>(x: &[T], w: &[T], eps: f32) -> Vec<T> {
     let dim = w.len();
     let mut out = vec![T::zero(); x.len()];
-    let inv_dim = A::ONE / A::of_f32(dim as f32);
+    let inv_dim = A::one() / A::of_f32(dim as f32);
     for (row, orow) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let mut ss = A::ZERO;
+        let mut ss = A::zero();
         for v in row {
             let a = A::of(*v);
-            ss = ss + a * a;
+            ss += a * a;
         }
-        let r = A::ONE / (ss * inv_dim + A::of_f32(eps)).sqrt();
+        let r = A::one() / (ss * inv_dim + A::of_f32(eps)).sqrt();
         for ((o, v), wv) in orow.iter_mut().zip(row).zip(w) {
             // Like HF: normalize in f32, cast to the input dtype, then scale.
             let n: T = (A::of(*v) * r).to();
@@ -746,17 +656,17 @@ struct RmsNormBackward {
     eps: f32,
 }
 
-fn rms_norm_grad_rows<T: WithDType, A: Acc>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<T> {
+fn rms_norm_grad_rows<T: WithDType, A: Float>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<T> {
     let dim = w.len();
     let mut out = vec![T::zero(); x.len()];
-    let inv_dim = A::ONE / A::of_f32(dim as f32);
+    let inv_dim = A::one() / A::of_f32(dim as f32);
     let rows = x.chunks_exact(dim).zip(g.chunks_exact(dim));
     for ((row, grow), orow) in rows.zip(out.chunks_exact_mut(dim)) {
-        let ss = row.iter().fold(A::ZERO, |s, v| s + A::of(*v) * A::of(*v));
-        let r = A::ONE / (ss * inv_dim + A::of_f32(eps)).sqrt();
-        let mut dot = A::ZERO;
+        let ss = row.iter().fold(A::zero(), |s, v| s + A::of(*v) * A::of(*v));
+        let r = A::one() / (ss * inv_dim + A::of_f32(eps)).sqrt();
+        let mut dot = A::zero();
         for ((v, gv), wv) in row.iter().zip(grow).zip(w) {
-            dot = dot + A::of(*gv) * A::of(*wv) * (A::of(*v) * r);
+            dot += A::of(*gv) * A::of(*wv) * (A::of(*v) * r);
         }
         let m = dot * inv_dim;
         for (((o, v), gv), wv) in orow.iter_mut().zip(row).zip(grow).zip(w) {
@@ -890,7 +800,7 @@ struct SplitHeads {
     adjoint: bool,
 }
 
-fn split_heads_apply<T: WithDType, A: Acc>(
+fn split_heads_apply<T: WithDType, A: Float>(
     x: &[T],
     rotary: Option<(&[f32], &[f32])>,
     scale: f64,
@@ -986,7 +896,7 @@ impl CustomOp1 for SplitHeads {
         };
         let n = self.name();
         let angles: Vec<&Tensor> = self.rotary.iter().flat_map(|r| [&r.cos, &r.sin]).collect();
-        let out = kernel::with_cpu(n, &angles, |c| {
+        let out = cpu::with_cpu(n, &angles, |c| {
             let rotary = match c {
                 [(cs, cl), (ss, sl)] => Some((
                     contiguous_slice::<f32>(cs, cl, n)?,
@@ -1095,19 +1005,23 @@ struct TokenLogProb {
 }
 
 // Only run for f32/f64 logits, where A is T and the conversions are exact.
-fn token_logprob_rows<T: WithDType, A: Acc>(logits: &[T], v: usize, targets: &[u32]) -> Vec<T> {
+fn token_logprob_rows<T: WithDType, A: Float>(logits: &[T], v: usize, targets: &[u32]) -> Vec<T> {
     logits
         .chunks_exact(v)
         .zip(targets)
         .map(|(row, &t)| {
-            let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, A::of(x)));
-            let sum = row.iter().fold(A::ZERO, |s, &x| s + (A::of(x) - max).exp());
+            let max = row.iter().fold(A::neg_infinity(), |m, &x| {
+                num_traits::Float::max(m, A::of(x))
+            });
+            let sum = row
+                .iter()
+                .fold(A::zero(), |s, &x| s + (A::of(x) - max).exp_fast());
             (A::of(row[t as usize]) - max - sum.ln()).to()
         })
         .collect()
 }
 
-fn token_logprob_grad_rows<T: WithDType, A: Acc>(
+fn token_logprob_grad_rows<T: WithDType, A: Float>(
     logits: &[T],
     grad: &[T],
     v: usize,
@@ -1120,12 +1034,16 @@ fn token_logprob_grad_rows<T: WithDType, A: Acc>(
         .zip(grad.iter().zip(targets))
     {
         let g = A::of(g);
-        let max = row.iter().fold(A::NEG_INF, |m, &x| Acc::max(m, A::of(x)));
-        let sum = row.iter().fold(A::ZERO, |s, &x| s + (A::of(x) - max).exp());
+        let max = row.iter().fold(A::neg_infinity(), |m, &x| {
+            num_traits::Float::max(m, A::of(x))
+        });
+        let sum = row
+            .iter()
+            .fold(A::zero(), |s, &x| s + (A::of(x) - max).exp_fast());
         let scale = g / sum;
         // d/dlogits = g * (onehot(t) - softmax)
         for (o, &x) in orow.iter_mut().zip(row) {
-            *o = (A::ZERO - scale * (A::of(x) - max).exp()).to();
+            *o = (A::zero() - scale * (A::of(x) - max).exp_fast()).to();
         }
         let at_target = A::of(orow[t as usize]);
         orow[t as usize] = (at_target + g).to();
@@ -1223,7 +1141,7 @@ impl CustomOp2 for TokenLogProbGrad {
 /// log_softmax(logits, -1) gathered at `targets`: logits [N, V] (f32/f64),
 /// result [N]. Backward recomputes the softmax instead of storing it.
 pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    if kernel::fused_for(logits.device(), logits.dtype()) {
+    if cpu::fused_for(logits.device(), logits.dtype()) {
         logits.contiguous()?.apply_op1(TokenLogProb {
             targets: std::sync::Arc::new(targets.to_vec()),
         })

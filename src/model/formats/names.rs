@@ -34,14 +34,6 @@ pub const PROJECTIONS: [(&str, Group); 7] = [
     ("down_proj", Group::Mlp),
 ];
 
-/// Projection names of one group, in `PROJECTIONS` order.
-pub fn projections_in(group: Group) -> impl Iterator<Item = &'static str> {
-    PROJECTIONS
-        .into_iter()
-        .filter(move |&(_, g)| g == group)
-        .map(|(p, _)| p)
-}
-
 /// The group of a projection name; None for an unknown name.
 pub fn group_of(projection: &str) -> Option<Group> {
     PROJECTIONS

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::data::batch::sft_batch;
 use crate::data::{Padding, SftExample};
-use crate::model::decoder::{Decoder, Mode};
+use crate::model::decoder::{Decoder, Input, Mode, Rows};
 use crate::model::generate::{generate, GenerateOptions};
 use crate::sink::{Interrupted, Progress};
 
@@ -110,7 +110,7 @@ pub fn teacher_forced(
             .map(|r| r.iter().map(|m| *m > 0.5).collect())
             .collect();
         let targets = crate::model::decoder::next_token_targets(&id_rows, &loss_rows)?;
-        let hidden = model.forward_hidden(&ids, Some(&mask), Mode::Inference)?;
+        let hidden = model.forward(Input::padded(&ids, Some(&mask)), Rows::All, Mode::Inference)?;
         let positions: Vec<(usize, usize)> = targets.iter().map(|&(b, p, _)| (b, p)).collect();
         let logits = model.logits_at(&hidden, &positions)?.to_dtype(DType::F32)?;
         let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

@@ -2,14 +2,14 @@
 //! dropout in front of the adapter.
 
 use crate::model::config::ModelConfig;
-use crate::model::decoder::Mode;
 use crate::model::error::Result;
-use crate::model::fused_linear::{lora_linear_on, Adapter};
-use crate::model::lora::LoraAdapter;
-use crate::model::names;
-use crate::model::quantized::{frozen_projection, FrozenWeight};
-use crate::model::rng::SplitMix64;
-use crate::model::weights::WeightLoader;
+use crate::model::formats::names;
+use crate::model::formats::weights::WeightLoader;
+use crate::model::kernels::fused_linear::{lora_linear_on, Adapter};
+use crate::model::kernels::quantized::{frozen_projection, FrozenWeight};
+use crate::model::kernels::rng::SplitMix64;
+use crate::model::layers::lora::LoraAdapter;
+use crate::model::mode::Mode;
 use candle_core::Tensor;
 
 /// A frozen linear projection with an optional LoRA adapter.

@@ -8,13 +8,15 @@
 //! as soon as that output is taken), its backward re-runs the layer with a
 //! graph and backpropagates through it. candle's custom ops can return a
 //! gradient only for their inputs, so the gradients of the layer's LoRA Vars
-//! are added to a `RecomputedGrads` store the trainer merges after backward.
+//! go to a store of the backward pass, which `backward_with_recomputed`
+//! (`Decoder::backward`) opens and merges into the pass's gradients.
 //!
 //! The output head gets the same treatment per chunk of rows
 //! (`recomputed_rows`): its [rows, vocab] logits, the largest activation of
 //! a long sequence (1.2 GB for 2048 tokens of a 151936-token vocabulary in
 //! f32), exist for one chunk at a time in forward and in backward.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -23,39 +25,62 @@ use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
 
-use crate::model::attention::AttentionContext;
-use crate::model::decoder::Mode;
-use crate::model::layer::DecoderLayer;
+use crate::model::layers::attention::AttentionContext;
+use crate::model::layers::layer::DecoderLayer;
+use crate::model::mode::Mode;
 
-/// Gradients of LoRA Vars found while recomputing checkpointed layers during
-/// backward, by Var id, summed over every layer pass of the backward.
-#[derive(Clone, Debug, Default)]
-pub struct RecomputedGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+thread_local! {
+    /// The LoRA gradients that checkpointed layers recompute, by Var id and
+    /// summed over every layer pass, one store per `backward_with_recomputed`
+    /// running on this thread (innermost last). candle runs a backward pass
+    /// on the thread that calls it, so a store belongs to one pass even when
+    /// shards run theirs side by side.
+    static RECOMPUTED: RefCell<Vec<HashMap<TensorId, Tensor>>> = const { RefCell::new(Vec::new()) };
+}
 
-impl RecomputedGrads {
-    fn add(&self, var: &Var, grad: &Tensor) -> candle_core::Result<()> {
-        let mut store = self.0.lock().expect("gradient store lock");
+/// `loss.backward()`, with the gradients of the LoRA Vars that
+/// checkpointed layers recomputed during it added in.
+pub fn backward_with_recomputed(loss: &Tensor) -> candle_core::Result<GradStore> {
+    /// Pops this pass's store however the backward ends.
+    struct Pass;
+    impl Drop for Pass {
+        fn drop(&mut self) {
+            RECOMPUTED.with(|r| r.borrow_mut().pop());
+        }
+    }
+    RECOMPUTED.with(|r| r.borrow_mut().push(HashMap::new()));
+    let pass = Pass;
+    let mut grads = loss.backward()?;
+    let recomputed =
+        RECOMPUTED.with(|r| std::mem::take(r.borrow_mut().last_mut().expect("pushed above")));
+    drop(pass);
+    for (id, extra) in recomputed {
+        let sum = match grads.get_id(id) {
+            Some(g) => (g + extra)?,
+            None => extra,
+        };
+        grads.insert_id(id, sum);
+    }
+    Ok(grads)
+}
+
+/// Adds a LoRA gradient found while recomputing a layer to this thread's
+/// innermost backward pass.
+fn add_recomputed(var: &Var, grad: &Tensor) -> candle_core::Result<()> {
+    RECOMPUTED.with(|r| {
+        let mut passes = r.borrow_mut();
+        let Some(store) = passes.last_mut() else {
+            candle_core::bail!(
+                "a checkpointed layer ran backward outside Decoder::backward: its LoRA gradients would be lost"
+            )
+        };
         let sum = match store.remove(&var.id()) {
             Some(g) => (g + grad)?,
             None => grad.clone(),
         };
         store.insert(var.id(), sum);
         Ok(())
-    }
-
-    /// Adds what the last backward recomputed into `grads`, and empties the
-    /// store for the next one.
-    pub fn merge_into(&self, grads: &mut GradStore) -> candle_core::Result<()> {
-        let mut store = self.0.lock().expect("gradient store lock");
-        for (id, extra) in store.drain() {
-            let sum = match grads.get_id(id) {
-                Some(g) => (g + extra)?,
-                None => extra,
-            };
-            grads.insert_id(id, sum);
-        }
-        Ok(())
-    }
+    })
 }
 
 /// `layer` applied to `x` keeping only `x` for backward.
@@ -64,7 +89,6 @@ pub fn checkpointed_layer(
     x: &Tensor,
     ctx: &Arc<AttentionContext>,
     mode: Mode,
-    grads: &RecomputedGrads,
 ) -> candle_core::Result<Tensor> {
     let (output, _) = layer
         .forward(&x.detach(), ctx, mode, None, None)
@@ -76,7 +100,6 @@ pub fn checkpointed_layer(
         ctx: ctx.clone(),
         mode,
         output: Precomputed::new(output)?,
-        grads: grads.clone(),
     })
 }
 
@@ -90,7 +113,6 @@ struct Recompute {
     mode: Mode,
     /// The layer's output (its graph freed as the forward takes it).
     output: Precomputed,
-    grads: RecomputedGrads,
 }
 
 /// An output computed before its graph node exists, handed over once by the
@@ -181,7 +203,7 @@ impl CustomOp1 for Recompute {
             if let Some(lora) = &linear.lora {
                 for var in [&lora.a, &lora.b] {
                     if let Some(g) = grads.get(var.as_tensor()) {
-                        self.grads.add(var, g)?;
+                        add_recomputed(var, g)?;
                     }
                 }
             }

@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::data::SftExample;
-use crate::model::decoder::{Decoder, Mode};
+use crate::model::decoder::{Decoder, Input, Mode, Rows};
 
 /// Positions whose logits exist at once (a [chunk, vocab] f32 tensor per model).
 const POSITION_CHUNK: usize = 256;
@@ -35,9 +35,10 @@ pub fn divergence(
             (1, row.input_ids.len()),
             &reference.device,
         )?;
-        let hidden_ref = reference.forward_hidden(&ids, None, Mode::Inference)?;
+        let hidden_ref =
+            reference.forward(Input::padded(&ids, None), Rows::All, Mode::Inference)?;
         let ids = ids.to_device(&model.device)?;
-        let hidden = model.forward_hidden(&ids, None, Mode::Inference)?;
+        let hidden = model.forward(Input::padded(&ids, None), Rows::All, Mode::Inference)?;
         let n = row.input_ids.len() - 1;
         for start in (0..n).step_by(POSITION_CHUNK) {
             let at: Vec<(usize, usize)> = (start..n.min(start + POSITION_CHUNK))

@@ -2,8 +2,8 @@
 
 use crate::model::decoder::Decoder;
 use crate::model::error::Result;
+use crate::model::formats::peft::save_adapter;
 use crate::model::merge::{merge_lora, save_model_folder};
-use crate::model::peft::save_adapter;
 use std::path::Path;
 
 /// Writes the decoder's adapter as a PEFT folder (adapter_config.json +

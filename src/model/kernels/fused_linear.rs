@@ -11,11 +11,12 @@
 //! of the adapter (y = x·Wᵀ + b + s·((x∘m)·Aᵀ)·Bᵀ).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
 
-use crate::model::kernel::{self, fused_for, matmul, Float, Mat, Threads};
-use crate::model::ops::{frozen_linear, mul_by_constant};
-use crate::model::quantized::{frozen_projection, FrozenWeight};
+use crate::model::kernels::cpu::{self, fused_for, matmul, Mat, Threads};
+use crate::model::kernels::float::{per_float_dtype, Float};
+use crate::model::kernels::ops::{frozen_linear, mul_by_constant};
+use crate::model::kernels::quantized::{frozen_projection, FrozenWeight};
 
 struct LoraLinear {
     /// [out, in], frozen; a quantized one is dequantised for each product.
@@ -41,7 +42,7 @@ fn cpu_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    kernel::slice(s, l, "lora-linear", what)
+    cpu::slice(s, l, "lora-linear", what)
 }
 
 /// The adapter's input: x, or x∘m under dropout.
@@ -231,35 +232,30 @@ impl CustomOp3 for LoraLinear {
         let weight = self.weight.to_dense(s1.dtype())?;
         let constants = [Some(&weight), self.bias.as_ref(), self.dropout.as_ref()];
         let present: Vec<&Tensor> = constants.iter().flatten().copied().collect();
-        let y = kernel::with_cpu("lora-linear", &present, |c| {
+        let y = cpu::with_cpu("lora-linear", &present, |c| {
             // c holds W, then the bias and the mask where present.
             let mut rest = c[1..].iter();
             let bias = self.bias.as_ref().and_then(|_| rest.next());
             let mask = self.dropout.as_ref().and_then(|_| rest.next());
-            macro_rules! run {
-                ($t:ty) => {
-                    forward::<$t>(
-                        d,
-                        (
-                            cpu_slice(s1, l1, "x")?,
-                            cpu_slice(s2, l2, "A")?,
-                            cpu_slice(s3, l3, "B")?,
-                        ),
-                        (
-                            cpu_slice(c[0].0, c[0].1, "W")?,
-                            bias.map(|b| cpu_slice(b.0, b.1, "the bias")).transpose()?,
-                            mask.map(|m| cpu_slice(m.0, m.1, "the dropout mask"))
-                                .transpose()?,
-                        ),
-                        self.scale as $t,
-                    )
-                };
-            }
-            Ok(match s1.dtype() {
-                DType::F32 => CpuStorage::F32(run!(f32)),
-                DType::F64 => CpuStorage::F64(run!(f64)),
-                dt => bail!("lora-linear: unsupported dtype {dt:?}"),
-            })
+            Ok(per_float_dtype!(
+                s1.dtype(),
+                |T| T::to_cpu_storage_owned(forward::<T>(
+                    d,
+                    (
+                        cpu_slice(s1, l1, "x")?,
+                        cpu_slice(s2, l2, "A")?,
+                        cpu_slice(s3, l3, "B")?,
+                    ),
+                    (
+                        cpu_slice(c[0].0, c[0].1, "W")?,
+                        bias.map(|b| cpu_slice(b.0, b.1, "the bias")).transpose()?,
+                        mask.map(|m| cpu_slice(m.0, m.1, "the dropout mask"))
+                            .transpose()?,
+                    ),
+                    self.scale as T,
+                )),
+                dt => bail!("lora-linear: unsupported dtype {dt:?}")
+            ))
         })?;
         // Shaped like x with `out` features last: no reshape nodes around
         // the op, whose gradients candle would zero and add into.
@@ -281,36 +277,33 @@ impl CustomOp3 for LoraLinear {
         let weight = self.weight.to_dense(x.dtype())?;
         let mut tensors = vec![x, a, b, &weight, &grad];
         tensors.extend(self.dropout.as_ref());
-        let grads = kernel::with_cpu("lora-linear", &tensors, |c| {
+        let grads = cpu::with_cpu("lora-linear", &tensors, |c| {
             let d = self.dims(c[0].1, c[1].1, c[2].1)?;
-            macro_rules! run {
-                ($t:ty) => {{
-                    let s = |i: usize, what| cpu_slice::<$t>(c[i].0, c[i].1, what);
-                    let [dx, da, db] = backward::<$t>(
+            Ok(per_float_dtype!(
+                x.dtype(),
+                |T| {
+                    let s = |i: usize, what| cpu_slice::<T>(c[i].0, c[i].1, what);
+                    let [dx, da, db] = backward::<T>(
                         d,
                         (s(0, "x")?, s(1, "A")?, s(2, "B")?),
                         (
                             s(3, "W")?,
                             c.get(5)
-                                .map(|m| cpu_slice::<$t>(m.0, m.1, "the dropout mask"))
+                                .map(|m| cpu_slice::<T>(m.0, m.1, "the dropout mask"))
                                 .transpose()?,
                         ),
                         s(4, "the gradient")?,
-                        self.scale as $t,
+                        self.scale as T,
                         want,
                     );
-                    let tensor = |v: Option<Vec<$t>>, like: &Tensor| {
+                    let tensor = |v: Option<Vec<T>>, like: &Tensor| {
                         v.map(|v| Tensor::from_vec(v, like.shape(), like.device()))
                             .transpose()
                     };
                     (tensor(dx, x)?, tensor(da, a)?, tensor(db, b)?)
-                }};
-            }
-            Ok(match x.dtype() {
-                DType::F32 => run!(f32),
-                DType::F64 => run!(f64),
-                dt => bail!("lora-linear: unsupported dtype {dt:?}"),
-            })
+                },
+                dt => bail!("lora-linear: unsupported dtype {dt:?}")
+            ))
         })?;
         Ok(grads)
     }

@@ -8,8 +8,8 @@
 //! SFT stage at 512 tokens: 3.69 GiB through the mapping, 3.26 GiB now).
 
 use crate::model::error::{ModelError, Result};
-use crate::model::io::read_json;
-use crate::model::quantized::FrozenWeight;
+use crate::model::formats::io::read_json;
+use crate::model::kernels::quantized::FrozenWeight;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -279,7 +279,7 @@ pub struct WeightLoader<'a> {
     pub dtype: DType,
     pub device: &'a Device,
     /// How the decoder layers' projections are held (None: dense in `dtype`).
-    pub quantize: Option<crate::model::quantized::Quantization>,
+    pub quantize: Option<crate::model::kernels::quantized::Quantization>,
 }
 
 impl WeightLoader<'_> {

@@ -22,8 +22,9 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::model::kernel::{self, fused_for, matmul, Float, Mat, Threads};
-use crate::model::ops::masked_softmax;
+use crate::model::kernels::cpu::{self, fused_for, matmul, Mat, Threads};
+use crate::model::kernels::float::{per_float_dtype, Float};
+use crate::model::kernels::ops::masked_softmax;
 
 /// Query rows per block: the transient scores of a block are
 /// `QUERY_BLOCK × visible keys`, a few hundred KiB at 4096 keys.
@@ -234,7 +235,7 @@ fn row_sum<T: Float>(row: &[T]) -> T {
 /// (a shard of several on its own thread), so the loop never splits and
 /// runs on the calling thread without waking the pool.
 fn units_per_task() -> usize {
-    if kernel::threads_here() > 1 {
+    if cpu::threads_here() > 1 {
         1
     } else {
         usize::MAX
@@ -342,7 +343,7 @@ fn cpu_slice<'a, T: WithDType>(
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
-    kernel::slice(s, l, "fused-attention", what)
+    cpu::slice(s, l, "fused-attention", what)
 }
 
 impl FusedAttention {
@@ -379,7 +380,7 @@ impl FusedAttention {
         &self,
         f: impl FnOnce(&[f32], &[Range<usize>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        kernel::with_cpu("fused-attention", &[&self.mask.dense], |c| {
+        cpu::with_cpu("fused-attention", &[&self.mask.dense], |c| {
             f(
                 cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?,
                 &self.mask.visible,
@@ -466,21 +467,20 @@ impl CustomOp3 for FusedAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1, l2, l3)?;
-        let out = match (s1.dtype(), s2.dtype(), s3.dtype()) {
-            (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(self.forward::<f32>(
+        let dtypes = (s1.dtype(), s2.dtype(), s3.dtype());
+        if dtypes.0 != dtypes.1 || dtypes.0 != dtypes.2 {
+            bail!("fused-attention: unsupported dtypes {dtypes:?}");
+        }
+        let out = per_float_dtype!(
+            dtypes.0,
+            |T| T::to_cpu_storage_owned(self.forward::<T>(
                 d,
                 cpu_slice(s1, l1, "q")?,
                 cpu_slice(s2, l2, "k")?,
                 cpu_slice(s3, l3, "v")?,
             )?),
-            (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(self.forward::<f64>(
-                d,
-                cpu_slice(s1, l1, "q")?,
-                cpu_slice(s2, l2, "k")?,
-                cpu_slice(s3, l3, "v")?,
-            )?),
-            dt => bail!("fused-attention: unsupported dtypes {dt:?}"),
-        };
+            _ => bail!("fused-attention: unsupported dtypes {dtypes:?}")
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -493,12 +493,13 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (dq, dk, dv) = kernel::with_cpu("fused-attention", &[q, k, v, res, &grad], |cpu| {
+        let (dq, dk, dv) = cpu::with_cpu("fused-attention", &[q, k, v, res, &grad], |cpu| {
             let d = self.dims(cpu[0].1, cpu[1].1, cpu[2].1)?;
-            macro_rules! grads {
-                ($t:ty) => {{
-                    let s = |i: usize, what| cpu_slice::<$t>(cpu[i].0, cpu[i].1, what);
-                    let (dq, dk, dv) = self.backward::<$t>(
+            Ok(per_float_dtype!(
+                q.dtype(),
+                |T| {
+                    let s = |i: usize, what| cpu_slice::<T>(cpu[i].0, cpu[i].1, what);
+                    let (dq, dk, dv) = self.backward::<T>(
                         d,
                         (s(0, "q")?, s(1, "k")?, s(2, "v")?),
                         (s(3, "the output")?, s(4, "the gradient")?),
@@ -509,13 +510,9 @@ impl CustomOp3 for FusedAttention {
                         Tensor::from_vec(dk, k.shape(), dev)?,
                         Tensor::from_vec(dv, v.shape(), dev)?,
                     )
-                }};
-            }
-            Ok(match q.dtype() {
-                DType::F32 => grads!(f32),
-                DType::F64 => grads!(f64),
-                dt => bail!("fused-attention: unsupported dtype {dt:?}"),
-            })
+                },
+                dt => bail!("fused-attention: unsupported dtype {dt:?}")
+            ))
         })?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }

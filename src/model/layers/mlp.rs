@@ -1,11 +1,11 @@
 //! The SwiGLU MLP of a decoder layer: down(silu(gate(x)) * up(x)).
 
 use crate::model::config::ModelConfig;
-use crate::model::decoder::Mode;
 use crate::model::error::Result;
-use crate::model::linear::Linear;
-use crate::model::ops::swiglu;
-use crate::model::weights::WeightLoader;
+use crate::model::formats::weights::WeightLoader;
+use crate::model::kernels::ops::swiglu;
+use crate::model::layers::linear::Linear;
+use crate::model::mode::Mode;
 use candle_core::Tensor;
 
 #[derive(Clone, Debug)]

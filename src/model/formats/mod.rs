@@ -1,0 +1,11 @@
+//! What the model reads and writes on disk: HF checkpoints (`weights`, with
+//! the tensor `names`), PEFT adapters (`peft`), merged and adapter exports
+//! (`export`), tokenizer files (`tokenizer`), and atomic JSON/safetensors
+//! writes (`io`).
+
+pub mod export;
+pub mod io;
+pub mod names;
+pub mod peft;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,16 @@
+//! The CPU kernels under the layers: custom candle ops whose backward
+//! computes only the gradients training needs (`ops`, `fused_attention`,
+//! `fused_linear`, `quantized`), activation checkpointing (`recompute`),
+//! seeded randomness (`rng`), and what they share: one numeric trait and
+//! one dtype dispatch (`float`), storage access, threads and products
+//! (`cpu`). Elsewhere than on the CPU each op falls back to a composition
+//! of candle ops.
+
+pub mod cpu;
+pub mod float;
+pub mod fused_attention;
+pub mod fused_linear;
+pub mod ops;
+pub mod quantized;
+pub mod recompute;
+pub mod rng;
