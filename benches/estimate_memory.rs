@@ -7,13 +7,13 @@
 
 use candle_core::DType;
 use lora_runner::model::config::Architecture;
-use lora_runner::model::init::InitSpec;
+use lora_runner::model::init::RandomModel;
 use lora_runner::model::kernels::quantized::Quantization;
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::memory::{estimate, fused_path, StepShape};
 
 fn main() {
-    let spec = InitSpec {
+    let spec = RandomModel {
         architecture: Architecture::Qwen2,
         hidden_size: 3584,
         num_hidden_layers: 28,
@@ -24,7 +24,7 @@ fn main() {
         head_dim: None,
         rope_theta: 1_000_000.0,
         tie_word_embeddings: false,
-        ..InitSpec::tiny(0)
+        ..RandomModel::tiny(0)
     };
     let config = spec.model_config().expect("a valid shape");
     let targets = LoraConfig::new(16, 32.0, TargetModules::AllLinear)

@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::config::Architecture;
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use std::time::Instant;
 
@@ -36,7 +36,7 @@ fn run() -> anyhow::Result<()> {
     let batch = env_usize("BENCH_BATCH", 1);
     let iters = env_usize("BENCH_ITERS", 3).max(1);
     let seq = 256usize;
-    let spec = InitSpec {
+    let spec = RandomModel {
         architecture: Architecture::Llama,
         hidden_size: 512,
         num_hidden_layers: 8,

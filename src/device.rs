@@ -53,7 +53,7 @@ fn cuda_available() -> bool {
 pub fn logits_check(device: &DeviceSpec) -> anyhow::Result<f64> {
     use crate::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
     let dir = tempfile::tempdir()?;
-    let mut spec = crate::model::init::InitSpec::tiny(7);
+    let mut spec = crate::model::init::RandomModel::tiny(7);
     spec.embedding_std = 1.0 / (spec.hidden_size as f64).sqrt();
     crate::model::init::init_model(&spec, dir.path())?;
     let ids: Vec<u32> = (0..24u32)

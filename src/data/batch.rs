@@ -20,24 +20,26 @@ pub enum Padding {
     Fixed(usize),
 }
 
-/// `[batch_size, seq_len]` SFT inputs.
+/// `[batch_size, width]` SFT inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SftBatch {
     pub batch_size: usize,
-    pub seq_len: usize,
+    /// Every row's padded length (the recipe's `seq_len` caps a row's tokens).
+    pub width: usize,
     pub input_ids: Vec<u32>,
     pub attention_mask: Vec<f32>,
     /// 1.0 on completion tokens: where the loss is taken.
     pub label_mask: Vec<f32>,
 }
 
-/// `[2 * pairs, seq_len]` DPO inputs: rows `0..pairs` are prompt+chosen,
+/// `[2 * pairs, width]` DPO inputs: rows `0..pairs` are prompt+chosen,
 /// rows `pairs..2*pairs` prompt+rejected in the same order, so one forward
 /// pass scores both halves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DpoBatch {
     pub pairs: usize,
-    pub seq_len: usize,
+    /// Every row's padded length.
+    pub width: usize,
     pub input_ids: Vec<u32>,
     pub attention_mask: Vec<f32>,
     pub prompt_mask: Vec<f32>,
@@ -65,8 +67,8 @@ pub fn sft_batch(
     pad_id: u32,
     padding: Padding,
 ) -> Result<SftBatch, DataError> {
-    let seq_len = batch_len(examples.iter().map(|e| e.input_ids.len()), padding)?;
-    let mut rows = Rows::new(seq_len, pad_id);
+    let width = batch_len(examples.iter().map(|e| e.input_ids.len()), padding)?;
+    let mut rows = Rows::new(width, pad_id);
     for example in examples {
         rows.push(&[
             (example.prompt_ids(), false),
@@ -75,7 +77,7 @@ pub fn sft_batch(
     }
     Ok(SftBatch {
         batch_size: examples.len(),
-        seq_len,
+        width,
         input_ids: rows.input_ids,
         attention_mask: rows.attention_mask,
         label_mask: rows.completion_mask,
@@ -106,8 +108,8 @@ pub fn dpo_batch(
         let prompt = e.prompt_ids.len();
         [prompt + e.chosen_ids.len(), prompt + e.rejected_ids.len()]
     });
-    let seq_len = batch_len(lengths, padding)?;
-    let mut rows = Rows::new(seq_len, pad_id);
+    let width = batch_len(lengths, padding)?;
+    let mut rows = Rows::new(width, pad_id);
     for example in examples {
         rows.push(&[(&example.prompt_ids, false), (&example.chosen_ids, true)]);
     }
@@ -116,7 +118,7 @@ pub fn dpo_batch(
     }
     Ok(DpoBatch {
         pairs: examples.len(),
-        seq_len,
+        width,
         input_ids: rows.input_ids,
         attention_mask: rows.attention_mask,
         prompt_mask: rows.prompt_mask,
@@ -126,7 +128,7 @@ pub fn dpo_batch(
 
 /// Accumulates right-padded rows.
 struct Rows {
-    seq_len: usize,
+    width: usize,
     pad_id: u32,
     input_ids: Vec<u32>,
     attention_mask: Vec<f32>,
@@ -135,9 +137,9 @@ struct Rows {
 }
 
 impl Rows {
-    fn new(seq_len: usize, pad_id: u32) -> Self {
+    fn new(width: usize, pad_id: u32) -> Self {
         Rows {
-            seq_len,
+            width,
             pad_id,
             input_ids: Vec::new(),
             attention_mask: Vec::new(),
@@ -147,7 +149,7 @@ impl Rows {
     }
 
     /// Appends one row made of `(ids, is_completion)` parts, then padding.
-    /// The caller has checked the row fits `seq_len`.
+    /// The caller has checked the row fits `width`.
     fn push(&mut self, parts: &[(&[u32], bool)]) {
         let mut len = 0;
         for &(ids, is_completion) in parts {
@@ -165,7 +167,7 @@ impl Rows {
                 .extend(std::iter::repeat_n(completion, ids.len()));
             len += ids.len();
         }
-        let pad = self.seq_len - len;
+        let pad = self.width - len;
         self.input_ids.extend(std::iter::repeat_n(self.pad_id, pad));
         for mask in [
             &mut self.attention_mask,

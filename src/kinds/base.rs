@@ -61,9 +61,9 @@ pub enum Arch {
 
 impl InitSpec {
     /// The model code's description of this shape.
-    pub fn model_spec(&self, dtype: Dtype, seed: u64) -> crate::model::init::InitSpec {
+    pub fn model_spec(&self, dtype: Dtype, seed: u64) -> crate::model::init::RandomModel {
         use crate::model::config::Architecture;
-        crate::model::init::InitSpec {
+        crate::model::init::RandomModel {
             architecture: match self.arch.value {
                 Arch::Llama => Architecture::Llama,
                 Arch::Mistral => Architecture::Mistral,

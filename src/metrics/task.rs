@@ -100,7 +100,7 @@ pub fn teacher_forced(
     for chunk in examples.chunks(SCORE_BATCH) {
         let rows: Vec<&SftExample> = chunk.iter().collect();
         let batch = sft_batch(&rows, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
-        let t = batch.seq_len;
+        let t = batch.width;
         let ids = Tensor::from_vec(batch.input_ids.clone(), (rows.len(), t), device)?;
         let mask = Tensor::from_vec(batch.attention_mask.clone(), (rows.len(), t), device)?;
         let id_rows: Vec<Vec<u32>> = batch.input_ids.chunks(t).map(<[u32]>::to_vec).collect();

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct InitSpec {
+pub struct RandomModel {
     pub architecture: Architecture,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -36,10 +36,10 @@ pub struct InitSpec {
     pub embedding_std: f64,
 }
 
-impl InitSpec {
+impl RandomModel {
     /// A small Qwen2-style default, for examples.
     pub fn tiny(seed: u64) -> Self {
-        InitSpec {
+        RandomModel {
             architecture: Architecture::Qwen2,
             hidden_size: 32,
             num_hidden_layers: 2,
@@ -183,7 +183,7 @@ pub fn random_weights(
 
 /// Writes a seeded random model and the built-in tokenizer into `dir`
 /// (created if needed) and returns its config.
-pub fn init_model(spec: &InitSpec, dir: &Path) -> Result<ModelConfig> {
+pub fn init_model(spec: &RandomModel, dir: &Path) -> Result<ModelConfig> {
     let config = spec.model_config()?;
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let weights = random_weights(&config, spec.seed, spec.dtype, spec.embedding_std)?;

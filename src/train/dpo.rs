@@ -38,7 +38,7 @@ pub fn pair_logprobs(
         &batch.input_ids,
         &batch.attention_mask,
         &batch.completion_mask,
-        (rows_n, batch.seq_len),
+        (rows_n, batch.width),
         device,
         mode,
     )?;

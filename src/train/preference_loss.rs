@@ -184,7 +184,7 @@ impl PreferenceLoss {
     }
 
     /// The total and each term's value, with the total's derivatives.
-    pub fn evaluate(&self, batch: &PairBatch) -> Evaluated {
+    pub fn evaluate(&self, batch: &PairBatch) -> LossBreakdown {
         let n = batch.pairs();
         let mut total = LossValue {
             value: 0.0,
@@ -201,7 +201,7 @@ impl PreferenceLoss {
             }
             terms.push((term, v.value));
         }
-        Evaluated { total, terms }
+        LossBreakdown { total, terms }
     }
 }
 
@@ -236,7 +236,7 @@ pub struct LossValue {
 
 /// The weighted total and each term's (unweighted) value.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Evaluated {
+pub struct LossBreakdown {
     pub total: LossValue,
     pub terms: Vec<(LossTerm, f64)>,
 }

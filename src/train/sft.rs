@@ -114,7 +114,7 @@ pub fn completion_logprobs(
         &batch.input_ids,
         &batch.attention_mask,
         &batch.label_mask,
-        (batch.batch_size, batch.seq_len),
+        (batch.batch_size, batch.width),
         device,
         mode,
     )?;

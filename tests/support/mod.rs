@@ -42,7 +42,7 @@ impl Workspace {
 
     /// A fake Hugging Face folder: enough for recipe checks and hashing.
     pub fn model_folder(&self, rel: &str, layers: usize) -> PathBuf {
-        let mut spec = lora_runner::model::init::InitSpec::tiny(0);
+        let mut spec = lora_runner::model::init::RandomModel::tiny(0);
         spec.num_hidden_layers = layers;
         let config = spec.model_config().unwrap().to_json();
         self.write(&format!("{rel}/config.json"), &config.to_string());

@@ -5,7 +5,7 @@ use lora_runner::model::config::Architecture;
 use lora_runner::model::error::ModelError;
 use lora_runner::model::formats::io::read_json;
 use lora_runner::model::formats::tokenizer::TokenizerConfig;
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -56,15 +56,15 @@ pub fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
     lora_runner::train::with_big_stack(f)
 }
 
-pub fn spec(arch: Architecture, tie: bool, seed: u64) -> InitSpec {
-    InitSpec {
+pub fn spec(arch: Architecture, tie: bool, seed: u64) -> RandomModel {
+    RandomModel {
         architecture: arch,
         tie_word_embeddings: tie,
-        ..InitSpec::tiny(seed)
+        ..RandomModel::tiny(seed)
     }
 }
 
-pub fn init_dir(tag: &str, spec: &InitSpec) -> PathBuf {
+pub fn init_dir(tag: &str, spec: &RandomModel) -> PathBuf {
     let dir = scratch_dir(tag);
     init_model(spec, &dir).unwrap();
     dir
@@ -137,7 +137,7 @@ pub fn amplify_weights(dir: &std::path::Path, factor: f64) {
     candle_core::safetensors::save(&scaled, &path).unwrap();
 }
 
-pub fn init_dir_amplified(tag: &str, spec: &InitSpec) -> PathBuf {
+pub fn init_dir_amplified(tag: &str, spec: &RandomModel) -> PathBuf {
     let dir = init_dir(tag, spec);
     amplify_weights(&dir, 10.0);
     dir

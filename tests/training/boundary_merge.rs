@@ -8,7 +8,7 @@
 use candle_core::{DType, Device};
 use lora_runner::data::{load_dpo, load_sft, DpoExample, ModelTokenizer, SftExample};
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use lora_runner::train::dpo::pair_logprobs;
 use lora_runner::train::sft::mean_completion_loss;
 
@@ -112,7 +112,7 @@ fn dpo_pair_shares_the_shorter_common_prefix() {
 fn eval_scores_the_merged_token_too() {
     let ws = Workspace::new();
     let model_dir = ws.path("models/m");
-    let mut spec = InitSpec::tiny(21);
+    let mut spec = RandomModel::tiny(21);
     spec.vocab_size = 272;
     init_model(&spec, &model_dir).unwrap();
     write_byte_level_bpe(&model_dir);

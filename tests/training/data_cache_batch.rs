@@ -132,7 +132,7 @@ fn sft_batches_pad_right_with_masks() {
     let batches = sft_micro_batches(&examples, &[1, 0, 2], 2, 99, Padding::Longest).unwrap();
     assert_eq!(batches.len(), 2);
     let b = &batches[0];
-    assert_eq!((b.batch_size, b.seq_len), (2, 5));
+    assert_eq!((b.batch_size, b.width), (2, 5));
     assert_eq!(b.input_ids, vec![1, 8, 9, 99, 99, /**/ 1, 5, 6, 7, 2]);
     assert_eq!(
         b.attention_mask,
@@ -172,7 +172,7 @@ fn dpo_batches_stack_chosen_then_rejected() {
     let batches = dpo_micro_batches(&examples, &[0, 1], 2, 0, Padding::Longest).unwrap();
     assert_eq!(batches.len(), 1);
     let b = &batches[0];
-    assert_eq!((b.pairs, b.seq_len), (2, 5));
+    assert_eq!((b.pairs, b.width), (2, 5));
     #[rustfmt::skip]
     let expected_ids = vec![
         1, 5, 15, 2, 0,  // pair 0 chosen

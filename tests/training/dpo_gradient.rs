@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::data::{load_dpo, DpoExample, ModelTokenizer, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::train::dpo::{pair_logprobs, score_pairs, DpoObjective};
 use lora_runner::train::preference_loss::{LossParams, LossTerm, PreferenceLoss};
@@ -38,7 +38,7 @@ fn norm(v: &[f64]) -> f64 {
 fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    init_model(&InitSpec::tiny(3), &base).unwrap();
+    init_model(&RandomModel::tiny(3), &base).unwrap();
     let mut model = Decoder::load(
         &base,
         &LoadOptions {

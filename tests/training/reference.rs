@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use lora_runner::data::{load_dpo, ModelTokenizer, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions};
 use lora_runner::model::formats::peft::{load_adapter, save_adapter};
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::model::merge::{merge_lora, save_model_folder};
 use lora_runner::train::dpo::score_pairs;
@@ -34,7 +34,7 @@ fn scheme_one_and_scheme_two_reference_logprobs_agree() {
         tmp.path().join("sft"),
         tmp.path().join("merged"),
     );
-    init_model(&InitSpec::tiny(11), &base_dir).unwrap();
+    init_model(&RandomModel::tiny(11), &base_dir).unwrap();
 
     // An "SFT adapter" with non-zero B, so that it matters.
     let mut sft = load(&base_dir);
@@ -92,7 +92,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
     use std::sync::atomic::AtomicBool;
     let tmp = tempfile::tempdir().unwrap();
     let base_dir = tmp.path().join("base");
-    init_model(&InitSpec::tiny(4), &base_dir).unwrap();
+    init_model(&RandomModel::tiny(4), &base_dir).unwrap();
     let tokenizer = ModelTokenizer::load(&base_dir.join("tokenizer.json")).unwrap();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/dpo_eval.jsonl");
     let pairs = load_dpo(&data, &tokenizer, &TokenizeSettings::new(32)).unwrap();

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use lora_runner::data::{load_sft, ModelTokenizer, SftExample, TokenizeSettings};
 use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use lora_runner::model::kernels::cpu::with_threads;
 use lora_runner::model::layers::lora::{LoraConfig, TargetModules};
 use lora_runner::train::sft::{completion_logprob, SftObjective};
@@ -20,7 +20,7 @@ use crate::support::model::{flat_f64, set_lora_b};
 /// A tiny model with LoRA (B ≠ 0, so A has a gradient too) and SFT data.
 fn setup(dir: &Path, dtype: DType, dropout: f64) -> (Decoder, SftObjective) {
     let base = dir.join("base");
-    init_model(&InitSpec::tiny(5), &base).unwrap();
+    init_model(&RandomModel::tiny(5), &base).unwrap();
     let opts = LoadOptions {
         dtype: Some(dtype),
         device: Device::Cpu,

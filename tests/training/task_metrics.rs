@@ -7,7 +7,7 @@ use lora_runner::data::SftExample;
 use lora_runner::metrics::task::{greedy_match, teacher_forced};
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Rows};
 use lora_runner::model::generate::{generate, GenerateOptions};
-use lora_runner::model::init::{init_model, InitSpec};
+use lora_runner::model::init::{init_model, RandomModel};
 use lora_runner::progress::Silent;
 
 /// Exact match of every row (what `sft/exact_match` averages).
@@ -25,7 +25,7 @@ fn exact(
 
 /// A tiny random model.
 fn tiny_model(dir: &std::path::Path, seed: u64) -> Decoder {
-    init_model(&InitSpec::tiny(seed), dir).unwrap();
+    init_model(&RandomModel::tiny(seed), dir).unwrap();
     Decoder::load(
         dir,
         &LoadOptions {
