@@ -170,21 +170,14 @@ pub fn loss_label(loss: &crate::train::preference_loss::PreferenceLoss) -> Strin
 
 fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::dpo::DpoObjective;
-    let data = p.data.as_ref().expect("checked when parsing");
-    let device = crate::device::candle(&ctx.device)?;
-    let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
-    let memory = training::memory_estimate(&model, &p.train, p.micro_batch());
-    let tokenizer = inputs::load_tokenizer(&model_dir)?;
-    let pad_id = tokenizer.pad_id();
-    let settings = inputs::settings(&p.train, data);
-    let train_file = ctx.files[super::input::TRAIN].clone();
-    let (train, train_key) =
-        inputs::dpo_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
-    let eval = match ctx.files.get(super::input::EVAL).cloned() {
-        Some(f) => Some(inputs::dpo_tokens(
-            ctx, &f, &tokenizer, &model_dir, &settings,
-        )?),
+    let s = training::start(ctx, &p.lora, &p.train, &p.data, &p.dtype, p.micro_batch())?;
+    let (dtype, device, pad_id) = (s.dtype, &s.device, s.tokenizer.pad_id());
+    let tokens = |ctx: &mut RunContext, file: &Path| {
+        inputs::dpo_tokens(ctx, file, &s.tokenizer, &s.model_dir, &s.settings)
+    };
+    let (train, train_key) = tokens(ctx, &s.train_file)?;
+    let eval = match &s.eval_file {
+        Some(f) => Some(tokens(ctx, f)?),
         None => None,
     };
     let loss = p.dpo.loss();
@@ -197,13 +190,13 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         let draws = loop_settings.steps * loop_settings.grad_accum * loop_settings.batch as u64;
         let visited = crate::train::order::visited(ctx.seed, train.examples.len(), draws);
         let train_scores = reference_scores(
-            ctx, &reference, &train, &train_key, &visited, dtype, &device, pad_id,
+            ctx, &reference, &train, &train_key, &visited, dtype, device, pad_id,
         )?;
         let eval = match eval {
             Some((e, key)) => {
                 let all: Vec<usize> = (0..e.examples.len()).collect();
                 let scores =
-                    reference_scores(ctx, &reference, &e, &key, &all, dtype, &device, pad_id)?;
+                    reference_scores(ctx, &reference, &e, &key, &all, dtype, device, pad_id)?;
                 Some((e, Some(scores)))
             }
             None => None,
@@ -223,5 +216,5 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         device: device.clone(),
     };
     ctx.metrics.insert("reference".into(), reference.into());
-    training::train_and_save(ctx, &model, &model_dir, &objective, &loop_settings, memory)
+    training::train_and_save(ctx, &s, &objective, &loop_settings)
 }

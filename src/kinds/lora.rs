@@ -194,37 +194,41 @@ fn check_continuation(
             .help("a continued adapter keeps its r, alpha and targets; to change them, merge it and train a new adapter (scheme two)"),
         )
     };
-    if wanted.r.is_written() && wanted.r.value != actual.r.value {
-        differ(
+    // (key, set in the stage and different, where, the adapter's value, the stage's)
+    let keys = [
+        (
             "r",
-            wanted.r.span.clone(),
+            wanted.r.is_written() && wanted.r.value != actual.r.value,
+            &wanted.r.span,
             actual.r.value.to_string(),
             wanted.r.value.to_string(),
-        );
-    }
-    if wanted.alpha.is_written() && wanted.alpha.value != actual.alpha.value {
-        differ(
+        ),
+        (
             "alpha",
-            wanted.alpha.span.clone(),
+            wanted.alpha.is_written() && wanted.alpha.value != actual.alpha.value,
+            &wanted.alpha.span,
             actual.alpha.value.to_string(),
             wanted.alpha.value.to_string(),
-        );
-    }
-    if wanted.targets.is_written() && wanted.targets.value != actual.targets.value {
-        differ(
+        ),
+        (
             "targets",
-            wanted.targets.span.clone(),
+            wanted.targets.is_written() && wanted.targets.value != actual.targets.value,
+            &wanted.targets.span,
             format!("{:?}", actual.targets.value),
             format!("{:?}", wanted.targets.value),
-        );
-    }
-    if wanted.rslora.is_written() && wanted.rslora.value != actual.rslora.value {
-        differ(
+        ),
+        (
             "rslora",
-            wanted.rslora.span.clone(),
+            wanted.rslora.is_written() && wanted.rslora.value != actual.rslora.value,
+            &wanted.rslora.span,
             actual.rslora.value.to_string(),
             wanted.rslora.value.to_string(),
-        );
+        ),
+    ];
+    for (key, differs, span, old, new) in keys {
+        if differs {
+            differ(key, span.clone(), old, new);
+        }
     }
 }
 

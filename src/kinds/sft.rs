@@ -124,28 +124,22 @@ impl Kind for Sft {
 
 fn run_sft(p: &SftParams, ctx: &mut RunContext) -> anyhow::Result<()> {
     use crate::train::sft::SftObjective;
-    let data = p.data.as_ref().expect("checked when parsing");
-    let device = crate::device::candle(&ctx.device)?;
-    let dtype = inputs::dtype(p.dtype.as_ref().map_or(Dtype::F32, |d| d.value));
-    let (model, model_dir) = training::policy(ctx, &p.lora, &p.train, dtype, &device)?;
-    let memory = training::memory_estimate(&model, &p.train, p.micro_batch());
-    let tokenizer = inputs::load_tokenizer(&model_dir)?;
-    let settings = inputs::settings(&p.train, data);
-    let train_file = ctx.files[super::input::TRAIN].clone();
-    let train = inputs::sft_tokens(ctx, &train_file, &tokenizer, &model_dir, &settings)?;
-    let eval = match ctx.files.get(super::input::EVAL).cloned() {
-        Some(f) => Some(inputs::sft_tokens(
-            ctx, &f, &tokenizer, &model_dir, &settings,
-        )?),
+    let s = training::start(ctx, &p.lora, &p.train, &p.data, &p.dtype, p.micro_batch())?;
+    let tokens = |ctx: &mut RunContext, file: &Path| {
+        inputs::sft_tokens(ctx, file, &s.tokenizer, &s.model_dir, &s.settings)
+    };
+    let train = tokens(ctx, &s.train_file)?;
+    let eval = match &s.eval_file {
+        Some(f) => Some(tokens(ctx, f)?),
         None => None,
     };
     let objective = SftObjective {
         train,
         eval,
-        pad_id: tokenizer.pad_id(),
-        device: device.clone(),
+        pad_id: s.tokenizer.pad_id(),
+        device: s.device.clone(),
     };
     // Each adapter applies its own dropout rate (none at 0) in training mode.
     let settings = p.train.loop_settings(ctx.seed, true);
-    training::train_and_save(ctx, &model, &model_dir, &objective, &settings, memory)
+    training::train_and_save(ctx, &s, &objective, &settings)
 }

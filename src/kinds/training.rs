@@ -97,6 +97,50 @@ pub fn policy(
     Ok((model, source.dir))
 }
 
+/// What a training stage starts from: where and in what it computes, the
+/// policy (its model with the adapter it trains), the model's folder and
+/// tokenizer, how its data is tokenized, and the step's memory estimate.
+pub struct Start {
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
+    pub model: crate::model::decoder::Decoder,
+    pub model_dir: PathBuf,
+    pub tokenizer: crate::data::ModelTokenizer,
+    pub settings: crate::data::TokenizeSettings,
+    pub memory: Option<crate::model::memory::MemoryEstimate>,
+    /// The training file, and the held-out one if the stage has it.
+    pub train_file: PathBuf,
+    pub eval_file: Option<PathBuf>,
+}
+
+/// The start of a training stage with these tables and micro-batch.
+pub fn start(
+    ctx: &RunContext,
+    lora: &Option<LoraSpec>,
+    train: &TrainSpec,
+    data: &Option<DataSpec>,
+    dtype: &Option<Sp<Dtype>>,
+    batch: super::memory::MicroBatch,
+) -> anyhow::Result<Start> {
+    let data = data.as_ref().expect("checked when parsing");
+    let device = crate::device::candle(&ctx.device)?;
+    let dtype = inputs::dtype(dtype.as_ref().map_or(Dtype::F32, |d| d.value));
+    let (model, model_dir) = policy(ctx, lora, train, dtype, &device)?;
+    let memory = memory_estimate(&model, train, batch);
+    let tokenizer = inputs::load_tokenizer(&model_dir)?;
+    Ok(Start {
+        settings: inputs::settings(train, data),
+        train_file: ctx.files[input::TRAIN].clone(),
+        eval_file: ctx.files.get(input::EVAL).cloned(),
+        device,
+        dtype,
+        model,
+        model_dir,
+        tokenizer,
+        memory,
+    })
+}
+
 /// Beside an adapter trained on a quantized base: the base and its formats.
 pub const BASE_QUANTIZATION_FILE: &str = "base_quantization.json";
 
@@ -104,12 +148,11 @@ pub const BASE_QUANTIZATION_FILE: &str = "base_quantization.json";
 /// the artifact, and record the metrics before and after.
 pub fn train_and_save(
     ctx: &mut RunContext,
-    model: &crate::model::decoder::Decoder,
-    model_dir: &std::path::Path,
+    start: &Start,
     objective: &dyn TrainingObjective,
     settings: &trainer::LoopSettings,
-    memory: Option<crate::model::memory::MemoryEstimate>,
 ) -> anyhow::Result<()> {
+    let (model, model_dir, memory) = (&start.model, &start.model_dir, start.memory);
     let before = objective.evaluate(model)?;
     let resume_file = ctx.cache.resume_file(&ctx.key);
     let env = LoopEnv {

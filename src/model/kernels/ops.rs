@@ -370,21 +370,33 @@ fn softmax_rows<T: WithDType, A: Float>(src: &[T], dim: usize) -> Vec<T> {
             *t = A::of(*v);
             max = num_traits::Float::max(max, *t);
         }
-        if max == A::neg_infinity() {
-            // Fully masked row: leave zeros rather than NaN.
-            continue;
-        }
-        let mut sum = A::zero();
-        for t in tmp.iter_mut() {
-            *t = (*t - max).exp_fast();
-            sum += *t;
-        }
-        let inv = A::one() / sum;
-        for (o, t) in orow.iter_mut().zip(&tmp) {
-            *o = (*t * inv).to();
-        }
+        softmax_into(&mut tmp, max, orow);
     }
     out
+}
+
+/// The softmax of a row whose values (and their `max`) are in `tmp`,
+/// written into `out`; a fully masked row (max −∞) stays zeros, not NaN.
+fn softmax_into<T: WithDType, A: Float>(tmp: &mut [A], max: A, out: &mut [T]) {
+    if max == A::neg_infinity() {
+        return;
+    }
+    let mut sum = A::zero();
+    for t in tmp.iter_mut() {
+        *t = (*t - max).exp_fast();
+        sum += *t;
+    }
+    let inv = A::one() / sum;
+    for (o, t) in out.iter_mut().zip(tmp.iter()) {
+        *o = (*t * inv).to();
+    }
+}
+
+/// Softmax's backward from its output `y`: dx = y · (g − Σ g·y).
+fn softmax_backward(y: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+    let gy = grad.mul(y)?;
+    let s = gy.sum_keepdim(D::Minus1)?;
+    gy - y.broadcast_mul(&s)?
 }
 
 impl CustomOp1 for SoftmaxLastDim {
@@ -403,10 +415,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _arg: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dx = y * (g - sum(g * y))
-        let gy = grad.mul(y)?;
-        let s = gy.sum_keepdim(D::Minus1)?;
-        Ok(Some((gy - y.broadcast_mul(&s)?)?))
+        Ok(Some(softmax_backward(y, grad)?))
     }
 }
 
@@ -453,18 +462,7 @@ fn masked_softmax_rows<T: WithDType, A: Float>(
                     *dst = A::of(*v) + A::of_f32(*mv);
                     max = num_traits::Float::max(max, *dst);
                 }
-                if max == A::neg_infinity() {
-                    continue;
-                }
-                let mut sum = A::zero();
-                for v in tmp.iter_mut() {
-                    *v = (*v - max).exp_fast();
-                    sum += *v;
-                }
-                let inv = A::one() / sum;
-                for (o, v) in out[row_start..row_start + t].iter_mut().zip(&tmp) {
-                    *o = (*v * inv).to();
-                }
+                softmax_into(&mut tmp, max, &mut out[row_start..row_start + t]);
             }
         }
     }
@@ -511,9 +509,7 @@ impl CustomOp2 for MaskedSoftmax {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gy = grad.mul(y)?;
-        let s = gy.sum_keepdim(D::Minus1)?;
-        Ok((Some((gy - y.broadcast_mul(&s)?)?), None))
+        Ok((Some(softmax_backward(y, grad)?), None))
     }
 }
 
