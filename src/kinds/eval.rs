@@ -280,18 +280,7 @@ impl<'p> Evaluator<'p> {
             }
         }
         if self.source.quantize.is_some() {
-            // What holding the model quantized costs, once, against the same
-            // model and adapter dense in f32.
-            let unquantized = load(
-                &self.source.dense(),
-                &self.adapter,
-                DType::F32,
-                &self.device,
-            )?;
-            let d =
-                crate::metrics::divergence::divergence(&unquantized, &self.model, &data.examples)?;
-            metric(ctx, "quantization/kl", d.mean_kl);
-            metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);
+            self.quantization_cost(ctx, &data.examples)?;
         }
         let tokens: usize = forced.iter().map(|f| f.tokens).sum();
         let loss = forced.iter().map(|f| f.nll).sum::<f64>() / tokens.max(1) as f64;
@@ -330,6 +319,25 @@ impl<'p> Evaluator<'p> {
                 "sft/token_accuracy": f.correct as f64 / per,
             }));
         }
+        Ok(())
+    }
+
+    /// What holding the model quantized costs, once, against the same
+    /// model and adapter dense in f32.
+    fn quantization_cost(
+        &self,
+        ctx: &mut RunContext,
+        rows: &[crate::data::SftExample],
+    ) -> anyhow::Result<()> {
+        let unquantized = load(
+            &self.source.dense(),
+            &self.adapter,
+            DType::F32,
+            &self.device,
+        )?;
+        let d = crate::metrics::divergence::divergence(&unquantized, &self.model, rows)?;
+        metric(ctx, "quantization/kl", d.mean_kl);
+        metric(ctx, "quantization/logits_max_abs_err", d.max_logit_error);
         Ok(())
     }
 
@@ -391,29 +399,24 @@ impl<'p> Evaluator<'p> {
             "pairs": policy.chosen.len(),
         });
         if let Some(reference) = self.reference(ctx)? {
-            let all: Vec<usize> = (0..data.examples.len()).collect();
-            let scores = reference_scores(
-                ctx,
-                &reference,
-                &data,
-                &data_key,
-                &all,
-                self.dtype,
-                &self.device,
-                self.tokenizer.pad_id(),
-            )?;
-            let (beta, mut wins, mut margin) = (self.p.beta.value, 0usize, 0f64);
-            for (i, pair) in pairs.iter_mut().enumerate() {
-                let rc = beta * (policy.chosen[i] - scores.chosen[i]) as f64;
-                let rr = beta * (policy.rejected[i] - scores.rejected[i]) as f64;
-                wins += usize::from(rc > rr);
-                margin += rc - rr;
-                pair["rewards/accuracies"] = f64::from(u8::from(rc > rr)).into();
-                pair["rewards/margins"] = (rc - rr).into();
-            }
-            metric(ctx, "rewards/accuracies", wins as f64 / n);
+            let scores = {
+                let all: Vec<usize> = (0..data.examples.len()).collect();
+                let (dtype, pad_id) = (self.dtype, self.tokenizer.pad_id());
+                reference_scores(
+                    ctx,
+                    &reference,
+                    &data,
+                    &data_key,
+                    &all,
+                    dtype,
+                    &self.device,
+                    pad_id,
+                )?
+            };
+            let (wins, margin) = self.rewards(&policy, &scores, &mut pairs);
+            metric(ctx, "rewards/accuracies", wins / n);
             metric(ctx, "rewards/margins", margin / n);
-            line["rewards/accuracies"] = (wins as f64 / n).into();
+            line["rewards/accuracies"] = (wins / n).into();
             line["rewards/margins"] = (margin / n).into();
             line["reference"] = reference.description.clone().into();
             ctx.metrics
@@ -422,6 +425,27 @@ impl<'p> Evaluator<'p> {
         self.results.push(line);
         self.examples.extend(pairs);
         Ok(())
+    }
+
+    /// TRL's implicit rewards of each pair against the reference, written
+    /// into its line; returns how many pairs the chosen reward wins and the
+    /// summed reward margin.
+    fn rewards(
+        &self,
+        policy: &dpo::PairScores,
+        reference: &dpo::PairScores,
+        pairs: &mut [serde_json::Value],
+    ) -> (f64, f64) {
+        let (beta, mut wins, mut margin) = (self.p.beta.value, 0usize, 0f64);
+        for (i, pair) in pairs.iter_mut().enumerate() {
+            let rc = beta * (policy.chosen[i] - reference.chosen[i]) as f64;
+            let rr = beta * (policy.rejected[i] - reference.rejected[i]) as f64;
+            wins += usize::from(rc > rr);
+            margin += rc - rr;
+            pair["rewards/accuracies"] = f64::from(u8::from(rc > rr)).into();
+            pair["rewards/margins"] = (rc - rr).into();
+        }
+        (wins as f64, margin)
     }
 
     /// The rewards' reference: `reference`, else the model without the adapter.
