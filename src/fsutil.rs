@@ -7,6 +7,13 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+/// The last component of `path` as a string (lossy); empty when there is none.
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = parent_dir(path);

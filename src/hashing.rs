@@ -132,10 +132,7 @@ impl Hasher {
             self.tree(path, &[])
         } else {
             let hash = self.file(path)?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let name = crate::fsutil::file_name(path);
             Ok(TreeDigest {
                 hash: hash.clone(),
                 files: BTreeMap::from([(name, hash)]),

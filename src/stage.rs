@@ -681,10 +681,7 @@ impl RunContext<'_> {
 
     /// Records a derived folder for the manifest, so `gc` keeps it.
     fn remember_derived(&mut self, dir: &std::path::Path) {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = crate::fsutil::file_name(dir);
         if !self.derived.contains(&name) {
             self.derived.push(name);
         }

@@ -184,12 +184,6 @@ fn metric(ctx: &mut RunContext, name: &str, value: f64) {
     ctx.metrics.insert(name.to_string(), value.into());
 }
 
-fn file_name(f: &Path) -> String {
-    f.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
 /// One model (with the stage's adapter, if any) being evaluated, and what
 /// has been found so far.
 struct Evaluator<'p> {
@@ -306,7 +300,7 @@ impl<'p> Evaluator<'p> {
             "sft/token_accuracy": accuracy,
             "rows": data.examples.len(),
         }));
-        let name = file_name(file);
+        let name = crate::fsutil::file_name(file);
         for ((line, f), g) in data.lines.iter().zip(&forced).zip(&greedy) {
             let per = f.tokens.max(1) as f64;
             self.examples.push(serde_json::json!({
@@ -378,7 +372,7 @@ impl<'p> Evaluator<'p> {
         let chosen_greedy = self.greedy(ctx, &chosen_rows)?;
         let chosen_exact = chosen_greedy.iter().filter(|g| g.exact).count() as f64 / n;
         metric(ctx, "preference/chosen_exact_match", chosen_exact);
-        let name = file_name(file);
+        let name = crate::fsutil::file_name(file);
         let mut pairs: Vec<serde_json::Value> = (0..policy.chosen.len())
             .map(|i| {
                 let margin = f64::from(policy.chosen[i] - policy.rejected[i]);
@@ -453,15 +447,7 @@ impl<'p> Evaluator<'p> {
         Ok(
             match (ctx.inputs.contains_key("reference"), &self.adapter) {
                 (true, _) => Some(reference_spec(ctx)?),
-                (false, Some(_)) => {
-                    let m = ctx.input("model")?;
-                    Some(ReferenceSpec {
-                        model: self.source.clone(),
-                        model_artifact: file_name(&m.dir),
-                        adapter: None,
-                        description: m.stage.clone(),
-                    })
-                }
+                (false, Some(_)) => Some(ReferenceSpec::of(ctx.input("model")?, None)?),
                 (false, None) => None,
             },
         )

@@ -182,10 +182,7 @@ pub fn dpo_tokens(
 }
 
 fn report(ctx: &mut RunContext, file: &Path, r: &data::DataReport) {
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = crate::fsutil::file_name(file);
     ctx.progress.log(&format!(
         "{name}: {} rows read, {} kept, {} truncated, {} dropped, {} skipped",
         r.read, r.kept, r.truncated, r.dropped, r.skipped

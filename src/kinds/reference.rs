@@ -3,7 +3,8 @@
 //! is, and its log-probs of the pairs, computed once and kept in the cache.
 
 use super::inputs;
-use crate::stage::{ArtifactKind, RunContext};
+use crate::fsutil::file_name;
+use crate::stage::{ArtifactKind, InputArtifact, RunContext};
 
 /// Folders of the reference policy: a model, and an adapter applied to it (or none).
 #[derive(Debug)]
@@ -15,10 +16,19 @@ pub struct ReferenceSpec {
     pub description: String,
 }
 
-fn artifact_name(dir: &std::path::Path) -> String {
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+impl ReferenceSpec {
+    /// `model` with `adapter` (frozen) applied, or alone.
+    pub fn of(model: &InputArtifact, adapter: Option<&InputArtifact>) -> anyhow::Result<Self> {
+        Ok(ReferenceSpec {
+            model: inputs::model_source(model)?,
+            model_artifact: file_name(&model.dir),
+            description: match adapter {
+                Some(a) => format!("{} + adapter `{}` (frozen)", model.stage, a.stage),
+                None => model.stage.clone(),
+            },
+            adapter: adapter.map(|a| (a.dir.clone(), file_name(&a.dir))),
+        })
+    }
 }
 
 /// The reference policy of a DPO stage: `reference` when given; otherwise
@@ -34,7 +44,7 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
                 .and_then(|ps| ps.iter().find(|p| p["field"] == "model"))
                 .ok_or_else(|| anyhow::anyhow!("reference `{}` records no model", r.stage))?;
             let artifact = parent["artifact"].as_str().unwrap_or_default();
-            let model_artifact = crate::stage::InputArtifact {
+            let model_artifact = InputArtifact {
                 stage: parent["stage"].as_str().unwrap_or("model").to_string(),
                 kind: "model".into(),
                 output: ArtifactKind::Model,
@@ -49,15 +59,7 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
             ctx.inputs.get("adapter").cloned(),
         ),
     };
-    Ok(ReferenceSpec {
-        model: inputs::model_source(&model)?,
-        model_artifact: artifact_name(&model.dir),
-        description: match &adapter {
-            Some(a) => format!("{} + adapter `{}` (frozen)", model.stage, a.stage),
-            None => model.stage.clone(),
-        },
-        adapter: adapter.map(|a| (a.dir.clone(), artifact_name(&a.dir))),
-    })
+    ReferenceSpec::of(&model, adapter.as_ref())
 }
 
 /// Reference log-probs of the pairs `wanted` of `data` (no graph), kept in

@@ -77,7 +77,7 @@ pub fn check(
 
 /// The policy model: the `model` input with a new adapter, or with the
 /// `adapter` input loaded trainable; checkpointed when `train` says so.
-pub fn policy(
+fn policy(
     ctx: &RunContext,
     lora: &Option<LoraSpec>,
     train: &TrainSpec,
@@ -231,7 +231,7 @@ fn gib(bytes: u64) -> f64 {
 /// The memory estimate of a training step on the loaded `model`: `rows`
 /// sequences of `train.seq_len` a micro-batch, a reference model beside it
 /// or not (each training kind's `micro_batch`).
-pub fn memory_estimate(
+fn memory_estimate(
     model: &crate::model::decoder::Decoder,
     train: &TrainSpec,
     batch: super::memory::MicroBatch,
