@@ -21,7 +21,8 @@ pub struct Base;
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
-    /// Architecture family: "llama", "mistral" or "qwen2".
+    /// Architecture family: "llama", "mistral", "qwen2", "qwen3", "gemma2",
+    /// "gemma3", "olmo2" or "smollm3".
     #[serde(default = "default_arch")]
     pub arch: Sp<Arch>,
     pub hidden: Sp<u32>,
@@ -57,6 +58,12 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Gemma2,
+    Gemma3,
+    Olmo2,
+    #[serde(rename = "smollm3")]
+    SmolLM3,
 }
 
 impl InitSpec {
@@ -68,6 +75,11 @@ impl InitSpec {
                 Arch::Llama => Architecture::Llama,
                 Arch::Mistral => Architecture::Mistral,
                 Arch::Qwen2 => Architecture::Qwen2,
+                Arch::Qwen3 => Architecture::Qwen3,
+                Arch::Gemma2 => Architecture::Gemma2,
+                Arch::Gemma3 => Architecture::Gemma3,
+                Arch::Olmo2 => Architecture::Olmo2,
+                Arch::SmolLM3 => Architecture::SmolLM3,
             },
             hidden_size: self.hidden.value as usize,
             num_hidden_layers: self.layers.value as usize,
@@ -245,13 +257,21 @@ impl Kind for Base {
         }
         if let Some(path) = &p.path {
             let folder = ctx.resolve(path);
-            if !folder.join("config.json").is_file() {
+            let config = folder.join("config.json");
+            if !config.is_file() {
                 problems.push(
                     Problem::new(format!(
                         "no model folder at {} (expected config.json there)",
                         folder.display()
                     ))
                     .at(path.span.clone(), "model folder"),
+                );
+            } else if let Err(e) = crate::model::ModelConfig::from_file(&config) {
+                // A family or setting this program cannot compute is refused
+                // before anything runs, at the stage that names the folder.
+                problems.push(
+                    Problem::new(format!("stage `{}`: {e}", ctx.stage))
+                        .at(path.span.clone(), "this model"),
                 );
             }
         }

@@ -1,21 +1,26 @@
 //! HF `config.json` parsing into one `ModelConfig` for every family (what
-//! differs between families is declared in `family`).
+//! differs between families is declared in `family`), read as transformers
+//! reads it: both rope layouts, `layer_types`, and every key that changes
+//! the computation either implemented or refused by name.
 
 use crate::model::error::{ModelError, Result};
 pub use crate::model::family::Architecture;
-use crate::model::family::SlidingWindow;
+use crate::model::family::{DefaultWindows, Family, NormPlacement, QkNorm};
 use crate::model::formats::io::read_json;
 use crate::model::formats::names::{self, Group};
-use serde_json::{json, Value};
+pub use crate::model::rope::Rope;
+use crate::model::rope::RopeScaling;
+use serde_json::{json, Map, Value};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::Path;
 
-/// Llama-3 style rope frequency scaling.
+/// How one decoder layer attends: its sliding window (None: every earlier
+/// token) and its rope (None: no rotary embedding, SmolLM3's NoPE layers).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Llama3RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: usize,
+pub struct LayerAttention {
+    pub window: Option<usize>,
+    pub rope: Option<Rope>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -28,8 +33,8 @@ pub struct ModelConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// One entry per layer (`layer_types`, windows and rope per layer).
+    pub layers: Vec<LayerAttention>,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub vocab_size: usize,
@@ -38,46 +43,170 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
     /// Whether q/k/v/o projections carry a bias (q/k/v only for Qwen2).
     pub attention_bias: bool,
-    /// Sliding-window attention size, when the checkpoint enables it.
-    pub sliding_window: Option<usize>,
+    /// Gemma: attention scores are scaled by this^-½ instead of head_dim^-½.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma: cap·tanh(x / cap) on attention scores and on final logits.
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
 
-fn get_usize(v: &Value, key: &str, file: &Path) -> Result<Option<usize>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            ModelError::config(
-                file,
-                format!("{key} must be a non-negative integer, got {x}"),
-            )
-        }),
+/// Keys that do not change what the model computes (ids, bookkeeping,
+/// generation defaults). Every other key is either read by `from_json` or
+/// refused by name.
+const INERT_KEYS: [&str; 42] = [
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "initializer_range",
+    "initializer_factor",
+    "_name_or_path",
+    "name_or_path",
+    "pretraining_tp",
+    "cache_implementation",
+    "transformers.js_config",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_return_dict",
+    "torchscript",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "task_specific_params",
+    "is_encoder_decoder",
+    "is_decoder",
+    "chunk_size_feed_forward",
+    "tie_encoder_decoder",
+    "keys_to_ignore_at_inference",
+    "unsloth_version",
+    "unsloth_fixed",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "use_bfloat16",
+];
+
+/// Dropout rates: they change training in transformers, so only 0 is
+/// accepted (this program never drops out of the frozen base).
+const DROPOUT_KEYS: [&str; 5] = [
+    "attention_dropout",
+    "hidden_dropout",
+    "embd_pdrop",
+    "resid_pdrop",
+    "attn_pdrop",
+];
+
+const SLIDING: &str = "sliding_attention";
+const FULL: &str = "full_attention";
+
+/// config.json's object and the keys read so far, so that whatever is left
+/// unread at the end (and is not inert) is refused by name.
+struct Reader<'a> {
+    map: &'a Map<String, Value>,
+    file: &'a Path,
+    read: RefCell<BTreeSet<&'a str>>,
+}
+
+impl<'a> Reader<'a> {
+    /// The value of `key`; None when absent or null. Marks it read.
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        let (k, v) = self.map.get_key_value(key)?;
+        self.read.borrow_mut().insert(k.as_str());
+        match v {
+            Value::Null => None,
+            v => Some(v),
+        }
     }
-}
 
-fn require_usize(v: &Value, key: &str, file: &Path) -> Result<usize> {
-    get_usize(v, key, file)?
-        .ok_or_else(|| ModelError::config(file, format!("missing required key {key:?}")))
-}
-
-fn get_f64(v: &Value, key: &str, file: &Path) -> Result<Option<f64>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ModelError::config(file, format!("{key} must be a number, got {x}"))),
+    fn error(&self, message: impl std::fmt::Display) -> ModelError {
+        ModelError::config(self.file, message.to_string())
     }
-}
 
-fn get_bool(v: &Value, key: &str, file: &Path) -> Result<Option<bool>> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| ModelError::config(file, format!("{key} must be a boolean, got {x}"))),
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key)
+            .map(|x| {
+                x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    self.error(format!("{key} must be a non-negative integer, got {x}"))
+                })
+            })
+            .transpose()
+    }
+
+    fn require(&self, key: &str) -> Result<usize> {
+        self.usize(key)?
+            .ok_or_else(|| self.error(format!("missing required key {key:?}")))
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key)
+            .map(|x| {
+                x.as_f64()
+                    .ok_or_else(|| self.error(format!("{key} must be a number, got {x}")))
+            })
+            .transpose()
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key)
+            .map(|x| {
+                x.as_bool()
+                    .ok_or_else(|| self.error(format!("{key} must be true or false, got {x}")))
+            })
+            .transpose()
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&'a str>> {
+        self.get(key)
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| self.error(format!("{key} must be a string, got {x}")))
+            })
+            .transpose()
+    }
+
+    /// Refuses `key` unless it is absent or holds the value that changes
+    /// nothing.
+    fn absent_or(&self, key: &str, harmless: &Value, why: &str) -> Result<()> {
+        match self.get(key) {
+            Some(v) if v != harmless => {
+                Err(self.error(format!("{key} = {v} is not supported: {why}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The first key neither read nor inert.
+    fn unread(&self) -> Option<(&'a String, &'a Value)> {
+        let read = self.read.borrow();
+        self.map
+            .iter()
+            .find(|(k, _)| !read.contains(k.as_str()) && !INERT_KEYS.contains(&k.as_str()))
+    }
+
+    /// A rope dict, with errors naming `key` and the setting.
+    fn rope(&self, key: &str, dict: &Value, theta: f64, max_positions: usize) -> Result<Rope> {
+        Rope::from_json(dict, theta, max_positions).map_err(|e| {
+            let at = if e.key.is_empty() {
+                key.to_string()
+            } else {
+                format!("{key}.{}", e.key)
+            };
+            self.error(format!("{at} {}", e.message))
+        })
     }
 }
 
@@ -86,6 +215,202 @@ fn first_token_id(v: &Value) -> Option<u32> {
         Value::Number(n) => n.as_u64().map(|x| x as u32),
         Value::Array(a) => a.first().and_then(|x| x.as_u64()).map(|x| x as u32),
         _ => None,
+    }
+}
+
+/// Each layer's window and rope, from `layer_types` (or the family's rule
+/// when it is absent), `sliding_window`, the rope keys and SmolLM3's
+/// `no_rope_layers`.
+fn layer_attention(
+    r: &Reader,
+    family: &Family,
+    layers: usize,
+    max_positions: usize,
+) -> Result<Vec<LayerAttention>> {
+    // Which layers have rope (SmolLM3: 1 = rope, 0 = none).
+    let mut has_rope = vec![true; layers];
+    if family.no_rope_layers {
+        let interval = r.usize("no_rope_layer_interval")?.unwrap_or(4).max(1);
+        match r.get("no_rope_layers") {
+            Some(list) => {
+                let marks: Option<Vec<bool>> = list
+                    .as_array()
+                    .map(|a| a.iter().map(|m| m.as_u64().map(|m| m != 0)).collect())
+                    .unwrap_or(None);
+                match marks {
+                    Some(m) if m.len() == layers => has_rope = m,
+                    _ => {
+                        return Err(r.error(format!(
+                            "no_rope_layers must list 0 or 1 for each of the {layers} layers, got {list}"
+                        )))
+                    }
+                }
+            }
+            None => {
+                has_rope = (0..layers).map(|i| (i + 1) % interval != 0).collect();
+            }
+        }
+    }
+
+    // The window size, when the config turns windows on at all.
+    let window = match family.windows {
+        DefaultWindows::Never => None,
+        DefaultWindows::FromMaxWindowLayers | DefaultWindows::NoRopeLayers => {
+            let on = r.bool("use_sliding_window")?.unwrap_or(false);
+            let w = r.usize("sliding_window")?;
+            r.usize("max_window_layers")?;
+            w.filter(|_| on)
+        }
+        DefaultWindows::WhenSet => r.usize("sliding_window")?,
+        DefaultWindows::AllButEvery(_) => Some(r.usize("sliding_window")?.unwrap_or(4096)),
+    };
+    if window == Some(0) {
+        return Err(r.error("sliding_window must be positive"));
+    }
+
+    // Which layers slide.
+    let listed = match (family.layer_types, r.get("layer_types")) {
+        (true, Some(list)) => {
+            let types: Option<Vec<&str>> = list
+                .as_array()
+                .map(|a| a.iter().map(Value::as_str).collect())
+                .unwrap_or(None);
+            let Some(types) = types.filter(|t| t.len() == layers) else {
+                return Err(r.error(format!(
+                    "layer_types must name the attention of each of the {layers} layers, got {list}"
+                )));
+            };
+            if let Some(bad) = types.iter().find(|t| **t != SLIDING && **t != FULL) {
+                return Err(r.error(format!(
+                    "layer_types entry {bad:?} is not supported (only \"{FULL}\" and \"{SLIDING}\")"
+                )));
+            }
+            Some(types.iter().map(|t| *t == SLIDING).collect::<Vec<bool>>())
+        }
+        (false, Some(list)) => {
+            return Err(r.error(format!(
+                "layer_types = {list} is not supported for {}",
+                family.model_type
+            )))
+        }
+        (_, None) => None,
+    };
+    let slides: Vec<bool> = match listed {
+        Some(s) => s,
+        None => match family.windows {
+            DefaultWindows::Never => vec![false; layers],
+            DefaultWindows::WhenSet => vec![window.is_some(); layers],
+            DefaultWindows::FromMaxWindowLayers => {
+                let from = r.usize("max_window_layers")?.unwrap_or(28);
+                (0..layers).map(|i| window.is_some() && i >= from).collect()
+            }
+            DefaultWindows::AllButEvery(n) => {
+                let n = match family.default_local_theta {
+                    Some(_) => gemma3_pattern(r)?.unwrap_or(n),
+                    None => n,
+                }
+                .max(1);
+                (0..layers).map(|i| (i + 1) % n != 0).collect()
+            }
+            DefaultWindows::NoRopeLayers => has_rope.iter().map(|&rope| !rope).collect(),
+        },
+    };
+    if family.default_local_theta.is_some() {
+        // Gemma 3's pattern keys say nothing more once layer_types is listed.
+        gemma3_pattern(r)?;
+    }
+
+    // The rope of each kind of layer.
+    let theta = r.f64("rope_theta")?.unwrap_or(family.default_theta);
+    let local_theta = match family.default_local_theta {
+        Some(default) => Some(r.f64("rope_local_base_freq")?.unwrap_or(default)),
+        None => None,
+    };
+    if let Some(p) = r.f64("partial_rotary_factor")? {
+        if p != 1.0 {
+            return Err(r.error(format!(
+                "partial_rotary_factor = {p} is not supported (rope on the whole head only)"
+            )));
+        }
+    }
+    // transformers ≥ 5 (`convert_rope_params_to_dict`): a non-null
+    // `rope_scaling` wins over `rope_parameters`, and top-level `rope_theta`
+    // fills in a dict without one; a nested (per layer type) dict gets
+    // `rope_scaling` merged into its full-attention entry.
+    let (parameters, scaling) = (r.get("rope_parameters"), r.get("rope_scaling"));
+    let nested = parameters.filter(|p| p.get(FULL).is_some() || p.get(SLIDING).is_some());
+    let (global, local) = match (nested, scaling.or(parameters)) {
+        (Some(p), _) => {
+            let map = p.as_object().expect("has keys");
+            if let Some(bad) = map.keys().find(|k| *k != FULL && *k != SLIDING) {
+                return Err(r.error(format!(
+                    "rope_parameters.{bad} is not a layer type this program knows"
+                )));
+            }
+            let entry = |kind: &str| p.get(kind).filter(|d| !d.is_null()).cloned();
+            let mut full = entry(FULL).unwrap_or(json!({}));
+            if let (Some(s), Some(obj)) = (scaling.and_then(Value::as_object), full.as_object_mut())
+            {
+                obj.extend(s.clone());
+            }
+            let global = r.rope(
+                &format!("rope_parameters.{FULL}"),
+                &full,
+                theta,
+                max_positions,
+            )?;
+            let local = match entry(SLIDING) {
+                Some(d) => r.rope(
+                    &format!("rope_parameters.{SLIDING}"),
+                    &d,
+                    local_theta.unwrap_or(theta),
+                    max_positions,
+                )?,
+                None => local_rope(local_theta, global.clone()),
+            };
+            (global, local)
+        }
+        (None, Some(dict)) => {
+            let key = if scaling.is_some() {
+                "rope_scaling"
+            } else {
+                "rope_parameters"
+            };
+            let rope = r.rope(key, dict, theta, max_positions)?;
+            (rope.clone(), local_rope(local_theta, rope))
+        }
+        (None, None) => {
+            let rope = Rope::plain(theta);
+            (rope.clone(), local_rope(local_theta, rope))
+        }
+    };
+    Ok((0..layers)
+        .map(|i| LayerAttention {
+            window: window.filter(|_| slides[i]),
+            rope: has_rope[i].then(|| {
+                if slides[i] {
+                    local.clone()
+                } else {
+                    global.clone()
+                }
+            }),
+        })
+        .collect())
+}
+
+/// Gemma 3's local:global pattern: `sliding_window_pattern` in older
+/// configs, `_sliding_window_pattern` as transformers 5 saves it.
+fn gemma3_pattern(r: &Reader) -> Result<Option<usize>> {
+    let saved = r.usize("_sliding_window_pattern")?;
+    Ok(r.usize("sliding_window_pattern")?.or(saved))
+}
+
+/// The local layers' rope: Gemma 3's own base (no scaling), or the global
+/// one for families with one rope.
+fn local_rope(local_theta: Option<f64>, global: Rope) -> Rope {
+    match local_theta {
+        Some(theta) => Rope::plain(theta),
+        None => global,
     }
 }
 
@@ -101,8 +426,22 @@ impl ModelConfig {
         Self::from_json(&value, path)
     }
 
-    /// Parses a config.json value; `file` is only used in error messages.
+    /// Parses a config.json value as transformers does (the older top-level
+    /// rope keys and transformers ≥ 5's `rope_parameters`, `layer_types`);
+    /// `file` is only used in error messages. A key that would change the
+    /// computation and that this program does not implement is an error.
     pub fn from_json(v: &Value, file: &Path) -> Result<Self> {
+        let Some(map) = v.as_object() else {
+            return Err(ModelError::config(
+                file,
+                "config.json must be a JSON object",
+            ));
+        };
+        let r = Reader {
+            map,
+            file,
+            read: RefCell::new(BTreeSet::new()),
+        };
         let model_type = v
             .get("model_type")
             .and_then(|x| x.as_str())
@@ -117,6 +456,12 @@ impl ModelConfig {
                     .collect()
             })
             .unwrap_or_default();
+        if let Some(why) = Architecture::refusal(&model_type) {
+            return Err(r.error(format!(
+                "model_type {model_type:?} is not supported: {why}; supported: {}",
+                Architecture::supported()
+            )));
+        }
         let architecture = Architecture::parse(&model_type)
             .or_else(|| {
                 if model_type.is_empty() {
@@ -130,125 +475,139 @@ impl ModelConfig {
                 model_type: model_type.clone(),
                 architectures: architectures.clone(),
             })?;
+        let family = architecture.family();
+        if let Some(q) = r.get("quantization_config") {
+            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
+            return Err(r.error(format!(
+                "quantization_config (quant_method {method:?}) is not supported: give an unquantized checkpoint and set `quantize` in the recipe"
+            )));
+        }
+        if let Some(m) = r.get("auto_map") {
+            return Err(r.error(format!(
+                "auto_map = {m} names custom modeling code, which this program cannot follow"
+            )));
+        }
 
-        let hidden_size = require_usize(v, "hidden_size", file)?;
-        let num_attention_heads = require_usize(v, "num_attention_heads", file)?;
+        let hidden_size = r.require("hidden_size")?;
+        let num_attention_heads = r.require("num_attention_heads")?;
         if num_attention_heads == 0 || hidden_size == 0 {
-            return Err(ModelError::config(
-                file,
-                "hidden_size and num_attention_heads must be positive",
-            ));
+            return Err(r.error("hidden_size and num_attention_heads must be positive"));
         }
-        let num_key_value_heads =
-            get_usize(v, "num_key_value_heads", file)?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = r
+            .usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(ModelError::config(
-                file,
-                format!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"),
-            ));
+            return Err(r.error(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            )));
         }
-        let head_dim = get_usize(v, "head_dim", file)?.unwrap_or(hidden_size / num_attention_heads);
+        let head_dim = r
+            .usize("head_dim")?
+            .unwrap_or(hidden_size / num_attention_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(ModelError::config(
-                file,
-                format!("head_dim {head_dim} must be positive and even (rope)"),
-            ));
+            return Err(r.error(format!(
+                "head_dim {head_dim} must be positive and even (rope)"
+            )));
         }
-        let rope_scaling = match v.get("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(rs) => {
-                let kind = rs
-                    .get("rope_type")
-                    .or_else(|| rs.get("type"))
-                    .and_then(|x| x.as_str())
-                    .unwrap_or("");
-                match kind {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |k: &str| {
-                            get_f64(rs, k, file)?.ok_or_else(|| {
-                                ModelError::config(
-                                    file,
-                                    format!("rope_scaling.{k} is required for llama3 scaling"),
-                                )
-                            })
-                        };
-                        Some(Llama3RopeScaling {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: require_usize(
-                                rs,
-                                "original_max_position_embeddings",
-                                file,
-                            )?,
-                        })
-                    }
-                    other => {
-                        return Err(ModelError::config(
-                            file,
-                            format!(
-                                "rope_scaling type {other:?} is not supported (only \"llama3\")"
-                            ),
-                        ))
-                    }
+        let num_hidden_layers = r.require("num_hidden_layers")?;
+        let max_position_embeddings = r.usize("max_position_embeddings")?.unwrap_or(4096);
+        let layers = layer_attention(&r, family, num_hidden_layers, max_position_embeddings)?;
+        for rope in layers.iter().filter_map(|l| l.rope.as_ref()) {
+            rope.check(head_dim)
+                .map_err(|e| r.error(format!("rope setting {} {}", e.key, e.message)))?;
+        }
+
+        let attention_bias = family.qkv_bias
+            || (family.states_attention_bias && r.bool("attention_bias")?.unwrap_or(false));
+        if !family.states_attention_bias {
+            r.absent_or(
+                "attention_bias",
+                &json!(false),
+                "this family's projections have no such bias",
+            )?;
+        }
+        r.absent_or("mlp_bias", &json!(false), "MLP biases are not implemented")?;
+        for key in DROPOUT_KEYS {
+            if let Some(p) = r.f64(key)? {
+                if p != 0.0 {
+                    return Err(r.error(format!(
+                        "{key} = {p} is not supported: dropout in the frozen base is not implemented (set it to 0)"
+                    )));
                 }
             }
-        };
-        let family = architecture.family();
-        let attention_bias =
-            family.qkv_bias || get_bool(v, "attention_bias", file)?.unwrap_or(false);
-        if !family.qkv_bias && get_bool(v, "mlp_bias", file)?.unwrap_or(false) {
-            return Err(ModelError::config(file, "mlp_bias = true is not supported"));
         }
-        let sliding_window = match family.sliding_window {
-            SlidingWindow::WhenSet => get_usize(v, "sliding_window", file)?,
-            SlidingWindow::WhenEnabled
-                if get_bool(v, "use_sliding_window", file)?.unwrap_or(false) =>
-            {
-                get_usize(v, "sliding_window", file)?
+        let activation = r
+            .str(family.activation_key)?
+            .unwrap_or(family.activation.hf_name());
+        if activation != family.activation.hf_name() {
+            return Err(r.error(format!(
+                "{} {activation:?} is not supported for {} (only {:?})",
+                family.activation_key,
+                family.model_type,
+                family.activation.hf_name()
+            )));
+        }
+        let (mut query_pre_attn_scalar, mut attn_cap, mut final_cap) = (None, None, None);
+        if family.gemma_attention {
+            // Gemma configs carry an inert `hidden_act` beside `hidden_activation`.
+            r.get("hidden_act");
+            query_pre_attn_scalar = Some(r.f64("query_pre_attn_scalar")?.unwrap_or(256.0));
+            attn_cap = r.f64("attn_logit_softcapping")?;
+            final_cap = r.f64("final_logit_softcapping")?;
+            let values = [query_pre_attn_scalar, attn_cap, final_cap];
+            if let Some(c) = values.into_iter().flatten().find(|c| c.is_nan() || *c <= 0.0) {
+                return Err(r.error(format!(
+                    "query_pre_attn_scalar and the soft-caps must be positive, got {c}"
+                )));
             }
-            _ => None,
-        };
-        let hidden_act = v
-            .get("hidden_act")
-            .and_then(|x| x.as_str())
-            .unwrap_or("silu");
-        if hidden_act != "silu" {
-            return Err(ModelError::config(
-                file,
-                format!("hidden_act {hidden_act:?} is not supported (only \"silu\")"),
-            ));
+            r.absent_or(
+                "use_bidirectional_attention",
+                &json!(false),
+                "causal attention only",
+            )?;
+        }
+        let rms_norm_eps = r.f64("rms_norm_eps")?.unwrap_or(1e-6);
+        let tie_word_embeddings = r.bool("tie_word_embeddings")?.unwrap_or(false);
+        let vocab_size = r.require("vocab_size")?;
+        let intermediate_size = r.require("intermediate_size")?;
+        if let Some((key, value)) = r.unread() {
+            return Err(r.error(format!(
+                "key {key:?} (= {value}) is not one this program implements for {}; it may change what the model computes, so it is refused rather than ignored",
+                family.model_type
+            )));
         }
         Ok(ModelConfig {
             architecture,
             model_type: architecture.model_type().to_string(),
             hidden_size,
-            intermediate_size: require_usize(v, "intermediate_size", file)?,
-            num_hidden_layers: require_usize(v, "num_hidden_layers", file)?,
+            intermediate_size,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rope_theta: get_f64(v, "rope_theta", file)?.unwrap_or(10000.0),
-            rope_scaling,
-            rms_norm_eps: get_f64(v, "rms_norm_eps", file)?.unwrap_or(1e-6),
-            tie_word_embeddings: get_bool(v, "tie_word_embeddings", file)?.unwrap_or(false),
-            vocab_size: require_usize(v, "vocab_size", file)?,
-            max_position_embeddings: get_usize(v, "max_position_embeddings", file)?.unwrap_or(4096),
+            layers,
+            rms_norm_eps,
+            tie_word_embeddings,
+            vocab_size,
+            max_position_embeddings,
             torch_dtype: v
                 .get("torch_dtype")
                 .or_else(|| v.get("dtype"))
                 .and_then(|x| x.as_str())
                 .map(String::from),
             attention_bias,
-            sliding_window,
+            query_pre_attn_scalar,
+            attn_logit_softcapping: attn_cap,
+            final_logit_softcapping: final_cap,
             bos_token_id: v.get("bos_token_id").and_then(first_token_id),
             eos_token_id: v.get("eos_token_id").and_then(first_token_id),
         })
     }
 
-    /// A config.json value that transformers loads for this configuration.
+    /// A config.json value that transformers ≥ 5 loads as this
+    /// configuration (`rope_parameters`, `layer_types`).
     pub fn to_json(&self) -> Value {
+        let family = self.architecture.family();
         let mut v = json!({
             "architectures": [self.architecture.hf_class()],
             "model_type": self.architecture.model_type(),
@@ -258,53 +617,131 @@ impl ModelConfig {
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "vocab_size": self.vocab_size,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
-            "torch_dtype": self.torch_dtype.clone().unwrap_or_else(|| "float32".to_string()),
+            "torch_dtype": self.torch_dtype,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         });
         let obj = v.as_object_mut().expect("json! object");
-        match &self.rope_scaling {
-            Some(s) => {
-                obj.insert(
-                    "rope_scaling".into(),
-                    json!({
-                        "rope_type": "llama3",
-                        "factor": s.factor,
-                        "low_freq_factor": s.low_freq_factor,
-                        "high_freq_factor": s.high_freq_factor,
-                        "original_max_position_embeddings": s.original_max_position_embeddings,
-                    }),
+        let mut put = |k: &str, value: Value| {
+            obj.insert(k.to_string(), value);
+        };
+        put(family.activation_key, json!(family.activation.hf_name()));
+        let sliding: Vec<bool> = self.layers.iter().map(|l| l.window.is_some()).collect();
+        let window = self.layers.iter().find_map(|l| l.window);
+        let rope_where = |slides: bool| {
+            self.layers
+                .iter()
+                .find(|l| l.window.is_some() == slides && l.rope.is_some())
+                .and_then(|l| l.rope.clone())
+        };
+        let any_rope = self.layers.iter().find_map(|l| l.rope.clone());
+        // transformers ≥ 5 reads `rope_parameters`; older readers (and
+        // vLLM, llama.cpp's converter, candle) the top-level keys, which
+        // transformers 5 reads as the same rope.
+        match family.default_local_theta {
+            Some(local) => {
+                let global = rope_where(false).unwrap_or(Rope::plain(family.default_theta));
+                let local = rope_where(true).unwrap_or(Rope::plain(local));
+                put("rope_theta", json!(global.theta));
+                put("rope_local_base_freq", json!(local.theta));
+                put(
+                    "rope_parameters",
+                    json!({FULL: global.to_json(), SLIDING: local.to_json()}),
                 );
             }
             None => {
-                obj.insert("rope_scaling".into(), Value::Null);
-            }
-        }
-        let family = self.architecture.family();
-        match family.sliding_window {
-            SlidingWindow::WhenEnabled => {
-                obj.insert(
-                    "use_sliding_window".into(),
-                    json!(self.sliding_window.is_some()),
+                let rope = any_rope.unwrap_or(Rope::plain(family.default_theta));
+                put("rope_theta", json!(rope.theta));
+                let scaled = rope.scaling != RopeScaling::None;
+                put(
+                    "rope_scaling",
+                    if scaled { rope.to_json() } else { Value::Null },
                 );
-                obj.insert("sliding_window".into(), json!(self.sliding_window));
+                put("rope_parameters", rope.to_json());
             }
-            SlidingWindow::WhenSet => {
-                obj.insert("sliding_window".into(), json!(self.sliding_window));
-            }
-            SlidingWindow::Never => {}
         }
-        if family.states_biases {
-            obj.insert("attention_bias".into(), json!(self.attention_bias));
-            obj.insert("mlp_bias".into(), json!(false));
+        if family.no_rope_layers {
+            let marks: Vec<u8> = self
+                .layers
+                .iter()
+                .map(|l| u8::from(l.rope.is_some()))
+                .collect();
+            put("no_rope_layers", json!(marks));
+            put("use_sliding_window", json!(window.is_some()));
+        }
+        match family.windows {
+            DefaultWindows::WhenSet => put("sliding_window", json!(window)),
+            DefaultWindows::FromMaxWindowLayers => {
+                put("use_sliding_window", json!(window.is_some()));
+                let first = sliding.iter().position(|&s| s);
+                put(
+                    "max_window_layers",
+                    json!(first.unwrap_or(self.num_hidden_layers)),
+                );
+            }
+            _ => {}
+        }
+        if family.layer_types {
+            let types: Vec<&str> = sliding
+                .iter()
+                .map(|&s| if s { SLIDING } else { FULL })
+                .collect();
+            put("layer_types", json!(types));
+            put("sliding_window", json!(window));
+        }
+        if family.gemma_attention {
+            put("query_pre_attn_scalar", json!(self.query_pre_attn_scalar));
+            put("attn_logit_softcapping", json!(self.attn_logit_softcapping));
+            put(
+                "final_logit_softcapping",
+                json!(self.final_logit_softcapping),
+            );
+        }
+        if family.states_attention_bias {
+            put("attention_bias", json!(self.attention_bias));
+        }
+        if family.states_mlp_bias {
+            put("mlp_bias", json!(false));
         }
         v
+    }
+
+    /// The RMSNorm weights of layer `layer` by HF name, with their sizes.
+    pub fn layer_norms(&self, layer: usize) -> Vec<(String, usize)> {
+        let family = self.architecture.family();
+        let h = self.hidden_size;
+        let mut out = Vec::new();
+        if family.norms != NormPlacement::Post {
+            out.push((names::input_layernorm(layer), h));
+        }
+        out.push((names::post_attention_layernorm(layer), h));
+        if family.norms == NormPlacement::Sandwich {
+            out.push((names::pre_feedforward_layernorm(layer), h));
+        }
+        if family.norms != NormPlacement::Pre {
+            out.push((names::post_feedforward_layernorm(layer), h));
+        }
+        let (q, kv) = match family.qk_norm {
+            QkNorm::None => return out,
+            QkNorm::PerHead => (self.head_dim, self.head_dim),
+            QkNorm::Whole => (
+                self.num_attention_heads * self.head_dim,
+                self.num_key_value_heads * self.head_dim,
+            ),
+        };
+        out.push((names::qk_norm(layer, 'q'), q));
+        out.push((names::qk_norm(layer, 'k'), kv));
+        out
+    }
+
+    /// The scale on q·kᵀ: head_dim^-½, or Gemma's `query_pre_attn_scalar`^-½.
+    pub fn attention_scale(&self) -> f64 {
+        let scalar = self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64);
+        1.0 / scalar.sqrt()
     }
 
     /// Whether q/k/v carry a bias. Qwen2 has q/k/v bias but no o_proj bias.

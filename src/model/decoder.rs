@@ -9,23 +9,25 @@
 //! Base weights are plain tensors (never Vars), so backward only reaches the
 //! LoRA Vars; the custom ops in `kernels` keep frozen weights out of backward.
 
+use crate::model::config::LayerAttention;
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::formats::names;
 use crate::model::formats::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
-use crate::model::kernels::ops::{frozen_matmul, rms_norm};
+use crate::model::kernels::ops::frozen_matmul;
 use crate::model::kernels::quantized::Quantization;
 use crate::model::kernels::recompute::{
     backward_with_recomputed, checkpointed_layer, recomputed_rows, RowFunction,
 };
 use crate::model::layers::attention::{AttentionContext, LayerKv, QuerySelection};
 use crate::model::layers::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
+use crate::model::layers::norm::Norm;
+use crate::model::rope::RopeTable;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::Path;
 use std::sync::Arc;
 
-pub use crate::model::layers::attention::rope_inv_freq;
 pub use crate::model::layers::layer::DecoderLayer;
 pub use crate::model::layers::linear::Linear;
 pub use crate::model::mode::Mode;
@@ -92,7 +94,7 @@ pub struct Decoder {
     pub config: ModelConfig,
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
-    pub norm: Tensor,
+    pub norm: Norm,
     /// None when the embeddings are tied.
     pub lm_head: Option<Tensor>,
     pub dtype: DType,
@@ -101,10 +103,26 @@ pub struct Decoder {
     pub lora_config: Option<LoraConfig>,
     /// How the layers' projections are held (None: dense in `dtype`).
     pub quantization: Option<Quantization>,
-    inv_freq: Vec<f64>,
     /// Set by `enable_checkpointing`: forward passes that keep a graph keep
     /// only each layer's input, and backward recomputes the layer.
     checkpointing: bool,
+}
+
+/// The attention contexts of one pass: one per distinct (rope, window)
+/// among the layers, and which one each layer uses.
+pub(crate) struct LayerContexts {
+    contexts: Vec<Arc<AttentionContext>>,
+    of_layer: Vec<usize>,
+}
+
+impl LayerContexts {
+    fn of(&self, layer: usize) -> &AttentionContext {
+        &self.contexts[self.of_layer.get(layer).copied().unwrap_or(0)]
+    }
+
+    fn shared(&self, layer: usize) -> Arc<AttentionContext> {
+        self.contexts[self.of_layer[layer]].clone()
+    }
 }
 
 /// Per-layer keys/values for a forward pass that continues a KV cache:
@@ -156,14 +174,13 @@ impl Decoder {
         let layers = (0..c.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, c, i))
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.get(names::FINAL_NORM, &[c.hidden_size])?;
+        let norm = Norm::load(w, c, names::FINAL_NORM, c.hidden_size)?;
         // Some tied checkpoints still carry lm_head.weight; it equals the embeddings then.
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
             Some(w.get(names::LM_HEAD, &[c.vocab_size, c.hidden_size])?)
         };
-        let inv_freq = rope_inv_freq(c);
         Ok(Decoder {
             config,
             embed_tokens,
@@ -174,7 +191,6 @@ impl Decoder {
             device: w.device.clone(),
             lora_config: None,
             quantization: w.quantize,
-            inv_freq,
             checkpointing: false,
         })
     }
@@ -225,13 +241,10 @@ impl Decoder {
         past: usize,
         kv: &mut KvUpdate,
     ) -> Result<Tensor> {
-        let ctx = AttentionContext::new(
-            &self.inv_freq,
-            self.config.sliding_window,
-            real,
-            past,
-            &self.device,
-        )?;
+        let longest = real.iter().map(|r| r.iter().filter(|&&x| x).count());
+        let ctx = self.contexts(longest.max().unwrap_or(0), |rope, window| {
+            AttentionContext::new(rope, window, real, past, &self.device)
+        })?;
         self.forward_in_context(input_ids, &ctx, Mode::Inference, Some(kv), None)
     }
 
@@ -240,7 +253,7 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-    ) -> Result<(Tensor, AttentionContext)> {
+    ) -> Result<(Tensor, LayerContexts)> {
         let c = &self.config;
         let (b, t) = input_ids.dims2().map_err(|_| {
             ModelError::Input(format!(
@@ -269,12 +282,15 @@ impl Decoder {
             }
             None => vec![vec![true; t]; b],
         };
-        let ctx = AttentionContext::new(&self.inv_freq, c.sliding_window, &mask, 0, &self.device)?;
+        let longest = mask.iter().map(|r| r.iter().filter(|&&x| x).count());
+        let ctx = self.contexts(longest.max().unwrap_or(0), |rope, window| {
+            AttentionContext::new(rope, window, &mask, 0, &self.device)
+        })?;
         Ok((ids, ctx))
     }
 
     /// The packed row's ids [1, Σ lengths] and its attention context.
-    fn pack(&self, sequences: &[&[u32]]) -> Result<(Tensor, AttentionContext)> {
+    fn pack(&self, sequences: &[&[u32]]) -> Result<(Tensor, LayerContexts)> {
         let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
         if lengths.contains(&0) || lengths.is_empty() {
             return Err(ModelError::Input(
@@ -284,13 +300,42 @@ impl Decoder {
         check_vocabulary(sequences.iter().copied().flatten(), self.config.vocab_size)?;
         let total: usize = lengths.iter().sum();
         let ids = Tensor::from_vec(sequences.concat(), (1, total), &self.device)?;
-        let ctx = AttentionContext::packed(
-            &self.inv_freq,
-            self.config.sliding_window,
-            &lengths,
-            &self.device,
-        )?;
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let ctx = self.contexts(longest, |rope, window| {
+            AttentionContext::packed(rope, window, &lengths, &self.device)
+        })?;
         Ok((ids, ctx))
+    }
+
+    /// One attention context per distinct (rope, window) among the layers,
+    /// made by `make` from the rope table of a pass whose longest row has
+    /// `longest` positions.
+    fn contexts(
+        &self,
+        longest: usize,
+        make: impl Fn(Option<&RopeTable>, Option<usize>) -> Result<AttentionContext>,
+    ) -> Result<LayerContexts> {
+        let c = &self.config;
+        let mut kinds: Vec<&LayerAttention> = Vec::new();
+        let mut of_layer = Vec::with_capacity(c.layers.len());
+        for layer in &c.layers {
+            let i = match kinds.iter().position(|k| *k == layer) {
+                Some(i) => i,
+                None => {
+                    kinds.push(layer);
+                    kinds.len() - 1
+                }
+            };
+            of_layer.push(i);
+        }
+        let contexts = kinds
+            .iter()
+            .map(|k| {
+                let table = k.rope.as_ref().map(|r| r.table(c.head_dim, longest));
+                Ok(Arc::new(make(table.as_ref(), k.window)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LayerContexts { contexts, of_layer })
     }
 
     /// The layers and the final norm over `input_ids` [B, t]; with `at`,
@@ -298,7 +343,7 @@ impl Decoder {
     fn forward_in_context(
         &self,
         input_ids: &Tensor,
-        ctx: &AttentionContext,
+        ctx: &LayerContexts,
         mode: Mode,
         mut kv: Option<&mut KvUpdate>,
         at: Option<&[usize]>,
@@ -310,42 +355,54 @@ impl Decoder {
             .embed_tokens
             .index_select(&flat, 0)?
             .reshape((b, t, c.hidden_size))?;
+        if c.architecture.family().scaled_embeddings {
+            // Gemma: × √hidden, rounded to the model's dtype as transformers does.
+            let scale = Tensor::new((c.hidden_size as f64).sqrt() as f32, &self.device)?
+                .to_dtype(x.dtype())?;
+            x = x.broadcast_mul(&scale)?;
+        }
         // Inference keeps no graph, and a KV-cache pass never runs backward.
         let recompute =
             self.checkpointing && matches!(mode, Mode::Eval | Mode::Train { .. }) && kv.is_none();
-        let selection = at.map(|at| QuerySelection::new(ctx, at)).transpose()?;
+        let last = self.layers.len().saturating_sub(1);
+        let selection = match at {
+            Some(at) => Some(QuerySelection::new(ctx.of(last), at)?),
+            None => None,
+        };
         if recompute {
-            let ctx = Arc::new(ctx.clone());
-            for layer in &self.layers {
-                x = checkpointed_layer(layer, &x, &ctx, mode)?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = checkpointed_layer(layer, &x, &ctx.shared(i), mode)?;
             }
             // Checkpointed layers keep their whole output; select after.
             if let Some(sel) = &selection {
                 x = x.index_select(&sel.rows, 1)?;
             }
-            return Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?);
+            return self.norm.forward(&x);
         }
         // The last layer computes only the selected rows (no layers: select
         // the embeddings).
-        let last = self.layers.len().saturating_sub(1);
         if let (true, Some(sel)) = (self.layers.is_empty(), &selection) {
             x = x.index_select(&sel.rows, 1)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = kv.as_ref().and_then(|kv| kv.past.get(i));
             let queries = selection.as_ref().filter(|_| i == last);
-            let (y, layer_kv) = layer.forward(&x, ctx, mode, layer_past, queries)?;
+            let (y, layer_kv) = layer.forward(&x, ctx.of(i), mode, layer_past, queries)?;
             x = y;
             if let Some(kv) = kv.as_mut() {
                 kv.next.push(layer_kv);
             }
         }
-        Ok(rms_norm(&x, &self.norm, c.rms_norm_eps)?)
+        self.norm.forward(&x)
     }
 
     /// Logits (f32, or f64 for an f64 model) at every position: [B, T, vocab]. Prefer `logits_at`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(upcast(&frozen_matmul(hidden, self.lm_head_weight())?)?)
+        Ok(head(
+            hidden,
+            self.lm_head_weight(),
+            self.config.final_logit_softcapping,
+        )?)
     }
 
     fn gather_rows(&self, hidden: &Tensor, positions: &[(usize, usize)]) -> Result<Tensor> {
@@ -366,7 +423,11 @@ impl Decoder {
     /// Logits (f32) only at the given (batch, position) pairs: [N, vocab].
     pub fn logits_at(&self, hidden: &Tensor, positions: &[(usize, usize)]) -> Result<Tensor> {
         let rows = self.gather_rows(hidden, positions)?;
-        Ok(upcast(&frozen_matmul(&rows, self.lm_head_weight())?)?)
+        Ok(head(
+            &rows,
+            self.lm_head_weight(),
+            self.config.final_logit_softcapping,
+        )?)
     }
 
     /// log p(token | prefix) (f32, [N]) for each (batch, position, token):
@@ -391,11 +452,12 @@ impl Decoder {
             // The [rows, vocab] logits exist for one chunk of rows at a time.
             let rows = self.gather_rows(hidden, &positions)?;
             let (weight, tok) = (self.lm_head_weight().clone(), Arc::new(tok));
-            let head: RowFunction = Arc::new(move |range, x| {
-                let logits = upcast(&frozen_matmul(x, &weight)?)?;
+            let cap = self.config.final_logit_softcapping;
+            let scores: RowFunction = Arc::new(move |range, x| {
+                let logits = head(x, &weight, cap)?;
                 crate::model::kernels::ops::token_logprobs(&logits, &tok[range])
             });
-            return Ok(recomputed_rows(&rows, HEAD_CHUNK_ROWS, head)?);
+            return Ok(recomputed_rows(&rows, HEAD_CHUNK_ROWS, scores)?);
         }
         let logits = self.logits_at(hidden, &positions)?;
         Ok(crate::model::kernels::ops::token_logprobs(&logits, &tok)?)
@@ -494,11 +556,9 @@ impl Decoder {
     pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(names::EMBED_TOKENS.to_string(), self.embed_tokens.clone())];
         for (i, layer) in self.layers.iter().enumerate() {
-            out.push((names::input_layernorm(i), layer.input_layernorm.clone()));
-            out.push((
-                names::post_attention_layernorm(i),
-                layer.post_attention_layernorm.clone(),
-            ));
+            for (name, norm) in layer.norms(i) {
+                out.push((name, norm.weight.clone()));
+            }
             for l in layer.linears() {
                 out.push((names::weight(&l.name), l.weight.to_dense(self.dtype)?));
                 if let Some(b) = &l.bias {
@@ -506,7 +566,7 @@ impl Decoder {
                 }
             }
         }
-        out.push((names::FINAL_NORM.to_string(), self.norm.clone()));
+        out.push((names::FINAL_NORM.to_string(), self.norm.weight.clone()));
         if let Some(h) = &self.lm_head {
             out.push((names::LM_HEAD.to_string(), h.clone()));
         }
@@ -597,6 +657,17 @@ pub fn sum_by_sequence(
     let onehot = Tensor::from_vec(onehot, (batch, n), token_logprobs.device())?
         .to_dtype(token_logprobs.dtype())?;
     Ok(onehot.matmul(&token_logprobs.unsqueeze(1)?)?.squeeze(1)?)
+}
+
+/// The output head: logits in f32 (f64 for an f64 model), soft-capped as
+/// cap·tanh(logits / cap) when the family says (Gemma 2), before any
+/// softmax reads them.
+fn head(rows: &Tensor, weight: &Tensor, softcap: Option<f64>) -> candle_core::Result<Tensor> {
+    let logits = upcast(&frozen_matmul(rows, weight)?)?;
+    match softcap {
+        Some(cap) => (logits / cap)?.tanh()? * cap,
+        None => Ok(logits),
+    }
 }
 
 /// Logits and log-probs are computed in f32 (f64 when the model runs in f64).

@@ -13,6 +13,7 @@ use crate::model::formats::tokenizer::{
 use crate::model::formats::weights::{torch_dtype_name, SINGLE_FILE};
 use crate::model::kernels::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor};
+use serde_json::json;
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -96,27 +97,36 @@ impl RandomModel {
                 self.dtype
             )));
         }
-        Ok(ModelConfig {
-            architecture: self.architecture,
-            model_type: self.architecture.model_type().to_string(),
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads,
-            head_dim,
-            rope_theta: self.rope_theta,
-            rope_scaling: None,
-            rms_norm_eps: 1e-6,
-            tie_word_embeddings: self.tie_word_embeddings,
-            vocab_size: self.vocab_size,
-            max_position_embeddings: 2048,
-            torch_dtype: Some(torch_dtype_name(self.dtype).to_string()),
-            attention_bias: self.architecture.family().qkv_bias,
-            sliding_window: None,
-            bos_token_id: None,
-            eos_token_id: builtin_special_id(IM_END),
-        })
+        // A config.json as a user's checkpoint would have it, read by the
+        // same parser, so `init` gets each family's defaults (windows, rope
+        // layers) exactly as a downloaded model of that family would.
+        let family = self.architecture.family();
+        let mut config = json!({
+            "model_type": family.model_type,
+            "architectures": [family.hf_class],
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": head_dim,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": 2048,
+            "torch_dtype": torch_dtype_name(self.dtype),
+            "eos_token_id": builtin_special_id(IM_END),
+        });
+        if family.gemma_attention {
+            let obj = config.as_object_mut().expect("object");
+            obj.insert("query_pre_attn_scalar".into(), json!(head_dim));
+            if self.architecture == Architecture::Gemma2 {
+                obj.insert("attn_logit_softcapping".into(), json!(50.0));
+                obj.insert("final_logit_softcapping".into(), json!(30.0));
+            }
+        }
+        ModelConfig::from_json(&config, Path::new("init"))
     }
 }
 
@@ -140,12 +150,9 @@ pub fn random_weights(
         false,
     )];
     for i in 0..config.num_hidden_layers {
-        shapes.push((names::input_layernorm(i), vec![config.hidden_size], true));
-        shapes.push((
-            names::post_attention_layernorm(i),
-            vec![config.hidden_size],
-            true,
-        ));
+        for (name, size) in config.layer_norms(i) {
+            shapes.push((name, vec![size], true));
+        }
         for (proj, _) in names::PROJECTIONS {
             let (o, inp) = config.projection_shape(proj).expect("known projection");
             let module = names::projection(i, proj);
@@ -163,6 +170,12 @@ pub fn random_weights(
             false,
         ));
     }
+    // Gemma's norms scale by 1 + w: the same spread around 1.
+    let norm_center = if config.architecture.family().norm_plus_one {
+        0.0
+    } else {
+        1.0
+    };
     let mut out = Vec::with_capacity(shapes.len());
     for (name, shape, is_norm) in shapes {
         let mut rng = SplitMix64::for_stream(seed, &name);
@@ -173,7 +186,7 @@ pub fn random_weights(
             0.02
         };
         let values: Vec<f32> = (0..n)
-            .map(|_| if is_norm { 1.0 + 0.1 * rng.normal() } else { std * rng.normal() } as f32)
+            .map(|_| if is_norm { norm_center + 0.1 * rng.normal() } else { std * rng.normal() } as f32)
             .collect();
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?;
         out.push((name, t));

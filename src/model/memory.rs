@@ -23,6 +23,7 @@
 //! Checked against measured peak RSS on a Qwen2-0.5B shape (README,
 //! `scripts/bench-memory.sh`).
 
+use crate::model::family::Activation;
 use candle_core::DType;
 
 use crate::model::config::ModelConfig;
@@ -98,10 +99,28 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
     // Elements kept per token and layer by the fused CPU ops; dropout masks
     // are per targeted module, summed over all layers already.
     let fused_layer = (5 * h + 3 * q + 3 * kv + 3 * f) * dt;
+    // What the families' compositions add on the fused path: Gemma 2's
+    // soft-capped attention keeps its f32 scores, their tanh and the
+    // probabilities over each row's keys; GeGLU keeps gelu(gate) and the
+    // product; a soft-capped head keeps three more f32 logit tensors.
+    let family = c.architecture.family();
+    let softcapped = match c.attn_logit_softcapping {
+        Some(_) => 12 * c.num_attention_heads as u64 * s.seq_len as u64,
+        None => 0,
+    };
+    let geglu = match family.activation {
+        Activation::GeluTanh => 2 * f * dt,
+        Activation::Silu => 0,
+    };
+    let capped_head = if c.final_logit_softcapping.is_some() {
+        12 * vocab
+    } else {
+        0
+    };
     let masks = if s.dropout { masks * dt } else { 0 };
     let (per_layer, recompute, head) = if s.fused {
         // Logits in f32 for the fused log-softmax.
-        (fused_layer, 2, 4 * vocab)
+        (fused_layer + softcapped + geglu, 2, 4 * vocab + capped_head)
     } else {
         // candle's compositions keep every intermediate (2.5 times the fused
         // ops' activations, measured) and the attention's scores and
@@ -115,7 +134,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         (
             fused_layer * 5 / 2 + attention,
             3,
-            (upcast + log_softmax) * vocab,
+            (upcast + log_softmax) * vocab + capped_head,
         )
     };
     let activations = if s.checkpointing {

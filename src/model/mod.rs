@@ -32,6 +32,7 @@ pub mod layers;
 pub mod memory;
 pub mod merge;
 pub mod mode;
+pub mod rope;
 
 pub use config::{linear_module_names, Architecture, ModelConfig};
 pub use decoder::{Decoder, Input, LoadOptions, Rows};

@@ -60,7 +60,7 @@ fn qwen2_reference_logits(dir: &Path, ids: &[u32]) -> Tensor {
         sliding_window: 4096,
         max_window_layers: 0,
         tie_word_embeddings: ours.tie_word_embeddings,
-        rope_theta: ours.rope_theta,
+        rope_theta: ours.layers[0].rope.as_ref().expect("rope").theta,
         rms_norm_eps: ours.rms_norm_eps,
         use_sliding_window: false,
         hidden_act: candle_nn::Activation::Silu,

@@ -127,8 +127,8 @@ fn fused_attention_matches_the_composition_with_gradients() {
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
             for c in cases() {
                 let x = inputs(&c, dtype);
-                let fast = run(attention, &x);
-                let slow = run(attention_slow, &x);
+                let fast = run(|q, k, v, m| attention(q, k, v, m, None), &x);
+                let slow = run(|q, k, v, m| attention_slow(q, k, v, m, None), &x);
                 for (what, (f, s)) in ["output", "dq", "dk", "dv"]
                     .iter()
                     .zip(fast.iter().zip(&slow))
@@ -143,7 +143,7 @@ fn fused_attention_matches_the_composition_with_gradients() {
 
 /// sum(attention(q, k, v) ∘ weights) in f64.
 fn objective(x: &Inputs, q: &Tensor, k: &Tensor) -> f64 {
-    attention(q, k, x.v.as_tensor(), &x.mask)
+    attention(q, k, x.v.as_tensor(), &x.mask, None)
         .unwrap()
         .mul(&x.weights)
         .unwrap()
@@ -182,7 +182,7 @@ fn fused_attention_gradients_match_finite_differences_at_the_causal_edge() {
             .repeat((1, c.kv_heads, c.rep, c.hd))
             .unwrap();
         x.weights = x.weights.mul(&sees_a_key).unwrap();
-        let [_, dq, dk, _] = run(attention, &x);
+        let [_, dq, dk, _] = run(|q, k, v, m| attention(q, k, v, m, None), &x);
         let (t, hd) = (c.real[0].len(), c.hd);
         let dq = dq.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let dk = dk.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -228,7 +228,7 @@ fn fused_attention_is_bitwise_the_same_on_one_thread_and_on_two() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| run(attention, &x))
+            pool.install(|| run(|q, k, v, m| attention(q, k, v, m, None), &x))
                 .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         };
         assert_eq!(on(1), on(2));

@@ -127,7 +127,7 @@ fn cached_forward_matches_full_forward_mistral_sliding_window() {
     let dir = init_dir_amplified("gen-cache-mistral", &s);
     set_sliding_window(&dir, 3);
     let model = load(&dir);
-    assert_eq!(model.config.sliding_window, Some(3));
+    assert!(model.config.layers.iter().all(|l| l.window == Some(3)));
     let prompts = vec![
         random_ids(1, 5, 128, 6).remove(0),
         random_ids(1, 1, 128, 7).remove(0),

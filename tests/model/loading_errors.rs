@@ -138,11 +138,14 @@ fn config_parsing_per_family() {
         "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "sliding_window": 4096});
     let c = ModelConfig::from_json(&mistral, p).unwrap();
     assert_eq!(
-        (c.architecture, c.attention_bias, c.sliding_window),
+        (c.architecture, c.attention_bias, c.layers[1].window),
         (Architecture::Mistral, false, Some(4096))
     );
     let yarn = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}});
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "rope_scaling": {"rope_type": "mrope", "factor": 4.0}});
     let msg = ModelConfig::from_json(&yarn, p).unwrap_err().to_string();
-    assert!(msg.contains("yarn"), "{msg}");
+    assert!(
+        msg.contains("rope_scaling.rope_type") && msg.contains("mrope"),
+        "{msg}"
+    );
 }

@@ -3,6 +3,7 @@
 //! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
 
 mod checkpointing;
+mod families;
 mod forward_reference;
 mod fused_attention;
 mod fused_linear;

@@ -12,10 +12,14 @@ use lora_runner::model::memory::{estimate, StepShape};
 
 fn held_bytes(model: &Decoder) -> u64 {
     let dense = |t: &candle_core::Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-    let mut bytes = dense(&model.embed_tokens) + dense(&model.norm);
+    let mut bytes = dense(&model.embed_tokens) + dense(&model.norm.weight);
     bytes += model.lm_head.as_ref().map_or(0, dense);
-    for layer in &model.layers {
-        bytes += dense(&layer.input_layernorm) + dense(&layer.post_attention_layernorm);
+    for (i, layer) in model.layers.iter().enumerate() {
+        bytes += layer
+            .norms(i)
+            .iter()
+            .map(|(_, n)| dense(&n.weight))
+            .sum::<u64>();
         for l in layer.linears() {
             bytes += l.weight.bytes() as u64 + l.bias.as_ref().map_or(0, dense);
         }

@@ -69,6 +69,21 @@ pub fn post_attention_layernorm(i: usize) -> String {
     format!("{}.post_attention_layernorm.weight", layer(i))
 }
 
+/// Gemma's norm in front of the MLP.
+pub fn pre_feedforward_layernorm(i: usize) -> String {
+    format!("{}.pre_feedforward_layernorm.weight", layer(i))
+}
+
+/// Gemma's and OLMo 2's norm on the MLP's output.
+pub fn post_feedforward_layernorm(i: usize) -> String {
+    format!("{}.post_feedforward_layernorm.weight", layer(i))
+}
+
+/// The RMSNorm on the query (`which` = 'q') or key ('k') projection.
+pub fn qk_norm(i: usize, which: char) -> String {
+    format!("{}.self_attn.{which}_norm.weight", layer(i))
+}
+
 /// `{module}.weight`.
 pub fn weight(module: &str) -> String {
     format!("{module}.weight")

@@ -520,37 +520,44 @@ impl CustomOp3 for FusedAttention {
 
 /// softmax(q·kᵀ + mask)·v for q [B, G, R, hd] (already scaled; the R rows
 /// of each KV head are its query heads' t tokens, stacked), k and v
-/// [B, G, T, hd], and a mask [B, t, T] shared by the heads.
-/// Fused on the CPU for f32 and f64; elsewhere [`attention_slow`].
+/// [B, G, T, hd], and a mask [B, t, T] shared by the heads. With `softcap`
+/// (Gemma 2), the scores are cap·tanh(q·kᵀ / cap) before the mask.
+/// Fused on the CPU for f32 and f64 without a soft-cap; otherwise
+/// [`attention_slow`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
+    softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
-    if fused_for(q.device(), q.dtype()) {
+    if softcap.is_none() && fused_for(q.device(), q.dtype()) {
         let op = FusedAttention { mask: mask.clone() };
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
-        attention_slow(q, k, v, mask)
+        attention_slow(q, k, v, mask, softcap)
     }
 }
 
-/// The composition: scores in f32 (f64 for f64 models), the model's masked
-/// softmax, probabilities cast back, times v.
+/// The composition: scores in f32 (f64 for f64 models), soft-capped when
+/// asked, the model's masked softmax, probabilities cast back, times v.
 pub fn attention_slow(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: &AttentionMask,
+    softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
     let softmax_dtype = if q.dtype() == DType::F64 {
         DType::F64
     } else {
         DType::F32
     };
-    let scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
+    let mut scores = q.matmul(&k.t()?)?.to_dtype(softmax_dtype)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
     let probs = masked_softmax(&scores, &mask.dense)?.to_dtype(q.dtype())?;
     probs.matmul(v)
 }

@@ -1,48 +1,51 @@
-//! Grouped-query self-attention with an explicit head_dim: rope (with
-//! Llama-3 scaling), a causal + padding (+ sliding window) mask, softmax in
-//! f32, and optional cached keys/values from earlier tokens, so training and
-//! KV-cache generation run the same code.
+//! Grouped-query self-attention with an explicit head_dim: an optional
+//! RMSNorm on queries and keys, rope (any of `rope`'s types, or none), a
+//! causal + padding (+ sliding window) mask, an optional soft-cap, softmax
+//! in f32, and optional cached keys/values from earlier tokens, so training
+//! and KV-cache generation run the same code.
 
 use crate::model::config::ModelConfig;
 use crate::model::error::Result;
+use crate::model::family::QkNorm;
+use crate::model::formats::names;
 use crate::model::formats::weights::WeightLoader;
 use crate::model::kernels::fused_attention::{attention, AttentionMask};
 use crate::model::kernels::ops::{merge_heads, split_heads, Heads, Rotary};
 use crate::model::layers::linear::Linear;
+use crate::model::layers::norm::Norm;
 use crate::model::mode::Mode;
+use crate::model::rope::RopeTable;
 use candle_core::{Device, Tensor};
 
 /// Additive mask value for disallowed attention; finite so a fully masked
 /// (padding) row never produces NaN.
 const MASKED: f32 = -1e30;
 
-/// Rope inverse frequencies, with Llama-3 scaling when configured
-/// (same piecewise rule as transformers' `_compute_llama3_parameters`).
-pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f64> {
-    let d = config.head_dim;
-    let base: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64))
-        .collect();
-    let Some(s) = &config.rope_scaling else {
-        return base;
-    };
-    let old = s.original_max_position_embeddings as f64;
-    let low_wavelen = old / s.low_freq_factor;
-    let high_wavelen = old / s.high_freq_factor;
-    base.into_iter()
-        .map(|f| {
-            let wavelen = 2.0 * std::f64::consts::PI / f;
-            if wavelen < high_wavelen {
-                f
-            } else if wavelen > low_wavelen {
-                f / s.factor
-            } else {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                (1.0 - smooth) * f / s.factor + smooth * f
-            }
-        })
-        .collect()
+/// cos and sin of `positions` (each row's list) at the table's
+/// frequencies, times its attention factor, as [B, t, head_dim / 2] f32.
+/// In f32 throughout, as transformers computes them whatever the model's
+/// dtype: the angles a checkpoint was trained with.
+fn rotary(table: &RopeTable, positions: &[Vec<f64>], device: &Device) -> Result<Rotary> {
+    let (b, t, half) = (
+        positions.len(),
+        positions.first().map_or(0, Vec::len),
+        table.inv_freq.len(),
+    );
+    let inv_freq: Vec<f32> = table.inv_freq.iter().map(|&f| f as f32).collect();
+    let factor = table.attention_factor as f32;
+    let mut cos = Vec::with_capacity(b * t * half);
+    let mut sin = Vec::with_capacity(b * t * half);
+    for &pos in positions.iter().flatten() {
+        for f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos() * factor);
+            sin.push(angle.sin() * factor);
+        }
+    }
+    Ok(Rotary {
+        cos: Tensor::from_vec(cos, (b, t, half), device)?,
+        sin: Tensor::from_vec(sin, (b, t, half), device)?,
+    })
 }
 
 /// Keys and values of one layer (keys after rope):
@@ -57,8 +60,8 @@ pub struct LayerKv {
 /// the new tokens of each row.
 #[derive(Clone, Debug)]
 pub struct AttentionContext {
-    /// Rope angles [B, t, head_dim / 2] in f32.
-    rotary: Rotary,
+    /// Rope angles [B, t, head_dim / 2] in f32; None for a layer without rope.
+    rotary: Option<Rotary>,
     /// [B, t, past + t] (shared by all heads and layers).
     mask: AttentionMask,
 }
@@ -70,7 +73,7 @@ impl AttentionContext {
     /// unpadded form; the mask is causal in padded index space, hides
     /// padding and applies the sliding window.
     pub fn new(
-        inv_freq: &[f64],
+        rope: Option<&RopeTable>,
         sliding_window: Option<usize>,
         real: &[Vec<bool>],
         past: usize,
@@ -79,27 +82,24 @@ impl AttentionContext {
         let b = real.len();
         let total = real.first().map_or(0, Vec::len);
         let t = total - past;
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(b * t * half);
-        let mut sin = Vec::with_capacity(b * t * half);
-        for row in real {
-            let mut seen = row[..past].iter().filter(|&&x| x).count();
-            for &is_real in &row[past..] {
-                let pos = if is_real {
-                    seen as f64
-                } else {
-                    seen.saturating_sub(1) as f64
-                };
-                if is_real {
-                    seen += 1;
-                }
-                for f in inv_freq {
-                    let angle = pos * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-        }
+        let positions: Vec<Vec<f64>> = real
+            .iter()
+            .map(|row| {
+                let mut seen = row[..past].iter().filter(|&&x| x).count();
+                row[past..]
+                    .iter()
+                    .map(|&is_real| {
+                        let pos = if is_real {
+                            seen
+                        } else {
+                            seen.saturating_sub(1)
+                        };
+                        seen += usize::from(is_real);
+                        pos as f64
+                    })
+                    .collect()
+            })
+            .collect();
         let mut mask = Vec::with_capacity(b * t * total);
         for row in real {
             for query in past..total {
@@ -111,10 +111,7 @@ impl AttentionContext {
             }
         }
         Ok(AttentionContext {
-            rotary: Rotary {
-                cos: Tensor::from_vec(cos, (b, t, half), device)?,
-                sin: Tensor::from_vec(sin, (b, t, half), device)?,
-            },
+            rotary: rope.map(|r| rotary(r, &positions, device)).transpose()?,
             mask: AttentionMask::from_vec(mask, (b, t, total), device)?,
         })
     }
@@ -124,24 +121,18 @@ impl AttentionContext {
     /// its own sequence's start and it sees only earlier tokens of that
     /// sequence, so every sequence is computed as it would be alone.
     pub fn packed(
-        inv_freq: &[f64],
+        rope: Option<&RopeTable>,
         sliding_window: Option<usize>,
         lengths: &[usize],
         device: &Device,
     ) -> Result<Self> {
         let total: usize = lengths.iter().sum();
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(total * half);
-        let mut sin = Vec::with_capacity(total * half);
+        let mut positions = Vec::with_capacity(total);
         let mut mask = vec![MASKED; total * total];
         let mut start = 0;
         for &len in lengths {
             for pos in 0..len {
-                for f in inv_freq {
-                    let angle = pos as f64 * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
+                positions.push(pos as f64);
                 let query = start + pos;
                 let first =
                     start + pos.saturating_sub(sliding_window.map_or(pos, |w| w.saturating_sub(1)));
@@ -150,10 +141,7 @@ impl AttentionContext {
             start += len;
         }
         Ok(AttentionContext {
-            rotary: Rotary {
-                cos: Tensor::from_vec(cos, (1, total, half), device)?,
-                sin: Tensor::from_vec(sin, (1, total, half), device)?,
-            },
+            rotary: rope.map(|r| rotary(r, &[positions], device)).transpose()?,
             mask: AttentionMask::from_vec(mask, (1, total, total), device)?,
         })
     }
@@ -173,13 +161,17 @@ pub struct QuerySelection {
 impl QuerySelection {
     pub fn new(ctx: &AttentionContext, rows: &[usize]) -> Result<Self> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::from_vec(idx, rows.len(), ctx.rotary.cos.device())?;
+        let idx = Tensor::from_vec(idx, rows.len(), ctx.mask.dense().device())?;
+        let rotary = match &ctx.rotary {
+            Some(r) => Some(Rotary {
+                cos: r.cos.index_select(&idx, 1)?,
+                sin: r.sin.index_select(&idx, 1)?,
+            }),
+            None => None,
+        };
         let selected = AttentionContext {
             mask: ctx.mask.select_queries(rows, &idx)?,
-            rotary: Rotary {
-                cos: ctx.rotary.cos.index_select(&idx, 1)?,
-                sin: ctx.rotary.sin.index_select(&idx, 1)?,
-            },
+            rotary,
         };
         Ok(QuerySelection {
             rows: idx,
@@ -194,22 +186,73 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// RMSNorms on the query and key projections (Qwen3, Gemma 3, OLMo 2).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    qk_norm: QkNorm,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    scale: f64,
+    softcap: Option<f64>,
 }
 
 impl Attention {
     pub fn load(w: &WeightLoader, c: &ModelConfig, layer: usize) -> Result<Self> {
+        let family = c.architecture.family();
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let qk_norm = match family.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
+            QkNorm::Whole => Some((q, kv)),
+        };
         Ok(Attention {
             q_proj: Linear::load(w, c, layer, "q_proj")?,
             k_proj: Linear::load(w, c, layer, "k_proj")?,
             v_proj: Linear::load(w, c, layer, "v_proj")?,
             o_proj: Linear::load(w, c, layer, "o_proj")?,
+            q_norm: qk_norm
+                .map(|(q, _)| Norm::load(w, c, &names::qk_norm(layer, 'q'), q))
+                .transpose()?,
+            k_norm: qk_norm
+                .map(|(_, k)| Norm::load(w, c, &names::qk_norm(layer, 'k'), k))
+                .transpose()?,
+            qk_norm: family.qk_norm,
             num_heads: c.num_attention_heads,
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            scale: c.attention_scale(),
+            softcap: c.attn_logit_softcapping,
         })
+    }
+
+    /// The q/k norms by HF tensor name, for saving.
+    pub fn norms(&self, layer: usize) -> Vec<(String, &Norm)> {
+        let named = [('q', &self.q_norm), ('k', &self.k_norm)];
+        named
+            .into_iter()
+            .filter_map(|(which, n)| n.as_ref().map(|n| (names::qk_norm(layer, which), n)))
+            .collect()
+    }
+
+    /// The q/k norm over `proj` [B, t, heads·head_dim]: per head or whole.
+    fn normed(&self, norm: Option<&Norm>, proj: Tensor, heads: usize) -> Result<Tensor> {
+        let Some(norm) = norm else {
+            return Ok(proj);
+        };
+        match self.qk_norm {
+            QkNorm::PerHead => {
+                let (b, t, _) = proj.dims3()?;
+                let per_head = proj.reshape((b, t, heads, self.head_dim))?;
+                Ok(norm
+                    .forward(&per_head)?
+                    .reshape((b, t, heads * self.head_dim))?)
+            }
+            QkNorm::Whole | QkNorm::None => norm.forward(&proj),
+        }
     }
 
     /// Attention of the tokens `x` [B, t, hidden] over the `past` keys and
@@ -242,11 +285,10 @@ impl Attention {
         };
         // Grouped-query attention without copying K/V: query heads sharing a
         // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
-        let scale = 1.0 / (hd as f64).sqrt();
-        let q_proj = self.q_proj.forward(&xq, mode)?;
-        let q = split_heads(&q_proj, query_heads, Some(&q_ctx.rotary), scale)?;
-        let k_proj = self.k_proj.forward(x, mode)?;
-        let k = split_heads(&k_proj, kv_heads, Some(&ctx.rotary), 1.0)?;
+        let q_proj = self.normed(self.q_norm.as_ref(), self.q_proj.forward(&xq, mode)?, nh)?;
+        let q = split_heads(&q_proj, query_heads, q_ctx.rotary.as_ref(), self.scale)?;
+        let k_proj = self.normed(self.k_norm.as_ref(), self.k_proj.forward(x, mode)?, nkv)?;
+        let k = split_heads(&k_proj, kv_heads, ctx.rotary.as_ref(), 1.0)?;
         let v = split_heads(&self.v_proj.forward(x, mode)?, kv_heads, None, 1.0)?;
         let (k, v) = match past {
             Some(p) => (
@@ -257,7 +299,8 @@ impl Attention {
         };
         // Softmax in f32 (as HF does), fused on the CPU: no [heads, t, T]
         // scores or probabilities are kept for backward.
-        let out = merge_heads(&attention(&q, &k, &v, &q_ctx.mask)?, query_heads)?;
+        let out = attention(&q, &k, &v, &q_ctx.mask, self.softcap)?;
+        let out = merge_heads(&out, query_heads)?;
         let out = self.o_proj.forward(&out, mode)?;
         Ok((out, LayerKv { keys: k, values: v }))
     }

@@ -1,7 +1,10 @@
-//! The SwiGLU MLP of a decoder layer: down(silu(gate(x)) * up(x)).
+//! The gated MLP of a decoder layer: down(act(gate(x)) * up(x)), with
+//! SiLU (SwiGLU, fused on the CPU) or tanh-GELU (Gemma's GeGLU, candle's
+//! differentiable ops).
 
 use crate::model::config::ModelConfig;
 use crate::model::error::Result;
+use crate::model::family::Activation;
 use crate::model::formats::weights::WeightLoader;
 use crate::model::kernels::ops::swiglu;
 use crate::model::layers::linear::Linear;
@@ -13,6 +16,7 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -21,12 +25,18 @@ impl Mlp {
             gate_proj: Linear::load(w, c, layer, "gate_proj")?,
             up_proj: Linear::load(w, c, layer, "up_proj")?,
             down_proj: Linear::load(w, c, layer, "down_proj")?,
+            activation: c.architecture.family().activation,
         })
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, mode)?;
         let up = self.up_proj.forward(x, mode)?;
-        self.down_proj.forward(&swiglu(&gate, &up)?, mode)
+        let gated = match self.activation {
+            Activation::Silu => swiglu(&gate, &up)?,
+            // candle's `gelu` is the tanh approximation ("gelu_pytorch_tanh").
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
+        self.down_proj.forward(&gated, mode)
     }
 }

@@ -7,3 +7,4 @@ pub mod layer;
 pub mod linear;
 pub mod lora;
 pub mod mlp;
+pub mod norm;
