@@ -555,7 +555,11 @@ impl ModelConfig {
             attn_cap = r.f64("attn_logit_softcapping")?;
             final_cap = r.f64("final_logit_softcapping")?;
             let values = [query_pre_attn_scalar, attn_cap, final_cap];
-            if let Some(c) = values.into_iter().flatten().find(|c| c.is_nan() || *c <= 0.0) {
+            if let Some(c) = values
+                .into_iter()
+                .flatten()
+                .find(|c| c.is_nan() || *c <= 0.0)
+            {
                 return Err(r.error(format!(
                     "query_pre_attn_scalar and the soft-caps must be positive, got {c}"
                 )));

@@ -1,9 +1,10 @@
 //! The model side of lora-runner: a trainable decoder for the Llama,
-//! Mistral and Qwen2 families with LoRA, and what reads, writes, builds and
-//! sizes it. A library: it takes paths and plain values.
+//! Mistral, Qwen2/3, Gemma 2/3, OLMo 2 and SmolLM3 families with LoRA, and
+//! what reads, writes, builds and sizes it. A library: it takes paths and plain values.
 //!
 //! - `family` declares what differs between model families; `config` reads
-//!   an HF config.json into one `ModelConfig`.
+//!   an HF config.json into one `ModelConfig` as transformers reads it;
+//!   `rope` computes each rope type's frequencies.
 //! - `decoder::Decoder` is the model: `Decoder::load` reads an HF folder,
 //!   `apply_lora` or `formats::peft::load_adapter` attach adapters,
 //!   `forward` runs a padded or packed batch (`Input`) in a `Mode` at the

@@ -242,12 +242,14 @@ impl Rope {
                     original_max_position_embeddings: original,
                 }
             }
-            other => return Err(error(
-                "rope_type",
-                format!(
+            other => {
+                return Err(error(
+                    "rope_type",
+                    format!(
                     "{other:?} is not supported (default, linear, dynamic, llama3, yarn, longrope)"
                 ),
-            )),
+                ))
+            }
         };
         Ok(Rope { theta, scaling })
     }

@@ -9,6 +9,7 @@ mod data_cache_batch;
 mod data_errors;
 mod data_tokenize;
 mod dpo_gradient;
+mod families;
 mod preference_loss;
 mod quantized;
 mod reference;
