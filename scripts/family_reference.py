@@ -82,7 +82,15 @@ FAMILIES = {
     "olmo2": (transformers.Olmo2Config, dict(tie_word_embeddings=False)),
     # SmolLM3: layer 1 without rope.
     "smollm3": (transformers.SmolLM3Config, dict(no_rope_layers=[1, 0], tie_word_embeddings=True)),
+    # Phi-3: fused qkv_proj and gate_up_proj; LongRoPE with both rows past the
+    # original context (long factors), a window of 5.
+    "phi3": (transformers.Phi3Config, dict(
+        sliding_window=5, tie_word_embeddings=False, original_max_position_embeddings=4,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                             short_factor=[1.0 + 0.05 * i for i in range(4)],
+                             long_factor=[1.5 + 0.5 * i for i in range(4)]))),
 }
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def perturb(model, gen):
@@ -130,7 +138,8 @@ def family(name, config_class, extra, root, seed):
     # PEFT LoRA with both matrices random (B = 0 would give A no gradient),
     # saved in f32, then its loss and gradients in f64.
     model = model.to(torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+    targets = FUSED_TARGETS if name == "phi3" else TARGETS
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                       init_lora_weights=False)
     torch.manual_seed(seed + 1)
     peft_model = get_peft_model(model, lora)

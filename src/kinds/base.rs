@@ -22,7 +22,7 @@ pub struct Base;
 #[serde(deny_unknown_fields)]
 pub struct InitSpec {
     /// Architecture family: "llama", "mistral", "qwen2", "qwen3", "gemma2",
-    /// "gemma3", "olmo2" or "smollm3".
+    /// "gemma3", "olmo2", "smollm3" or "phi3".
     #[serde(default = "default_arch")]
     pub arch: Sp<Arch>,
     pub hidden: Sp<u32>,
@@ -64,6 +64,7 @@ pub enum Arch {
     Olmo2,
     #[serde(rename = "smollm3")]
     SmolLM3,
+    Phi3,
 }
 
 impl InitSpec {
@@ -80,6 +81,7 @@ impl InitSpec {
                 Arch::Gemma3 => Architecture::Gemma3,
                 Arch::Olmo2 => Architecture::Olmo2,
                 Arch::SmolLM3 => Architecture::SmolLM3,
+                Arch::Phi3 => Architecture::Phi3,
             },
             hidden_size: self.hidden.value as usize,
             num_hidden_layers: self.layers.value as usize,

@@ -338,6 +338,8 @@ fn layer_attention(
     // fills in a dict without one; a nested (per layer type) dict gets
     // `rope_scaling` merged into its full-attention entry.
     let (parameters, scaling) = (r.get("rope_parameters"), r.get("rope_scaling"));
+    // Inert without a scaled rope; `flat_rope_dict` applies it otherwise.
+    r.usize("original_max_position_embeddings")?;
     let nested = parameters.filter(|p| p.get(FULL).is_some() || p.get(SLIDING).is_some());
     let (global, local) = match (nested, scaling.or(parameters)) {
         (Some(p), _) => {
@@ -376,7 +378,8 @@ fn layer_attention(
             } else {
                 "rope_parameters"
             };
-            let rope = r.rope(key, dict, theta, max_positions)?;
+            let dict = flat_rope_dict(r, family, dict)?;
+            let rope = r.rope(key, &dict, theta, max_positions)?;
             (rope.clone(), local_rope(local_theta, rope))
         }
         (None, None) => {
@@ -396,6 +399,36 @@ fn layer_attention(
             }),
         })
         .collect())
+}
+
+/// A one-rope dict as transformers standardizes it: a top-level
+/// `original_max_position_embeddings` wins for the scaled types (Phi-3
+/// keeps it there), and Phi-3 reads "su" and "yarn" as LongRoPE.
+fn flat_rope_dict(r: &Reader, family: &Family, dict: &Value) -> Result<Value> {
+    let mut dict = dict.clone();
+    let original = r.usize("original_max_position_embeddings")?;
+    if let Some(map) = dict.as_object_mut() {
+        let kind_key = if map.contains_key("rope_type") {
+            "rope_type"
+        } else {
+            "type"
+        };
+        let kind = map
+            .get(kind_key)
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if family.phi3_rope && (kind == "su" || kind == "yarn") {
+            map.insert(kind_key.into(), json!("longrope"));
+        }
+        let kind = map
+            .get(kind_key)
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if let (Some(o), true) = (original, matches!(kind, "llama3" | "yarn" | "longrope")) {
+            map.insert("original_max_position_embeddings".into(), json!(o));
+        }
+    }
+    Ok(dict)
 }
 
 /// Gemma 3's local:global pattern: `sliding_window_pattern` in older
@@ -757,6 +790,11 @@ impl ModelConfig {
         }
     }
 
+    /// The family's projections in checkpoint order (names and groups).
+    pub fn projections(&self) -> &'static [(&'static str, Group)] {
+        names::projections(self.architecture.family().fused_projections)
+    }
+
     /// (out_features, in_features) of one projection.
     pub fn projection_shape(&self, projection: &str) -> Option<(usize, usize)> {
         let h = self.hidden_size;
@@ -768,6 +806,8 @@ impl ModelConfig {
             "k_proj" | "v_proj" => (kv, h),
             "o_proj" => (h, q),
             "gate_proj" | "up_proj" => (f, h),
+            "qkv_proj" => (q + 2 * kv, h),
+            "gate_up_proj" => (2 * f, h),
             "down_proj" => (h, f),
             _ => return None,
         })
@@ -777,5 +817,8 @@ impl ModelConfig {
 /// Full PEFT-style names of every linear module LoRA may target, e.g.
 /// `model.layers.0.self_attn.q_proj` ... `model.layers.N.mlp.down_proj`.
 pub fn linear_module_names(config: &ModelConfig) -> Vec<String> {
-    names::all_projections(config.num_hidden_layers)
+    names::all_projections(
+        config.num_hidden_layers,
+        config.architecture.family().fused_projections,
+    )
 }

@@ -18,6 +18,8 @@ pub enum Architecture {
     Gemma3,
     Olmo2,
     SmolLM3,
+    /// Phi-3, Phi-3.5 and Phi-4 (model_type "phi3").
+    Phi3,
 }
 
 /// Which layers attend through a sliding window when config.json does not
@@ -113,6 +115,11 @@ pub struct Family {
     pub default_local_theta: Option<f64>,
     /// SmolLM3: `no_rope_layers` marks the layers without rope.
     pub no_rope_layers: bool,
+    /// Phi-3: one `qkv_proj` and one `gate_up_proj` (`names::FUSED_PROJECTIONS`).
+    pub fused_projections: bool,
+    /// Phi-3: rope types "su" and "yarn" mean LongRoPE, and a top-level
+    /// `original_max_position_embeddings` wins over the rope dict's.
+    pub phi3_rope: bool,
 }
 
 const LLAMA: Family = Family {
@@ -133,6 +140,8 @@ const LLAMA: Family = Family {
     default_theta: 10_000.0,
     default_local_theta: None,
     no_rope_layers: false,
+    fused_projections: false,
+    phi3_rope: false,
 };
 
 const MISTRAL: Family = Family {
@@ -210,9 +219,20 @@ const SMOLLM3: Family = Family {
     ..LLAMA
 };
 
+const PHI3: Family = Family {
+    model_type: "phi3",
+    hf_class: "Phi3ForCausalLM",
+    states_attention_bias: false,
+    states_mlp_bias: false,
+    windows: DefaultWindows::WhenSet,
+    fused_projections: true,
+    phi3_rope: true,
+    ..LLAMA
+};
+
 /// Families people ask for that are refused, with the reason.
 const REFUSED: [(&str, &str); 14] = [
-    ("phi3", "Phi-3/Phi-4's fused qkv_proj and gate_up_proj are not supported yet"),
+    ("phimoe", "mixture-of-experts models are not supported"),
     ("gemma", "Gemma 1 is not supported (Gemma 2 and Gemma 3 are)"),
     ("gemma3", "this is Gemma 3's multimodal wrapper; point `path` at a text-only checkpoint (model_type \"gemma3_text\")"),
     ("gemma4", "Gemma 4 (per-layer-type head sizes, partial rotary) is not supported yet"),
@@ -229,7 +249,7 @@ const REFUSED: [(&str, &str); 14] = [
 ];
 
 impl Architecture {
-    pub const ALL: [Architecture; 8] = [
+    pub const ALL: [Architecture; 9] = [
         Architecture::Llama,
         Architecture::Mistral,
         Architecture::Qwen2,
@@ -238,6 +258,7 @@ impl Architecture {
         Architecture::Gemma3,
         Architecture::Olmo2,
         Architecture::SmolLM3,
+        Architecture::Phi3,
     ];
 
     pub fn family(self) -> &'static Family {
@@ -250,6 +271,7 @@ impl Architecture {
             Architecture::Gemma3 => &GEMMA3,
             Architecture::Olmo2 => &OLMO2,
             Architecture::SmolLM3 => &SMOLLM3,
+            Architecture::Phi3 => &PHI3,
         }
     }
 

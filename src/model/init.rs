@@ -153,7 +153,7 @@ pub fn random_weights(
         for (name, size) in config.layer_norms(i) {
             shapes.push((name, vec![size], true));
         }
-        for (proj, _) in names::PROJECTIONS {
+        for (proj, _) in config.projections() {
             let (o, inp) = config.projection_shape(proj).expect("known projection");
             let module = names::projection(i, proj);
             shapes.push((names::weight(&module), vec![o, inp], false));

@@ -72,7 +72,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
 
     let heads = if c.tie_word_embeddings { 1 } else { 2 };
     let mut weights = heads * vocab * h * dt + (2 * l + 1) * h * dt;
-    for (projection, _) in crate::model::formats::names::PROJECTIONS {
+    for (projection, _) in c.projections() {
         let (out, inp) = c.projection_shape(projection).expect("known projection");
         let bits = match s.quantization.and_then(|qz| qz.format_for(inp)) {
             Some(format) => Quantization::bits_per_weight(format),

@@ -17,7 +17,7 @@ use lora_runner::model::rope::Rope;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const FAMILIES: [&str; 9] = [
+const FAMILIES: [&str; 10] = [
     "llama3",
     "llama-yarn",
     "mistral",
@@ -27,6 +27,7 @@ const FAMILIES: [&str; 9] = [
     "gemma3",
     "olmo2",
     "smollm3",
+    "phi3",
 ];
 
 fn fixtures() -> PathBuf {
@@ -90,6 +91,24 @@ fn logits_every_way(model: &Decoder, rows: &[Vec<u32>]) -> Vec<(String, usize, T
             .forward(Input::padded(&ids, None), Rows::All, Mode::Inference)
             .unwrap();
         let logits = model.logits(&hidden).unwrap().squeeze(0).unwrap();
+        // Only some positions (the last layer computes those rows alone).
+        let at = [0, row.len() / 2, row.len() - 1];
+        let selected = model
+            .forward(Input::padded(&ids, None), Rows::At(&at), Mode::Inference)
+            .unwrap();
+        let selected = model.logits(&selected).unwrap().squeeze(0).unwrap();
+        for (k, &p) in at.iter().enumerate() {
+            let d = max_abs_diff(&selected.get(k).unwrap(), &logits.get(p).unwrap());
+            let tol = if model.dtype == DType::F64 {
+                1e-9
+            } else {
+                1e-4
+            };
+            assert!(
+                d < tol,
+                "row {i}: logits at position {p} alone differ by {d}"
+            );
+        }
         out.push(("alone".to_string(), i, logits));
     }
     let width = rows.iter().map(Vec::len).max().unwrap();
@@ -246,7 +265,7 @@ fn every_family_gives_peft_lora_loss_and_gradients_also_checkpointed() {
                 let params = model.lora_parameters();
                 assert_eq!(
                     params.len(),
-                    2 * 7 * 2,
+                    2 * model.config.projections().len() * 2,
                     "{family}: adapters on every projection"
                 );
                 for (name, var) in params {
@@ -408,7 +427,10 @@ fn keys_that_change_the_computation_are_never_ignored() {
             serde_json::json!({"model_type": "qwen2", "layer_types": ["full_attention", "chunked_attention"]}),
             "chunked_attention",
         ),
-        (serde_json::json!({"model_type": "phi3"}), "phi3"),
+        (
+            serde_json::json!({"model_type": "phimoe"}),
+            "mixture-of-experts",
+        ),
         (
             serde_json::json!({"model_type": "qwen3_moe"}),
             "mixture-of-experts",

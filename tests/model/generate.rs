@@ -478,6 +478,7 @@ fn cached_forward_matches_full_forward_for_every_family_checkpoint() {
         "gemma3",
         "olmo2",
         "smollm3",
+        "phi3",
     ] {
         let model = load(&root.join(family));
         let prompts = vec![

@@ -46,8 +46,8 @@ fn init_folder_loads_through_the_normal_loader() {
     let model = Decoder::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(model.config, cfg);
     assert_eq!(model.dtype, DType::BF16);
-    assert_eq!(model.layers[0].self_attn.q_proj.weight.dims(), (64, 32));
-    assert_eq!(model.layers[0].self_attn.k_proj.weight.dims(), (32, 32));
+    assert_eq!(model.layers[0].linears()[0].weight.dims(), (64, 32));
+    assert_eq!(model.layers[0].linears()[1].weight.dims(), (32, 32));
     let ids = ids_tensor(&random_ids(1, 5, 128, 1));
     let h = model
         .forward(Input::padded(&ids, None), Rows::All, Mode::Eval)

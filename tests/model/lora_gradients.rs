@@ -213,9 +213,7 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
         let mut lora = LoraConfig::new(4, 8.0, TargetModules::AllLinear);
         lora.dropout = 0.1;
         model.apply_lora(&lora, 2).unwrap();
-        let q_before = model.layers[0]
-            .self_attn
-            .q_proj
+        let q_before = model.layers[0].linears()[0]
             .weight
             .as_dense()
             .unwrap()
@@ -254,9 +252,7 @@ fn adamw_steps_on_lora_vars_reduce_the_loss() {
         }
         let last = loss_at(Mode::Eval).to_scalar::<f32>().unwrap();
         assert!(last < 0.5 * initial, "loss {initial} -> {last}");
-        let q_after = model.layers[0]
-            .self_attn
-            .q_proj
+        let q_after = model.layers[0].linears()[0]
             .weight
             .as_dense()
             .unwrap()

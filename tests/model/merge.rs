@@ -72,9 +72,7 @@ fn bf16_merge_error_measured_0_066_of_logits_up_to_3_8() {
     let with_adapter = logits(&model, &ids);
     let merged = merge_lora(&model).unwrap();
     assert_eq!(
-        merged.layers[0]
-            .self_attn
-            .q_proj
+        merged.layers[0].linears()[0]
             .weight
             .as_dense()
             .unwrap()

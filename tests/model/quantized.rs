@@ -160,10 +160,7 @@ fn lora_on_a_quantized_base_trains_like_on_its_dequantised_weights() {
         let mut quantized =
             Decoder::load_quantized(&dir, &f32_options(), Some(Quantization::Q4K)).unwrap();
         let layer = &quantized.layers[0];
-        assert_eq!(
-            layer.self_attn.q_proj.weight.format(),
-            Some(GgmlDType::Q5_0)
-        );
+        assert_eq!(layer.linears()[0].weight.format(), Some(GgmlDType::Q5_0));
         assert_eq!(layer.mlp.down_proj.weight.format(), Some(GgmlDType::Q4K));
         // The reference: the same weights, dequantised and held dense.
         let mut dense = Decoder::load(&dir, &f32_options()).unwrap();

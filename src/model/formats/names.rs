@@ -34,10 +34,29 @@ pub const PROJECTIONS: [(&str, Group); 7] = [
     ("down_proj", Group::Mlp),
 ];
 
+/// Phi-3's four: q, k and v in one `qkv_proj`, gate and up in one
+/// `gate_up_proj` (LoRA targets these fused modules, as PEFT names them).
+pub const FUSED_PROJECTIONS: [(&str, Group); 4] = [
+    ("qkv_proj", Group::Attention),
+    ("o_proj", Group::Attention),
+    ("gate_up_proj", Group::Mlp),
+    ("down_proj", Group::Mlp),
+];
+
+/// A family's projections in checkpoint order: fused (Phi-3) or the seven.
+pub fn projections(fused: bool) -> &'static [(&'static str, Group)] {
+    if fused {
+        &FUSED_PROJECTIONS
+    } else {
+        &PROJECTIONS
+    }
+}
+
 /// The group of a projection name; None for an unknown name.
 pub fn group_of(projection: &str) -> Option<Group> {
     PROJECTIONS
         .iter()
+        .chain(&FUSED_PROJECTIONS)
         .find(|(p, _)| *p == projection)
         .map(|&(_, g)| g)
 }
@@ -54,10 +73,15 @@ pub fn projection(i: usize, projection: &str) -> String {
     format!("{}.{}.{projection}", layer(i), group.module())
 }
 
-/// Every projection's module name, layer by layer, in `PROJECTIONS` order.
-pub fn all_projections(num_layers: usize) -> Vec<String> {
+/// Every projection's module name, layer by layer, in `projections(fused)`
+/// order.
+pub fn all_projections(num_layers: usize, fused: bool) -> Vec<String> {
     (0..num_layers)
-        .flat_map(|i| PROJECTIONS.iter().map(move |(p, _)| projection(i, p)))
+        .flat_map(|i| {
+            projections(fused)
+                .iter()
+                .map(move |(p, _)| projection(i, p))
+        })
         .collect()
 }
 

@@ -6,7 +6,7 @@
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
 use crate::model::formats::io::{read_json, write_json_atomic, write_safetensors_atomic};
-use crate::model::formats::names::PROJECTIONS;
+use crate::model::formats::names::Group;
 use crate::model::layers::lora::{
     peft_tensor_name, LoraAdapter, LoraConfig, PatternMap, TargetModules,
 };
@@ -148,10 +148,14 @@ fn number(x: f64) -> Value {
 
 /// The adapter_config.json PEFT needs to load this adapter. `all-linear` is
 /// written as the explicit list of projection names, as PEFT itself does.
-pub fn adapter_config_json(lora: &LoraConfig, base_model_name_or_path: &str) -> Value {
+pub fn adapter_config_json(
+    lora: &LoraConfig,
+    projections: &[(&str, Group)],
+    base_model_name_or_path: &str,
+) -> Value {
     let targets = match &lora.target_modules {
         TargetModules::AllLinear => {
-            let mut all: Vec<&str> = PROJECTIONS.iter().map(|(p, _)| *p).collect();
+            let mut all: Vec<&str> = projections.iter().map(|(p, _)| *p).collect();
             all.sort();
             json!(all)
         }
@@ -223,7 +227,7 @@ pub fn save_adapter(decoder: &Decoder, dir: &Path, base_model_name_or_path: &str
     write_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS_FILE), &adapter_tensors(decoder)?)?;
     write_json_atomic(
         &dir.join(ADAPTER_CONFIG_FILE),
-        &adapter_config_json(lora, base_model_name_or_path),
+        &adapter_config_json(lora, decoder.config.projections(), base_model_name_or_path),
     )
 }
 

@@ -15,7 +15,7 @@ use crate::model::layers::linear::Linear;
 use crate::model::layers::norm::Norm;
 use crate::model::mode::Mode;
 use crate::model::rope::RopeTable;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, D};
 
 /// Additive mask value for disallowed attention; finite so a fully masked
 /// (padding) row never produces NaN.
@@ -180,11 +180,23 @@ impl QuerySelection {
     }
 }
 
+/// The query, key and value projections: three, or Phi-3's one `qkv_proj`
+/// whose output is q, then k, then v.
+#[derive(Clone, Debug)]
+pub enum Qkv {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused {
+        qkv_proj: Linear,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: Qkv,
     pub o_proj: Linear,
     /// RMSNorms on the query and key projections (Qwen3, Gemma 3, OLMo 2).
     pub q_norm: Option<Norm>,
@@ -209,10 +221,18 @@ impl Attention {
             QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
             QkNorm::Whole => Some((q, kv)),
         };
+        let qkv = match family.fused_projections {
+            true => Qkv::Fused {
+                qkv_proj: Linear::load(w, c, layer, "qkv_proj")?,
+            },
+            false => Qkv::Separate {
+                q_proj: Linear::load(w, c, layer, "q_proj")?,
+                k_proj: Linear::load(w, c, layer, "k_proj")?,
+                v_proj: Linear::load(w, c, layer, "v_proj")?,
+            },
+        };
         Ok(Attention {
-            q_proj: Linear::load(w, c, layer, "q_proj")?,
-            k_proj: Linear::load(w, c, layer, "k_proj")?,
-            v_proj: Linear::load(w, c, layer, "v_proj")?,
+            qkv,
             o_proj: Linear::load(w, c, layer, "o_proj")?,
             q_norm: qk_norm
                 .map(|(q, _)| Norm::load(w, c, &names::qk_norm(layer, 'q'), q))
@@ -227,6 +247,70 @@ impl Attention {
             scale: c.attention_scale(),
             softcap: c.attn_logit_softcapping,
         })
+    }
+
+    /// The projections in the family's checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        match &self.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![q_proj, k_proj, v_proj, &self.o_proj],
+            Qkv::Fused { qkv_proj } => vec![qkv_proj, &self.o_proj],
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match &mut self.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                vec![q_proj, k_proj, v_proj, &mut self.o_proj]
+            }
+            Qkv::Fused { qkv_proj } => vec![qkv_proj, &mut self.o_proj],
+        }
+    }
+
+    /// The query projection at `xq`'s rows and the key and value
+    /// projections at `x`'s ([B, t, width] each); `rows` selects the
+    /// queries' rows of a fused projection computed on `x`.
+    fn project(
+        &self,
+        x: &Tensor,
+        xq: &Tensor,
+        rows: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => Ok((
+                q_proj.forward(xq, mode)?,
+                k_proj.forward(x, mode)?,
+                v_proj.forward(x, mode)?,
+            )),
+            Qkv::Fused { qkv_proj } => {
+                let all = qkv_proj.forward(x, mode)?;
+                let (q, kv) = (
+                    self.num_heads * self.head_dim,
+                    self.num_kv_heads * self.head_dim,
+                );
+                let mut query = all.narrow(D::Minus1, 0, q)?.contiguous()?;
+                if let Some(rows) = rows {
+                    query = query.index_select(rows, 1)?;
+                }
+                Ok((
+                    query,
+                    all.narrow(D::Minus1, q, kv)?.contiguous()?,
+                    all.narrow(D::Minus1, q + kv, kv)?.contiguous()?,
+                ))
+            }
+        }
     }
 
     /// The q/k norms by HF tensor name, for saving.
@@ -285,11 +369,12 @@ impl Attention {
         };
         // Grouped-query attention without copying K/V: query heads sharing a
         // KV head are stacked along the time axis ([B, nkv, rep*t, hd]).
-        let q_proj = self.normed(self.q_norm.as_ref(), self.q_proj.forward(&xq, mode)?, nh)?;
+        let (q_proj, k_proj, v_proj) = self.project(x, &xq, queries.map(|sel| &sel.rows), mode)?;
+        let q_proj = self.normed(self.q_norm.as_ref(), q_proj, nh)?;
         let q = split_heads(&q_proj, query_heads, q_ctx.rotary.as_ref(), self.scale)?;
-        let k_proj = self.normed(self.k_norm.as_ref(), self.k_proj.forward(x, mode)?, nkv)?;
+        let k_proj = self.normed(self.k_norm.as_ref(), k_proj, nkv)?;
         let k = split_heads(&k_proj, kv_heads, ctx.rotary.as_ref(), 1.0)?;
-        let v = split_heads(&self.v_proj.forward(x, mode)?, kv_heads, None, 1.0)?;
+        let v = split_heads(&v_proj, kv_heads, None, 1.0)?;
         let (k, v) = match past {
             Some(p) => (
                 Tensor::cat(&[&p.keys, &k], 2)?,

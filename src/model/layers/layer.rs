@@ -123,30 +123,17 @@ impl DecoderLayer {
         Ok((x, kv))
     }
 
-    /// The seven projections in `names::PROJECTIONS` order.
-    pub fn linears(&self) -> [&Linear; 7] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+    /// The projections in the family's checkpoint order
+    /// (`ModelConfig::projections`).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut all = self.self_attn.linears();
+        all.extend(self.mlp.linears());
+        all
     }
 
-    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut all = self.self_attn.linears_mut();
+        all.extend(self.mlp.linears_mut());
+        all
     }
 }

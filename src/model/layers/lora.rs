@@ -207,8 +207,10 @@ impl LoraConfig {
         }
         if out.is_empty() {
             return Err(ModelError::LoraConfig(format!(
-                "target_modules {:?} matches no linear module of this {} model (modules look like model.layers.0.self_attn.q_proj)",
-                self.target_modules, model.model_type
+                "target_modules {:?} matches no linear module of this {} model (its projections: {})",
+                self.target_modules,
+                model.model_type,
+                model.projections().iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
             )));
         }
         Ok(out)
