@@ -112,7 +112,10 @@ fn yes() -> Sp<bool> {
 #[derive(Clone, Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BaseParams {
-    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json), relative to the recipe.
+    /// A Hugging Face model folder (config.json, *.safetensors,
+    /// tokenizer.json) or a GGUF file (`….gguf`: architecture, tokenizer and
+    /// chat template from its metadata; quantized projections kept in its
+    /// own blocks), relative to the recipe.
     #[serde(default)]
     pub path: Option<Sp<String>>,
     /// Make a seeded random model of this shape instead of loading one.
@@ -130,6 +133,55 @@ pub struct BaseParams {
     #[serde(skip)]
     #[schemars(skip)]
     resolved: Option<PathBuf>,
+}
+
+/// Whether `path` names a GGUF file rather than a folder.
+fn is_gguf(path: &str) -> bool {
+    path.to_ascii_lowercase().ends_with(".gguf")
+}
+
+/// What `plan` checks of a GGUF: it opens, its architecture and metadata are
+/// ones this program computes, and its tokenizer can be built.
+fn check_gguf(path: &std::path::Path) -> Result<(), crate::model::ModelError> {
+    if !path.is_file() {
+        return Err(crate::model::ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no GGUF file here"),
+        ));
+    }
+    let model = crate::model::formats::gguf::GgufModel::open(path)?;
+    model.config()?;
+    model.tokenizer_json()?;
+    Ok(())
+}
+
+/// A GGUF base's artifact: the config.json and tokenizer files its metadata
+/// describes, beside the file itself (hard-linked where the cache shares its
+/// filesystem, copied otherwise), so that loading stages read a folder as
+/// for any other model.
+fn gguf_artifact(file: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    use crate::model::formats::gguf::{GgufModel, GGUF_FILE};
+    let model = GgufModel::open(file)?;
+    model.config()?;
+    for (name, value) in [
+        ("config.json", model.config_json()?),
+        ("tokenizer.json", model.tokenizer_json()?),
+        ("tokenizer_config.json", model.tokenizer_config_json()?),
+    ] {
+        fsutil::write_atomic(
+            &out.join(name),
+            serde_json::to_string_pretty(&value)?.as_bytes(),
+        )?;
+    }
+    let target = out.join(GGUF_FILE);
+    if std::fs::hard_link(file, &target).is_err() {
+        let partial = out.join(format!("{GGUF_FILE}.partial"));
+        std::fs::copy(file, &partial)
+            .map_err(|e| anyhow::anyhow!("copying {} into the cache: {e}", file.display()))?;
+        std::fs::File::open(&partial)?.sync_all()?;
+        std::fs::rename(&partial, &target)?;
+    }
+    Ok(())
 }
 
 impl BaseParams {
@@ -215,11 +267,12 @@ impl BaseParams {
             }));
         }
         let (written, folder) = (self.path.as_ref()?, self.resolved.as_ref()?);
-        Some(
-            ModelConfig::from_file(&folder.join("config.json")).map_err(|e| {
-                Problem::new(e.to_string()).at(written.span.clone(), "this model folder")
-            }),
-        )
+        let config = if is_gguf(&written.value) {
+            crate::model::formats::gguf::GgufModel::open(folder).and_then(|g| g.config())
+        } else {
+            ModelConfig::from_file(&folder.join("config.json"))
+        };
+        Some(config.map_err(|e| Problem::new(e.to_string()).at(written.span.clone(), "this model")))
     }
 }
 
@@ -257,7 +310,14 @@ impl Kind for Base {
         if let Some(init) = &p.init {
             init.check(&mut problems);
         }
-        if let Some(path) = &p.path {
+        if let Some(path) = p.path.as_ref().filter(|p| is_gguf(&p.value)) {
+            if let Err(e) = check_gguf(&ctx.resolve(path)) {
+                problems.push(
+                    Problem::new(format!("stage `{}`: {e}", ctx.stage))
+                        .at(path.span.clone(), "this model"),
+                );
+            }
+        } else if let Some(path) = &p.path {
             let folder = ctx.resolve(path);
             let config = folder.join("config.json");
             if !config.is_file() {
@@ -323,6 +383,7 @@ impl Kind for Base {
             .and_then(|q| q.value.quantization());
         super::inputs::write_quantization(&ctx.out_dir, quantize)?;
         match (&params.resolved, &params.init) {
+            (Some(file), _) if file.is_file() => gguf_artifact(file, &ctx.out_dir),
             (Some(folder), _) => {
                 // Referenced, not copied: the artifact records where the model is.
                 let source = serde_json::json!({ "path": folder.display().to_string() });

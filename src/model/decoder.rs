@@ -13,7 +13,7 @@ use crate::model::config::LayerAttention;
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::formats::names;
-use crate::model::formats::weights::{parse_torch_dtype, CheckpointFiles, WeightLoader};
+use crate::model::formats::weights::{parse_torch_dtype, WeightLoader, WeightSource};
 use crate::model::kernels::ops::frozen_matmul;
 use crate::model::kernels::quantized::Quantization;
 use crate::model::kernels::recompute::{
@@ -148,7 +148,7 @@ impl Decoder {
     ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
-        let files = CheckpointFiles::open(dir)?;
+        let files = WeightSource::open(dir)?;
         let dtype = opts
             .dtype
             .or_else(|| config.torch_dtype.as_deref().and_then(parse_torch_dtype))

@@ -8,6 +8,7 @@ mod forward_reference;
 mod fused_attention;
 mod fused_linear;
 mod generate;
+mod gguf;
 mod init_and_tokenizer;
 mod loading_errors;
 mod lora_gradients;

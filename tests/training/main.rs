@@ -12,6 +12,7 @@ mod dpo_gradient;
 mod families;
 mod preference_loss;
 mod quantized;
+mod real_model;
 mod reference;
 mod shards;
 mod slurm;

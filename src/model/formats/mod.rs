@@ -1,9 +1,10 @@
 //! What the model reads and writes on disk: HF checkpoints (`weights`, with
-//! the tensor `names`), PEFT adapters (`peft`), merged and adapter exports
+//! the tensor `names`), GGUF files (`gguf`), PEFT adapters (`peft`), merged and adapter exports
 //! (`export`), tokenizer files (`tokenizer`), and atomic JSON/safetensors
 //! writes (`io`).
 
 pub mod export;
+pub mod gguf;
 pub mod io;
 pub mod names;
 pub mod peft;

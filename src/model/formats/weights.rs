@@ -274,8 +274,56 @@ fn read_tensor(
 
 /// A checkpoint read at one dtype on one device (as candle-nn's VarBuilder):
 /// what each module's `load` takes.
+/// Where a model's weights are read from: safetensors files (a Hugging
+/// Face folder) or a GGUF file.
+pub enum WeightSource {
+    Safetensors(CheckpointFiles),
+    Gguf(crate::model::formats::gguf::GgufModel),
+}
+
+impl WeightSource {
+    /// The folder's weights: `model.gguf` when there is one, otherwise the
+    /// safetensors files.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let gguf = dir.join(crate::model::formats::gguf::GGUF_FILE);
+        if gguf.is_file() && !dir.join(SINGLE_FILE).exists() && !dir.join(INDEX_FILE).exists() {
+            return Ok(WeightSource::Gguf(
+                crate::model::formats::gguf::GgufModel::open(&gguf)?,
+            ));
+        }
+        Ok(WeightSource::Safetensors(CheckpointFiles::open(dir)?))
+    }
+
+    /// Dtype of the stored floats, when config.json does not say.
+    pub fn first_float_dtype(&self) -> Option<DType> {
+        match self {
+            WeightSource::Safetensors(files) => files.first_float_dtype(),
+            WeightSource::Gguf(_) => Some(DType::F32),
+        }
+    }
+
+    /// One tensor as a dense tensor in `dtype` (GGUF blocks dequantised).
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match self {
+            WeightSource::Safetensors(files) => files.load(name, shape, dtype, device),
+            WeightSource::Gguf(g) => {
+                let q = g.tensor(name, shape, &Device::Cpu)?;
+                Ok(q.dequantize(&Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(device)?)
+            }
+        }
+    }
+}
+
 pub struct WeightLoader<'a> {
-    pub files: &'a CheckpointFiles,
+    pub files: &'a WeightSource,
     pub dtype: DType,
     pub device: &'a Device,
     /// How the decoder layers' projections are held (None: dense in `dtype`).
@@ -287,8 +335,16 @@ impl WeightLoader<'_> {
         self.files.load(name, shape, self.dtype, self.device)
     }
 
-    /// A projection weight, quantized from its f32 values when asked to.
+    /// A projection weight, quantized from its f32 values when asked to; a
+    /// GGUF's quantized projections stay in their own blocks (LoRA trains on
+    /// the model the user runs) unless another format is asked for.
     pub fn projection(&self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
+        if let (WeightSource::Gguf(g), None) = (self.files, self.quantize) {
+            if g.is_quantized(name) {
+                let q = g.tensor(name, shape, self.device)?;
+                return Ok(FrozenWeight::Quantized(std::sync::Arc::new(q)));
+            }
+        }
         match self.quantize {
             None => Ok(FrozenWeight::Dense(self.get(name, shape)?)),
             Some(q) => {

@@ -1,0 +1,640 @@
+//! GGUF files (llama.cpp's format) as base models: the architecture and
+//! shapes from the metadata, read into the same config.json a Hugging Face
+//! folder has (so every check `ModelConfig::from_json` makes applies); the
+//! tensors under their Hugging Face names, quantized ones kept in their own
+//! block format, with llama.cpp's q/k row permutation undone for the llama
+//! architecture; and the tokenizer (vocabulary, merges, pre-tokenizer,
+//! special tokens, chat template) as tokenizer.json and
+//! tokenizer_config.json. Metadata this program does not understand is
+//! refused by name, as config.json keys are.
+
+use crate::model::config::ModelConfig;
+use crate::model::error::{ModelError, Result};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::Device;
+use serde_json::{json, Map, Value as Json};
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// The name a GGUF weight file has inside a `base` artifact.
+pub const GGUF_FILE: &str = "model.gguf";
+
+/// An open GGUF file: its metadata and where each tensor lies.
+pub struct GgufModel {
+    path: PathBuf,
+    content: Content,
+    /// `general.architecture`.
+    arch: String,
+}
+
+/// How llama.cpp names each architecture this program reads, and whether
+/// its converter permuted the q/k rows (llama.cpp's "normal" rope).
+const ARCHITECTURES: [(&str, &str, bool); 3] = [
+    ("llama", "llama", true),
+    ("qwen2", "qwen2", false),
+    ("qwen3", "qwen3", false),
+];
+
+/// Architectures llama.cpp writes that are refused, with why.
+const REFUSED: [(&str, &str); 6] = [
+    (
+        "gemma2",
+        "Gemma 2 GGUFs store norms with the +1 folded in; not supported yet",
+    ),
+    ("gemma3", "Gemma 3 GGUFs are not supported yet"),
+    ("phi3", "Phi-3 GGUFs are not supported yet"),
+    ("olmo2", "OLMo 2 GGUFs are not supported yet"),
+    ("smollm3", "SmolLM3 GGUFs are not supported yet"),
+    ("qwen3moe", "mixture-of-experts models are not supported"),
+];
+
+/// `{arch}.` keys that are read, and those known not to change the
+/// computation.
+const READ_KEYS: [&str; 14] = [
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "attention.key_length",
+    "attention.value_length",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scaling.original_context_length",
+    "context_length",
+];
+const INERT_ARCH_KEYS: [&str; 2] = ["vocab_size", "rope.scaling.finetuned"];
+
+fn config_error(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::config(path, message.into())
+}
+
+impl GgufModel {
+    /// Reads the header and metadata of `path` (the tensor data stays on
+    /// disk until a tensor is asked for).
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            config_error(path, format!("not a GGUF file this program can read: {e}"))
+        })?;
+        let arch = match content.metadata.get("general.architecture") {
+            Some(Value::String(a)) => a.clone(),
+            _ => {
+                return Err(config_error(
+                    path,
+                    "GGUF metadata has no general.architecture",
+                ))
+            }
+        };
+        Ok(GgufModel {
+            path: path.to_path_buf(),
+            content,
+            arch,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn meta(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn arch_key(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch)
+    }
+
+    fn number(&self, key: &str) -> Result<Option<f64>> {
+        let full = self.arch_key(key);
+        let Some(v) = self.meta(&full) else {
+            return Ok(None);
+        };
+        let n = match v {
+            Value::U8(x) => *x as f64,
+            Value::I8(x) => *x as f64,
+            Value::U16(x) => *x as f64,
+            Value::I16(x) => *x as f64,
+            Value::U32(x) => *x as f64,
+            Value::I32(x) => *x as f64,
+            Value::U64(x) => *x as f64,
+            Value::I64(x) => *x as f64,
+            Value::F32(x) => *x as f64,
+            Value::F64(x) => *x,
+            _ => return Err(config_error(&self.path, format!("{full} must be a number"))),
+        };
+        Ok(Some(n))
+    }
+
+    fn count(&self, key: &str) -> Result<Option<usize>> {
+        match self.number(key)? {
+            Some(n) if n >= 0.0 && n.fract() == 0.0 => Ok(Some(n as usize)),
+            Some(n) => Err(config_error(
+                &self.path,
+                format!(
+                    "{} must be a non-negative integer, got {n}",
+                    self.arch_key(key)
+                ),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn require(&self, key: &str) -> Result<usize> {
+        self.count(key)?.ok_or_else(|| {
+            config_error(
+                &self.path,
+                format!("GGUF metadata lacks {}", self.arch_key(key)),
+            )
+        })
+    }
+
+    /// The Hugging Face family and whether q/k rows are permuted.
+    fn family(&self) -> Result<(&'static str, bool)> {
+        if let Some((_, why)) = REFUSED.iter().find(|(a, _)| *a == self.arch) {
+            return Err(config_error(
+                &self.path,
+                format!("GGUF architecture {:?}: {why}", self.arch),
+            ));
+        }
+        ARCHITECTURES
+            .iter()
+            .find(|(a, _, _)| *a == self.arch)
+            .map(|&(_, family, permuted)| (family, permuted))
+            .ok_or_else(|| {
+                let known: Vec<&str> = ARCHITECTURES.iter().map(|(a, _, _)| *a).collect();
+                config_error(
+                    &self.path,
+                    format!(
+                        "GGUF architecture {:?} is not supported (supported: {})",
+                        self.arch,
+                        known.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// The config.json a Hugging Face folder of this model would have.
+    pub fn config_json(&self) -> Result<Json> {
+        let (family, _) = self.family()?;
+        let prefix = format!("{}.", self.arch);
+        for key in self.content.metadata.keys() {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !READ_KEYS.contains(&rest) && !INERT_ARCH_KEYS.contains(&rest) {
+                return Err(config_error(
+                    &self.path,
+                    format!("GGUF metadata {key} is not one this program implements; it may change what the model computes, so it is refused rather than ignored"),
+                ));
+            }
+        }
+        if let Some(name) = self
+            .content
+            .tensor_infos
+            .keys()
+            .find(|n| n.starts_with("rope_freqs"))
+        {
+            return Err(config_error(
+                &self.path,
+                format!("GGUF tensor {name} (per-frequency rope factors, as Llama 3.1 GGUFs carry) is not supported yet"),
+            ));
+        }
+        let hidden = self.require("embedding_length")?;
+        let heads = self.require("attention.head_count")?;
+        let kv_heads = self.count("attention.head_count_kv")?.unwrap_or(heads);
+        let head_dim = match self.count("attention.key_length")? {
+            Some(k) => k,
+            None => hidden / heads.max(1),
+        };
+        if let Some(v) = self.count("attention.value_length")? {
+            if v != head_dim {
+                return Err(config_error(
+                    &self.path,
+                    format!(
+                        "{} ({v}) differs from the key length ({head_dim})",
+                        self.arch_key("attention.value_length")
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = self.count("rope.dimension_count")? {
+            if r != head_dim {
+                return Err(config_error(
+                    &self.path,
+                    format!(
+                        "{} = {r}: rope on part of each head ({head_dim}) is not supported",
+                        self.arch_key("rope.dimension_count")
+                    ),
+                ));
+            }
+        }
+        let vocab = self
+            .token_list("tokenizer.ggml.tokens")?
+            .map(|t| t.len())
+            .or(self.count("vocab_size")?)
+            .ok_or_else(|| {
+                config_error(
+                    &self.path,
+                    "GGUF metadata has neither tokenizer.ggml.tokens nor a vocab_size",
+                )
+            })?;
+        let mut config = json!({
+            "model_type": family,
+            "hidden_size": hidden,
+            "intermediate_size": self.require("feed_forward_length")?,
+            "num_hidden_layers": self.require("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": vocab,
+            "rms_norm_eps": self.number("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+            "rope_theta": self.number("rope.freq_base")?.unwrap_or(10_000.0),
+            "max_position_embeddings": self.count("context_length")?.unwrap_or(4096),
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "torch_dtype": "float32",
+        });
+        let obj = config.as_object_mut().expect("object");
+        if let Some(Value::String(kind)) = self.meta(&self.arch_key("rope.scaling.type")) {
+            if kind != "none" {
+                let mut rope = Map::new();
+                rope.insert("rope_type".into(), json!(kind));
+                if let Some(f) = self.number("rope.scaling.factor")? {
+                    rope.insert("factor".into(), json!(f));
+                }
+                if let Some(o) = self.count("rope.scaling.original_context_length")? {
+                    rope.insert("original_max_position_embeddings".into(), json!(o));
+                }
+                obj.insert("rope_scaling".into(), Json::Object(rope));
+            }
+        }
+        if family == "llama" {
+            let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
+            obj.insert("attention_bias".into(), json!(bias));
+        }
+        for (key, id) in [
+            ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+            ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+            ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+        ] {
+            if let Some(v) = self.meta(id).and_then(|v| v.to_u32().ok()) {
+                obj.insert(key.into(), json!(v));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The model's configuration, checked as a config.json would be.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let config = ModelConfig::from_json(&self.config_json()?, &self.path)?;
+        self.check_tensors(&config)?;
+        Ok(config)
+    }
+
+    /// Every tensor in the file is one this program uses (none ignored).
+    fn check_tensors(&self, config: &ModelConfig) -> Result<()> {
+        let mut expected: Vec<String> = vec![
+            crate::model::formats::names::EMBED_TOKENS.into(),
+            crate::model::formats::names::FINAL_NORM.into(),
+        ];
+        if !config.tie_word_embeddings {
+            expected.push(crate::model::formats::names::LM_HEAD.into());
+        }
+        for i in 0..config.num_hidden_layers {
+            expected.extend(config.layer_norms(i).into_iter().map(|(n, _)| n));
+            for (p, _) in config.projections() {
+                let module = crate::model::formats::names::projection(i, p);
+                expected.push(crate::model::formats::names::weight(&module));
+                if config.projection_has_bias(p) {
+                    expected.push(crate::model::formats::names::bias(&module));
+                }
+            }
+        }
+        let known: std::collections::HashSet<String> =
+            expected.iter().filter_map(|n| gguf_name(n)).collect();
+        if let Some(extra) = self
+            .content
+            .tensor_infos
+            .keys()
+            .find(|n| !known.contains(*n))
+        {
+            return Err(config_error(
+                &self.path,
+                format!("GGUF tensor {extra} is not one this program uses for {}; it may change what the model computes", self.arch),
+            ));
+        }
+        Ok(())
+    }
+
+    fn token_list(&self, key: &str) -> Result<Option<Vec<String>>> {
+        match self.meta(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(config_error(&self.path, format!("{key} must list strings"))),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(_) => Err(config_error(&self.path, format!("{key} must be a list"))),
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<&str> {
+        match self.meta(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn flag(&self, key: &str) -> Option<bool> {
+        self.meta(key).and_then(|v| v.to_bool().ok())
+    }
+
+    /// The tensor a Hugging Face weight name stands for, on `device`:
+    /// quantized blocks as stored (q/k rows of the llama architecture put
+    /// back in Hugging Face order), float tensors as stored.
+    pub fn tensor(&self, hf_name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let name = gguf_name(hf_name).ok_or_else(|| ModelError::MissingTensor {
+            tensor: hf_name.to_string(),
+            file: self.path.clone(),
+        })?;
+        let info =
+            self.content
+                .tensor_infos
+                .get(&name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    tensor: format!("{name} ({hf_name})"),
+                    file: self.path.clone(),
+                })?;
+        if info.shape.dims() != shape {
+            return Err(ModelError::MisshapenTensor {
+                tensor: name,
+                file: self.path.clone(),
+                expected: shape.to_vec(),
+                actual: info.shape.dims().to_vec(),
+            });
+        }
+        let mut raw = self.raw(&name, info)?;
+        let (_, permuted) = self.family()?;
+        if permuted {
+            let heads = if name.ends_with("attn_q.weight") {
+                self.count("attention.head_count")?
+            } else if name.ends_with("attn_k.weight") {
+                self.count("attention.head_count_kv")?
+                    .or(self.count("attention.head_count")?)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                raw = unpermute_rows(&raw, shape[0], heads);
+            }
+        }
+        qtensor_from_ggml(info.ggml_dtype, &raw, shape.to_vec(), device)
+            .map_err(|e| ModelError::config(&self.path, format!("tensor {name}: {e}")))
+    }
+
+    /// The stored bytes of one tensor.
+    fn raw(&self, name: &str, info: &TensorInfo) -> Result<Vec<u8>> {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(config_error(
+                &self.path,
+                format!("tensor {name}: {elems} values are not whole blocks of {block}"),
+            ));
+        }
+        let bytes = elems / block * info.ggml_dtype.type_size();
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let mut file =
+            std::fs::File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        if start.saturating_add(bytes as u64) > size {
+            return Err(config_error(
+                &self.path,
+                format!("tensor {name} runs past the end of the file (truncated?)"),
+            ));
+        }
+        let mut raw = vec![0u8; bytes];
+        file.seek(SeekFrom::Start(start))
+            .and_then(|_| file.read_exact(&mut raw))
+            .map_err(|e| ModelError::io(&self.path, e))?;
+        Ok(raw)
+    }
+
+    /// Whether a weight is stored in a block format (not f32/f16/bf16).
+    pub fn is_quantized(&self, hf_name: &str) -> bool {
+        gguf_name(hf_name)
+            .and_then(|n| self.content.tensor_infos.get(&n))
+            .is_some_and(|i| {
+                !matches!(
+                    i.ggml_dtype,
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                )
+            })
+    }
+
+    /// tokenizer.json for the tokenizer the metadata describes (llama.cpp's
+    /// "gpt2" byte-level BPE, with the pre-tokenizer `tokenizer.ggml.pre`
+    /// names).
+    pub fn tokenizer_json(&self) -> Result<Json> {
+        let model = self.string("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(config_error(&self.path, format!("tokenizer.ggml.model {model:?} is not supported yet (only \"gpt2\", byte-level BPE)")));
+        }
+        let tokens = self.token_list("tokenizer.ggml.tokens")?.ok_or_else(|| {
+            config_error(&self.path, "GGUF metadata has no tokenizer.ggml.tokens")
+        })?;
+        let merges = self
+            .token_list("tokenizer.ggml.merges")?
+            .unwrap_or_default();
+        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.to_i32().map(i64::from).unwrap_or(1))
+                .collect(),
+            _ => vec![1; tokens.len()],
+        };
+        let pre = self.string("tokenizer.ggml.pre").unwrap_or("default");
+        let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
+            config_error(&self.path, format!("tokenizer.ggml.pre {pre:?} is not one this program knows; llama.cpp warns that generation degrades with the wrong one, so it is refused (known: {})", KNOWN_PRE.join(", ")))
+        })?;
+        let vocab: Map<String, Json> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        // CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole.
+        let added: Vec<Json> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": types[i] == 3})
+            })
+            .collect();
+        let bos = self
+            .meta("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok());
+        let add_bos = self.flag("tokenizer.ggml.add_bos_token").unwrap_or(false);
+        let post_processor = match (add_bos, bos) {
+            (true, Some(id)) => {
+                let text = tokens.get(id as usize).cloned().unwrap_or_default();
+                json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {text.clone(): {"id": text, "ids": [id], "tokens": [text]}}})
+            }
+            _ => {
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
+            }
+        };
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    /// tokenizer_config.json: the special tokens' texts and the chat template.
+    pub fn tokenizer_config_json(&self) -> Result<Json> {
+        let tokens = self
+            .token_list("tokenizer.ggml.tokens")?
+            .unwrap_or_default();
+        let text = |key: &str| {
+            self.meta(key)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| tokens.get(id as usize).cloned())
+        };
+        let mut config = json!({
+            "bos_token": text("tokenizer.ggml.bos_token_id"),
+            "eos_token": text("tokenizer.ggml.eos_token_id"),
+            "pad_token": text("tokenizer.ggml.padding_token_id"),
+            "unk_token": text("tokenizer.ggml.unknown_token_id"),
+            "add_bos_token": self.flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            "model_max_length": self.count("context_length")?.unwrap_or(4096),
+        });
+        if let Some(template) = self.string("tokenizer.chat_template") {
+            config["chat_template"] = json!(template);
+        }
+        Ok(config)
+    }
+}
+
+/// llama.cpp's pre-tokenizer names this program translates.
+const KNOWN_PRE: [&str; 12] = [
+    "default",
+    "gpt2",
+    "gpt-2",
+    "olmo",
+    "smollm",
+    "starcoder",
+    "refact",
+    "codeshell",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "qwen2",
+];
+
+/// GPT-2's split, which byte-level BPE applies itself.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer llama.cpp applies for `pre` (llama-vocab.cpp's
+/// regex lists), as a tokenizers-library pre-tokenizer.
+fn pre_tokenizer(pre: &str) -> Option<Json> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
+    Some(match pre {
+        "default" | "gpt2" | "gpt-2" | "olmo" => byte_level(true),
+        // Each digit alone, then GPT-2's split.
+        "smollm" | "starcoder" | "refact" | "codeshell" => {
+            json!({"type": "Sequence", "pretokenizers": [split(r"\p{N}"), byte_level(true)]})
+        }
+        "llama-bpe" | "llama3" | "llama-v3" => {
+            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]})
+        }
+        "qwen2" => {
+            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]})
+        }
+        _ => return None,
+    })
+}
+
+/// llama.cpp's name of a Hugging Face tensor name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let name = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{name}.{kind}"))
+}
+
+/// Undoes llama.cpp's permutation of q/k rows (its converter interleaves
+/// the two halves of each head's rotary pairs): row `h·d + 2i + j` of the
+/// file is Hugging Face's row `h·d + j·d/2 + i`. Rows are whole blocks, so
+/// this works on quantized bytes as on floats.
+fn unpermute_rows(raw: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let row_bytes = raw.len() / rows.max(1);
+    let d = rows / heads.max(1);
+    let mut out = vec![0u8; raw.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let from = h * d + 2 * i + j;
+                let to = h * d + j * (d / 2) + i;
+                out[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&raw[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+/// The tensors of a GGUF by name, for tests and tools.
+pub fn tensor_names(model: &GgufModel) -> HashMap<String, Vec<usize>> {
+    model
+        .content
+        .tensor_infos
+        .iter()
+        .map(|(n, i)| (n.clone(), i.shape.dims().to_vec()))
+        .collect()
+}

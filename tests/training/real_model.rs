@@ -1,0 +1,115 @@
+//! The real pretrained model through the CLI: a `base` stage on SmolLM2's
+//! GGUF (fetched by scripts/fetch-smollm2.sh; see tests/model/gguf.rs for
+//! what its numbers are checked against), an evaluation of a few rows and
+//! two SFT steps on its Q4_1 blocks.
+
+use crate::support::Workspace;
+use std::path::PathBuf;
+
+fn smollm2() -> Option<PathBuf> {
+    match std::env::var("RUNNER_TEST_SMOLLM2") {
+        Ok(path) if !path.is_empty() => {
+            Some(std::fs::canonicalize(path).expect("the SmolLM2 GGUF"))
+        }
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "RUNNER_TEST_SMOLLM2 is not set under CI: .ci/run must fetch SmolLM2"
+            );
+            eprintln!("SKIPPED: no SmolLM2 (scripts/fetch-smollm2.sh)");
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_from_its_gguf_evaluates_and_fine_tunes_through_the_cli() {
+    let Some(gguf) = smollm2() else { return };
+    let ws = Workspace::new();
+    let rows = [
+        (
+            "What is the capital of France?",
+            " The capital of France is Paris.",
+        ),
+        ("What is 2 + 3?", " 2 + 3 = 5."),
+        ("Name a primary color.", " Red is a primary color."),
+        ("What do bees make?", " Bees make honey."),
+    ];
+    let jsonl: String = rows
+        .iter()
+        .map(|(p, c)| format!("{}\n", serde_json::json!({"prompt": p, "completion": c})))
+        .collect();
+    ws.write("data/train.jsonl", &jsonl);
+    ws.write(
+        "recipe.toml",
+        &format!(
+            r#"[recipe]
+name = "smollm2"
+seed = 2
+
+[stages.base]
+kind = "base"
+path = "{gguf}"
+
+[stages.before]
+kind = "eval"
+model = "base"
+data = {{ sft = "data/train.jsonl" }}
+seq_len = 48
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = {{ train = "data/train.jsonl" }}
+lora = {{ r = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
+train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 48 }}
+"#,
+            gguf = gguf.display()
+        ),
+    );
+    ws.runner(&["run", "recipe.toml"]).ok();
+    let show = |stage: &str| -> serde_json::Value {
+        let out = ws
+            .runner(&["show", "recipe.toml", stage, "--json"])
+            .ok()
+            .stdout;
+        serde_json::from_str(&out).unwrap()
+    };
+    let base = show("base");
+    let artifact = PathBuf::from(base["path"].as_str().unwrap());
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.gguf",
+    ] {
+        assert!(artifact.join(file).is_file(), "{file} in the base artifact");
+    }
+    // A pretrained model already knows these answers: a low loss.
+    let loss = show("before")["manifest"]["metrics"]["sft/loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        loss > 0.0 && loss < 3.0,
+        "SmolLM2's loss on its own answers: {loss}"
+    );
+    let metrics = show("sft")["manifest"]["metrics"].clone();
+    assert!(metrics.to_string().contains("loss"), "{metrics}");
+}
+
+#[test]
+fn plan_refuses_a_gguf_that_is_not_one() {
+    let ws = Workspace::new();
+    ws.write("model.gguf", "not a gguf");
+    ws.write(
+        "recipe.toml",
+        "[recipe]\nname = \"r\"\n\n[stages.base]\nkind = \"base\"\npath = \"model.gguf\"\n",
+    );
+    let run = ws.runner(&["plan", "recipe.toml"]);
+    assert_eq!(run.code, lora_runner::cli::exit::USAGE, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("not a GGUF file") && run.stderr.contains("recipe.toml:6"),
+        "{}",
+        run.stderr
+    );
+}
