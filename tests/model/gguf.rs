@@ -131,6 +131,47 @@ fn smollm2_gguf_reads_as_transformers_reads_it() {
                 text["text"]
             );
         }
+        // llama.cpp itself (llama-cpp-python 0.3.36, scripts/llamacpp_check.py):
+        // the same token ids; losses within 2%, since llama.cpp multiplies Q4_1
+        // blocks with activations rounded to 8 bits (its q8_1 dot products)
+        // where transformers and this program dequantise the weights.
+        let llamacpp: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/smollm2-llamacpp.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        for row in llamacpp["texts"].as_array().unwrap() {
+            let ids: Vec<u32> = serde_json::from_value(row["ids"].clone()).unwrap();
+            let ours = tokenizer
+                .encode(row["text"].as_str().unwrap(), true)
+                .unwrap();
+            assert_eq!(ours.get_ids(), ids.as_slice(), "llama.cpp: {}", row["text"]);
+            if let Some(want) = row["nll"].as_f64() {
+                let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let hidden = model
+                    .forward(Input::padded(&input, None), Rows::All, Mode::Inference)
+                    .unwrap();
+                let targets: Vec<_> = (0..ids.len() - 1).map(|t| (0, t, ids[t + 1])).collect();
+                let lp = model.token_logprobs(&hidden, &targets).unwrap();
+                let nll = -lp
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    (nll - want).abs() / want < 0.02,
+                    "llama.cpp: {nll} vs {want}"
+                );
+            }
+        }
         // A pretrained model: English costs far less than its own words shuffled.
         let english: Vec<u32> =
             serde_json::from_value(expected["texts"][0]["ids"].clone()).unwrap();
@@ -184,4 +225,194 @@ fn gguf_tensor_names_map_both_ways_for_every_llama_weight() {
         }
     }
     assert_eq!(mapped, names.len());
+}
+
+/// A small GGUF written here from an `init` llama model, as llama.cpp's
+/// converter lays one out (q/k rows permuted, projections in q8_0).
+fn write_gguf(
+    dir: &std::path::Path,
+    edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<String>),
+) -> PathBuf {
+    write_gguf_of(dir, lora_runner::model::config::Architecture::Llama, edit)
+}
+
+/// `write_gguf` for another architecture (only llama's q/k rows are permuted).
+fn write_gguf_of(
+    dir: &std::path::Path,
+    arch: lora_runner::model::config::Architecture,
+    edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<String>),
+) -> PathBuf {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let mut spec = lora_runner::model::init::RandomModel::tiny(3);
+    spec.architecture = arch;
+    let permuted = arch == lora_runner::model::config::Architecture::Llama;
+    let name = arch.model_type();
+    spec.hidden_size = 64;
+    let hf = dir.join("hf");
+    let config = lora_runner::model::init::init_model(&spec, &hf).unwrap();
+    let weights =
+        candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu).unwrap();
+    let permute = |w: &Tensor, heads: usize| {
+        // llama.cpp's converter: rows of each head reordered (h, j, i) -> (h, i, j).
+        let (rows, cols) = w.dims2().unwrap();
+        let d = rows / heads;
+        w.reshape((heads, 2, d / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((rows, cols))
+            .unwrap()
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in &weights {
+        let gguf = gguf_name(name).unwrap();
+        let t = if permuted && gguf.ends_with("attn_q.weight") {
+            permute(t, config.num_attention_heads)
+        } else if permuted && gguf.ends_with("attn_k.weight") {
+            permute(t, config.num_key_value_heads)
+        } else {
+            t.clone()
+        };
+        let format = if t.rank() == 2 && !gguf.starts_with("token_embd") {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        };
+        tensors.push((gguf, QTensor::quantize(&t, format).unwrap()));
+    }
+    let vocab: Vec<Value> = (0..config.vocab_size)
+        .map(|i| Value::String(format!("t{i}")))
+        .collect();
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(name.into())),
+        (
+            format!("{name}.block_count"),
+            Value::U32(config.num_hidden_layers as u32),
+        ),
+        (
+            format!("{name}.embedding_length"),
+            Value::U32(config.hidden_size as u32),
+        ),
+        (
+            format!("{name}.feed_forward_length"),
+            Value::U32(config.intermediate_size as u32),
+        ),
+        (
+            format!("{name}.attention.head_count"),
+            Value::U32(config.num_attention_heads as u32),
+        ),
+        (
+            format!("{name}.attention.head_count_kv"),
+            Value::U32(config.num_key_value_heads as u32),
+        ),
+        (
+            format!("{name}.attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (format!("{name}.rope.freq_base"), Value::F32(10000.0)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(vocab)),
+    ];
+    let mut names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    edit(&mut metadata, &mut names);
+    let path = dir.join("model.gguf");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let extra = QTensor::quantize(
+        &Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
+    let mut list: Vec<(&str, &QTensor)> = tensors
+        .iter()
+        .filter(|(n, _)| names.contains(n))
+        .map(|(n, t)| (n.as_str(), t))
+        .collect();
+    for n in names
+        .iter()
+        .filter(|n| !tensors.iter().any(|(t, _)| t == *n))
+    {
+        list.push((n.as_str(), &extra));
+    }
+    candle_core::quantized::gguf_file::write(&mut file, &meta, &list).unwrap();
+    path
+}
+
+use candle_core::quantized::gguf_file::Value;
+
+#[test]
+fn a_gguf_gives_the_logits_of_the_folder_it_was_converted_from() {
+    use lora_runner::model::config::Architecture;
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
+        with_big_stack(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let file = write_gguf_of(dir.path(), arch, |_, _| {});
+            let gguf = GgufModel::open(&file).unwrap();
+            let from_gguf =
+                Decoder::load(folder(&gguf, &file).path(), &LoadOptions::default()).unwrap();
+            let q8 = lora_runner::model::kernels::quantized::Quantization::Q8_0;
+            let hf =
+                Decoder::load_quantized(&dir.path().join("hf"), &LoadOptions::default(), Some(q8))
+                    .unwrap();
+            let ids = Tensor::new(&[[3u32, 17, 40, 5, 9, 77, 12, 1]], &Device::Cpu).unwrap();
+            let logits = |m: &Decoder| {
+                let h = m
+                    .forward(Input::padded(&ids, None), Rows::All, Mode::Inference)
+                    .unwrap();
+                m.logits(&h).unwrap()
+            };
+            let d = (logits(&from_gguf) - logits(&hf))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "{arch:?}: GGUF and folder logits differ by {d}");
+        });
+    }
+}
+
+#[test]
+fn gguf_metadata_or_tensors_it_cannot_compute_are_refused_by_name() {
+    let cases: [(&str, fn(&mut Vec<(String, Value)>, &mut Vec<String>)); 5] = [
+        ("Gemma 2", |m, _| m[0].1 = Value::String("gemma2".into())),
+        ("llama.expert_count", |m, _| {
+            m.push(("llama.expert_count".into(), Value::U32(8)))
+        }),
+        ("rope_freqs.weight", |_, n| {
+            n.push("rope_freqs.weight".into())
+        }),
+        ("blk.9.attn_q.weight", |_, n| {
+            n.push("blk.9.attn_q.weight".into())
+        }),
+        ("tokenizer.ggml.pre \"mystery\"", |m, _| {
+            m[9].1 = Value::String("mystery".into())
+        }),
+    ];
+    for (expect, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write_gguf(dir.path(), edit);
+        let gguf = GgufModel::open(&file).unwrap();
+        let err = gguf
+            .config()
+            .and_then(|_| gguf.tokenizer_json())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(expect) && err.contains("model.gguf"),
+            "{expect}: {err}"
+        );
+    }
 }
