@@ -17,6 +17,18 @@ import llama_cpp
 from llama_cpp import Llama
 
 
+def llama_nll(llm, ids):
+    """Mean next-token loss of `ids` under llama.cpp's logits."""
+    llm.reset()
+    llm.eval(ids)
+    total = 0.0
+    for t in range(len(ids) - 1):
+        logits = [float(x) for x in llm.scores[t]]
+        top = max(logits)
+        total -= logits[ids[t + 1]] - (top + math.log(sum(math.exp(x - top) for x in logits)))
+    return total / (len(ids) - 1)
+
+
 def main():
     gguf = sys.argv[1]
     fixture = json.loads((Path(__file__).parent.parent / "tests/fixtures/smollm2.json").read_text())
@@ -26,15 +38,7 @@ def main():
         ids = llm.tokenize(item["text"].encode(), add_bos=False, special=True)
         row = {"text": item["text"], "ids": ids}
         if "nll" in item:
-            llm.reset()
-            llm.eval(ids)
-            total = 0.0
-            for t in range(len(ids) - 1):
-                logits = [float(x) for x in llm.scores[t]]
-                top = max(logits)
-                lse = top + math.log(sum(math.exp(x - top) for x in logits))
-                total -= logits[ids[t + 1]] - lse
-            row["nll"] = float(total) / (len(ids) - 1)
+            row["nll"] = llama_nll(llm, ids)
         texts.append(row)
     print(json.dumps({"llama_cpp_python": llama_cpp.__version__, "texts": texts}, indent=1))
 

@@ -10,6 +10,11 @@ pub struct ExportArgs {
     recipe: PathBuf,
     stage: String,
     dir: PathBuf,
+    /// Also write an adapter stage's adapter as a llama.cpp LoRA GGUF
+    /// (DIR/adapter.gguf: `llama-cli -m base.gguf --lora adapter.gguf`, or
+    /// ollama's ADAPTER), for llama, mistral, qwen2 and qwen3 models.
+    #[arg(long)]
+    gguf: bool,
 }
 
 pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
@@ -25,5 +30,32 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
         files.len(),
         dir.display()
     );
+    if args.gguf {
+        let model =
+            model_of(&cache, &artifact).map_err(Error::io(format!("the model of `{stage}`")))?;
+        let out = dir.join("adapter.gguf");
+        crate::model::formats::gguf::write_lora_adapter(&model, &from, &out)
+            .map_err(|e| Error::Usage(format!("`{stage}` as a llama.cpp adapter: {e}")))?;
+        eprintln!("wrote {} (llama.cpp LoRA adapter)", out.display());
+    }
     Ok(())
+}
+
+/// The model folder an adapter artifact was trained on: its manifest's
+/// `model` parent.
+fn model_of(cache: &crate::cache::Cache, artifact: &str) -> std::io::Result<PathBuf> {
+    let manifest = cache.artifact_dir(artifact).join(crate::cache::MANIFEST);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let parent = json["parents"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["field"] == "model"))
+        .and_then(|p| p["artifact"].as_str())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "this stage has no `model` input (not an adapter stage?)",
+            )
+        })?;
+    crate::cache::payload_dir(&cache.artifact_dir(parent))
 }

@@ -8,7 +8,7 @@
 //! tests say SKIPPED (and fail under CI=true, so a failed download is never
 //! a silent pass).
 
-use crate::support::model::with_big_stack;
+use crate::support::model::{max_abs_diff, with_big_stack};
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use lora_runner::model::formats::gguf::{gguf_name, GgufModel, GGUF_FILE};
@@ -252,19 +252,8 @@ fn write_gguf_of(
     let config = lora_runner::model::init::init_model(&spec, &hf).unwrap();
     let weights =
         candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu).unwrap();
-    let permute = |w: &Tensor, heads: usize| {
-        // llama.cpp's converter: rows of each head reordered (h, j, i) -> (h, i, j).
-        let (rows, cols) = w.dims2().unwrap();
-        let d = rows / heads;
-        w.reshape((heads, 2, d / 2, cols))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((rows, cols))
-            .unwrap()
-    };
+    // llama.cpp's converter: rows of each head reordered (h, j, i) -> (h, i, j).
+    let permute = |w: &Tensor, heads: usize| swap_row_halves(w, heads, true);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &weights {
         let gguf = gguf_name(name).unwrap();
@@ -343,6 +332,29 @@ fn write_gguf_of(
 
 use candle_core::quantized::gguf_file::Value;
 
+/// Each head's rows of `w` [heads·d, cols] in llama.cpp's interleaved order
+/// (`to_llama_cpp`: row h·d + j·d/2 + i goes to h·d + 2i + j) or back.
+fn swap_row_halves(w: &Tensor, heads: usize, to_llama_cpp: bool) -> Tensor {
+    let (rows, cols) = w.dims2().unwrap();
+    let d = rows / heads;
+    let split = if to_llama_cpp {
+        (heads, 2, d / 2, cols)
+    } else {
+        (heads, d / 2, 2, cols)
+    };
+    w.reshape(split)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
+
+/// A change to a written GGUF's metadata and tensor names.
+type Edit = fn(&mut Vec<(String, Value)>, &mut Vec<String>);
+
 #[test]
 fn a_gguf_gives_the_logits_of_the_folder_it_was_converted_from() {
     use lora_runner::model::config::Architecture;
@@ -368,16 +380,7 @@ fn a_gguf_gives_the_logits_of_the_folder_it_was_converted_from() {
                     .unwrap();
                 m.logits(&h).unwrap()
             };
-            let d = (logits(&from_gguf) - logits(&hf))
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&logits(&from_gguf), &logits(&hf));
             assert!(d < 1e-4, "{arch:?}: GGUF and folder logits differ by {d}");
         });
     }
@@ -385,7 +388,7 @@ fn a_gguf_gives_the_logits_of_the_folder_it_was_converted_from() {
 
 #[test]
 fn gguf_metadata_or_tensors_it_cannot_compute_are_refused_by_name() {
-    let cases: [(&str, fn(&mut Vec<(String, Value)>, &mut Vec<String>)); 5] = [
+    let cases: [(&str, Edit); 5] = [
         ("Gemma 2", |m, _| m[0].1 = Value::String("gemma2".into())),
         ("llama.expert_count", |m, _| {
             m.push(("llama.expert_count".into(), Value::U32(8)))
@@ -414,5 +417,68 @@ fn gguf_metadata_or_tensors_it_cannot_compute_are_refused_by_name() {
             err.contains(expect) && err.contains("model.gguf"),
             "{expect}: {err}"
         );
+    }
+}
+
+/// The llama.cpp adapter `runner export --gguf` writes: llama.cpp's names
+/// and shapes, alpha 0 with each module's scale in B, and B's q/k rows in
+/// llama.cpp's order, so that B·A put back in Hugging Face order is PEFT's
+/// s·B·A. (llama.cpp itself loads one and agrees with PEFT within 1%:
+/// scripts/llamacpp_adapter_check.py → tests/fixtures/smollm2-llamacpp-adapter.json.)
+#[test]
+fn a_llama_cpp_adapter_holds_peft_s_b_a_in_llama_cpp_order() {
+    use candle_core::quantized::gguf_file::Content;
+    use lora_runner::model::formats::gguf::write_lora_adapter;
+    let family = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama3");
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("adapter.gguf");
+    write_lora_adapter(&family, &family.join("trained"), &file).unwrap();
+    let mut reader = std::fs::File::open(&file).unwrap();
+    let content = Content::read(&mut reader).unwrap();
+    let meta = |k: &str| content.metadata.get(k).cloned();
+    assert_eq!(
+        meta("general.type").unwrap().to_string().unwrap(),
+        "adapter"
+    );
+    assert_eq!(meta("adapter.type").unwrap().to_string().unwrap(), "lora");
+    assert_eq!(meta("adapter.lora.alpha").unwrap().to_f32().unwrap(), 0.0);
+    assert_eq!(content.tensor_infos.len(), 2 * 7 * 2);
+    let peft = candle_core::safetensors::load(
+        family.join("trained/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let config = lora_runner::model::config::ModelConfig::from_dir(&family).unwrap();
+    let scale = 8.0 / 4.0; // the fixture adapter's alpha / r
+    for (module, heads) in [
+        ("self_attn.q_proj", Some(config.num_attention_heads)),
+        ("self_attn.k_proj", Some(config.num_key_value_heads)),
+        ("mlp.down_proj", None),
+    ] {
+        let hf = format!("model.layers.1.{module}");
+        let base = gguf_name(&format!("{hf}.weight")).unwrap();
+        let mut read = |name: String| {
+            content
+                .tensor(&mut reader, &name, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+        };
+        let (a, b) = (
+            read(format!("{base}.lora_a")),
+            read(format!("{base}.lora_b")),
+        );
+        let peft_a = &peft[&format!("base_model.model.{hf}.lora_A.weight")];
+        let peft_b = &peft[&format!("base_model.model.{hf}.lora_B.weight")];
+        assert_eq!(a.dims(), peft_a.dims());
+        let delta = b.matmul(&a).unwrap();
+        // llama.cpp's row order back to Hugging Face's: row h·d + 2i + j is h·d + j·d/2 + i.
+        let delta = match heads {
+            Some(h) => swap_row_halves(&delta, h, false),
+            None => delta,
+        };
+        let want = (peft_b.matmul(peft_a).unwrap() * scale).unwrap();
+        let d = max_abs_diff(&delta, &want);
+        assert!(d < 1e-5, "{module}: s·B·A differs by {d}");
     }
 }

@@ -134,6 +134,26 @@ fn every_family_trains_in_both_schemes_merges_and_exports_through_the_cli() {
         };
         assert_eq!(norms, expected, "{arch}: norms of a layer");
     }
+    // A llama.cpp adapter where llama.cpp has the family; refused by name
+    // elsewhere.
+    ws.runner(&[
+        "export",
+        "recipe.toml",
+        "dpo_continued@arch=llama",
+        "out/gguf",
+        "--gguf",
+    ])
+    .ok();
+    assert!(ws.path("out/gguf/adapter.gguf").is_file());
+    let refused = ws.runner(&[
+        "export",
+        "recipe.toml",
+        "sft@arch=gemma2",
+        "out/g2",
+        "--gguf",
+    ]);
+    assert_eq!(refused.code, exit::USAGE, "{}", refused.stderr);
+    assert!(refused.stderr.contains("gemma2") && refused.stderr.contains("not supported yet"));
     // The runs differ by family where the families differ; greedy
     // generation ran for each.
     let eval_loss = |arch: &str| {

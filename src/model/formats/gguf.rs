@@ -638,3 +638,106 @@ pub fn tensor_names(model: &GgufModel) -> HashMap<String, Vec<usize>> {
         .map(|(n, i)| (n.clone(), i.shape.dims().to_vec()))
         .collect()
 }
+
+/// llama.cpp's architecture name for a family whose adapters and models it
+/// runs, and whether its converter permutes q/k rows.
+fn llama_cpp_arch(config: &ModelConfig) -> Option<(&'static str, bool)> {
+    use crate::model::family::Architecture as A;
+    match config.architecture {
+        A::Llama | A::Mistral => Some(("llama", true)),
+        A::Qwen2 => Some(("qwen2", false)),
+        A::Qwen3 => Some(("qwen3", false)),
+        _ => None,
+    }
+}
+
+/// Puts the rows of a q/k weight (or of a LoRA B on it) into llama.cpp's
+/// order: `unpermute_rows` undone, on a dense [rows, cols] tensor.
+fn permute_rows(t: &candle_core::Tensor, heads: usize) -> candle_core::Result<candle_core::Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let d = rows / heads.max(1);
+    t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
+}
+
+/// Writes the PEFT adapter in `adapter_dir` (for the model in `model_dir`)
+/// as a llama.cpp LoRA adapter (`general.type = adapter`, tensors
+/// `<weight>.lora_a` [r, in] and `.lora_b` [out, r], f32). Each module's own
+/// scale (alpha/r, rsLoRA's alpha/√r, rank and alpha patterns) is folded
+/// into B and `adapter.lora.alpha` is 0, which llama.cpp reads as "scale
+/// 1", so every loader applies exactly what PEFT does; B's rows on q/k are
+/// permuted as llama.cpp's converter permuted the base's.
+pub fn write_lora_adapter(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    use crate::model::formats::peft::read_adapter_config;
+    use crate::model::layers::lora::peft_tensor_name;
+    let config = ModelConfig::from_dir(model_dir)?;
+    let (arch, permuted) = llama_cpp_arch(&config).ok_or_else(|| {
+        ModelError::LoraConfig(format!(
+            "a llama.cpp adapter for {} models is not supported yet (llama, mistral, qwen2, qwen3)",
+            config.model_type
+        ))
+    })?;
+    let config_path = adapter_dir.join("adapter_config.json");
+    let peft = read_adapter_config(&config_path)?;
+    let targets = peft
+        .lora
+        .resolve(&config)
+        .map_err(|e| ModelError::config(&config_path, e.to_string()))?;
+    let weights_path = adapter_dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| {
+        ModelError::Safetensors {
+            path: weights_path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let take = |name: String| {
+        tensors
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| ModelError::MissingTensor {
+                tensor: name,
+                file: weights_path.clone(),
+            })
+    };
+    let mut written: Vec<(String, QTensor)> = Vec::new();
+    for target in &targets {
+        let module = &target.module;
+        let base = gguf_name(&format!("{module}.weight"))
+            .ok_or_else(|| ModelError::LoraConfig(format!("no llama.cpp name for {module}")))?;
+        let a = take(peft_tensor_name(module, 'A'))?.to_dtype(candle_core::DType::F32)?;
+        let mut b = (take(peft_tensor_name(module, 'B'))?.to_dtype(candle_core::DType::F32)?
+            * target.scale)?;
+        if permuted && module.ends_with("q_proj") {
+            b = permute_rows(&b, config.num_attention_heads)?;
+        } else if permuted && module.ends_with("k_proj") {
+            b = permute_rows(&b, config.num_key_value_heads)?;
+        }
+        written.push((
+            format!("{base}.lora_a"),
+            QTensor::quantize(&a, GgmlDType::F32)?,
+        ));
+        written.push((
+            format!("{base}.lora_b"),
+            QTensor::quantize(&b, GgmlDType::F32)?,
+        ));
+    }
+    let metadata = [
+        ("general.architecture", Value::String(arch.into())),
+        ("general.type", Value::String("adapter".into())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(0.0)),
+    ];
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let list: Vec<(&str, &QTensor)> = written.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let partial = out.with_extension("gguf.partial");
+    {
+        let mut file = std::fs::File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
+        candle_core::quantized::gguf_file::write(&mut file, &meta, &list)
+            .map_err(|e| ModelError::config(&partial, e.to_string()))?;
+        file.sync_all().map_err(|e| ModelError::io(&partial, e))?;
+    }
+    std::fs::rename(&partial, out).map_err(|e| ModelError::io(out, e))?;
+    Ok(())
+}
