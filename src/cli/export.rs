@@ -11,8 +11,9 @@ pub struct ExportArgs {
     stage: String,
     dir: PathBuf,
     /// Also write an adapter stage's adapter as a llama.cpp LoRA GGUF
-    /// (DIR/adapter.gguf: `llama-cli -m base.gguf --lora adapter.gguf`, or
-    /// ollama's ADAPTER), for llama, mistral, qwen2 and qwen3 models.
+    /// (DIR/adapter.gguf: `llama-cli -m base.gguf --lora adapter.gguf`) and
+    /// an ollama Modelfile (FROM the base, ADAPTER, a ChatML TEMPLATE), for
+    /// llama, mistral, qwen2 and qwen3 models.
     #[arg(long)]
     gguf: bool,
 }
@@ -36,7 +37,14 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
         let out = dir.join("adapter.gguf");
         crate::model::formats::gguf::write_lora_adapter(&model, &from, &out)
             .map_err(|e| Error::Usage(format!("`{stage}` as a llama.cpp adapter: {e}")))?;
-        eprintln!("wrote {} (llama.cpp LoRA adapter)", out.display());
+        let modelfile = crate::model::formats::gguf::modelfile(&model, "adapter.gguf")
+            .map_err(|e| Error::Usage(format!("an ollama Modelfile for `{stage}`: {e}")))?;
+        crate::fsutil::write_atomic(&dir.join("Modelfile"), modelfile.as_bytes())
+            .map_err(Error::io(format!("{}", dir.join("Modelfile").display())))?;
+        eprintln!(
+            "wrote {} (llama.cpp LoRA adapter) and an ollama Modelfile",
+            out.display()
+        );
     }
     Ok(())
 }

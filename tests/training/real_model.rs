@@ -95,6 +95,21 @@ train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 48 }}
     );
     let metrics = show("sft")["manifest"]["metrics"].clone();
     assert!(metrics.to_string().contains("loss"), "{metrics}");
+    // For llama.cpp and ollama: the adapter and a Modelfile on the base GGUF.
+    ws.runner(&["export", "recipe.toml", "sft", "out", "--gguf"])
+        .ok();
+    assert!(ws.path("out/adapter.gguf").is_file());
+    let modelfile = std::fs::read_to_string(ws.path("out/Modelfile")).unwrap();
+    let from = format!("FROM {}", artifact.join("model.gguf").display());
+    for line in [
+        from.as_str(),
+        "ADAPTER ./adapter.gguf",
+        "PARAMETER stop \"<|im_end|>\"",
+    ] {
+        assert!(modelfile.contains(line), "{line} in\n{modelfile}");
+    }
+    assert!(modelfile.contains("<|im_start|>assistant"));
+    assert!(modelfile.contains("SYSTEM \"\"\"You are a helpful AI assistant named SmolLM"));
 }
 
 #[test]

@@ -741,3 +741,58 @@ pub fn write_lora_adapter(model_dir: &Path, adapter_dir: &Path, out: &Path) -> R
     std::fs::rename(&partial, out).map_err(|e| ModelError::io(out, e))?;
     Ok(())
 }
+
+/// The literal system message a ChatML template writes when the
+/// conversation has none, if it has one.
+fn default_system_message(template: &str) -> Option<String> {
+    let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
+    let text = &template[start..];
+    let text = &text[..text.find("<|im_end|>")?];
+    (!text.contains("{{") && !text.contains("{%") && !text.contains('\'')).then(|| text.to_string())
+}
+
+/// An ollama Modelfile for the model in `model_dir` with the llama.cpp
+/// adapter `adapter` beside it: `FROM` the model (its GGUF when it is one,
+/// else the folder, which ollama imports), `ADAPTER`, and for a ChatML chat
+/// template (the only one translated: others are left to ollama's
+/// defaults, with a comment saying so) `TEMPLATE` and its stop token.
+pub fn modelfile(model_dir: &Path, adapter: &str) -> Result<String> {
+    let gguf = model_dir.join(GGUF_FILE);
+    let from = if gguf.is_file() {
+        gguf
+    } else {
+        model_dir.to_path_buf()
+    };
+    let mut out = format!(
+        "# Written by `runner export --gguf`: `ollama create NAME -f Modelfile`.\nFROM {}\nADAPTER ./{adapter}\n",
+        from.display()
+    );
+    let config = model_dir.join("tokenizer_config.json");
+    let template = match std::fs::read(&config) {
+        Ok(bytes) => serde_json::from_slice::<Json>(&bytes)
+            .map_err(|e| ModelError::config(&config, e.to_string()))?
+            .get("chat_template")
+            .and_then(Json::as_str)
+            .map(str::to_string),
+        Err(_) => None,
+    };
+    match template {
+        Some(t) if t.contains("<|im_start|>") && t.contains("<|im_end|>") => {
+            out.push_str(
+                "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\
+                 {{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}\
+                 <|im_start|>assistant\n\"\"\"\nPARAMETER stop \"<|im_end|>\"\n",
+            );
+            // A default system message the template writes as a literal
+            // (SmolLM2's "You are a helpful AI assistant named SmolLM…").
+            if let Some(system) = default_system_message(&t) {
+                out.push_str(&format!("SYSTEM \"\"\"{system}\"\"\"\n"));
+            }
+        }
+        Some(_) => {
+            out.push_str("# The model's chat template is not ChatML: left to ollama's default.\n")
+        }
+        None => out.push_str("# The model has no chat template.\n"),
+    }
+    Ok(out)
+}
