@@ -32,8 +32,13 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
         dir.display()
     );
     if args.gguf {
-        let model =
-            model_of(&cache, &artifact).map_err(Error::io(format!("the model of `{stage}`")))?;
+        let model = model_of(&cache, &artifact)
+            .map_err(Error::io(format!("the manifest of `{stage}`")))?
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "`{stage}` has no `model` input: --gguf exports an adapter stage's adapter"
+                ))
+            })?;
         let out = dir.join("adapter.gguf");
         crate::model::formats::gguf::write_lora_adapter(&model, &from, &out)
             .map_err(|e| Error::Usage(format!("`{stage}` as a llama.cpp adapter: {e}")))?;
@@ -49,21 +54,17 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
     Ok(())
 }
 
-/// The model folder an adapter artifact was trained on: its manifest's
-/// `model` parent.
-fn model_of(cache: &crate::cache::Cache, artifact: &str) -> std::io::Result<PathBuf> {
+/// The model folder an adapter artifact was trained on (its manifest's
+/// `model` parent); None for a stage without one.
+fn model_of(cache: &crate::cache::Cache, artifact: &str) -> std::io::Result<Option<PathBuf>> {
     let manifest = cache.artifact_dir(artifact).join(crate::cache::MANIFEST);
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let parent = json["parents"]
         .as_array()
         .and_then(|p| p.iter().find(|p| p["field"] == "model"))
-        .and_then(|p| p["artifact"].as_str())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "this stage has no `model` input (not an adapter stage?)",
-            )
-        })?;
-    crate::cache::payload_dir(&cache.artifact_dir(parent))
+        .and_then(|p| p["artifact"].as_str());
+    parent
+        .map(|p| crate::cache::payload_dir(&cache.artifact_dir(p)))
+        .transpose()
 }

@@ -133,6 +133,11 @@ pub struct BaseParams {
     #[serde(skip)]
     #[schemars(skip)]
     resolved: Option<PathBuf>,
+    /// The folder's or GGUF's configuration, read once when the stage is
+    /// checked (what `ModelShape` answers).
+    #[serde(skip)]
+    #[schemars(skip)]
+    loaded: Option<crate::model::ModelConfig>,
 }
 
 /// Whether `path` names a GGUF file rather than a folder.
@@ -142,7 +147,9 @@ fn is_gguf(path: &str) -> bool {
 
 /// What `plan` checks of a GGUF: it opens, its architecture and metadata are
 /// ones this program computes, and its tokenizer can be built.
-fn check_gguf(path: &std::path::Path) -> Result<(), crate::model::ModelError> {
+fn check_gguf(
+    path: &std::path::Path,
+) -> Result<crate::model::ModelConfig, crate::model::ModelError> {
     if !path.is_file() {
         return Err(crate::model::ModelError::io(
             path,
@@ -150,9 +157,9 @@ fn check_gguf(path: &std::path::Path) -> Result<(), crate::model::ModelError> {
         ));
     }
     let model = crate::model::formats::gguf::GgufModel::open(path)?;
-    model.config()?;
+    let config = model.config()?;
     model.tokenizer_json()?;
-    Ok(())
+    Ok(config)
 }
 
 /// A GGUF base's artifact: the config.json and tokenizer files its metadata
@@ -258,7 +265,6 @@ impl BaseParams {
     /// The model's config.json, when its shape is known without running:
     /// from `init` or the folder.
     pub fn model_config(&self) -> Option<Result<crate::model::ModelConfig, Problem>> {
-        use crate::model::config::ModelConfig;
         if let Some(init) = &self.init {
             // The seed does not change the shape.
             let spec = init.model_spec(self.dtype.value, 0);
@@ -266,13 +272,8 @@ impl BaseParams {
                 Problem::new(e.to_string()).at(init.hidden.span.clone(), "this shape")
             }));
         }
-        let (written, folder) = (self.path.as_ref()?, self.resolved.as_ref()?);
-        let config = if is_gguf(&written.value) {
-            crate::model::formats::gguf::GgufModel::open(folder).and_then(|g| g.config())
-        } else {
-            ModelConfig::from_file(&folder.join("config.json"))
-        };
-        Some(config.map_err(|e| Problem::new(e.to_string()).at(written.span.clone(), "this model")))
+        // A model that could not be read was reported when checked.
+        self.loaded.clone().map(Ok)
     }
 }
 
@@ -310,33 +311,33 @@ impl Kind for Base {
         if let Some(init) = &p.init {
             init.check(&mut problems);
         }
-        if let Some(path) = p.path.as_ref().filter(|p| is_gguf(&p.value)) {
-            if let Err(e) = check_gguf(&ctx.resolve(path)) {
-                problems.push(
-                    Problem::new(format!("stage `{}`: {e}", ctx.stage))
-                        .at(path.span.clone(), "this model"),
-                );
-            }
-        } else if let Some(path) = &p.path {
+        let mut loaded = None;
+        if let Some(path) = &p.path {
             let folder = ctx.resolve(path);
             let config = folder.join("config.json");
-            if !config.is_file() {
-                problems.push(
+            let read = match is_gguf(&path.value) {
+                true => Some(check_gguf(&folder)),
+                false if config.is_file() => Some(crate::model::ModelConfig::from_file(&config)),
+                false => None,
+            };
+            match read {
+                Some(Ok(config)) => loaded = Some(config),
+                // A family or setting this program cannot compute is refused
+                // before anything runs, at the stage that names the model.
+                Some(Err(e)) => problems.push(
+                    Problem::new(format!("stage `{}`: {e}", ctx.stage))
+                        .at(path.span.clone(), "this model"),
+                ),
+                None => problems.push(
                     Problem::new(format!(
                         "no model folder at {} (expected config.json there)",
                         folder.display()
                     ))
                     .at(path.span.clone(), "model folder"),
-                );
-            } else if let Err(e) = crate::model::ModelConfig::from_file(&config) {
-                // A family or setting this program cannot compute is refused
-                // before anything runs, at the stage that names the folder.
-                problems.push(
-                    Problem::new(format!("stage `{}`: {e}", ctx.stage))
-                        .at(path.span.clone(), "this model"),
-                );
+                ),
             }
         }
+        p.loaded = loaded;
         if problems.is_empty() {
             p.resolved = p.path.as_ref().map(|path| {
                 let folder = ctx.resolve(path);

@@ -7,7 +7,7 @@
 //! rope type's frequencies against transformers' rope-init functions
 //! (tests/fixtures/rope-init.json).
 
-use crate::support::model::with_big_stack;
+use crate::support::model::{mean_nll, with_big_stack, FIXTURE_FAMILIES};
 use candle_core::{DType, Device, Tensor, D};
 use lora_runner::model::config::ModelConfig;
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
@@ -17,18 +17,7 @@ use lora_runner::model::rope::Rope;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const FAMILIES: [&str; 10] = [
-    "llama3",
-    "llama-yarn",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",
-    "olmo2",
-    "smollm3",
-    "phi3",
-];
+const FAMILIES: [&str; 10] = FIXTURE_FAMILIES;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -459,27 +448,12 @@ fn every_family_exported_adapter_gives_peft_the_same_loss() {
             let r = reference(family);
             let folder = fixtures().join("families").join(family);
             let mut model = load(family, DType::F64, None);
+            // Over every next-token target of both rows, as the script pools them.
             let mean_nll = |model: &Decoder| {
-                let mut total = 0.0;
-                let mut count = 0;
+                let (mut total, mut count) = (0.0, 0);
                 for row in &r.rows {
-                    let ids = Tensor::new(row.as_slice(), &Device::Cpu)
-                        .unwrap()
-                        .unsqueeze(0)
-                        .unwrap();
-                    let hidden = model
-                        .forward(Input::padded(&ids, None), Rows::All, Mode::Inference)
-                        .unwrap();
-                    let targets: Vec<_> = (0..row.len() - 1).map(|t| (0, t, row[t + 1])).collect();
-                    let lp = model.token_logprobs(&hidden, &targets).unwrap();
-                    total -= lp
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap();
-                    count += targets.len();
+                    total += mean_nll(model, row) * (row.len() - 1) as f64;
+                    count += row.len() - 1;
                 }
                 total / count as f64
             };

@@ -467,20 +467,8 @@ fn throughput_with_and_without_cache() {
 /// layers, soft-caps and q/k norms all continue from cached keys.
 #[test]
 fn cached_forward_matches_full_forward_for_every_family_checkpoint() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families");
-    for family in [
-        "llama3",
-        "llama-yarn",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma2",
-        "gemma3",
-        "olmo2",
-        "smollm3",
-        "phi3",
-    ] {
-        let model = load(&root.join(family));
+    for family in crate::support::model::FIXTURE_FAMILIES {
+        let model = load(&crate::support::model::fixture_family(family));
         let prompts = vec![
             random_ids(1, 6, model.config.vocab_size, 8).remove(0),
             random_ids(1, 2, model.config.vocab_size, 9).remove(0),

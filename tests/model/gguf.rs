@@ -8,35 +8,12 @@
 //! tests say SKIPPED (and fail under CI=true, so a failed download is never
 //! a silent pass).
 
-use crate::support::model::{max_abs_diff, with_big_stack};
+use crate::support::model::{max_abs_diff, mean_nll, smollm2, with_big_stack};
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
 use lora_runner::model::formats::gguf::{gguf_name, GgufModel, GGUF_FILE};
 use lora_runner::model::generate::{generate, GenerateOptions};
 use std::path::PathBuf;
-
-/// The GGUF file, or None (with a message) when the model was not fetched.
-fn smollm2() -> Option<PathBuf> {
-    match std::env::var("RUNNER_TEST_SMOLLM2") {
-        Ok(path) if !path.is_empty() => {
-            let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "RUNNER_TEST_SMOLLM2={} is not a file: run scripts/fetch-smollm2.sh",
-                path.display()
-            );
-            Some(path)
-        }
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "RUNNER_TEST_SMOLLM2 is not set under CI: .ci/run must fetch SmolLM2 (scripts/fetch-smollm2.sh)"
-            );
-            eprintln!("SKIPPED: no SmolLM2 (scripts/fetch-smollm2.sh, then RUNNER_TEST_SMOLLM2=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)");
-            None
-        }
-    }
-}
 
 fn fixture() -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2.json");
@@ -108,22 +85,7 @@ fn smollm2_gguf_reads_as_transformers_reads_it() {
         assert!(model.layers[0].linears()[0].weight.format().is_some());
         for text in expected["texts"].as_array().unwrap() {
             let ids: Vec<u32> = serde_json::from_value(text["ids"].clone()).unwrap();
-            let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let hidden = model
-                .forward(Input::padded(&input, None), Rows::All, Mode::Inference)
-                .unwrap();
-            let targets: Vec<_> = (0..ids.len() - 1).map(|t| (0, t, ids[t + 1])).collect();
-            let lp = model.token_logprobs(&hidden, &targets).unwrap();
-            let nll = -lp
-                .to_dtype(DType::F64)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let nll = mean_nll(&model, &ids);
             let want = text["nll"].as_f64().unwrap();
             assert!(
                 (nll - want).abs() / want < 1e-4,
@@ -150,46 +112,19 @@ fn smollm2_gguf_reads_as_transformers_reads_it() {
                 .unwrap();
             assert_eq!(ours.get_ids(), ids.as_slice(), "llama.cpp: {}", row["text"]);
             if let Some(want) = row["nll"].as_f64() {
-                let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let hidden = model
-                    .forward(Input::padded(&input, None), Rows::All, Mode::Inference)
-                    .unwrap();
-                let targets: Vec<_> = (0..ids.len() - 1).map(|t| (0, t, ids[t + 1])).collect();
-                let lp = model.token_logprobs(&hidden, &targets).unwrap();
-                let nll = -lp
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .mean_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let nll = mean_nll(&model, &ids);
                 assert!(
                     (nll - want).abs() / want < 0.02,
                     "llama.cpp: {nll} vs {want}"
                 );
             }
         }
-        // A pretrained model: English costs far less than its own words shuffled.
+        // A pretrained model: English costs far less than its own tokens reversed.
         let english: Vec<u32> =
             serde_json::from_value(expected["texts"][0]["ids"].clone()).unwrap();
-        let mut shuffled = english.clone();
-        shuffled.reverse();
-        let nll = |ids: &[u32]| {
-            let input = Tensor::new(ids, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let hidden = model
-                .forward(Input::padded(&input, None), Rows::All, Mode::Inference)
-                .unwrap();
-            let targets: Vec<_> = (0..ids.len() - 1).map(|t| (0, t, ids[t + 1])).collect();
-            let lp = model.token_logprobs(&hidden, &targets).unwrap();
-            -lp.mean_all().unwrap().to_scalar::<f32>().unwrap()
-        };
-        assert!(nll(&english) * 2.0 < nll(&shuffled));
+        let mut reversed = english.clone();
+        reversed.reverse();
+        assert!(mean_nll(&model, &english) * 2.0 < mean_nll(&model, &reversed));
 
         // Greedy chat answers, as transformers generates them.
         for chat in expected["chats"].as_array().unwrap() {

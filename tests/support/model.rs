@@ -231,3 +231,71 @@ pub fn forward_packed(
         .unwrap();
     (hidden, packed_starts(&lengths))
 }
+
+/// The tiny checkpoints transformers wrote for every family
+/// (tests/fixtures/families, from scripts/family_reference.py).
+pub const FIXTURE_FAMILIES: [&str; 10] = [
+    "llama3",
+    "llama-yarn",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "smollm3",
+    "phi3",
+];
+
+/// The folder of one of them.
+pub fn fixture_family(family: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families")
+        .join(family)
+}
+
+/// Mean next-token loss of one row of `ids` under `model` (f64).
+pub fn mean_nll(model: &lora_runner::model::decoder::Decoder, ids: &[u32]) -> f64 {
+    use lora_runner::model::decoder::{Input, Mode, Rows};
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let hidden = model
+        .forward(Input::padded(&input, None), Rows::All, Mode::Inference)
+        .unwrap();
+    let targets: Vec<_> = (0..ids.len() - 1).map(|t| (0, t, ids[t + 1])).collect();
+    let logprobs = model.token_logprobs(&hidden, &targets).unwrap();
+    -logprobs
+        .to_dtype(DType::F64)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// SmolLM2's GGUF as `.ci/run` fetches it (RUNNER_TEST_SMOLLM2), or None
+/// with a SKIPPED line; under CI=true a missing model fails the test, so a
+/// failed download is never a silent pass.
+pub fn smollm2() -> Option<std::path::PathBuf> {
+    match std::env::var("RUNNER_TEST_SMOLLM2") {
+        Ok(path) if !path.is_empty() => {
+            let path = std::path::PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "RUNNER_TEST_SMOLLM2={} is not a file: run scripts/fetch-smollm2.sh",
+                path.display()
+            );
+            Some(std::fs::canonicalize(path).unwrap())
+        }
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "RUNNER_TEST_SMOLLM2 is not set under CI: .ci/run must fetch SmolLM2 (scripts/fetch-smollm2.sh)"
+            );
+            eprintln!("SKIPPED: no SmolLM2 (scripts/fetch-smollm2.sh, then RUNNER_TEST_SMOLLM2=models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)");
+            None
+        }
+    }
+}

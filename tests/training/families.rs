@@ -154,6 +154,21 @@ fn every_family_trains_in_both_schemes_merges_and_exports_through_the_cli() {
     ]);
     assert_eq!(refused.code, exit::USAGE, "{}", refused.stderr);
     assert!(refused.stderr.contains("gemma2") && refused.stderr.contains("not supported yet"));
+    // A stage with no adapter to export: a usage error naming the stage.
+    let base = ws.runner(&[
+        "export",
+        "recipe.toml",
+        "base@arch=llama",
+        "out/b",
+        "--gguf",
+    ]);
+    assert_eq!(base.code, exit::USAGE, "{}", base.stderr);
+    assert!(
+        base.stderr
+            .contains("`base@arch=llama` has no `model` input"),
+        "{}",
+        base.stderr
+    );
     // The runs differ by family where the families differ; greedy
     // generation ran for each.
     let eval_loss = |arch: &str| {
@@ -178,9 +193,7 @@ fn every_family_trains_in_both_schemes_merges_and_exports_through_the_cli() {
 /// A folder of one of transformers' own checkpoints, with the built-in
 /// tokenizer beside it.
 fn fixture_model(ws: &Workspace, family: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/families")
-        .join(family);
+    let src = crate::support::model::fixture_family(family);
     let dst = ws.path(&format!("models/{family}"));
     std::fs::create_dir_all(&dst).unwrap();
     for file in ["config.json", "model.safetensors"] {
@@ -193,18 +206,7 @@ fn fixture_model(ws: &Workspace, family: &str) -> PathBuf {
 #[test]
 fn transformers_checkpoints_of_every_family_evaluate_dense_and_q8_0_through_the_cli() {
     let ws = Workspace::new();
-    let families = [
-        "llama3",
-        "llama-yarn",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma2",
-        "gemma3",
-        "olmo2",
-        "smollm3",
-        "phi3",
-    ];
+    let families = crate::support::model::FIXTURE_FAMILIES;
     let mut recipe = String::from("[recipe]\nname = \"checkpoints\"\nseed = 1\n");
     for family in families {
         fixture_model(&ws, family);

@@ -3,24 +3,9 @@
 //! what its numbers are checked against), an evaluation of a few rows and
 //! two SFT steps on its Q4_1 blocks.
 
+use crate::support::model::smollm2;
 use crate::support::Workspace;
 use std::path::PathBuf;
-
-fn smollm2() -> Option<PathBuf> {
-    match std::env::var("RUNNER_TEST_SMOLLM2") {
-        Ok(path) if !path.is_empty() => {
-            Some(std::fs::canonicalize(path).expect("the SmolLM2 GGUF"))
-        }
-        _ => {
-            assert!(
-                std::env::var("CI").is_err(),
-                "RUNNER_TEST_SMOLLM2 is not set under CI: .ci/run must fetch SmolLM2"
-            );
-            eprintln!("SKIPPED: no SmolLM2 (scripts/fetch-smollm2.sh)");
-            None
-        }
-    }
-}
 
 #[test]
 fn smollm2_from_its_gguf_evaluates_and_fine_tunes_through_the_cli() {
