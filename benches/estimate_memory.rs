@@ -45,6 +45,7 @@ fn main() {
                     config: &config,
                     dtype,
                     quantization,
+                    stored_bits: None,
                     targets: &targets,
                     dropout: false,
                     rows: 1,

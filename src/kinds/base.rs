@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::lineage::{HeldAs, ModelShape};
-use super::params::Quantize;
+use super::lineage::{HeldAs, ModelShape, StoredBits};
+use super::params::{no_quantize, Quantize};
 use super::{key_with_path, resolved_input};
 use crate::diag::checks::{at_least, positive};
 use crate::diag::span::Sp;
@@ -127,7 +127,8 @@ pub struct BaseParams {
     /// Hold the decoder layers' projections quantized in every stage that
     /// loads this model ("q8_0" or "q4_k"; embeddings, norms and the output
     /// head stay dense). The folder itself stays as it is: stages quantize
-    /// when they load it.
+    /// when they load it. On a GGUF, left out keeps the file's own blocks,
+    /// and "none" dequantises them once, to f32, when this stage runs.
     #[serde(default, skip_serializing_if = "super::params::no_quantize")]
     pub quantize: Option<Sp<Quantize>>,
     #[serde(skip)]
@@ -138,6 +139,10 @@ pub struct BaseParams {
     #[serde(skip)]
     #[schemars(skip)]
     loaded: Option<crate::model::ModelConfig>,
+    /// A GGUF's mean bits per projection weight as stored.
+    #[serde(skip)]
+    #[schemars(skip)]
+    stored_bits: Option<f64>,
 }
 
 /// Whether `path` names a GGUF file rather than a folder.
@@ -149,7 +154,7 @@ fn is_gguf(path: &str) -> bool {
 /// ones this program computes, and its tokenizer can be built.
 fn check_gguf(
     path: &std::path::Path,
-) -> Result<crate::model::ModelConfig, crate::model::ModelError> {
+) -> Result<(crate::model::ModelConfig, f64), crate::model::ModelError> {
     if !path.is_file() {
         return Err(crate::model::ModelError::io(
             path,
@@ -159,7 +164,8 @@ fn check_gguf(
     let model = crate::model::formats::gguf::GgufModel::open(path)?;
     let config = model.config()?;
     model.tokenizer_json()?;
-    Ok(config)
+    let bits = model.projection_bits(&config);
+    Ok((config, bits))
 }
 
 /// A GGUF base's artifact: the config.json and tokenizer files its metadata
@@ -196,6 +202,35 @@ impl BaseParams {
     pub fn folder(&self) -> Option<&PathBuf> {
         self.resolved.as_ref()
     }
+
+    /// Whether `path` is a GGUF file.
+    fn gguf(&self) -> bool {
+        self.path.as_ref().is_some_and(|p| is_gguf(&p.value))
+    }
+
+    /// A GGUF base with `quantize = "none"`: its blocks dequantised once,
+    /// when the stage runs, rather than per product in every stage.
+    fn dequantizes_gguf(&self) -> bool {
+        self.gguf()
+            && self
+                .quantize
+                .as_ref()
+                .is_some_and(|q| q.value == Quantize::None)
+    }
+}
+
+/// Dequantises the GGUF in a base artifact once: model.safetensors in f32
+/// (every block value is exact in f32) beside it, which loading stages then
+/// read instead; the GGUF stays for `export --gguf-type base`.
+fn dequantize_gguf(out: &std::path::Path) -> anyhow::Result<()> {
+    use crate::model::decoder::{Decoder, LoadOptions};
+    let options = LoadOptions {
+        dtype: Some(candle_core::DType::F32),
+        device: candle_core::Device::Cpu,
+    };
+    let model = Decoder::load(out, &options)?;
+    crate::model::merge::save_model_folder(&model, out, None, 5_000_000_000)?;
+    Ok(())
 }
 
 impl InitSpec {
@@ -316,7 +351,10 @@ impl Kind for Base {
             let folder = ctx.resolve(path);
             let config = folder.join("config.json");
             let read = match is_gguf(&path.value) {
-                true => Some(check_gguf(&folder)),
+                true => Some(check_gguf(&folder).map(|(config, bits)| {
+                    p.stored_bits = Some(bits);
+                    config
+                })),
                 false if config.is_file() => Some(crate::model::ModelConfig::from_file(&config)),
                 false => None,
             };
@@ -348,13 +386,27 @@ impl Kind for Base {
     }
 
     fn key_params(&self, p: &BaseParams) -> serde_json::Value {
-        match &p.resolved {
+        let mut key = match &p.resolved {
             Some(resolved) => key_with_path(p, resolved),
             None => serde_json::to_value(p).expect("parameters serialize to JSON"),
+        };
+        // "none" is the default for a folder (left out of its key), but on
+        // a GGUF it asks for something else than the default: dense weights.
+        if p.dequantizes_gguf() {
+            key["quantize"] = serde_json::json!("none");
         }
+        key
     }
 
     fn plan_note(&self, p: &BaseParams) -> Option<String> {
+        if p.dequantizes_gguf() {
+            return Some("the GGUF's blocks dequantised once, to f32, when this stage runs".into());
+        }
+        if p.gguf() && no_quantize(&p.quantize) {
+            return Some(
+                "projections kept in the GGUF's own blocks, dequantised per product".into(),
+            );
+        }
         let q = p.quantize.as_ref()?.value.quantization()?;
         Some(format!(
             "projections held {} by the stages that load it ({})",
@@ -365,7 +417,11 @@ impl Kind for Base {
 
     fn answer(&self, p: &BaseParams, ask: &mut Ask<'_>) {
         ask.give::<ModelShape>(|| p.model_config())
-            .give::<HeldAs>(|| p.quantize.as_ref().and_then(|q| q.value.quantization()));
+            .give::<HeldAs>(|| p.quantize.as_ref().and_then(|q| q.value.quantization()))
+            .give::<StoredBits>(|| match no_quantize(&p.quantize) && !p.dequantizes_gguf() {
+                true => p.stored_bits,
+                false => None,
+            });
     }
 
     fn files(&self, p: &BaseParams, _recipe_dir: &std::path::Path) -> Vec<FileInput> {
@@ -384,7 +440,15 @@ impl Kind for Base {
             .and_then(|q| q.value.quantization());
         super::inputs::write_quantization(&ctx.out_dir, quantize)?;
         match (&params.resolved, &params.init) {
-            (Some(file), _) if file.is_file() => gguf_artifact(file, &ctx.out_dir),
+            (Some(file), _) if file.is_file() => {
+                gguf_artifact(file, &ctx.out_dir)?;
+                if params.dequantizes_gguf() {
+                    ctx.progress
+                        .log("dequantising the GGUF's blocks once, to f32");
+                    dequantize_gguf(&ctx.out_dir)?;
+                }
+                Ok(())
+            }
             (Some(folder), _) => {
                 // Referenced, not copied: the artifact records where the model is.
                 let source = serde_json::json!({ "path": folder.display().to_string() });

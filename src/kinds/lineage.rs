@@ -27,6 +27,14 @@ impl Question for HeldAs {
     type Answer = Option<Quantization>;
 }
 
+/// Bits a projection weight takes as stored, for a model held in a GGUF's
+/// own blocks (None: dense, or as `HeldAs` says). Answered by `base`, and
+/// by `merge` (whose output is dense).
+pub struct StoredBits;
+impl Question for StoredBits {
+    type Answer = Option<f64>;
+}
+
 /// The LoRA config of the adapter a stage makes.
 pub struct AdapterMade;
 impl Question for AdapterMade {
@@ -70,6 +78,17 @@ pub fn quantization(view: StageView<'_>) -> Option<Quantization> {
     fn at(view: StageView<'_>, depth: usize) -> Option<Quantization> {
         match view.ask::<HeldAs>() {
             Some(held) => held,
+            None => follow(view, depth, "model", at),
+        }
+    }
+    at(view, 0)
+}
+
+/// Bits a projection weight of a model stage takes as a GGUF's blocks.
+pub fn stored_bits(view: StageView<'_>) -> Option<f64> {
+    fn at(view: StageView<'_>, depth: usize) -> Option<f64> {
+        match view.ask::<StoredBits>() {
+            Some(bits) => bits,
             None => follow(view, depth, "model", at),
         }
     }

@@ -39,6 +39,7 @@ pub fn estimate(
         config: &config,
         dtype,
         quantization: lineage::quantization(model),
+        stored_bits: lineage::stored_bits(model),
         targets: &targets,
         dropout: lora.dropout > 0.0,
         rows: batch.rows,

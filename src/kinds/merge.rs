@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::lineage::HeldAs;
+use super::lineage::{HeldAs, StoredBits};
 use super::lora::{check_adapter_model, check_written_adapter_or_lora};
 use super::params::Quantize;
 use super::{inputs, model_refs};
@@ -100,6 +100,7 @@ impl Kind for Merge {
     }
 
     fn answer(&self, p: &MergeParams, ask: &mut Ask<'_>) {
+        ask.give::<StoredBits>(|| None);
         if let Some(q) = &p.quantize {
             ask.give::<HeldAs>(|| q.value.quantization());
         }
@@ -147,7 +148,13 @@ impl Kind for Merge {
             None => source.quantize,
         };
         inputs::write_quantization(&ctx.out_dir, held)?;
-        if source.quantize.is_none() && held.is_none() && p.eval.is_none() {
+        // A GGUF's blocks are a conversion too: the merge is measured
+        // against an f32 merge into the dequantised blocks.
+        let blocks = source
+            .dir
+            .join(crate::model::formats::gguf::GGUF_FILE)
+            .is_file();
+        if source.quantize.is_none() && held.is_none() && p.eval.is_none() && !blocks {
             return Ok(());
         }
         // The precision each conversion costs, against an f32 merge into the

@@ -243,6 +243,10 @@ fn memory_estimate(
             config: &model.config,
             dtype: model.dtype,
             quantization: model.quantization,
+            // A GGUF's own blocks: the bits its projections take as loaded.
+            stored_bits: (model.quantization.is_none()
+                && model.linears().any(|l| l.weight.format().is_some()))
+            .then(|| base_precision(model).0),
             targets: &targets,
             dropout: lora.dropout > 0.0,
             rows: batch.rows,

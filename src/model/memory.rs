@@ -43,6 +43,9 @@ pub struct StepShape<'a> {
     /// Compute dtype of the base and the activations.
     pub dtype: DType,
     pub quantization: Option<Quantization>,
+    /// Bits a projection weight takes in a GGUF's own blocks, when the base
+    /// is held in them (`quantization` is None then).
+    pub stored_bits: Option<f64>,
     /// The adapters trained (module name, rank).
     pub targets: &'a [ResolvedTarget],
     pub dropout: bool,
@@ -76,7 +79,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         let (out, inp) = c.projection_shape(projection).expect("known projection");
         let bits = match s.quantization.and_then(|qz| qz.format_for(inp)) {
             Some(format) => Quantization::bits_per_weight(format),
-            None => 8.0 * dt as f64,
+            None => s.stored_bits.unwrap_or(8.0 * dt as f64),
         };
         weights += l * ((out * inp) as f64 * bits / 8.0).ceil() as u64;
         if c.projection_has_bias(projection) {

@@ -22,7 +22,7 @@ fn fixture() -> serde_json::Value {
 
 /// A model folder as a `base` stage makes it: config.json and the tokenizer
 /// files from the metadata, beside the GGUF.
-fn folder(gguf: &GgufModel, file: &std::path::Path) -> tempfile::TempDir {
+pub fn folder(gguf: &GgufModel, file: &std::path::Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (name, value) in [
         ("config.json", gguf.config_json().unwrap()),
@@ -172,7 +172,7 @@ fn write_gguf(
 }
 
 /// `write_gguf` for another architecture (only llama's q/k rows are permuted).
-fn write_gguf_of(
+pub fn write_gguf_of(
     dir: &std::path::Path,
     arch: lora_runner::model::config::Architecture,
     edit: impl Fn(&mut Vec<(String, Value)>, &mut Vec<String>),
@@ -363,7 +363,7 @@ fn gguf_metadata_or_tensors_it_cannot_compute_are_refused_by_name() {
 #[test]
 fn a_llama_cpp_adapter_holds_peft_s_b_a_in_llama_cpp_order() {
     use candle_core::quantized::gguf_file::Content;
-    use lora_runner::model::formats::gguf::write_lora_adapter;
+    use lora_runner::model::formats::gguf_out::write_lora_adapter;
     let family = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/llama3");
     let out = tempfile::tempdir().unwrap();
     let file = out.path().join("adapter.gguf");

@@ -9,6 +9,7 @@ mod fused_attention;
 mod fused_linear;
 mod generate;
 mod gguf;
+mod gguf_export;
 mod init_and_tokenizer;
 mod loading_errors;
 mod lora_gradients;

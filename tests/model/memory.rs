@@ -55,6 +55,7 @@ fn the_estimate_counts_the_weights_and_adapter_a_loaded_model_holds() {
             config: &model.config,
             dtype,
             quantization,
+            stored_bits: None,
             targets: &targets,
             dropout: false,
             rows: 4,

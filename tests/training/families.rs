@@ -154,21 +154,44 @@ fn every_family_trains_in_both_schemes_merges_and_exports_through_the_cli() {
     ]);
     assert_eq!(refused.code, exit::USAGE, "{}", refused.stderr);
     assert!(refused.stderr.contains("gemma2") && refused.stderr.contains("not supported yet"));
-    // A stage with no adapter to export: a usage error naming the stage.
-    let base = ws.runner(&[
+    // A model stage (scheme two's merge) as a model GGUF, in q8_0 here;
+    // `base` formats need a GGUF ancestor; an evaluation has no GGUF form.
+    ws.runner(&[
         "export",
         "recipe.toml",
-        "base@arch=llama",
-        "out/b",
+        "merged@arch=llama",
+        "out/m",
         "--gguf",
-    ]);
-    assert_eq!(base.code, exit::USAGE, "{}", base.stderr);
-    assert!(
-        base.stderr
-            .contains("`base@arch=llama` has no `model` input"),
-        "{}",
-        base.stderr
-    );
+        "--gguf-type",
+        "q8_0",
+    ])
+    .ok();
+    let written =
+        lora_runner::model::formats::gguf::GgufModel::open(&ws.path("out/m/model.gguf")).unwrap();
+    let config = written.config().unwrap();
+    assert_eq!((config.hidden_size, config.num_hidden_layers), (32, 4));
+    let formats = lora_runner::model::formats::gguf::tensor_formats(&written);
+    assert_eq!(format!("{:?}", formats["blk.3.ffn_up.weight"]), "Q8_0");
+    assert!(std::fs::read_to_string(ws.path("out/m/Modelfile"))
+        .unwrap()
+        .contains("FROM ./model.gguf"));
+    for (stage, ty, says) in [
+        ("merged@arch=llama", "base", "does not descend from one"),
+        ("eval@arch=llama", "f16", "neither a model nor an adapter"),
+        ("merged@arch=gemma2", "f16", "not supported yet"),
+    ] {
+        let run = ws.runner(&[
+            "export",
+            "recipe.toml",
+            stage,
+            "out/x",
+            "--gguf",
+            "--gguf-type",
+            ty,
+        ]);
+        assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
+        assert!(run.stderr.contains(says), "{stage}: {}", run.stderr);
+    }
     // The runs differ by family where the families differ; greedy
     // generation ran for each.
     let eval_loss = |arch: &str| {

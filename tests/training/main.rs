@@ -10,6 +10,7 @@ mod data_errors;
 mod data_tokenize;
 mod dpo_gradient;
 mod families;
+mod gguf_base;
 mod preference_loss;
 mod quantized;
 mod real_model;

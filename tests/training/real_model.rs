@@ -1,7 +1,7 @@
 //! The real pretrained model through the CLI: a `base` stage on SmolLM2's
 //! GGUF (fetched by scripts/fetch-smollm2.sh; see tests/model/gguf.rs for
-//! what its numbers are checked against), an evaluation of a few rows and
-//! two SFT steps on its Q4_1 blocks.
+//! what its numbers are checked against), an evaluation of a few rows, two
+//! SFT steps on its Q4_1 blocks, the merge, and both out as GGUF.
 
 use crate::support::model::smollm2;
 use crate::support::Workspace;
@@ -48,6 +48,12 @@ model = "base"
 data = {{ train = "data/train.jsonl" }}
 lora = {{ r = 4, alpha = 8, targets = ["q_proj", "v_proj"] }}
 train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 48 }}
+
+[stages.merged]
+kind = "merge"
+model = "base"
+adapter = "sft"
+dtype = "bf16"
 "#,
             gguf = gguf.display()
         ),
@@ -95,6 +101,60 @@ train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 48 }}
     }
     assert!(modelfile.contains("<|im_start|>assistant"));
     assert!(modelfile.contains("SYSTEM \"\"\"You are a helpful AI assistant named SmolLM"));
+
+    // Scheme two's merge onto the Q4_1 blocks: measured against an f32
+    // merge into the dequantised blocks (here the bf16 cast's error)...
+    let merge = show("merged")["manifest"]["metrics"].clone();
+    let err = merge["merge/weight_max_abs_err"].as_f64().unwrap();
+    assert!(err > 0.0 && err < 0.05, "{merge}");
+    // ...and out as GGUF for llama.cpp: f16 by default, keeping all of the
+    // fine-tune; in the base's own Q4_1 blocks on request, which round two
+    // steps' change back onto the base's grid, and the export says so.
+    let f16 = ws
+        .runner(&["export", "recipe.toml", "merged", "out/merged", "--gguf"])
+        .ok();
+    assert!(
+        f16.stderr.contains("f16 model") && !f16.stderr.contains("warning"),
+        "{}",
+        f16.stderr
+    );
+    let same = ws
+        .runner(&[
+            "export",
+            "recipe.toml",
+            "merged",
+            "out/q",
+            "--gguf",
+            "--gguf-type",
+            "base",
+        ])
+        .ok();
+    assert!(
+        same.stderr.contains("warning: base keeps"),
+        "{}",
+        same.stderr
+    );
+    use lora_runner::model::formats::gguf::{tensor_formats, GgufModel};
+    let exported = GgufModel::open(&ws.path("out/q/model.gguf")).unwrap();
+    let original = GgufModel::open(&gguf).unwrap();
+    assert_eq!(tensor_formats(&exported), tensor_formats(&original));
+    assert_eq!(
+        exported.tokenizer_json().unwrap(),
+        original.tokenizer_json().unwrap()
+    );
+    let modelfile = std::fs::read_to_string(ws.path("out/merged/Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./model.gguf\n"), "{modelfile}");
+    // An adapter is not given a number format.
+    let run = ws.runner(&[
+        "export",
+        "recipe.toml",
+        "sft",
+        "out/x",
+        "--gguf",
+        "--gguf-type",
+        "q8_0",
+    ]);
+    assert_eq!(run.code, lora_runner::cli::exit::USAGE, "{}", run.stderr);
 }
 
 #[test]

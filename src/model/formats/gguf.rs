@@ -384,9 +384,9 @@ impl GgufModel {
         let mut raw = self.raw(&name, info)?;
         let (_, permuted) = self.family()?;
         if permuted {
-            let heads = if name.ends_with("attn_q.weight") {
+            let heads = if name.contains(".attn_q.") {
                 self.count("attention.head_count")?
-            } else if name.ends_with("attn_k.weight") {
+            } else if name.contains(".attn_k.") {
                 self.count("attention.head_count_kv")?
                     .or(self.count("attention.head_count")?)
             } else {
@@ -398,6 +398,26 @@ impl GgufModel {
         }
         qtensor_from_ggml(info.ggml_dtype, &raw, shape.to_vec(), device)
             .map_err(|e| ModelError::config(&self.path, format!("tensor {name}: {e}")))
+    }
+
+    /// A tensor by its llama.cpp name as stored (rows in the file's order).
+    pub fn tensor_in_file_order(&self, name: &str) -> Result<QTensor> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    tensor: name.to_string(),
+                    file: self.path.clone(),
+                })?;
+        let raw = self.raw(name, info)?;
+        qtensor_from_ggml(
+            info.ggml_dtype,
+            &raw,
+            info.shape.dims().to_vec(),
+            &Device::Cpu,
+        )
+        .map_err(|e| ModelError::config(&self.path, format!("tensor {name}: {e}")))
     }
 
     /// The stored bytes of one tensor.
@@ -428,6 +448,31 @@ impl GgufModel {
             .and_then(|_| file.read_exact(&mut raw))
             .map_err(|e| ModelError::io(&self.path, e))?;
         Ok(raw)
+    }
+
+    /// Mean bits a decoder projection weight takes in this file (f32 for
+    /// one stored as floats, which loading holds in the compute dtype).
+    pub fn projection_bits(&self, config: &ModelConfig) -> f64 {
+        let (mut bits, mut weights) = (0.0, 0.0);
+        for i in 0..config.num_hidden_layers {
+            for (p, _) in config.projections() {
+                let module = crate::model::formats::names::projection(i, p);
+                let Some(info) = gguf_name(&crate::model::formats::names::weight(&module))
+                    .and_then(|n| self.content.tensor_infos.get(&n))
+                else {
+                    continue;
+                };
+                let n = info.shape.elem_count() as f64;
+                bits += n * 8.0 * info.ggml_dtype.type_size() as f64
+                    / info.ggml_dtype.block_size() as f64;
+                weights += n;
+            }
+        }
+        if weights == 0.0 {
+            32.0
+        } else {
+            bits / weights
+        }
     }
 
     /// Whether a weight is stored in a block format (not f32/f16/bf16).
@@ -463,10 +508,14 @@ impl GgufModel {
                 .collect(),
             _ => vec![1; tokens.len()],
         };
-        let pre = self.string("tokenizer.ggml.pre").unwrap_or("default");
+        let pre = self.string("tokenizer.ggml.pre").ok_or_else(|| {
+            config_error(&self.path, "GGUF metadata names no tokenizer.ggml.pre; llama.cpp falls back to a default split it warns degrades generation, so it is refused")
+        })?;
         let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
             config_error(&self.path, format!("tokenizer.ggml.pre {pre:?} is not one this program knows; llama.cpp warns that generation degrades with the wrong one, so it is refused (known: {})", KNOWN_PRE.join(", ")))
         })?;
+        // llama.cpp skips merges for whole-vocabulary words under llama3's split.
+        let ignore_merges = matches!(pre, "llama-bpe" | "llama3" | "llama-v3");
         let vocab: Map<String, Json> = tokens
             .iter()
             .enumerate()
@@ -510,7 +559,7 @@ impl GgufModel {
             "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
         }))
     }
 
@@ -540,8 +589,7 @@ impl GgufModel {
 }
 
 /// llama.cpp's pre-tokenizer names this program translates.
-const KNOWN_PRE: [&str; 12] = [
-    "default",
+const KNOWN_PRE: [&str; 11] = [
     "gpt2",
     "gpt-2",
     "olmo",
@@ -561,11 +609,11 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// The pre-tokenizer llama.cpp applies for `pre` (llama-vocab.cpp's
 /// regex lists), as a tokenizers-library pre-tokenizer.
-fn pre_tokenizer(pre: &str) -> Option<Json> {
+pub(crate) fn pre_tokenizer(pre: &str) -> Option<Json> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     Some(match pre {
-        "default" | "gpt2" | "gpt-2" | "olmo" => byte_level(true),
+        "gpt2" | "gpt-2" | "olmo" => byte_level(true),
         // Each digit alone, then GPT-2's split.
         "smollm" | "starcoder" | "refact" | "codeshell" => {
             json!({"type": "Sequence", "pretokenizers": [split(r"\p{N}"), byte_level(true)]})
@@ -639,160 +687,12 @@ pub fn tensor_names(model: &GgufModel) -> HashMap<String, Vec<usize>> {
         .collect()
 }
 
-/// llama.cpp's architecture name for a family whose adapters and models it
-/// runs, and whether its converter permutes q/k rows.
-fn llama_cpp_arch(config: &ModelConfig) -> Option<(&'static str, bool)> {
-    use crate::model::family::Architecture as A;
-    match config.architecture {
-        A::Llama | A::Mistral => Some(("llama", true)),
-        A::Qwen2 => Some(("qwen2", false)),
-        A::Qwen3 => Some(("qwen3", false)),
-        _ => None,
-    }
-}
-
-/// Puts the rows of a q/k weight (or of a LoRA B on it) into llama.cpp's
-/// order: `unpermute_rows` undone, on a dense [rows, cols] tensor.
-fn permute_rows(t: &candle_core::Tensor, heads: usize) -> candle_core::Result<candle_core::Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let d = rows / heads.max(1);
-    t.reshape((heads, 2, d / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))
-}
-
-/// Writes the PEFT adapter in `adapter_dir` (for the model in `model_dir`)
-/// as a llama.cpp LoRA adapter (`general.type = adapter`, tensors
-/// `<weight>.lora_a` [r, in] and `.lora_b` [out, r], f32). Each module's own
-/// scale (alpha/r, rsLoRA's alpha/√r, rank and alpha patterns) is folded
-/// into B and `adapter.lora.alpha` is 0, which llama.cpp reads as "scale
-/// 1", so every loader applies exactly what PEFT does; B's rows on q/k are
-/// permuted as llama.cpp's converter permuted the base's.
-pub fn write_lora_adapter(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
-    use crate::model::formats::peft::read_adapter_config;
-    use crate::model::layers::lora::peft_tensor_name;
-    let config = ModelConfig::from_dir(model_dir)?;
-    let (arch, permuted) = llama_cpp_arch(&config).ok_or_else(|| {
-        ModelError::LoraConfig(format!(
-            "a llama.cpp adapter for {} models is not supported yet (llama, mistral, qwen2, qwen3)",
-            config.model_type
-        ))
-    })?;
-    let config_path = adapter_dir.join("adapter_config.json");
-    let peft = read_adapter_config(&config_path)?;
-    let targets = peft
-        .lora
-        .resolve(&config)
-        .map_err(|e| ModelError::config(&config_path, e.to_string()))?;
-    let weights_path = adapter_dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| {
-        ModelError::Safetensors {
-            path: weights_path.clone(),
-            message: e.to_string(),
-        }
-    })?;
-    let take = |name: String| {
-        tensors
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| ModelError::MissingTensor {
-                tensor: name,
-                file: weights_path.clone(),
-            })
-    };
-    let mut written: Vec<(String, QTensor)> = Vec::new();
-    for target in &targets {
-        let module = &target.module;
-        let base = gguf_name(&format!("{module}.weight"))
-            .ok_or_else(|| ModelError::LoraConfig(format!("no llama.cpp name for {module}")))?;
-        let a = take(peft_tensor_name(module, 'A'))?.to_dtype(candle_core::DType::F32)?;
-        let mut b = (take(peft_tensor_name(module, 'B'))?.to_dtype(candle_core::DType::F32)?
-            * target.scale)?;
-        if permuted && module.ends_with("q_proj") {
-            b = permute_rows(&b, config.num_attention_heads)?;
-        } else if permuted && module.ends_with("k_proj") {
-            b = permute_rows(&b, config.num_key_value_heads)?;
-        }
-        written.push((
-            format!("{base}.lora_a"),
-            QTensor::quantize(&a, GgmlDType::F32)?,
-        ));
-        written.push((
-            format!("{base}.lora_b"),
-            QTensor::quantize(&b, GgmlDType::F32)?,
-        ));
-    }
-    let metadata = [
-        ("general.architecture", Value::String(arch.into())),
-        ("general.type", Value::String("adapter".into())),
-        ("adapter.type", Value::String("lora".into())),
-        ("adapter.lora.alpha", Value::F32(0.0)),
-    ];
-    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let list: Vec<(&str, &QTensor)> = written.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let partial = out.with_extension("gguf.partial");
-    {
-        let mut file = std::fs::File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
-        candle_core::quantized::gguf_file::write(&mut file, &meta, &list)
-            .map_err(|e| ModelError::config(&partial, e.to_string()))?;
-        file.sync_all().map_err(|e| ModelError::io(&partial, e))?;
-    }
-    std::fs::rename(&partial, out).map_err(|e| ModelError::io(out, e))?;
-    Ok(())
-}
-
-/// The literal system message a ChatML template writes when the
-/// conversation has none, if it has one.
-fn default_system_message(template: &str) -> Option<String> {
-    let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
-    let text = &template[start..];
-    let text = &text[..text.find("<|im_end|>")?];
-    (!text.contains("{{") && !text.contains("{%") && !text.contains('\'')).then(|| text.to_string())
-}
-
-/// An ollama Modelfile for the model in `model_dir` with the llama.cpp
-/// adapter `adapter` beside it: `FROM` the model (its GGUF when it is one,
-/// else the folder, which ollama imports), `ADAPTER`, and for a ChatML chat
-/// template (the only one translated: others are left to ollama's
-/// defaults, with a comment saying so) `TEMPLATE` and its stop token.
-pub fn modelfile(model_dir: &Path, adapter: &str) -> Result<String> {
-    let gguf = model_dir.join(GGUF_FILE);
-    let from = if gguf.is_file() {
-        gguf
-    } else {
-        model_dir.to_path_buf()
-    };
-    let mut out = format!(
-        "# Written by `runner export --gguf`: `ollama create NAME -f Modelfile`.\nFROM {}\nADAPTER ./{adapter}\n",
-        from.display()
-    );
-    let config = model_dir.join("tokenizer_config.json");
-    let template = match std::fs::read(&config) {
-        Ok(bytes) => serde_json::from_slice::<Json>(&bytes)
-            .map_err(|e| ModelError::config(&config, e.to_string()))?
-            .get("chat_template")
-            .and_then(Json::as_str)
-            .map(str::to_string),
-        Err(_) => None,
-    };
-    match template {
-        Some(t) if t.contains("<|im_start|>") && t.contains("<|im_end|>") => {
-            out.push_str(
-                "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\
-                 {{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}\
-                 <|im_start|>assistant\n\"\"\"\nPARAMETER stop \"<|im_end|>\"\n",
-            );
-            // A default system message the template writes as a literal
-            // (SmolLM2's "You are a helpful AI assistant named SmolLM…").
-            if let Some(system) = default_system_message(&t) {
-                out.push_str(&format!("SYSTEM \"\"\"{system}\"\"\"\n"));
-            }
-        }
-        Some(_) => {
-            out.push_str("# The model's chat template is not ChatML: left to ollama's default.\n")
-        }
-        None => out.push_str("# The model has no chat template.\n"),
-    }
-    Ok(out)
+/// Each tensor's block format, by llama.cpp name.
+pub fn tensor_formats(model: &GgufModel) -> HashMap<String, GgmlDType> {
+    model
+        .content
+        .tensor_infos
+        .iter()
+        .map(|(n, i)| (n.clone(), i.ggml_dtype))
+        .collect()
 }

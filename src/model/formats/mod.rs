@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod gguf;
+pub mod gguf_out;
 pub mod io;
 pub mod names;
 pub mod peft;

@@ -75,13 +75,24 @@ impl Quantization {
     }
 }
 
-/// Name of a block format `format_for` picks, as llama.cpp writes it.
+/// Name of a block format as llama.cpp writes it.
 pub fn format_name(format: GgmlDType) -> &'static str {
     match format {
-        GgmlDType::Q8_0 => "q8_0",
-        GgmlDType::Q4K => "q4_k",
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
         GgmlDType::Q5_0 => "q5_0",
-        _ => "other",
+        GgmlDType::Q5_1 => "q5_1",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q8_1 => "q8_1",
+        GgmlDType::Q2K => "q2_k",
+        GgmlDType::Q3K => "q3_k",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5K => "q5_k",
+        GgmlDType::Q6K => "q6_k",
+        GgmlDType::Q8K => "q8_k",
     }
 }
 

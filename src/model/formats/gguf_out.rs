@@ -1,0 +1,769 @@
+//! GGUF out, for llama.cpp, ollama and LM Studio: a model folder as a model
+//! GGUF (scheme two's merged model, or any model stage) in f32, f16, bf16,
+//! q8_0, q4_k or its GGUF base's own block formats; a PEFT adapter as a
+//! llama.cpp LoRA adapter (scheme one); an ollama Modelfile beside them.
+//! Tensors go under llama.cpp's names, with its q/k row order for the llama
+//! architecture. The tokenizer becomes `tokenizer.ggml.*` metadata whose
+//! pre-tokenizer is one llama.cpp knows and that splits a probe text exactly
+//! as the model's own tokenizer does; a tokenizer that cannot be written
+//! faithfully is refused by name, not approximated.
+
+use super::gguf::{gguf_name, pre_tokenizer, GgufModel, GGUF_FILE};
+use super::io::read_json;
+use crate::model::config::ModelConfig;
+use crate::model::decoder::{Decoder, LoadOptions};
+use crate::model::error::{ModelError, Result};
+use crate::model::kernels::quantized::{format_name, Quantization};
+use crate::model::rope::RopeScaling;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value as Json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The number format of an exported model's matrices (vectors, norms and
+/// biases are always f32, as llama.cpp's converter writes them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Bf16,
+    /// 8-bit blocks of 32.
+    Q8_0,
+    /// 4-bit super-blocks of 256; q5_0 where a row is not a multiple of 256.
+    Q4K,
+    /// Each tensor in the block format the GGUF base stored it in (the
+    /// model the user started from, fine-tuned, in the same size).
+    Base,
+}
+
+impl GgufType {
+    pub const NAMES: [&'static str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_k", "base"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "f32" => GgufType::F32,
+            "f16" => GgufType::F16,
+            "bf16" => GgufType::Bf16,
+            "q8_0" => GgufType::Q8_0,
+            "q4_k" => GgufType::Q4K,
+            "base" => GgufType::Base,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GgufType::F32 => "f32",
+            GgufType::F16 => "f16",
+            GgufType::Bf16 => "bf16",
+            GgufType::Q8_0 => "q8_0",
+            GgufType::Q4K => "q4_k",
+            GgufType::Base => "base",
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (llama_ftype) where one fits.
+    fn file_type(self) -> Option<u32> {
+        match self {
+            GgufType::F32 => Some(0),
+            GgufType::F16 => Some(1),
+            GgufType::Q8_0 => Some(7),
+            GgufType::Bf16 => Some(32),
+            GgufType::Q4K | GgufType::Base => None,
+        }
+    }
+}
+
+/// What `write_model_gguf` wrote.
+#[derive(Debug)]
+pub struct WrittenGguf {
+    pub tensors: usize,
+    pub bytes: u64,
+    /// Tensor count per block format.
+    pub formats: BTreeMap<&'static str, usize>,
+    /// llama.cpp's pre-tokenizer name written.
+    pub pre: &'static str,
+    /// RMS of what the number format changed in the matrices, relative to
+    /// their RMS.
+    pub rel_rms_err: f64,
+    /// For a model that descends from a GGUF: how much of the fine-tune's
+    /// change to the base's matrices the written ones keep, ⟨Q(W) − B,
+    /// W − B⟩ / ‖W − B‖² (1: all of it; near 0: the blocks snapped back to
+    /// the base's, as re-quantizing onto the base's own grid does to a
+    /// change smaller than its step). Rounding noise unrelated to the
+    /// change leaves it near 1, however large.
+    pub change_kept: Option<f64>,
+}
+
+/// llama.cpp's architecture name for a family whose adapters and models it
+/// runs, and whether its converter permutes q/k rows.
+fn llama_cpp_arch(config: &ModelConfig) -> Option<(&'static str, bool)> {
+    use crate::model::family::Architecture as A;
+    match config.architecture {
+        A::Llama | A::Mistral => Some(("llama", true)),
+        A::Qwen2 => Some(("qwen2", false)),
+        A::Qwen3 => Some(("qwen3", false)),
+        _ => None,
+    }
+}
+
+fn unsupported_family(config: &ModelConfig) -> ModelError {
+    ModelError::Input(format!(
+        "GGUF export of {} models is not supported yet (llama, mistral, qwen2, qwen3)",
+        config.model_type
+    ))
+}
+
+/// Puts the rows of a q/k weight or bias (or of a LoRA B on one) into
+/// llama.cpp's order: row `h·d + j·d/2 + i` goes to `h·d + 2i + j`.
+fn permute_rows(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let cols = t.elem_count() / rows.max(1);
+    let d = rows / heads.max(1);
+    t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+/// The heads whose rows llama.cpp permutes for this tensor, if any.
+fn permuted_heads(config: &ModelConfig, gguf: &str) -> Option<usize> {
+    if gguf.contains(".attn_q.") {
+        Some(config.num_attention_heads)
+    } else if gguf.contains(".attn_k.") {
+        Some(config.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
+/// Writes `atomically`: to `<out>.partial`, fsynced, renamed over `out`.
+fn write_gguf(
+    out: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<()> {
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let list: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let partial = out.with_extension("gguf.partial");
+    let written = (|| {
+        let mut file = std::fs::File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
+        let mut buffered = std::io::BufWriter::new(&mut file);
+        candle_core::quantized::gguf_file::write(&mut buffered, &meta, &list)
+            .map_err(|e| ModelError::config(&partial, e.to_string()))?;
+        drop(buffered);
+        file.sync_all().map_err(|e| ModelError::io(&partial, e))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, out).map_err(|e| ModelError::io(out, e))
+}
+
+/// The `{arch}.*` metadata of `config`, refusing what llama.cpp's
+/// architecture would compute differently.
+fn arch_metadata(
+    config: &ModelConfig,
+    arch: &str,
+    config_path: &Path,
+) -> Result<Vec<(String, Value)>> {
+    let refuse = |m: String| ModelError::config(config_path, m);
+    if let Some((i, w)) = config
+        .layers
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| l.window.map(|w| (i, w)))
+    {
+        return Err(refuse(format!(
+            "layer {i} attends through a sliding window of {w}; llama.cpp's {arch} architecture has none, so its GGUF would compute another model"
+        )));
+    }
+    let rope = config.layers[0].rope.clone();
+    if config.layers.iter().any(|l| l.rope != rope) {
+        return Err(refuse(
+            "layers with different rope settings have no GGUF form in llama.cpp's architecture"
+                .into(),
+        ));
+    }
+    let Some(rope) = rope else {
+        return Err(refuse("layers without rope have no GGUF form".into()));
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32v = |n: usize| Value::U32(n as u32);
+    let mut meta = vec![
+        (key("context_length"), u32v(config.max_position_embeddings)),
+        (key("embedding_length"), u32v(config.hidden_size)),
+        (key("block_count"), u32v(config.num_hidden_layers)),
+        (key("feed_forward_length"), u32v(config.intermediate_size)),
+        (
+            key("attention.head_count"),
+            u32v(config.num_attention_heads),
+        ),
+        (
+            key("attention.head_count_kv"),
+            u32v(config.num_key_value_heads),
+        ),
+        (key("attention.key_length"), u32v(config.head_dim)),
+        (key("attention.value_length"), u32v(config.head_dim)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (key("rope.freq_base"), Value::F32(rope.theta as f32)),
+        (key("rope.dimension_count"), u32v(config.head_dim)),
+        (key("vocab_size"), u32v(config.vocab_size)),
+    ];
+    match rope.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            meta.push((key("rope.scaling.type"), Value::String("linear".into())));
+            meta.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
+        }
+        ref other => {
+            return Err(refuse(format!(
+                "rope scaling {other:?} is not written to GGUF yet (none and linear are)"
+            )))
+        }
+    }
+    Ok(meta)
+}
+
+/// GPT-2's byte-level alphabet: the character byte `b` is written as.
+fn byte_level_char(b: u8) -> char {
+    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + rank).expect("a valid char")
+}
+
+/// Text that tells llama.cpp's pre-tokenizers apart: digit runs of every
+/// length, contractions in both cases, runs of spaces, tabs and newlines,
+/// punctuation against letters, non-Latin scripts and emoji.
+const PRE_PROBE: &str = "Hello world! It's 2026; I'VE got 7 apples, 42 pears & 1234567 grapes.\n\n\
+    \t  indented\tline   with  spaces\r\n  She'd've said \"no\"... (maybe) -- don't.\n\
+    x=3.14159; y = [1,22,333,4444]; price: $9.99/kg 100% 'QUOTED' words\n\
+    Ünïcödé straße, нещо на български, 我想在apple工作1314151天, مرحبا, 🦙🚀 ok?!\n   \n    end";
+
+/// llama.cpp pre-tokenizer names tried when writing, most specific first
+/// (names llama.cpp treats alike are left out).
+const WRITTEN_PRE: [&str; 4] = ["smollm", "llama-bpe", "qwen2", "gpt2"];
+
+fn tokenizer_error(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::Tokenizer {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn parse_tokenizer(json: &Json, path: &Path) -> Result<tokenizers::Tokenizer> {
+    json.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| tokenizer_error(path, e.to_string()))
+}
+
+/// The llama.cpp pre-tokenizer under which `json`'s byte-level BPE splits
+/// the probe text into the same ids.
+fn detect_pre(json: &Json, path: &Path) -> Result<&'static str> {
+    let encode = |t: &tokenizers::Tokenizer| {
+        t.encode(PRE_PROBE, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| tokenizer_error(path, e.to_string()))
+    };
+    let want = encode(&parse_tokenizer(json, path)?)?;
+    for name in WRITTEN_PRE {
+        let mut candidate = json.clone();
+        candidate["pre_tokenizer"] = pre_tokenizer(name).expect("a known name");
+        // llama.cpp ignores merges for whole-vocabulary words under llama3's.
+        candidate["model"]["ignore_merges"] = Json::Bool(name == "llama-bpe");
+        let Ok(t) = parse_tokenizer(&candidate, path) else {
+            continue;
+        };
+        if encode(&t)? == want {
+            return Ok(name);
+        }
+    }
+    Err(tokenizer_error(
+        path,
+        format!(
+            "no pre-tokenizer llama.cpp knows ({}) splits text as this tokenizer does; llama.cpp would tokenize differently, so no GGUF is written",
+            WRITTEN_PRE.join(", ")
+        ),
+    ))
+}
+
+/// The `tokenizer.*` metadata for the tokenizer in `model_dir`: byte-level
+/// BPE (vocabulary, merges, pre-tokenizer), or a vocabulary of single
+/// ASCII characters (the built-in tokenizer of `init` models) written as
+/// byte-level BPE without merges, which tokenizes the same.
+fn tokenizer_metadata(
+    model_dir: &Path,
+    config: &ModelConfig,
+) -> Result<(Vec<(String, Value)>, &'static str)> {
+    let path = model_dir.join("tokenizer.json");
+    let json = read_json(&path)?;
+    let n = config.vocab_size;
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    // llama.cpp's token types: 1 normal, 3 control, 4 user-defined, 5 unused.
+    let mut types = vec![1i32; n];
+    let mut put = |id: u64, text: String| -> Result<()> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            tokenizer_error(
+                &path,
+                format!("token id {id} ({text:?}) is past the model's {n} embedding rows"),
+            )
+        })?;
+        *slot = Some(text);
+        Ok(())
+    };
+    let model = &json["model"];
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| tokenizer_error(&path, "model.vocab is not an object"))?;
+    let added: HashMap<u64, (String, bool)> = json["added_tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| {
+                    Some((
+                        t["id"].as_u64()?,
+                        (t["content"].as_str()?.to_string(), t["special"] == true),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut merges: Vec<Value> = Vec::new();
+    let pre = match model["type"].as_str() {
+        Some("BPE") => {
+            if model["byte_fallback"] == true || !mentions_byte_level(&json) {
+                return Err(tokenizer_error(&path, "only byte-level BPE tokenizers (GPT-2 style, llama.cpp's \"gpt2\") are written to GGUF so far; SentencePiece-style ones are not"));
+            }
+            for (text, id) in vocab {
+                let id = id
+                    .as_u64()
+                    .ok_or_else(|| tokenizer_error(&path, format!("vocab id of {text:?}")))?;
+                put(id, text.clone())?;
+            }
+            for m in model["merges"].as_array().into_iter().flatten() {
+                let pair = match m {
+                    Json::String(s) => s.clone(),
+                    Json::Array(p) if p.len() == 2 => format!(
+                        "{} {}",
+                        p[0].as_str().unwrap_or_default(),
+                        p[1].as_str().unwrap_or_default()
+                    ),
+                    _ => return Err(tokenizer_error(&path, format!("merge {m} is not a pair"))),
+                };
+                merges.push(Value::String(pair));
+            }
+            detect_pre(&json, &path)?
+        }
+        Some("WordLevel") => {
+            for (text, id) in vocab {
+                let id = id
+                    .as_u64()
+                    .ok_or_else(|| tokenizer_error(&path, format!("vocab id of {text:?}")))?;
+                if added.contains_key(&id) {
+                    continue;
+                }
+                let mut chars = text.chars();
+                let byte = match (chars.next(), chars.next()) {
+                    (Some(c), None) if c.is_ascii() => c as u8,
+                    _ => return Err(tokenizer_error(&path, format!("a word-level vocabulary is written to GGUF only when every word is one ASCII character; {text:?} is not"))),
+                };
+                put(id, byte_level_char(byte).to_string())?;
+            }
+            "gpt2"
+        }
+        other => {
+            return Err(tokenizer_error(
+                &path,
+                format!("tokenizer model {other:?} has no GGUF form this program writes (byte-level BPE does)"),
+            ))
+        }
+    };
+    for (&id, (text, special)) in &added {
+        put(id, text.clone())?;
+        types[id as usize] = if *special { 3 } else { 4 };
+    }
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    let id_of = |v: &Json| -> Option<u32> {
+        let text = v.as_str().or_else(|| v["content"].as_str())?;
+        tokens.iter().position(|t| t == text).map(|i| i as u32)
+    };
+    let tok_config = match model_dir.join("tokenizer_config.json") {
+        p if p.is_file() => read_json(&p)?,
+        _ => Json::Null,
+    };
+    let mut meta = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+    ];
+    let bos = id_of(&tok_config["bos_token"]).or(config.bos_token_id);
+    let eos = id_of(&tok_config["eos_token"]).or(config.eos_token_id);
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", bos),
+        ("tokenizer.ggml.eos_token_id", eos),
+        (
+            "tokenizer.ggml.padding_token_id",
+            id_of(&tok_config["pad_token"]),
+        ),
+        (
+            "tokenizer.ggml.unknown_token_id",
+            id_of(&tok_config["unk_token"]),
+        ),
+    ] {
+        if let Some(id) = id {
+            meta.push((key.into(), Value::U32(id)));
+        }
+    }
+    // What this program's tokenizer does to plain text: the post-processor
+    // puts a special token first, or not.
+    let add_bos = json["post_processor"]["single"]
+        .as_array()
+        .and_then(|s| s.first())
+        .is_some_and(|first| first.get("SpecialToken").is_some());
+    meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
+    meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    if let Some(template) = tok_config["chat_template"].as_str() {
+        meta.push((
+            "tokenizer.chat_template".into(),
+            Value::String(template.into()),
+        ));
+    }
+    meta.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(tokens.into_iter().map(Value::String).collect()),
+    ));
+    meta.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    if !merges.is_empty() {
+        meta.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+    }
+    Ok((meta, pre))
+}
+
+/// Whether a ByteLevel pre-tokenizer or decoder appears anywhere in `json`.
+fn mentions_byte_level(json: &Json) -> bool {
+    fn walk(v: &Json) -> bool {
+        match v {
+            Json::Object(m) => {
+                m.get("type") == Some(&Json::String("ByteLevel".into())) || m.values().any(walk)
+            }
+            Json::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    walk(&json["pre_tokenizer"]) || walk(&json["decoder"])
+}
+
+/// The block format a tensor of `shape` is written in.
+fn tensor_format(ty: GgufType, shape: &[usize], base: Option<GgmlDType>) -> GgmlDType {
+    if shape.len() < 2 {
+        return GgmlDType::F32;
+    }
+    let cols = shape[shape.len() - 1];
+    match ty {
+        GgufType::F32 => GgmlDType::F32,
+        GgufType::F16 => GgmlDType::F16,
+        GgufType::Bf16 => GgmlDType::BF16,
+        GgufType::Q8_0 => Quantization::Q8_0
+            .format_for(cols)
+            .unwrap_or(GgmlDType::F16),
+        GgufType::Q4K => Quantization::Q4K.format_for(cols).unwrap_or(GgmlDType::F16),
+        GgufType::Base => base
+            .filter(|f| cols.is_multiple_of(f.block_size()))
+            .unwrap_or(GgmlDType::F16),
+    }
+}
+
+/// Writes the model in `model_dir` (a Hugging Face folder, or a `base`
+/// artifact holding a GGUF) as a llama.cpp model GGUF at `out`. `base` is
+/// the GGUF the model descends from, whose block formats `GgufType::Base`
+/// keeps. `name` becomes `general.name`.
+pub fn write_model_gguf(
+    model_dir: &Path,
+    out: &Path,
+    ty: GgufType,
+    base: Option<&Path>,
+    name: &str,
+) -> Result<WrittenGguf> {
+    let config = ModelConfig::from_dir(model_dir)?;
+    let (arch, permuted) = llama_cpp_arch(&config).ok_or_else(|| unsupported_family(&config))?;
+    let mut metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        ("general.type".into(), Value::String("model".into())),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.quantization_version".into(), Value::U32(2)),
+    ];
+    if let Some(ft) = ty.file_type() {
+        metadata.push(("general.file_type".into(), Value::U32(ft)));
+    }
+    metadata.extend(arch_metadata(
+        &config,
+        arch,
+        &model_dir.join("config.json"),
+    )?);
+    let (tokenizer, pre) = tokenizer_metadata(model_dir, &config)?;
+    metadata.extend(tokenizer);
+    let base_formats: HashMap<String, GgmlDType> = match (ty, base) {
+        (GgufType::Base, Some(b)) => super::gguf::tensor_formats(&GgufModel::open(b)?),
+        (GgufType::Base, None) => {
+            return Err(ModelError::Input(
+                "`base` keeps the block formats of a GGUF base, and this model does not descend from one: choose f16, bf16, q8_0 or q4_k".into(),
+            ))
+        }
+        _ => HashMap::new(),
+    };
+    let base_model = base.map(GgufModel::open).transpose()?;
+    let decoder = Decoder::load(model_dir, &LoadOptions::default())?;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    // Sums: the weights' squares and the conversion's error's; the
+    // change from the base's dequantised blocks, squared and as kept.
+    let (mut norm, mut err, mut change, mut kept) = (0.0, 0.0, 0.0, 0.0);
+    let dot = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        Ok((a * b)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    };
+    let mut formats: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for (hf, t) in decoder.base_tensors()? {
+        let gg = gguf_name(&hf)
+            .ok_or_else(|| ModelError::Input(format!("tensor {hf} has no llama.cpp name")))?;
+        let mut t = t.to_dtype(DType::F32)?;
+        if permuted {
+            if let Some(heads) = permuted_heads(&config, &gg) {
+                t = permute_rows(&t, heads)?;
+            }
+        }
+        let format = tensor_format(ty, t.dims(), base_formats.get(&gg).copied());
+        *formats.entry(format_name(format)).or_default() += 1;
+        let q = QTensor::quantize(&t, format)?;
+        if t.rank() == 2 {
+            let written = q.dequantize(&Device::Cpu)?;
+            let e = (&written - &t)?;
+            norm += dot(&t, &t)?;
+            err += dot(&e, &e)?;
+            let stored = base_model
+                .as_ref()
+                .filter(|b| b.is_quantized(&hf))
+                .map(|b| b.tensor_in_file_order(&gg));
+            if let Some(stored) = stored {
+                let stored = stored?.dequantize(&Device::Cpu)?;
+                let d = (&t - &stored)?;
+                change += dot(&d, &d)?;
+                kept += dot(&(&written - &stored)?, &d)?;
+            }
+        }
+        tensors.push((gg, q));
+    }
+    drop(decoder);
+    let bytes = tensors
+        .iter()
+        .map(|(_, t)| t.storage_size_in_bytes() as u64)
+        .sum();
+    write_gguf(out, &metadata, &tensors)?;
+    Ok(WrittenGguf {
+        tensors: tensors.len(),
+        bytes,
+        formats,
+        pre,
+        rel_rms_err: (err / norm.max(f64::MIN_POSITIVE)).sqrt(),
+        change_kept: (change > 0.0).then(|| kept / change),
+    })
+}
+
+/// Writes the PEFT adapter in `adapter_dir` (for the model in `model_dir`)
+/// as a llama.cpp LoRA adapter (`general.type = adapter`, tensors
+/// `<weight>.lora_a` [r, in] and `.lora_b` [out, r], f32). Each module's own
+/// scale (alpha/r, rsLoRA's alpha/√r, rank and alpha patterns) is folded
+/// into B and `adapter.lora.alpha` is 0, which llama.cpp reads as "scale
+/// 1", so every loader applies exactly what PEFT does; B's rows on q/k are
+/// permuted as llama.cpp's converter permuted the base's.
+pub fn write_lora_adapter(model_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
+    use crate::model::formats::peft::read_adapter_config;
+    use crate::model::layers::lora::peft_tensor_name;
+    let config = ModelConfig::from_dir(model_dir)?;
+    let (arch, permuted) = llama_cpp_arch(&config).ok_or_else(|| unsupported_family(&config))?;
+    let config_path = adapter_dir.join("adapter_config.json");
+    let peft = read_adapter_config(&config_path)?;
+    let targets = peft
+        .lora
+        .resolve(&config)
+        .map_err(|e| ModelError::config(&config_path, e.to_string()))?;
+    let weights_path = adapter_dir.join("adapter_model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| {
+        ModelError::Safetensors {
+            path: weights_path.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let take = |name: String| {
+        tensors
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| ModelError::MissingTensor {
+                tensor: name,
+                file: weights_path.clone(),
+            })
+    };
+    let mut written: Vec<(String, QTensor)> = Vec::new();
+    for target in &targets {
+        let module = &target.module;
+        let base = gguf_name(&format!("{module}.weight"))
+            .ok_or_else(|| ModelError::LoraConfig(format!("no llama.cpp name for {module}")))?;
+        let a = take(peft_tensor_name(module, 'A'))?.to_dtype(DType::F32)?;
+        let mut b = (take(peft_tensor_name(module, 'B'))?.to_dtype(DType::F32)? * target.scale)?;
+        if permuted {
+            if let Some(heads) = permuted_heads(&config, &base) {
+                b = permute_rows(&b, heads)?;
+            }
+        }
+        written.push((
+            format!("{base}.lora_a"),
+            QTensor::quantize(&a, GgmlDType::F32)?,
+        ));
+        written.push((
+            format!("{base}.lora_b"),
+            QTensor::quantize(&b, GgmlDType::F32)?,
+        ));
+    }
+    let metadata = [
+        ("general.architecture", Value::String(arch.into())),
+        ("general.type", Value::String("adapter".into())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(0.0)),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    write_gguf(out, &metadata, &written)
+}
+
+/// The literal system message a ChatML template writes when the
+/// conversation has none, if it has one.
+fn default_system_message(template: &str) -> Option<String> {
+    let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
+    let text = &template[start..];
+    let text = &text[..text.find("<|im_end|>")?];
+    (!text.contains("{{") && !text.contains("{%") && !text.contains('\'')).then(|| text.to_string())
+}
+
+/// What an ollama Modelfile starts `FROM`.
+pub enum ModelfileFrom<'a> {
+    /// The model in this folder (its GGUF when it is one, else the folder,
+    /// which ollama imports), with this llama.cpp adapter beside the file.
+    BaseWithAdapter {
+        model_dir: &'a Path,
+        adapter: &'a str,
+    },
+    /// A model GGUF beside the Modelfile; `model_dir` has its tokenizer.
+    Gguf { model_dir: &'a Path, file: &'a str },
+}
+
+/// An ollama Modelfile: `FROM` and `ADAPTER` lines, and for a ChatML chat
+/// template (the only one translated: others are left to ollama's
+/// defaults, with a comment saying so) `TEMPLATE` and its stop token.
+pub fn modelfile(from: ModelfileFrom<'_>) -> Result<String> {
+    let mut out =
+        "# Written by `runner export --gguf`: `ollama create NAME -f Modelfile`.\n".to_string();
+    let model_dir = match from {
+        ModelfileFrom::BaseWithAdapter { model_dir, adapter } => {
+            let gguf = model_dir.join(GGUF_FILE);
+            let from = if gguf.is_file() {
+                gguf
+            } else {
+                model_dir.to_path_buf()
+            };
+            out.push_str(&format!("FROM {}\nADAPTER ./{adapter}\n", from.display()));
+            model_dir
+        }
+        ModelfileFrom::Gguf { model_dir, file } => {
+            out.push_str(&format!("FROM ./{file}\n"));
+            model_dir
+        }
+    };
+    let config = model_dir.join("tokenizer_config.json");
+    let template = match std::fs::read(&config) {
+        Ok(bytes) => serde_json::from_slice::<Json>(&bytes)
+            .map_err(|e| ModelError::config(&config, e.to_string()))?
+            .get("chat_template")
+            .and_then(Json::as_str)
+            .map(str::to_string),
+        Err(_) => None,
+    };
+    match template {
+        Some(t) if t.contains("<|im_start|>") && t.contains("<|im_end|>") => {
+            out.push_str(
+                "TEMPLATE \"\"\"{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\
+                 {{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}\
+                 <|im_start|>assistant\n\"\"\"\nPARAMETER stop \"<|im_end|>\"\n",
+            );
+            // A default system message the template writes as a literal
+            // (SmolLM2's "You are a helpful AI assistant named SmolLM…").
+            if let Some(system) = default_system_message(&t) {
+                out.push_str(&format!("SYSTEM \"\"\"{system}\"\"\"\n"));
+            }
+        }
+        Some(_) => {
+            out.push_str("# The model's chat template is not ChatML: left to ollama's default.\n")
+        }
+        None => out.push_str("# The model has no chat template.\n"),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_alphabet_is_gpt2_s() {
+        assert_eq!(byte_level_char(b'a'), 'a');
+        assert_eq!(byte_level_char(b' '), 'Ġ');
+        assert_eq!(byte_level_char(b'\n'), 'Ċ');
+        assert_eq!(byte_level_char(0), 'Ā');
+        assert_eq!(byte_level_char(173), 'Ń');
+        let all: std::collections::HashSet<char> = (0..=255u8).map(byte_level_char).collect();
+        assert_eq!(all.len(), 256);
+    }
+
+    #[test]
+    fn q_k_rows_go_to_llama_cpp_order_for_weights_and_biases() {
+        // One head of 4 rows: HF rows (0,1 | 2,3) are rotary pairs (0,2), (1,3).
+        let w = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .reshape((4, 2))
+            .unwrap();
+        let p = permute_rows(&w, 1).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(
+            p,
+            vec![vec![0., 1.], vec![4., 5.], vec![2., 3.], vec![6., 7.]]
+        );
+        let b = Tensor::new(&[0f32, 1., 2., 3.], &Device::Cpu).unwrap();
+        let p = permute_rows(&b, 1).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(p, vec![0., 2., 1., 3.]);
+    }
+}
