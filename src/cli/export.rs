@@ -95,12 +95,12 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
         })
         .map_err(bad("an ollama Modelfile"))?;
         let mut what = format!(
-            "{} model, {} tensors: {}; {:.1} MB; pre-tokenizer {}; rounding {:.2e} of the weights' RMS",
+            "{} model, {} tensors: {}; {:.1} MB; tokenizer: {}; rounding {:.2e} of the weights' RMS",
             ty.name(),
             report.tensors,
             formats.join(", "),
             report.bytes as f64 / 1e6,
-            report.pre,
+            report.tokenizer,
             report.rel_rms_err,
         );
         if let Some(kept) = report.change_kept {

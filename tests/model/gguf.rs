@@ -417,3 +417,57 @@ fn a_llama_cpp_adapter_holds_peft_s_b_a_in_llama_cpp_order() {
         assert!(d < 1e-5, "{module}: s·B·A differs by {d}");
     }
 }
+
+/// A SentencePiece ("llama") tokenizer from a GGUF gives llama.cpp's ids:
+/// tests/fixtures/spm (scripts/spm_gguf_fixture.py: a vocabulary trained by
+/// sentencepiece with byte fallback, split digits and two user-defined
+/// tokens, in a tiny llama GGUF; the ids of llama-cpp-python 0.3.36, of
+/// sentencepiece itself and of transformers 5.24's GGUF loader).
+#[test]
+fn a_sentencepiece_gguf_tokenizes_as_llama_cpp_does() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm");
+    let gguf = GgufModel::open(&dir.join("model.gguf")).unwrap();
+    let tokenizer: tokenizers::Tokenizer =
+        gguf.tokenizer_json().unwrap().to_string().parse().unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
+    let (mut differs_from_transformers, mut rows) = (0, 0);
+    for row in fixture["rows"].as_array().unwrap() {
+        let text = row["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(row["llama_cpp"].clone()).unwrap();
+        let ours = tokenizer.encode(text, true).unwrap();
+        assert_eq!(ours.get_ids(), want.as_slice(), "{text:?}");
+        // Plain text is SentencePiece's own tokenization too, and decodes back.
+        if !text.contains("<|") {
+            assert_eq!(row["sentencepiece"], row["llama_cpp"], "{text:?}");
+            assert_eq!(tokenizer.decode(&want[1..], false).unwrap(), text);
+        }
+        differs_from_transformers += usize::from(row["transformers"] != row["llama_cpp"]);
+        rows += 1;
+    }
+    // transformers drops the prefix space before leading spaces and after
+    // special tokens; this program follows llama.cpp, which runs the GGUF.
+    assert!(differs_from_transformers > 0 && differs_from_transformers < rows);
+    // The model itself loads from the same file, tokenizer and all.
+    let config = gguf.config().unwrap();
+    assert_eq!(config.vocab_size, 600);
+    let folder = folder(&gguf, &dir.join("model.gguf"));
+    Decoder::load(folder.path(), &LoadOptions::default()).unwrap();
+    // Exported again (a fine-tune of it), the tokenizer is carried over.
+    use lora_runner::model::formats::gguf_out::{write_model_gguf, GgufType};
+    let out = folder.path().join("out.gguf");
+    let written = write_model_gguf(
+        folder.path(),
+        &out,
+        GgufType::F16,
+        Some(&dir.join("model.gguf")),
+        "spm",
+    )
+    .unwrap();
+    assert_eq!(written.tokenizer, "the GGUF base's");
+    let again = GgufModel::open(&out).unwrap();
+    assert_eq!(
+        again.tokenizer_json().unwrap(),
+        gguf.tokenizer_json().unwrap()
+    );
+}

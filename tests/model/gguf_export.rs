@@ -141,7 +141,10 @@ fn candle_transformers_quantized_models_give_this_programs_logits_on_exported_gg
             ] {
                 let file = dir.join(format!("{}.gguf", ty.name()));
                 let written = write_model_gguf(&dir, &file, ty, None, "test").unwrap();
-                assert_eq!(written.pre, "gpt2", "the built-in tokenizer has no merges");
+                assert_eq!(
+                    written.tokenizer, "pre-tokenizer gpt2",
+                    "the built-in tokenizer has no merges"
+                );
                 for (prompt, want) in PROMPTS.iter().zip(&want) {
                     let got = candle_last_logits(arch, &file, prompt);
                     let scale = want
@@ -296,7 +299,7 @@ fn smollm2_re_exported_in_its_own_blocks_is_the_model_it_was() {
         let dir = folder.path();
         let out = dir.join("out.gguf");
         let written = write_model_gguf(dir, &out, GgufType::Base, Some(&file), "smollm2").unwrap();
-        assert_eq!(written.pre, "smollm");
+        assert_eq!(written.tokenizer, "the GGUF base's");
         // Every tensor in the format it had, every block format kept.
         let again = GgufModel::open(&out).unwrap();
         assert_eq!(tensor_formats(&again), tensor_formats(&original));
@@ -309,6 +312,15 @@ fn smollm2_re_exported_in_its_own_blocks_is_the_model_it_was() {
         assert_eq!(
             original.tokenizer_config_json().unwrap(),
             again.tokenizer_config_json().unwrap()
+        );
+        // Without the base to carry it over, the tokenizer is written from
+        // tokenizer.json, the pre-tokenizer found by the probe: the same.
+        let derived = dir.join("derived.gguf");
+        let written = write_model_gguf(dir, &derived, GgufType::Q8_0, None, "smollm2").unwrap();
+        assert_eq!(written.tokenizer, "pre-tokenizer smollm");
+        assert_eq!(
+            GgufModel::open(&derived).unwrap().tokenizer_json().unwrap(),
+            a
         );
         // candle-transformers on both files: re-quantizing dequantised
         // Q4_1/Q8_0 blocks gives back (nearly) the same blocks.

@@ -1,6 +1,6 @@
 //! A GGUF base either way through the CLI: kept in its own blocks
 //! (dequantised per product) or, with `quantize = "none"`, dequantised once
-//! to f32 by the base stage. The GGUF is one this program wrote (`runner
+//! to f32 by the base stage; and a SentencePiece-vocabulary GGUF trained. The GGUF is one this program wrote (`runner
 //! export --gguf --gguf-type q8_0` of an `init` model), so the test needs
 //! no download.
 
@@ -76,7 +76,19 @@ model = "blocks"
 [stages.sft_dense]
 kind = "sft"
 model = "dense"
-"#
+
+# A SentencePiece vocabulary (tests/fixtures/spm): byte fallback, BOS first.
+[stages.spm]
+kind = "base"
+path = "{spm}"
+
+[stages.sft_spm]
+kind = "sft"
+model = "spm"
+"#,
+            spm = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/spm/model.gguf")
+                .display()
         ),
     );
     // Two keys, and `plan` says which is which.
@@ -132,6 +144,14 @@ model = "dense"
     };
     assert_eq!(bits("sft_blocks"), 8.5);
     assert_eq!(bits("sft_dense"), 32.0);
+    // The SentencePiece base trained: two steps, a finite loss, near
+    // ln(600) for a random model of 600 tokens.
+    let spm = show("sft_spm")["manifest"]["metrics"].clone();
+    let loss = spm["loss"].as_f64().unwrap();
+    assert!(
+        spm["steps"].as_f64() == Some(2.0) && (loss - 600f64.ln()).abs() < 1.0,
+        "{spm}"
+    );
     // The run's estimate is plan's.
     let gib = |stage: &str| {
         show(stage)["manifest"]["metrics"]["memory/estimate_gib"]

@@ -450,6 +450,20 @@ impl GgufModel {
         Ok(raw)
     }
 
+    /// Every `tokenizer.*` key, as stored (what a GGUF of a model fine-tuned
+    /// from this one carries over unchanged).
+    pub fn tokenizer_metadata(&self) -> Vec<(String, Value)> {
+        let mut keys: Vec<(String, Value)> = self
+            .content
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        keys
+    }
+
     /// Mean bits a decoder projection weight takes in this file (f32 for
     /// one stored as floats, which loading holds in the compute dtype).
     pub fn projection_bits(&self, config: &ModelConfig) -> f64 {
@@ -492,22 +506,164 @@ impl GgufModel {
     /// names).
     pub fn tokenizer_json(&self) -> Result<Json> {
         let model = self.string("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
-            return Err(config_error(&self.path, format!("tokenizer.ggml.model {model:?} is not supported yet (only \"gpt2\", byte-level BPE)")));
+        match model {
+            "gpt2" => self.byte_level_tokenizer_json(),
+            "llama" => self.sentencepiece_tokenizer_json(),
+            _ => Err(config_error(&self.path, format!("tokenizer.ggml.model {model:?} is not supported yet (\"gpt2\", byte-level BPE, and \"llama\", SentencePiece BPE, are)"))),
         }
+    }
+
+    fn token_types(&self, n: usize) -> Vec<i64> {
+        match self.meta("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.to_i32().map(i64::from).unwrap_or(1))
+                .collect(),
+            _ => vec![1; n],
+        }
+    }
+
+    /// The BOS template when the metadata asks for one, else `otherwise`.
+    fn bos_post_processor(&self, tokens: &[String], otherwise: Json) -> Json {
+        let bos = self
+            .meta("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok());
+        match (
+            self.flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            bos,
+        ) {
+            (true, Some(id)) => {
+                let text = tokens.get(id as usize).cloned().unwrap_or_default();
+                json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {text.clone(): {"id": text, "ids": [id], "tokens": [text]}}})
+            }
+            _ => otherwise,
+        }
+    }
+
+    /// Control (3) tokens as special added tokens, user-defined (4) ones as
+    /// plain added tokens (llama.cpp matches both whole in the text).
+    fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Json> {
+        tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": types[i] == 3})
+            })
+            .collect()
+    }
+
+    /// llama.cpp's "llama" tokenizer: SentencePiece BPE with byte fallback.
+    /// llama.cpp merges, at each step, the adjacent pair whose joined piece
+    /// is in the vocabulary with the highest score; that is BPE with every
+    /// such pair as a merge, ranked by the joined piece's score (then the
+    /// longer left piece, then the longer right). A space is prefixed to
+    /// the text and after each special token (`add_space_prefix`), spaces
+    /// become "▁", and characters outside the vocabulary fall back to
+    /// their bytes (<0xXX>).
+    fn sentencepiece_tokenizer_json(&self) -> Result<Json> {
+        let tokens = self.token_list("tokenizer.ggml.tokens")?.ok_or_else(|| {
+            config_error(&self.path, "GGUF metadata has no tokenizer.ggml.tokens")
+        })?;
+        let scores: Vec<f64> = match self.meta("tokenizer.ggml.scores") {
+            Some(Value::Array(items)) if items.len() == tokens.len() => items
+                .iter()
+                .map(|v| match v {
+                    Value::F32(x) => Ok(*x as f64),
+                    Value::F64(x) => Ok(*x),
+                    _ => Err(config_error(
+                        &self.path,
+                        "tokenizer.ggml.scores must list numbers",
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            _ => {
+                return Err(config_error(
+                    &self.path,
+                    "a SentencePiece tokenizer needs tokenizer.ggml.scores, one per token",
+                ))
+            }
+        };
+        let types = self.token_types(tokens.len());
+        let ids: HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .rev()
+            .collect();
+        // Every split of a piece into two pieces of the vocabulary.
+        let mut merges: Vec<(usize, usize, f64)> = Vec::new();
+        for (piece, score) in tokens.iter().zip(&scores) {
+            let mut local: Vec<(usize, usize, f64)> = piece
+                .char_indices()
+                .skip(1)
+                .filter_map(|(at, _)| {
+                    let (l, r) = piece.split_at(at);
+                    Some((*ids.get(l)?, *ids.get(r)?, *score))
+                })
+                .collect();
+            local.sort_by_key(|&(l, r, _)| (l, r));
+            merges.extend(local);
+        }
+        let len = |id: usize| tokens[id].chars().count();
+        merges.sort_by(|a, b| {
+            b.2.total_cmp(&a.2)
+                .then(len(b.0).cmp(&len(a.0)))
+                .then(len(b.1).cmp(&len(a.1)))
+        });
+        let merges: Vec<Json> = merges
+            .iter()
+            .map(|&(l, r, _)| json!([tokens[l], tokens[r]]))
+            .collect();
+        let vocab: Map<String, Json> = tokens
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let unk = self
+            .meta("tokenizer.ggml.unknown_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .and_then(|id| tokens.get(id as usize).cloned());
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = match self.flag("tokenizer.ggml.add_space_prefix").unwrap_or(true) {
+            true => {
+                json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+            }
+            false => replace,
+        };
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": Self::added_tokens(&tokens, &types),
+            "normalizer": normalizer,
+            "pre_tokenizer": null,
+            "post_processor": self.bos_post_processor(&tokens, Json::Null),
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    /// llama.cpp's "gpt2" tokenizer: byte-level BPE.
+    fn byte_level_tokenizer_json(&self) -> Result<Json> {
         let tokens = self.token_list("tokenizer.ggml.tokens")?.ok_or_else(|| {
             config_error(&self.path, "GGUF metadata has no tokenizer.ggml.tokens")
         })?;
         let merges = self
             .token_list("tokenizer.ggml.merges")?
             .unwrap_or_default();
-        let types: Vec<i64> = match self.meta("tokenizer.ggml.token_type") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.to_i32().map(i64::from).unwrap_or(1))
-                .collect(),
-            _ => vec![1; tokens.len()],
-        };
+        let types = self.token_types(tokens.len());
         let pre = self.string("tokenizer.ggml.pre").ok_or_else(|| {
             config_error(&self.path, "GGUF metadata names no tokenizer.ggml.pre; llama.cpp falls back to a default split it warns degrades generation, so it is refused")
         })?;
@@ -521,33 +677,11 @@ impl GgufModel {
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        // CONTROL (3) tokens are special; USER_DEFINED (4) are matched whole.
-        let added: Vec<Json> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
-            .map(|(i, t)| {
-                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": types[i] == 3})
-            })
-            .collect();
-        let bos = self
-            .meta("tokenizer.ggml.bos_token_id")
-            .and_then(|v| v.to_u32().ok());
-        let add_bos = self.flag("tokenizer.ggml.add_bos_token").unwrap_or(false);
-        let post_processor = match (add_bos, bos) {
-            (true, Some(id)) => {
-                let text = tokens.get(id as usize).cloned().unwrap_or_default();
-                json!({"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": text, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                             {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {text.clone(): {"id": text, "ids": [id], "tokens": [text]}}})
-            }
-            _ => {
-                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
-            }
-        };
+        let added = Self::added_tokens(&tokens, &types);
+        let post_processor = self.bos_post_processor(
+            &tokens,
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
+        );
         Ok(json!({
             "version": "1.0",
             "truncation": null,

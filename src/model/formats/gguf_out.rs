@@ -83,8 +83,9 @@ pub struct WrittenGguf {
     pub bytes: u64,
     /// Tensor count per block format.
     pub formats: BTreeMap<&'static str, usize>,
-    /// llama.cpp's pre-tokenizer name written.
-    pub pre: &'static str,
+    /// Where the tokenizer metadata came from: the GGUF base's, carried
+    /// over, or "pre-tokenizer <name>" for one written from tokenizer.json.
+    pub tokenizer: String,
     /// RMS of what the number format changed in the matrices, relative to
     /// their RMS.
     pub rel_rms_err: f64,
@@ -527,10 +528,22 @@ pub fn write_model_gguf(
         arch,
         &model_dir.join("config.json"),
     )?);
-    let (tokenizer, pre) = tokenizer_metadata(model_dir, &config)?;
-    metadata.extend(tokenizer);
-    let base_formats: HashMap<String, GgmlDType> = match (ty, base) {
-        (GgufType::Base, Some(b)) => super::gguf::tensor_formats(&GgufModel::open(b)?),
+    let base_model = base.map(GgufModel::open).transpose()?;
+    // A model fine-tuned from a GGUF keeps its tokenizer exactly as the
+    // base's file states it (SentencePiece scores included).
+    let tokenizer = match &base_model {
+        Some(b) => {
+            metadata.extend(b.tokenizer_metadata());
+            "the GGUF base's".to_string()
+        }
+        None => {
+            let (keys, pre) = tokenizer_metadata(model_dir, &config)?;
+            metadata.extend(keys);
+            format!("pre-tokenizer {pre}")
+        }
+    };
+    let base_formats: HashMap<String, GgmlDType> = match (ty, &base_model) {
+        (GgufType::Base, Some(b)) => super::gguf::tensor_formats(b),
         (GgufType::Base, None) => {
             return Err(ModelError::Input(
                 "`base` keeps the block formats of a GGUF base, and this model does not descend from one: choose f16, bf16, q8_0 or q4_k".into(),
@@ -538,7 +551,6 @@ pub fn write_model_gguf(
         }
         _ => HashMap::new(),
     };
-    let base_model = base.map(GgufModel::open).transpose()?;
     let decoder = Decoder::load(model_dir, &LoadOptions::default())?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     // Sums: the weights' squares and the conversion's error's; the
@@ -591,7 +603,7 @@ pub fn write_model_gguf(
         tensors: tensors.len(),
         bytes,
         formats,
-        pre,
+        tokenizer,
         rel_rms_err: (err / norm.max(f64::MIN_POSITIVE)).sqrt(),
         change_kept: (change > 0.0).then(|| kept / change),
     })
