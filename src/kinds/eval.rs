@@ -50,6 +50,11 @@ pub struct EvalParams {
     /// Prompts to complete greedily.
     #[serde(default)]
     pub prompts: Vec<String>,
+    /// Send each prompt as a user message through the chat template (the
+    /// model's own, or `format`'s) with its generation prompt, as an
+    /// instruct model is asked; plain text when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub chat_prompts: Sp<bool>,
     /// Most tokens generated for each prompt, and for each `data.sft` row
     /// when measuring `sft/exact_match` (greedy completion == the row's completion).
     #[serde(default = "default_new_tokens")]
@@ -72,6 +77,10 @@ pub struct EvalParams {
     pub format: Option<Sp<String>>,
     #[serde(default)]
     pub dtype: Option<Sp<Dtype>>,
+}
+
+fn is_false(b: &Sp<bool>) -> bool {
+    !b.value
 }
 
 fn default_new_tokens() -> Sp<u32> {
@@ -456,10 +465,25 @@ impl<'p> Evaluator<'p> {
     /// Completions of the stage's `prompts`, into eval.jsonl and the manifest.
     fn samples(&mut self, ctx: &mut RunContext) -> anyhow::Result<()> {
         let p = self.p;
+        let template = match p.chat_prompts.value && !p.prompts.is_empty() {
+            true => Some(
+                crate::data::ChatTemplate::resolve(
+                    p.format.as_ref().map(|f| f.value.as_str()),
+                    &self.tokenizer,
+                )?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "`chat_prompts` needs a chat template: the model's tokenizer has none; set `format` (e.g. \"chatml\")"
+                    )
+                })?,
+            ),
+            false => None,
+        };
         for sample in crate::metrics::samples::complete(
             &self.model,
             &self.tokenizer,
             &p.prompts,
+            template.as_ref(),
             p.max_new_tokens.value as usize,
             p.temperature.value,
             ctx.seed,

@@ -17,10 +17,14 @@ pub struct Sample {
 
 /// Greedy completions of `prompts` (and sampled ones when `temperature` > 0,
 /// seeded), stopping at the tokenizer's EOS.
+/// `chat`: each prompt is one user message, rendered by this template with
+/// the generation prompt (its special tokens in the text, so the
+/// tokenizer's post-processor is not run); otherwise plain text.
 pub fn complete(
     model: &Decoder,
     tokenizer: &ModelTokenizer,
     prompts: &[String],
+    chat: Option<&crate::data::ChatTemplate>,
     max_new_tokens: usize,
     temperature: f64,
     seed: u64,
@@ -31,9 +35,17 @@ pub fn complete(
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| {
-            tokenizer
-                .encode(p, true)
-                .map_err(|e| anyhow::anyhow!("prompt {p:?}: {e}"))
+            let ids = match chat {
+                Some(template) => {
+                    let message = crate::data::Message {
+                        role: "user".into(),
+                        content: p.clone(),
+                    };
+                    tokenizer.encode(&template.render(&[message], true)?, false)
+                }
+                None => tokenizer.encode(p, true),
+            };
+            ids.map_err(|e| anyhow::anyhow!("prompt {p:?}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
     let stop_tokens: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();

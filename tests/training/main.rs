@@ -9,6 +9,7 @@ mod data_cache_batch;
 mod data_errors;
 mod data_tokenize;
 mod dpo_gradient;
+mod eval_prompts;
 mod families;
 mod gguf_base;
 mod preference_loss;
