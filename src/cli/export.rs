@@ -56,9 +56,17 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
     if !args.gguf {
         return Ok(());
     }
+    // What the model cannot be written as is the command's fault (exit 2);
+    // a file that cannot be read or written is not (exit 3).
     let bad = |what: &str| {
         let what = what.to_string();
-        move |e: crate::model::error::ModelError| Error::Usage(format!("`{stage}` as {what}: {e}"))
+        move |e: crate::model::error::ModelError| match e {
+            crate::model::error::ModelError::Io { .. } => Error::Environment {
+                context: format!("writing `{stage}` as {what}"),
+                source: e.into(),
+            },
+            e => Error::Usage(format!("`{stage}` as {what}: {e}")),
+        }
     };
     let written = if from.join("adapter_config.json").is_file() {
         if args.gguf_type.is_some() {

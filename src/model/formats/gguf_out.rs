@@ -151,11 +151,17 @@ fn write_gguf(
     let list: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let partial = out.with_extension("gguf.partial");
     let written = (|| {
-        let mut file = std::fs::File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
-        let mut buffered = std::io::BufWriter::new(&mut file);
-        candle_core::quantized::gguf_file::write(&mut buffered, &meta, &list)
-            .map_err(|e| ModelError::config(&partial, e.to_string()))?;
-        drop(buffered);
+        use std::io::Write;
+        let file = std::fs::File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
+        let mut buffered = std::io::BufWriter::new(file);
+        candle_core::quantized::gguf_file::write(&mut buffered, &meta, &list).map_err(|e| {
+            // candle wraps the writer's io::Error; a full disk is a file failure.
+            ModelError::io(&partial, std::io::Error::other(e.to_string()))
+        })?;
+        buffered.flush().map_err(|e| ModelError::io(&partial, e))?;
+        let file = buffered
+            .into_inner()
+            .map_err(|e| ModelError::io(&partial, e.into_error()))?;
         file.sync_all().map_err(|e| ModelError::io(&partial, e))
     })();
     if let Err(e) = written {
