@@ -97,6 +97,9 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
             .iter()
             .map(|(f, n)| format!("{n} {f}"))
             .collect();
+        for warning in &report.warnings {
+            eprintln!("warning: {warning}");
+        }
         let text = modelfile(ModelfileFrom::Gguf {
             model_dir: &from,
             file: "model.gguf",

@@ -11,6 +11,7 @@
 use crate::support::model::{max_abs_diff, mean_nll, smollm2, with_big_stack};
 use candle_core::{DType, Device, Tensor};
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::family::NormPlacement;
 use lora_runner::model::formats::gguf::{gguf_name, GgufModel, GGUF_FILE};
 use lora_runner::model::generate::{generate, GenerateOptions};
 use std::path::PathBuf;
@@ -156,7 +157,10 @@ fn gguf_tensor_names_map_both_ways_for_every_llama_weight() {
                 "{}.weight",
                 lora_runner::model::formats::names::projection(i, p)
             );
-            assert!(names.contains_key(&gguf_name(&hf).unwrap()), "{hf}");
+            assert!(
+                names.contains_key(&gguf_name(&hf, NormPlacement::Pre).unwrap()),
+                "{hf}"
+            );
         }
     }
     assert_eq!(mapped, names.len());
@@ -191,7 +195,7 @@ pub fn write_gguf_of(
     let permute = |w: &Tensor, heads: usize| swap_row_halves(w, heads, true);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in &weights {
-        let gguf = gguf_name(name).unwrap();
+        let gguf = gguf_name(name, NormPlacement::Pre).unwrap();
         let t = if permuted && gguf.ends_with("attn_q.weight") {
             permute(t, config.num_attention_heads)
         } else if permuted && gguf.ends_with("attn_k.weight") {
@@ -324,7 +328,9 @@ fn a_gguf_gives_the_logits_of_the_folder_it_was_converted_from() {
 #[test]
 fn gguf_metadata_or_tensors_it_cannot_compute_are_refused_by_name() {
     let cases: [(&str, Edit); 5] = [
-        ("Gemma 2", |m, _| m[0].1 = Value::String("gemma2".into())),
+        ("SmolLM3 GGUFs", |m, _| {
+            m[0].1 = Value::String("smollm3".into())
+        }),
         ("llama.expert_count", |m, _| {
             m.push(("llama.expert_count".into(), Value::U32(8)))
         }),
@@ -391,7 +397,7 @@ fn a_llama_cpp_adapter_holds_peft_s_b_a_in_llama_cpp_order() {
         ("mlp.down_proj", None),
     ] {
         let hf = format!("model.layers.1.{module}");
-        let base = gguf_name(&format!("{hf}.weight")).unwrap();
+        let base = gguf_name(&format!("{hf}.weight"), NormPlacement::Pre).unwrap();
         let mut read = |name: String| {
             content
                 .tensor(&mut reader, &name, &Device::Cpu)

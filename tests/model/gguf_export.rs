@@ -58,6 +58,14 @@ fn candle_last_logits(arch: Architecture, file: &Path, ids: &[u32]) -> Tensor {
         Architecture::Qwen3 => quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, &dev)
             .unwrap()
             .forward(&input, 0),
+        Architecture::Phi3 => candle_transformers::models::quantized_phi3::ModelWeights::from_gguf(
+            false,
+            content,
+            &mut reader,
+            &dev,
+        )
+        .unwrap()
+        .forward(&input, 0),
         other => panic!("no candle-transformers reader for {other:?}"),
     };
     logits.unwrap().squeeze(0).unwrap()
@@ -103,7 +111,14 @@ fn model(arch: Architecture, tag: &str) -> std::path::PathBuf {
         num_attention_heads: 4,
         num_key_value_heads: 2,
         intermediate_size: 512,
-        ..spec(arch, arch != Architecture::Llama, 11)
+        ..spec(
+            arch,
+            !matches!(
+                arch,
+                Architecture::Llama | Architecture::Phi3 | Architecture::Olmo2
+            ),
+            11,
+        )
     };
     let dir = init_dir(tag, &spec);
     amplify_weights(&dir, 4.0);
@@ -117,6 +132,11 @@ fn candle_transformers_quantized_models_give_this_programs_logits_on_exported_gg
             Architecture::Llama,
             Architecture::Qwen2,
             Architecture::Qwen3,
+            // Not Gemma 3: candle-transformers 0.11's quantized_gemma3 runs
+            // its MLP with SiLU where Gemma uses GELU (tanh), so it is no
+            // reference; llama.cpp checks the Gemma exports instead
+            // (scripts/llamacpp_families_check.py).
+            Architecture::Phi3,
         ] {
             let dir = model(arch, "gguf-out");
             let ours = Decoder::load(&dir, &LoadOptions::default()).unwrap();
@@ -178,7 +198,7 @@ fn candle_transformers_quantized_models_give_this_programs_logits_on_exported_gg
             // q4_k writes q4_k where a row is a multiple of 256 (all here).
             let g = GgufModel::open(&dir.join("q4_k.gguf")).unwrap();
             let formats = tensor_formats(&g);
-            assert_eq!(format!("{:?}", formats["blk.0.attn_q.weight"]), "Q4K");
+            assert_eq!(format!("{:?}", formats["blk.0.attn_output.weight"]), "Q4K");
             assert_eq!(format!("{:?}", formats["blk.0.attn_norm.weight"]), "F32");
         }
     });
@@ -191,10 +211,21 @@ fn an_exported_gguf_reads_back_as_the_folder_it_was_written_from() {
             Architecture::Llama,
             Architecture::Qwen2,
             Architecture::Qwen3,
+            Architecture::Gemma2,
+            Architecture::Gemma3,
+            Architecture::Phi3,
+            Architecture::Olmo2,
         ] {
             let dir = model(arch, "gguf-back");
             let file = dir.join("f32.gguf");
             write_model_gguf(&dir, &file, GgufType::F32, None, "back").unwrap();
+            // The built-in vocabulary has no merges, yet llama.cpp wants
+            // `tokenizer.ggml.merges` as an array of strings: element type 8.
+            let bytes = std::fs::read(&file).unwrap();
+            let key = b"tokenizer.ggml.merges";
+            let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+            let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+            assert_eq!((u32_at(at), u32_at(at + 4)), (9, 8), "an array of strings");
             let gguf = GgufModel::open(&file).unwrap();
             let original = ModelConfig::from_dir(&dir).unwrap();
             let read = gguf.config().unwrap();
@@ -263,9 +294,25 @@ fn an_exported_gguf_reads_back_as_the_folder_it_was_written_from() {
 fn gguf_export_refuses_what_llama_cpp_would_compute_differently() {
     with_big_stack(|| {
         // A family llama.cpp's architectures here do not cover.
-        let dir = model(Architecture::Gemma2, "gguf-refuse");
+        let dir = model(Architecture::SmolLM3, "gguf-refuse");
         let e = write_model_gguf(&dir, &dir.join("x.gguf"), GgufType::F16, None, "x").unwrap_err();
-        assert!(e.to_string().contains("gemma2"), "{e}");
+        assert!(e.to_string().contains("smollm3"), "{e}");
+        // transformers' Gemma 2 and 3 with query_pre_attn_scalar 24 ≠
+        // head_dim 16: llama.cpp decides the scale by model size.
+        for family in ["gemma2", "gemma3"] {
+            let dir = scratch_dir("gguf-refuse-gemma");
+            let from = crate::support::model::fixture_family(family);
+            for f in ["config.json", "model.safetensors"] {
+                std::fs::copy(from.join(f), dir.join(f)).unwrap();
+            }
+            lora_runner::model::formats::tokenizer::write_builtin_tokenizer(&dir, 64).unwrap();
+            let e =
+                write_model_gguf(&dir, &dir.join("x.gguf"), GgufType::F16, None, "x").unwrap_err();
+            assert!(
+                e.to_string().contains("query_pre_attn_scalar Some(24.0)"),
+                "{family}: {e}"
+            );
+        }
         // `base` without a GGUF to take the formats from.
         let dir = model(Architecture::Llama, "gguf-refuse");
         let e = write_model_gguf(&dir, &dir.join("x.gguf"), GgufType::Base, None, "x").unwrap_err();

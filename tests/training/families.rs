@@ -145,15 +145,24 @@ fn every_family_trains_in_both_schemes_merges_and_exports_through_the_cli() {
     ])
     .ok();
     assert!(ws.path("out/gguf/adapter.gguf").is_file());
-    let refused = ws.runner(&[
+    ws.runner(&[
         "export",
         "recipe.toml",
         "sft@arch=gemma2",
         "out/g2",
         "--gguf",
+    ])
+    .ok();
+    assert!(ws.path("out/g2/adapter.gguf").is_file());
+    let refused = ws.runner(&[
+        "export",
+        "recipe.toml",
+        "sft@arch=smollm3",
+        "out/s3",
+        "--gguf",
     ]);
     assert_eq!(refused.code, exit::USAGE, "{}", refused.stderr);
-    assert!(refused.stderr.contains("gemma2") && refused.stderr.contains("not supported yet"));
+    assert!(refused.stderr.contains("smollm3") && refused.stderr.contains("not supported yet"));
     // A model stage (scheme two's merge) as a model GGUF, in q8_0 here;
     // `base` formats need a GGUF ancestor; an evaluation has no GGUF form.
     ws.runner(&[
@@ -178,7 +187,7 @@ fn every_family_trains_in_both_schemes_merges_and_exports_through_the_cli() {
     for (stage, ty, says) in [
         ("merged@arch=llama", "base", "does not descend from one"),
         ("eval@arch=llama", "f16", "neither a model nor an adapter"),
-        ("merged@arch=gemma2", "f16", "not supported yet"),
+        ("merged@arch=smollm3", "f16", "not supported yet"),
     ] {
         let run = ws.runner(&[
             "export",

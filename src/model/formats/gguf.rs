@@ -10,6 +10,7 @@
 
 use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
+use crate::model::family::{Architecture, NormPlacement};
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::Device;
@@ -29,30 +30,66 @@ pub struct GgufModel {
     arch: String,
 }
 
-/// How llama.cpp names each architecture this program reads, and whether
-/// its converter permuted the q/k rows (llama.cpp's "normal" rope).
-const ARCHITECTURES: [(&str, &str, bool); 3] = [
-    ("llama", "llama", true),
-    ("qwen2", "qwen2", false),
-    ("qwen3", "qwen3", false),
+/// How llama.cpp names each architecture this program reads, the family it
+/// is, and whether its converter permuted the q/k rows (llama.cpp's
+/// "normal" rope; the others use the NeoX rotation, rows as in HF).
+pub(crate) const ARCHITECTURES: [(&str, Architecture, bool); 7] = [
+    ("llama", Architecture::Llama, true),
+    ("qwen2", Architecture::Qwen2, false),
+    ("qwen3", Architecture::Qwen3, false),
+    ("gemma2", Architecture::Gemma2, false),
+    ("gemma3", Architecture::Gemma3, false),
+    ("phi3", Architecture::Phi3, false),
+    ("olmo2", Architecture::Olmo2, false),
 ];
 
 /// Architectures llama.cpp writes that are refused, with why.
-const REFUSED: [(&str, &str); 6] = [
+const REFUSED: [(&str, &str); 3] = [
     (
-        "gemma2",
-        "Gemma 2 GGUFs store norms with the +1 folded in; not supported yet",
+        "smollm3",
+        "SmolLM3 GGUFs are not supported yet (its NoPE layers are hardcoded in llama.cpp)",
     ),
-    ("gemma3", "Gemma 3 GGUFs are not supported yet"),
-    ("phi3", "Phi-3 GGUFs are not supported yet"),
-    ("olmo2", "OLMo 2 GGUFs are not supported yet"),
-    ("smollm3", "SmolLM3 GGUFs are not supported yet"),
     ("qwen3moe", "mixture-of-experts models are not supported"),
+    (
+        "gemma",
+        "Gemma 1 is not supported (Gemma 2 and Gemma 3 are)",
+    ),
 ];
+
+/// Layer counts of the models whose attention scale llama.cpp takes from
+/// hidden/heads instead of head_dim (Gemma 2 27B, Gemma 3 27B): it does not
+/// read `query_pre_attn_scalar` but decides by size.
+pub(crate) fn gemma_attention_scalar(
+    arch: Architecture,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> usize {
+    match (arch, layers) {
+        (Architecture::Gemma2, 46) | (Architecture::Gemma3, 62) => hidden / heads.max(1),
+        _ => head_dim,
+    }
+}
+
+/// llama.cpp's default period of sliding and global layers (the last of
+/// each period global).
+pub(crate) fn default_window_period(arch: Architecture) -> usize {
+    match arch {
+        Architecture::Gemma3 => 6,
+        _ => 2,
+    }
+}
 
 /// `{arch}.` keys that are read, and those known not to change the
 /// computation.
-const READ_KEYS: [&str; 14] = [
+const READ_KEYS: [&str; 20] = [
+    "attention.sliding_window",
+    "attention.sliding_window_pattern",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "rope.freq_base_swa",
+    "rope.scaling.attn_factor",
     "block_count",
     "embedding_length",
     "feed_forward_length",
@@ -154,8 +191,8 @@ impl GgufModel {
         })
     }
 
-    /// The Hugging Face family and whether q/k rows are permuted.
-    fn family(&self) -> Result<(&'static str, bool)> {
+    /// The family and whether q/k rows are permuted.
+    fn family(&self) -> Result<(Architecture, bool)> {
         if let Some((_, why)) = REFUSED.iter().find(|(a, _)| *a == self.arch) {
             return Err(config_error(
                 &self.path,
@@ -179,9 +216,16 @@ impl GgufModel {
             })
     }
 
+    /// Where the norms sit in a layer (which HF norm each GGUF one is).
+    fn placement(&self) -> NormPlacement {
+        self.family()
+            .map_or(NormPlacement::Pre, |(a, _)| a.family().norms)
+    }
+
     /// The config.json a Hugging Face folder of this model would have.
     pub fn config_json(&self) -> Result<Json> {
-        let (family, _) = self.family()?;
+        let (arch, _) = self.family()?;
+        let family = arch.model_type();
         let prefix = format!("{}.", self.arch);
         for key in self.content.metadata.keys() {
             let Some(rest) = key.strip_prefix(&prefix) else {
@@ -277,6 +321,26 @@ impl GgufModel {
             let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
             obj.insert("attention_bias".into(), json!(bias));
         }
+        match arch {
+            Architecture::Gemma2 | Architecture::Gemma3 => {
+                self.gemma_config(arch, obj, hidden, heads, head_dim)?
+            }
+            Architecture::Phi3 => self.phi3_config(obj)?,
+            _ => {
+                for key in [
+                    "attention.sliding_window",
+                    "attn_logit_softcapping",
+                    "final_logit_softcapping",
+                    "rope.freq_base_swa",
+                    "attention.sliding_window_pattern",
+                    "rope.scaling.attn_factor",
+                ] {
+                    if self.meta(&self.arch_key(key)).is_some() {
+                        return Err(config_error(&self.path, format!("GGUF metadata {} is not one llama.cpp's {} architecture reads; it is refused rather than ignored", self.arch_key(key), self.arch)));
+                    }
+                }
+            }
+        }
         for (key, id) in [
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
             ("eos_token_id", "tokenizer.ggml.eos_token_id"),
@@ -287,6 +351,175 @@ impl GgufModel {
             }
         }
         Ok(config)
+    }
+
+    /// Gemma 2 and 3 as llama.cpp computes them: layers sliding by its
+    /// pattern (its default period, or `sliding_window_pattern`), the
+    /// attention scale by model size, Gemma 2's soft-caps (50 and 30 when
+    /// the file does not say), Gemma 3's local rope base (10000 unless
+    /// `rope.freq_base_swa`), its linear scaling on global layers only.
+    fn gemma_config(
+        &self,
+        arch: Architecture,
+        obj: &mut Map<String, Json>,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let layers = self.require("block_count")?;
+        let scalar = gemma_attention_scalar(arch, layers, hidden, heads, head_dim);
+        obj.insert("query_pre_attn_scalar".into(), json!(scalar));
+        obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+        let period = default_window_period(arch);
+        let sliding: Vec<bool> = match self.meta(&self.arch_key("attention.sliding_window_pattern"))
+        {
+            None => (0..layers).map(|i| i % period < period - 1).collect(),
+            Some(Value::Array(items)) if items.len() == layers => items
+                .iter()
+                .map(|v| {
+                    v.to_bool().map_err(|_| {
+                        config_error(&self.path, "sliding_window_pattern must list booleans")
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(v) => match v.to_u32() {
+                Ok(p) if p > 0 => (0..layers)
+                    .map(|i| i % p as usize + 1 < p as usize)
+                    .collect(),
+                _ => {
+                    return Err(config_error(
+                        &self.path,
+                        format!(
+                            "{} must be a positive period or one boolean per layer",
+                            self.arch_key("attention.sliding_window_pattern")
+                        ),
+                    ))
+                }
+            },
+        };
+        let window = match (arch, self.count("attention.sliding_window")?) {
+            (Architecture::Gemma2, None) => Some(4096),
+            (_, Some(0)) | (Architecture::Gemma3, None) => None,
+            (_, w) => w,
+        };
+        let types: Vec<&str> = sliding
+            .iter()
+            .map(|&s| {
+                if s && window.is_some() {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        obj.insert("layer_types".into(), json!(types));
+        if let Some(w) = window {
+            obj.insert("sliding_window".into(), json!(w));
+        }
+        let theta = self.number("rope.freq_base")?.unwrap_or(10_000.0);
+        let local = self.number("rope.freq_base_swa")?;
+        let attn_cap = self.number("attn_logit_softcapping")?.filter(|c| *c != 0.0);
+        let final_cap = self
+            .number("final_logit_softcapping")?
+            .filter(|c| *c != 0.0);
+        let mut global = Map::new();
+        global.insert("rope_theta".into(), json!(theta));
+        match obj.remove("rope_scaling") {
+            Some(Json::Object(scaling)) => {
+                for (k, v) in scaling {
+                    global.insert(k, v);
+                }
+            }
+            _ => {
+                global.insert("rope_type".into(), json!("default"));
+            }
+        }
+        obj.remove("rope_theta");
+        match arch {
+            Architecture::Gemma2 => {
+                obj.insert(
+                    "attn_logit_softcapping".into(),
+                    json!(attn_cap.unwrap_or(50.0)),
+                );
+                obj.insert(
+                    "final_logit_softcapping".into(),
+                    json!(final_cap.unwrap_or(30.0)),
+                );
+                let local = json!({"rope_type": "default", "rope_theta": local.unwrap_or(theta)});
+                if global.get("rope_type") != Some(&json!("default")) {
+                    return Err(config_error(
+                        &self.path,
+                        "rope scaling on a Gemma 2 GGUF is not supported",
+                    ));
+                }
+                obj.insert(
+                    "rope_parameters".into(),
+                    json!({"full_attention": Json::Object(global), "sliding_attention": local}),
+                );
+            }
+            _ => {
+                if attn_cap.is_some() {
+                    return Err(config_error(&self.path, "Gemma 3 has no attention soft-cap; gemma3.attn_logit_softcapping is refused"));
+                }
+                if let Some(c) = final_cap {
+                    obj.insert("final_logit_softcapping".into(), json!(c));
+                }
+                let local =
+                    json!({"rope_type": "default", "rope_theta": local.unwrap_or(10_000.0)});
+                obj.insert(
+                    "rope_parameters".into(),
+                    json!({"full_attention": Json::Object(global), "sliding_attention": local}),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Phi-3 as llama.cpp computes it: no sliding window (llama.cpp turns
+    /// Phi-3's off), LongRoPE from the `rope_factors_long/short` tensors.
+    fn phi3_config(&self, obj: &mut Map<String, Json>) -> Result<()> {
+        let factors = |name: &str| -> Result<Option<Vec<f32>>> {
+            if !self.content.tensor_infos.contains_key(name) {
+                return Ok(None);
+            }
+            Ok(Some(
+                self.tensor_in_file_order(name)?
+                    .dequantize(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ))
+        };
+        match (
+            factors("rope_factors_long.weight")?,
+            factors("rope_factors_short.weight")?,
+        ) {
+            (None, None) => {}
+            (Some(long), Some(short)) => {
+                let original = self
+                    .count("rope.scaling.original_context_length")?
+                    .ok_or_else(|| {
+                        config_error(
+                            &self.path,
+                            "Phi-3 rope factors without phi3.rope.scaling.original_context_length",
+                        )
+                    })?;
+                let mut scaling =
+                    json!({"rope_type": "longrope", "long_factor": long, "short_factor": short});
+                if let Some(a) = self.number("rope.scaling.attn_factor")? {
+                    scaling["attention_factor"] = json!(a);
+                }
+                obj.remove("rope_scaling");
+                obj.insert("rope_scaling".into(), scaling);
+                obj.insert("original_max_position_embeddings".into(), json!(original));
+            }
+            _ => {
+                return Err(config_error(
+                    &self.path,
+                    "Phi-3 GGUF has one of rope_factors_long/short without the other",
+                ))
+            }
+        }
+        Ok(())
     }
 
     /// The model's configuration, checked as a config.json would be.
@@ -315,8 +548,17 @@ impl GgufModel {
                 }
             }
         }
-        let known: std::collections::HashSet<String> =
-            expected.iter().filter_map(|n| gguf_name(n)).collect();
+        let placement = self.placement();
+        let mut known: std::collections::HashSet<String> = expected
+            .iter()
+            .filter_map(|n| gguf_name(n, placement))
+            .collect();
+        if config.architecture == Architecture::Phi3 {
+            known.extend([
+                "rope_factors_long.weight".into(),
+                "rope_factors_short.weight".into(),
+            ]);
+        }
         if let Some(extra) = self
             .content
             .tensor_infos
@@ -361,10 +603,11 @@ impl GgufModel {
     /// quantized blocks as stored (q/k rows of the llama architecture put
     /// back in Hugging Face order), float tensors as stored.
     pub fn tensor(&self, hf_name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-        let name = gguf_name(hf_name).ok_or_else(|| ModelError::MissingTensor {
-            tensor: hf_name.to_string(),
-            file: self.path.clone(),
-        })?;
+        let name =
+            gguf_name(hf_name, self.placement()).ok_or_else(|| ModelError::MissingTensor {
+                tensor: hf_name.to_string(),
+                file: self.path.clone(),
+            })?;
         let info =
             self.content
                 .tensor_infos
@@ -396,8 +639,14 @@ impl GgufModel {
                 raw = unpermute_rows(&raw, shape[0], heads);
             }
         }
-        qtensor_from_ggml(info.ggml_dtype, &raw, shape.to_vec(), device)
-            .map_err(|e| ModelError::config(&self.path, format!("tensor {name}: {e}")))
+        let q = qtensor_from_ggml(info.ggml_dtype, &raw, shape.to_vec(), device)
+            .map_err(|e| ModelError::config(&self.path, format!("tensor {name}: {e}")))?;
+        // llama.cpp's converter folds Gemma's 1 + w into its norm weights.
+        if name.ends_with("norm.weight") && self.family()?.0.family().norm_plus_one {
+            let w = (q.dequantize(device)? - 1.0)?;
+            return Ok(QTensor::quantize(&w, GgmlDType::F32)?);
+        }
+        Ok(q)
     }
 
     /// A tensor by its llama.cpp name as stored (rows in the file's order).
@@ -471,9 +720,11 @@ impl GgufModel {
         for i in 0..config.num_hidden_layers {
             for (p, _) in config.projections() {
                 let module = crate::model::formats::names::projection(i, p);
-                let Some(info) = gguf_name(&crate::model::formats::names::weight(&module))
-                    .and_then(|n| self.content.tensor_infos.get(&n))
-                else {
+                let Some(info) = gguf_name(
+                    &crate::model::formats::names::weight(&module),
+                    self.placement(),
+                )
+                .and_then(|n| self.content.tensor_infos.get(&n)) else {
                     continue;
                 };
                 let n = info.shape.elem_count() as f64;
@@ -491,7 +742,7 @@ impl GgufModel {
 
     /// Whether a weight is stored in a block format (not f32/f16/bf16).
     pub fn is_quantized(&self, hf_name: &str) -> bool {
-        gguf_name(hf_name)
+        gguf_name(hf_name, self.placement())
             .and_then(|n| self.content.tensor_infos.get(&n))
             .is_some_and(|i| {
                 !matches!(
@@ -762,8 +1013,11 @@ pub(crate) fn pre_tokenizer(pre: &str) -> Option<Json> {
     })
 }
 
-/// llama.cpp's name of a Hugging Face tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
+/// llama.cpp's name of a Hugging Face tensor name, for a family whose
+/// layers place their norms as `norms` says (HF's `post_attention_layernorm`
+/// is the norm before the MLP in pre-norm families, after attention in
+/// Gemma's and OLMo 2's).
+pub fn gguf_name(hf: &str, norms: NormPlacement) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -773,18 +1027,25 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let name = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
+    let name = match (module, norms) {
+        ("input_layernorm", NormPlacement::Pre | NormPlacement::Sandwich) => "attn_norm",
+        ("post_attention_layernorm", NormPlacement::Pre) => "ffn_norm",
+        ("post_attention_layernorm", _) => "post_attention_norm",
+        ("pre_feedforward_layernorm", NormPlacement::Sandwich) => "ffn_norm",
+        ("post_feedforward_layernorm", NormPlacement::Sandwich | NormPlacement::Post) => {
+            "post_ffw_norm"
+        }
+        ("self_attn.q_proj", _) => "attn_q",
+        ("self_attn.k_proj", _) => "attn_k",
+        ("self_attn.v_proj", _) => "attn_v",
+        ("self_attn.qkv_proj", _) => "attn_qkv",
+        ("self_attn.o_proj", _) => "attn_output",
+        ("self_attn.q_norm", _) => "attn_q_norm",
+        ("self_attn.k_norm", _) => "attn_k_norm",
+        ("mlp.gate_proj", _) => "ffn_gate",
+        ("mlp.up_proj", _) => "ffn_up",
+        ("mlp.gate_up_proj", _) => "ffn_up",
+        ("mlp.down_proj", _) => "ffn_down",
         _ => return None,
     };
     Some(format!("blk.{layer}.{name}.{kind}"))

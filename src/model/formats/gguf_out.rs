@@ -13,6 +13,7 @@ use super::io::read_json;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{Decoder, LoadOptions};
 use crate::model::error::{ModelError, Result};
+use crate::model::family::Architecture;
 use crate::model::kernels::quantized::{format_name, Quantization};
 use crate::model::rope::RopeScaling;
 use candle_core::quantized::gguf_file::Value;
@@ -83,6 +84,8 @@ pub struct WrittenGguf {
     pub bytes: u64,
     /// Tensor count per block format.
     pub formats: BTreeMap<&'static str, usize>,
+    /// What llama.cpp will compute differently that is not refused.
+    pub warnings: Vec<String>,
     /// Where the tokenizer metadata came from: the GGUF base's, carried
     /// over, or "pre-tokenizer <name>" for one written from tokenizer.json.
     pub tokenizer: String,
@@ -99,21 +102,27 @@ pub struct WrittenGguf {
 }
 
 /// llama.cpp's architecture name for a family whose adapters and models it
-/// runs, and whether its converter permutes q/k rows.
+/// runs, and whether its converter permutes q/k rows (Mistral is llama's).
 fn llama_cpp_arch(config: &ModelConfig) -> Option<(&'static str, bool)> {
-    use crate::model::family::Architecture as A;
-    match config.architecture {
-        A::Llama | A::Mistral => Some(("llama", true)),
-        A::Qwen2 => Some(("qwen2", false)),
-        A::Qwen3 => Some(("qwen3", false)),
-        _ => None,
-    }
+    let family = match config.architecture {
+        Architecture::Mistral => Architecture::Llama,
+        a => a,
+    };
+    super::gguf::ARCHITECTURES
+        .iter()
+        .find(|(_, a, _)| *a == family)
+        .map(|&(name, _, permuted)| (name, permuted))
 }
 
 fn unsupported_family(config: &ModelConfig) -> ModelError {
+    let known: Vec<&str> = super::gguf::ARCHITECTURES
+        .iter()
+        .map(|(_, a, _)| a.model_type())
+        .collect();
     ModelError::Input(format!(
-        "GGUF export of {} models is not supported yet (llama, mistral, qwen2, qwen3)",
-        config.model_type
+        "GGUF export of {} models is not supported yet ({}, mistral)",
+        config.model_type,
+        known.join(", ")
     ))
 }
 
@@ -147,11 +156,17 @@ fn write_gguf(
     metadata: &[(String, Value)],
     tensors: &[(String, QTensor)],
 ) -> Result<()> {
-    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    // Empty arrays first: their element type is patched below.
+    let mut meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    meta.sort_by_key(|(_, v)| !matches!(v, Value::Array(a) if a.is_empty()));
+    let empty = meta
+        .iter()
+        .take_while(|(_, v)| matches!(v, Value::Array(a) if a.is_empty()))
+        .count();
     let list: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let partial = out.with_extension("gguf.partial");
     let written = (|| {
-        use std::io::Write;
+        use std::io::{Seek, SeekFrom, Write};
         let file = std::fs::File::create(&partial).map_err(|e| ModelError::io(&partial, e))?;
         let mut buffered = std::io::BufWriter::new(file);
         candle_core::quantized::gguf_file::write(&mut buffered, &meta, &list).map_err(|e| {
@@ -159,9 +174,22 @@ fn write_gguf(
             ModelError::io(&partial, std::io::Error::other(e.to_string()))
         })?;
         buffered.flush().map_err(|e| ModelError::io(&partial, e))?;
-        let file = buffered
+        let mut file = buffered
             .into_inner()
             .map_err(|e| ModelError::io(&partial, e.into_error()))?;
+        // candle writes an empty array's element type as u32; llama.cpp
+        // insists that `tokenizer.ggml.merges` holds strings even when it
+        // is empty. The empty arrays lead the metadata (after the 24-byte
+        // header): each is key (u64 length + bytes), type 9, element type,
+        // u64 count 0; the element type becomes string (8).
+        let mut at = 24u64;
+        for (key, _) in &meta[..empty] {
+            at += 8 + key.len() as u64 + 4;
+            file.seek(SeekFrom::Start(at))
+                .and_then(|_| file.write_all(&8u32.to_le_bytes()))
+                .map_err(|e| ModelError::io(&partial, e))?;
+            at += 4 + 8;
+        }
         file.sync_all().map_err(|e| ModelError::io(&partial, e))
     })();
     if let Err(e) = written {
@@ -171,72 +199,230 @@ fn write_gguf(
     std::fs::rename(&partial, out).map_err(|e| ModelError::io(out, e))
 }
 
+/// What `arch_metadata` gives: the `{arch}.*` keys, tensors that carry
+/// configuration (Phi-3's rope factors), and what llama.cpp will compute
+/// differently that is not refused.
+struct ArchMetadata {
+    keys: Vec<(String, Value)>,
+    tensors: Vec<(String, Tensor)>,
+    warnings: Vec<String>,
+}
+
 /// The `{arch}.*` metadata of `config`, refusing what llama.cpp's
-/// architecture would compute differently.
-fn arch_metadata(
-    config: &ModelConfig,
-    arch: &str,
-    config_path: &Path,
-) -> Result<Vec<(String, Value)>> {
+/// architecture would compute differently (it hardcodes some of what HF
+/// configs state: Gemma's attention scale by size, its sliding pattern's
+/// default, Phi-3's disabled window).
+fn arch_metadata(config: &ModelConfig, arch: &str, config_path: &Path) -> Result<ArchMetadata> {
+    use crate::model::rope::Rope;
     let refuse = |m: String| ModelError::config(config_path, m);
-    if let Some((i, w)) = config
-        .layers
-        .iter()
-        .enumerate()
-        .find_map(|(i, l)| l.window.map(|w| (i, w)))
-    {
-        return Err(refuse(format!(
-            "layer {i} attends through a sliding window of {w}; llama.cpp's {arch} architecture has none, so its GGUF would compute another model"
-        )));
-    }
-    let rope = config.layers[0].rope.clone();
-    if config.layers.iter().any(|l| l.rope != rope) {
-        return Err(refuse(
-            "layers with different rope settings have no GGUF form in llama.cpp's architecture"
-                .into(),
-        ));
-    }
-    let Some(rope) = rope else {
-        return Err(refuse("layers without rope have no GGUF form".into()));
-    };
+    let family = config.architecture;
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |n: usize| Value::U32(n as u32);
-    let mut meta = vec![
-        (key("context_length"), u32v(config.max_position_embeddings)),
-        (key("embedding_length"), u32v(config.hidden_size)),
-        (key("block_count"), u32v(config.num_hidden_layers)),
-        (key("feed_forward_length"), u32v(config.intermediate_size)),
-        (
-            key("attention.head_count"),
-            u32v(config.num_attention_heads),
-        ),
-        (
-            key("attention.head_count_kv"),
-            u32v(config.num_key_value_heads),
-        ),
-        (key("attention.key_length"), u32v(config.head_dim)),
-        (key("attention.value_length"), u32v(config.head_dim)),
-        (
-            key("attention.layer_norm_rms_epsilon"),
-            Value::F32(config.rms_norm_eps as f32),
-        ),
-        (key("rope.freq_base"), Value::F32(rope.theta as f32)),
-        (key("rope.dimension_count"), u32v(config.head_dim)),
-        (key("vocab_size"), u32v(config.vocab_size)),
-    ];
-    match rope.scaling {
-        RopeScaling::None => {}
-        RopeScaling::Linear { factor } => {
-            meta.push((key("rope.scaling.type"), Value::String("linear".into())));
-            meta.push((key("rope.scaling.factor"), Value::F32(factor as f32)));
+    let mut out = ArchMetadata {
+        keys: vec![
+            (key("context_length"), u32v(config.max_position_embeddings)),
+            (key("embedding_length"), u32v(config.hidden_size)),
+            (key("block_count"), u32v(config.num_hidden_layers)),
+            (key("feed_forward_length"), u32v(config.intermediate_size)),
+            (
+                key("attention.head_count"),
+                u32v(config.num_attention_heads),
+            ),
+            (
+                key("attention.head_count_kv"),
+                u32v(config.num_key_value_heads),
+            ),
+            (key("attention.key_length"), u32v(config.head_dim)),
+            (key("attention.value_length"), u32v(config.head_dim)),
+            (
+                key("attention.layer_norm_rms_epsilon"),
+                Value::F32(config.rms_norm_eps as f32),
+            ),
+            (key("rope.dimension_count"), u32v(config.head_dim)),
+            (key("vocab_size"), u32v(config.vocab_size)),
+        ],
+        tensors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let ropes: Vec<&Rope> = config
+        .layers
+        .iter()
+        .map(|l| l.rope.as_ref())
+        .collect::<Option<_>>()
+        .ok_or_else(|| refuse("layers without rope have no GGUF form".into()))?;
+    let sliding: Vec<bool> = config.layers.iter().map(|l| l.window.is_some()).collect();
+    let mut sizes: Vec<usize> = config.layers.iter().filter_map(|l| l.window).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.len() > 1 {
+        return Err(refuse(format!(
+            "sliding windows of different sizes ({sizes:?}) have no GGUF form"
+        )));
+    }
+    let window = sizes.first().copied();
+    let uniform = |ropes: &[&Rope]| -> Result<Rope> {
+        let first = (*ropes.first().ok_or_else(|| refuse("no layers".into()))?).clone();
+        if ropes.iter().any(|r| **r != first) {
+            return Err(refuse(
+                "layers with different rope settings have no GGUF form in llama.cpp's architecture"
+                    .into(),
+            ));
         }
-        ref other => {
-            return Err(refuse(format!(
-                "rope scaling {other:?} is not written to GGUF yet (none and linear are)"
-            )))
+        Ok(first)
+    };
+    let plain_rope = |rope: &Rope, keys: &mut Vec<(String, Value)>| -> Result<()> {
+        keys.push((key("rope.freq_base"), Value::F32(rope.theta as f32)));
+        match &rope.scaling {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } => {
+                keys.push((key("rope.scaling.type"), Value::String("linear".into())));
+                keys.push((key("rope.scaling.factor"), Value::F32(*factor as f32)));
+                Ok(())
+            }
+            other => Err(refuse(format!(
+                "rope scaling {other:?} is not written to GGUF for {arch} (none and linear are)"
+            ))),
+        }
+    };
+    match family {
+        Architecture::Gemma2 | Architecture::Gemma3 => {
+            let scalar = super::gguf::gemma_attention_scalar(
+                family,
+                config.num_hidden_layers,
+                config.hidden_size,
+                config.num_attention_heads,
+                config.head_dim,
+            );
+            if config.query_pre_attn_scalar != Some(scalar as f64) {
+                return Err(refuse(format!(
+                    "query_pre_attn_scalar {:?}: llama.cpp does not read it and scales a {}-layer {arch}'s attention by {scalar}^-1/2, so its GGUF would compute another model",
+                    config.query_pre_attn_scalar, config.num_hidden_layers
+                )));
+            }
+            match window {
+                Some(w) => out.keys.push((key("attention.sliding_window"), u32v(w))),
+                None if family == Architecture::Gemma3 => {
+                    out.keys.push((key("attention.sliding_window"), u32v(0)))
+                }
+                None => {}
+            }
+            let period = super::gguf::default_window_period(family);
+            let default: Vec<bool> = (0..sliding.len())
+                .map(|i| i % period < period - 1)
+                .collect();
+            if (window.is_some() && sliding != default)
+                || (window.is_none() && family == Architecture::Gemma2)
+            {
+                out.keys.push((
+                    key("attention.sliding_window_pattern"),
+                    Value::Array(sliding.iter().map(|&s| Value::Bool(s)).collect()),
+                ));
+            }
+            let split = |want: bool| -> Vec<&Rope> {
+                ropes
+                    .iter()
+                    .zip(&sliding)
+                    .filter(|(_, s)| **s == want)
+                    .map(|(r, _)| *r)
+                    .collect()
+            };
+            let (global, local) = (split(false), split(true));
+            let global = match global.is_empty() {
+                true => uniform(&local)?,
+                false => uniform(&global)?,
+            };
+            if family == Architecture::Gemma2 && global.scaling != RopeScaling::None {
+                return Err(refuse("llama.cpp's gemma2 has no rope scaling".into()));
+            }
+            plain_rope(&global, &mut out.keys)?;
+            if !local.is_empty() {
+                let local = uniform(&local)?;
+                if local.scaling != RopeScaling::None {
+                    return Err(refuse(
+                        "rope scaling on sliding layers: llama.cpp scales global layers only"
+                            .into(),
+                    ));
+                }
+                out.keys
+                    .push((key("rope.freq_base_swa"), Value::F32(local.theta as f32)));
+            }
+            match (
+                family,
+                config.attn_logit_softcapping,
+                config.final_logit_softcapping,
+            ) {
+                (Architecture::Gemma2, Some(a), Some(f)) => {
+                    out.keys
+                        .push((key("attn_logit_softcapping"), Value::F32(a as f32)));
+                    out.keys
+                        .push((key("final_logit_softcapping"), Value::F32(f as f32)));
+                }
+                (Architecture::Gemma2, _, _) => return Err(refuse(
+                    "llama.cpp's gemma2 always soft-caps attention and logits (50 and 30 unless stated); a Gemma 2 without both caps has no GGUF form".into(),
+                )),
+                (_, Some(_), _) => {
+                    return Err(refuse("llama.cpp's gemma3 has no attention soft-cap".into()))
+                }
+                (_, None, cap) => {
+                    if let Some(f) = cap {
+                        out.keys
+                            .push((key("final_logit_softcapping"), Value::F32(f as f32)));
+                    }
+                }
+            }
+        }
+        Architecture::Phi3 => {
+            if let Some(w) = window.filter(|w| *w < config.max_position_embeddings) {
+                out.keys.push((key("attention.sliding_window"), u32v(w)));
+                out.warnings.push(format!(
+                    "llama.cpp turns Phi-3's sliding window off: rows longer than {w} tokens attend further there than here"
+                ));
+            }
+            let rope = uniform(&ropes)?;
+            out.keys
+                .push((key("rope.freq_base"), Value::F32(rope.theta as f32)));
+            match &rope.scaling {
+                RopeScaling::None => {}
+                RopeScaling::LongRope {
+                    short_factor,
+                    long_factor,
+                    attention_factor,
+                    original_max_position_embeddings,
+                } => {
+                    out.keys.push((
+                        key("rope.scaling.original_context_length"),
+                        u32v(*original_max_position_embeddings),
+                    ));
+                    out.keys.push((
+                        key("rope.scaling.attn_factor"),
+                        Value::F32(*attention_factor as f32),
+                    ));
+                    for (name, f) in [
+                        ("rope_factors_long.weight", long_factor),
+                        ("rope_factors_short.weight", short_factor),
+                    ] {
+                        let v: Vec<f32> = f.iter().map(|x| *x as f32).collect();
+                        out.tensors
+                            .push((name.into(), Tensor::new(v, &Device::Cpu)?));
+                    }
+                }
+                other => {
+                    return Err(refuse(format!(
+                    "rope scaling {other:?} is not written to GGUF for phi3 (none and longrope are)"
+                )))
+                }
+            }
+        }
+        _ => {
+            if let Some(w) = window {
+                return Err(refuse(format!(
+                    "layers attend through a sliding window of {w}; llama.cpp's {arch} architecture has none, so its GGUF would compute another model"
+                )));
+            }
+            plain_rope(&uniform(&ropes)?, &mut out.keys)?;
         }
     }
-    Ok(meta)
+    Ok(out)
 }
 
 /// GPT-2's byte-level alphabet: the character byte `b` is written as.
@@ -464,9 +650,9 @@ fn tokenizer_metadata(
         "tokenizer.ggml.token_type".into(),
         Value::Array(types.into_iter().map(Value::I32).collect()),
     ));
-    if !merges.is_empty() {
-        meta.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
-    }
+    // llama.cpp refuses a "gpt2" vocabulary without the key, even when
+    // there are no merges (a vocabulary of single characters).
+    meta.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     Ok((meta, pre))
 }
 
@@ -529,11 +715,8 @@ pub fn write_model_gguf(
     if let Some(ft) = ty.file_type() {
         metadata.push(("general.file_type".into(), Value::U32(ft)));
     }
-    metadata.extend(arch_metadata(
-        &config,
-        arch,
-        &model_dir.join("config.json"),
-    )?);
+    let arch_meta = arch_metadata(&config, arch, &model_dir.join("config.json"))?;
+    metadata.extend(arch_meta.keys);
     let base_model = base.map(GgufModel::open).transpose()?;
     // A model fine-tuned from a GGUF keeps its tokenizer exactly as the
     // base's file states it (SentencePiece scores included).
@@ -569,10 +752,18 @@ pub fn write_model_gguf(
             .to_scalar::<f64>()?)
     };
     let mut formats: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let family = config.architecture.family();
+    for (gg, t) in &arch_meta.tensors {
+        tensors.push((gg.clone(), QTensor::quantize(t, GgmlDType::F32)?));
+    }
     for (hf, t) in decoder.base_tensors()? {
-        let gg = gguf_name(&hf)
+        let gg = gguf_name(&hf, family.norms)
             .ok_or_else(|| ModelError::Input(format!("tensor {hf} has no llama.cpp name")))?;
         let mut t = t.to_dtype(DType::F32)?;
+        // llama.cpp's converter folds Gemma's 1 + w into its norm weights.
+        if family.norm_plus_one && gg.ends_with("norm.weight") {
+            t = (t + 1.0)?;
+        }
         if permuted {
             if let Some(heads) = permuted_heads(&config, &gg) {
                 t = permute_rows(&t, heads)?;
@@ -609,6 +800,7 @@ pub fn write_model_gguf(
         tensors: tensors.len(),
         bytes,
         formats,
+        warnings: arch_meta.warnings,
         tokenizer,
         rel_rms_err: (err / norm.max(f64::MIN_POSITIVE)).sqrt(),
         change_kept: (change > 0.0).then(|| kept / change),
@@ -652,8 +844,11 @@ pub fn write_lora_adapter(model_dir: &Path, adapter_dir: &Path, out: &Path) -> R
     let mut written: Vec<(String, QTensor)> = Vec::new();
     for target in &targets {
         let module = &target.module;
-        let base = gguf_name(&format!("{module}.weight"))
-            .ok_or_else(|| ModelError::LoraConfig(format!("no llama.cpp name for {module}")))?;
+        let base = gguf_name(
+            &format!("{module}.weight"),
+            config.architecture.family().norms,
+        )
+        .ok_or_else(|| ModelError::LoraConfig(format!("no llama.cpp name for {module}")))?;
         let a = take(peft_tensor_name(module, 'A'))?.to_dtype(DType::F32)?;
         let mut b = (take(peft_tensor_name(module, 'B'))?.to_dtype(DType::F32)? * target.scale)?;
         if permuted {
