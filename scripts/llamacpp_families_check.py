@@ -1,4 +1,5 @@
-"""Model GGUFs of Gemma 2, Gemma 3, Phi-3 and OLMo 2 written by `runner
+"""Model GGUFs of Gemma 2, Gemma 3, Phi-3, OLMo 2 and Llama 3 (its rope as
+`rope_freqs`, q/k rows permuted) written by `runner
 export --gguf`, run by llama.cpp itself, against transformers on the folders
 they were written from. Each family gets a small random checkpoint made here
 by transformers with what llama.cpp hardcodes stated the way llama.cpp
@@ -48,6 +49,10 @@ def configs():
                              "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
                              "long_factor": [2.0] * 8}),
         "olmo2": transformers.Olmo2Config(**common, num_hidden_layers=2, pad_token_id=0),
+        "llama3": transformers.LlamaConfig(
+            **common, num_hidden_layers=2, head_dim=16,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     }
 
 

@@ -44,6 +44,22 @@ pub enum RopeScaling {
     },
 }
 
+/// llama.cpp's per-frequency factors for `rope` (its `rope_freqs` tensor):
+/// each unscaled frequency over the scaled one, for Llama 3.x's rule.
+pub fn llama_cpp_factors(rope: &Rope, head_dim: usize) -> Vec<f64> {
+    let plain = Rope {
+        theta: rope.theta,
+        scaling: RopeScaling::None,
+    };
+    plain
+        .table(head_dim, 0)
+        .inv_freq
+        .iter()
+        .zip(rope.table(head_dim, 0).inv_freq)
+        .map(|(base, scaled)| base / scaled)
+        .collect()
+}
+
 /// One rope: its base and scaling.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rope {

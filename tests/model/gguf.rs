@@ -334,9 +334,7 @@ fn gguf_metadata_or_tensors_it_cannot_compute_are_refused_by_name() {
         ("llama.expert_count", |m, _| {
             m.push(("llama.expert_count".into(), Value::U32(8)))
         }),
-        ("rope_freqs.weight", |_, n| {
-            n.push("rope_freqs.weight".into())
-        }),
+        ("rope_freqs.bias", |_, n| n.push("rope_freqs.bias".into())),
         ("blk.9.attn_q.weight", |_, n| {
             n.push("blk.9.attn_q.weight".into())
         }),

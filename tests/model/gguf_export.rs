@@ -290,6 +290,43 @@ fn an_exported_gguf_reads_back_as_the_folder_it_was_written_from() {
     });
 }
 
+/// A transformers checkpoint (tests/fixtures/families) in a scratch folder
+/// with the built-in tokenizer beside it, as a GGUF export needs one.
+fn fixture_with_tokenizer(family: &str) -> std::path::PathBuf {
+    let dir = scratch_dir("gguf-fixture");
+    let from = crate::support::model::fixture_family(family);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(from.join(f), dir.join(f)).unwrap();
+    }
+    lora_runner::model::formats::tokenizer::write_builtin_tokenizer(&dir, 64).unwrap();
+    dir
+}
+
+/// Llama 3.x's rope goes out as llama.cpp's converter writes it (the
+/// per-frequency factors, `rope_freqs.weight`) and comes back as the same
+/// `llama3` rope (transformers' checkpoint, active at these lengths: an
+/// original context of 16, so both the smooth band and the scaled one).
+#[test]
+fn llama3_rope_goes_out_as_rope_freqs_and_comes_back() {
+    with_big_stack(|| {
+        let dir = fixture_with_tokenizer("llama3");
+        let file = dir.join("out.gguf");
+        write_model_gguf(&dir, &file, GgufType::F32, None, "llama3").unwrap();
+        let gguf = GgufModel::open(&file).unwrap();
+        assert!(tensor_formats(&gguf).contains_key("rope_freqs.weight"));
+        let read = gguf.config().unwrap();
+        assert_eq!(read.layers, ModelConfig::from_dir(&dir).unwrap().layers);
+        let ours = Decoder::load(&dir, &LoadOptions::default()).unwrap();
+        let again = as_read(&file);
+        let long: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 100).collect();
+        let d = max_abs_diff(
+            &our_last_logits(&ours, &long),
+            &our_last_logits(&again, &long),
+        );
+        assert!(d < 1e-4, "{d}");
+    });
+}
+
 #[test]
 fn gguf_export_refuses_what_llama_cpp_would_compute_differently() {
     with_big_stack(|| {
@@ -300,12 +337,7 @@ fn gguf_export_refuses_what_llama_cpp_would_compute_differently() {
         // transformers' Gemma 2 and 3 with query_pre_attn_scalar 24 ≠
         // head_dim 16: llama.cpp decides the scale by model size.
         for family in ["gemma2", "gemma3"] {
-            let dir = scratch_dir("gguf-refuse-gemma");
-            let from = crate::support::model::fixture_family(family);
-            for f in ["config.json", "model.safetensors"] {
-                std::fs::copy(from.join(f), dir.join(f)).unwrap();
-            }
-            lora_runner::model::formats::tokenizer::write_builtin_tokenizer(&dir, 64).unwrap();
+            let dir = fixture_with_tokenizer(family);
             let e =
                 write_model_gguf(&dir, &dir.join("x.gguf"), GgufType::F16, None, "x").unwrap_err();
             assert!(

@@ -19,6 +19,9 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+/// llama.cpp's per-frequency rope factors (Llama 3.x's rope scaling).
+pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// The name a GGUF weight file has inside a `base` artifact.
 pub const GGUF_FILE: &str = "model.gguf";
 
@@ -238,15 +241,15 @@ impl GgufModel {
                 ));
             }
         }
-        if let Some(name) = self
-            .content
-            .tensor_infos
-            .keys()
-            .find(|n| n.starts_with("rope_freqs"))
-        {
+        if let Some(name) = self.content.tensor_infos.keys().find(|n| {
+            n.starts_with("rope_freqs") && (*n != ROPE_FREQS || arch != Architecture::Llama)
+        }) {
             return Err(config_error(
                 &self.path,
-                format!("GGUF tensor {name} (per-frequency rope factors, as Llama 3.1 GGUFs carry) is not supported yet"),
+                format!(
+                    "GGUF tensor {name} (per-frequency rope factors) is not supported for {}",
+                    self.arch
+                ),
             ));
         }
         let hidden = self.require("embedding_length")?;
@@ -320,6 +323,10 @@ impl GgufModel {
         if family == "llama" {
             let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
             obj.insert("attention_bias".into(), json!(bias));
+            if self.content.tensor_infos.contains_key(ROPE_FREQS) {
+                let theta = self.number("rope.freq_base")?.unwrap_or(10_000.0);
+                obj.insert("rope_scaling".into(), self.llama3_scaling(theta, head_dim)?);
+            }
         }
         match arch {
             Architecture::Gemma2 | Architecture::Gemma3 => {
@@ -351,6 +358,62 @@ impl GgufModel {
             }
         }
         Ok(config)
+    }
+
+    /// Llama 3.x's rope as `rope_scaling`, from the per-frequency factors
+    /// llama.cpp's converter computed from it (`rope_freqs.weight`, each
+    /// base frequency over the scaled one). The file keeps only the
+    /// factors: the largest is `factor`; with Meta's low and high
+    /// frequency factors (1 and 4) a factor between 1 and `factor` gives
+    /// the original context (8192 when none is), and the whole list is
+    /// then recomputed and must match, or the file is refused.
+    fn llama3_scaling(&self, theta: f64, head_dim: usize) -> Result<Json> {
+        let stored: Vec<f64> = self
+            .tensor_in_file_order(ROPE_FREQS)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let refuse = || {
+            config_error(&self.path, format!("GGUF tensor {ROPE_FREQS}: these rope factors are not Llama 3's rule with low/high frequency factors 1 and 4 (not supported)"))
+        };
+        if stored.len() != head_dim / 2 {
+            return Err(refuse());
+        }
+        let factor = stored.iter().cloned().fold(f64::MIN, f64::max);
+        let (low, high) = (1.0, 4.0);
+        let wavelength =
+            |i: usize| 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
+        let original = stored
+            .iter()
+            .position(|f| *f > 1.0 + 1e-6 && *f < factor * (1.0 - 1e-6))
+            .map(|i| {
+                let smooth = (1.0 / stored[i] - 1.0 / factor) / (1.0 - 1.0 / factor);
+                (wavelength(i) * (smooth * (high - low) + low)).round() as usize
+            })
+            .unwrap_or(8192);
+        let rope = crate::model::rope::Rope {
+            theta,
+            scaling: crate::model::rope::RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original,
+            },
+        };
+        let matches = crate::model::rope::llama_cpp_factors(&rope, head_dim)
+            .iter()
+            .zip(&stored)
+            .all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0));
+        if !matches {
+            return Err(refuse());
+        }
+        Ok(
+            json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                  "high_freq_factor": high, "original_max_position_embeddings": original}),
+        )
     }
 
     /// Gemma 2 and 3 as llama.cpp computes them: layers sliding by its
@@ -558,6 +621,9 @@ impl GgufModel {
                 "rope_factors_long.weight".into(),
                 "rope_factors_short.weight".into(),
             ]);
+        }
+        if config.architecture == Architecture::Llama {
+            known.insert(ROPE_FREQS.into());
         }
         if let Some(extra) = self
             .content

@@ -419,7 +419,24 @@ fn arch_metadata(config: &ModelConfig, arch: &str, config_path: &Path) -> Result
                     "layers attend through a sliding window of {w}; llama.cpp's {arch} architecture has none, so its GGUF would compute another model"
                 )));
             }
-            plain_rope(&uniform(&ropes)?, &mut out.keys)?;
+            let rope = uniform(&ropes)?;
+            match (&rope.scaling, arch) {
+                // As llama.cpp's converter writes Llama 3.x: the factors.
+                (RopeScaling::Llama3 { .. }, "llama") => {
+                    out.keys
+                        .push((key("rope.freq_base"), Value::F32(rope.theta as f32)));
+                    let factors: Vec<f32> =
+                        crate::model::rope::llama_cpp_factors(&rope, config.head_dim)
+                            .into_iter()
+                            .map(|f| f as f32)
+                            .collect();
+                    out.tensors.push((
+                        super::gguf::ROPE_FREQS.into(),
+                        Tensor::new(factors, &Device::Cpu)?,
+                    ));
+                }
+                _ => plain_rope(&rope, &mut out.keys)?,
+            }
         }
     }
     Ok(out)
