@@ -475,3 +475,30 @@ fn a_sentencepiece_gguf_tokenizes_as_llama_cpp_does() {
         gguf.tokenizer_json().unwrap()
     );
 }
+
+/// SmolLM2's tokenizer from its GGUF gives llama.cpp's ids on 294 strings
+/// (tests/fixtures/smollm2-tokenizer.json, scripts/smollm2_tokenizer_check.py):
+/// prose, the recipe's rows, numbers of every length, whitespace runs,
+/// other scripts and emoji, chat-template text with its special tokens.
+#[test]
+fn smollm2_tokenizer_gives_llama_cpp_ids_on_a_few_hundred_strings() {
+    let Some(file) = smollm2() else { return };
+    let gguf = GgufModel::open(&file).unwrap();
+    let tokenizer: tokenizers::Tokenizer =
+        gguf.tokenizer_json().unwrap().to_string().parse().unwrap();
+    let fixture: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2-tokenizer.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let rows = fixture["rows"].as_array().unwrap();
+    assert!(rows.len() > 250);
+    for row in rows {
+        let text = row["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(row["ids"].clone()).unwrap();
+        let ours = tokenizer.encode(text, true).unwrap();
+        assert_eq!(ours.get_ids(), want.as_slice(), "{text:?}");
+    }
+}
