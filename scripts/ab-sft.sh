@@ -24,7 +24,7 @@ steady() { # binary
   local dir
   dir=$("$1" --cache "$cache" show "$recipe" sft --json |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["path"])')
-  python3 - "$dir/metrics.jsonl" <<'PY'
+  python3 - "$dir/timings.jsonl" <<'PY'
 import json, sys
 steps = {}
 for line in open(sys.argv[1]):

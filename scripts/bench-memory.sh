@@ -73,7 +73,7 @@ print(s.get("memory", {}).get("estimate_bytes", 0) / 2**30)')
       tps=$(python3 -c '
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1]) if "tokens_per_s" in l]
-print(round(lines[-1]["tokens_per_s"]))' "$artifact/metrics.jsonl")
+print(round(lines[-1]["tokens_per_s"]))' "$artifact/timings.jsonl")
       ratio=$(python3 -c "print(f'{$estimate / $peak:.2f}' if $peak else '-')")
       printf '%-9s %5s %5s %10s %10.2f %8s %8s\n' "$config" "$seq" "$ckpt" "$peak" "$estimate" "$ratio" "$tps"
     done

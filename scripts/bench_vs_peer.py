@@ -27,9 +27,9 @@ def time_v(path):
 
 
 def runner_steady(show_json):
-    """Steady tokens/s from the stage's metrics.jsonl (step lines carry tokens and elapsed_s)."""
+    """Steady tokens/s from the stage's timings.jsonl (step lines carry tokens and elapsed_s)."""
     show = json.load(open(show_json))
-    path = os.path.join(show["path"], "metrics.jsonl")
+    path = os.path.join(show["path"], "timings.jsonl")
     steps = {}
     for line in open(path):
         row = json.loads(line)

@@ -29,6 +29,12 @@ pub const MANIFEST: &str = "manifest.json";
 pub const RESUME_FILE: &str = "resume.json";
 /// In a `base` artifact: where the referenced model folder is.
 pub const SOURCE_FILE: &str = "source.json";
+/// In a training artifact: each step's wall-clock figures (tokens/s,
+/// seconds since the start). Not part of the artifact's content: the same
+/// stage on another machine, or again, makes the same bytes and id.
+pub const TIMINGS_FILE: &str = "timings.jsonl";
+/// Files in an artifact folder that its id does not cover.
+pub const UNHASHED: [&str; 2] = [MANIFEST, TIMINGS_FILE];
 
 /// One upstream artifact a stage consumed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -187,7 +193,7 @@ impl Cache {
         if !dir.join(MANIFEST).is_file() {
             return Integrity::Missing;
         }
-        match self.hasher.tree(&dir, &[MANIFEST]) {
+        match self.hasher.tree(&dir, &UNHASHED) {
             Ok(t) if t.hash == artifact => Integrity::Whole,
             Ok(t) => {
                 let listed = self.manifest(artifact).map(|m| m.files).unwrap_or_default();
@@ -228,7 +234,7 @@ impl Cache {
         mut manifest: Manifest,
     ) -> std::io::Result<(String, Manifest)> {
         let _ = std::fs::remove_file(staging.join(MANIFEST));
-        let tree: TreeDigest = self.hasher.tree(staging, &[MANIFEST])?;
+        let tree: TreeDigest = self.hasher.tree(staging, &UNHASHED)?;
         manifest.artifact = tree.hash.clone();
         manifest.files = tree.files.clone();
         fsutil::write_json_atomic(&staging.join(MANIFEST), &manifest)?;
@@ -404,7 +410,7 @@ pub fn payload_dir(artifact: &Path) -> std::io::Result<PathBuf> {
 }
 
 pub fn payload_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    hashing::payload_files(dir, &[MANIFEST])
+    hashing::payload_files(dir, &UNHASHED)
 }
 
 /// Current time as RFC 3339 UTC.

@@ -65,6 +65,21 @@ pub fn quantization(artifact: &Path) -> anyhow::Result<Option<Quantization>> {
     ))
 }
 
+/// How an adapter names the model it was trained on, the same on every
+/// machine (artifacts must not hold a machine's paths): a loaded model by
+/// its folder's or file's name, one the recipe made (`init`, a merge) as
+/// `<recipe>/<stage>`. The exact model is the manifest's parent artifact.
+pub fn model_name(input: &InputArtifact) -> String {
+    let loaded = input.manifest["params"]["path"]
+        .as_str()
+        .and_then(|p| std::path::Path::new(p).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    loaded.unwrap_or_else(|| {
+        let recipe = input.manifest["recipe_name"].as_str().unwrap_or("recipe");
+        format!("{recipe}/{}", input.stage)
+    })
+}
+
 pub fn model_source(input: &InputArtifact) -> anyhow::Result<ModelSource> {
     Ok(ModelSource {
         dir: model_dir(input)?,

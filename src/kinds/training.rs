@@ -152,7 +152,7 @@ pub fn train_and_save(
     objective: &dyn TrainingObjective,
     settings: &trainer::LoopSettings,
 ) -> anyhow::Result<()> {
-    let (model, model_dir, memory) = (&start.model, &start.model_dir, start.memory);
+    let (model, memory) = (&start.model, start.memory);
     let before = objective.evaluate(model)?;
     let resume_file = ctx.cache.resume_file(&ctx.key);
     let env = LoopEnv {
@@ -173,16 +173,13 @@ pub fn train_and_save(
             gib(estimate.estimate_bytes).into(),
         );
     }
-    crate::model::formats::peft::save_adapter(
-        model,
-        &ctx.out_dir,
-        &model_dir.display().to_string(),
-    )?;
+    let model_name = super::inputs::model_name(ctx.input("model")?);
+    crate::model::formats::peft::save_adapter(model, &ctx.out_dir, &model_name)?;
     if let Some(q) = model.quantization {
         // The adapter is ordinary PEFT and loads on the full-precision base;
         // this says what it was trained against.
         let note = serde_json::json!({
-            "base_model_name_or_path": model_dir.display().to_string(),
+            "base_model_name_or_path": model_name,
             "quantize": q,
             "formats": formats,
         });

@@ -355,7 +355,7 @@ impl<'a> Run<'a> {
         let eval = self.objective.evaluate(self.model)?;
         self.write_eval(&eval)?;
         self.metrics_file.sync_all()?;
-        std::fs::copy(&self.metrics_path, self.env.out_dir.join(METRICS_FILE))?;
+        split_timings(&self.metrics_path, self.env.out_dir)?;
         let mut out = self.last;
         out.extend(eval);
         out.insert("steps".into(), self.s.steps as f64);
@@ -543,4 +543,42 @@ pub fn with_big_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Wall-clock fields of a metrics line: they differ between machines and
+/// runs, so they go to the unhashed timings file, not metrics.jsonl.
+const TIMING_FIELDS: [&str; 2] = ["tokens_per_s", "elapsed_s"];
+
+/// The run's metrics lines into the artifact: metrics.jsonl without the
+/// wall-clock fields (what the artifact's id covers), and those fields by
+/// step in the timings file beside it.
+fn split_timings(metrics: &std::path::Path, out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(metrics)?;
+    let (mut kept, mut timings) = (String::new(), String::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut row: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line)?;
+        let mut timing = serde_json::Map::new();
+        for field in TIMING_FIELDS {
+            if let Some(v) = row.remove(field) {
+                timing.insert(field.into(), v);
+            }
+        }
+        if !timing.is_empty() {
+            for field in ["step", "tokens"] {
+                if let Some(v) = row.get(field) {
+                    timing.insert(field.into(), v.clone());
+                }
+            }
+            timings.push_str(&serde_json::Value::Object(timing).to_string());
+            timings.push('\n');
+        }
+        kept.push_str(&serde_json::Value::Object(row).to_string());
+        kept.push('\n');
+    }
+    crate::fsutil::write_atomic(&out_dir.join(METRICS_FILE), kept.as_bytes())?;
+    crate::fsutil::write_atomic(
+        &out_dir.join(crate::cache::TIMINGS_FILE),
+        timings.as_bytes(),
+    )?;
+    Ok(())
 }

@@ -136,7 +136,7 @@ fn sft_lowers_the_eval_loss_and_dpo_raises_preference_accuracy_in_both_schemes()
         "loss",
         "lr",
         "grad_norm",
-        "tokens_per_s",
+        "tokens",
         "rewards/chosen",
         "rewards/rejected",
         "rewards/accuracies",

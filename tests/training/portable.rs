@@ -1,0 +1,100 @@
+//! Artifacts are the same bytes on every machine: the same recipe run into
+//! two caches in two different folders makes the same artifact ids, stage
+//! by stage. Adapters name their base symbolically (no cache path), and
+//! wall-clock figures live in an unhashed timings file beside metrics.jsonl.
+
+use crate::support::Workspace;
+use std::path::Path;
+
+fn data(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recipes/data")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_same_recipe_makes_the_same_artifacts_in_two_caches() {
+    let ws = Workspace::new();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (sft, dpo) = (data("sft_train.jsonl"), data("dpo_train.jsonl"));
+    ws.write(
+        "recipe.toml",
+        &format!(
+            r#"[recipe]
+name = "port"
+seed = 3
+
+[defaults.sft]
+train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 32 }}
+[defaults.dpo]
+train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 32 }}
+
+[stages.base]
+kind = "base"
+init = {{ arch = "qwen2", hidden = 32, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100 }}
+
+[stages.sft]
+kind = "sft"
+model = "base"
+data = {{ train = "{sft}" }}
+lora = {{ r = 2, alpha = 4 }}
+
+[stages.continued]
+kind = "dpo"
+model = "base"
+adapter = "sft"
+data = {{ train = "{dpo}" }}
+
+[stages.merged]
+kind = "merge"
+model = "base"
+adapter = "sft"
+
+[stages.fresh]
+kind = "dpo"
+model = "merged"
+lora = {{ r = 2, alpha = 4 }}
+data = {{ train = "{dpo}" }}
+"#
+        ),
+    );
+    let caches = [ws.path("one"), elsewhere.path().join("two")];
+    let mut ids = Vec::new();
+    for cache in &caches {
+        let cache = cache.display().to_string();
+        ws.runner(&["--cache", &cache, "run", "recipe.toml"]).ok();
+        let mut found: Vec<String> = std::fs::read_dir(Path::new(&cache).join("artifacts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        found.sort();
+        ids.push(found);
+    }
+    assert_eq!(ids[0].len(), 5, "{:?}", ids[0]);
+    assert_eq!(ids[0], ids[1], "artifact ids differ between the two caches");
+
+    let show = |stage: &str| -> serde_json::Value {
+        let cache = caches[0].display().to_string();
+        ws.runner(&["--cache", &cache, "show", "recipe.toml", stage, "--json"])
+            .ok()
+            .json()
+    };
+    for (stage, base) in [
+        ("sft", "port/base"),
+        ("continued", "port/base"),
+        ("fresh", "port/merged"),
+    ] {
+        let artifact = Path::new(show(stage)["path"].as_str().unwrap()).to_path_buf();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(artifact.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["base_model_name_or_path"], base, "{stage}");
+        let metrics = std::fs::read_to_string(artifact.join("metrics.jsonl")).unwrap();
+        assert!(!metrics.contains("tokens_per_s") && !metrics.contains("elapsed_s"));
+        let timings = std::fs::read_to_string(artifact.join("timings.jsonl")).unwrap();
+        assert_eq!(timings.lines().count(), 2, "{stage}: one line a step");
+        assert!(timings.contains("\"tokens_per_s\"") && timings.contains("\"elapsed_s\""));
+    }
+}
