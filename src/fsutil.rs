@@ -17,12 +17,22 @@ pub fn file_name(path: &Path) -> String {
 /// Write `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = parent_dir(path);
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    fsync_dir(dir)
+    let written = (|| {
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+        tmp.write_all(bytes)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        fsync_dir(dir)
+    })();
+    // The kind stays (a full disk is still StorageFull); the text names the
+    // file, and the OS's reason without the temporary file's name.
+    written.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("writing {}: {}", path.display(), os_reason(&e)),
+        )
+    })
 }
 
 /// Write JSON atomically, pretty-printed with a trailing newline.
@@ -102,6 +112,33 @@ pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
+    }
+}
+
+/// The OS's reason for an I/O error ("No space left on device (os error
+/// 28)"), found through wrappers (the temporary-file crate names its own
+/// file); the error's text when there is none.
+fn os_reason(error: &std::io::Error) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(c) = cause {
+        if let Some(code) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return std::io::Error::from_raw_os_error(code).to_string();
+        }
+        cause = match c.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|r| r as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    // tempfile's errors end in ` at path "<its temporary file>"`.
+    let text = error.to_string();
+    match text.find(" at path \"") {
+        Some(at) => text[..at].to_string(),
+        None => text,
     }
 }
 

@@ -76,6 +76,10 @@ pub enum Error {
     /// One or more stages failed; each was reported as it failed.
     #[error("a stage failed")]
     StageFailed,
+    /// A stage failed because a write did (no space, a quota, a read-only
+    /// disk): the machine's failure, reported with the file as it failed.
+    #[error("a stage could not write its results (the disk or the cache failed, not the stage)")]
+    StageUnwritable,
     /// Ctrl-C; running stages checkpointed.
     #[error("interrupted")]
     Interrupted,
@@ -96,6 +100,7 @@ impl Error {
             | Error::Usage(_) => exit::USAGE,
             Error::Io { .. } | Error::Environment { .. } => exit::ENVIRONMENT,
             Error::StageFailed => exit::STAGE_FAILED,
+            Error::StageUnwritable => exit::ENVIRONMENT,
             Error::Interrupted => exit::INTERRUPTED,
         }
     }

@@ -271,6 +271,9 @@ fn finish(outcome: &Report, interrupt: &AtomicBool) -> Result<(), Error> {
     if outcome.interrupted() || interrupt.load(Ordering::SeqCst) {
         return Err(Error::Interrupted);
     }
+    if outcome.unwritable() {
+        return Err(Error::StageUnwritable);
+    }
     if outcome.failed() {
         return Err(Error::StageFailed);
     }

@@ -74,6 +74,13 @@ pub fn execute(
                 not_available.insert(p.index, format!("input `{}` failed", p.name));
                 reporter.stage_done(&format!("{}: FAILED: {e}", p.name));
             }
+            Outcome::Unwritable(e) => {
+                not_available.insert(p.index, format!("input `{}` failed", p.name));
+                reporter.stage_done(&format!(
+                    "{}: FAILED writing (the disk, not the stage): {e}",
+                    p.name
+                ));
+            }
             Outcome::Interrupted => reporter.stage_done(&format!("{}: interrupted", p.name)),
             Outcome::Blocked(_) => {}
         }
@@ -149,7 +156,10 @@ fn run_one(
         if e.is::<Interrupted>() {
             return Ok(Outcome::Interrupted);
         }
-        return Ok(Outcome::Failed(format!("{e:#}")));
+        if super::is_unwritable(&e) {
+            return Ok(Outcome::Unwritable(super::describe(&e)));
+        }
+        return Ok(Outcome::Failed(super::describe(&e)));
     }
     let manifest = Manifest {
         parents,

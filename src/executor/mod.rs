@@ -34,6 +34,10 @@ pub enum Outcome {
         seconds: f64,
     },
     Failed(String),
+    /// Failed because the disk, the cache or the device did: a write found
+    /// no space or was refused (README's exit code 3), not the stage's
+    /// computation.
+    Unwritable(String),
     /// Not run because an input failed or was not run.
     Blocked(String),
     Interrupted,
@@ -47,9 +51,18 @@ pub struct Report {
 
 impl Report {
     pub fn failed(&self) -> bool {
+        self.stages.iter().any(|(_, o)| {
+            matches!(
+                o,
+                Outcome::Failed(_) | Outcome::Unwritable(_) | Outcome::Blocked(_)
+            )
+        })
+    }
+    /// Whether a stage failed because a write did (the disk, the cache).
+    pub fn unwritable(&self) -> bool {
         self.stages
             .iter()
-            .any(|(_, o)| matches!(o, Outcome::Failed(_) | Outcome::Blocked(_)))
+            .any(|(_, o)| matches!(o, Outcome::Unwritable(_)))
     }
     pub fn interrupted(&self) -> bool {
         self.stages.iter().any(|(_, o)| *o == Outcome::Interrupted)
@@ -192,4 +205,48 @@ pub trait Executor {
     fn state(&self, ids: &[String])
         -> anyhow::Result<std::collections::BTreeMap<String, JobState>>;
     fn cancel(&self, ids: &[String]) -> anyhow::Result<()>;
+}
+
+/// An error and its causes on one line, each cause once: a cause whose
+/// text the line already holds (as wrappers that quote their source do)
+/// is not repeated.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Whether a stage's error is the machine's rather than the stage's: a
+/// write that found no space, hit a quota or a file-size limit, or a
+/// read-only file system, anywhere in the error's chain.
+pub fn is_unwritable(error: &anyhow::Error) -> bool {
+    use std::io::ErrorKind;
+    error.chain().any(|cause| {
+        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
+            cause
+                .downcast_ref::<candle_core::Error>()
+                .and_then(|c| match c {
+                    candle_core::Error::Io(e) => Some(e),
+                    _ => None,
+                })
+        });
+        io.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                ErrorKind::StorageFull
+                    | ErrorKind::QuotaExceeded
+                    | ErrorKind::FileTooLarge
+                    | ErrorKind::ReadOnlyFilesystem
+            )
+        })
+    })
 }

@@ -295,7 +295,11 @@ impl<'a> Schedule<'a> {
                 if done.failure.is_none() {
                     self.reporter.stage_done(&why);
                 }
-                Outcome::Failed(why)
+                // The child's exit code for a failed write (cli's exit::ENVIRONMENT).
+                match code {
+                    3 => Outcome::Unwritable(why),
+                    _ => Outcome::Failed(why),
+                }
             }
             None => Outcome::Failed("its process could not be waited for".into()),
         };

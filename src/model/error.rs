@@ -29,7 +29,7 @@ pub enum ModelError {
     LoraConfig(String),
     #[error("invalid input: {0}")]
     Input(String),
-    #[error("{path}: {source}")]
+    #[error("{}", io_message(path, source))]
     Io {
         path: PathBuf,
         #[source]
@@ -63,5 +63,16 @@ impl ModelError {
             file: file.into(),
             message: message.into(),
         }
+    }
+}
+
+/// "<file>: <why>", unless the I/O error already names the file (the
+/// cache's atomic writes do).
+fn io_message(path: &std::path::Path, source: &std::io::Error) -> String {
+    let why = source.to_string();
+    let file = path.display().to_string();
+    match why.contains(&file) {
+        true => why,
+        false => format!("{file}: {why}"),
     }
 }

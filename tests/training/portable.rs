@@ -98,3 +98,44 @@ data = {{ train = "{dpo}" }}
         assert!(timings.contains("\"tokens_per_s\"") && timings.contains("\"elapsed_s\""));
     }
 }
+
+/// A write the machine refuses (here a file-size limit, `ulimit -f`, as a
+/// full disk would) fails the stage as the machine's failure: exit 3, the
+/// file and the stage named, and no artifact, half-written or whole.
+#[test]
+fn a_write_the_disk_refuses_is_exit_3_naming_the_file_and_leaves_no_artifact() {
+    let ws = Workspace::new();
+    ws.write(
+        "recipe.toml",
+        "[recipe]\nname = \"full\"\n\n[stages.base]\nkind = \"base\"\n\
+         init = { arch = \"llama\", hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 128, vocab = 100 }\n",
+    );
+    // 64 blocks of 512 bytes: the model's 150 KB safetensors file cannot be
+    // written; SIGXFSZ ignored, so the write fails with EFBIG instead.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 64; trap '' XFSZ; exec {} run recipe.toml",
+            env!("CARGO_BIN_EXE_runner")
+        ))
+        .current_dir(ws.path(""))
+        .env("RUNNER_CACHE", ws.cache())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(lora_runner::cli::exit::ENVIRONMENT),
+        "{stderr}"
+    );
+    assert!(stderr.contains("base: FAILED writing"), "{stderr}");
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+    let artifacts = ws.cache().join("artifacts");
+    assert!(
+        !artifacts.exists() || std::fs::read_dir(&artifacts).unwrap().next().is_none(),
+        "an artifact was left"
+    );
+    // With room again, the same command runs.
+    ws.runner(&["run", "recipe.toml"]).ok();
+}
