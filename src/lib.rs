@@ -27,6 +27,7 @@ pub mod gc;
 pub mod graph;
 pub mod hashing;
 pub mod kinds;
+pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -82,6 +82,10 @@ pub struct MemoryEstimate {
     /// The adapter in f32 with its gradient, summed gradient and AdamW moments.
     pub adapter_bytes: u64,
     pub activations_bytes: u64,
+    /// Second copies a stage holds beside the weights: a merge's merged
+    /// model, a model serialized for writing.
+    #[serde(default)]
+    pub copies_bytes: u64,
     /// The process itself: code, allocator, threads, tokenizer and data.
     pub runtime_bytes: u64,
     /// The peak: runtime + weights + adapter + activations, or two copies
@@ -93,12 +97,20 @@ impl MemoryEstimate {
     /// One line for `plan`.
     pub fn describe(&self) -> String {
         let b = |n: u64| human_bytes(n, ByteDigits::ThreeSignificant);
-        format!(
-            "~{} peak (weights {}, adapter + AdamW {}, activations {})",
-            b(self.estimate_bytes),
-            b(self.weights_bytes),
-            b(self.adapter_bytes),
-            b(self.activations_bytes)
-        )
+        match self.copies_bytes {
+            0 => format!(
+                "~{} peak (weights {}, adapter + AdamW {}, activations {})",
+                b(self.estimate_bytes),
+                b(self.weights_bytes),
+                b(self.adapter_bytes),
+                b(self.activations_bytes)
+            ),
+            copies => format!(
+                "~{} peak (weights {}, copies for merging and writing {})",
+                b(self.estimate_bytes),
+                b(self.weights_bytes),
+                b(copies)
+            ),
+        }
     }
 }

@@ -71,6 +71,35 @@ impl Context<'_> {
         })
     }
 
+    /// The stages of `plan` that will run (those of `only`) against this
+    /// machine's memory: warnings printed, stages that cannot fit refused
+    /// at their lines (exit 2), or only warned of with `ignore`.
+    pub fn check_memory(
+        &self,
+        checked: &Checked,
+        plan: &Plan,
+        only: Option<&[usize]>,
+        ignore: bool,
+    ) -> Result<(), Error> {
+        let Some(available) = crate::machine::memory().map_err(Error::Usage)? else {
+            return Ok(());
+        };
+        let found = crate::plan::memory_check::check(&checked.recipe, plan, only, &available);
+        for warning in &found.warnings {
+            eprintln!("warning: {warning}");
+        }
+        if found.refused.is_empty() {
+            return Ok(());
+        }
+        if ignore {
+            for problem in &found.refused {
+                eprintln!("warning (--ignore-memory-check): {}", problem.message);
+            }
+            return Ok(());
+        }
+        Err(Error::Recipe(checked.recipe.error(found.refused)))
+    }
+
     /// `recipe` checked, the cache opened, and the plan made with no stage forced.
     pub fn check_and_plan(&self, recipe: &Path) -> Result<(Checked, Cache, Plan), Error> {
         let checked = self.check(recipe)?;

@@ -12,6 +12,11 @@ pub struct PlanArgs {
     /// Machine-readable output (schemas/plan.schema.json).
     #[arg(long)]
     json: bool,
+    /// Do not refuse a stage whose memory estimate exceeds this machine's
+    /// memory (the smaller of physical memory and the cgroup limit, or
+    /// RUNNER_MACHINE_MEMORY); warn instead.
+    #[arg(long)]
+    ignore_memory_check: bool,
 }
 
 pub fn plan(ctx: &Context, args: &PlanArgs) -> Result<(), Error> {
@@ -25,5 +30,5 @@ pub fn plan(ctx: &Context, args: &PlanArgs) -> Result<(), Error> {
     } else {
         print!("{}", render::plan_text(&checked.recipe, &plan, &cache));
     }
-    Ok(())
+    ctx.check_memory(&checked, &plan, None, args.ignore_memory_check)
 }

@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// of a local run (Ctrl-C stops waiting; the jobs go on).
     #[arg(long)]
     wait: bool,
+    /// Run a stage even when its memory estimate exceeds this machine's
+    /// memory (the smaller of physical memory and the cgroup limit, or
+    /// RUNNER_MACHINE_MEMORY); it is refused otherwise.
+    #[arg(long)]
+    ignore_memory_check: bool,
 }
 
 /// Everything an executor is handed.
@@ -92,6 +97,10 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
     );
     let selected =
         executor::select(&checked.recipe, &checked.dag, &plan, &selection).map_err(exec_error)?;
+    // A Slurm job's node is not this machine: its `--mem` is the limit there.
+    if args.executor != ExecutorKind::Slurm {
+        ctx.check_memory(&checked, &plan, Some(&selected), args.ignore_memory_check)?;
+    }
     let interrupt = process::install_interrupt();
     let reporter = crate::progress::reporter();
     let work = Work {

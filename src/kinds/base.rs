@@ -13,7 +13,9 @@ use crate::diag::checks::{at_least, positive};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
 use crate::fsutil;
-use crate::stage::{ArtifactKind, Ask, Dtype, FileInput, Kind, ParseContext, Role, RunContext};
+use crate::stage::{
+    ArtifactKind, Ask, Dtype, FileInput, Kind, ParseContext, Role, RunContext, StageView,
+};
 
 pub struct Base;
 
@@ -345,6 +347,13 @@ impl Kind for Base {
         }
         if let Some(init) = &p.init {
             init.check(&mut problems);
+            // A shape no machine holds (2^40 parameters and more) is
+            // refused here, before `plan` or `run` allocates anything.
+            if problems.is_empty() {
+                if let Some(Err(problem)) = p.model_config() {
+                    problems.push(problem);
+                }
+            }
         }
         let mut loaded = None;
         if let Some(path) = &p.path {
@@ -413,6 +422,24 @@ impl Kind for Base {
             q.name(),
             q.describe()
         ))
+    }
+
+    /// `init` makes the model and serializes it (one copy more); a GGUF
+    /// with `quantize = "none"` is dequantised to f32 and written the same
+    /// way. Other bases only reference their files.
+    fn plan_memory(
+        &self,
+        p: &BaseParams,
+        _stage: StageView<'_>,
+        _on_gpu: bool,
+    ) -> Option<crate::units::MemoryEstimate> {
+        let dtype = match (&p.init, p.dequantizes_gguf()) {
+            (Some(_), _) => super::inputs::dtype(p.dtype.value),
+            (None, true) => candle_core::DType::F32,
+            (None, false) => return None,
+        };
+        let config = p.model_config()?.ok()?;
+        Some(crate::model::memory::model_estimate(&config, dtype, 1.0))
     }
 
     fn answer(&self, p: &BaseParams, ask: &mut Ask<'_>) {

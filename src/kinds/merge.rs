@@ -99,6 +99,29 @@ impl Kind for Merge {
         })
     }
 
+    /// The model in the merge's dtype, the merged copy and the serialized
+    /// one being written.
+    fn plan_memory(
+        &self,
+        p: &MergeParams,
+        stage: StageView<'_>,
+        _on_gpu: bool,
+    ) -> Option<crate::units::MemoryEstimate> {
+        let config = super::lineage::model_config(stage.target("model")?)?.ok()?;
+        let dtype = p
+            .dtype
+            .as_ref()
+            .map(|d| inputs::dtype(d.value))
+            .or_else(|| {
+                config
+                    .torch_dtype
+                    .as_deref()
+                    .and_then(crate::model::formats::weights::parse_torch_dtype)
+            })
+            .unwrap_or(DType::F32);
+        Some(crate::model::memory::model_estimate(&config, dtype, 2.0))
+    }
+
     fn answer(&self, p: &MergeParams, ask: &mut Ask<'_>) {
         ask.give::<StoredBits>(|| None);
         if let Some(q) = &p.quantize {

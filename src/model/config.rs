@@ -52,6 +52,13 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
 }
 
+/// The most parameters a model may have: 2^40, more than any machine
+/// holds, so a shape past it is a typo (a zero too many), refused before
+/// anything is allocated.
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+/// The most layers a model may have (the deepest models have a few hundred).
+const MAX_LAYERS: usize = 1 << 20;
+
 /// Keys that do not change what the model computes (ids, bookkeeping,
 /// generation defaults). Every other key is either read by `from_json` or
 /// refused by name.
@@ -543,6 +550,12 @@ impl ModelConfig {
             )));
         }
         let num_hidden_layers = r.require("num_hidden_layers")?;
+        // Per-layer settings are listed next: bound the count first.
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(r.error(format!(
+                "num_hidden_layers = {num_hidden_layers}: more than 2^20 layers, which no model has"
+            )));
+        }
         let max_position_embeddings = r.usize("max_position_embeddings")?.unwrap_or(4096);
         let layers = layer_attention(&r, family, num_hidden_layers, max_position_embeddings)?;
         for rope in layers.iter().filter_map(|l| l.rope.as_ref()) {
@@ -613,7 +626,7 @@ impl ModelConfig {
                 family.model_type
             )));
         }
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             model_type: architecture.model_type().to_string(),
             hidden_size,
@@ -638,7 +651,38 @@ impl ModelConfig {
             final_logit_softcapping: final_cap,
             bos_token_id: v.get("bos_token_id").and_then(first_token_id),
             eos_token_id: v.get("eos_token_id").and_then(first_token_id),
-        })
+        };
+        // Shapes no machine holds are refused before anything allocates.
+        let parameters = config.parameter_count();
+        if parameters > MAX_PARAMETERS {
+            return Err(r.error(format!(
+                "this shape has {} parameters, more than 2^40 (1.1 trillion), which no machine holds: check hidden_size ({hidden_size}), intermediate_size ({intermediate_size}), num_hidden_layers ({num_hidden_layers}) and vocab_size ({vocab_size})",
+                if parameters == u128::MAX { "more than 10^38".to_string() } else { parameters.to_string() },
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Weights of the model, counted without overflow (u128, saturating):
+    /// embeddings, the head when untied, each layer's projections, biases
+    /// and norms, the final norm.
+    pub fn parameter_count(&self) -> u128 {
+        let n = |x: usize| x as u128;
+        let mul = |a: u128, b: u128| a.saturating_mul(b);
+        let (h, f) = (n(self.hidden_size), n(self.intermediate_size));
+        let q = mul(n(self.num_attention_heads), n(self.head_dim));
+        let kv = mul(n(self.num_key_value_heads), n(self.head_dim));
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        let attention = mul(h, q)
+            .saturating_add(mul(2, mul(h, kv)))
+            .saturating_add(mul(q, h))
+            .saturating_add(mul(2, q).saturating_add(kv).saturating_add(h));
+        let mlp = mul(3, mul(h, f));
+        let norms = mul(4, h).saturating_add(mul(2, q));
+        let layer = attention.saturating_add(mlp).saturating_add(norms);
+        mul(heads, mul(n(self.vocab_size), h))
+            .saturating_add(mul(n(self.num_hidden_layers), layer))
+            .saturating_add(h)
     }
 
     /// A config.json value that transformers ≥ 5 loads as this

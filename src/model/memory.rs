@@ -61,6 +61,24 @@ pub struct StepShape<'a> {
     pub on_gpu: bool,
 }
 
+/// A stage that holds the whole model in `dtype` and `copies` more copies
+/// of it (a merge's merged model, a model serialized to be written).
+pub fn model_estimate(config: &ModelConfig, dtype: DType, copies: f64) -> MemoryEstimate {
+    let weights = (config.parameter_count())
+        .saturating_mul(dtype.size_in_bytes() as u128)
+        .min(u64::MAX as u128 / 4) as u64;
+    let copies_bytes = (weights as f64 * copies) as u64;
+    MemoryEstimate {
+        weights_bytes: weights,
+        copies_bytes,
+        runtime_bytes: RUNTIME_BYTES,
+        estimate_bytes: weights
+            .saturating_add(copies_bytes)
+            .saturating_add(RUNTIME_BYTES),
+        ..MemoryEstimate::default()
+    }
+}
+
 pub fn estimate(s: &StepShape) -> MemoryEstimate {
     let c = s.config;
     let dt = s.dtype.size_in_bytes() as u64;
@@ -154,6 +172,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         weights_bytes: weights,
         adapter_bytes: adapter,
         activations_bytes: activations,
+        copies_bytes: 0,
         runtime_bytes: RUNTIME_BYTES,
         estimate_bytes: RUNTIME_BYTES + training.max(reference),
     }

@@ -1,6 +1,7 @@
 //! Planning: the cache key of every stage, whether it is cached, and when
 //! not, why it must run (Snakemake-style rerun reasons).
 
+pub mod memory_check;
 pub mod render;
 
 use std::collections::BTreeMap;

@@ -56,7 +56,7 @@ fn note(recipe: &Recipe, p: &PlannedStage) -> Option<String> {
     stage.kind.plan_note(stage.params.as_ref())
 }
 
-fn memory(recipe: &Recipe, p: &PlannedStage) -> Option<crate::units::MemoryEstimate> {
+pub(crate) fn memory(recipe: &Recipe, p: &PlannedStage) -> Option<crate::units::MemoryEstimate> {
     let on_gpu = p.key_inputs.device.as_deref() == Some("cuda");
     let view = crate::stage::StageView::new(&recipe.stages, p.index);
     view.kind().plan_memory(view, on_gpu)

@@ -12,6 +12,7 @@ mod dpo_gradient;
 mod eval_prompts;
 mod families;
 mod gguf_base;
+mod memory_check;
 mod portable;
 mod preference_loss;
 mod quantized;

@@ -1,0 +1,120 @@
+//! Stages that cannot fit are refused before anything runs: each stage's
+//! estimate against the machine's memory (RUNNER_MACHINE_MEMORY stands in
+//! for a small machine here), refused at the stage's line with exit 2,
+//! warned of near the limit, run anyway with --ignore-memory-check; and a
+//! shape no machine holds is a recipe error whatever the flags.
+
+use crate::support::{Run, Workspace};
+use lora_runner::cli::exit;
+
+fn runner_with_memory(ws: &Workspace, memory: &str, args: &[&str]) -> Run {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(args)
+        .current_dir(ws.path(""))
+        .env("RUNNER_CACHE", ws.cache())
+        .env("RUNNER_MACHINE_MEMORY", memory)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    Run::from(out)
+}
+
+const SHAPE: &str = r#"init = { arch = "llama", hidden = 8192, layers = 64, heads = 64, kv_heads = 64, ffn = 32768, vocab = 1000000 }"#;
+
+#[test]
+fn a_stage_that_cannot_fit_is_refused_at_its_line_before_anything_runs() {
+    let ws = Workspace::new();
+    ws.write(
+        "recipe.toml",
+        &format!("[recipe]\nname = \"typo\"\n\n[stages.base]\nkind = \"base\"\n{SHAPE}\n"),
+    );
+    // A 2026 typo: an 85-billion-parameter `init` on a 16 GiB machine.
+    for command in ["plan", "run"] {
+        let run = runner_with_memory(&ws, "16GiB", &[command, "recipe.toml"]);
+        assert_eq!(run.code, exit::USAGE, "{command}: {}", run.stderr);
+        for says in [
+            "stage `base` needs ~573 GiB peak",
+            "this machine has 16.0 GiB (RUNNER_MACHINE_MEMORY)",
+            "recipe.toml:4:1",
+            "--ignore-memory-check",
+        ] {
+            assert!(
+                run.stderr.contains(says),
+                "{command}: {says} in {}",
+                run.stderr
+            );
+        }
+    }
+    assert!(!ws.cache().join("artifacts").exists() || ws.artifacts().is_empty());
+    // The flag turns the refusal into a warning (plan only: the model is
+    // not made here).
+    let run = runner_with_memory(
+        &ws,
+        "16GiB",
+        &["plan", "recipe.toml", "--ignore-memory-check"],
+    );
+    assert_eq!(run.code, exit::OK, "{}", run.stderr);
+    assert!(run.stderr.contains("warning (--ignore-memory-check)"));
+    // A size that is not one.
+    let run = runner_with_memory(&ws, "lots", &["plan", "recipe.toml"]);
+    assert_eq!(run.code, exit::USAGE);
+    assert!(run
+        .stderr
+        .contains("RUNNER_MACHINE_MEMORY=\"lots\" is not a size"));
+}
+
+#[test]
+fn a_shape_no_machine_holds_is_a_recipe_error_even_when_told_to_ignore_memory() {
+    let ws = Workspace::new();
+    let shape = SHAPE.replace("hidden = 8192", "hidden = 819200");
+    ws.write(
+        "recipe.toml",
+        &format!("[recipe]\nname = \"typo\"\n\n[stages.base]\nkind = \"base\"\n{shape}\n"),
+    );
+    let run = ws.runner(&["plan", "recipe.toml", "--ignore-memory-check"]);
+    assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
+    assert!(run.stderr.contains("more than 2^40"), "{}", run.stderr);
+    assert!(run.stderr.contains("recipe.toml:6:"), "{}", run.stderr);
+}
+
+#[test]
+fn training_stages_are_checked_against_the_machine_and_warned_of_near_it() {
+    let ws = Workspace::new();
+    let data =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_train.jsonl");
+    ws.write(
+        "recipe.toml",
+        &format!(
+            "[recipe]\nname = \"fit\"\n\n[stages.base]\nkind = \"base\"\n\
+             init = {{ arch = \"qwen2\", hidden = 32, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100 }}\n\n\
+             [stages.sft]\nkind = \"sft\"\nmodel = \"base\"\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 1, batch = 2, seq_len = 32 }}\n",
+            data.display()
+        ),
+    );
+    let plan = ws.runner(&["plan", "recipe.toml", "--json"]).ok().json();
+    let need = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "sft")
+        .unwrap()["memory"]["estimate_bytes"]
+        .as_u64()
+        .unwrap();
+    // Just under the estimate: refused; just over: a warning, and it runs.
+    let run = runner_with_memory(&ws, &(need - 1).to_string(), &["run", "recipe.toml"]);
+    assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
+    assert!(run.stderr.contains("stage `sft` needs"), "{}", run.stderr);
+    assert!(run.stderr.contains("train.checkpointing"), "{}", run.stderr);
+    let run = runner_with_memory(
+        &ws,
+        &(need + need / 20).to_string(),
+        &["run", "recipe.toml"],
+    );
+    assert_eq!(run.code, exit::OK, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("warning: stage `sft` needs"),
+        "{}",
+        run.stderr
+    );
+}
