@@ -29,12 +29,11 @@ pub const MANIFEST: &str = "manifest.json";
 pub const RESUME_FILE: &str = "resume.json";
 /// In a `base` artifact: where the referenced model folder is.
 pub const SOURCE_FILE: &str = "source.json";
-/// In a training artifact: each step's wall-clock figures (tokens/s,
-/// seconds since the start). Not part of the artifact's content: the same
-/// stage on another machine, or again, makes the same bytes and id.
-pub const TIMINGS_FILE: &str = "timings.jsonl";
-/// Files in an artifact folder that its id does not cover.
-pub const UNHASHED: [&str; 2] = [MANIFEST, TIMINGS_FILE];
+/// Files in an artifact folder that its id does not cover: the manifest,
+/// and a training stage's wall-clock figures per step (the trainer's
+/// `TIMINGS_FILE`), which differ between machines and runs of the same
+/// stage while its content does not.
+pub const UNHASHED: [&str; 2] = [MANIFEST, "timings.jsonl"];
 
 /// One upstream artifact a stage consumed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -15,6 +15,7 @@
 //!
 //! `tests/engine/layering.rs` keeps it that way.
 
+pub mod alloc_guard;
 pub mod cache;
 pub mod cli;
 pub mod compare;

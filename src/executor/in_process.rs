@@ -146,7 +146,9 @@ fn run_one(
         cache,
         derived: Vec::new(),
     };
+    crate::alloc_guard::set_stage(&p.name);
     let result = stage.kind.run(stage.params.as_ref(), &mut ctx);
+    crate::alloc_guard::clear_stage();
     let metrics = std::mem::take(&mut ctx.metrics);
     let derived = std::mem::take(&mut ctx.derived);
     drop(ctx);

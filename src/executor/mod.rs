@@ -231,14 +231,8 @@ pub fn describe(error: &anyhow::Error) -> String {
 pub fn is_unwritable(error: &anyhow::Error) -> bool {
     use std::io::ErrorKind;
     error.chain().any(|cause| {
-        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
-            cause
-                .downcast_ref::<candle_core::Error>()
-                .and_then(|c| match c {
-                    candle_core::Error::Io(e) => Some(e),
-                    _ => None,
-                })
-        });
+        // Wrapping errors (the model's, candle's) expose theirs as sources.
+        let io = cause.downcast_ref::<std::io::Error>();
         io.is_some_and(|e| {
             matches!(
                 e.kind(),

@@ -60,6 +60,9 @@ pub trait TrainingObjective: Sync {
 
 /// Metrics file in the work folder (survives a crash; copied into the artifact at the end).
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Each step's wall-clock figures, beside metrics.jsonl; outside the
+/// artifact's id (`cache::UNHASHED`).
+pub const TIMINGS_FILE: &str = "timings.jsonl";
 
 /// The optimisation settings of one run.
 #[derive(Clone, Debug, PartialEq)]
@@ -576,9 +579,6 @@ fn split_timings(metrics: &std::path::Path, out_dir: &std::path::Path) -> anyhow
         kept.push('\n');
     }
     crate::fsutil::write_atomic(&out_dir.join(METRICS_FILE), kept.as_bytes())?;
-    crate::fsutil::write_atomic(
-        &out_dir.join(crate::cache::TIMINGS_FILE),
-        timings.as_bytes(),
-    )?;
+    crate::fsutil::write_atomic(&out_dir.join(TIMINGS_FILE), timings.as_bytes())?;
     Ok(())
 }

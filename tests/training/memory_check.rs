@@ -118,3 +118,35 @@ fn training_stages_are_checked_against_the_machine_and_warned_of_near_it() {
         run.stderr
     );
 }
+
+/// Run anyway on a machine that cannot hold it (`ulimit -v` stands in for
+/// it), the stage ends with a message naming it and the size it could not
+/// allocate, exit 3, and nothing cached: not Rust's abort.
+#[test]
+fn an_allocation_the_machine_refuses_ends_the_stage_with_exit_3_not_an_abort() {
+    let ws = Workspace::new();
+    ws.write(
+        "recipe.toml",
+        &format!("[recipe]\nname = \"typo\"\n\n[stages.base]\nkind = \"base\"\n{SHAPE}\n"),
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4000000; exec {} run recipe.toml --ignore-memory-check",
+            env!("CARGO_BIN_EXE_runner")
+        ))
+        .current_dir(ws.path(""))
+        .env("RUNNER_CACHE", ws.cache())
+        .env("RUNNER_MACHINE_MEMORY", "16GiB")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(exit::ENVIRONMENT), "{stderr}");
+    assert!(
+        stderr.contains("runner: stage `base`: out of memory")
+            && stderr.contains("allocation of 32768000000 bytes"),
+        "{stderr}"
+    );
+    assert!(ws.artifacts().is_empty());
+}

@@ -60,6 +60,7 @@ data = {{ train = "{dpo}" }}
 "#
         ),
     );
+    assert!(lora_runner::cache::UNHASHED.contains(&lora_runner::train::trainer::TIMINGS_FILE));
     let caches = [ws.path("one"), elsewhere.path().join("two")];
     let mut ids = Vec::new();
     for cache in &caches {
