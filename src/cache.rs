@@ -55,7 +55,7 @@ pub struct InputFile {
 /// manifest.json of an artifact: enough to answer where it came from.
 #[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Manifest {
-    /// The artifact's content hash (its folder name).
+    /// The artifact's id (its folder name): its files' hash with its key (`artifact_id`).
     pub artifact: String,
     pub stage: String,
     pub kind: String,
@@ -192,8 +192,11 @@ impl Cache {
         if !dir.join(MANIFEST).is_file() {
             return Integrity::Missing;
         }
+        let Some(key) = self.manifest(artifact).map(|m| m.key) else {
+            return Integrity::Corrupt(format!("{MANIFEST} cannot be read"));
+        };
         match self.hasher.tree(&dir, &UNHASHED) {
-            Ok(t) if t.hash == artifact => Integrity::Whole,
+            Ok(t) if artifact_id(&key, &t.hash) == artifact => Integrity::Whole,
             Ok(t) => {
                 let listed = self.manifest(artifact).map(|m| m.files).unwrap_or_default();
                 let changed: Vec<&String> = t
@@ -234,16 +237,17 @@ impl Cache {
     ) -> std::io::Result<(String, Manifest)> {
         let _ = std::fs::remove_file(staging.join(MANIFEST));
         let tree: TreeDigest = self.hasher.tree(staging, &UNHASHED)?;
-        manifest.artifact = tree.hash.clone();
+        let id = artifact_id(&manifest.key, &tree.hash);
+        manifest.artifact = id.clone();
         manifest.files = tree.files.clone();
         fsutil::write_json_atomic(&staging.join(MANIFEST), &manifest)?;
         fsutil::fsync_tree(staging)?;
 
-        let target = self.artifact_dir(&tree.hash);
+        let target = self.artifact_dir(&id);
         if target.exists() {
-            // The same bytes were produced before (another key, or a crash
-            // after the rename and before the key record): keep a whole copy.
-            if self.verify(&tree.hash) == Integrity::Whole {
+            // A crash after the rename and before the key record: the same
+            // key made these bytes before; keep a whole copy.
+            if self.verify(&id) == Integrity::Whole {
                 std::fs::remove_dir_all(staging)?;
             } else {
                 fsutil::replace_dir(staging, &target)?;
@@ -257,12 +261,12 @@ impl Cache {
         }
         let record = KeyRecord {
             key: manifest.key.clone(),
-            artifact: tree.hash.clone(),
+            artifact: id.clone(),
             stage: manifest.stage.clone(),
             finished: manifest.finished.clone(),
         };
         fsutil::write_json_atomic(&self.key_path(&manifest.key), &record)?;
-        Ok((tree.hash, manifest))
+        Ok((id, manifest))
     }
 
     fn record_path(&self, recipe: &Path, stage: &str) -> PathBuf {
@@ -391,6 +395,17 @@ pub struct StageLock {
 }
 
 /// Files of a folder that make up an artifact's payload.
+/// An artifact's id: its files' tree hash, with the key that made them.
+/// One key, one artifact, so the manifest (the stage, its parameters and
+/// metrics) is that key's even when two keys make the same bytes (an
+/// adapter trained on q8_0 blocks or on their exact f32 values); the same
+/// key makes the same id on every machine.
+pub fn artifact_id(key: &str, tree_hash: &str) -> String {
+    blake3::hash(format!("artifact\n{key}\n{tree_hash}").as_bytes())
+        .to_hex()
+        .to_string()
+}
+
 /// Files that make up an artifact's payload, in the format other tools read:
 /// a referenced model folder is followed to its source.
 pub fn payload_dir(artifact: &Path) -> std::io::Result<PathBuf> {

@@ -97,20 +97,16 @@ impl MemoryEstimate {
     /// One line for `plan`.
     pub fn describe(&self) -> String {
         let b = |n: u64| human_bytes(n, ByteDigits::ThreeSignificant);
-        match self.copies_bytes {
-            0 => format!(
-                "~{} peak (weights {}, adapter + AdamW {}, activations {})",
-                b(self.estimate_bytes),
-                b(self.weights_bytes),
-                b(self.adapter_bytes),
-                b(self.activations_bytes)
-            ),
-            copies => format!(
-                "~{} peak (weights {}, copies for merging and writing {})",
-                b(self.estimate_bytes),
-                b(self.weights_bytes),
-                b(copies)
-            ),
+        let mut terms = vec![format!("weights {}", b(self.weights_bytes))];
+        for (what, bytes) in [
+            ("adapter + AdamW", self.adapter_bytes),
+            ("second copies", self.copies_bytes),
+            ("activations", self.activations_bytes),
+        ] {
+            if bytes > 0 {
+                terms.push(format!("{what} {}", b(bytes)));
+            }
         }
+        format!("~{} peak ({})", b(self.estimate_bytes), terms.join(", "))
     }
 }

@@ -142,6 +142,32 @@ impl Kind for Eval {
         problems
     }
 
+    fn plan_memory(
+        &self,
+        p: &EvalParams,
+        stage: StageView<'_>,
+        _on_gpu: bool,
+    ) -> Option<crate::units::MemoryEstimate> {
+        use crate::metrics::task::{GENERATE_BATCH, SCORE_BATCH};
+        let model = stage.target("model")?;
+        let config = super::lineage::model_config(model)?.ok()?;
+        let dtype = inputs::planned_dtype(p.dtype.as_ref().map(|d| d.value), &config);
+        let weights = crate::model::memory::weights_bytes(
+            &config,
+            dtype,
+            super::lineage::quantization(model),
+            super::lineage::stored_bits(model),
+        );
+        Some(crate::model::memory::eval_estimate(
+            &config,
+            dtype,
+            weights,
+            (SCORE_BATCH, GENERATE_BATCH),
+            p.seq_len.value as usize,
+            p.max_new_tokens.value as usize,
+        ))
+    }
+
     fn refs(&self, p: &EvalParams) -> Vec<StageRef> {
         model_refs(&p.model, &p.adapter, Some(&p.reference))
     }

@@ -87,6 +87,18 @@ pub fn model_source(input: &InputArtifact) -> anyhow::Result<ModelSource> {
     })
 }
 
+/// The dtype a stage will load its model in, known before running: the
+/// stage's own `dtype`, else the model's config.json `torch_dtype`, else f32.
+pub fn planned_dtype(written: Option<Dtype>, config: &crate::model::ModelConfig) -> DType {
+    written.map(dtype).unwrap_or_else(|| {
+        config
+            .torch_dtype
+            .as_deref()
+            .and_then(crate::model::formats::weights::parse_torch_dtype)
+            .unwrap_or(DType::F32)
+    })
+}
+
 pub fn dtype(d: Dtype) -> DType {
     match d {
         Dtype::F32 => DType::F32,

@@ -100,7 +100,9 @@ impl Kind for Merge {
     }
 
     /// The model in the merge's dtype, the merged copy and the serialized
-    /// one being written.
+    /// one being written; when the merge's precision is measured (a
+    /// quantized or GGUF model, or `eval` rows), an f32 merge into the
+    /// dequantised model and the saved one reloaded in f32 beside them.
     fn plan_memory(
         &self,
         p: &MergeParams,
@@ -108,18 +110,19 @@ impl Kind for Merge {
         _on_gpu: bool,
     ) -> Option<crate::units::MemoryEstimate> {
         let config = super::lineage::model_config(stage.target("model")?)?.ok()?;
-        let dtype = p
-            .dtype
-            .as_ref()
-            .map(|d| inputs::dtype(d.value))
-            .or_else(|| {
-                config
-                    .torch_dtype
-                    .as_deref()
-                    .and_then(crate::model::formats::weights::parse_torch_dtype)
-            })
-            .unwrap_or(DType::F32);
-        Some(crate::model::memory::model_estimate(&config, dtype, 2.0))
+        let dtype = inputs::planned_dtype(p.dtype.as_ref().map(|d| d.value), &config);
+        let model = stage.target("model")?;
+        let measured = super::lineage::quantization(model).is_some()
+            || super::lineage::stored_bits(model).is_some()
+            || p.eval.is_some();
+        let mut estimate = crate::model::memory::model_estimate(&config, dtype, 2.0);
+        if measured {
+            let f32_copies =
+                crate::model::memory::model_estimate(&config, DType::F32, 1.0).weights_bytes * 2;
+            estimate.copies_bytes += f32_copies;
+            estimate.estimate_bytes += f32_copies;
+        }
+        Some(estimate)
     }
 
     fn answer(&self, p: &MergeParams, ask: &mut Ask<'_>) {

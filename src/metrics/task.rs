@@ -13,9 +13,9 @@ use crate::model::generate::{generate, GenerateOptions};
 use crate::sink::{Interrupted, Progress};
 
 /// Rows completed per batched generation.
-const GENERATE_BATCH: usize = 32;
+pub const GENERATE_BATCH: usize = 32;
 /// Rows per teacher-forced forward pass.
-const SCORE_BATCH: usize = 16;
+pub const SCORE_BATCH: usize = 16;
 
 /// How one row's greedy completion compares with its completion (stop
 /// tokens at the end left out of both).

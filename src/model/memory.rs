@@ -79,6 +79,65 @@ pub fn model_estimate(config: &ModelConfig, dtype: DType, copies: f64) -> Memory
     }
 }
 
+/// The model's weights as a stage holds them: embeddings, head and norms in
+/// `dtype`, projections at their quantized or stored bits.
+pub fn weights_bytes(
+    c: &ModelConfig,
+    dtype: DType,
+    quantization: Option<Quantization>,
+    stored_bits: Option<f64>,
+) -> u64 {
+    let dt = dtype.size_in_bytes() as u64;
+    let (h, l, vocab) = (
+        c.hidden_size as u64,
+        c.num_hidden_layers as u64,
+        c.vocab_size as u64,
+    );
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    let mut weights = heads * vocab * h * dt + (2 * l + 1) * h * dt;
+    for (projection, _) in c.projections() {
+        let (out, inp) = c.projection_shape(projection).expect("known projection");
+        let bits = match quantization.and_then(|qz| qz.format_for(inp)) {
+            Some(format) => Quantization::bits_per_weight(format),
+            None => stored_bits.unwrap_or(8.0 * dt as f64),
+        };
+        weights += l * ((out * inp) as f64 * bits / 8.0).ceil() as u64;
+        if c.projection_has_bias(projection) {
+            weights += l * out as u64 * dt;
+        }
+    }
+    weights
+}
+
+/// An evaluation: the model (a reference for preference margins reuses
+/// it, its adapter switched), and the larger of a scoring batch's logits
+/// (rows of `seq_len`: the logits, their log-softmax and what scoring
+/// keeps of them, 4 f32 copies measured) and a generation batch's KV cache.
+pub fn eval_estimate(
+    c: &ModelConfig,
+    dtype: DType,
+    weights: u64,
+    (score_rows, generate_rows): (usize, usize),
+    seq_len: usize,
+    new_tokens: usize,
+) -> MemoryEstimate {
+    let dt = dtype.size_in_bytes() as u64;
+    let logits = 4 * (score_rows * seq_len) as u64 * c.vocab_size as u64 * 4;
+    let kv_cache = 2
+        * (generate_rows * (seq_len + new_tokens)) as u64
+        * c.num_hidden_layers as u64
+        * (c.num_key_value_heads * c.head_dim) as u64
+        * dt;
+    let activations = logits.max(kv_cache);
+    MemoryEstimate {
+        weights_bytes: weights,
+        activations_bytes: activations,
+        runtime_bytes: RUNTIME_BYTES,
+        estimate_bytes: RUNTIME_BYTES + weights + activations,
+        ..MemoryEstimate::default()
+    }
+}
+
 pub fn estimate(s: &StepShape) -> MemoryEstimate {
     let c = s.config;
     let dt = s.dtype.size_in_bytes() as u64;
@@ -91,19 +150,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
     let kv = (c.num_key_value_heads * c.head_dim) as u64;
     let vocab = c.vocab_size as u64;
 
-    let heads = if c.tie_word_embeddings { 1 } else { 2 };
-    let mut weights = heads * vocab * h * dt + (2 * l + 1) * h * dt;
-    for (projection, _) in c.projections() {
-        let (out, inp) = c.projection_shape(projection).expect("known projection");
-        let bits = match s.quantization.and_then(|qz| qz.format_for(inp)) {
-            Some(format) => Quantization::bits_per_weight(format),
-            None => s.stored_bits.unwrap_or(8.0 * dt as f64),
-        };
-        weights += l * ((out * inp) as f64 * bits / 8.0).ceil() as u64;
-        if c.projection_has_bias(projection) {
-            weights += l * out as u64 * dt;
-        }
-    }
+    let weights = weights_bytes(c, s.dtype, s.quantization, s.stored_bits);
 
     let mut lora_params = 0u64;
     let mut masks = 0u64;

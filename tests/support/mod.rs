@@ -67,6 +67,27 @@ impl Workspace {
         Run::from(out)
     }
 
+    /// Run the real `runner` binary after `limits` in a shell (`ulimit -v
+    /// 4000000`, a file-size limit…), with `env` set: a machine that refuses
+    /// what the run asks of it.
+    pub fn runner_limited(&self, limits: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{limits}; exec {} {}",
+                env!("CARGO_BIN_EXE_runner"),
+                quoted.join(" ")
+            ))
+            .current_dir(self.dir.path())
+            .env("RUNNER_CACHE", self.cache())
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .output()
+            .expect("runner runs");
+        Run::from(out)
+    }
+
     /// Run the CLI with the test stage kinds, in a child process (this test binary).
     pub fn child(&self, args: &[&str]) -> Run {
         self.child_with(args, &[])

@@ -11,6 +11,7 @@ mod data_tokenize;
 mod dpo_gradient;
 mod eval_prompts;
 mod families;
+mod fuzz;
 mod gguf_base;
 mod memory_check;
 mod portable;

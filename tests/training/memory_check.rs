@@ -8,15 +8,7 @@ use crate::support::{Run, Workspace};
 use lora_runner::cli::exit;
 
 fn runner_with_memory(ws: &Workspace, memory: &str, args: &[&str]) -> Run {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
-        .args(args)
-        .current_dir(ws.path(""))
-        .env("RUNNER_CACHE", ws.cache())
-        .env("RUNNER_MACHINE_MEMORY", memory)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    Run::from(out)
+    ws.runner_limited("true", args, &[("RUNNER_MACHINE_MEMORY", memory)])
 }
 
 const SHAPE: &str = r#"init = { arch = "llama", hidden = 8192, layers = 64, heads = 64, kv_heads = 64, ffn = 32768, vocab = 1000000 }"#;
@@ -129,20 +121,13 @@ fn an_allocation_the_machine_refuses_ends_the_stage_with_exit_3_not_an_abort() {
         "recipe.toml",
         &format!("[recipe]\nname = \"typo\"\n\n[stages.base]\nkind = \"base\"\n{SHAPE}\n"),
     );
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -v 4000000; exec {} run recipe.toml --ignore-memory-check",
-            env!("CARGO_BIN_EXE_runner")
-        ))
-        .current_dir(ws.path(""))
-        .env("RUNNER_CACHE", ws.cache())
-        .env("RUNNER_MACHINE_MEMORY", "16GiB")
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(exit::ENVIRONMENT), "{stderr}");
+    let run = ws.runner_limited(
+        "ulimit -v 4000000",
+        &["run", "recipe.toml", "--ignore-memory-check"],
+        &[("RUNNER_MACHINE_MEMORY", "16GiB")],
+    );
+    let stderr = &run.stderr;
+    assert_eq!(run.code, exit::ENVIRONMENT, "{stderr}");
     assert!(
         stderr.contains("runner: stage `base`: out of memory")
             && stderr.contains("allocation of 32768000000 bytes"),

@@ -113,23 +113,9 @@ fn a_write_the_disk_refuses_is_exit_3_naming_the_file_and_leaves_no_artifact() {
     );
     // 64 blocks of 512 bytes: the model's 150 KB safetensors file cannot be
     // written; SIGXFSZ ignored, so the write fails with EFBIG instead.
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -f 64; trap '' XFSZ; exec {} run recipe.toml",
-            env!("CARGO_BIN_EXE_runner")
-        ))
-        .current_dir(ws.path(""))
-        .env("RUNNER_CACHE", ws.cache())
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(lora_runner::cli::exit::ENVIRONMENT),
-        "{stderr}"
-    );
+    let run = ws.runner_limited("ulimit -f 64; trap '' XFSZ", &["run", "recipe.toml"], &[]);
+    let stderr = &run.stderr;
+    assert_eq!(run.code, lora_runner::cli::exit::ENVIRONMENT, "{stderr}");
     assert!(stderr.contains("base: FAILED writing"), "{stderr}");
     assert!(stderr.contains("model.safetensors"), "{stderr}");
     let artifacts = ws.cache().join("artifacts");
