@@ -117,7 +117,7 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
         device: ctx.device.clone().map(String::from),
     };
     let outcome = match args.executor {
-        ExecutorKind::Slurm => match on_slurm(&work, args.wait)? {
+        ExecutorKind::Slurm => match on_slurm(&work, args)? {
             Some(outcome) => outcome,
             None => return Ok(()),
         },
@@ -172,12 +172,14 @@ fn one_stage(checked: &Checked, recipe: &Path, name: &str) -> Result<(), Error> 
 
 /// One sbatch job per stage to run; with `wait`, followed to the end
 /// (None: submitted, not followed).
-fn on_slurm(work: &Work, wait: bool) -> Result<Option<Report>, Error> {
+fn on_slurm(work: &Work, args: &RunArgs) -> Result<Option<Report>, Error> {
+    let wait = args.wait;
     let submission = slurm::Submission {
         program: work.program.clone(),
         threads: work.threads,
         device: work.device.clone(),
         force: work.force,
+        ignore_memory_check: args.ignore_memory_check,
     };
     let submitted = slurm::submit(
         &slurm::Slurm,
@@ -248,6 +250,12 @@ fn in_parallel(work: &Work, args: &RunArgs) -> Result<Report, Error> {
         device: work.device.clone(),
         program: work.program.clone(),
         force: work.force.to_vec(),
+        // Stages on GPUs hold their estimate in the devices' memory.
+        memory_budget: match args.ignore_memory_check || !args.devices.is_empty() {
+            true => None,
+            false => crate::machine::memory().ok().flatten().map(|m| m.bytes),
+        },
+        ignore_memory_check: args.ignore_memory_check,
     };
     parallel::run_parallel(
         work.recipe,

@@ -127,6 +127,8 @@ pub struct StageCommand {
     pub device: Option<String>,
     /// The stage was forced with `--force`.
     pub force: bool,
+    /// `--ignore-memory-check` was given: the child runs the stage too.
+    pub ignore_memory_check: bool,
 }
 
 impl StageCommand {
@@ -149,6 +151,9 @@ impl StageCommand {
         ]);
         if self.force {
             args.extend(["--force".to_string(), self.stage.clone()]);
+        }
+        if self.ignore_memory_check {
+            args.push("--ignore-memory-check".to_string());
         }
         args
     }

@@ -36,6 +36,13 @@ pub struct Parallel {
     pub program: std::path::PathBuf,
     /// Stages forced with `--force`.
     pub force: Vec<String>,
+    /// The machine's memory (None: not checked, `--ignore-memory-check`):
+    /// a stage starts only when its estimate and those of the stages
+    /// running fit in it together (one stage alone always may: it passed
+    /// its own check).
+    pub memory_budget: Option<u64>,
+    /// `--ignore-memory-check`, passed on to the children.
+    pub ignore_memory_check: bool,
 }
 
 /// What a child's end says.
@@ -73,6 +80,8 @@ struct Schedule<'a> {
     missing: BTreeMap<usize, String>,
     /// Job slots not in use (a slot picks the device of `--devices`).
     free: Vec<usize>,
+    /// Each stage's memory estimate (0 when it has none), by position.
+    estimates: Vec<u64>,
 }
 
 /// Run the selected stages of a plan, `settings.jobs` at a time.
@@ -153,11 +162,16 @@ impl<'a> Schedule<'a> {
         } else {
             settings.jobs.min(settings.devices.len())
         };
+        let estimates = stages
+            .iter()
+            .map(|p| crate::plan::render::memory(recipe, p).map_or(0, |m| m.estimate_bytes))
+            .collect();
         Schedule {
             recipe,
             cache,
             settings,
             reporter,
+            estimates,
             outcomes: vec![None; stages.len()],
             states: vec![State::Waiting; stages.len()],
             stages,
@@ -206,6 +220,15 @@ impl<'a> Schedule<'a> {
                 self.settle(position, Outcome::Cached);
                 continue;
             }
+            if let Some(budget) = self.settings.memory_budget {
+                let running: u64 = (0..self.stages.len())
+                    .filter(|&i| matches!(self.states[i], State::Running { .. }))
+                    .map(|i| self.estimates[i])
+                    .sum();
+                if running > 0 && running + self.estimates[position] > budget {
+                    continue;
+                }
+            }
             let Some(slot) = self.free.pop() else {
                 continue;
             };
@@ -241,6 +264,7 @@ impl<'a> Schedule<'a> {
                 .cloned()
                 .or_else(|| settings.device.clone()),
             force: settings.force.contains(&p.name),
+            ignore_memory_check: settings.ignore_memory_check,
         };
         Command::new(&command.program)
             .args(command.args())

@@ -66,6 +66,8 @@ pub struct Submission<'a> {
     pub threads: Option<usize>,
     pub device: Option<String>,
     pub force: &'a [String],
+    /// `--ignore-memory-check`: each job's check on its node is skipped too.
+    pub ignore_memory_check: bool,
 }
 
 fn quote(s: &str) -> String {
@@ -155,6 +157,7 @@ pub fn submit(
             threads,
             device: submission.device.clone(),
             force: submission.force.contains(&p.name),
+            ignore_memory_check: submission.ignore_memory_check,
         };
         let dir = job_dir(cache, &p.key);
         std::fs::create_dir_all(&dir)?;
@@ -510,6 +513,7 @@ mod tests {
             threads: 2,
             device: None,
             force: false,
+            ignore_memory_check: false,
         };
         let text = script(&command, Path::new("/shared/it's/cache/jobs/k/submitted"));
         assert!(text.contains("if [ ! -f '/shared/it'\\''s/cache/jobs/k/submitted' ]"));

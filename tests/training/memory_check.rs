@@ -135,3 +135,59 @@ fn an_allocation_the_machine_refuses_ends_the_stage_with_exit_3_not_an_abort() {
     );
     assert!(ws.artifacts().is_empty());
 }
+
+/// With --jobs, stages start together only when their estimates fit the
+/// machine together: two SFT stages that fit one at a time run one after
+/// the other.
+#[test]
+fn parallel_stages_do_not_overcommit_the_machine_together() {
+    let ws = Workspace::new();
+    let data =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_train.jsonl");
+    let sft = |name: &str, lr: &str| {
+        format!(
+            "[stages.{name}]\nkind = \"sft\"\nmodel = \"base\"\ndata = {{ train = \"{}\" }}\n\
+             train = {{ steps = 3, batch = 2, seq_len = 32, lr = {lr} }}\n\n",
+            data.display()
+        )
+    };
+    ws.write(
+        "recipe.toml",
+        &format!(
+            "[recipe]\nname = \"two\"\n\n[stages.base]\nkind = \"base\"\n\
+             init = {{ arch = \"qwen2\", hidden = 32, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100 }}\n\n{}{}",
+            sft("a", "1e-3"),
+            sft("b", "2e-3")
+        ),
+    );
+    let plan = ws.runner(&["plan", "recipe.toml", "--json"]).ok().json();
+    let need = plan["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "a")
+        .unwrap()["memory"]["estimate_bytes"]
+        .as_u64()
+        .unwrap();
+    let memory = (need + need / 2).to_string();
+    ws.runner_limited(
+        "true",
+        &["run", "recipe.toml", "--jobs", "2"],
+        &[("RUNNER_MACHINE_MEMORY", &memory)],
+    )
+    .ok();
+    let span = |stage: &str| {
+        let m = ws
+            .runner(&["show", "recipe.toml", stage, "--json"])
+            .ok()
+            .json()["manifest"]
+            .clone();
+        (
+            m["started"].as_str().unwrap().to_string(),
+            m["finished"].as_str().unwrap().to_string(),
+        )
+    };
+    let (a, b) = (span("a"), span("b"));
+    // RFC 3339 UTC strings order as times do.
+    assert!(a.1 <= b.0 || b.1 <= a.0, "a {a:?} and b {b:?} overlapped");
+}
