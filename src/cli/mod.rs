@@ -6,6 +6,7 @@ mod compare;
 mod context;
 mod error;
 mod export;
+mod generate;
 mod inspect;
 mod pins;
 mod plan;
@@ -71,6 +72,9 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Copy a stage's cached artifact to DIR (PEFT or Hugging Face layout).
     Export(export::ExportArgs),
+    /// What finished stages' models say to your prompts, side by side
+    /// (`--stages sft,dpo_continued,dpo_fresh "prompt"`); nothing is cached.
+    Generate(generate::GenerateArgs),
     /// Print the JSON schema of recipes.
     Schema(schema::SchemaArgs),
     /// Keep a stage's current artifact through `gc`, whatever recipes are given.
@@ -158,6 +162,7 @@ fn dispatch(ctx: &Context, command: &Command) -> Result<(), Error> {
         Command::Show(args) => inspect::show(ctx, args),
         Command::Compare(args) => compare::compare(ctx, args),
         Command::Export(args) => export::export(ctx, args),
+        Command::Generate(args) => generate::generate(ctx, args),
         Command::Schema(args) => schema::schema(ctx, args),
         Command::Pin(args) => pins::pin(ctx, args),
         Command::Unpin(args) => pins::unpin(ctx, args),

@@ -12,6 +12,7 @@ mod dpo_gradient;
 mod eval_prompts;
 mod families;
 mod fuzz;
+mod generate_cli;
 mod gguf_base;
 mod memory_check;
 mod portable;

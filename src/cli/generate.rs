@@ -1,0 +1,184 @@
+//! `runner generate`: what a finished stage's model says to prompts of
+//! one's own, one stage or several side by side. The model is loaded as
+//! the stage saw it (its base, quantized or not, with its adapter); nothing
+//! is written to the cache.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use super::{Context, Error};
+use crate::cache::{Cache, MANIFEST};
+use crate::metrics::samples::{complete, Sample};
+use crate::stage::{ArtifactKind, InputArtifact};
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// The recipe (a TOML file).
+    recipe: PathBuf,
+    /// Prompts ("-": one per line from standard input).
+    prompts: Vec<String>,
+    /// The stages that answer, comma-separated (a model stage: a base or a
+    /// merge; or an adapter stage, on the model it was trained on). Each
+    /// must be cached.
+    #[arg(long, value_delimiter = ',', required = true)]
+    stages: Vec<String>,
+    /// Prompts from a file, one per line.
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Send each prompt as plain text, not as a user message through the
+    /// model's chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Also sample at this temperature (seeded by --seed); 0: greedy only.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Seed of the sampling (default: the recipe's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// One JSON object per stage and prompt.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A cached stage's artifact as a stage input, named as the recipe names it.
+fn input(
+    ctx: &Context,
+    cache: &Cache,
+    stage: &str,
+    artifact: &str,
+) -> Result<InputArtifact, Error> {
+    let dir = cache.artifact_dir(artifact);
+    let manifest: serde_json::Value = std::fs::read(dir.join(MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| Error::Usage(format!("the manifest of `{stage}` cannot be read")))?;
+    let output = manifest["kind"]
+        .as_str()
+        .and_then(|k| ctx.registry.get(k))
+        .map_or(ArtifactKind::Export, |k| k.output());
+    Ok(InputArtifact {
+        stage: stage.to_string(),
+        kind: manifest["kind"].as_str().unwrap_or_default().to_string(),
+        output,
+        key: manifest["key"].as_str().unwrap_or_default().to_string(),
+        dir,
+        manifest,
+    })
+}
+
+pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
+    let mut prompts = args.prompts.clone();
+    let from_stdin = prompts.iter().any(|p| p == "-");
+    prompts.retain(|p| p != "-");
+    let mut extra = String::new();
+    if from_stdin {
+        std::io::stdin()
+            .read_to_string(&mut extra)
+            .map_err(Error::io("reading prompts from standard input"))?;
+    }
+    if let Some(file) = &args.file {
+        extra.push_str(
+            &std::fs::read_to_string(file).map_err(Error::io(file.display().to_string()))?,
+        );
+    }
+    prompts.extend(
+        extra
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string),
+    );
+    if prompts.is_empty() {
+        return Err(Error::Usage(
+            "no prompts: give them as arguments, with --file, or \"-\" for standard input".into(),
+        ));
+    }
+    let (checked, cache, _) = ctx.check_and_plan(&args.recipe)?;
+    let seed = args.seed.unwrap_or(checked.recipe.header.seed.value);
+    let mut answers: Vec<(String, Vec<Sample>)> = Vec::new();
+    for stage in &args.stages {
+        let (_, _, artifact) = ctx.cached_artifact(&args.recipe, stage)?;
+        let own = input(ctx, &cache, stage, &artifact)?;
+        let (model_input, adapter) = match own.output {
+            ArtifactKind::Model => (own, None),
+            ArtifactKind::Adapter => {
+                let parent = own.manifest["parents"]
+                    .as_array()
+                    .and_then(|p| p.iter().find(|p| p["field"] == "model"))
+                    .and_then(|p| Some((p["stage"].as_str()?, p["artifact"].as_str()?)))
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "`{stage}` makes neither a model nor an adapter: nothing to generate with"
+                        ))
+                    })?;
+                (input(ctx, &cache, parent.0, parent.1)?, Some(own))
+            }
+            _ => {
+                return Err(Error::Usage(format!(
+                    "`{stage}` makes neither a model nor an adapter: nothing to generate with"
+                )))
+            }
+        };
+        let failed = |e: anyhow::Error| Error::Environment {
+            context: format!("loading `{stage}`"),
+            source: e,
+        };
+        let source = crate::kinds::inputs::model_source(&model_input).map_err(failed)?;
+        let mut model = crate::kinds::inputs::load_model(
+            &source,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .map_err(failed)?;
+        if let Some(adapter) = &adapter {
+            crate::kinds::inputs::load_adapter(&mut model, adapter).map_err(failed)?;
+        }
+        let tokenizer = crate::kinds::inputs::load_tokenizer(&source.dir).map_err(failed)?;
+        let template = match args.raw {
+            true => None,
+            false => crate::data::ChatTemplate::resolve(None, &tokenizer)
+                .map_err(|e| Error::Usage(format!("`{stage}`'s chat template: {e}")))?,
+        };
+        if !args.raw && template.is_none() {
+            eprintln!("note: `{stage}`'s model has no chat template: prompts go as plain text");
+        }
+        eprintln!(
+            "[runner] {stage}: generating for {} prompt(s)",
+            prompts.len()
+        );
+        let samples = complete(
+            &model,
+            &tokenizer,
+            &prompts,
+            template.as_ref(),
+            args.max_new_tokens,
+            args.temperature,
+            seed,
+        )
+        .map_err(|e| Error::Environment {
+            context: format!("generating with `{stage}`"),
+            source: e,
+        })?;
+        answers.push((stage.clone(), samples));
+    }
+    for (i, prompt) in prompts.iter().enumerate() {
+        if !args.json {
+            println!("── {prompt}");
+        }
+        for (stage, samples) in &answers {
+            for s in samples.iter().filter(|s| s.prompt == *prompt) {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"stage": stage, "prompt": prompt, "prompt_index": i,
+                                           "mode": s.mode, "completion": s.completion})
+                    );
+                } else {
+                    println!("{stage} ({}): {}", s.mode, s.completion);
+                }
+            }
+        }
+    }
+    Ok(())
+}
