@@ -85,6 +85,19 @@ path = "{spm}"
 [stages.sft_spm]
 kind = "sft"
 model = "spm"
+
+# Declared GGUF exports: scheme one's adapter for llama.cpp, a model in q8_0.
+[stages.out_lora]
+kind = "export"
+from = "sft_blocks"
+path = "out/lora"
+gguf = "lora"
+
+[stages.out_model]
+kind = "export"
+from = "dense"
+path = "out/model"
+gguf = "q8_0"
 "#,
             spm = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/spm/model.gguf")
@@ -144,6 +157,34 @@ model = "spm"
     };
     assert_eq!(bits("sft_blocks"), 8.5);
     assert_eq!(bits("sft_dense"), 32.0);
+    // The declared exports wrote their GGUFs and Modelfiles.
+    for file in [
+        "out/lora/adapter.gguf",
+        "out/lora/Modelfile",
+        "out/model/model.gguf",
+        "out/model/Modelfile",
+    ] {
+        assert!(ws.path(file).is_file(), "{file}");
+    }
+    let exported =
+        lora_runner::model::formats::gguf::GgufModel::open(&ws.path("out/model/model.gguf"))
+            .unwrap();
+    let formats = lora_runner::model::formats::gguf::tensor_formats(&exported);
+    assert_eq!(format!("{:?}", formats["blk.0.ffn_up.weight"]), "Q8_0");
+    // A format that does not fit the stage is refused at plan time, at its line.
+    let text = std::fs::read_to_string(ws.path("recipe.toml")).unwrap();
+    ws.write(
+        "bad.toml",
+        &text.replace("gguf = \"q8_0\"", "gguf = \"lora\""),
+    );
+    let run = ws.runner(&["plan", "bad.toml"]);
+    assert_eq!(run.code, lora_runner::cli::exit::USAGE, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("does not fit stage `dense`, which makes a model"),
+        "{}",
+        run.stderr
+    );
     // The SentencePiece base trained: two steps, a finite loss, near
     // ln(600) for a random model of 600 tokens.
     let spm = show("sft_spm")["manifest"]["metrics"].clone();
