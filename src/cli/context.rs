@@ -44,7 +44,7 @@ impl Context<'_> {
 
     /// The device the recipe's stages compute on: `--device`, else the recipe's
     /// `device`, with `auto` decided and a GPU checked to be there.
-    fn resolve_device(&self, checked: &Checked) -> Result<DeviceSpec, Error> {
+    pub(super) fn resolve_device(&self, checked: &Checked) -> Result<DeviceSpec, Error> {
         let header = &checked.recipe.header.device;
         let (wanted, span) = match &self.device {
             Some(d) => (d, 0..0),

@@ -29,6 +29,8 @@ pub struct GenerateArgs {
     /// model's chat template.
     #[arg(long)]
     raw: bool,
+    /// Most tokens generated for each prompt (generation stops earlier at
+    /// the model's end-of-sequence token).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Also sample at this temperature (seeded by --seed); 0: greedy only.
@@ -96,6 +98,11 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
     }
     let (checked, cache, _) = ctx.check_and_plan(&args.recipe)?;
     let seed = args.seed.unwrap_or(checked.recipe.header.seed.value);
+    let device =
+        crate::device::candle(&ctx.resolve_device(&checked)?).map_err(|e| Error::Environment {
+            context: "opening the compute device".into(),
+            source: e,
+        })?;
     let mut answers: Vec<(String, Vec<Sample>)> = Vec::new();
     for stage in &args.stages {
         let (_, _, artifact) = ctx.cached_artifact(&args.recipe, stage)?;
@@ -125,12 +132,8 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
             source: e,
         };
         let source = crate::kinds::inputs::model_source(&model_input).map_err(failed)?;
-        let mut model = crate::kinds::inputs::load_model(
-            &source,
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .map_err(failed)?;
+        let mut model = crate::kinds::inputs::load_model(&source, candle_core::DType::F32, &device)
+            .map_err(failed)?;
         if let Some(adapter) = &adapter {
             crate::kinds::inputs::load_adapter(&mut model, adapter).map_err(failed)?;
         }

@@ -56,7 +56,8 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Dry run: every stage in execution order, cached or to run, and why,
-    /// with each training stage's estimated peak memory.
+    /// with each stage's estimated peak memory (refused when it exceeds the
+    /// machine's).
     Plan(plan::PlanArgs),
     /// Run the recipe: stages whose inputs are unchanged are skipped.
     Run(run::RunArgs),
