@@ -180,6 +180,15 @@ impl Cache {
         std::fs::remove_file(self.key_path(key))
     }
 
+    /// The artifact's parent through `field` (its manifest's `parents`):
+    /// None when it has none or its manifest cannot be read.
+    pub fn parent(&self, artifact: &str, field: &str) -> Option<Parent> {
+        self.manifest(artifact)?
+            .parents
+            .into_iter()
+            .find(|p| p.field == field)
+    }
+
     pub fn manifest(&self, artifact: &str) -> Option<Manifest> {
         let bytes = std::fs::read(self.artifact_dir(artifact).join(MANIFEST)).ok()?;
         serde_json::from_slice(&bytes).ok()

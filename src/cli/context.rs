@@ -115,18 +115,24 @@ impl Context<'_> {
         stage: &str,
     ) -> Result<(Checked, Cache, String), Error> {
         let (checked, cache, plan) = self.check_and_plan(recipe)?;
-        let planned = plan
-            .by_name(stage)
-            .ok_or_else(|| Error::no_stage(stage, recipe))?;
-        let plan::Status::Cached { artifact } = &planned.status else {
-            return Err(Error::NotCached {
-                stage: stage.to_string(),
-                reason: planned.reason(),
-                recipe: recipe.to_path_buf(),
-            });
-        };
-        let artifact = artifact.clone();
+        let artifact = cached_in(&plan, recipe, stage)?;
         Ok((checked, cache, artifact))
+    }
+}
+
+/// The cached artifact of `stage` in an already made `plan`, or a usage
+/// error saying how to make it.
+pub fn cached_in(plan: &Plan, recipe: &Path, stage: &str) -> Result<String, Error> {
+    let planned = plan
+        .by_name(stage)
+        .ok_or_else(|| Error::no_stage(stage, recipe))?;
+    match &planned.status {
+        plan::Status::Cached { artifact } => Ok(artifact.clone()),
+        _ => Err(Error::NotCached {
+            stage: stage.to_string(),
+            reason: planned.reason(),
+            recipe: recipe.to_path_buf(),
+        }),
     }
 }
 

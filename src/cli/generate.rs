@@ -96,7 +96,7 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
             "no prompts: give them as arguments, with --file, or \"-\" for standard input".into(),
         ));
     }
-    let (checked, cache, _) = ctx.check_and_plan(&args.recipe)?;
+    let (checked, cache, plan) = ctx.check_and_plan(&args.recipe)?;
     let seed = args.seed.unwrap_or(checked.recipe.header.seed.value);
     let device =
         crate::device::candle(&ctx.resolve_device(&checked)?).map_err(|e| Error::Environment {
@@ -105,21 +105,20 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
         })?;
     let mut answers: Vec<(String, Vec<Sample>)> = Vec::new();
     for stage in &args.stages {
-        let (_, _, artifact) = ctx.cached_artifact(&args.recipe, stage)?;
+        let artifact = super::context::cached_in(&plan, &args.recipe, stage)?;
         let own = input(ctx, &cache, stage, &artifact)?;
         let (model_input, adapter) = match own.output {
             ArtifactKind::Model => (own, None),
             ArtifactKind::Adapter => {
-                let parent = own.manifest["parents"]
-                    .as_array()
-                    .and_then(|p| p.iter().find(|p| p["field"] == "model"))
-                    .and_then(|p| Some((p["stage"].as_str()?, p["artifact"].as_str()?)))
-                    .ok_or_else(|| {
-                        Error::Usage(format!(
-                            "`{stage}` makes neither a model nor an adapter: nothing to generate with"
-                        ))
-                    })?;
-                (input(ctx, &cache, parent.0, parent.1)?, Some(own))
+                let parent = cache.parent(&artifact, "model").ok_or_else(|| {
+                    Error::Usage(format!(
+                        "`{stage}` has no `model` input: nothing to generate with"
+                    ))
+                })?;
+                (
+                    input(ctx, &cache, &parent.stage, &parent.artifact)?,
+                    Some(own),
+                )
             }
             _ => {
                 return Err(Error::Usage(format!(

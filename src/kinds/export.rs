@@ -229,33 +229,6 @@ pub enum GgufExportError {
     },
 }
 
-/// The payload folder of an artifact's parent through `field` (its
-/// manifest's `parents`); None when it has none.
-fn parent_dir(
-    cache: &cache::Cache,
-    artifact: &str,
-    field: &str,
-) -> std::io::Result<Option<PathBuf>> {
-    parent_artifact(cache, artifact, field)?
-        .map(|p| payload_dir(&cache.artifact_dir(&p)))
-        .transpose()
-}
-
-fn parent_artifact(
-    cache: &cache::Cache,
-    artifact: &str,
-    field: &str,
-) -> std::io::Result<Option<String>> {
-    let manifest = cache.artifact_dir(artifact).join(cache::MANIFEST);
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    Ok(json["parents"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["field"] == field))
-        .and_then(|p| p["artifact"].as_str())
-        .map(str::to_string))
-}
-
 /// The GGUF file a model artifact descends from through its `model`
 /// inputs (a merge's base, the base itself), if any.
 fn gguf_ancestor(cache: &cache::Cache, artifact: &str) -> std::io::Result<Option<PathBuf>> {
@@ -266,8 +239,8 @@ fn gguf_ancestor(cache: &cache::Cache, artifact: &str) -> std::io::Result<Option
         if file.is_file() {
             return Ok(Some(file));
         }
-        match parent_artifact(cache, &current, "model")? {
-            Some(p) => current = p,
+        match cache.parent(&current, "model") {
+            Some(p) => current = p.artifact,
             None => return Ok(None),
         }
     }
@@ -307,9 +280,11 @@ pub fn write_gguf(
     let is_adapter = from.join("adapter_config.json").is_file();
     let (file, what, text, warnings) = match wanted {
         GgufWanted::Adapter if is_adapter => {
-            let model = parent_dir(cache, artifact, "model")
-                .map_err(io(format!("the manifest of `{stage}`")))?
+            let parent = cache
+                .parent(artifact, "model")
                 .ok_or_else(|| GgufExportError::Usage(format!("`{stage}` has no `model` input")))?;
+            let model = payload_dir(&cache.artifact_dir(&parent.artifact))
+                .map_err(io(format!("the model `{stage}` was trained on", )))?;
             let out = dir.join("adapter.gguf");
             write_lora_adapter(&model, &from, &out).map_err(bad("a llama.cpp adapter"))?;
             let text = modelfile(ModelfileFrom::BaseWithAdapter {

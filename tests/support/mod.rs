@@ -213,3 +213,10 @@ pub fn plan_entry(plan: &serde_json::Value, stage: &str) -> (String, String, Str
         s["key"].as_str().unwrap().to_string(),
     )
 }
+
+/// A data file of the demo recipes (recipes/data/NAME), by absolute path.
+pub fn recipe_data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recipes/data")
+        .join(name)
+}

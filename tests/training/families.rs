@@ -12,9 +12,7 @@ use lora_runner::model::formats::peft::load_adapter;
 use std::path::{Path, PathBuf};
 
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("recipes/data")
-        .join(name)
+    crate::support::recipe_data(name)
 }
 
 const INIT_FAMILIES: [&str; 8] = [

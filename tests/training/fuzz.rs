@@ -152,7 +152,7 @@ fn mutate(rng: &mut Rng, dir: &Path) -> String {
 #[test]
 fn hostile_model_inputs_end_with_an_exit_code_and_a_named_file_or_stage() {
     let ws = Workspace::new();
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_eval.jsonl");
+    let data = crate::support::recipe_data("sft_eval.jsonl");
     let mut rng = Rng(0x5eed_2026_1206);
     let mut seen = std::collections::BTreeMap::new();
     for case in 0..36 {

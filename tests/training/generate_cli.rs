@@ -8,7 +8,6 @@ use lora_runner::cli::exit;
 #[test]
 fn generate_answers_side_by_side_as_the_eval_stage_does() {
     let ws = Workspace::new();
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data");
     ws.write(
         "recipe.toml",
         &format!(
@@ -35,7 +34,7 @@ prompts = ["sort cba:", "sort zyx:"]
 max_new_tokens = 6
 seq_len = 32
 "#,
-            train = data.join("sft_train.jsonl").display()
+            train = crate::support::recipe_data("sft_train.jsonl").display()
         ),
     );
     ws.runner(&["run", "recipe.toml"]).ok();

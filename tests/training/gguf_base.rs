@@ -8,11 +8,7 @@ use crate::support::{plan_entry, Workspace};
 use std::path::Path;
 
 fn data(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("recipes/data")
-        .join(name)
-        .display()
-        .to_string()
+    crate::support::recipe_data(name).display().to_string()
 }
 
 #[test]

@@ -72,8 +72,7 @@ fn a_shape_no_machine_holds_is_a_recipe_error_even_when_told_to_ignore_memory() 
 #[test]
 fn training_stages_are_checked_against_the_machine_and_warned_of_near_it() {
     let ws = Workspace::new();
-    let data =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_train.jsonl");
+    let data = crate::support::recipe_data("sft_train.jsonl");
     ws.write(
         "recipe.toml",
         &format!(
@@ -142,8 +141,7 @@ fn an_allocation_the_machine_refuses_ends_the_stage_with_exit_3_not_an_abort() {
 #[test]
 fn parallel_stages_do_not_overcommit_the_machine_together() {
     let ws = Workspace::new();
-    let data =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/sft_train.jsonl");
+    let data = crate::support::recipe_data("sft_train.jsonl");
     let sft = |name: &str, lr: &str| {
         format!(
             "[stages.{name}]\nkind = \"sft\"\nmodel = \"base\"\ndata = {{ train = \"{}\" }}\n\

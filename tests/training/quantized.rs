@@ -3,14 +3,12 @@
 //! evaluation measure what the quantization costs, the adapter stays
 //! portable, and a killed run resumes to the same bytes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::support::{plan_entry, Workspace};
 
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("recipes/data")
-        .join(name)
+    crate::support::recipe_data(name)
 }
 
 /// hidden 64 (rows of 64: q5_0 blocks) and ffn 256 (down_proj's rows of 256:
