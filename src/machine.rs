@@ -1,7 +1,8 @@
 //! What this machine offers a stage: its memory, the smaller of the
 //! physical memory and the cgroup limit when one is set (a Slurm job's
 //! `--mem`, a container's), or `RUNNER_MACHINE_MEMORY` when set (to plan
-//! for another machine, and for tests).
+//! for another machine, and for tests); and a GPU's memory, from
+//! `nvidia-smi` or `RUNNER_DEVICE_MEMORY`.
 
 use std::path::Path;
 
@@ -17,14 +18,8 @@ pub const MEMORY_ENV: &str = "RUNNER_MACHINE_MEMORY";
 /// This machine's memory for stages; None when it cannot be read (not
 /// Linux). An unreadable `RUNNER_MACHINE_MEMORY` is an error.
 pub fn memory() -> Result<Option<Available>, String> {
-    if let Ok(text) = std::env::var(MEMORY_ENV) {
-        let bytes = parse_bytes(&text).ok_or_else(|| {
-            format!("{MEMORY_ENV}={text:?} is not a size (e.g. 16GiB, 512MiB, 2000000000)")
-        })?;
-        return Ok(Some(Available {
-            bytes,
-            what: MEMORY_ENV.to_string(),
-        }));
+    if let Some(set) = from_env(MEMORY_ENV)? {
+        return Ok(Some(set));
     }
     let physical = meminfo_total().map(|bytes| Available {
         bytes,
@@ -39,6 +34,70 @@ pub fn memory() -> Result<Option<Available>, String> {
         (Some(p), _) => Some(p),
         (None, l) => l,
     })
+}
+
+pub const DEVICE_MEMORY_ENV: &str = "RUNNER_DEVICE_MEMORY";
+
+/// The memory of CUDA device `index` as this process numbers it (after
+/// `CUDA_VISIBLE_DEVICES`), or `RUNNER_DEVICE_MEMORY` when set; None when
+/// neither tells (no `nvidia-smi`, no such device).
+pub fn gpu_memory(index: u32) -> Result<Option<Available>, String> {
+    if let Some(set) = from_env(DEVICE_MEMORY_ENV)? {
+        return Ok(Some(set));
+    }
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    Ok(nvidia_smi_memory(
+        Path::new("nvidia-smi"),
+        &physical_device(visible.as_deref(), index),
+    ))
+}
+
+/// nvidia-smi's name for the device CUDA numbers `index`: the index-th
+/// entry of `CUDA_VISIBLE_DEVICES` (an index or a UUID), else `index`.
+fn physical_device(visible: Option<&str>, index: u32) -> String {
+    visible
+        .and_then(|v| v.split(',').nth(index as usize))
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| index.to_string())
+}
+
+/// `program --query-gpu=memory.total,name -i device`: total MiB and the
+/// card's name.
+fn nvidia_smi_memory(program: &Path, device: &str) -> Option<Available> {
+    let out = std::process::Command::new(program)
+        .args([
+            "--query-gpu=memory.total,name",
+            "--format=csv,noheader,nounits",
+            "-i",
+            device,
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mib, name) = text.lines().next()?.split_once(',')?;
+    let mib: u64 = mib.trim().parse().ok()?;
+    Some(Available {
+        bytes: mib.checked_mul(1 << 20)?,
+        what: format!("{} (GPU {device}, nvidia-smi)", name.trim()),
+    })
+}
+
+/// The size environment variable `name` sets, if set.
+fn from_env(name: &str) -> Result<Option<Available>, String> {
+    let Ok(text) = std::env::var(name) else {
+        return Ok(None);
+    };
+    let bytes = parse_bytes(&text)
+        .ok_or_else(|| format!("{name}={text:?} is not a size (e.g. 16GiB, 512MiB, 2000000000)"))?;
+    Ok(Some(Available {
+        bytes,
+        what: name.to_string(),
+    }))
 }
 
 /// "16GiB", "512 MiB", "1.5GB", "2000000000" (bytes).
@@ -114,6 +173,35 @@ mod tests {
         assert_eq!(parse_bytes("lots"), None);
         assert_eq!(parse_bytes("0"), None);
         assert_eq!(parse_bytes("-3GiB"), None);
+    }
+
+    #[test]
+    fn cuda_numbering_follows_cuda_visible_devices() {
+        assert_eq!(physical_device(None, 1), "1");
+        assert_eq!(physical_device(Some("3,5"), 1), "5");
+        assert_eq!(physical_device(Some("GPU-8f3a, GPU-1b2c"), 1), "GPU-1b2c");
+        // Fewer visible than asked: CUDA would refuse; the index stands.
+        assert_eq!(physical_device(Some("2"), 1), "1");
+    }
+
+    #[test]
+    fn gpu_memory_is_read_from_nvidia_smi() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("nvidia-smi");
+        // Answers as nvidia-smi does for the device it is asked for, and
+        // fails for any other, as nvidia-smi does for an unknown -i.
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\n[ \"$4\" = 5 ] || exit 6\necho '81559, NVIDIA H100 80GB HBM3'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let found = nvidia_smi_memory(&fake, "5").unwrap();
+        assert_eq!(found.bytes, 81559 << 20);
+        assert_eq!(found.what, "NVIDIA H100 80GB HBM3 (GPU 5, nvidia-smi)");
+        assert_eq!(nvidia_smi_memory(&fake, "0"), None);
+        assert_eq!(nvidia_smi_memory(&dir.path().join("absent"), "5"), None);
     }
 
     #[test]

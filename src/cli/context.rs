@@ -81,10 +81,16 @@ impl Context<'_> {
         only: Option<&[usize]>,
         ignore: bool,
     ) -> Result<(), Error> {
-        let Some(available) = crate::machine::memory().map_err(Error::Usage)? else {
-            return Ok(());
+        let offered = crate::plan::memory_check::Offered {
+            host: crate::machine::memory().map_err(Error::Usage)?,
+            gpu: match plan.device {
+                crate::stage::DeviceSpec::Cuda(n) => {
+                    crate::machine::gpu_memory(n).map_err(Error::Usage)?
+                }
+                _ => None,
+            },
         };
-        let found = crate::plan::memory_check::check(&checked.recipe, plan, only, &available);
+        let found = crate::plan::memory_check::check(&checked.recipe, plan, only, &offered);
         for warning in &found.warnings {
             eprintln!("warning: {warning}");
         }

@@ -32,6 +32,10 @@ pub struct ExportArgs {
     /// half.
     #[arg(long, requires = "gguf", value_parser = parse_gguf_type)]
     gguf_type: Option<GgufType>,
+    /// Write a model GGUF even when its estimated peak memory exceeds what
+    /// this machine has (RUNNER_MACHINE_MEMORY sets the figure to check).
+    #[arg(long)]
+    ignore_memory_check: bool,
 }
 
 fn parse_gguf_type(s: &str) -> Result<GgufType, String> {
@@ -40,9 +44,29 @@ fn parse_gguf_type(s: &str) -> Result<GgufType, String> {
 
 pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
     let (stage, dir) = (&args.stage, &args.dir);
-    let (_, cache, artifact) = ctx.cached_artifact(&args.recipe, stage)?;
+    let (checked, cache, plan) = ctx.check_and_plan(&args.recipe)?;
+    let artifact = super::context::cached_in(&plan, &args.recipe, stage)?;
     let from = payload_dir(&cache.artifact_dir(&artifact))
         .map_err(Error::io(format!("artifact of `{stage}`")))?;
+    // What GGUF is wanted is settled, and checked against the memory,
+    // before anything is written.
+    let wanted = match (args.gguf, args.gguf_type, from.join("adapter_config.json").is_file()) {
+        (false, _, _) => None,
+        (true, Some(_), true) => {
+            return Err(Error::Usage(format!(
+                "`{stage}` is an adapter: --gguf-type sets the number format of a model GGUF (export the merge stage for one)"
+            )))
+        }
+        (true, _, true) => Some(GgufWanted::Adapter),
+        (true, ty, false) => Some(GgufWanted::Model(ty.unwrap_or(GgufType::F16))),
+    };
+    if let Some(GgufWanted::Model(ty)) = wanted {
+        let index = plan.by_name(stage).expect("cached_in found it").index;
+        let view = crate::stage::StageView::new(&checked.recipe.stages, index);
+        if let Some(estimate) = crate::kinds::export::gguf_memory(view, ty) {
+            check_memory(stage, &estimate, args.ignore_memory_check)?;
+        }
+    }
     let files = crate::kinds::export::export_folder(&from, dir).map_err(Error::environment(
         format!("exporting `{stage}` to {}", dir.display()),
     ))?;
@@ -51,17 +75,8 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
         files.len(),
         dir.display()
     );
-    if !args.gguf {
+    let Some(wanted) = wanted else {
         return Ok(());
-    }
-    let wanted = match (args.gguf_type, from.join("adapter_config.json").is_file()) {
-        (Some(_), true) => {
-            return Err(Error::Usage(format!(
-                "`{stage}` is an adapter: --gguf-type sets the number format of a model GGUF (export the merge stage for one)"
-            )))
-        }
-        (_, true) => GgufWanted::Adapter,
-        (ty, false) => GgufWanted::Model(ty.unwrap_or(GgufType::F16)),
     };
     let written = write_gguf(&cache, &artifact, stage, dir, wanted).map_err(|e| match e {
         GgufExportError::Usage(m) => Error::Usage(m),
@@ -76,4 +91,37 @@ pub fn export(ctx: &Context, args: &ExportArgs) -> Result<(), Error> {
         written.what
     );
     Ok(())
+}
+
+/// Writing `stage` as a model GGUF against this machine's memory: refused
+/// (exit 2) when it cannot fit, unless `ignore`; warned of near the limit.
+fn check_memory(
+    stage: &str,
+    estimate: &crate::units::MemoryEstimate,
+    ignore: bool,
+) -> Result<(), Error> {
+    use crate::plan::memory_check::{fit, fit_help, Fit};
+    use crate::units::{human_bytes, ByteDigits};
+    let Some(available) = crate::machine::memory().map_err(Error::Usage)? else {
+        return Ok(());
+    };
+    let b = |n: u64| human_bytes(n, ByteDigits::ThreeSignificant);
+    let say = format!(
+        "writing `{stage}` as GGUF needs {} and this machine has {} ({})",
+        estimate.describe(),
+        b(available.bytes),
+        available.what
+    );
+    match fit(estimate.estimate_bytes, &available) {
+        Fit::Over if !ignore => Err(Error::Usage(format!("{say}\nhelp: {}", fit_help("export")))),
+        Fit::Over => {
+            eprintln!("warning (--ignore-memory-check): {say}");
+            Ok(())
+        }
+        Fit::Near => {
+            eprintln!("warning: {say}: it may not fit beside other processes");
+            Ok(())
+        }
+        Fit::Fits => Ok(()),
+    }
 }

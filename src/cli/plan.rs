@@ -14,7 +14,8 @@ pub struct PlanArgs {
     json: bool,
     /// Do not refuse a stage whose memory estimate exceeds this machine's
     /// memory (the smaller of physical memory and the cgroup limit, or
-    /// RUNNER_MACHINE_MEMORY); warn instead.
+    /// RUNNER_MACHINE_MEMORY), or, for a stage on a GPU, the GPU's
+    /// (nvidia-smi's, or RUNNER_DEVICE_MEMORY); warn instead.
     #[arg(long)]
     ignore_memory_check: bool,
 }

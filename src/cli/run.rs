@@ -53,7 +53,8 @@ pub struct RunArgs {
     wait: bool,
     /// Run a stage even when its memory estimate exceeds this machine's
     /// memory (the smaller of physical memory and the cgroup limit, or
-    /// RUNNER_MACHINE_MEMORY); it is refused otherwise.
+    /// RUNNER_MACHINE_MEMORY), or, for a stage on a GPU, the GPU's
+    /// (nvidia-smi's, or RUNNER_DEVICE_MEMORY); it is refused otherwise.
     #[arg(long)]
     ignore_memory_check: bool,
 }

@@ -123,6 +123,19 @@ impl Kind for Export {
         }
     }
 
+    fn plan_memory(
+        &self,
+        p: &ExportParams,
+        stage: StageView<'_>,
+        _on_gpu: bool,
+    ) -> Option<crate::units::MemoryEstimate> {
+        // Copying files streams them; only writing a model GGUF holds it.
+        match wanted(&p.gguf.as_ref()?.value)? {
+            GgufWanted::Model(ty) => gguf_memory(stage.target("from")?, ty),
+            GgufWanted::Adapter => None,
+        }
+    }
+
     fn key_params(&self, p: &ExportParams) -> serde_json::Value {
         key_with_path(p, &p.destination)
     }
@@ -227,6 +240,21 @@ pub enum GgufExportError {
         context: String,
         source: anyhow::Error,
     },
+}
+
+/// Peak memory of writing model stage `model` as a GGUF of `ty`: the model
+/// as `write_model_gguf` loads it (dense in its stored dtype, a GGUF base's
+/// projections in their blocks) and what it writes.
+pub fn gguf_memory(model: StageView<'_>, ty: GgufType) -> Option<crate::units::MemoryEstimate> {
+    let config = super::lineage::model_config(model)?.ok()?;
+    let stored = super::lineage::stored_bits(model);
+    let dtype = super::inputs::planned_dtype(None, &config);
+    let weights = crate::model::memory::weights_bytes(&config, dtype, None, stored);
+    Some(crate::model::memory::gguf_export_estimate(
+        &config,
+        weights,
+        ty.bits_per_weight(stored),
+    ))
 }
 
 /// The GGUF file a model artifact descends from through its `model`

@@ -79,6 +79,25 @@ pub fn model_estimate(config: &ModelConfig, dtype: DType, copies: f64) -> Memory
     }
 }
 
+/// Writing a model as GGUF: the model as loaded (`weights`), every written
+/// tensor held until the file is written (`written_bits` a weight), and
+/// the conversion's f32 temporaries of the largest tensor, the embeddings
+/// (the tensor, its written values, their difference, and the base's
+/// blocks dequantised beside them).
+pub fn gguf_export_estimate(c: &ModelConfig, weights: u64, written_bits: f64) -> MemoryEstimate {
+    let written =
+        (c.parameter_count() as f64 * written_bits / 8.0).min(u64::MAX as f64 / 4.0) as u64;
+    let temporaries = 4 * 4 * (c.vocab_size as u64).saturating_mul(c.hidden_size as u64);
+    let copies = written.saturating_add(temporaries);
+    MemoryEstimate {
+        weights_bytes: weights,
+        copies_bytes: copies,
+        runtime_bytes: RUNTIME_BYTES,
+        estimate_bytes: RUNTIME_BYTES.saturating_add(weights).saturating_add(copies),
+        ..MemoryEstimate::default()
+    }
+}
+
 /// The model's weights as a stage holds them: embeddings, head and norms in
 /// `dtype`, projections at their quantized or stored bits.
 pub fn weights_bytes(

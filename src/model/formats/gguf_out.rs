@@ -65,6 +65,20 @@ impl GgufType {
         }
     }
 
+    /// Bits a matrix weight takes written in this format; `base` takes the
+    /// base GGUF's `stored` bits (f16 when unknown).
+    pub fn bits_per_weight(self, stored: Option<f64>) -> f64 {
+        match self {
+            GgufType::F32 => 32.0,
+            GgufType::F16 | GgufType::Bf16 => 16.0,
+            // 32 weights and an f16 scale a block.
+            GgufType::Q8_0 => 8.5,
+            // 256 weights, 8 sub-block scales and mins, two f16 a block.
+            GgufType::Q4K => 4.5,
+            GgufType::Base => stored.unwrap_or(16.0),
+        }
+    }
+
     /// llama.cpp's `general.file_type` (llama_ftype) where one fits.
     fn file_type(self) -> Option<u32> {
         match self {
