@@ -39,22 +39,27 @@ DPO_LOSSES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
 
-def batch():
+def batch(sums=None, tilt=0.0):
     """Rows [chosen..., rejected...]: one prompt token, then the completion, right-padded;
-    each completion token carries sum/length so the per-row sums are as above."""
-    sums = POLICY_CHOSEN + POLICY_REJECTED
+    each completion token carries sum/length so the per-row sums are as above. `tilt`
+    makes the tokens of a row differ (k-th token + tilt·(k − mean)), the sum unchanged,
+    so that LD-DPO's split of a row into shared and tail tokens matters."""
+    sums = sums or POLICY_CHOSEN + POLICY_REJECTED
     lengths = CHOSEN_TOKENS + REJECTED_TOKENS
     width = 1 + max(lengths)
     mask = torch.zeros(len(sums), width, dtype=torch.long)
     logps = torch.zeros(len(sums), width - 1)
     for row, (s, n) in enumerate(zip(sums, lengths)):
         mask[row, 1 : 1 + n] = 1
-        logps[row, :n] = s / n
+        for k in range(n):
+            logps[row, k] = s / n + tilt * (k - (n - 1) / 2)
     return mask, logps.requires_grad_(True)
 
 
 class StandIn(torch.nn.Module):
     """A model that returns the given per-token log-probs (TRL's fused LM head output)."""
+
+    is_gradient_checkpointing = False
 
     def __init__(self, log_probs):
         super().__init__()
@@ -73,15 +78,19 @@ def per_sum_gradient(log_probs):
     return [g[i, 0].item() for i in range(b)], [g[b + i, 0].item() for i in range(b)]
 
 
-def dpo_loss(loss_type):
-    mask, log_probs = batch()
+def dpo_loss(loss_type, divergence="reverse_kl", alpha_coef=0.5, ld_alpha=None):
+    mask, log_probs = batch(tilt=0.0 if ld_alpha is None else 0.7)
     trainer = DPOTrainer.__new__(DPOTrainer)
     trainer.model = StandIn(log_probs)
     trainer.accelerator = Accelerator(cpu=True)
     trainer.aux_loss_enabled = False
-    trainer.ld_alpha = None
-    trainer.precompute_ref_logps = True
-    trainer.f_divergence_type = "reverse_kl"
+    trainer.ld_alpha = ld_alpha
+    # With LD-DPO the reference's tokens are weighed too: a stand-in reference model.
+    trainer.precompute_ref_logps = ld_alpha is None
+    if ld_alpha is not None:
+        trainer.ref_model = StandIn(batch(REFERENCE_CHOSEN + REFERENCE_REJECTED, tilt=-0.4)[1].detach())
+    trainer.f_divergence_type = divergence
+    trainer.f_alpha_divergence_coef = alpha_coef
     trainer.loss_types = [loss_type]
     trainer.loss_weights = [1.0]
     trainer.beta = BETA
@@ -100,6 +109,11 @@ def dpo_loss(loss_type):
     }
     loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
     loss.backward()
+    if ld_alpha is not None:
+        # Tokens of a row weigh differently: every token's derivative.
+        return {"value": loss.item(), "label_smoothing": trainer.label_smoothing,
+                "mask": mask.tolist(), "policy": log_probs.detach().tolist(),
+                "reference": trainer.ref_model.log_probs.tolist(), "grad": log_probs.grad.tolist()}
     d_chosen, d_rejected = per_sum_gradient(log_probs)
     return {"value": loss.item(), "d_chosen": d_chosen, "d_rejected": d_rejected,
             "label_smoothing": trainer.label_smoothing}
@@ -147,5 +161,33 @@ out = {"trl": trl.__version__, "torch": torch.__version__,
        "losses": {name: dpo_loss(name) for name in DPO_LOSSES}}
 out["losses"]["simpo"] = simpo()
 out["losses"]["orpo"] = orpo()
+
+# f-DPO: every loss that takes a divergence, under each divergence. TRL's
+# alpha_divergence clamps in the compute dtype and has no float64 clamp, so it
+# runs in float32 (compared at float32's precision); α = 1 is its reverse-KL
+# limit, α = -200 saturates the clamp on this batch.
+F_LOSSES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+divergences = []
+for divergence, coef in [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5),
+                         ("alpha_divergence", 1.0), ("alpha_divergence", -200.0)]:
+    float32 = divergence == "alpha_divergence"
+    torch.set_default_dtype(torch.float32 if float32 else torch.float64)
+    for name in F_LOSSES:
+        if coef == -200.0 and name not in ("sigmoid", "hinge"):
+            continue  # exp(−βΔ) and squares overflow float32 there
+        case = dpo_loss(name, divergence, coef)
+        case.update({"loss": name, "f_divergence_type": divergence, "f_alpha_divergence_coef": coef,
+                     "float32": float32})
+        divergences.append(case)
+torch.set_default_dtype(torch.float64)
+out["divergences"] = divergences
+
+# LD-DPO: per-token log-probs that differ within a row, policy and reference weighed alike.
+out["ld_alpha"] = []
+for ld_alpha in [0.0, 0.5, 1.0]:
+    for name in ["sigmoid", "ipo", "hinge"]:
+        case = dpo_loss(name, ld_alpha=ld_alpha)
+        case.update({"loss": name, "ld_alpha": ld_alpha})
+        out["ld_alpha"].append(case)
 json.dump(out, sys.stdout, indent=1)
 print()

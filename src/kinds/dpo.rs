@@ -181,6 +181,7 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         None => None,
     };
     let loss = p.dpo.loss();
+    let ld_alpha = p.dpo.ld_alpha();
     let loop_settings = p
         .train
         .loop_settings(ctx.seed, !p.dpo.disable_dropout.value);
@@ -190,13 +191,14 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         let draws = loop_settings.steps * loop_settings.grad_accum * loop_settings.batch as u64;
         let visited = crate::train::order::visited(ctx.seed, train.examples.len(), draws);
         let train_scores = reference_scores(
-            ctx, &reference, &train, &train_key, &visited, dtype, device, pad_id,
+            ctx, &reference, &train, &train_key, &visited, dtype, device, pad_id, ld_alpha,
         )?;
         let eval = match eval {
             Some((e, key)) => {
                 let all: Vec<usize> = (0..e.examples.len()).collect();
-                let scores =
-                    reference_scores(ctx, &reference, &e, &key, &all, dtype, device, pad_id)?;
+                let scores = reference_scores(
+                    ctx, &reference, &e, &key, &all, dtype, device, pad_id, ld_alpha,
+                )?;
                 Some((e, Some(scores)))
             }
             None => None,
@@ -212,6 +214,7 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         train_reference,
         eval,
         loss,
+        ld_alpha,
         pad_id,
         device: device.clone(),
     };

@@ -376,7 +376,7 @@ impl<'p> Evaluator<'p> {
     fn dpo_rows(&mut self, ctx: &mut RunContext, file: &Path) -> anyhow::Result<()> {
         let (tokenizer, model_dir) = (&self.tokenizer, &self.source.dir);
         let (data, data_key) = inputs::dpo_tokens(ctx, file, tokenizer, model_dir, &self.settings)?;
-        let policy = dpo::score_pairs(&self.model, &data, tokenizer.pad_id(), &self.device)?;
+        let policy = dpo::score_pairs(&self.model, &data, tokenizer.pad_id(), &self.device, None)?;
         let n = policy.chosen.len().max(1) as f64;
         // Reference-free: does the model itself rank chosen above rejected?
         let prefers = policy
@@ -440,6 +440,7 @@ impl<'p> Evaluator<'p> {
                     dtype,
                     &self.device,
                     pad_id,
+                    None,
                 )?
             };
             let (wins, margin) = self.rewards(&policy, &scores, &mut pairs);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::diag::checks::{at_least, non_negative, positive, unit_interval};
 use crate::diag::span::Sp;
 use crate::diag::{did_you_mean, Problem};
-use crate::train::preference_loss::{LossParams, LossTerm, PreferenceLoss, Smoothing};
+use crate::train::preference_loss::{Divergence, LossParams, LossTerm, PreferenceLoss, Smoothing};
 
 /// Which modules get LoRA layers: a list of names (exact, or matching the
 /// end of a module's dotted name), a regular expression matched against the
@@ -347,6 +347,23 @@ pub struct DpoSpec {
     /// DiscoPOP's temperature τ (> 0).
     #[serde(default = "default_discopop_tau")]
     pub discopop_tau: Sp<f64>,
+    /// LD-DPO's α in [0, 1] (TRL's `ld_alpha`): completion tokens past the
+    /// shorter side's length count α in both sides' log-probs, the
+    /// policy's and the reference's, so verbosity earns less reward; 1 is
+    /// plain DPO, 0 ignores the longer side's tail.
+    #[serde(default)]
+    pub ld_alpha: Option<Sp<f64>>,
+    /// f-DPO's divergence between policy and reference (TRL's
+    /// `f_divergence_type`): "reverse_kl" (standard DPO), "forward_kl",
+    /// "js_divergence" or "alpha_divergence". Only the losses built on the
+    /// chosen-rejected reward difference take another than reverse_kl:
+    /// sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and
+    /// sft beside them).
+    #[serde(default = "default_divergence")]
+    pub f_divergence_type: Sp<String>,
+    /// α of "alpha_divergence" (TRL's `f_alpha_divergence_coef`).
+    #[serde(default = "default_alpha_coef")]
+    pub f_alpha_divergence_coef: Sp<f64>,
     /// Turn LoRA dropout off while training DPO (as TRL does by default).
     #[serde(default = "yes")]
     pub disable_dropout: Sp<bool>,
@@ -361,9 +378,19 @@ impl Default for DpoSpec {
             label_smoothing: Sp::default(),
             simpo_gamma: default_simpo_gamma(),
             discopop_tau: default_discopop_tau(),
+            ld_alpha: None,
+            f_divergence_type: default_divergence(),
+            f_alpha_divergence_coef: default_alpha_coef(),
             disable_dropout: yes(),
         }
     }
+}
+
+fn default_divergence() -> Sp<String> {
+    Sp::implicit(Divergence::NAMES[0].to_string())
+}
+fn default_alpha_coef() -> Sp<f64> {
+    Sp::implicit(0.5)
 }
 
 fn default_beta() -> Sp<f64> {
@@ -461,8 +488,30 @@ impl DpoSpec {
                 label_smoothing: self.label_smoothing.value,
                 simpo_gamma: self.simpo_gamma.value,
                 discopop_tau: self.discopop_tau.value,
+                divergence: match self.divergence() {
+                    // TRL's own fallback: α within 1e-6 of 1 is reverse KL.
+                    Some(Divergence::Alpha(a)) if (a - 1.0).abs() < 1e-6 => Divergence::ReverseKl,
+                    Some(d) => d,
+                    None => Divergence::ReverseKl,
+                },
             },
         }
+    }
+
+    /// LD-DPO's α when it weighs anything (1 weighs every token fully).
+    pub fn ld_alpha(&self) -> Option<f64> {
+        self.ld_alpha
+            .as_ref()
+            .map(|a| a.value)
+            .filter(|&a| a != 1.0)
+    }
+
+    /// The f-divergence as written, once `check` has passed.
+    fn divergence(&self) -> Option<Divergence> {
+        Divergence::from_name(
+            &self.f_divergence_type.value,
+            self.f_alpha_divergence_coef.value,
+        )
     }
 
     pub fn check(&self, problems: &mut Vec<Problem>) {
@@ -508,6 +557,74 @@ impl DpoSpec {
             }
         }
         self.check_smoothing(problems);
+        self.check_length_and_divergence(problems);
+    }
+
+    /// `ld_alpha` in [0, 1] on losses that read summed log-probs; the
+    /// f-divergence known, on losses that have an f-divergence form, with
+    /// its α only where it is read.
+    fn check_length_and_divergence(&self, problems: &mut Vec<Problem>) {
+        let terms = self.terms();
+        if let Some(a) = &self.ld_alpha {
+            if !(0.0..=1.0).contains(&a.value) {
+                problems.push(
+                    Problem::new(format!("`dpo.ld_alpha` must be in [0, 1], got {}", a.value))
+                        .at(a.span.clone(), "out of range"),
+                );
+            }
+            // TRL's sft term reads unweighted log-probs; SimPO and ORPO are
+            // not TRL's DPO trainer's and have no LD-DPO form there.
+            if let Some((t, span)) = terms
+                .iter()
+                .find(|(t, _)| matches!(t, LossTerm::Sft | LossTerm::Simpo | LossTerm::Orpo))
+            {
+                problems.push(
+                    Problem::new(format!(
+                        "`dpo.ld_alpha` does not apply to loss `{}`",
+                        t.name()
+                    ))
+                    .at(a.span.clone(), "LD-DPO weighting")
+                    .at(span.clone(), "this loss")
+                    .help("LD-DPO weighs the reward terms' log-probs; use it without sft, simpo and orpo"),
+                );
+            }
+        }
+        let d = &self.f_divergence_type;
+        match self.divergence() {
+            None => problems.push(
+                Problem::new(format!("unknown `dpo.f_divergence_type` `{}`", d.value))
+                    .at(d.span.clone(), "unknown divergence")
+                    .help(format!("expected one of: {}", Divergence::NAMES.join(", "))),
+            ),
+            // Refused by name, as TRL does (α = 1 included).
+            Some(Divergence::ReverseKl) => {}
+            Some(_) => {
+                if let Some((t, span)) = terms.iter().find(|(t, _)| !t.takes_divergence()) {
+                    problems.push(
+                        Problem::new(format!(
+                            "`dpo.f_divergence_type = \"{}\"` does not apply to loss `{}`",
+                            d.value,
+                            t.name()
+                        ))
+                        .at(d.span.clone(), "an f-divergence")
+                        .at(span.clone(), "this loss")
+                        .help("only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and sft) read the reward difference an f-divergence reshapes"),
+                    );
+                }
+            }
+        }
+        let coef = &self.f_alpha_divergence_coef;
+        if !coef.value.is_finite() {
+            problems.push(
+                Problem::new("`dpo.f_alpha_divergence_coef` must be a finite number")
+                    .at(coef.span.clone(), "not finite"),
+            );
+        } else if coef.is_written() && !matches!(self.divergence(), Some(Divergence::Alpha(_))) {
+            problems.push(
+                Problem::new("`dpo.f_alpha_divergence_coef` has no effect without `f_divergence_type = \"alpha_divergence\"`")
+                    .at(coef.span.clone(), "unused"),
+            );
+        }
     }
 
     /// `label_smoothing` in the range the chosen losses need, and not
@@ -578,6 +695,22 @@ impl Serialize for DpoSpec {
         }
         if uses(&|t| t == LossTerm::Discopop) {
             key.insert("discopop_tau".into(), self.discopop_tau.value.into());
+        }
+        if let Some(a) = self.ld_alpha() {
+            key.insert("ld_alpha".into(), a.into());
+        }
+        match loss.params.divergence {
+            Divergence::ReverseKl => {}
+            Divergence::Alpha(a) => {
+                key.insert("f_divergence_type".into(), "alpha_divergence".into());
+                key.insert("f_alpha_divergence_coef".into(), a.into());
+            }
+            _ => {
+                key.insert(
+                    "f_divergence_type".into(),
+                    self.f_divergence_type.value.clone().into(),
+                );
+            }
         }
         key.insert("disable_dropout".into(), self.disable_dropout.value.into());
         key.serialize(serializer)

@@ -64,7 +64,7 @@ pub fn reference_spec(ctx: &RunContext) -> anyhow::Result<ReferenceSpec> {
 
 /// Reference log-probs of the pairs `wanted` of `data` (no graph), kept in
 /// a grow-only derived folder keyed by the reference's artifacts and the
-/// tokenized data's key: a resumed or longer run computes only the pairs it
+/// tokenized data's key (and LD-DPO's α, which weighs its tokens): a resumed or longer run computes only the pairs it
 /// has not seen, and Ctrl-C keeps the batches already done.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_scores(
@@ -76,9 +76,10 @@ pub fn reference_scores(
     dtype: candle_core::DType,
     device: &candle_core::Device,
     pad_id: u32,
+    ld_alpha: Option<f64>,
 ) -> anyhow::Result<crate::train::dpo::PairScores> {
     use crate::train::dpo;
-    let key = serde_json::json!({
+    let mut key = serde_json::json!({
         // 2: grown pair by pair (files of pair indices and scores).
         "version": 2,
         "model": reference.model_artifact,
@@ -87,6 +88,11 @@ pub fn reference_scores(
         "dtype": format!("{dtype:?}"),
         "device": format!("{:?}", device.location()),
     });
+    // LD-DPO weighs the reference's tokens as the policy's; without it the
+    // key is the one earlier versions wrote.
+    if let Some(alpha) = ld_alpha {
+        key["ld_alpha"] = alpha.into();
+    }
     let key = crate::hashing::derived_key(&key);
     let dir = ctx.derived_growing("reference-logps", &key)?;
     let _lock = ctx
@@ -105,6 +111,7 @@ pub fn reference_scores(
         wanted,
         &dir,
         pad_id,
+        ld_alpha,
         device,
         ctx.progress,
         ctx.interrupt,

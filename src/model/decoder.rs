@@ -638,11 +638,22 @@ pub fn sum_by_sequence(
     targets: &[(usize, usize, u32)],
     batch: usize,
 ) -> Result<Tensor> {
+    weighted_sum_by_sequence(token_logprobs, targets, &vec![1.0; targets.len()], batch)
+}
+
+/// Σ wᵢ·log-probᵢ per sequence: [`sum_by_sequence`] with a weight per target.
+pub fn weighted_sum_by_sequence(
+    token_logprobs: &Tensor,
+    targets: &[(usize, usize, u32)],
+    weights: &[f32],
+    batch: usize,
+) -> Result<Tensor> {
     let n = targets.len();
-    if token_logprobs.dims() != [n] {
+    if token_logprobs.dims() != [n] || weights.len() != n {
         return Err(ModelError::Input(format!(
-            "expected {n} log-probs, got shape {:?}",
-            token_logprobs.dims()
+            "expected {n} log-probs and weights, got shape {:?} and {} weights",
+            token_logprobs.dims(),
+            weights.len()
         )));
     }
     let mut onehot = vec![0f32; batch * n];
@@ -652,7 +663,7 @@ pub fn sum_by_sequence(
                 "target batch index {b} >= batch size {batch}"
             )));
         }
-        onehot[b * n + i] = 1.0;
+        onehot[b * n + i] = weights[i];
     }
     let onehot = Tensor::from_vec(onehot, (batch, n), token_logprobs.device())?
         .to_dtype(token_logprobs.dtype())?;

@@ -9,7 +9,7 @@ use super::preference_loss::{attach, dpo_metrics, PairBatch, PreferenceLoss};
 use super::trainer::{Metrics, ShardOutput, TrainingObjective};
 use crate::data::batch::dpo_batch;
 use crate::data::{DpoDataset, DpoExample, Padding};
-use crate::model::decoder::{sum_by_sequence, Decoder, Mode};
+use crate::model::decoder::{sum_by_sequence, weighted_sum_by_sequence, Decoder, Mode};
 
 /// Pairs per forward pass when computing reference log-probs and evaluating.
 const EVAL_BATCH: usize = 16;
@@ -31,6 +31,20 @@ pub fn pair_logprobs(
     device: &Device,
     mode: Mode,
 ) -> anyhow::Result<(Tensor, Vec<f32>)> {
+    pair_logprobs_ld(model, pairs, pad_id, device, mode, None)
+}
+
+/// [`pair_logprobs`], with LD-DPO's `ld_alpha` when given: each side's
+/// completion tokens past the shorter side's length weigh α in the sum
+/// (TRL's shared/tail split), so verbosity earns less reward.
+pub fn pair_logprobs_ld(
+    model: &Decoder,
+    pairs: &[&DpoExample],
+    pad_id: u32,
+    device: &Device,
+    mode: Mode,
+    ld_alpha: Option<f64>,
+) -> anyhow::Result<(Tensor, Vec<f32>)> {
     let batch = dpo_batch(pairs, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
     let rows_n = 2 * batch.pairs;
     let (logprobs, targets) = super::sft::masked_logprobs(
@@ -46,7 +60,35 @@ pub fn pair_logprobs(
     for &(row, _, _) in &targets {
         counts[row] += 1.0;
     }
-    Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts))
+    let Some(alpha) = ld_alpha else {
+        return Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts));
+    };
+    let weights = ld_weights(&targets, &counts, alpha as f32);
+    Ok((
+        weighted_sum_by_sequence(&logprobs, &targets, &weights, rows_n)?,
+        counts,
+    ))
+}
+
+/// LD-DPO's weight of each target (rows: B chosen, then B rejected, each
+/// row's targets in order): 1 for a row's first min(chosen, rejected)
+/// completion tokens, `alpha` after them.
+pub fn ld_weights(targets: &[(usize, usize, u32)], counts: &[f32], alpha: f32) -> Vec<f32> {
+    let b = counts.len() / 2;
+    let mut seen = vec![0f32; counts.len()];
+    targets
+        .iter()
+        .map(|&(row, _, _)| {
+            let pair = row % b.max(1);
+            let shared = counts[pair].min(counts[pair + b]);
+            seen[row] += 1.0;
+            if seen[row] <= shared {
+                1.0
+            } else {
+                alpha
+            }
+        })
+        .collect()
 }
 
 /// Tokens a pair's forward pass reads: the prompt twice, both completions.
@@ -61,10 +103,11 @@ fn score_batch(
     pairs: &[&DpoExample],
     pad_id: u32,
     device: &Device,
+    ld_alpha: Option<f64>,
 ) -> anyhow::Result<PairScores> {
     let tokens: Vec<usize> = pairs.iter().map(|p| pair_tokens(p)).collect();
     let parts = super::shards::map(&tokens, device.is_cpu(), |range| {
-        score_shard(model, &pairs[range], pad_id, device)
+        score_shard(model, &pairs[range], pad_id, device, ld_alpha)
     })?;
     let mut scores = PairScores::default();
     for part in &parts {
@@ -79,8 +122,9 @@ fn score_shard(
     pairs: &[&DpoExample],
     pad_id: u32,
     device: &Device,
+    ld_alpha: Option<f64>,
 ) -> anyhow::Result<PairScores> {
-    let (sums, counts) = pair_logprobs(model, pairs, pad_id, device, Mode::Inference)?;
+    let (sums, counts) = pair_logprobs_ld(model, pairs, pad_id, device, Mode::Inference, ld_alpha)?;
     let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
     let b = pairs.len();
     Ok(PairScores {
@@ -91,17 +135,19 @@ fn score_shard(
     })
 }
 
-/// Log-probs of every pair under `model` with no graph (reference or evaluation).
+/// Log-probs of every pair under `model` with no graph (reference or
+/// evaluation), LD-DPO-weighted with `ld_alpha`.
 pub fn score_pairs(
     model: &Decoder,
     data: &DpoDataset,
     pad_id: u32,
     device: &Device,
+    ld_alpha: Option<f64>,
 ) -> anyhow::Result<PairScores> {
     let mut s = PairScores::default();
     for chunk in data.examples.chunks(EVAL_BATCH) {
         let pairs: Vec<&DpoExample> = chunk.iter().collect();
-        s.extend(&score_batch(model, &pairs, pad_id, device)?);
+        s.extend(&score_batch(model, &pairs, pad_id, device, ld_alpha)?);
     }
     Ok(s)
 }
@@ -131,6 +177,7 @@ pub fn score_pairs_into(
     wanted: &[usize],
     dir: &std::path::Path,
     pad_id: u32,
+    ld_alpha: Option<f64>,
     device: &Device,
     progress: &dyn crate::sink::Progress,
     interrupt: &std::sync::atomic::AtomicBool,
@@ -175,7 +222,7 @@ pub fn score_pairs_into(
                 break;
             }
             let pairs: Vec<&DpoExample> = batch.iter().map(|&i| &data.examples[i]).collect();
-            part.extend(&score_batch(&model, &pairs, pad_id, device)?);
+            part.extend(&score_batch(&model, &pairs, pad_id, device, ld_alpha)?);
             finished += batch.len();
             let rate = finished as f64 / started.elapsed().as_secs_f64().max(1e-9);
             progress.set_position(
@@ -311,6 +358,8 @@ pub struct DpoObjective {
     pub train_reference: Option<PairScores>,
     pub eval: Option<(DpoDataset, Option<PairScores>)>,
     pub loss: PreferenceLoss,
+    /// LD-DPO's α (policy and reference log-probs alike), when set.
+    pub ld_alpha: Option<f64>,
     pub pad_id: u32,
     pub device: Device,
 }
@@ -375,7 +424,14 @@ impl TrainingObjective for DpoObjective {
         mode: Mode,
     ) -> anyhow::Result<ShardOutput> {
         let pairs: Vec<&DpoExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
-        let (values, counts) = pair_logprobs(model, &pairs, self.pad_id, &self.device, mode)?;
+        let (values, counts) = pair_logprobs_ld(
+            model,
+            &pairs,
+            self.pad_id,
+            &self.device,
+            mode,
+            self.ld_alpha,
+        )?;
         Ok(ShardOutput { values, counts })
     }
 
@@ -401,7 +457,7 @@ impl TrainingObjective for DpoObjective {
         let Some((data, reference)) = &self.eval else {
             return Ok(Metrics::new());
         };
-        let policy = score_pairs(model, data, self.pad_id, &self.device)?;
+        let policy = score_pairs(model, data, self.pad_id, &self.device, self.ld_alpha)?;
         let idx: Vec<usize> = (0..data.examples.len()).collect();
         let mut sums = policy.chosen.clone();
         sums.extend_from_slice(&policy.rejected);

@@ -128,6 +128,88 @@ impl LossTerm {
     }
 }
 
+impl LossTerm {
+    /// Whether the term reads the chosen-rejected reward difference that an
+    /// f-divergence reshapes (TRL's list; `sft` reads no reward and is
+    /// allowed beside them). The others have no f-divergence form.
+    pub fn takes_divergence(self) -> bool {
+        matches!(
+            self,
+            LossTerm::Sigmoid
+                | LossTerm::SigmoidNorm
+                | LossTerm::Hinge
+                | LossTerm::Ipo
+                | LossTerm::ExoPair
+                | LossTerm::Robust
+                | LossTerm::Discopop
+                | LossTerm::Sft
+        )
+    }
+}
+
+/// The f-divergence between policy and reference that the reward
+/// difference regularises (f-DPO; TRL's `f_divergence_type`): each side's
+/// log-ratio ρ becomes the score f′(e^ρ).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Divergence {
+    /// Standard DPO: the score is ρ.
+    ReverseKl,
+    /// 1 − e^(−ρ).
+    ForwardKl,
+    /// Jensen-Shannon: log 2 + log σ(ρ).
+    Js,
+    /// α-divergence: (e^((α−1)ρ) − 1)/(α−1), ρ itself at α = 1.
+    Alpha(f64),
+}
+
+impl Divergence {
+    pub const NAMES: [&'static str; 4] = [
+        "reverse_kl",
+        "forward_kl",
+        "js_divergence",
+        "alpha_divergence",
+    ];
+
+    /// `name` with the α of `alpha_divergence`.
+    pub fn from_name(name: &str, alpha: f64) -> Option<Self> {
+        Some(match name {
+            "reverse_kl" => Divergence::ReverseKl,
+            "forward_kl" => Divergence::ForwardKl,
+            "js_divergence" => Divergence::Js,
+            "alpha_divergence" => Divergence::Alpha(alpha),
+            _ => return None,
+        })
+    }
+
+    /// The score of log-ratio `rho` and its derivative.
+    pub fn score(self, rho: f64) -> (f64, f64) {
+        match self {
+            Divergence::ReverseKl => (rho, 1.0),
+            Divergence::ForwardKl => {
+                let e = (-rho).exp();
+                (1.0 - e, e)
+            }
+            Divergence::Js => (std::f64::consts::LN_2 + log_sigmoid(rho), sigmoid(-rho)),
+            // TRL falls back to ρ within 1e-6 of the limit α = 1.
+            Divergence::Alpha(a) if (a - 1.0).abs() < 1e-6 => (rho, 1.0),
+            Divergence::Alpha(a) => {
+                // TRL clamps the exponent at 80 (its f32 limit); the clamp's
+                // gradient is 0 beyond it, as torch.clamp's is.
+                let t = (a - 1.0) * rho;
+                let (e, de) = if t > ALPHA_CLAMP {
+                    (ALPHA_CLAMP.exp(), 0.0)
+                } else {
+                    (t.exp(), t.exp())
+                };
+                ((e - 1.0) / (a - 1.0), de)
+            }
+        }
+    }
+}
+
+/// TRL's clamp of the α-divergence's exponent in f32.
+const ALPHA_CLAMP: f64 = 80.0;
+
 /// The scalar parameters the terms share.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossParams {
@@ -139,6 +221,8 @@ pub struct LossParams {
     pub simpo_gamma: f64,
     /// DiscoPOP's temperature τ.
     pub discopop_tau: f64,
+    /// What the reward difference regularises (reverse KL: standard DPO).
+    pub divergence: Divergence,
 }
 
 impl Default for LossParams {
@@ -148,6 +232,7 @@ impl Default for LossParams {
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
             discopop_tau: 0.05,
+            divergence: Divergence::ReverseKl,
         }
     }
 }
@@ -358,11 +443,16 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
         |i: usize| tokens(b.chosen_tokens[i]),
         |i: usize| tokens(b.rejected_tokens[i]),
     );
-    // A loss of z = β·Δ: (ℓ, ∂ℓ/∂z) → per-pair derivatives.
+    // The f-divergence's scores of ρ⁺ and ρ⁻ and their derivatives: what
+    // the reward-difference terms read (ρ itself under reverse KL).
+    let score =
+        |rho: &[f64]| -> Vec<(f64, f64)> { rho.iter().map(|&r| p.divergence.score(r)).collect() };
+    let (sc, sr) = (score(&chosen), score(&rejected));
+    // A loss of z = β·Δ, Δ the score difference: (ℓ, ∂ℓ/∂z) → per-pair derivatives.
     let of_margin = |f: &dyn Fn(f64) -> (f64, f64)| {
         mean_over_pairs(n, |i| {
-            let (l, dz) = f(beta * (chosen[i] - rejected[i]));
-            (l, beta * dz, -beta * dz)
+            let (l, dz) = f(beta * (sc[i].0 - sr[i].0));
+            (l, beta * dz * sc[i].1, -beta * dz * sr[i].1)
         })
     };
     match term {
@@ -436,13 +526,13 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
             (a * a + r * r, 2.0 * a, 2.0 * r)
         }),
         LossTerm::Ipo => mean_over_pairs(n, |i| {
-            let d = chosen[i] / nc(i) - rejected[i] / nr(i) - 1.0 / (2.0 * beta);
-            (d * d, 2.0 * d / nc(i), -2.0 * d / nr(i))
+            let d = sc[i].0 / nc(i) - sr[i].0 / nr(i) - 1.0 / (2.0 * beta);
+            (d * d, 2.0 * d * sc[i].1 / nc(i), -2.0 * d * sr[i].1 / nr(i))
         }),
         LossTerm::SigmoidNorm => mean_over_pairs(n, |i| {
-            let z = beta * (chosen[i] / nc(i) - rejected[i] / nr(i));
+            let z = beta * (sc[i].0 / nc(i) - sr[i].0 / nr(i));
             let (l, dz) = smoothed_sigmoid(z, 0.0);
-            (l, beta * dz / nc(i), -beta * dz / nr(i))
+            (l, beta * dz * sc[i].1 / nc(i), -beta * dz * sr[i].1 / nr(i))
         }),
         LossTerm::Simpo => mean_over_pairs(n, |i| {
             let mean_c = b.policy_chosen[i] / nc(i);

@@ -239,3 +239,43 @@ fn asking_for_a_gpu_without_cuda_is_a_recipe_error_at_the_device_line() {
         bad.stderr
     );
 }
+
+/// TRL's DPO options enter the key only when they change the loss.
+#[test]
+fn dpo_options_enter_the_key_only_when_they_change_the_loss() {
+    let ws = setup();
+    let original = keys(&ws, RECIPE);
+    let with = |table: &str| {
+        keys(
+            &ws,
+            &RECIPE.replace(
+                "data = { train = \"data/dpo.jsonl\" }\n",
+                &format!("data = {{ train = \"data/dpo.jsonl\" }}\ndpo = {table}\n"),
+            ),
+        )["dpo"]
+            .clone()
+    };
+    // Spelled-out defaults, LD-DPO's α = 1 (no weighting) and the
+    // α-divergence's α = 1 (its reverse-KL limit) are the same loss.
+    assert_eq!(
+        with(r#"{ f_divergence_type = "reverse_kl" }"#),
+        original["dpo"]
+    );
+    assert_eq!(with("{ ld_alpha = 1.0 }"), original["dpo"]);
+    assert_eq!(
+        with(r#"{ f_divergence_type = "alpha_divergence", f_alpha_divergence_coef = 1.0 }"#),
+        original["dpo"]
+    );
+    let js = with(r#"{ f_divergence_type = "js_divergence" }"#);
+    let alpha = with(r#"{ f_divergence_type = "alpha_divergence" }"#);
+    let alpha_3 =
+        with(r#"{ f_divergence_type = "alpha_divergence", f_alpha_divergence_coef = 0.3 }"#);
+    let ld = with("{ ld_alpha = 0.5 }");
+    let ld_0 = with("{ ld_alpha = 0.0 }");
+    let all = [&original["dpo"], &js, &alpha, &alpha_3, &ld, &ld_0];
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+}

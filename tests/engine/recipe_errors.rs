@@ -520,6 +520,36 @@ fn preference_loss_settings_are_checked_where_written() {
             "",
         ),
         (
+            r#"dpo = { ld_alpha = 1.5 }"#,
+            "12:20",
+            "`dpo.ld_alpha` must be in [0, 1], got 1.5",
+            "",
+        ),
+        (
+            r#"dpo = { loss = ["sigmoid", "sft"], ld_alpha = 0.5 }"#,
+            "12:28",
+            "`dpo.ld_alpha` does not apply to loss `sft`",
+            "LD-DPO weighs the reward terms' log-probs; use it without sft, simpo and orpo",
+        ),
+        (
+            r#"dpo = { f_divergence_type = "js" }"#,
+            "12:29",
+            "unknown `dpo.f_divergence_type` `js`",
+            "expected one of: reverse_kl, forward_kl, js_divergence, alpha_divergence",
+        ),
+        (
+            r#"dpo = { loss = "bco_pair", f_divergence_type = "forward_kl" }"#,
+            "12:16",
+            "`dpo.f_divergence_type = \"forward_kl\"` does not apply to loss `bco_pair`",
+            "only sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and sft) read the reward difference an f-divergence reshapes",
+        ),
+        (
+            r#"dpo = { f_divergence_type = "forward_kl", f_alpha_divergence_coef = 0.3 }"#,
+            "12:69",
+            "`dpo.f_alpha_divergence_coef` has no effect without `f_divergence_type = \"alpha_divergence\"`",
+            "",
+        ),
+        (
             r#"dpo = { loss = 3 }"#,
             "12:16",
             "invalid type: integer `3`, expected a loss name or a list of loss names",

@@ -60,7 +60,7 @@ fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
     let beta = 0.1;
 
     // The reference is the policy itself, frozen.
-    let reference = score_pairs(&model, &pairs, pad, &Device::Cpu).unwrap();
+    let reference = score_pairs(&model, &pairs, pad, &Device::Cpu, None).unwrap();
     let objective = DpoObjective {
         train: pairs.clone(),
         train_reference: Some(reference),
@@ -72,6 +72,7 @@ fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
                 ..LossParams::default()
             },
         ),
+        ld_alpha: None,
         pad_id: pad,
         device: Device::Cpu,
     };

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use lora_runner::train::preference_loss::{
-    attach, LossParams, LossTerm, PairBatch, PreferenceLoss,
+    attach, Divergence, LossParams, LossTerm, PairBatch, PreferenceLoss,
 };
 
 /// Pair 0 sits at policy == reference (Δ = 0), pair 1 has Δ > 0, pair 2 Δ < 0.
@@ -29,6 +29,7 @@ const PARAMS: LossParams = LossParams {
     label_smoothing: 0.1,
     simpo_gamma: 0.3,
     discopop_tau: 0.05,
+    divergence: Divergence::ReverseKl,
 };
 
 fn ln_sigmoid(x: f64) -> f64 {
@@ -459,6 +460,7 @@ fn every_term_matches_trl_1_16_itself() {
             label_smoothing: want["label_smoothing"].as_f64().unwrap(),
             simpo_gamma: fixture["params"]["simpo_gamma"].as_f64().unwrap(),
             discopop_tau: fixture["params"]["discopop_tau"].as_f64().unwrap(),
+            divergence: Divergence::ReverseKl,
         };
         let got = PreferenceLoss::single(term, params).evaluate(&batch).total;
         let value = want["value"].as_f64().unwrap();
@@ -481,5 +483,194 @@ fn every_term_matches_trl_1_16_itself() {
             &floats(&want["d_rejected"]),
             tol,
         );
+    }
+}
+
+fn trl_fixture() -> serde_json::Value {
+    serde_json::from_str(include_str!("../fixtures/trl-1.16-losses.json")).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn fixture_params(fixture: &serde_json::Value, case: &serde_json::Value) -> LossParams {
+    LossParams {
+        beta: fixture["params"]["beta"].as_f64().unwrap(),
+        label_smoothing: case["label_smoothing"].as_f64().unwrap(),
+        simpo_gamma: fixture["params"]["simpo_gamma"].as_f64().unwrap(),
+        discopop_tau: fixture["params"]["discopop_tau"].as_f64().unwrap(),
+        divergence: Divergence::ReverseKl,
+    }
+}
+
+/// f-DPO: every loss that takes a divergence, under forward KL, JS and α
+/// (0.5; 1, its reverse-KL limit; −200, past TRL's clamp), against TRL's
+/// own `_compute_loss`.
+#[test]
+fn f_divergences_match_trl_1_16_itself() {
+    let fixture = trl_fixture();
+    let batch = batch(&POLICY);
+    let cases = fixture["divergences"].as_array().unwrap();
+    assert_eq!(cases.len(), 34);
+    for case in cases {
+        let term = LossTerm::from_name(case["loss"].as_str().unwrap()).unwrap();
+        assert!(term.takes_divergence(), "{term:?}");
+        let divergence = Divergence::from_name(
+            case["f_divergence_type"].as_str().unwrap(),
+            case["f_alpha_divergence_coef"].as_f64().unwrap(),
+        )
+        .unwrap();
+        let params = LossParams {
+            divergence,
+            ..fixture_params(&fixture, case)
+        };
+        let got = PreferenceLoss::single(term, params).evaluate(&batch).total;
+        // TRL's α-divergence runs in float32 (it has no float64 clamp).
+        let tol = if case["float32"].as_bool().unwrap() {
+            3e-6
+        } else {
+            1e-12
+        };
+        let what = format!("{term:?} {divergence:?}");
+        let value = case["value"].as_f64().unwrap();
+        assert!(
+            (got.value - value).abs() <= tol * (1.0 + value.abs()),
+            "{what}: {} vs TRL {value}",
+            got.value
+        );
+        assert_close(&what, &got.d_chosen, &floats(&case["d_chosen"]), tol);
+        assert_close(&what, &got.d_rejected, &floats(&case["d_rejected"]), tol);
+    }
+}
+
+/// Each divergence's score derivative against central differences of its
+/// score, at 0, both signs, and either side of the α clamp.
+#[test]
+fn divergence_scores_have_their_derivatives() {
+    for d in [
+        Divergence::ReverseKl,
+        Divergence::ForwardKl,
+        Divergence::Js,
+        Divergence::Alpha(0.5),
+        Divergence::Alpha(1.0 + 1e-7),
+        Divergence::Alpha(3.0),
+    ] {
+        for rho in [-4.0, -0.5, 0.0, 0.5, 4.0] {
+            let h = 1e-6;
+            let numeric = (d.score(rho + h).0 - d.score(rho - h).0) / (2.0 * h);
+            let (_, analytic) = d.score(rho);
+            assert!(
+                (numeric - analytic).abs() < 1e-6 * (1.0 + analytic.abs()),
+                "{d:?} at {rho}: {analytic} vs {numeric}"
+            );
+        }
+    }
+    // At ρ = 0 (policy = reference) the scores are 0; the slope is 1, JS's ½.
+    for d in [Divergence::ForwardKl, Divergence::Alpha(0.5)] {
+        assert_eq!(d.score(0.0), (0.0, 1.0), "{d:?}");
+    }
+    assert!(Divergence::Js.score(0.0).0.abs() < 1e-15);
+    assert_eq!(Divergence::Js.score(0.0).1, 0.5);
+    // α = −1: the exponent −2ρ passes TRL's clamp (80) at ρ = −40: the
+    // score stops there and its derivative is 0, as torch.clamp's.
+    let a = Divergence::Alpha(-1.0);
+    let (below, d_below) = a.score(-39.9);
+    let (past, d_past) = a.score(-40.1);
+    assert!(d_below > 0.0 && d_past == 0.0);
+    assert!(past < below && past == a.score(-60.0).0);
+}
+
+/// LD-DPO: per-token log-probs that differ within a row, the tokens past
+/// the shorter side weighed α in the policy's and the reference's sums,
+/// value and every completion token's gradient against TRL.
+#[test]
+fn ld_dpo_matches_trl_1_16_itself() {
+    use lora_runner::model::decoder::weighted_sum_by_sequence;
+    use lora_runner::train::dpo::ld_weights;
+    let fixture = trl_fixture();
+    let cases = fixture["ld_alpha"].as_array().unwrap();
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+            v.as_array().unwrap().iter().map(floats).collect()
+        };
+        let (mask, policy, reference, grad) = (
+            rows(&case["mask"]),
+            rows(&case["policy"]),
+            rows(&case["reference"]),
+            rows(&case["grad"]),
+        );
+        // Targets as the model gives them: each row's completion tokens in
+        // order (the mask's position k + 1 predicts log-prob k).
+        let mut targets = Vec::new();
+        for (row, m) in mask.iter().enumerate() {
+            for k in 0..m.len() - 1 {
+                if m[k + 1] == 1.0 {
+                    targets.push((row, k, 0u32));
+                }
+            }
+        }
+        let mut counts = vec![0f32; mask.len()];
+        for &(row, _, _) in &targets {
+            counts[row] += 1.0;
+        }
+        let alpha = case["ld_alpha"].as_f64().unwrap();
+        let weights = ld_weights(&targets, &counts, alpha as f32);
+        let gather =
+            |v: &[Vec<f64>]| -> Vec<f64> { targets.iter().map(|&(r, k, _)| v[r][k]).collect() };
+        let var = Var::from_tensor(&Tensor::new(gather(&policy), &Device::Cpu).unwrap()).unwrap();
+        let sums =
+            weighted_sum_by_sequence(var.as_tensor(), &targets, &weights, mask.len()).unwrap();
+        let reference_sums: Vec<f64> = weighted_sum_by_sequence(
+            &Tensor::new(gather(&reference), &Device::Cpu).unwrap(),
+            &targets,
+            &weights,
+            mask.len(),
+        )
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        let s: Vec<f64> = sums.to_vec1().unwrap();
+        let b = mask.len() / 2;
+        let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+        let pairs = PairBatch {
+            policy_chosen: s[..b].to_vec(),
+            policy_rejected: s[b..].to_vec(),
+            reference_chosen: reference_sums[..b].to_vec(),
+            reference_rejected: reference_sums[b..].to_vec(),
+            chosen_tokens: widen(&counts[..b]),
+            rejected_tokens: widen(&counts[b..]),
+        };
+        let term = LossTerm::from_name(case["loss"].as_str().unwrap()).unwrap();
+        let loss = PreferenceLoss::single(term, fixture_params(&fixture, case));
+        let evaluated = loss.evaluate(&pairs);
+        let what = format!("{term:?} ld_alpha {alpha}");
+        let value = case["value"].as_f64().unwrap();
+        assert!(
+            (evaluated.total.value - value).abs() < 1e-12 * (1.0 + value.abs()),
+            "{what}: {} vs TRL {value}",
+            evaluated.total.value
+        );
+        let t = attach(&sums, &evaluated.total).unwrap();
+        let got: Vec<f64> = t
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // TRL's gradient at the completion tokens (its shared mask also
+        // reaches padding after a row, where log-probs are 0).
+        assert_close(&what, &got, &gather(&grad), 1e-12);
+        if alpha == 1.0 {
+            assert!(weights.iter().all(|&w| w == 1.0));
+        } else {
+            assert!(weights.contains(&(alpha as f32)), "{what}: a tail");
+        }
     }
 }

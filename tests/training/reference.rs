@@ -57,9 +57,9 @@ fn scheme_one_and_scheme_two_reference_logprobs_agree() {
 
     let mut scheme_one = load(&base_dir);
     load_adapter(&mut scheme_one, &adapter_dir).unwrap();
-    let one = score_pairs(&scheme_one, &pairs, pad, &Device::Cpu).unwrap();
-    let two = score_pairs(&load(&merged_dir), &pairs, pad, &Device::Cpu).unwrap();
-    let bare = score_pairs(&load(&base_dir), &pairs, pad, &Device::Cpu).unwrap();
+    let one = score_pairs(&scheme_one, &pairs, pad, &Device::Cpu, None).unwrap();
+    let two = score_pairs(&load(&merged_dir), &pairs, pad, &Device::Cpu, None).unwrap();
+    let bare = score_pairs(&load(&base_dir), &pairs, pad, &Device::Cpu, None).unwrap();
 
     let max_diff = |a: &[f32], b: &[f32]| {
         a.iter()
@@ -97,7 +97,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/data/dpo_eval.jsonl");
     let pairs = load_dpo(&data, &tokenizer, &TokenizeSettings::new(32)).unwrap();
     let pad = tokenizer.pad_id();
-    let full = score_pairs(&load(&base_dir), &pairs, pad, &Device::Cpu).unwrap();
+    let full = score_pairs(&load(&base_dir), &pairs, pad, &Device::Cpu, None).unwrap();
     let dir = tmp.path().join("reference");
     std::fs::create_dir(&dir).unwrap();
     let run = |wanted: &[usize], stop: bool| {
@@ -107,6 +107,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
             wanted,
             &dir,
             pad,
+            None,
             &Device::Cpu,
             &lora_runner::progress::Silent,
             &AtomicBool::new(stop),
@@ -158,6 +159,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
         &more,
         &dir,
         pad,
+        None,
         &Device::Cpu,
         &PressCtrlC(&flag),
         &flag,
@@ -177,6 +179,7 @@ fn reference_pairs_are_computed_once_each_and_only_when_wanted() {
         &more,
         &dir,
         pad,
+        None,
         &Device::Cpu,
         &lora_runner::progress::Silent,
         &AtomicBool::new(false),

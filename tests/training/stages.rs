@@ -885,3 +885,56 @@ fn the_reference_pass_scores_only_the_pairs_training_visits_and_a_longer_run_reu
         "{m}"
     );
 }
+
+/// TRL's LD-DPO and f-DPO options train through the CLI, and LD-DPO weighs
+/// the reference's tokens as the policy's: the stage starts at a zero
+/// margin against its own reference log-probs, kept apart from plain
+/// DPO's.
+#[test]
+fn ld_dpo_and_f_dpo_train_from_their_own_reference() {
+    let ws = Workspace::new();
+    let text = recipe(4, 3, "")
+        + r#"
+[stages.dpo_ld]
+kind = "dpo"
+model = "merged"
+lora = { r = 4, alpha = 8, targets = ["q_proj", "v_proj"] }
+data = { train = "DPO_TRAIN", eval = "DPO_EVAL" }
+train = { steps = 3, batch = 8, lr = 5e-3, seq_len = 32 }
+dpo = { ld_alpha = 0.3, f_divergence_type = "js_divergence" }
+"#;
+    let text = text
+        .replace("DPO_TRAIN", &data("dpo_train.jsonl").display().to_string())
+        .replace("DPO_EVAL", &data("dpo_eval.jsonl").display().to_string());
+    let reference_folders = || {
+        std::fs::read_dir(ws.cache().join("derived"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("reference-logps-")
+            })
+            .count()
+    };
+    // α = 1 weighs nothing: the stage shares plain DPO's reference folders.
+    ws.write(
+        "recipe.toml",
+        &text.replace("ld_alpha = 0.3", "ld_alpha = 1.0"),
+    );
+    ws.runner(&["run", "recipe.toml"]).ok();
+    let plain = reference_folders();
+    ws.write("recipe.toml", &text);
+    ws.runner(&["run", "recipe.toml"]).ok();
+    let m = manifest(&ws, "dpo_ld")["metrics"].clone();
+    let start = m["before/eval/rewards/margins"].as_f64().unwrap();
+    assert!(
+        start.abs() < 1e-6,
+        "starts at its reference: margin {start}"
+    );
+    assert!(m["eval/loss"].as_f64().unwrap().is_finite(), "{m}");
+    assert!(m["reference/pairs_computed"].as_u64().unwrap() > 0, "{m}");
+    // Its own train and eval reference folders beside plain DPO's.
+    assert_eq!(reference_folders(), plain + 2);
+}
