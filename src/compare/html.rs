@@ -16,7 +16,8 @@ const HEADLINE: &[(&str, &str)] = &[
     ("preference/accuracy", "preference accuracy"),
 ];
 
-fn escape(text: &str) -> String {
+/// Text as HTML/SVG character data or an attribute value.
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -185,6 +186,7 @@ pub fn html_report(
     verdicts: &[Verdict],
     bootstrap: Bootstrap,
     charts: &[(String, String)],
+    forest: Option<&str>,
 ) -> String {
     let mut out = String::new();
     let _ = write!(
@@ -228,6 +230,12 @@ pub fn html_report(
             out,
             "<p class=\"change\"><b>What training changed:</b> {}</p>",
             escape(&costs.join("; "))
+        );
+    }
+    if let Some(svg) = forest {
+        let _ = write!(
+            out,
+            "<figure class=\"chart\"><figcaption>Every paired difference: a point and its 95% interval, right of the dashed zero line when the first stage named is better</figcaption>{svg}</figure>"
         );
     }
     out.push_str("<ul>");

@@ -6,11 +6,13 @@ use crate::compare::summary::StageSummary;
 use crate::compare::table::{ComparisonTable, METRIC_COLUMN};
 
 /// `charts` are (title, path relative to the markdown file) pairs, embedded
-/// in order; `verdict` (plain text lines) goes first.
+/// in order; `verdict` (plain text lines) goes first, with its forest plot
+/// (`verdict_chart`, a path relative to the file) under it.
 pub fn markdown_report(
     stages: &[StageSummary],
     charts: &[(String, String)],
     verdict: &str,
+    verdict_chart: Option<&str>,
 ) -> String {
     let table = ComparisonTable::build(stages);
     let mut out = String::new();
@@ -20,6 +22,9 @@ pub fn markdown_report(
             let _ = writeln!(out, "- {}", line.trim());
         }
         out.push('\n');
+        if let Some(path) = verdict_chart {
+            let _ = writeln!(out, "![Paired differences with 95% intervals]({path})\n");
+        }
     }
     out.push_str("## Comparison\n\n");
     if stages.is_empty() {

@@ -9,6 +9,7 @@ mod chart;
 mod collect;
 mod error;
 pub mod evaluation;
+pub mod forest;
 pub mod format;
 mod html;
 mod json;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::cache::Cache;
 use crate::compare::evaluation::{self, Bootstrap, METRICS};
 use crate::compare::{
-    bootstrap, chart, collect, html, markdown, select, text, CompareError, StageSummary,
+    bootstrap, chart, collect, forest, html, markdown, select, text, CompareError, StageSummary,
 };
 use crate::graph::Dag;
 use crate::plan::Plan;
@@ -49,11 +49,21 @@ pub fn write(
     let charts = write_charts(summaries, &dir)?;
     let verdicts = evaluation::verdicts_of(summaries, bootstrap);
     let verdict = evaluation::verdict_text(summaries, &verdicts, bootstrap);
+    // The verdict as a picture, beside the files and inline in the HTML.
+    let forest = forest::forest_svg(&verdicts);
+    if let Some(svg) = &forest {
+        write_file(&dir.join(FOREST_FILE), svg)?;
+    }
     let markdown = format!(
         "# {} — comparison\n\nRecipe: `{}`\n\n{}",
         name,
         recipe.path.display(),
-        markdown::markdown_report(summaries, &charts, &verdict)
+        markdown::markdown_report(
+            summaries,
+            &charts,
+            &verdict,
+            forest.as_ref().map(|_| FOREST_FILE)
+        )
     );
     let path = dir.join("report.md");
     write_file(&path, &markdown)?;
@@ -69,6 +79,7 @@ pub fn write(
         &verdicts,
         bootstrap,
         &svgs,
+        forest.as_deref(),
     );
     write_file(&dir.join("report.html"), &html)?;
     Ok(Written {
@@ -76,6 +87,9 @@ pub fn write(
         verdict,
     })
 }
+
+/// The forest plot of the verdicts, beside report.md.
+const FOREST_FILE: &str = "verdict.svg";
 
 /// The loss chart, and the DPO chart when a DPO stage is compared: (title, file name) each.
 fn write_charts(

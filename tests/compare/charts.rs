@@ -171,6 +171,7 @@ fn realistic_demo_charts() {
             ("DPO rewards".into(), "dpo.svg".into()),
         ],
         "",
+        None,
     );
     std::fs::write(dir.join("report.md"), md).unwrap();
 }

@@ -45,7 +45,7 @@ fn row<'a>(rows: &'a [Vec<String>], label: &str) -> &'a [String] {
 #[test]
 fn markdown_has_one_column_per_stage_with_formatted_numbers() {
     let stages = realistic_stages();
-    let md = markdown_report(&stages, &[], "");
+    let md = markdown_report(&stages, &[], "", None);
     let rows = markdown_rows(&md);
     assert_eq!(rows[0], ["metric", "sft", "dpo-one", "dpo-two"]);
     assert!(rows.iter().all(|r| r.len() == stages.len() + 1), "{rows:?}");
@@ -91,7 +91,7 @@ fn markdown_embeds_charts_after_the_table() {
         ("Training loss".to_string(), "charts/loss.svg".to_string()),
         ("DPO rewards".to_string(), "charts/dpo.svg".to_string()),
     ];
-    let md = markdown_report(&realistic_stages(), &charts, "");
+    let md = markdown_report(&realistic_stages(), &charts, "", None);
     let table_end = md.rfind("| reference |").unwrap();
     let loss = md.find("![Training loss](charts/loss.svg)").unwrap();
     let dpo = md.find("![DPO rewards](charts/dpo.svg)").unwrap();
@@ -102,7 +102,7 @@ fn markdown_embeds_charts_after_the_table() {
 fn markdown_escapes_pipes_and_newlines_in_cells() {
     let mut stage = empty_stage("odd|name", Objective::Sft);
     stage.lora = "r=8 | alpha=16\ntargets=q,v".into();
-    let md = markdown_report(&[stage], &[], "");
+    let md = markdown_report(&[stage], &[], "", None);
     let rows = markdown_rows(&md);
     assert!(rows.iter().all(|r| r.len() == 2), "{rows:?}");
     assert_eq!(rows[0][1], "odd|name");
@@ -115,7 +115,7 @@ fn final_metrics_fall_back_to_the_last_logged_rows() {
     for stage in &mut stages {
         stage.final_metrics.clear();
     }
-    let rows = markdown_rows(&markdown_report(&stages, &[], ""));
+    let rows = markdown_rows(&markdown_report(&stages, &[], "", None));
     // The fixture's last SFT eval row is at step 300: 1.35 + 5.8 e^-5.
     let expected = format!("{:.4}", 1.35 + 5.8 * (-5.0f64).exp());
     assert_eq!(row(&rows, "eval loss")[1], expected);
@@ -126,7 +126,7 @@ fn final_metrics_fall_back_to_the_last_logged_rows() {
 
 #[test]
 fn empty_stage_list_is_handled() {
-    assert!(markdown_report(&[], &[], "").contains("No stages"));
+    assert!(markdown_report(&[], &[], "", None).contains("No stages"));
     assert!(text_table(&[]).contains("No stages"));
     assert_eq!(json(&[], BOOT)["stages"].as_array().map(Vec::len), Some(0));
 }

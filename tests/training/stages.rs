@@ -719,11 +719,18 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
     let charts: Vec<&str> = html.split("<figure class=\"chart\">").skip(1).collect();
     assert_eq!(
         charts.len(),
-        3,
-        "loss, DPO rewards, task metric before and after"
+        4,
+        "the verdict's forest plot, loss, DPO rewards, task metric before and after"
     );
     let svg =
         |chart: &str| chart[chart.find("<svg").unwrap()..chart.find("</svg>").unwrap()].to_string();
+    // The forest plot, in the verdict section: a point per verdict line
+    // (two stages: every pair is drawn).
+    assert!(html.find(charts[0]).unwrap() < table);
+    let lines = html[verdict..table].matches("<li>").count();
+    assert!(lines > 0);
+    assert_eq!(svg(charts[0]).matches("<circle").count(), lines);
+    let charts = &charts[1..];
     // Curves are polylines (plotters); the before/after chart is bars: two per stage.
     for chart in &charts[..2] {
         assert!(
@@ -750,6 +757,13 @@ fn compare_pairs_evaluations_by_example_and_writes_a_self_contained_html_report(
         md.starts_with("# tiny") && md.contains("## Verdict"),
         "{md}"
     );
+    // ... and its forest plot, the same SVG as the HTML's, beside it.
+    assert!(md.contains("](verdict.svg)"), "{md}");
+    let report_dir = std::path::Path::new(json["report"].as_str().unwrap())
+        .parent()
+        .unwrap();
+    let forest = std::fs::read_to_string(report_dir.join("verdict.svg")).unwrap();
+    assert!(html.contains(&forest));
 
     // Globs select, --sort ranks (best first, columns in that order).
     let names = |args: &[&str]| -> Vec<String> {
