@@ -61,14 +61,16 @@ class StandIn(torch.nn.Module):
 
     is_gradient_checkpointing = False
 
-    def __init__(self, log_probs):
+    def __init__(self, log_probs, log_sum_sq_probs=None):
         super().__init__()
         self.log_probs = log_probs
+        self.log_sum_sq_probs = log_sum_sq_probs
 
     def forward(self, **kwargs):
         lp = self.log_probs
         return SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp), mean_logits=torch.zeros_like(lp),
-                               is_top1=torch.zeros_like(lp, dtype=torch.bool), aux_loss=None)
+                               is_top1=torch.zeros_like(lp, dtype=torch.bool), aux_loss=None,
+                               log_sum_sq_probs=self.log_sum_sq_probs)
 
 
 def per_sum_gradient(log_probs):
@@ -78,10 +80,16 @@ def per_sum_gradient(log_probs):
     return [g[i, 0].item() for i in range(b)], [g[b + i, 0].item() for i in range(b)]
 
 
-def dpo_loss(loss_type, divergence="reverse_kl", alpha_coef=0.5, ld_alpha=None):
-    mask, log_probs = batch(tilt=0.0 if ld_alpha is None else 0.7)
+def sum_sq_probs(log_probs):
+    """A log Σ p² for every position (any values below 0 do for TRL's formula)."""
+    rows, width = log_probs.shape
+    return torch.tensor([[-0.4 - 0.3 * ((3 * r + 5 * k) % 7) for k in range(width)] for r in range(rows)])
+
+
+def dpo_loss(loss_type, divergence="reverse_kl", alpha_coef=0.5, ld_alpha=None, weighting=False):
+    mask, log_probs = batch(tilt=0.0 if ld_alpha is None and not weighting else 0.7)
     trainer = DPOTrainer.__new__(DPOTrainer)
-    trainer.model = StandIn(log_probs)
+    trainer.model = StandIn(log_probs, sum_sq_probs(log_probs) if weighting else None)
     trainer.accelerator = Accelerator(cpu=True)
     trainer.aux_loss_enabled = False
     trainer.ld_alpha = ld_alpha
@@ -95,7 +103,7 @@ def dpo_loss(loss_type, divergence="reverse_kl", alpha_coef=0.5, ld_alpha=None):
     trainer.loss_weights = [1.0]
     trainer.beta = BETA
     trainer.label_smoothing = 0.0 if loss_type == "sigmoid" else EPS
-    trainer.use_weighting = False
+    trainer.use_weighting = weighting
     trainer.args = SimpleNamespace(discopop_tau=TAU, gradient_checkpointing_kwargs=None)
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     trainer._total_train_tokens = 0
@@ -108,12 +116,28 @@ def dpo_loss(loss_type, divergence="reverse_kl", alpha_coef=0.5, ld_alpha=None):
         "ref_rejected_logps": torch.tensor(REFERENCE_REJECTED),
     }
     loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-    loss.backward()
-    if ld_alpha is not None:
+    try:
+        loss.backward()
+    except RuntimeError:
+        if not weighting:
+            raise
+        # TRL 1.16's WPO multiplies relu's output in place; autograd refuses
+        # it in backward. The value stands.
+        return {"value": loss.item(), "label_smoothing": trainer.label_smoothing, "mask": mask.tolist(),
+                "policy": log_probs.detach().tolist(), "grad": None,
+                "reference_chosen": REFERENCE_CHOSEN, "reference_rejected": REFERENCE_REJECTED,
+                "log_sum_sq_probs": trainer.model.log_sum_sq_probs.tolist()}
+    if ld_alpha is not None or weighting:
         # Tokens of a row weigh differently: every token's derivative.
-        return {"value": loss.item(), "label_smoothing": trainer.label_smoothing,
-                "mask": mask.tolist(), "policy": log_probs.detach().tolist(),
-                "reference": trainer.ref_model.log_probs.tolist(), "grad": log_probs.grad.tolist()}
+        case = {"value": loss.item(), "label_smoothing": trainer.label_smoothing,
+                "mask": mask.tolist(), "policy": log_probs.detach().tolist(), "grad": log_probs.grad.tolist()}
+        if ld_alpha is not None:
+            case["reference"] = trainer.ref_model.log_probs.tolist()
+        else:
+            case["reference_chosen"], case["reference_rejected"] = REFERENCE_CHOSEN, REFERENCE_REJECTED
+        if weighting:
+            case["log_sum_sq_probs"] = trainer.model.log_sum_sq_probs.tolist()
+        return case
     d_chosen, d_rejected = per_sum_gradient(log_probs)
     return {"value": loss.item(), "d_chosen": d_chosen, "d_rejected": d_rejected,
             "label_smoothing": trainer.label_smoothing}
@@ -189,5 +213,16 @@ for ld_alpha in [0.0, 0.5, 1.0]:
         case = dpo_loss(name, ld_alpha=ld_alpha)
         case.update({"loss": name, "ld_alpha": ld_alpha})
         out["ld_alpha"].append(case)
+
+# WPO: per-pair weights from the policy's per-token log-probs against log Σ p²,
+# held constant; with LD-DPO too (WPO reads the unweighted log-probs). TRL 1.16
+# multiplies the per-pair losses in place (`per_sequence_loss *= ...`): for
+# hinge autograd then refuses the backward (the value is kept, "grad" is null),
+# and for sft (an expanded scalar) even the forward fails, so sft is left out.
+out["use_weighting"] = []
+for name, ld_alpha in [("sigmoid", None), ("ipo", None), ("robust", None), ("hinge", None), ("sigmoid", 0.5)]:
+    case = dpo_loss(name, ld_alpha=ld_alpha, weighting=True)
+    case.update({"loss": name, "ld_alpha": ld_alpha})
+    out["use_weighting"].append(case)
 json.dump(out, sys.stdout, indent=1)
 print()

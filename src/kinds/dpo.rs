@@ -214,7 +214,10 @@ fn run_dpo(p: &DpoParams, ctx: &mut RunContext) -> anyhow::Result<()> {
         train_reference,
         eval,
         loss,
-        ld_alpha,
+        weighting: crate::train::dpo::PairWeighting {
+            ld_alpha,
+            wpo: p.dpo.use_weighting.value,
+        },
         pad_id,
         device: device.clone(),
     };

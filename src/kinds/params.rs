@@ -364,6 +364,12 @@ pub struct DpoSpec {
     /// α of "alpha_divergence" (TRL's `f_alpha_divergence_coef`).
     #[serde(default = "default_alpha_coef")]
     pub f_alpha_divergence_coef: Sp<f64>,
+    /// WPO (TRL's `use_weighting`): each pair's loss weighed by the
+    /// policy's own length-normalised probability of its chosen and
+    /// rejected completions against each token distribution's Σ p²,
+    /// held constant. Not with aot, aot_unpaired, sft, simpo or orpo.
+    #[serde(default)]
+    pub use_weighting: Sp<bool>,
     /// Turn LoRA dropout off while training DPO (as TRL does by default).
     #[serde(default = "yes")]
     pub disable_dropout: Sp<bool>,
@@ -381,6 +387,7 @@ impl Default for DpoSpec {
             ld_alpha: None,
             f_divergence_type: default_divergence(),
             f_alpha_divergence_coef: default_alpha_coef(),
+            use_weighting: Sp::default(),
             disable_dropout: yes(),
         }
     }
@@ -613,6 +620,18 @@ impl DpoSpec {
                 }
             }
         }
+        if self.use_weighting.value {
+            if let Some((t, span)) = terms.iter().find(|(t, _)| !t.takes_weighting()) {
+                problems.push(
+                    Problem::new(format!(
+                        "`dpo.use_weighting` (WPO) does not apply to loss `{}`",
+                        t.name()
+                    ))
+                    .at(span.clone(), "this loss")
+                    .help("the AOT losses sort pairs, which would misalign per-pair weights; TRL's sft term fails under WPO; simpo and orpo are not TRL's DPO losses"),
+                );
+            }
+        }
         let coef = &self.f_alpha_divergence_coef;
         if !coef.value.is_finite() {
             problems.push(
@@ -698,6 +717,9 @@ impl Serialize for DpoSpec {
         }
         if let Some(a) = self.ld_alpha() {
             key.insert("ld_alpha".into(), a.into());
+        }
+        if self.use_weighting.value {
+            key.insert("use_weighting".into(), true.into());
         }
         match loss.params.divergence {
             Divergence::ReverseKl => {}

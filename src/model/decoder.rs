@@ -24,7 +24,7 @@ use crate::model::layers::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
 use crate::model::layers::norm::Norm;
 use crate::model::rope::RopeTable;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -461,6 +461,32 @@ impl Decoder {
         }
         let logits = self.logits_at(hidden, &positions)?;
         Ok(crate::model::kernels::ops::token_logprobs(&logits, &tok)?)
+    }
+
+    /// log Σᵥ pᵥ² (f32, [N]) of each target position's next-token
+    /// distribution, with no graph: what WPO's weights compare a token's
+    /// log-prob with (TRL's `log_sum_sq_probs`). The head runs again, on
+    /// `HEAD_CHUNK_ROWS` rows at a time, so no [N, vocab] tensor is kept.
+    pub fn token_log_sum_sq_probs(
+        &self,
+        hidden: &Tensor,
+        targets: &[(usize, usize, u32)],
+    ) -> Result<Vec<f32>> {
+        let positions: Vec<(usize, usize)> = targets.iter().map(|&(b, t, _)| (b, t)).collect();
+        let rows = self.gather_rows(&hidden.detach(), &positions)?;
+        let cap = self.config.final_logit_softcapping;
+        let mut out = Vec::with_capacity(positions.len());
+        for start in (0..positions.len()).step_by(HEAD_CHUNK_ROWS) {
+            let len = HEAD_CHUNK_ROWS.min(positions.len() - start);
+            let logits = head(&rows.narrow(0, start, len)?, self.lm_head_weight(), cap)?
+                .detach()
+                .to_dtype(DType::F32)?;
+            // log Σ p² = logsumexp(2z) − 2·logsumexp(z).
+            let sum_sq = ((&logits * 2.0)?.log_sum_exp(D::Minus1)?
+                - (logits.log_sum_exp(D::Minus1)? * 2.0)?)?;
+            out.extend(sum_sq.to_vec1::<f32>()?);
+        }
+        Ok(out)
     }
 
     /// Activation checkpointing from now on: forward passes that keep a

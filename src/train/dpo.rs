@@ -31,23 +31,45 @@ pub fn pair_logprobs(
     device: &Device,
     mode: Mode,
 ) -> anyhow::Result<(Tensor, Vec<f32>)> {
-    pair_logprobs_ld(model, pairs, pad_id, device, mode, None)
+    let out = pair_logprobs_with(model, pairs, pad_id, device, mode, PairWeighting::default())?;
+    Ok((out.sums, out.counts))
 }
 
-/// [`pair_logprobs`], with LD-DPO's `ld_alpha` when given: each side's
-/// completion tokens past the shorter side's length weigh α in the sum
-/// (TRL's shared/tail split), so verbosity earns less reward.
-pub fn pair_logprobs_ld(
+/// How a DPO stage weighs its pairs (TRL's names): LD-DPO's `ld_alpha` on
+/// each side's tokens past the shorter side's length, and WPO's
+/// `use_weighting`, a detached weight per pair from the policy's own
+/// probabilities.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PairWeighting {
+    pub ld_alpha: Option<f64>,
+    pub wpo: bool,
+}
+
+/// One forward pass over pairs: rows B chosen, then B rejected.
+pub struct PairLogprobs {
+    /// Each row's summed completion log-probs (LD-DPO-weighted), with graph.
+    pub sums: Tensor,
+    /// Each row's completion tokens.
+    pub counts: Vec<f32>,
+    /// Each row's WPO weight (empty without WPO).
+    pub wpo: Vec<f32>,
+}
+
+/// [`pair_logprobs`] weighed as `weighting` says: with `ld_alpha`, each
+/// side's completion tokens past the shorter side's length weigh α in the
+/// sum (TRL's shared/tail split), so verbosity earns less reward; with WPO,
+/// each row's weight as well.
+pub fn pair_logprobs_with(
     model: &Decoder,
     pairs: &[&DpoExample],
     pad_id: u32,
     device: &Device,
     mode: Mode,
-    ld_alpha: Option<f64>,
-) -> anyhow::Result<(Tensor, Vec<f32>)> {
+    weighting: PairWeighting,
+) -> anyhow::Result<PairLogprobs> {
     let batch = dpo_batch(pairs, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
     let rows_n = 2 * batch.pairs;
-    let (logprobs, targets) = super::sft::masked_logprobs(
+    let (logprobs, targets, sum_sq) = super::sft::masked_logprobs(
         model,
         &batch.input_ids,
         &batch.attention_mask,
@@ -55,19 +77,49 @@ pub fn pair_logprobs_ld(
         (rows_n, batch.width),
         device,
         mode,
+        weighting.wpo,
     )?;
     let mut counts = vec![0f32; rows_n];
     for &(row, _, _) in &targets {
         counts[row] += 1.0;
     }
-    let Some(alpha) = ld_alpha else {
-        return Ok((sum_by_sequence(&logprobs, &targets, rows_n)?, counts));
+    let wpo = match sum_sq {
+        Some(sum_sq) => {
+            let values: Vec<f32> = logprobs.detach().to_dtype(DType::F32)?.to_vec1()?;
+            wpo_weights(&values, &sum_sq, &targets, rows_n)
+        }
+        None => Vec::new(),
     };
-    let weights = ld_weights(&targets, &counts, alpha as f32);
-    Ok((
-        weighted_sum_by_sequence(&logprobs, &targets, &weights, rows_n)?,
-        counts,
-    ))
+    let sums = match weighting.ld_alpha {
+        None => sum_by_sequence(&logprobs, &targets, rows_n)?,
+        Some(alpha) => {
+            let weights = ld_weights(&targets, &counts, alpha as f32);
+            weighted_sum_by_sequence(&logprobs, &targets, &weights, rows_n)?
+        }
+    };
+    Ok(PairLogprobs { sums, counts, wpo })
+}
+
+/// WPO's weight of each row (eq. 2 of the WPO paper, as TRL computes it):
+/// exp of the mean over the row's completion tokens of log p(token) −
+/// log Σᵥ pᵥ², the token's probability against the distribution's own
+/// "aligned" mass; 1 for a row without tokens.
+pub fn wpo_weights(
+    logprobs: &[f32],
+    sum_sq: &[f32],
+    targets: &[(usize, usize, u32)],
+    rows: usize,
+) -> Vec<f32> {
+    let (mut total, mut n) = (vec![0f64; rows], vec![0f64; rows]);
+    for (i, &(row, _, _)) in targets.iter().enumerate() {
+        total[row] += f64::from(logprobs[i]) - f64::from(sum_sq[i]);
+        n[row] += 1.0;
+    }
+    total
+        .iter()
+        .zip(&n)
+        .map(|(t, n)| (t / n.max(1.0)).exp() as f32)
+        .collect()
 }
 
 /// LD-DPO's weight of each target (rows: B chosen, then B rejected, each
@@ -124,7 +176,12 @@ fn score_shard(
     device: &Device,
     ld_alpha: Option<f64>,
 ) -> anyhow::Result<PairScores> {
-    let (sums, counts) = pair_logprobs_ld(model, pairs, pad_id, device, Mode::Inference, ld_alpha)?;
+    let weighting = PairWeighting {
+        ld_alpha,
+        wpo: false,
+    };
+    let out = pair_logprobs_with(model, pairs, pad_id, device, Mode::Inference, weighting)?;
+    let (sums, counts) = (out.sums, out.counts);
     let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
     let b = pairs.len();
     Ok(PairScores {
@@ -358,19 +415,21 @@ pub struct DpoObjective {
     pub train_reference: Option<PairScores>,
     pub eval: Option<(DpoDataset, Option<PairScores>)>,
     pub loss: PreferenceLoss,
-    /// LD-DPO's α (policy and reference log-probs alike), when set.
-    pub ld_alpha: Option<f64>,
+    /// LD-DPO's α (policy and reference log-probs alike) and WPO.
+    pub weighting: PairWeighting,
     pub pad_id: u32,
     pub device: Device,
 }
 
 impl DpoObjective {
     /// Loss and metrics of the pairs `idx`, given the policy's summed
-    /// log-probs (`[2B]`, chosen then rejected) and completion token counts.
+    /// log-probs (`[2B]`, chosen then rejected), completion token counts and
+    /// WPO row weights (empty without WPO), in the same order.
     fn score(
         &self,
         policy: &Tensor,
         counts: &[f32],
+        wpo: &[f32],
         reference: Option<&PairScores>,
         idx: &[usize],
     ) -> anyhow::Result<(Tensor, Metrics)> {
@@ -389,6 +448,11 @@ impl DpoObjective {
             reference_rejected,
             chosen_tokens: widen(&counts[..b]),
             rejected_tokens: widen(&counts[b..]),
+            // A pair weighs its chosen row's weight times its rejected's.
+            weights: match wpo.is_empty() {
+                true => Vec::new(),
+                false => (0..b).map(|i| f64::from(wpo[i] * wpo[b + i])).collect(),
+            },
         };
         let evaluated = self.loss.evaluate(&batch);
         let loss = attach(policy, &evaluated.total)?;
@@ -404,6 +468,41 @@ impl DpoObjective {
             metrics.insert(format!("loss/{}", term.name()), *value);
         }
         Ok((loss, metrics))
+    }
+}
+
+impl DpoObjective {
+    /// Held-out pairs' sums, counts and WPO weights, all chosen rows then
+    /// all rejected rows, with no graph (batches of `EVAL_BATCH` pairs).
+    fn eval_with_weights(
+        &self,
+        model: &Decoder,
+        data: &DpoDataset,
+    ) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let mut halves: [(Vec<f32>, Vec<f32>, Vec<f32>); 2] = Default::default();
+        for chunk in data.examples.chunks(EVAL_BATCH) {
+            let pairs: Vec<&DpoExample> = chunk.iter().collect();
+            let out = pair_logprobs_with(
+                model,
+                &pairs,
+                self.pad_id,
+                &self.device,
+                Mode::Inference,
+                self.weighting,
+            )?;
+            let sums: Vec<f32> = out.sums.to_dtype(DType::F32)?.to_vec1()?;
+            let b = pairs.len();
+            for (half, (s, c, w)) in halves.iter_mut().enumerate() {
+                s.extend_from_slice(&sums[half * b..][..b]);
+                c.extend_from_slice(&out.counts[half * b..][..b]);
+                w.extend_from_slice(&out.wpo[half * b..][..b]);
+            }
+        }
+        let [(mut s, mut c, mut w), (s2, c2, w2)] = halves;
+        s.extend(s2);
+        c.extend(c2);
+        w.extend(w2);
+        Ok((s, c, w))
     }
 }
 
@@ -424,15 +523,19 @@ impl TrainingObjective for DpoObjective {
         mode: Mode,
     ) -> anyhow::Result<ShardOutput> {
         let pairs: Vec<&DpoExample> = examples.iter().map(|&i| &self.train.examples[i]).collect();
-        let (values, counts) = pair_logprobs_ld(
+        let out = pair_logprobs_with(
             model,
             &pairs,
             self.pad_id,
             &self.device,
             mode,
-            self.ld_alpha,
+            self.weighting,
         )?;
-        Ok(ShardOutput { values, counts })
+        Ok(ShardOutput {
+            values: out.sums,
+            counts: out.counts,
+            weights: out.wpo,
+        })
     }
 
     fn loss(
@@ -441,30 +544,50 @@ impl TrainingObjective for DpoObjective {
         examples: &[usize],
     ) -> anyhow::Result<(Tensor, Metrics)> {
         // Every shard's chosen, then every shard's rejected, as one batch.
-        let (mut values, mut counts) = (Vec::new(), Vec::new());
+        let (mut values, mut counts, mut wpo) = (Vec::new(), Vec::new(), Vec::new());
         for half in 0..2 {
             for s in shards {
                 let b = s.counts.len() / 2;
                 values.push(s.values.narrow(0, half * b, b)?);
                 counts.extend_from_slice(&s.counts[half * b..][..b]);
+                if !s.weights.is_empty() {
+                    wpo.extend_from_slice(&s.weights[half * b..][..b]);
+                }
             }
         }
         let policy = Tensor::cat(&values, 0)?;
-        self.score(&policy, &counts, self.train_reference.as_ref(), examples)
+        self.score(
+            &policy,
+            &counts,
+            &wpo,
+            self.train_reference.as_ref(),
+            examples,
+        )
     }
 
     fn evaluate(&self, model: &Decoder) -> anyhow::Result<Metrics> {
         let Some((data, reference)) = &self.eval else {
             return Ok(Metrics::new());
         };
-        let policy = score_pairs(model, data, self.pad_id, &self.device, self.ld_alpha)?;
         let idx: Vec<usize> = (0..data.examples.len()).collect();
-        let mut sums = policy.chosen.clone();
-        sums.extend_from_slice(&policy.rejected);
-        let mut counts = policy.chosen_tokens.clone();
-        counts.extend_from_slice(&policy.rejected_tokens);
+        let (sums, counts, wpo) = if self.weighting.wpo {
+            self.eval_with_weights(model, data)?
+        } else {
+            let policy = score_pairs(
+                model,
+                data,
+                self.pad_id,
+                &self.device,
+                self.weighting.ld_alpha,
+            )?;
+            let mut sums = policy.chosen.clone();
+            sums.extend_from_slice(&policy.rejected);
+            let mut counts = policy.chosen_tokens.clone();
+            counts.extend_from_slice(&policy.rejected_tokens);
+            (sums, counts, Vec::new())
+        };
         let policy = Tensor::from_vec(sums, 2 * idx.len(), &self.device)?;
-        let (loss, metrics) = self.score(&policy, &counts, reference.as_ref(), &idx)?;
+        let (loss, metrics) = self.score(&policy, &counts, &wpo, reference.as_ref(), &idx)?;
         let mut out: Metrics = metrics
             .into_iter()
             .map(|(k, v)| (format!("eval/{k}"), v))

@@ -147,6 +147,23 @@ impl LossTerm {
     }
 }
 
+impl LossTerm {
+    /// Whether WPO's per-pair weights apply: TRL refuses them for the AOT
+    /// losses, which sort pairs, and its `sft` term fails under them (an
+    /// expanded scalar multiplied in place); SimPO and ORPO are not its DPO
+    /// trainer's.
+    pub fn takes_weighting(self) -> bool {
+        !matches!(
+            self,
+            LossTerm::Aot
+                | LossTerm::AotUnpaired
+                | LossTerm::Sft
+                | LossTerm::Simpo
+                | LossTerm::Orpo
+        )
+    }
+}
+
 /// The f-divergence between policy and reference that the reward
 /// difference regularises (f-DPO; TRL's `f_divergence_type`): each side's
 /// log-ratio ρ becomes the score f′(e^ρ).
@@ -302,6 +319,8 @@ pub struct PairBatch {
     /// Completion tokens of each side.
     pub chosen_tokens: Vec<f64>,
     pub rejected_tokens: Vec<f64>,
+    /// WPO's weight of each pair, held constant (empty: every pair 1).
+    pub weights: Vec<f64>,
 }
 
 impl PairBatch {
@@ -379,8 +398,9 @@ fn tokens(n: f64) -> f64 {
     n.max(1.0)
 }
 
-/// The mean over pairs of `f(i) = (ℓᵢ, ∂ℓᵢ/∂policy_chosenᵢ, ∂ℓᵢ/∂policy_rejectedᵢ)`.
-fn mean_over_pairs(n: usize, f: impl Fn(usize) -> (f64, f64, f64)) -> LossValue {
+/// The mean over pairs of `wᵢ·f(i)`, `f(i) = (ℓᵢ, ∂ℓᵢ/∂policy_chosenᵢ,
+/// ∂ℓᵢ/∂policy_rejectedᵢ)`, `wᵢ` WPO's weight (1 when `weights` is empty).
+fn mean_over_pairs(weights: &[f64], n: usize, f: impl Fn(usize) -> (f64, f64, f64)) -> LossValue {
     let scale = 1.0 / n.max(1) as f64;
     let mut out = LossValue {
         value: 0.0,
@@ -389,9 +409,10 @@ fn mean_over_pairs(n: usize, f: impl Fn(usize) -> (f64, f64, f64)) -> LossValue 
     };
     for i in 0..n {
         let (l, dc, dr) = f(i);
-        out.value += l * scale;
-        out.d_chosen[i] = dc * scale;
-        out.d_rejected[i] = dr * scale;
+        let w = scale * weights.get(i).copied().unwrap_or(1.0);
+        out.value += l * w;
+        out.d_chosen[i] = dc * w;
+        out.d_rejected[i] = dr * w;
     }
     out
 }
@@ -450,7 +471,7 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
     let (sc, sr) = (score(&chosen), score(&rejected));
     // A loss of z = β·Δ, Δ the score difference: (ℓ, ∂ℓ/∂z) → per-pair derivatives.
     let of_margin = |f: &dyn Fn(f64) -> (f64, f64)| {
-        mean_over_pairs(n, |i| {
+        mean_over_pairs(&b.weights, n, |i| {
             let (l, dz) = f(beta * (sc[i].0 - sr[i].0));
             (l, beta * dz * sc[i].1, -beta * dz * sr[i].1)
         })
@@ -491,13 +512,13 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
                 -sigmoid(-z) * (1.0 - m) + log_sigmoid(z) * dm - e * m + e * dm,
             )
         }),
-        LossTerm::ApoDown => mean_over_pairs(n, |i| {
+        LossTerm::ApoDown => mean_over_pairs(&b.weights, n, |i| {
             let (a, z) = (beta * chosen[i], beta * (chosen[i] - rejected[i]));
             let (sa, sz) = (sigmoid(a), sigmoid(z));
             let (da, dz) = (sa * (1.0 - sa), sz * (1.0 - sz));
             (sa + 1.0 - sz, beta * (da - dz), beta * dz)
         }),
-        LossTerm::ApoZero => mean_over_pairs(n, |i| {
+        LossTerm::ApoZero => mean_over_pairs(&b.weights, n, |i| {
             let (sa, sb) = (sigmoid(beta * chosen[i]), sigmoid(beta * rejected[i]));
             (
                 1.0 - sa + sb,
@@ -505,7 +526,7 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
                 beta * sb * (1.0 - sb),
             )
         }),
-        LossTerm::NcaPair => mean_over_pairs(n, |i| {
+        LossTerm::NcaPair => mean_over_pairs(&b.weights, n, |i| {
             let (a, r) = (beta * chosen[i], beta * rejected[i]);
             (
                 -log_sigmoid(a) - 0.5 * log_sigmoid(-a) - 0.5 * log_sigmoid(-r),
@@ -513,7 +534,7 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
                 beta * 0.5 * sigmoid(r),
             )
         }),
-        LossTerm::BcoPair => mean_over_pairs(n, |i| {
+        LossTerm::BcoPair => mean_over_pairs(&b.weights, n, |i| {
             let (a, r) = (beta * chosen[i], beta * rejected[i]);
             (
                 -log_sigmoid(a) - log_sigmoid(-r),
@@ -521,20 +542,20 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
                 beta * sigmoid(r),
             )
         }),
-        LossTerm::SppoHard => mean_over_pairs(n, |i| {
+        LossTerm::SppoHard => mean_over_pairs(&b.weights, n, |i| {
             let (a, r) = (chosen[i] - 0.5 / beta, rejected[i] + 0.5 / beta);
             (a * a + r * r, 2.0 * a, 2.0 * r)
         }),
-        LossTerm::Ipo => mean_over_pairs(n, |i| {
+        LossTerm::Ipo => mean_over_pairs(&b.weights, n, |i| {
             let d = sc[i].0 / nc(i) - sr[i].0 / nr(i) - 1.0 / (2.0 * beta);
             (d * d, 2.0 * d * sc[i].1 / nc(i), -2.0 * d * sr[i].1 / nr(i))
         }),
-        LossTerm::SigmoidNorm => mean_over_pairs(n, |i| {
+        LossTerm::SigmoidNorm => mean_over_pairs(&b.weights, n, |i| {
             let z = beta * (sc[i].0 / nc(i) - sr[i].0 / nr(i));
             let (l, dz) = smoothed_sigmoid(z, 0.0);
             (l, beta * dz * sc[i].1 / nc(i), -beta * dz * sr[i].1 / nr(i))
         }),
-        LossTerm::Simpo => mean_over_pairs(n, |i| {
+        LossTerm::Simpo => mean_over_pairs(&b.weights, n, |i| {
             let mean_c = b.policy_chosen[i] / nc(i);
             let mean_r = b.policy_rejected[i] / nr(i);
             let (l, dz) = smoothed_sigmoid(beta * (mean_c - mean_r) - p.simpo_gamma, eps);
@@ -562,7 +583,7 @@ pub fn term_loss(term: LossTerm, b: &PairBatch, p: &LossParams) -> LossValue {
             // Mean log-probs are ≤ 0; at exactly 0 the odds are infinite, so
             // stay a hair below (where the derivative is still finite).
             const BELOW_ZERO: f64 = -1e-9;
-            let mut odds = mean_over_pairs(n, |i| {
+            let mut odds = mean_over_pairs(&b.weights, n, |i| {
                 let lc = (b.policy_chosen[i] / nc(i)).min(BELOW_ZERO);
                 let lr = (b.policy_rejected[i] / nr(i)).min(BELOW_ZERO);
                 let log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr));

@@ -34,6 +34,8 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 /// log-probs, without computing the padding (a sixth of the tokens on the
 /// peer benchmark's data). Other layouts, batches of more than
 /// `PACK_MAX_TOKENS` real tokens, and the composition attention run padded.
+/// With `want_sum_sq`, also each target's log Σ p² (no graph; WPO).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn masked_logprobs(
     model: &Decoder,
     input_ids: &[u32],
@@ -42,7 +44,8 @@ pub(crate) fn masked_logprobs(
     (rows, t): (usize, usize),
     device: &Device,
     mode: Mode,
-) -> anyhow::Result<(Tensor, Targets)> {
+    want_sum_sq: bool,
+) -> anyhow::Result<(Tensor, Targets, Option<Vec<f32>>)> {
     let id_rows: Vec<Vec<u32>> = input_ids.chunks(t).map(<[u32]>::to_vec).collect();
     let loss_rows: Vec<Vec<bool>> = loss_mask
         .chunks(t)
@@ -56,7 +59,7 @@ pub(crate) fn masked_logprobs(
     let fused_attention = crate::model::kernels::cpu::fused_for(device, model.dtype);
     let packable = right_padded_lengths(attention_mask, t)
         .filter(|lengths| fused_attention && lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
-    let logprobs = match packable {
+    let (logprobs, sum_sq) = match packable {
         Some(lengths) => {
             let sequences: Vec<&[u32]> = id_rows
                 .iter()
@@ -76,16 +79,24 @@ pub(crate) fn masked_logprobs(
                 .enumerate()
                 .map(|(i, &(_, _, token))| (0, i, token))
                 .collect();
-            model.token_logprobs(&hidden, &rows)?
+            let sum_sq = match want_sum_sq {
+                true => Some(model.token_log_sum_sq_probs(&hidden, &rows)?),
+                false => None,
+            };
+            (model.token_logprobs(&hidden, &rows)?, sum_sq)
         }
         None => {
             let ids = Tensor::from_vec(input_ids.to_vec(), (rows, t), device)?;
             let mask = Tensor::from_vec(attention_mask.to_vec(), (rows, t), device)?;
             let hidden = model.forward(Input::padded(&ids, Some(&mask)), Rows::All, mode)?;
-            model.token_logprobs(&hidden, &targets)?
+            let sum_sq = match want_sum_sq {
+                true => Some(model.token_log_sum_sq_probs(&hidden, &targets)?),
+                false => None,
+            };
+            (model.token_logprobs(&hidden, &targets)?, sum_sq)
         }
     };
-    Ok((logprobs, targets))
+    Ok((logprobs, targets, sum_sq))
 }
 
 /// Each row's length when every row is real tokens then padding (and not
@@ -109,7 +120,7 @@ pub fn completion_logprobs(
     mode: Mode,
 ) -> anyhow::Result<Tensor> {
     let batch = sft_batch(examples, pad_id, Padding::Longest).map_err(anyhow::Error::new)?;
-    let (logprobs, _) = masked_logprobs(
+    let (logprobs, _, _) = masked_logprobs(
         model,
         &batch.input_ids,
         &batch.attention_mask,
@@ -117,6 +128,7 @@ pub fn completion_logprobs(
         (batch.batch_size, batch.width),
         device,
         mode,
+        false,
     )?;
     Ok(logprobs)
 }
@@ -152,6 +164,7 @@ impl TrainingObjective for SftObjective {
         Ok(ShardOutput {
             values: completion_logprobs(model, &rows, self.pad_id, &self.device, mode)?,
             counts: Vec::new(),
+            weights: Vec::new(),
         })
     }
 

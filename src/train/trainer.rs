@@ -29,6 +29,9 @@ pub struct ShardOutput {
     pub values: Tensor,
     /// Per-unit counts the loss needs besides (DPO: completion tokens).
     pub counts: Vec<f32>,
+    /// Per-unit weights without a graph (DPO with WPO: each row's); empty
+    /// when unused.
+    pub weights: Vec<f32>,
 }
 
 /// The loss a stage optimises, over its examples. A micro-batch is split
@@ -483,6 +486,7 @@ pub fn micro_batch(
         .map(|(o, leaf)| ShardOutput {
             values: leaf.as_tensor().clone(),
             counts: o.counts.clone(),
+            weights: o.weights.clone(),
         })
         .collect();
     let (loss, metrics) = objective.loss(&as_leaves, examples)?;

@@ -272,7 +272,9 @@ fn dpo_options_enter_the_key_only_when_they_change_the_loss() {
         with(r#"{ f_divergence_type = "alpha_divergence", f_alpha_divergence_coef = 0.3 }"#);
     let ld = with("{ ld_alpha = 0.5 }");
     let ld_0 = with("{ ld_alpha = 0.0 }");
-    let all = [&original["dpo"], &js, &alpha, &alpha_3, &ld, &ld_0];
+    let wpo = with("{ use_weighting = true }");
+    assert_eq!(with("{ use_weighting = false }"), original["dpo"]);
+    let all = [&original["dpo"], &js, &alpha, &alpha_3, &ld, &ld_0, &wpo];
     for (i, a) in all.iter().enumerate() {
         for b in &all[i + 1..] {
             assert_ne!(a, b);

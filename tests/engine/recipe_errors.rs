@@ -550,6 +550,12 @@ fn preference_loss_settings_are_checked_where_written() {
             "",
         ),
         (
+            r#"dpo = { loss = ["sigmoid", "aot"], use_weighting = true }"#,
+            "12:28",
+            "`dpo.use_weighting` (WPO) does not apply to loss `aot`",
+            "the AOT losses sort pairs, which would misalign per-pair weights; TRL's sft term fails under WPO; simpo and orpo are not TRL's DPO losses",
+        ),
+        (
             r#"dpo = { loss = 3 }"#,
             "12:16",
             "invalid type: integer `3`, expected a loss name or a list of loss names",

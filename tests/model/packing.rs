@@ -17,6 +17,13 @@ fn targets(seqs: &[Vec<u32>]) -> Vec<(usize, usize, u32)> {
 }
 
 fn padded(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
+    model
+        .token_logprobs(&padded_hidden(model, seqs), &targets(seqs))
+        .unwrap()
+}
+
+/// Final hidden states of `seqs` right-padded into one batch.
+fn padded_hidden(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
     let t = seqs.iter().map(Vec::len).max().unwrap();
     let ids: Vec<Vec<u32>> = seqs
         .iter()
@@ -26,14 +33,13 @@ fn padded(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
         .iter()
         .map(|s| [vec![1; s.len()], vec![0; t - s.len()]].concat())
         .collect();
-    let hidden = model
+    model
         .forward(
             Input::padded(&ids_tensor(&ids), Some(&ids_tensor(&mask))),
             Rows::All,
             Mode::Eval,
         )
-        .unwrap();
-    model.token_logprobs(&hidden, &targets(seqs)).unwrap()
+        .unwrap()
 }
 
 fn packed(model: &Decoder, seqs: &[Vec<u32>]) -> Tensor {
@@ -218,4 +224,51 @@ fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
         .zip(&b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
+}
+
+/// WPO's log Σ p² of each target position, against the full logits'
+/// softmax summed in f64 here; and the same from a packed row as from the
+/// padded batch (the trainer takes either path).
+#[test]
+fn log_sum_of_squared_probabilities_is_the_softmax_s() {
+    let model = model(None);
+    let seqs = random_ids(3, 7, model.config.vocab_size, 5);
+    let seqs: Vec<Vec<u32>> = seqs
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s[..7 - 2 * i].to_vec())
+        .collect();
+    let hidden = padded_hidden(&model, &seqs);
+    let targets = targets(&seqs);
+    let got = model.token_log_sum_sq_probs(&hidden, &targets).unwrap();
+    let logits: Vec<Vec<Vec<f64>>> = model
+        .logits(&hidden)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec3()
+        .unwrap();
+    for (i, &(row, pos, _)) in targets.iter().enumerate() {
+        let z = &logits[row][pos];
+        let max = z.iter().cloned().fold(f64::MIN, f64::max);
+        let p: Vec<f64> = z.iter().map(|v| (v - max).exp()).collect();
+        let total: f64 = p.iter().sum();
+        let want = p.iter().map(|q| (q / total).powi(2)).sum::<f64>().ln();
+        assert!(
+            (f64::from(got[i]) - want).abs() < 1e-5 * (1.0 + want.abs()),
+            "target {i}: {} vs {want}",
+            got[i]
+        );
+        assert!(want < 0.0);
+    }
+    let slices: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (hidden, starts) = forward_packed(&model, &slices, Mode::Eval);
+    let at: Vec<(usize, usize, u32)> = targets
+        .iter()
+        .map(|&(row, t, tok)| (0, starts[row] + t, tok))
+        .collect();
+    let packed = model.token_log_sum_sq_probs(&hidden, &at).unwrap();
+    for (a, b) in got.iter().zip(&packed) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
 }

@@ -72,7 +72,7 @@ fn first_dpo_step_gradient_is_half_beta_times_the_margin_gradient() {
                 ..LossParams::default()
             },
         ),
-        ld_alpha: None,
+        weighting: Default::default(),
         pad_id: pad,
         device: Device::Cpu,
     };

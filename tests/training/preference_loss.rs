@@ -18,6 +18,7 @@ fn batch(policy: &[f64]) -> PairBatch {
         reference_rejected: vec![-7.0, -9.5, -4.0],
         chosen_tokens: vec![3.0, 4.0, 2.0],
         rejected_tokens: vec![2.0, 5.0, 3.0],
+        weights: Vec::new(),
     }
 }
 
@@ -202,6 +203,7 @@ fn sigmoid_at_policy_equal_reference_is_ln2_with_half_beta_gradient() {
         reference_rejected: vec![-5.0],
         chosen_tokens: vec![2.0],
         rejected_tokens: vec![2.0],
+        weights: Vec::new(),
     };
     let e = loss.evaluate(&b);
     assert!((e.total.value - std::f64::consts::LN_2).abs() < 1e-15);
@@ -238,6 +240,7 @@ fn zero_margin_gradients_of_the_logistic_terms_are_their_closed_forms() {
         reference_rejected: vec![-3.0],
         chosen_tokens: vec![1.0],
         rejected_tokens: vec![1.0],
+        weights: Vec::new(),
     };
     let d = |term| PreferenceLoss::single(term, p).evaluate(&b).total.d_chosen[0];
     assert!((d(LossTerm::Robust) - -0.4 / (2.0 * 0.6)).abs() < 1e-15);
@@ -261,6 +264,7 @@ fn hinge_has_subgradient_zero_at_its_kink_and_minus_beta_before_it() {
             reference_rejected: vec![0.0],
             chosen_tokens: vec![1.0],
             rejected_tokens: vec![1.0],
+            weights: Vec::new(),
         };
         PreferenceLoss::single(LossTerm::Hinge, p)
             .evaluate(&b)
@@ -285,6 +289,7 @@ fn logistic_losses_stay_finite_far_out() {
         reference_rejected: vec![0.0, 0.0],
         chosen_tokens: vec![1.0, 1.0],
         rejected_tokens: vec![1.0, 1.0],
+        weights: Vec::new(),
     };
     let e = PreferenceLoss::single(LossTerm::Sigmoid, p)
         .evaluate(&b)
@@ -384,6 +389,7 @@ fn autodiff_through_the_relu_abs_composition_misses_at_zero() {
         reference_rejected: vec![0.0],
         chosen_tokens: vec![1.0],
         rejected_tokens: vec![1.0],
+        weights: Vec::new(),
     };
     let p = LossParams {
         beta: 1.0,
@@ -406,6 +412,7 @@ fn metrics_match_trl_definitions() {
         reference_rejected: vec![-4.5, -9.5, -4.0],
         chosen_tokens: vec![2.0, 4.0, 1.0],
         rejected_tokens: vec![1.0, 2.0, 5.0],
+        weights: Vec::new(),
     };
     let m = dpo_metrics(&b, 0.1, false);
     // chosen rewards 0.1·[1, -0.5, 0]; rejected 0.1·[-0.5, 0.5, -0.5]
@@ -447,6 +454,7 @@ fn every_term_matches_trl_1_16_itself() {
         reference_rejected: floats(&b["reference_rejected"]),
         chosen_tokens: floats(&b["chosen_tokens"]),
         rejected_tokens: floats(&b["rejected_tokens"]),
+        weights: Vec::new(),
     };
     let losses = fixture["losses"].as_object().unwrap();
     assert_eq!(losses.len(), LossTerm::ALL.len());
@@ -585,77 +593,100 @@ fn divergence_scores_have_their_derivatives() {
     assert!(past < below && past == a.score(-60.0).0);
 }
 
-/// LD-DPO: per-token log-probs that differ within a row, the tokens past
-/// the shorter side weighed α in the policy's and the reference's sums,
-/// value and every completion token's gradient against TRL.
-#[test]
-fn ld_dpo_matches_trl_1_16_itself() {
+/// One of TRL's token-level cases (LD-DPO, WPO): per-token log-probs that
+/// differ within a row, summed as the trainer sums them (the tokens past
+/// the shorter side weighed α, policy and reference alike), WPO's pair
+/// weights from the per-token log-probs and log Σ p²; value and every
+/// completion token's gradient against TRL's.
+fn check_token_level_case(fixture: &serde_json::Value, case: &serde_json::Value, tol: f64) {
     use lora_runner::model::decoder::weighted_sum_by_sequence;
-    use lora_runner::train::dpo::ld_weights;
-    let fixture = trl_fixture();
-    let cases = fixture["ld_alpha"].as_array().unwrap();
-    assert_eq!(cases.len(), 9);
-    for case in cases {
-        let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
-            v.as_array().unwrap().iter().map(floats).collect()
-        };
-        let (mask, policy, reference, grad) = (
-            rows(&case["mask"]),
-            rows(&case["policy"]),
-            rows(&case["reference"]),
-            rows(&case["grad"]),
-        );
-        // Targets as the model gives them: each row's completion tokens in
-        // order (the mask's position k + 1 predicts log-prob k).
-        let mut targets = Vec::new();
-        for (row, m) in mask.iter().enumerate() {
-            for k in 0..m.len() - 1 {
-                if m[k + 1] == 1.0 {
-                    targets.push((row, k, 0u32));
-                }
+    use lora_runner::train::dpo::{ld_weights, wpo_weights};
+    let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+        v.as_array().unwrap().iter().map(floats).collect()
+    };
+    let (mask, policy) = (rows(&case["mask"]), rows(&case["policy"]));
+    // Targets as the model gives them: each row's completion tokens in
+    // order (the mask's position k + 1 predicts log-prob k).
+    let mut targets = Vec::new();
+    for (row, m) in mask.iter().enumerate() {
+        for k in 0..m.len() - 1 {
+            if m[k + 1] == 1.0 {
+                targets.push((row, k, 0u32));
             }
         }
-        let mut counts = vec![0f32; mask.len()];
-        for &(row, _, _) in &targets {
-            counts[row] += 1.0;
+    }
+    let mut counts = vec![0f32; mask.len()];
+    for &(row, _, _) in &targets {
+        counts[row] += 1.0;
+    }
+    let alpha = case["ld_alpha"].as_f64();
+    let weights = match alpha {
+        Some(a) => ld_weights(&targets, &counts, a as f32),
+        None => vec![1.0; targets.len()],
+    };
+    let gather =
+        |v: &[Vec<f64>]| -> Vec<f64> { targets.iter().map(|&(r, k, _)| v[r][k]).collect() };
+    let var = Var::from_tensor(&Tensor::new(gather(&policy), &Device::Cpu).unwrap()).unwrap();
+    let sums = weighted_sum_by_sequence(var.as_tensor(), &targets, &weights, mask.len()).unwrap();
+    let b = mask.len() / 2;
+    let (reference_chosen, reference_rejected) = match case.get("reference") {
+        Some(reference) => {
+            let r: Vec<f64> = weighted_sum_by_sequence(
+                &Tensor::new(gather(&rows(reference)), &Device::Cpu).unwrap(),
+                &targets,
+                &weights,
+                mask.len(),
+            )
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+            (r[..b].to_vec(), r[b..].to_vec())
         }
-        let alpha = case["ld_alpha"].as_f64().unwrap();
-        let weights = ld_weights(&targets, &counts, alpha as f32);
-        let gather =
-            |v: &[Vec<f64>]| -> Vec<f64> { targets.iter().map(|&(r, k, _)| v[r][k]).collect() };
-        let var = Var::from_tensor(&Tensor::new(gather(&policy), &Device::Cpu).unwrap()).unwrap();
-        let sums =
-            weighted_sum_by_sequence(var.as_tensor(), &targets, &weights, mask.len()).unwrap();
-        let reference_sums: Vec<f64> = weighted_sum_by_sequence(
-            &Tensor::new(gather(&reference), &Device::Cpu).unwrap(),
-            &targets,
-            &weights,
-            mask.len(),
-        )
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-        let s: Vec<f64> = sums.to_vec1().unwrap();
-        let b = mask.len() / 2;
-        let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-        let pairs = PairBatch {
-            policy_chosen: s[..b].to_vec(),
-            policy_rejected: s[b..].to_vec(),
-            reference_chosen: reference_sums[..b].to_vec(),
-            reference_rejected: reference_sums[b..].to_vec(),
-            chosen_tokens: widen(&counts[..b]),
-            rejected_tokens: widen(&counts[b..]),
-        };
-        let term = LossTerm::from_name(case["loss"].as_str().unwrap()).unwrap();
-        let loss = PreferenceLoss::single(term, fixture_params(&fixture, case));
-        let evaluated = loss.evaluate(&pairs);
-        let what = format!("{term:?} ld_alpha {alpha}");
-        let value = case["value"].as_f64().unwrap();
-        assert!(
-            (evaluated.total.value - value).abs() < 1e-12 * (1.0 + value.abs()),
-            "{what}: {} vs TRL {value}",
-            evaluated.total.value
-        );
+        None => (
+            floats(&case["reference_chosen"]),
+            floats(&case["reference_rejected"]),
+        ),
+    };
+    let pair_weights = match case.get("log_sum_sq_probs") {
+        Some(sum_sq) => {
+            let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+            let w = wpo_weights(
+                &f32s(gather(&policy)),
+                &f32s(gather(&rows(sum_sq))),
+                &targets,
+                mask.len(),
+            );
+            (0..b)
+                .map(|i| f64::from(w[i]) * f64::from(w[b + i]))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let s: Vec<f64> = sums.to_vec1().unwrap();
+    let widen = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    let pairs = PairBatch {
+        policy_chosen: s[..b].to_vec(),
+        policy_rejected: s[b..].to_vec(),
+        reference_chosen,
+        reference_rejected,
+        chosen_tokens: widen(&counts[..b]),
+        rejected_tokens: widen(&counts[b..]),
+        weights: pair_weights,
+    };
+    let term = LossTerm::from_name(case["loss"].as_str().unwrap()).unwrap();
+    let loss = PreferenceLoss::single(term, fixture_params(fixture, case));
+    let evaluated = loss.evaluate(&pairs);
+    let what = format!("{term:?} ld_alpha {alpha:?}");
+    let value = case["value"].as_f64().unwrap();
+    assert!(
+        (evaluated.total.value - value).abs() < tol * (1.0 + value.abs()),
+        "{what}: {} vs TRL {value}",
+        evaluated.total.value
+    );
+    // TRL's gradient at the completion tokens (its shared mask also
+    // reaches padding after a row, where log-probs are 0); none where
+    // TRL's own backward fails.
+    if !case["grad"].is_null() {
         let t = attach(&sums, &evaluated.total).unwrap();
         let got: Vec<f64> = t
             .backward()
@@ -664,13 +695,43 @@ fn ld_dpo_matches_trl_1_16_itself() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        // TRL's gradient at the completion tokens (its shared mask also
-        // reaches padding after a row, where log-probs are 0).
-        assert_close(&what, &got, &gather(&grad), 1e-12);
-        if alpha == 1.0 {
-            assert!(weights.iter().all(|&w| w == 1.0));
-        } else {
-            assert!(weights.contains(&(alpha as f32)), "{what}: a tail");
-        }
+        assert_close(&what, &got, &gather(&rows(&case["grad"])), tol);
     }
+    match alpha {
+        Some(a) if a != 1.0 => assert!(weights.contains(&(a as f32)), "{what}: a tail"),
+        _ => assert!(weights.iter().all(|&w| w == 1.0)),
+    }
+}
+
+/// LD-DPO, α 0, 0.5 and 1 on sigmoid, ipo and hinge.
+#[test]
+fn ld_dpo_matches_trl_1_16_itself() {
+    let fixture = trl_fixture();
+    let cases = fixture["ld_alpha"].as_array().unwrap();
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        check_token_level_case(&fixture, case, 1e-12);
+    }
+}
+
+/// WPO on sigmoid, ipo, robust, hinge (TRL's value only: its backward
+/// fails there) and sigmoid with LD-DPO; the weights come through f32, as
+/// the trainer's log-probs do.
+#[test]
+fn wpo_matches_trl_1_16_itself() {
+    let fixture = trl_fixture();
+    let cases = fixture["use_weighting"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in cases {
+        check_token_level_case(&fixture, case, 1e-6);
+    }
+    // The weights matter: without them the first case's value differs.
+    let case = &cases[0];
+    let mut unweighted = case.clone();
+    unweighted
+        .as_object_mut()
+        .unwrap()
+        .remove("log_sum_sq_probs");
+    let result = std::panic::catch_unwind(|| check_token_level_case(&fixture, &unweighted, 1e-6));
+    assert!(result.is_err(), "WPO's weights change the loss");
 }

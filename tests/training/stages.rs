@@ -900,12 +900,14 @@ fn the_reference_pass_scores_only_the_pairs_training_visits_and_a_longer_run_reu
     );
 }
 
-/// TRL's LD-DPO and f-DPO options train through the CLI, and LD-DPO weighs
+/// TRL's LD-DPO, f-DPO and WPO options train through the CLI (WPO: its
+/// weights are below 1, so the loss is below the unweighted one's log 2
+/// at the start), and LD-DPO weighs
 /// the reference's tokens as the policy's: the stage starts at a zero
 /// margin against its own reference log-probs, kept apart from plain
 /// DPO's.
 #[test]
-fn ld_dpo_and_f_dpo_train_from_their_own_reference() {
+fn ld_dpo_f_dpo_and_wpo_train_from_their_own_reference() {
     let ws = Workspace::new();
     let text = recipe(4, 3, "")
         + r#"
@@ -915,7 +917,7 @@ model = "merged"
 lora = { r = 4, alpha = 8, targets = ["q_proj", "v_proj"] }
 data = { train = "DPO_TRAIN", eval = "DPO_EVAL" }
 train = { steps = 3, batch = 8, lr = 5e-3, seq_len = 32 }
-dpo = { ld_alpha = 0.3, f_divergence_type = "js_divergence" }
+dpo = { ld_alpha = 0.3, f_divergence_type = "js_divergence", use_weighting = true }
 "#;
     let text = text
         .replace("DPO_TRAIN", &data("dpo_train.jsonl").display().to_string())
@@ -948,6 +950,13 @@ dpo = { ld_alpha = 0.3, f_divergence_type = "js_divergence" }
         "starts at its reference: margin {start}"
     );
     assert!(m["eval/loss"].as_f64().unwrap().is_finite(), "{m}");
+    // At policy = reference every pair's sigmoid loss is log 2; WPO's
+    // weights (probabilities against Σ p², each below 1) scale it down.
+    let start_loss = m["before/eval/loss"].as_f64().unwrap();
+    assert!(
+        start_loss > 0.0 && start_loss < std::f64::consts::LN_2 - 1e-3,
+        "{m}"
+    );
     assert!(m["reference/pairs_computed"].as_u64().unwrap() > 0, "{m}");
     // Its own train and eval reference folders beside plain DPO's.
     assert_eq!(reference_folders(), plain + 2);
