@@ -37,5 +37,6 @@ pub mod recipe;
 pub mod schema;
 pub mod sink;
 pub mod stage;
+pub mod tracking;
 pub mod train;
 pub mod units;

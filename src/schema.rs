@@ -11,6 +11,7 @@ pub fn recipe_schema(registry: &Registry) -> Value {
     let mut generator = SchemaSettings::draft2020_12().into_generator();
     let header = generator.subschema_for::<crate::recipe::RecipeHeader>();
     let executor = generator.subschema_for::<crate::recipe::executor::ExecutorSection>();
+    let tracking = generator.subschema_for::<crate::tracking::TrackingSection>();
     let mut stage_variants = Vec::new();
     let mut defaults = Map::new();
     let mut kinds = Vec::new();
@@ -64,6 +65,7 @@ pub fn recipe_schema(registry: &Registry) -> Value {
             "recipe": header.to_value(),
             "defaults": { "type": "object", "additionalProperties": false, "properties": defaults },
             "executor": executor.to_value(),
+            "tracking": tracking.to_value(),
             "stages": {
                 "type": "object",
                 "description": "Stages by name; references between them make the DAG.",

@@ -17,3 +17,31 @@ pub trait Progress: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted")]
 pub struct Interrupted;
+
+/// Where a training loop's metrics lines go besides metrics.jsonl (a live
+/// view: TensorBoard, MLflow). An error is reported once by the caller and
+/// the tracker dropped: tracking never fails a stage.
+pub trait Tracker: Send + Sync {
+    /// The run from its start: every line so far (a resumed run's, cut back
+    /// to its checkpoint), replacing whatever was logged before.
+    fn restart(&self, lines: &[serde_json::Value]) -> Result<(), String>;
+    /// One more line (a step's metrics, or an evaluation's).
+    fn line(&self, line: &serde_json::Value) -> Result<(), String>;
+    /// The run ended: `finished`, or failed or interrupted.
+    fn end(&self, finished: bool) -> Result<(), String>;
+}
+
+/// No tracking.
+pub struct NoTracker;
+
+impl Tracker for NoTracker {
+    fn restart(&self, _: &[serde_json::Value]) -> Result<(), String> {
+        Ok(())
+    }
+    fn line(&self, _: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
+    fn end(&self, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+}

@@ -653,6 +653,8 @@ pub struct RunContext<'a> {
     pub cache: &'a crate::cache::Cache,
     /// Derived artifacts this stage used; recorded in its manifest so `gc` keeps them.
     pub derived: Vec<String>,
+    /// Where a training stage's run is tracked live (TensorBoard), if anywhere.
+    pub tracking: crate::tracking::Tracking,
 }
 
 impl RunContext<'_> {

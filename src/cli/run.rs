@@ -57,6 +57,12 @@ pub struct RunArgs {
     /// (nvidia-smi's, or RUNNER_DEVICE_MEMORY); it is refused otherwise.
     #[arg(long)]
     ignore_memory_check: bool,
+    /// Log every training stage's metrics live to TensorBoard event files
+    /// under DIR (`DIR/<recipe>/<stage>/`), with the stage's parameters as
+    /// hyperparameters: `tensorboard --logdir DIR`. Overrides the recipe's
+    /// `[tracking] tensorboard`; changes no stage key.
+    #[arg(long, value_name = "DIR", env = "RUNNER_TENSORBOARD")]
+    tensorboard: Option<PathBuf>,
 }
 
 /// Everything an executor is handed.
@@ -76,7 +82,14 @@ struct Work<'a> {
 }
 
 pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
-    let checked = ctx.check(&args.recipe)?;
+    let mut checked = ctx.check(&args.recipe)?;
+    if let Some(dir) = &args.tensorboard {
+        let dir = std::path::absolute(dir).map_err(Error::io(format!(
+            "resolving --tensorboard {}",
+            dir.display()
+        )))?;
+        checked.recipe.tensorboard = Some(dir);
+    }
     let force = forced_stages(&checked, &args.recipe, &args.force)?;
     for name in args.only.iter().chain(&args.until) {
         one_stage(&checked, &args.recipe, name)?;

@@ -145,6 +145,7 @@ fn run_one(
         device: plan.device.clone(),
         cache,
         derived: Vec::new(),
+        tracking: tracking(recipe, stage, p),
     };
     crate::alloc_guard::set_stage(&p.name);
     let result = stage.kind.run(stage.params.as_ref(), &mut ctx);
@@ -283,5 +284,32 @@ mod peak_memory {
         let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
+    }
+}
+
+/// Where and as what `stage`'s training run is tracked: `recipe/stage`,
+/// its parameters as the key holds them, its sweep axes, and its key.
+fn tracking(
+    recipe: &Recipe,
+    stage: &crate::stage::Stage,
+    p: &PlannedStage,
+) -> crate::tracking::Tracking {
+    let Some(root) = &recipe.tensorboard else {
+        return Default::default();
+    };
+    let mut params = crate::tracking::flatten_params(&stage.key_params());
+    if let Some(v) = &stage.variant {
+        for (axis, value) in &v.values {
+            params.push((
+                format!("sweep.{axis}"),
+                crate::tracking::HParam::Text(value.clone()),
+            ));
+        }
+    }
+    params.push(("key".into(), crate::tracking::HParam::Text(p.key.clone())));
+    crate::tracking::Tracking {
+        tensorboard: Some(root.clone()),
+        run: format!("{}/{}", recipe.header.name.value, p.name),
+        params,
     }
 }

@@ -129,6 +129,8 @@ pub struct StageCommand {
     pub force: bool,
     /// `--ignore-memory-check` was given: the child runs the stage too.
     pub ignore_memory_check: bool,
+    /// TensorBoard's log folder (the recipe's `[tracking]` or `--tensorboard`).
+    pub tensorboard: Option<PathBuf>,
 }
 
 impl StageCommand {
@@ -154,6 +156,9 @@ impl StageCommand {
         }
         if self.ignore_memory_check {
             args.push("--ignore-memory-check".to_string());
+        }
+        if let Some(dir) = &self.tensorboard {
+            args.extend(["--tensorboard".to_string(), dir.display().to_string()]);
         }
         args
     }

@@ -265,6 +265,7 @@ impl<'a> Schedule<'a> {
                 .or_else(|| settings.device.clone()),
             force: settings.force.contains(&p.name),
             ignore_memory_check: settings.ignore_memory_check,
+            tensorboard: self.recipe.tensorboard.clone(),
         };
         Command::new(&command.program)
             .args(command.args())

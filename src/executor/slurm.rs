@@ -158,6 +158,7 @@ pub fn submit(
             device: submission.device.clone(),
             force: submission.force.contains(&p.name),
             ignore_memory_check: submission.ignore_memory_check,
+            tensorboard: recipe.tensorboard.clone(),
         };
         let dir = job_dir(cache, &p.key);
         std::fs::create_dir_all(&dir)?;
@@ -514,6 +515,7 @@ mod tests {
             device: None,
             force: false,
             ignore_memory_check: false,
+            tensorboard: None,
         };
         let text = script(&command, Path::new("/shared/it's/cache/jobs/k/submitted"));
         assert!(text.contains("if [ ! -f '/shared/it'\\''s/cache/jobs/k/submitted' ]"));

@@ -9,6 +9,7 @@ use super::params::{DataSpec, LoraSpec, TrainSpec};
 use super::{file_input, input, inputs};
 use crate::diag::span::Sp;
 use crate::diag::Problem;
+use crate::sink::Tracker;
 use crate::stage::{Dtype, FileInput, ParseContext, RunContext, StageView};
 use crate::train::trainer::{self, LoopEnv, Metrics, TrainingObjective};
 
@@ -155,14 +156,24 @@ pub fn train_and_save(
     let (model, memory) = (&start.model, start.memory);
     let before = objective.evaluate(model)?;
     let resume_file = ctx.cache.resume_file(&ctx.key);
+    let (trackers, warnings) = ctx.tracking.open();
+    for w in warnings {
+        ctx.progress.log(&format!("warning: {w}"));
+    }
+    let tracker = crate::tracking::Fanout(trackers);
     let env = LoopEnv {
         work_dir: &ctx.work_dir,
         resume_file: &resume_file,
         out_dir: &ctx.out_dir,
         progress: ctx.progress,
         interrupt: ctx.interrupt,
+        tracker: &tracker,
     };
-    let metrics: Metrics = trainer::train(model, objective, settings, &env)?;
+    let trained = trainer::train(model, objective, settings, &env);
+    if let Err(e) = tracker.end(trained.is_ok()) {
+        ctx.progress.log(&format!("warning: {e}"));
+    }
+    let metrics: Metrics = trained?;
     let (bits_per_weight, formats) = base_precision(model);
     ctx.metrics
         .insert("base/bits_per_weight".into(), bits_per_weight.into());

@@ -48,6 +48,9 @@ pub struct Recipe {
     pub stages: Vec<Stage>,
     /// `[executor]`: how stages are submitted to a cluster.
     pub executor: executor::ExecutorSection,
+    /// `[tracking]` resolved: TensorBoard's log folder, absolute (or set
+    /// by `--tensorboard`).
+    pub tensorboard: Option<PathBuf>,
 }
 
 impl Recipe {
@@ -90,7 +93,7 @@ pub enum LoadError {
     Invalid(#[from] RecipeError),
 }
 
-const TOP_LEVEL: [&str; 4] = ["recipe", "defaults", "stages", "executor"];
+const TOP_LEVEL: [&str; 5] = ["recipe", "defaults", "stages", "executor", "tracking"];
 
 /// Read and parse a recipe file.
 pub fn load(path: &Path, registry: &Registry) -> Result<Recipe, LoadError> {
@@ -202,6 +205,21 @@ pub fn parse(
         None => executor::ExecutorSection::default(),
     };
 
+    let tracking = match root.get("tracking") {
+        Some(value) => {
+            match crate::tracking::TrackingSection::deserialize(toml::de::ValueDeserializer::from(
+                value.clone(),
+            )) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(crate::diag::toml_problem(&e, "in [tracking]"));
+                    Default::default()
+                }
+            }
+        }
+        None => Default::default(),
+    };
+    let recipe_dir = canonical.parent().unwrap_or(Path::new("."));
     match header {
         Some(header) if problems.is_empty() => Ok(Recipe {
             path: shown.to_path_buf(),
@@ -210,6 +228,7 @@ pub fn parse(
             header,
             stages,
             executor,
+            tensorboard: tracking.tensorboard.map(|d| recipe_dir.join(d)),
         }),
         _ => Err(fail(problems)),
     }

@@ -107,6 +107,8 @@ pub struct LoopEnv<'a> {
     pub progress: &'a dyn Progress,
     /// Set by Ctrl-C: checkpoint at the next step boundary and stop.
     pub interrupt: &'a AtomicBool,
+    /// Gets every metrics line as it is written (a live view).
+    pub tracker: &'a dyn crate::sink::Tracker,
 }
 
 /// Train the model's LoRA parameters; returns the final metrics.
@@ -134,6 +136,8 @@ struct Run<'a> {
     state: LoopState,
     metrics_path: PathBuf,
     metrics_file: std::fs::File,
+    /// Lines still go to `env.tracker` (false once it failed).
+    tracking: bool,
     /// The last step's metrics.
     last: Metrics,
     tokens_total: usize,
@@ -188,6 +192,19 @@ impl<'a> Run<'a> {
             .create(true)
             .append(true)
             .open(&metrics_path)?;
+        // The tracker starts over from the lines kept (none on a fresh run).
+        let kept: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let tracking = match env.tracker.restart(&kept) {
+            Ok(()) => true,
+            Err(e) => {
+                env.progress
+                    .log(&format!("warning: {e}; not tracking this run"));
+                false
+            }
+        };
         env.progress.set_total(s.steps);
         env.progress.set_position(state.step, "");
         Ok(Run {
@@ -200,6 +217,7 @@ impl<'a> Run<'a> {
             state,
             metrics_path,
             metrics_file,
+            tracking,
             last: Metrics::new(),
             tokens_total: 0,
             clock: Instant::now(),
@@ -382,6 +400,14 @@ impl<'a> Run<'a> {
     fn write_line(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
         writeln!(self.metrics_file, "{line}")?;
         self.state.metrics_lines += 1;
+        if self.tracking {
+            if let Err(e) = self.env.tracker.line(&line) {
+                self.env
+                    .progress
+                    .log(&format!("warning: {e}; not tracking the rest of this run"));
+                self.tracking = false;
+            }
+        }
         Ok(())
     }
 

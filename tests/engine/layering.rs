@@ -8,7 +8,15 @@ use std::path::Path;
 
 /// Top-level modules by layer. A module may import its own layer, the
 /// layers it lists, and the leaves.
-const LEAVES: &[&str] = &["alloc_guard", "diag", "fsutil", "machine", "sink", "units"];
+const LEAVES: &[&str] = &[
+    "alloc_guard",
+    "diag",
+    "fsutil",
+    "machine",
+    "sink",
+    "tracking",
+    "units",
+];
 const ENGINE: &[&str] = &[
     "cache", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "schema", "stage",
 ];

@@ -25,6 +25,7 @@ mod slurm;
 mod stages;
 mod sweeps;
 mod task_metrics;
+mod tracking;
 
 /// Entry point of the child processes `Workspace::child` starts.
 #[test]

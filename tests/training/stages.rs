@@ -15,7 +15,7 @@ fn data(name: &str) -> PathBuf {
 }
 
 /// A tiny two-scheme recipe over the demo task.
-fn recipe(sft_steps: u32, dpo_steps: u32, extra_sft: &str) -> String {
+pub(crate) fn recipe(sft_steps: u32, dpo_steps: u32, extra_sft: &str) -> String {
     format!(
         r#"[recipe]
 name = "tiny"
@@ -84,7 +84,7 @@ fn manifest(ws: &Workspace, stage: &str) -> serde_json::Value {
     v["manifest"].clone()
 }
 
-fn artifact_file(ws: &Workspace, stage: &str, file: &str) -> Vec<u8> {
+pub(crate) fn artifact_file(ws: &Workspace, stage: &str, file: &str) -> Vec<u8> {
     let out = ws
         .runner(&["show", "recipe.toml", stage, "--json"])
         .ok()
