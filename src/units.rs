@@ -110,3 +110,12 @@ impl MemoryEstimate {
         format!("~{} peak ({})", b(self.estimate_bytes), terms.join(", "))
     }
 }
+
+/// The metric a stage's peak-memory estimate is recorded under, beside the
+/// manifest's measured `peak_rss_bytes`.
+pub const ESTIMATE_METRIC: &str = "memory/estimate_gib";
+
+/// `bytes` in GiB, to the MiB (three decimals), as the metric holds it.
+pub fn gib_metric(bytes: u64) -> f64 {
+    (bytes as f64 / (1u64 << 30) as f64 * 1000.0).round() / 1000.0
+}

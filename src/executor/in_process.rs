@@ -150,7 +150,17 @@ fn run_one(
     crate::alloc_guard::set_stage(&p.name);
     let result = stage.kind.run(stage.params.as_ref(), &mut ctx);
     crate::alloc_guard::clear_stage();
-    let metrics = std::mem::take(&mut ctx.metrics);
+    let mut metrics = std::mem::take(&mut ctx.metrics);
+    // Every stage's estimate beside its measured peak; training stages
+    // record their own, from the model as loaded.
+    if !metrics.contains_key(crate::units::ESTIMATE_METRIC) {
+        if let Some(m) = crate::plan::render::memory(recipe, p) {
+            metrics.insert(
+                crate::units::ESTIMATE_METRIC.into(),
+                crate::units::gib_metric(m.estimate_bytes).into(),
+            );
+        }
+    }
     let derived = std::mem::take(&mut ctx.derived);
     drop(ctx);
     drop(progress);

@@ -180,8 +180,8 @@ pub fn train_and_save(
     // The estimate goes beside the measured peak the manifest records.
     if let Some(estimate) = memory {
         ctx.metrics.insert(
-            "memory/estimate_gib".into(),
-            gib(estimate.estimate_bytes).into(),
+            crate::units::ESTIMATE_METRIC.into(),
+            crate::units::gib_metric(estimate.estimate_bytes).into(),
         );
     }
     let model_name = super::inputs::model_name(ctx.input("model")?);
@@ -230,10 +230,6 @@ fn base_precision(
             .or_default() += 1;
     }
     (bits / weights.max(1.0), formats)
-}
-
-fn gib(bytes: u64) -> f64 {
-    (bytes as f64 / (1u64 << 30) as f64 * 1000.0).round() / 1000.0
 }
 
 /// The memory estimate of a training step on the loaded `model`: `rows`

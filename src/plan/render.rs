@@ -39,7 +39,7 @@ pub struct PlanStageJson {
     /// What the stage's kind says about it (e.g. "loss simpo: no reference").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// A training stage's estimated peak memory (`run` records it as the
+    /// The stage's estimated peak memory (`run` records it as the
     /// metric `memory/estimate_gib`, beside the measured peak in the manifest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::units::MemoryEstimate>,

@@ -335,4 +335,20 @@ fn a_gguf_export_is_estimated_and_checked_before_anything_is_written() {
     let run = export(&["--ignore-memory-check"]);
     assert_eq!(run.code, exit::OK, "{}", run.stderr);
     assert!(ws.path("exported/model.gguf").is_file());
+    // Every stage that ran records its estimate beside the measured peak.
+    ws.runner(&["run", "recipe.toml"]).ok();
+    for (stage, planned) in [("base", &base), ("out", &out)] {
+        let manifest = ws
+            .runner(&["show", "recipe.toml", stage, "--json"])
+            .ok()
+            .json()["manifest"]
+            .clone();
+        let gib = planned["estimate_bytes"].as_f64().unwrap() / (1u64 << 30) as f64;
+        let recorded = manifest["metrics"]["memory/estimate_gib"].as_f64().unwrap();
+        assert!(
+            (recorded - gib).abs() < 1e-3,
+            "{stage}: {recorded} vs {gib}"
+        );
+        assert!(manifest["peak_rss_bytes"].as_u64().unwrap() > 0);
+    }
 }
