@@ -63,6 +63,14 @@ pub struct RunArgs {
     /// `[tracking] tensorboard`; changes no stage key.
     #[arg(long, value_name = "DIR", env = "RUNNER_TENSORBOARD")]
     tensorboard: Option<PathBuf>,
+    /// Log every training stage to an MLflow tracking server: one run per
+    /// stage (`recipe/stage`) in the experiment MLFLOW_EXPERIMENT_NAME (else
+    /// the recipe's name), its parameters as params, each step's metrics,
+    /// FINISHED or FAILED at the end; credentials from MLFLOW_TRACKING_TOKEN
+    /// or MLFLOW_TRACKING_USERNAME/PASSWORD. A server that is down is
+    /// warned of and dropped; it never fails or slows a stage.
+    #[arg(long, value_name = "URI", env = "MLFLOW_TRACKING_URI")]
+    mlflow: Option<String>,
 }
 
 /// Everything an executor is handed.
@@ -89,6 +97,9 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
             dir.display()
         )))?;
         checked.recipe.tensorboard = Some(dir);
+    }
+    if let Some(uri) = &args.mlflow {
+        checked.recipe.mlflow = Some(uri.clone());
     }
     let force = forced_stages(&checked, &args.recipe, &args.force)?;
     for name in args.only.iter().chain(&args.until) {

@@ -145,7 +145,7 @@ fn run_one(
         device: plan.device.clone(),
         cache,
         derived: Vec::new(),
-        tracking: tracking(recipe, stage, p),
+        tracking: tracking(recipe, stage, p, &work_dir),
     };
     crate::alloc_guard::set_stage(&p.name);
     let result = stage.kind.run(stage.params.as_ref(), &mut ctx);
@@ -303,10 +303,11 @@ fn tracking(
     recipe: &Recipe,
     stage: &crate::stage::Stage,
     p: &PlannedStage,
+    work_dir: &std::path::Path,
 ) -> crate::tracking::Tracking {
-    let Some(root) = &recipe.tensorboard else {
+    if recipe.tensorboard.is_none() && recipe.mlflow.is_none() {
         return Default::default();
-    };
+    }
     let mut params = crate::tracking::flatten_params(&stage.key_params());
     if let Some(v) = &stage.variant {
         for (axis, value) in &v.values {
@@ -318,8 +319,11 @@ fn tracking(
     }
     params.push(("key".into(), crate::tracking::HParam::Text(p.key.clone())));
     crate::tracking::Tracking {
-        tensorboard: Some(root.clone()),
+        tensorboard: recipe.tensorboard.clone(),
+        mlflow: recipe.mlflow.clone(),
+        recipe: recipe.header.name.value.clone(),
         run: format!("{}/{}", recipe.header.name.value, p.name),
+        work_dir: work_dir.to_path_buf(),
         params,
     }
 }

@@ -131,6 +131,8 @@ pub struct StageCommand {
     pub ignore_memory_check: bool,
     /// TensorBoard's log folder (the recipe's `[tracking]` or `--tensorboard`).
     pub tensorboard: Option<PathBuf>,
+    /// The MLflow server (the recipe's `[tracking]` or `--mlflow`).
+    pub mlflow: Option<String>,
 }
 
 impl StageCommand {
@@ -159,6 +161,9 @@ impl StageCommand {
         }
         if let Some(dir) = &self.tensorboard {
             args.extend(["--tensorboard".to_string(), dir.display().to_string()]);
+        }
+        if let Some(uri) = &self.mlflow {
+            args.extend(["--mlflow".to_string(), uri.clone()]);
         }
         args
     }

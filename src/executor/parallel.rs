@@ -266,6 +266,7 @@ impl<'a> Schedule<'a> {
             force: settings.force.contains(&p.name),
             ignore_memory_check: settings.ignore_memory_check,
             tensorboard: self.recipe.tensorboard.clone(),
+            mlflow: self.recipe.mlflow.clone(),
         };
         Command::new(&command.program)
             .args(command.args())

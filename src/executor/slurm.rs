@@ -159,6 +159,7 @@ pub fn submit(
             force: submission.force.contains(&p.name),
             ignore_memory_check: submission.ignore_memory_check,
             tensorboard: recipe.tensorboard.clone(),
+            mlflow: recipe.mlflow.clone(),
         };
         let dir = job_dir(cache, &p.key);
         std::fs::create_dir_all(&dir)?;
@@ -516,6 +517,7 @@ mod tests {
             force: false,
             ignore_memory_check: false,
             tensorboard: None,
+            mlflow: None,
         };
         let text = script(&command, Path::new("/shared/it's/cache/jobs/k/submitted"));
         assert!(text.contains("if [ ! -f '/shared/it'\\''s/cache/jobs/k/submitted' ]"));

@@ -51,6 +51,8 @@ pub struct Recipe {
     /// `[tracking]` resolved: TensorBoard's log folder, absolute (or set
     /// by `--tensorboard`).
     pub tensorboard: Option<PathBuf>,
+    /// `[tracking] mlflow` (or `--mlflow`, `MLFLOW_TRACKING_URI`).
+    pub mlflow: Option<String>,
 }
 
 impl Recipe {
@@ -229,6 +231,7 @@ pub fn parse(
             stages,
             executor,
             tensorboard: tracking.tensorboard.map(|d| recipe_dir.join(d)),
+            mlflow: tracking.mlflow,
         }),
         _ => Err(fail(problems)),
     }

@@ -5,6 +5,7 @@
 //! stage key or can fail a stage: a tracker that fails is warned of once
 //! and dropped.
 
+pub mod mlflow;
 pub mod tensorboard;
 pub mod tfrecord;
 
@@ -23,6 +24,10 @@ pub struct TrackingSection {
     /// `<folder>/<recipe>/<stage>/events.out.tfevents.*`. `--tensorboard`
     /// overrides it.
     pub tensorboard: Option<String>,
+    /// An MLflow tracking server (`http://localhost:5000`): one run per
+    /// stage in the experiment `MLFLOW_EXPERIMENT_NAME` (else the recipe's
+    /// name). `--mlflow` or `MLFLOW_TRACKING_URI` overrides it.
+    pub mlflow: Option<String>,
 }
 
 /// Where one stage's run is tracked, and what it is.
@@ -30,8 +35,14 @@ pub struct TrackingSection {
 pub struct Tracking {
     /// TensorBoard's log folder (the run's folder goes under it).
     pub tensorboard: Option<PathBuf>,
+    /// An MLflow tracking server.
+    pub mlflow: Option<String>,
+    /// The recipe's name (MLflow's experiment unless the environment names one).
+    pub recipe: String,
     /// `recipe/stage`.
     pub run: String,
+    /// The stage's work folder, where a tracker keeps what a resumed run needs.
+    pub work_dir: PathBuf,
     /// The stage's resolved parameters and key, flattened (`train.lr`).
     pub params: Vec<(String, HParam)>,
 }
@@ -50,6 +61,17 @@ impl Tracking {
                     root.display()
                 )),
             }
+        }
+        if let Some(uri) = &self.mlflow {
+            let experiment =
+                std::env::var("MLFLOW_EXPERIMENT_NAME").unwrap_or_else(|_| self.recipe.clone());
+            trackers.push(Box::new(mlflow::MlflowRun::new(mlflow::RunSpec {
+                uri: uri.clone(),
+                experiment,
+                run_name: self.run.clone(),
+                params: self.params.clone(),
+                work_dir: self.work_dir.clone(),
+            })));
         }
         (trackers, warnings)
     }
@@ -112,15 +134,30 @@ pub fn trl_names(line: &serde_json::Value) -> Vec<(String, f64)> {
 /// Every tracker of a run as one.
 pub struct Fanout(pub Vec<Box<dyn Tracker>>);
 
+/// Every tracker is told, whatever another answered; the errors are joined.
+fn each(
+    trackers: &[Box<dyn Tracker>],
+    f: impl Fn(&dyn Tracker) -> Result<(), String>,
+) -> Result<(), String> {
+    let errors: Vec<String> = trackers
+        .iter()
+        .filter_map(|t| f(t.as_ref()).err())
+        .collect();
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(errors.join("; ")),
+    }
+}
+
 impl Tracker for Fanout {
     fn restart(&self, lines: &[serde_json::Value]) -> Result<(), String> {
-        self.0.iter().try_for_each(|t| t.restart(lines))
+        each(&self.0, |t| t.restart(lines))
     }
     fn line(&self, line: &serde_json::Value) -> Result<(), String> {
-        self.0.iter().try_for_each(|t| t.line(line))
+        each(&self.0, |t| t.line(line))
     }
     fn end(&self, finished: bool) -> Result<(), String> {
-        self.0.iter().try_for_each(|t| t.end(finished))
+        each(&self.0, |t| t.end(finished))
     }
 }
 
