@@ -279,11 +279,11 @@ fn fake_mlflow() -> (String, Requests) {
                 .lock()
                 .unwrap()
                 .iter()
+                .rev()
                 .filter(|(e, _)| e == "runs/log-batch")
                 .filter_map(|(_, b)| b["tags"].as_array().cloned())
                 .flatten()
-                .filter(|t| t["key"] == "runner.sent_lines")
-                .last();
+                .find(|t| t["key"] == "runner.sent_lines");
             let (status, answer) = match endpoint.as_str() {
                 "runs/get" => (
                     200,
