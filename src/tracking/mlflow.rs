@@ -30,6 +30,8 @@ const PARAM_CHARS: usize = 500;
 /// Tries of one request, and the wait for the thread at the end.
 const TRIES: u32 = 3;
 const END_WAIT: Duration = Duration::from_secs(10);
+/// How often queued lines are sent.
+const SEND_EVERY: Duration = Duration::from_secs(1);
 /// The run's id, in the stage's work folder.
 pub const STATE_FILE: &str = "mlflow.json";
 /// The run's tag counting the metrics lines the server holds.
@@ -190,9 +192,17 @@ impl Worker {
 
     fn run(mut self, rx: Receiver<Msg>) -> Result<(), String> {
         while let Ok(first) = rx.recv() {
-            // Everything queued meanwhile goes in the same requests.
+            // What arrives within `SEND_EVERY` goes in the same requests:
+            // a request a second, not one a step, keeps the server's share
+            // of the machine small.
             let mut batch = vec![first];
-            batch.extend(rx.try_iter());
+            let until = Instant::now() + SEND_EVERY;
+            while !matches!(batch.last(), Some(Msg::End(_))) {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => batch.push(msg),
+                    Err(_) => break,
+                }
+            }
             let mut lines = Vec::new();
             let mut end = None;
             for msg in batch {
