@@ -195,6 +195,11 @@ impl Worker {
             // What arrives within `SEND_EVERY` goes in the same requests:
             // a request a second, not one a step, keeps the server's share
             // of the machine small.
+            // The run is made (or reopened) at once, so it shows while the
+            // first lines gather.
+            if matches!(first, Msg::Restart(_)) {
+                self.start();
+            }
             let mut batch = vec![first];
             let until = Instant::now() + SEND_EVERY;
             while !matches!(batch.last(), Some(Msg::End(_))) {

@@ -103,7 +103,7 @@ fn a_resumed_run_logs_every_step_once_with_the_artifacts_values() {
         "--tensorboard",
         "tb",
     ];
-    killed_and_resumed(&ws, &args, 0);
+    killed_and_resumed(&ws, &args, || true);
     let logged = scalars(&ws.path("tb/tiny/sft"));
     let expected = artifact_values(&ws);
     for (k, step, v) in &expected {
@@ -186,9 +186,12 @@ fn tensorboards_own_reader_sees_what_metrics_jsonl_holds() {
 }
 
 /// Runs `args` in `ws`, SIGKILLs the run once it has checkpointed step 10
-/// (and `settle` ms later), runs it again and returns that run, which
-/// resumed.
-fn killed_and_resumed(ws: &Workspace, args: &[&str], settle: u64) -> crate::support::Run {
+/// and `ready` says so, runs it again and returns that run, which resumed.
+fn killed_and_resumed(
+    ws: &Workspace,
+    args: &[&str],
+    ready: impl Fn() -> bool,
+) -> crate::support::Run {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
         .args(args)
         .current_dir(ws.path("."))
@@ -198,7 +201,12 @@ fn killed_and_resumed(ws: &Workspace, args: &[&str], settle: u64) -> crate::supp
         .spawn()
         .unwrap();
     crate::stages::wait_for_checkpoint(ws, 10, &mut child);
-    std::thread::sleep(std::time::Duration::from_millis(settle));
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        assert!(start.elapsed().as_secs() < 120, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let resumed = ws.runner(args).ok();
@@ -326,10 +334,16 @@ fn fake_mlflow() -> (String, Requests) {
 fn a_resumed_stage_continues_its_mlflow_run_without_sending_a_line_twice() {
     let (uri, requests) = fake_mlflow();
     let ws = Workspace::new();
-    ws.write("recipe.toml", &crate::stages::recipe(300, 3, ""));
+    ws.write("recipe.toml", &crate::stages::recipe(1500, 3, ""));
     let args = ["run", "recipe.toml", "--until", "sft", "--mlflow", &uri];
-    // 30 ms: some lines past the checkpoint reach the server first.
-    let resumed = killed_and_resumed(&ws, &args, 30);
+    // Killed once lines past the checkpoint reached the server (they are
+    // sent each second).
+    let sent_lines = || {
+        requests.lock().unwrap().iter().any(|(e, b)| {
+            e == "runs/log-batch" && b["metrics"].as_array().is_some_and(|m| !m.is_empty())
+        })
+    };
+    let resumed = killed_and_resumed(&ws, &args, sent_lines);
     assert!(!resumed.stderr.contains("warning"), "{}", resumed.stderr);
     let requests = requests.lock().unwrap().clone();
     let count = |e: &str| requests.iter().filter(|(x, _)| x == e).count();
@@ -374,7 +388,7 @@ fn a_resumed_stage_continues_its_mlflow_run_without_sending_a_line_twice() {
     }
     // metrics.jsonl's values, and the timings beside them.
     assert!(
-        logged.len() > expected.len() && expected.len() > 300,
+        logged.len() > expected.len() && expected.len() > 1500,
         "{} values logged, {} in metrics.jsonl",
         logged.len(),
         expected.len()
