@@ -19,7 +19,9 @@ pub struct GenerateArgs {
     prompts: Vec<String>,
     /// The stages that answer, comma-separated (a model stage: a base or a
     /// merge; or an adapter stage, on the model it was trained on). Each
-    /// must be cached.
+    /// must be cached. A swept stage's own name stands for all its
+    /// variants; `*` and `?` match names (`dpo_*`: every stage making a
+    /// model or an adapter whose name matches).
     #[arg(long, value_delimiter = ',', required = true)]
     stages: Vec<String>,
     /// Prompts from a file, one per line.
@@ -70,6 +72,44 @@ fn input(
     })
 }
 
+/// The stages `selectors` name, in order, each once: a name as it is
+/// (unknown names are reported when looked up), a swept stage's name as its
+/// variants, a glob as the stages making a model or an adapter that it
+/// matches (none is a usage error).
+fn stage_names(recipe: &crate::recipe::Recipe, selectors: &[String]) -> Result<Vec<String>, Error> {
+    let mut out: Vec<String> = Vec::new();
+    for selector in selectors {
+        let names: Vec<String> = if selector.contains(['*', '?']) {
+            let found: Vec<String> = recipe
+                .stages
+                .iter()
+                .filter(|s| {
+                    matches!(s.kind.output(), ArtifactKind::Model | ArtifactKind::Adapter)
+                        && crate::compare::select::wildcard(selector, &s.name.value)
+                })
+                .map(|s| s.name.value.clone())
+                .collect();
+            if found.is_empty() {
+                return Err(Error::Usage(format!(
+                    "`{selector}` matches no stage that makes a model or an adapter"
+                )));
+            }
+            found
+        } else {
+            match recipe.stages_named(selector) {
+                named if named.is_empty() => vec![selector.clone()],
+                named => named.into_iter().map(String::from).collect(),
+            }
+        };
+        for name in names {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
     let mut prompts = args.prompts.clone();
     let from_stdin = prompts.iter().any(|p| p == "-");
@@ -104,7 +144,7 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
             source: e,
         })?;
     let mut answers: Vec<(String, Vec<Sample>)> = Vec::new();
-    for stage in &args.stages {
+    for stage in &stage_names(&checked.recipe, &args.stages)? {
         let artifact = super::context::cached_in(&plan, &args.recipe, stage)?;
         let own = input(ctx, &cache, stage, &artifact)?;
         let (model_input, adapter) = match own.output {

@@ -185,7 +185,8 @@ mod tests {
         let got = trl_names(
             &serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.01, "rewards/margins": 0.2, "eval/loss": 2.0}),
         );
-        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        let mut names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
         assert_eq!(
             names,
             [

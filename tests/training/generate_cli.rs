@@ -108,4 +108,35 @@ seq_len = 32
     let run = ws.runner(&["generate", "recipe.toml", "--stages", "nope", "hi"]);
     assert_eq!(run.code, exit::USAGE);
     assert!(run.stderr.contains("nope"), "{}", run.stderr);
+    // A glob picks the stages that make a model or an adapter (not `ev`),
+    // in recipe order, each once.
+    let stages_of = |selector: &str| -> Vec<String> {
+        ws.runner(&[
+            "generate",
+            "recipe.toml",
+            "--stages",
+            selector,
+            "--json",
+            "hi",
+        ])
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["stage"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+    };
+    assert_eq!(stages_of("*"), ["base", "sft"]);
+    assert_eq!(stages_of("s*,base,sf?"), ["sft", "base"]);
+    let run = ws.runner(&["generate", "recipe.toml", "--stages", "dpo_*", "hi"]);
+    assert_eq!(run.code, exit::USAGE);
+    assert!(
+        run.stderr.contains("`dpo_*` matches no stage"),
+        "{}",
+        run.stderr
+    );
 }

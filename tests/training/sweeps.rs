@@ -347,6 +347,24 @@ fn jobs_2_runs_stages_side_by_side_to_the_same_bytes_as_one_at_a_time() {
         "{}",
         again.stderr
     );
+    // `generate --stages` with a swept stage's own name: all its variants.
+    let answered: Vec<String> = parallel
+        .runner(&[
+            "generate",
+            "r.toml",
+            "--stages",
+            "fresh",
+            "--json",
+            "--max-new-tokens",
+            "2",
+            "hi",
+        ])
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["stage"].to_string())
+        .collect();
+    assert_eq!(answered, ["\"fresh@beta=0.1\"", "\"fresh@beta=0.5\""]);
     // --force with a swept stage's own name reruns every variant of it
     // (to the same bytes); --only wants one variant and says which exist.
     let forced = parallel
