@@ -15,32 +15,20 @@ Prints one JSON line per run; exits 1 on any mismatch.
 """
 
 import json
-import os
-import subprocess
 import sys
 
 from mlflow.tracking import MlflowClient
 
+from artifact_values import artifact_values
+
 uri, cache, experiment = sys.argv[1:4]
-runner = os.environ.get("RUNNER", "runner")
 client = MlflowClient(tracking_uri=uri)
 exp = client.get_experiment_by_name(experiment)
 failures = 0
 runs = client.search_runs([exp.experiment_id])
 for run in sorted(runs, key=lambda r: r.info.run_name):
     stage = run.info.run_name.split("/", 1)[1]
-    out = subprocess.run([runner, "--cache", cache, "show", os.environ["RECIPE_FILE"], stage, "--json"],
-                         check=True, capture_output=True, text=True).stdout
-    artifact = json.loads(out)["path"]
-    want = {}
-    for name in ["metrics.jsonl", "timings.jsonl"]:
-        file = os.path.join(artifact, name)
-        for line in open(file) if os.path.exists(file) else []:
-            row = json.loads(line)
-            step = row.pop("step")
-            for k, v in row.items():
-                if isinstance(v, (int, float)):
-                    want.setdefault("learning_rate" if k == "lr" else k, {})[step] = v
+    want = artifact_values(cache, stage)
     checked = 0
     for key, steps in want.items():
         history = client.get_metric_history(run.info.run_id, key)

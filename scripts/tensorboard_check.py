@@ -16,40 +16,21 @@ Prints one JSON line per run; exits 1 on any mismatch.
 import json
 import os
 import struct
-import subprocess
 import sys
 
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from artifact_values import artifact_values
+
 tb_dir, cache, recipe = sys.argv[1:4]
-runner = os.environ.get("RUNNER", "runner")
 failures = 0
 for run in sorted(os.listdir(os.path.join(tb_dir, recipe))):
     path = os.path.join(tb_dir, recipe, run)
     acc = event_accumulator.EventAccumulator(path, size_guidance={event_accumulator.SCALARS: 0})
     acc.Reload()
-    # The artifact's lines: metrics.jsonl holds the values, timings.jsonl the wall-clock ones.
-    out = subprocess.run([runner, "--cache", cache, "show", os.environ["RECIPE_FILE"], run, "--json"],
-                         check=True, capture_output=True, text=True).stdout
-    artifact = json.loads(out)["path"]
-    lines = {}
-    for name in ["metrics.jsonl", "timings.jsonl"]:
-        file = os.path.join(artifact, name)
-        if not os.path.exists(file):
-            continue
-        for line in open(file):
-            row = json.loads(line)
-            step = row.pop("step")
-            lines.setdefault((name, step), {}).update(row)
-    want = {}
-    for (_, step), row in lines.items():
-        for k, v in row.items():
-            if not isinstance(v, (int, float)):
-                continue
-            k = "learning_rate" if k == "lr" else k
-            tag = k if k.startswith("eval/") else "train/" + k
-            want.setdefault(tag, {})[step] = v
+    want = {k if k.startswith("eval/") else "train/" + k: steps
+            for k, steps in artifact_values(cache, run).items()}
     tags = acc.Tags()["scalars"]
     checked = 0
     for tag, steps in want.items():

@@ -478,8 +478,8 @@ impl Decoder {
         let mut out = Vec::with_capacity(positions.len());
         for start in (0..positions.len()).step_by(HEAD_CHUNK_ROWS) {
             let len = HEAD_CHUNK_ROWS.min(positions.len() - start);
+            // No graph: the rows are detached and the head is frozen.
             let logits = head(&rows.narrow(0, start, len)?, self.lm_head_weight(), cap)?
-                .detach()
                 .to_dtype(DType::F32)?;
             // log Σ p² = logsumexp(2z) − 2·logsumexp(z).
             let sum_sq = ((&logits * 2.0)?.log_sum_exp(D::Minus1)?

@@ -153,23 +153,12 @@ fn now_ms() -> i64 {
 
 /// A metrics line as MLflow metrics: its values under TRL's names at its step.
 fn metrics(line: &Value, timestamp: i64) -> Vec<Value> {
-    let Some(step) = line.get("step").and_then(Value::as_i64) else {
+    let Some((step, values)) = super::line_values(line) else {
         return Vec::new();
     };
-    let Some(map) = line.as_object() else {
-        return Vec::new();
-    };
-    map.iter()
-        .filter(|(k, _)| k.as_str() != "step")
-        .filter_map(|(k, v)| {
-            let v = v.as_f64().filter(|v| v.is_finite())?;
-            let key = if k == "lr" {
-                "learning_rate"
-            } else {
-                k.as_str()
-            };
-            Some(json!({"key": key, "value": v, "timestamp": timestamp, "step": step}))
-        })
+    values
+        .into_iter()
+        .map(|(key, value)| json!({"key": key, "value": value, "timestamp": timestamp, "step": step}))
         .collect()
 }
 
@@ -212,6 +201,7 @@ impl Worker {
             let mut end = None;
             for msg in batch {
                 match msg {
+                    // Made already when this message came first (`start` then does nothing).
                     Msg::Restart(kept) => {
                         self.start();
                         self.seen = 0;

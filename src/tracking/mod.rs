@@ -107,28 +107,21 @@ pub fn flatten_params(json: &serde_json::Value) -> Vec<(String, HParam)> {
     out
 }
 
-/// A metrics line's values under TRL's names as its TensorBoard callback
-/// logs them: `train/<name>` for training steps, `eval/<name>` kept, the
-/// learning rate as `learning_rate`; `step` itself is not a value.
-pub fn trl_names(line: &serde_json::Value) -> Vec<(String, f64)> {
-    let Some(map) = line.as_object() else {
-        return Vec::new();
-    };
-    map.iter()
+/// A metrics line's step and values under TRL's names (`learning_rate`
+/// for `lr`); None for a line without a step. Non-finite values never
+/// reach here: metrics.jsonl writes them as null.
+pub fn line_values(line: &serde_json::Value) -> Option<(i64, Vec<(String, f64)>)> {
+    let step = line.get("step")?.as_i64()?;
+    let values = line
+        .as_object()?
+        .iter()
         .filter(|(k, _)| k.as_str() != "step")
         .filter_map(|(k, v)| {
-            let v = v.as_f64()?;
-            let name = if k == "lr" {
-                "learning_rate"
-            } else {
-                k.as_str()
-            };
-            Some(match name.starts_with("eval/") {
-                true => (name.to_string(), v),
-                false => (format!("train/{name}"), v),
-            })
+            let name = if k == "lr" { "learning_rate" } else { k };
+            Some((name.to_string(), v.as_f64()?))
         })
-        .collect()
+        .collect();
+    Some((step, values))
 }
 
 /// Every tracker of a run as one.
@@ -182,19 +175,13 @@ mod tests {
 
     #[test]
     fn lines_take_trl_names() {
-        let got = trl_names(
-            &serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.01, "rewards/margins": 0.2, "eval/loss": 2.0}),
-        );
-        let mut names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(
-            names,
-            [
-                "eval/loss",
-                "train/learning_rate",
-                "train/loss",
-                "train/rewards/margins"
-            ]
-        );
+        let line =
+            serde_json::json!({"step": 3, "loss": 1.5, "lr": 0.01, "eval/loss": 2.0, "note": "x"});
+        let (step, mut got) = line_values(&line).unwrap();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(step, 3);
+        let want = [("eval/loss", 2.0), ("learning_rate", 0.01), ("loss", 1.5)];
+        assert_eq!(got, want.map(|(k, v)| (k.to_string(), v)));
+        assert_eq!(line_values(&serde_json::json!({"loss": 1.0})), None);
     }
 }

@@ -64,12 +64,18 @@ impl TensorBoardRun {
     }
 }
 
+/// A value's tag as TRL's TensorBoard callback writes it: `eval/...` kept,
+/// training values under `train/`.
+fn tag(name: &str) -> String {
+    match name.starts_with("eval/") {
+        true => name.to_string(),
+        false => format!("train/{name}"),
+    }
+}
+
 fn scalars(line: &serde_json::Value) -> Option<Vec<u8>> {
-    let step = line.get("step")?.as_i64()?;
-    let values: Vec<(String, f32)> = super::trl_names(line)
-        .into_iter()
-        .map(|(k, v)| (k, v as f32))
-        .collect();
+    let (step, values) = super::line_values(line)?;
+    let values: Vec<(String, f32)> = values.iter().map(|(k, v)| (tag(k), *v as f32)).collect();
     (!values.is_empty()).then(|| tfrecord::scalars(now(), step, &values))
 }
 
@@ -113,5 +119,15 @@ impl Tracker for TensorBoardRun {
             f.sync_all().map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tags_are_trls() {
+        assert_eq!(super::tag("learning_rate"), "train/learning_rate");
+        assert_eq!(super::tag("rewards/margins"), "train/rewards/margins");
+        assert_eq!(super::tag("eval/loss"), "eval/loss");
     }
 }
