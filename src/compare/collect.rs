@@ -90,10 +90,11 @@ fn lora_description(dir: &Path) -> String {
                 crate::kinds::params::Targets::Pattern(p) => p.clone(),
             };
             format!(
-                "r={} alpha={} targets={targets}{}",
+                "r={} alpha={} targets={targets}{}{}",
                 spec.r.value,
                 spec.alpha.value,
-                if spec.rslora.value { " rslora" } else { "" }
+                if spec.rslora.value { " rslora" } else { "" },
+                if spec.dora.value { " dora" } else { "" }
             )
         }
         None => "-".into(),

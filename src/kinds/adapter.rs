@@ -31,7 +31,7 @@ pub struct AdapterParams {
 /// The files of a PEFT adapter folder that make up the adapter.
 pub const PEFT_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
-/// r, alpha, targets and rslora of a PEFT folder, read by the model code's
+/// r, alpha, targets, rslora and dora of a PEFT folder, read by the model code's
 /// adapter_config.json parser; None when it cannot be read (the stage reports that when it runs).
 pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
     use crate::model::layers::lora::TargetModules;
@@ -50,6 +50,7 @@ pub fn read_peft_shape(folder: &std::path::Path) -> Option<LoraSpec> {
         dropout: Sp::implicit(lora.dropout),
         targets: Sp::implicit(targets),
         rslora: Sp::implicit(lora.use_rslora),
+        dora: Sp::implicit(lora.use_dora),
     })
 }
 

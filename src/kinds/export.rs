@@ -107,6 +107,16 @@ impl Kind for Export {
             (Some(GgufWanted::Adapter), ArtifactKind::Adapter)
                 | (Some(GgufWanted::Model(_)), ArtifactKind::Model)
         );
+        let dora = matches!(wanted(&g.value), Some(GgufWanted::Adapter))
+            && crate::kinds::lineage::adapter_config(from).is_some_and(|spec| spec.dora.value);
+        if dora {
+            return vec![Problem::new(format!(
+                "stage `{}` trains a DoRA adapter, which llama.cpp cannot load: its adapters add a low-rank product, and DoRA rescales the base weight's rows",
+                p.from.value
+            ))
+            .at(g.span.clone(), "a llama.cpp LoRA adapter")
+            .help("export a merge of it instead (`merge` stage, then `gguf = \"f16\"`); the PEFT export (no `gguf`) keeps DoRA")];
+        }
         match fits {
             true => Vec::new(),
             false => vec![Problem::new(format!(

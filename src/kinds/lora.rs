@@ -191,7 +191,7 @@ fn check_continuation(
             ))
             .at(span, format!("changes {key}"))
             .also(adapter_span.clone(), "continued here")
-            .help("a continued adapter keeps its r, alpha and targets; to change them, merge it and train a new adapter (scheme two)"),
+            .help("a continued adapter keeps its r, alpha, targets, rslora and dora; to change them, merge it and train a new adapter (scheme two)"),
         )
     };
     // (key, set in the stage and different, where, the adapter's value, the stage's)
@@ -224,6 +224,13 @@ fn check_continuation(
             actual.rslora.value.to_string(),
             wanted.rslora.value.to_string(),
         ),
+        (
+            "dora",
+            wanted.dora.is_written() && wanted.dora.value != actual.dora.value,
+            &wanted.dora.span,
+            actual.dora.value.to_string(),
+            wanted.dora.value.to_string(),
+        ),
     ];
     for (key, differs, span, old, new) in keys {
         if differs {
@@ -241,6 +248,7 @@ pub fn lora_config(spec: &LoraSpec) -> crate::model::layers::lora::LoraConfig {
     );
     config.dropout = spec.dropout.value;
     config.use_rslora = spec.rslora.value;
+    config.use_dora = spec.dora.value;
     config
 }
 

@@ -58,6 +58,10 @@ pub struct LoraSpec {
     /// Rank-stabilised scaling alpha / sqrt(r).
     #[serde(default)]
     pub rslora: Sp<bool>,
+    /// DoRA (PEFT's `use_dora`): a trained magnitude per output row times
+    /// the row-normalised W + s·B·A. In the key only when on.
+    #[serde(default, alias = "use_dora", skip_serializing_if = "is_off")]
+    pub dora: Sp<bool>,
 }
 
 fn default_r() -> Sp<u32> {

@@ -20,7 +20,7 @@ use crate::model::kernels::recompute::{
     backward_with_recomputed, checkpointed_layer, recomputed_rows, RowFunction,
 };
 use crate::model::layers::attention::{AttentionContext, LayerKv, QuerySelection};
-use crate::model::layers::lora::{peft_tensor_name, LoraAdapter, LoraConfig};
+use crate::model::layers::lora::{LoraAdapter, LoraConfig};
 use crate::model::layers::norm::Norm;
 use crate::model::rope::RopeTable;
 use candle_core::backprop::GradStore;
@@ -528,6 +528,9 @@ impl Decoder {
                 seed,
                 &device,
             )?);
+            if lora.use_dora {
+                linear.attach_dora(None)?;
+            }
         }
         self.lora_config = Some(lora.clone());
         Ok(())
@@ -560,16 +563,12 @@ impl Decoder {
 
     /// Trainable Vars by PEFT tensor name
     /// (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`),
-    /// in a fixed order: layer, projection, A then B.
+    /// in a fixed order: layer, projection, A, B, then DoRA's magnitude.
     pub fn lora_parameters(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
-        for l in self.linears() {
-            if let Some(a) = &l.lora {
-                out.push((peft_tensor_name(&l.name, 'A'), a.a.clone()));
-                out.push((peft_tensor_name(&l.name, 'B'), a.b.clone()));
-            }
-        }
-        out
+        self.linears()
+            .filter_map(|l| l.lora.as_ref().map(|a| a.named_vars(&l.name)))
+            .flatten()
+            .collect()
     }
 
     /// All trainable Vars (for an optimizer), in `lora_parameters` order.

@@ -173,11 +173,18 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
 
     let mut lora_params = 0u64;
     let mut masks = 0u64;
+    // DoRA keeps its unscaled output z [tokens, out] per module for the
+    // magnitude's gradient (c ∘ z), and under dropout x∘mask too.
+    let mut dora_kept = 0u64;
     for t in s.targets {
         let projection = t.module.rsplit('.').next().unwrap_or_default();
         if let Some((out, inp)) = c.projection_shape(projection) {
             lora_params += (t.r * (inp + out)) as u64;
             masks += inp as u64;
+            if t.dora {
+                lora_params += out as u64;
+                dora_kept += (out + if s.dropout { inp } else { 0 }) as u64;
+            }
         }
     }
     let adapter = lora_params * 20;
@@ -224,13 +231,14 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
             (upcast + log_softmax) * vocab + capped_head,
         )
     };
+    let dora_kept = dora_kept * dt;
     let activations = if s.checkpointing {
         tokens * l * h * dt
             + recompute * tokens * per_layer
-            + masks * tokens / l.max(1)
+            + (masks + recompute * dora_kept) * tokens / l.max(1)
             + tokens.min(HEAD_CHUNK_ROWS as u64) * head
     } else {
-        tokens * l * per_layer + masks * tokens + tokens * head
+        tokens * l * per_layer + (masks + dora_kept) * tokens + tokens * head
     };
     let training = weights + adapter + activations;
     let reference = if s.reference_model { 2 * weights } else { 0 };

@@ -1,5 +1,6 @@
 //! Merging LoRA into the base weights (W' = W + s·B·A, computed in f32 and
-//! cast once to the base dtype) and saving a model as an HF folder,
+//! cast once to the base dtype; with DoRA W' = m ∘ (W + s·B·A) / ‖W + s·B·A‖
+//! per output row, as PEFT merges it) and saving a model as an HF folder,
 //! sharded with an index above a size limit.
 
 use crate::model::decoder::Decoder;
@@ -35,6 +36,14 @@ pub fn merge_lora(decoder: &Decoder) -> Result<Decoder> {
                 // A quantized weight is dequantised: the merged one is dense.
                 let w = linear.weight.to_dense(DType::F32)?;
                 let w = (&w + lora.delta_weight()?.to_device(w.device())?)?;
+                let w = match &lora.dora {
+                    None => w,
+                    Some(dora) => {
+                        let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+                        let m = dora.magnitude.as_tensor().unsqueeze(1)?;
+                        w.broadcast_mul(&m.broadcast_div(&norm)?)?
+                    }
+                };
                 linear.weight = FrozenWeight::Dense(w.to_dtype(decoder.dtype)?);
             }
         }

@@ -7,7 +7,10 @@
 //! rope type's frequencies against transformers' rope-init functions
 //! (tests/fixtures/rope-init.json).
 
-use crate::support::model::{mean_nll, with_big_stack, FIXTURE_FAMILIES};
+use crate::support::model::{
+    assert_gradients_match, max_abs_diff_f64 as max_abs_diff, mean_nll, with_big_stack,
+    FIXTURE_FAMILIES,
+};
 use candle_core::{DType, Device, Tensor, D};
 use lora_runner::model::config::ModelConfig;
 use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
@@ -50,21 +53,6 @@ fn load(family: &str, dtype: DType, quantize: Option<Quantization>) -> Decoder {
     };
     let dir = fixtures().join("families").join(family);
     Decoder::load_quantized(&dir, &opts, quantize).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Logits [t, vocab] of each row computed alone, padded together (right
@@ -257,17 +245,14 @@ fn every_family_gives_peft_lora_loss_and_gradients_also_checkpointed() {
                     2 * model.config.projections().len() * 2,
                     "{family}: adapters on every projection"
                 );
-                for (name, var) in params {
-                    let key = format!("grad.{name}");
-                    let expected = &r.tensors[&key];
-                    let got = grads.get(var.as_tensor()).expect("a LoRA gradient");
-                    let scale = max_abs_diff(expected, &expected.zeros_like().unwrap());
-                    let rel = max_abs_diff(got, expected) / scale;
-                    assert!(
-                        rel < 1e-4,
-                        "{family} (checkpointing {checkpointing}): {name} gradient off by {rel} relative"
-                    );
-                }
+                assert_gradients_match(
+                    &grads,
+                    params,
+                    &r.tensors,
+                    |name| format!("grad.{name}"),
+                    1e-4,
+                    &format!("{family} (checkpointing {checkpointing})"),
+                );
             }
         }
     });

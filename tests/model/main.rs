@@ -1,8 +1,9 @@
 //! The model tests as one binary (each test binary links candle, which is
 //! slow to link): forward against candle-transformers, generation, init and
-//! tokenizers, loading errors, LoRA gradients, merge, custom ops, PEFT format.
+//! tokenizers, loading errors, LoRA gradients, DoRA, merge, custom ops, PEFT format.
 
 mod checkpointing;
+mod dora;
 mod families;
 mod forward_reference;
 mod fused_attention;

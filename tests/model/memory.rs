@@ -100,5 +100,26 @@ fn the_estimate_counts_the_weights_and_adapter_a_loaded_model_holds() {
             ..shape.clone()
         });
         assert!(dpo.estimate_bytes >= dpo.runtime_bytes + 2 * dpo.weights_bytes);
+
+        // DoRA: its magnitudes are counted with the adapter (20 bytes a
+        // parameter, as A and B), and what it keeps for backward with the
+        // activations.
+        let mut dora = lora.clone();
+        dora.use_dora = true;
+        let dora_targets = dora.resolve(&model.config).unwrap();
+        let d = estimate(&StepShape {
+            targets: &dora_targets,
+            ..shape.clone()
+        });
+        let mut model = model.clone();
+        model.apply_lora(&dora, 1).unwrap();
+        let dora_params: u64 = model
+            .lora_parameters()
+            .iter()
+            .map(|(_, v)| v.elem_count() as u64)
+            .sum();
+        assert!(dora_params > params);
+        assert_eq!(d.adapter_bytes, 20 * dora_params);
+        assert!(d.activations_bytes > e.activations_bytes);
     }
 }

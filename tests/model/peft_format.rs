@@ -228,7 +228,7 @@ fn adapter_error(config: &str) -> String {
 fn unsupported_settings_are_refused_by_name() {
     let base = r#""peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]"#;
     for (extra, needle) in [
-        (r#""use_dora": true"#, "use_dora"),
+        (r#""layers_to_transform": [0]"#, "layers_to_transform"),
         (r#""modules_to_save": ["lm_head"]"#, "modules_to_save"),
         (r#""fan_in_fan_out": true"#, "fan_in_fan_out"),
         (r#""bias": "all""#, "bias"),

@@ -117,6 +117,41 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The largest |a − b|, in f64.
+pub fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Each parameter's gradient in `grads` against `expected[key(name)]`,
+/// within `tolerance` relative to that tensor's largest entry.
+pub fn assert_gradients_match(
+    grads: &candle_core::backprop::GradStore,
+    params: Vec<(String, candle_core::Var)>,
+    expected: &std::collections::HashMap<String, Tensor>,
+    key: impl Fn(&str) -> String,
+    tolerance: f64,
+    context: &str,
+) {
+    for (name, var) in params {
+        let want = &expected[&key(&name)];
+        let got = grads.get(var.as_tensor()).expect("a gradient");
+        let scale = max_abs_diff_f64(want, &want.zeros_like().unwrap());
+        let rel = max_abs_diff_f64(got, want) / scale;
+        assert!(
+            rel < tolerance,
+            "{context}: {name} gradient off by {rel} relative"
+        );
+    }
+}
+
 /// init uses std 0.02 (HF's default), which makes attention almost uniform
 /// and hides rope/mask bugs. Tests rescale every matrix and bias by
 /// `factor` so attention is peaked and every part of the model matters.

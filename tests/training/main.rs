@@ -8,6 +8,7 @@ mod boundary_merge;
 mod data_cache_batch;
 mod data_errors;
 mod data_tokenize;
+mod dora;
 mod dpo_gradient;
 mod eval_prompts;
 mod families;

@@ -177,7 +177,6 @@ fn a_q4_k_base_with_checkpointing_still_learns_in_both_schemes_and_measures_its_
 
 #[test]
 fn quantize_is_in_the_base_key_and_a_killed_quantized_run_resumes_to_the_same_bytes() {
-    let only_sft = ["run", "recipe.toml", "--until", "sft"];
     let keys = |text: String| {
         let ws = Workspace::new();
         ws.write("recipe.toml", &text);
@@ -197,32 +196,9 @@ fn quantize_is_in_the_base_key_and_a_killed_quantized_run_resumes_to_the_same_by
     );
 
     let text = recipe("q8_0", 20);
-    let straight = Workspace::new();
-    straight.write("recipe.toml", &text);
-    straight.runner(&only_sft).ok();
-    let want = std::fs::read(artifact(&straight, "sft").join("adapter_model.safetensors")).unwrap();
-
-    let killed = Workspace::new();
-    killed.write("recipe.toml", &text);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
-        .args(only_sft)
-        .current_dir(killed.path("."))
-        .env("RUNNER_CACHE", killed.cache())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    crate::stages::wait_for_checkpoint(&killed, 10, &mut child);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let resumed = killed.runner(&only_sft).ok();
+    let (straight, resumed) = crate::stages::straight_and_resumed_sft(&text);
     assert!(
-        resumed.stderr.contains("resuming from step"),
-        "{}",
-        resumed.stderr
-    );
-    let got = std::fs::read(artifact(&killed, "sft").join("adapter_model.safetensors")).unwrap();
-    assert!(
-        got == want,
+        straight == resumed,
         "the resumed run ends with the same adapter bytes"
     );
 }

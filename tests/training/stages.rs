@@ -289,6 +289,41 @@ pub(crate) fn wait_for_checkpoint(ws: &Workspace, step: u64, child: &mut std::pr
     }
 }
 
+/// Starts `runner ARGS` in `ws` and SIGKILLs it once a checkpoint at
+/// `step` or later exists, at whatever point it reached.
+pub(crate) fn kill_after_checkpoint(ws: &Workspace, args: &[&str], step: u64) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(args)
+        .current_dir(ws.path("."))
+        .env("RUNNER_CACHE", ws.cache())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_checkpoint(ws, step, &mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The `sft` adapter of recipe `text` run straight, and run again with a
+/// SIGKILL after the step-10 checkpoint and a resume (which must say so).
+pub(crate) fn straight_and_resumed_sft(text: &str) -> (Vec<u8>, Vec<u8>) {
+    let only_sft = ["run", "recipe.toml", "--until", "sft"];
+    let adapter = |ws: &Workspace| artifact_file(ws, "sft", "adapter_model.safetensors");
+    let straight = Workspace::new();
+    straight.write("recipe.toml", text);
+    straight.runner(&only_sft).ok();
+    let killed = Workspace::new();
+    killed.write("recipe.toml", text);
+    kill_after_checkpoint(&killed, &only_sft, 10);
+    let resumed = killed.runner(&only_sft).ok();
+    assert!(
+        resumed.stderr.contains("resuming from step"),
+        "{}",
+        resumed.stderr
+    );
+    (adapter(&straight), adapter(&killed))
+}
+
 #[test]
 fn a_run_killed_mid_training_resumes_to_the_same_bytes_and_runs_are_deterministic() {
     let text = recipe(60, 10, "");
@@ -309,16 +344,7 @@ fn a_run_killed_mid_training_resumes_to_the_same_bytes_and_runs_are_deterministi
 
     let killed = Workspace::new();
     killed.write("recipe.toml", &text);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
-        .args(only_sft)
-        .current_dir(killed.path("."))
-        .env("RUNNER_CACHE", killed.cache())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_checkpoint(&killed, 10, &mut child);
-    child.kill().unwrap(); // SIGKILL, at whatever point it reached
-    child.wait().unwrap();
+    kill_after_checkpoint(&killed, &only_sft, 10);
     let plan = killed
         .runner(&["plan", "recipe.toml", "--json"])
         .ok()

@@ -852,6 +852,17 @@ pub fn write_lora_adapter(model_dir: &Path, adapter_dir: &Path, out: &Path) -> R
     let (arch, permuted) = llama_cpp_arch(&config).ok_or_else(|| unsupported_family(&config))?;
     let config_path = adapter_dir.join("adapter_config.json");
     let peft = read_adapter_config(&config_path)?;
+    if peft.lora.use_dora {
+        // llama.cpp's adapters are x·Aᵀ·Bᵀ added to the base product; DoRA
+        // rescales the base product itself, which they cannot express.
+        return Err(ModelError::UnsupportedAdapter {
+            file: config_path,
+            message: "a DoRA adapter (use_dora) cannot be written as a llama.cpp LoRA adapter: \
+                      llama.cpp applies adapters as an added low-rank product, and DoRA rescales \
+                      the base weight's rows; merge it (scheme two) and export the model instead"
+                .into(),
+        });
+    }
     let targets = peft
         .lora
         .resolve(&config)

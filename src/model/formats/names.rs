@@ -123,3 +123,9 @@ pub fn bias(module: &str) -> String {
 pub fn peft_tensor(module: &str, which: char) -> String {
     format!("base_model.model.{module}.lora_{which}.weight")
 }
+
+/// PEFT tensor name of a DoRA magnitude on `module`:
+/// `base_model.model.{module}.lora_magnitude_vector` (no `.weight`, as PEFT 0.21 saves it).
+pub fn peft_magnitude(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}

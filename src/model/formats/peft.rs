@@ -1,12 +1,13 @@
 //! The PEFT adapter format, both ways: `adapter_config.json` +
 //! `adapter_model.safetensors` with tensors named
 //! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` ([r, in])
-//! and `...lora_B.weight` ([out, r]).
+//! and `...lora_B.weight` ([out, r]); a DoRA adapter (`use_dora = true`)
+//! adds `...lora_magnitude_vector` ([out]).
 
 use crate::model::decoder::Decoder;
 use crate::model::error::{ModelError, Result};
 use crate::model::formats::io::{read_json, write_json_atomic, write_safetensors_atomic};
-use crate::model::formats::names::Group;
+use crate::model::formats::names::{self, Group};
 use crate::model::layers::lora::{
     peft_tensor_name, LoraAdapter, LoraConfig, PatternMap, TargetModules,
 };
@@ -68,7 +69,6 @@ pub fn parse_adapter_config(v: &Value, file: &Path) -> Result<PeftAdapterConfig>
         ));
     }
     for (key, what) in [
-        ("use_dora", "DoRA (use_dora)"),
         ("modules_to_save", "modules_to_save"),
         ("fan_in_fan_out", "fan_in_fan_out"),
         ("layers_to_transform", "layers_to_transform"),
@@ -100,6 +100,7 @@ pub fn parse_adapter_config(v: &Value, file: &Path) -> Result<PeftAdapterConfig>
         .get("use_rslora")
         .and_then(|x| x.as_bool())
         .unwrap_or(false);
+    let use_dora = v.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false);
     let target_modules = match v.get("target_modules") {
         // PEFT's default for llama / mistral / qwen2 when none is given.
         None | Some(Value::Null) => TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
@@ -122,6 +123,7 @@ pub fn parse_adapter_config(v: &Value, file: &Path) -> Result<PeftAdapterConfig>
             alpha,
             dropout,
             use_rslora,
+            use_dora,
             target_modules,
             rank_pattern,
             alpha_pattern,
@@ -198,7 +200,7 @@ pub fn adapter_config_json(
         "revision": null,
         "target_modules": targets,
         "task_type": "CAUSAL_LM",
-        "use_dora": false,
+        "use_dora": lora.use_dora,
         "use_rslora": lora.use_rslora
     })
 }
@@ -264,8 +266,7 @@ pub fn load_adapter(decoder: &mut Decoder, dir: &Path) -> Result<PeftAdapterConf
             ModelError::config(&cfg_path, format!("no module named {}", target.module))
         })?;
         let (out_f, in_f) = (linear.out_features(), linear.in_features());
-        let mut take = |which: char, shape: [usize; 2]| -> Result<Tensor> {
-            let name = peft_tensor_name(&target.module, which);
+        let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
             let t = tensors
                 .remove(&name)
                 .ok_or_else(|| ModelError::MissingTensor {
@@ -282,8 +283,13 @@ pub fn load_adapter(decoder: &mut Decoder, dir: &Path) -> Result<PeftAdapterConf
             }
             Ok(t.to_dtype(DType::F32)?.to_device(&decoder.device)?)
         };
-        let a = take('A', [target.r, in_f])?;
-        let b = take('B', [out_f, target.r])?;
+        let a = take(peft_tensor_name(&target.module, 'A'), &[target.r, in_f])?;
+        let b = take(peft_tensor_name(&target.module, 'B'), &[out_f, target.r])?;
+        let magnitude = cfg
+            .lora
+            .use_dora
+            .then(|| take(names::peft_magnitude(&target.module), &[out_f]))
+            .transpose()?;
         adapters.push((
             target.module.clone(),
             LoraAdapter {
@@ -293,7 +299,9 @@ pub fn load_adapter(decoder: &mut Decoder, dir: &Path) -> Result<PeftAdapterConf
                 alpha: target.alpha,
                 scale: target.scale,
                 dropout: cfg.lora.dropout,
+                dora: None,
             },
+            magnitude,
         ));
     }
     if !tensors.is_empty() {
@@ -305,9 +313,12 @@ pub fn load_adapter(decoder: &mut Decoder, dir: &Path) -> Result<PeftAdapterConf
         ));
     }
     decoder.remove_lora();
-    for (module, adapter) in adapters {
+    for (module, adapter, magnitude) in adapters {
         if let Some(l) = decoder.linear_mut(&module) {
             l.lora = Some(adapter);
+            if magnitude.is_some() {
+                l.attach_dora(magnitude)?;
+            }
         }
     }
     decoder.lora_config = Some(cfg.lora.clone());

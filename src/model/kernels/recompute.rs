@@ -201,9 +201,9 @@ impl CustomOp1 for Recompute {
         let grads = (output * grad_res.detach())?.sum_all()?.backward()?;
         for linear in self.layer.linears() {
             if let Some(lora) = &linear.lora {
-                for var in [&lora.a, &lora.b] {
+                for (_, var) in lora.named_vars(&linear.name) {
                     if let Some(g) = grads.get(var.as_tensor()) {
-                        add_recomputed(var, g)?;
+                        add_recomputed(&var, g)?;
                     }
                 }
             }

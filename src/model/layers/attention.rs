@@ -182,6 +182,8 @@ impl QuerySelection {
 
 /// The query, key and value projections: three, or Phi-3's one `qkv_proj`
 /// whose output is q, then k, then v.
+// One per layer, never in a collection: the unequal variants cost nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Qkv {
     Separate {

@@ -103,6 +103,9 @@ pub struct LoraConfig {
     pub dropout: f64,
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row over the normalised W + s·B·A.
+    #[serde(default)]
+    pub use_dora: bool,
     pub target_modules: TargetModules,
     #[serde(default)]
     pub rank_pattern: PatternMap<usize>,
@@ -119,6 +122,8 @@ pub struct ResolvedTarget {
     pub alpha: f64,
     /// alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub scale: f64,
+    /// A DoRA adapter (a magnitude vector too).
+    pub dora: bool,
 }
 
 fn full_match(pattern: &str, text: &str) -> Result<bool> {
@@ -147,6 +152,7 @@ impl LoraConfig {
             alpha,
             dropout: 0.0,
             use_rslora: false,
+            use_dora: false,
             target_modules,
             rank_pattern: PatternMap::default(),
             alpha_pattern: PatternMap::default(),
@@ -200,6 +206,7 @@ impl LoraConfig {
             }
             out.push(ResolvedTarget {
                 scale: self.scale_for(r, alpha),
+                dora: self.use_dora,
                 module,
                 r,
                 alpha,
@@ -230,6 +237,55 @@ pub struct LoraAdapter {
     pub alpha: f64,
     pub scale: f64,
     pub dropout: f64,
+    /// DoRA's part, when the adapter is one.
+    pub dora: Option<Dora>,
+}
+
+/// DoRA (Liu et al. 2024, as PEFT 0.21 computes it): the layer's weight is
+/// m ∘ (W + s·B·A) / ‖W + s·B·A‖, row by row, with the norm treated as a
+/// constant in backward (the paper's §4.3, PEFT's `weight_norm.detach()`).
+#[derive(Clone, Debug)]
+pub struct Dora {
+    /// m [out], f32, trainable (PEFT's `lora_magnitude_vector`).
+    pub magnitude: Var,
+    /// ‖W_i‖² [out] (f64 for an f64 W, else f32), for the frozen W this adapter sits on: the norm
+    /// of W + s·B·A is expanded around it so that no dense [out, in] copy
+    /// is made per step (see `Linear::dora_norm`).
+    pub base_norm_sq: Tensor,
+}
+
+impl Dora {
+    /// Row norms ‖W_i‖² of a dense weight [out, in]: f64 for an f64 weight
+    /// (the reference tests), else f32.
+    pub fn base_norm_sq(weight: &Tensor) -> Result<Tensor> {
+        let acc = if weight.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        Ok(weight.to_dtype(acc)?.sqr()?.sum(1)?)
+    }
+
+    /// DoRA's part for an adapter on `weight` [out, in], with PEFT's initial
+    /// magnitude ‖W + s·B·A‖ per row when none is given.
+    pub fn attach(
+        weight: &Tensor,
+        adapter: &LoraAdapter,
+        magnitude: Option<Tensor>,
+    ) -> Result<Dora> {
+        let base_norm_sq = Dora::base_norm_sq(weight)?;
+        let magnitude = match magnitude {
+            Some(m) => m.to_dtype(DType::F32)?,
+            None => {
+                let w = (weight.to_dtype(DType::F32)? + adapter.delta_weight()?)?;
+                w.sqr()?.sum(1)?.sqrt()?
+            }
+        };
+        Ok(Dora {
+            magnitude: Var::from_tensor(&magnitude)?,
+            base_norm_sq,
+        })
+    }
 }
 
 impl LoraAdapter {
@@ -259,7 +315,23 @@ impl LoraAdapter {
             alpha: target.alpha,
             scale: target.scale,
             dropout,
+            dora: None,
         })
+    }
+
+    /// The trainable Vars with their PEFT names: A, B, then DoRA's magnitude.
+    pub fn named_vars(&self, module: &str) -> Vec<(String, Var)> {
+        let mut out = vec![
+            (peft_tensor_name(module, 'A'), self.a.clone()),
+            (peft_tensor_name(module, 'B'), self.b.clone()),
+        ];
+        if let Some(d) = &self.dora {
+            out.push((
+                crate::model::formats::names::peft_magnitude(module),
+                d.magnitude.clone(),
+            ));
+        }
+        out
     }
 
     /// ΔW = scale · B A in f32, shape [out, in].
