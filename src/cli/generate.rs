@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use super::{Context, Error};
 use crate::cache::{Cache, MANIFEST};
-use crate::metrics::samples::{complete, Sample};
+use crate::metrics::samples::encode_prompt;
+use crate::model::generate::{GenerateOptions, Sampling};
 use crate::stage::{ArtifactKind, InputArtifact};
 
 #[derive(clap::Args, Debug)]
@@ -35,9 +36,14 @@ pub struct GenerateArgs {
     /// the model's end-of-sequence token).
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Also sample at this temperature (seeded by --seed); 0: greedy only.
+    /// Sample at this temperature instead of the greedy choice (seeded by
+    /// --seed); 0: greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Sample only from the most likely tokens whose probabilities add up
+    /// to this (nucleus sampling; with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
     /// Seed of the sampling (default: the recipe's).
     #[arg(long)]
     seed: Option<u64>,
@@ -110,7 +116,16 @@ fn stage_names(recipe: &crate::recipe::Recipe, selectors: &[String]) -> Result<V
     Ok(out)
 }
 
-pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
+/// One stage ready to answer: its model as the stage saw it (a clone of a
+/// loaded base shares its weights), tokenizer and chat template.
+struct Speaker {
+    stage: String,
+    model: crate::model::decoder::Decoder,
+    tokenizer: crate::data::ModelTokenizer,
+    template: Option<crate::data::ChatTemplate>,
+}
+
+fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>, Error> {
     let mut prompts = args.prompts.clone();
     let from_stdin = prompts.iter().any(|p| p == "-");
     prompts.retain(|p| p != "-");
@@ -136,17 +151,58 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
             "no prompts: give them as arguments, with --file, or \"-\" for standard input".into(),
         ));
     }
-    let (checked, cache, plan) = ctx.check_and_plan(&args.recipe)?;
-    let seed = args.seed.unwrap_or(checked.recipe.header.seed.value);
+    Ok(prompts)
+}
+
+fn sampling_of(args: &GenerateArgs, seed: u64) -> Result<(String, Sampling), Error> {
+    if args.temperature == 0.0 {
+        return Ok(("greedy".into(), Sampling::Greedy));
+    }
+    if !(args.temperature.is_finite() && args.temperature > 0.0) {
+        return Err(Error::Usage(format!(
+            "--temperature must be 0 (greedy) or positive, got {}",
+            args.temperature
+        )));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::Usage(format!(
+            "--top-p must be in (0, 1], got {}",
+            args.top_p
+        )));
+    }
+    let mode = match args.top_p {
+        1.0 => format!("sampled (temperature {})", args.temperature),
+        p => format!("sampled (temperature {}, top_p {p})", args.temperature),
+    };
+    Ok((
+        mode,
+        Sampling::Sample {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed,
+        },
+    ))
+}
+
+/// Loads every named stage's model, each distinct base or merge once.
+fn speakers(
+    ctx: &Context,
+    args: &GenerateArgs,
+    checked: &super::context::Checked,
+    cache: &Cache,
+    plan: &crate::plan::Plan,
+) -> Result<Vec<Speaker>, Error> {
     let device =
-        crate::device::candle(&ctx.resolve_device(&checked)?).map_err(|e| Error::Environment {
+        crate::device::candle(&ctx.resolve_device(checked)?).map_err(|e| Error::Environment {
             context: "opening the compute device".into(),
             source: e,
         })?;
-    let mut answers: Vec<(String, Vec<Sample>)> = Vec::new();
+    let mut bases: std::collections::HashMap<String, crate::model::decoder::Decoder> =
+        std::collections::HashMap::new();
+    let mut out = Vec::new();
     for stage in &stage_names(&checked.recipe, &args.stages)? {
-        let artifact = super::context::cached_in(&plan, &args.recipe, stage)?;
-        let own = input(ctx, &cache, stage, &artifact)?;
+        let artifact = super::context::cached_in(plan, &args.recipe, stage)?;
+        let own = input(ctx, cache, stage, &artifact)?;
         let (model_input, adapter) = match own.output {
             ArtifactKind::Model => (own, None),
             ArtifactKind::Adapter => {
@@ -156,7 +212,7 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
                     ))
                 })?;
                 (
-                    input(ctx, &cache, &parent.stage, &parent.artifact)?,
+                    input(ctx, cache, &parent.stage, &parent.artifact)?,
                     Some(own),
                 )
             }
@@ -171,8 +227,17 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
             source: e,
         };
         let source = crate::kinds::inputs::model_source(&model_input).map_err(failed)?;
-        let mut model = crate::kinds::inputs::load_model(&source, candle_core::DType::F32, &device)
-            .map_err(failed)?;
+        let mut model = match bases.get(&model_input.key) {
+            Some(base) => base.clone(),
+            None => {
+                eprintln!("[runner] {stage}: loading `{}`", model_input.stage);
+                let base =
+                    crate::kinds::inputs::load_model(&source, candle_core::DType::F32, &device)
+                        .map_err(failed)?;
+                bases.insert(model_input.key.clone(), base.clone());
+                base
+            }
+        };
         if let Some(adapter) = &adapter {
             crate::kinds::inputs::load_adapter(&mut model, adapter).map_err(failed)?;
         }
@@ -185,40 +250,102 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
         if !args.raw && template.is_none() {
             eprintln!("note: `{stage}`'s model has no chat template: prompts go as plain text");
         }
-        eprintln!(
-            "[runner] {stage}: generating for {} prompt(s)",
-            prompts.len()
-        );
-        let samples = complete(
-            &model,
-            &tokenizer,
-            &prompts,
-            template.as_ref(),
-            args.max_new_tokens,
-            args.temperature,
-            seed,
-        )
-        .map_err(|e| Error::Environment {
-            context: format!("generating with `{stage}`"),
-            source: e,
-        })?;
-        answers.push((stage.clone(), samples));
+        out.push(Speaker {
+            stage: stage.clone(),
+            model,
+            tokenizer,
+            template,
+        });
     }
+    Ok(out)
+}
+
+/// The text to print after `shown` (what was printed so far) once the
+/// completion reads `text`: its new end, held back while it ends in an
+/// incomplete character (a byte-level token can split one).
+fn new_text<'a>(shown: &str, text: &'a str) -> Option<&'a str> {
+    if text.ends_with('\u{FFFD}') {
+        return None;
+    }
+    text.strip_prefix(shown).filter(|t| !t.is_empty())
+}
+
+pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
+    use std::io::Write;
+    let prompts = prompts_of(args)?;
+    let (checked, cache, plan) = ctx.check_and_plan(&args.recipe)?;
+    let (mode, sampling) =
+        sampling_of(args, args.seed.unwrap_or(checked.recipe.header.seed.value))?;
+    let speakers = speakers(ctx, args, &checked, &cache, &plan)?;
+    let interrupt = super::process::install_interrupt();
+    let mut stdout = std::io::stdout().lock();
+    let write = |out: &mut std::io::StdoutLock, text: &str| {
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(Error::io("writing to standard output"))
+    };
+    // Prompt by prompt, each stage under the previous one, tokens printed
+    // as they come (lines of JSON once a completion is whole).
     for (i, prompt) in prompts.iter().enumerate() {
         if !args.json {
-            println!("── {prompt}");
+            write(&mut stdout, &format!("── {prompt}\n"))?;
         }
-        for (stage, samples) in &answers {
-            for s in samples.iter().filter(|s| s.prompt == *prompt) {
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"stage": stage, "prompt": prompt, "prompt_index": i,
-                                           "mode": s.mode, "completion": s.completion})
-                    );
-                } else {
-                    println!("{stage} ({}): {}", s.mode, s.completion);
+        for s in &speakers {
+            let failed = |e: anyhow::Error| Error::Environment {
+                context: format!("generating with `{}`", s.stage),
+                source: e,
+            };
+            let ids = encode_prompt(&s.tokenizer, s.template.as_ref(), prompt).map_err(failed)?;
+            let stop: Vec<u32> = s.tokenizer.eos().map(|e| e.id).into_iter().collect();
+            let options = GenerateOptions {
+                max_new_tokens: args.max_new_tokens,
+                stop_tokens: stop.clone(),
+                sampling: sampling.clone(),
+            };
+            if !args.json {
+                write(&mut stdout, &format!("{} ({mode}): ", s.stage))?;
+            }
+            let (mut so_far, mut shown) = (Vec::new(), String::new());
+            let mut broken: Option<Error> = None;
+            let mut on_token = |_row: usize, token: u32| {
+                so_far.push(token);
+                if !args.json {
+                    let text = s
+                        .tokenizer
+                        .decode_completion(&so_far, &stop)
+                        .unwrap_or_default();
+                    if let Some(piece) = new_text(&shown, &text) {
+                        if let Err(e) = write(&mut stdout, piece) {
+                            broken = Some(e);
+                        }
+                        shown = text;
+                    }
                 }
+                broken.is_none() && !interrupt.load(std::sync::atomic::Ordering::SeqCst)
+            };
+            let generated =
+                crate::model::generate::generate_with(&s.model, &[ids], &options, &mut on_token)
+                    .map_err(|e| failed(e.into()))?;
+            if let Some(e) = broken {
+                return Err(e);
+            }
+            let completion = s
+                .tokenizer
+                .decode_completion(&generated[0], &stop)
+                .map_err(|e| failed(e.into()))?;
+            let line = match args.json {
+                true => serde_json::json!({"stage": s.stage, "prompt": prompt, "prompt_index": i,
+                                           "mode": mode, "completion": completion})
+                .to_string(),
+                // Whatever the stream held back (an unfinished character).
+                false => completion
+                    .strip_prefix(shown.as_str())
+                    .unwrap_or("")
+                    .to_string(),
+            };
+            write(&mut stdout, &format!("{line}\n"))?;
+            if interrupt.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::Interrupted);
             }
         }
     }

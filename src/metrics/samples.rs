@@ -15,6 +15,27 @@ pub struct Sample {
     pub completion: String,
 }
 
+/// A prompt's token ids: one user message through `chat` with the
+/// generation prompt (its special tokens in the text, so the tokenizer's
+/// post-processor is not run), or plain text.
+pub fn encode_prompt(
+    tokenizer: &ModelTokenizer,
+    chat: Option<&crate::data::ChatTemplate>,
+    prompt: &str,
+) -> anyhow::Result<Vec<u32>> {
+    let ids = match chat {
+        Some(template) => {
+            let message = crate::data::Message {
+                role: "user".into(),
+                content: prompt.to_string(),
+            };
+            tokenizer.encode(&template.render(&[message], true)?, false)
+        }
+        None => tokenizer.encode(prompt, true),
+    };
+    ids.map_err(|e| anyhow::anyhow!("prompt {prompt:?}: {e}"))
+}
+
 /// Greedy completions of `prompts` (and sampled ones when `temperature` > 0,
 /// seeded), stopping at the tokenizer's EOS.
 /// `chat`: each prompt is one user message, rendered by this template with
@@ -34,19 +55,7 @@ pub fn complete(
     }
     let encoded: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| {
-            let ids = match chat {
-                Some(template) => {
-                    let message = crate::data::Message {
-                        role: "user".into(),
-                        content: p.clone(),
-                    };
-                    tokenizer.encode(&template.render(&[message], true)?, false)
-                }
-                None => tokenizer.encode(p, true),
-            };
-            ids.map_err(|e| anyhow::anyhow!("prompt {p:?}: {e}"))
-        })
+        .map(|p| encode_prompt(tokenizer, chat, p))
         .collect::<anyhow::Result<_>>()?;
     let stop_tokens: Vec<u32> = tokenizer.eos().map(|e| e.id).into_iter().collect();
     let mut modes = vec![("greedy".to_string(), Sampling::Greedy)];

@@ -227,6 +227,18 @@ pub fn generate(
     prompts: &[Vec<u32>],
     opts: &GenerateOptions,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_with(model, prompts, opts, &mut |_, _| true)
+}
+
+/// [`generate`], calling `on_token(row, token)` for each token as it is
+/// chosen (for streaming); when it returns false, generation stops there
+/// and the tokens so far are returned (for Ctrl-C).
+pub fn generate_with(
+    model: &Decoder,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     opts.validate()?;
     if let Some(row) = prompts.iter().position(Vec::is_empty) {
         return Err(ModelError::Input(format!("prompt {row} is empty")));
@@ -268,9 +280,11 @@ pub fn generate(
         let mut next_ids = vec![vec![PAD_TOKEN]; batch];
         let mut next_real = vec![vec![false]; batch];
         let mut still_active = Vec::with_capacity(active.len());
+        let mut go_on = true;
         for (&row, row_logits) in active.iter().zip(&logits) {
             let token = pickers[row].pick(row_logits)?;
             outputs[row].push(token);
+            go_on &= on_token(row, token);
             let done =
                 opts.stop_tokens.contains(&token) || outputs[row].len() >= opts.max_new_tokens;
             if !done {
@@ -280,7 +294,7 @@ pub fn generate(
             }
         }
         active = still_active;
-        if active.is_empty() {
+        if active.is_empty() || !go_on {
             return Ok(outputs);
         }
         // Finished rows are fed masked padding: they keep the batch

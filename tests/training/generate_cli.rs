@@ -139,4 +139,106 @@ seq_len = 32
         "{}",
         run.stderr
     );
+    // Sampling: seeded, so the same twice; a nucleus that small keeps only
+    // the most likely token, so it is the greedy answer.
+    let answer = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "generate",
+            "recipe.toml",
+            "--stages",
+            "sft",
+            "--raw",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        args.push("sort cba:");
+        serde_json::from_str(ws.runner(&args).ok().stdout.trim()).unwrap()
+    };
+    let greedy = answer(&[]);
+    let hot = ["--temperature", "3", "--seed", "4"];
+    let sampled = answer(&hot);
+    assert_eq!(sampled["mode"], "sampled (temperature 3)");
+    assert_eq!(sampled, answer(&hot));
+    assert_ne!(sampled["completion"], greedy["completion"]);
+    let narrow = answer(&["--temperature", "3", "--top-p", "1e-9"]);
+    assert_eq!(narrow["mode"], "sampled (temperature 3, top_p 0.000000001)");
+    assert_eq!(narrow["completion"], greedy["completion"]);
+    let run = ws.runner(&[
+        "generate",
+        "recipe.toml",
+        "--stages",
+        "sft",
+        "--temperature",
+        "1",
+        "--top-p",
+        "0",
+        "hi",
+    ]);
+    assert_eq!(run.code, exit::USAGE);
+    assert!(run.stderr.contains("--top-p"), "{}", run.stderr);
+}
+
+/// Tokens reach standard output while generation goes on (read here from a
+/// run asked for a million tokens, still running), and Ctrl-C stops it
+/// cleanly: the line is ended, nothing more comes, exit 130.
+#[test]
+fn generate_streams_tokens_and_ctrl_c_stops_it() {
+    use std::io::Read;
+    let ws = Workspace::new();
+    ws.write(
+        "recipe.toml",
+        "[recipe]\nname = \"stream\"\nseed = 9\n\n[stages.base]\nkind = \"base\"\n\
+         init = { arch = \"qwen2\", hidden = 32, layers = 2, heads = 4, kv_heads = 2, ffn = 64, vocab = 100 }\n",
+    );
+    ws.runner(&["run", "recipe.toml"]).ok();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            "generate",
+            "recipe.toml",
+            "--stages",
+            "base",
+            "--raw",
+            "--max-new-tokens",
+            "1000000",
+            "sort cba:",
+        ])
+        .current_dir(ws.path("."))
+        .env("RUNNER_CACHE", ws.cache())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let header = "── sort cba:\nbase (greedy): ";
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while seen.len() < header.len() + 40 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "output ended: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the text came while generating"
+    );
+    assert!(String::from_utf8_lossy(&seen).starts_with(header));
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(exit::INTERRUPTED),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    seen.extend(rest);
+    let text = String::from_utf8(seen).unwrap();
+    assert!(
+        text.ends_with('\n') && text.lines().count() == 2,
+        "{text:?}"
+    );
 }
