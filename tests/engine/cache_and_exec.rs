@@ -318,18 +318,7 @@ fn ctrl_c_stops_at_a_step_boundary_and_exits_130() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(100));
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(exit::INTERRUPTED),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::interrupt_and_wait(child);
     assert!(ws.artifacts().is_empty());
     let p = plan(&ws);
     assert_eq!(plan_entry(&p, "slow").0, "resume");

@@ -199,6 +199,23 @@ impl Run {
     }
 }
 
+/// Sends Ctrl-C (SIGINT) to `child` and checks that it exits with 130.
+pub fn interrupt_and_wait(child: std::process::Child) -> std::process::Output {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(exit::INTERRUPTED),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Plan `recipe` with `--json` and return (status, reason, key) of `stage`.
 pub fn plan_entry(plan: &serde_json::Value, stage: &str) -> (String, String, String) {
     let s = plan["stages"]

@@ -381,17 +381,7 @@ fn ctrl_c_checkpoints_and_plan_says_where_it_resumes() {
         .spawn()
         .unwrap();
     wait_for_checkpoint(&ws, 5, &mut child);
-    std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(exit::INTERRUPTED),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::interrupt_and_wait(child);
     let plan = ws.runner(&["plan", "recipe.toml"]).ok().stdout;
     let line = plan.lines().find(|l| l.starts_with("sft ")).unwrap();
     assert!(line.contains("resume from step"), "{plan}");
