@@ -39,6 +39,7 @@ fn main() {
             ("bf16", DType::BF16, None),
             ("q8_0", DType::BF16, Some(Quantization::Q8_0)),
             ("q4_k", DType::BF16, Some(Quantization::Q4K)),
+            ("fp8", DType::BF16, Some(Quantization::Fp8)),
         ] {
             for checkpointing in [false, true] {
                 let e = estimate(&StepShape {

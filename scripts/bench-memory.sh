@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Peak memory and speed of one SFT step on a Qwen2-0.5B-shaped `init` model
 # (hidden 896, 24 layers, 14/2 heads, FFN 4864, vocab 151936, tied), batch 1,
-# LoRA r 16 on all seven projections: each precision (f32, bf16, q8_0, q4_k)
+# LoRA r 16 on all seven projections: each precision (f32, bf16, q8_0, q4_k, fp8)
 # at each sequence length, with and without activation checkpointing.
 #
 # Each measured process runs only the SFT stage (`--only sft --force sft`,
@@ -31,7 +31,7 @@ awk -v n=$((longest + 64)) 'BEGIN { srand(7); p = ""; for (i = 0; i < n; i++) p 
 
 recipe() { # precision seq checkpointing
   local quantize=none dtype=f32
-  case $1 in bf16) dtype=bf16 ;; q8_0 | q4_k) quantize=$1 ;; esac
+  case $1 in bf16) dtype=bf16 ;; q8_0 | q4_k | fp8) quantize=$1 ;; esac
   cat <<EOF
 [recipe]
 name = "memory"

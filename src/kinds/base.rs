@@ -364,7 +364,13 @@ impl Kind for Base {
                     p.stored_bits = Some(bits);
                     config
                 })),
-                false if config.is_file() => Some(crate::model::ModelConfig::from_file(&config)),
+                false if config.is_file() => {
+                    Some(crate::model::ModelConfig::from_file(&config).inspect(|c| {
+                        // An FP8 checkpoint's projections are held in their own blocks.
+                        p.stored_bits =
+                            c.fp8_block.map(crate::model::kernels::fp8::bits_per_weight);
+                    }))
+                }
                 false => None,
             };
             match read {
@@ -415,6 +421,12 @@ impl Kind for Base {
             return Some(
                 "projections kept in the GGUF's own blocks, dequantised per product".into(),
             );
+        }
+        let fp8 = p.loaded.as_ref().and_then(|c| c.fp8_block);
+        if let (Some([rows, cols]), true) = (fp8, no_quantize(&p.quantize)) {
+            return Some(format!(
+                "projections kept in the checkpoint's FP8 codes (float8_e4m3fn, an f32 scale per {rows} × {cols} block), dequantised per product"
+            ));
         }
         let q = p.quantize.as_ref()?.value.quantization()?;
         Some(format!(

@@ -174,12 +174,15 @@ impl Kind for Merge {
             None => source.quantize,
         };
         inputs::write_quantization(&ctx.out_dir, held)?;
-        // A GGUF's blocks are a conversion too: the merge is measured
-        // against an f32 merge into the dequantised blocks.
+        // A GGUF's blocks and an FP8 checkpoint's codes are a conversion
+        // too: the merge is measured against an f32 merge into the
+        // dequantised weights.
         let blocks = source
             .dir
             .join(crate::model::formats::gguf::GGUF_FILE)
-            .is_file();
+            .is_file()
+            || crate::model::ModelConfig::from_file(&source.dir.join("config.json"))
+                .is_ok_and(|c| c.fp8_block.is_some());
         if source.quantize.is_none() && held.is_none() && p.eval.is_none() && !blocks {
             return Ok(());
         }

@@ -115,6 +115,10 @@ pub enum Quantize {
     /// multiple of 256 use q5_0 (5.5 bits), as llama.cpp does.
     #[serde(rename = "q4_k")]
     Q4K,
+    /// float8_e4m3fn with an f32 scale per 128 × 128 block (8.002 bits a
+    /// weight), as transformers' fine-grained FP8 checkpoints hold them.
+    #[serde(rename = "fp8")]
+    Fp8,
 }
 
 /// Leaves `quantize` out of a stage key when it asks for nothing, so that
@@ -130,6 +134,7 @@ impl Quantize {
             Quantize::None => None,
             Quantize::Q8_0 => Some(Quantization::Q8_0),
             Quantize::Q4K => Some(Quantization::Q4K),
+            Quantize::Fp8 => Some(Quantization::Fp8),
         }
     }
 }

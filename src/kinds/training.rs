@@ -186,12 +186,13 @@ pub fn train_and_save(
     }
     let model_name = super::inputs::model_name(ctx.input("model")?);
     crate::model::formats::peft::save_adapter(model, &ctx.out_dir, &model_name)?;
-    if let Some(q) = model.quantization {
+    if model.quantization.is_some() || formats.keys().any(|f| *f != "dense") {
         // The adapter is ordinary PEFT and loads on the full-precision base;
-        // this says what it was trained against.
+        // this says what it was trained against (`quantize` null: the
+        // base's own blocks or FP8 codes, as stored).
         let note = serde_json::json!({
             "base_model_name_or_path": model_name,
-            "quantize": q,
+            "quantize": model.quantization,
             "formats": formats,
         });
         crate::fsutil::write_atomic(
@@ -213,21 +214,13 @@ pub fn train_and_save(
 fn base_precision(
     model: &crate::model::decoder::Decoder,
 ) -> (f64, std::collections::BTreeMap<&'static str, usize>) {
-    use crate::model::kernels::quantized::{format_name, Quantization};
     let (mut bits, mut weights) = (0.0, 0.0);
     let mut formats = std::collections::BTreeMap::new();
     for linear in model.linears() {
         let (out, inp) = linear.weight.dims();
-        let format = linear.weight.format();
-        let per = format.map_or(
-            8.0 * model.dtype.size_in_bytes() as f64,
-            Quantization::bits_per_weight,
-        );
-        bits += per * (out * inp) as f64;
+        bits += 8.0 * linear.weight.bytes() as f64;
         weights += (out * inp) as f64;
-        *formats
-            .entry(format.map_or("dense", format_name))
-            .or_default() += 1;
+        *formats.entry(linear.weight.label()).or_default() += 1;
     }
     (bits / weights.max(1.0), formats)
 }

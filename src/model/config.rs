@@ -50,6 +50,60 @@ pub struct ModelConfig {
     pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// An FP8 checkpoint (`quantization_config.quant_method = "fp8"`): the
+    /// block of its `weight_scale_inv` scales.
+    pub fp8_block: Option<[usize; 2]>,
+}
+
+/// The block size of transformers' fine-grained FP8 `quantization_config`
+/// (`quant_method = "fp8"`, `fmt = "e4m3"`, dynamic activations, f32
+/// scales); anything else in it is refused by name.
+fn fp8_block(q: &Value) -> std::result::Result<[usize; 2], String> {
+    let text = |key: &str| q.get(key).and_then(Value::as_str);
+    let method = text("quant_method").unwrap_or("?");
+    if method != "fp8" {
+        return Err(format!(
+            "quantization_config (quant_method {method:?}) is not supported: give an unquantized or a fine-grained FP8 (quant_method \"fp8\") checkpoint and set `quantize` in the recipe"
+        ));
+    }
+    let unsupported = |what: String| Err(format!("quantization_config: {what} is not supported"));
+    if let Some(fmt) = text("fmt").filter(|f| *f != "e4m3") {
+        return unsupported(format!("fmt {fmt:?} (only \"e4m3\", float8_e4m3fn)"));
+    }
+    if let Some(a) = text("activation_scheme").filter(|a| *a != "dynamic") {
+        return unsupported(format!(
+            "activation_scheme {a:?} (its static activation scales would be ignored; only \"dynamic\")"
+        ));
+    }
+    if let Some(f) = text("scale_fmt").filter(|f| *f != "float32") {
+        return unsupported(format!("scale_fmt {f:?} (only f32 scales)"));
+    }
+    let known = [
+        "quant_method",
+        "fmt",
+        "activation_scheme",
+        "weight_block_size",
+        "scale_fmt",
+        "modules_to_not_convert",
+        "dequantize",
+    ];
+    if let Some(key) = q
+        .as_object()
+        .and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
+    {
+        return unsupported(format!("key {key:?} (= {})", q[key]));
+    }
+    match q.get("weight_block_size").and_then(Value::as_array).map(|b| {
+        b.iter()
+            .map(|v| v.as_u64().filter(|&n| n > 0).map(|n| n as usize))
+            .collect::<Option<Vec<usize>>>()
+    }) {
+        Some(Some(b)) if b.len() == 2 => Ok([b[0], b[1]]),
+        _ => unsupported(format!(
+            "weight_block_size {} (two positive integers are needed; per-tensor scales are not read)",
+            q.get("weight_block_size").unwrap_or(&Value::Null)
+        )),
+    }
 }
 
 /// The most parameters a model may have: 2^40, more than any machine
@@ -516,12 +570,10 @@ impl ModelConfig {
                 architectures: architectures.clone(),
             })?;
         let family = architecture.family();
-        if let Some(q) = r.get("quantization_config") {
-            let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("?");
-            return Err(r.error(format!(
-                "quantization_config (quant_method {method:?}) is not supported: give an unquantized checkpoint and set `quantize` in the recipe"
-            )));
-        }
+        let fp8_block = match r.get("quantization_config") {
+            None => None,
+            Some(q) => Some(fp8_block(q).map_err(|e| r.error(e))?),
+        };
         if let Some(m) = r.get("auto_map") {
             return Err(r.error(format!(
                 "auto_map = {m} names custom modeling code, which this program cannot follow"
@@ -651,6 +703,7 @@ impl ModelConfig {
             final_logit_softcapping: final_cap,
             bos_token_id: v.get("bos_token_id").and_then(first_token_id),
             eos_token_id: v.get("eos_token_id").and_then(first_token_id),
+            fp8_block,
         };
         // Shapes no machine holds are refused before anything allocates.
         let parameters = config.parameter_count();

@@ -154,7 +154,7 @@ impl Decoder {
             .or_else(|| config.torch_dtype.as_deref().and_then(parse_torch_dtype))
             .or_else(|| files.first_float_dtype())
             .unwrap_or(DType::F32);
-        if quantize.is_some() && dtype == DType::F64 {
+        if quantize.is_some_and(|q| q != Quantization::Fp8) && dtype == DType::F64 {
             return Err(ModelError::Input(
                 "a quantized base computes in f32, bf16 or f16, not f64".into(),
             ));
@@ -164,6 +164,7 @@ impl Decoder {
             dtype,
             device: &opts.device,
             quantize,
+            fp8_block: config.fp8_block,
         };
         Self::from_checkpoint(config, &w)
     }

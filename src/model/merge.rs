@@ -119,6 +119,8 @@ pub fn save_model_folder(
     };
     if let Some(obj) = config.as_object_mut() {
         obj.insert("torch_dtype".into(), json!(torch_dtype_name(decoder.dtype)));
+        // The weights written are dense, whatever the source held (FP8).
+        obj.remove("quantization_config");
     }
     write_json_atomic(&dir.join("config.json"), &config)?;
     if let Some(src) = source_dir {

@@ -7,10 +7,11 @@
 //! against PEFT's formula written out by hand.
 
 use crate::support::model::{
-    assert_gradients_match, max_abs_diff_f64 as max_abs_diff, with_big_stack,
+    assert_gradients_match, max_abs_diff_f64 as max_abs_diff, passes_on_the_generic_path,
+    row_logits, row_logprob_sum, with_big_stack,
 };
 use candle_core::{DType, Device, Tensor};
-use lora_runner::model::decoder::{Decoder, Input, LoadOptions, Mode, Rows};
+use lora_runner::model::decoder::{Decoder, LoadOptions, Mode};
 use lora_runner::model::formats::peft::{load_adapter, save_adapter};
 use lora_runner::model::kernels::quantized::Quantization;
 use lora_runner::model::merge::merge_lora;
@@ -56,31 +57,19 @@ fn load(family: &str, dtype: DType) -> Decoder {
 
 /// Mean next-token NLL over the rows, each row its own forward pass.
 fn mean_loss(model: &Decoder, rows: &[Vec<u32>], mode: Mode) -> Tensor {
-    let mut total: Option<Tensor> = None;
-    let mut count = 0;
-    for row in rows {
-        let ids = Tensor::new(row.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let hidden = model
-            .forward(Input::padded(&ids, None), Rows::All, mode)
-            .unwrap();
-        let targets: Vec<_> = (0..row.len() - 1).map(|t| (0, t, row[t + 1])).collect();
-        let sum = model
-            .token_logprobs(&hidden, &targets)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        total = Some(match total {
-            None => sum,
-            Some(t) => (t + sum).unwrap(),
-        });
-        count += row.len() - 1;
-    }
-    (total.unwrap().neg().unwrap() / count as f64).unwrap()
+    let count: usize = rows.iter().map(|r| r.len() - 1).sum();
+    let sums: Vec<Tensor> = rows
+        .iter()
+        .map(|row| row_logprob_sum(model, row, mode))
+        .collect();
+    (Tensor::stack(&sums, 0)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .neg()
+        .unwrap()
+        / count as f64)
+        .unwrap()
 }
 
 /// Every family: PEFT's loss (1e-6 relative) and the gradient of every A,
@@ -130,26 +119,10 @@ fn dora_gives_peft_loss_and_gradients_also_checkpointed() {
     with_big_stack(check_loss_and_gradients);
 }
 
-/// The same check on the compositions a GPU runs: this test binary runs
-/// the test above again in a child with `LORA_RUNNER_GENERIC_OPS=1` (the
-/// switch is read once per process).
+/// The same check on the compositions a GPU runs.
 #[test]
 fn dora_gives_peft_gradients_on_the_gpu_code_path() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "dora::dora_gives_peft_loss_and_gradients_also_checkpointed",
-            "--test-threads=1",
-        ])
-        .env("LORA_RUNNER_GENERIC_OPS", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("1 passed"),
-        "generic path: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    passes_on_the_generic_path("dora::dora_gives_peft_loss_and_gradients_also_checkpointed");
 }
 
 /// PEFT's merge_and_unload: W' = m / ‖W + sBA‖ ∘ (W + sBA). The merge runs
@@ -163,14 +136,7 @@ fn dora_merge_gives_peft_merged_logits() {
             let merged = merge_lora(&model).unwrap();
             assert!(merged.lora_parameters().is_empty());
             for (i, row) in r.rows.iter().enumerate() {
-                let ids = Tensor::new(row.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let hidden = merged
-                    .forward(Input::padded(&ids, None), Rows::All, Mode::Inference)
-                    .unwrap();
-                let logits = merged.logits(&hidden).unwrap().squeeze(0).unwrap();
+                let logits = row_logits(&merged, row);
                 let expected = &r.tensors[&format!("merged_logits.{i}")];
                 let diff = max_abs_diff(&logits, expected);
                 let spread = max_abs_diff(expected, &expected.zeros_like().unwrap());
@@ -179,10 +145,7 @@ fn dora_merge_gives_peft_merged_logits() {
                     "{family} row {i}: merged logits off by {diff} (largest {spread})"
                 );
                 // The unmerged adapter gives the same logits.
-                let hidden = model
-                    .forward(Input::padded(&ids, None), Rows::All, Mode::Inference)
-                    .unwrap();
-                let unmerged = model.logits(&hidden).unwrap().squeeze(0).unwrap();
+                let unmerged = row_logits(&model, row);
                 assert!(max_abs_diff(&unmerged, expected) < 1e-4 * spread);
             }
         }

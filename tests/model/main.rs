@@ -6,6 +6,7 @@ mod checkpointing;
 mod dora;
 mod families;
 mod forward_reference;
+mod fp8;
 mod fused_attention;
 mod fused_linear;
 mod generate;

@@ -117,6 +117,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Runs test `name` of this test binary again in a child process with
+/// `LORA_RUNNER_GENERIC_OPS=1`: the compositions a GPU runs, on the CPU
+/// (the switch is read once per process), and checks that it passed.
+pub fn passes_on_the_generic_path(name: &str) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1"])
+        .env("LORA_RUNNER_GENERIC_OPS", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "{name} on the generic path: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The largest |a − b|, in f64.
 pub fn max_abs_diff_f64(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
@@ -289,25 +306,50 @@ pub fn fixture_family(family: &str) -> std::path::PathBuf {
         .join(family)
 }
 
-/// Mean next-token loss of one row of `ids` under `model` (f64).
-pub fn mean_nll(model: &lora_runner::model::decoder::Decoder, ids: &[u32]) -> f64 {
-    use lora_runner::model::decoder::{Input, Mode, Rows};
-    let input = Tensor::new(ids, &Device::Cpu)
+/// The final-norm hidden states [1, t, hidden] of `row` run alone.
+pub fn row_hidden(
+    model: &lora_runner::model::decoder::Decoder,
+    row: &[u32],
+    mode: lora_runner::model::decoder::Mode,
+) -> Tensor {
+    use lora_runner::model::decoder::{Input, Rows};
+    let ids = Tensor::new(row, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let hidden = model
-        .forward(Input::padded(&input, None), Rows::All, Mode::Inference)
-        .unwrap();
-    let targets: Vec<_> = (0..ids.len() - 1).map(|t| (0, t, ids[t + 1])).collect();
-    let logprobs = model.token_logprobs(&hidden, &targets).unwrap();
-    -logprobs
+    model
+        .forward(Input::padded(&ids, None), Rows::All, mode)
+        .unwrap()
+}
+
+/// The logits [t, vocab] of `row` run alone, without a graph.
+pub fn row_logits(model: &lora_runner::model::decoder::Decoder, row: &[u32]) -> Tensor {
+    let hidden = row_hidden(model, row, lora_runner::model::decoder::Mode::Inference);
+    model.logits(&hidden).unwrap().squeeze(0).unwrap()
+}
+
+/// Σ log p(next token) over `row` run alone, as an f64 scalar (with a
+/// graph in `Mode::Eval`).
+pub fn row_logprob_sum(
+    model: &lora_runner::model::decoder::Decoder,
+    row: &[u32],
+    mode: lora_runner::model::decoder::Mode,
+) -> Tensor {
+    let hidden = row_hidden(model, row, mode);
+    let targets: Vec<_> = (0..row.len() - 1).map(|t| (0, t, row[t + 1])).collect();
+    model
+        .token_logprobs(&hidden, &targets)
+        .unwrap()
+        .sum_all()
+        .unwrap()
         .to_dtype(DType::F64)
         .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+}
+
+/// Mean next-token loss of one row of `ids` under `model` (f64).
+pub fn mean_nll(model: &lora_runner::model::decoder::Decoder, ids: &[u32]) -> f64 {
+    let sum = row_logprob_sum(model, ids, lora_runner::model::decoder::Mode::Inference);
+    -sum.to_scalar::<f64>().unwrap() / (ids.len() - 1) as f64
 }
 
 /// SmolLM2's GGUF as `.ci/run` fetches it (RUNNER_TEST_SMOLLM2), or None

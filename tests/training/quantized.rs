@@ -80,6 +80,26 @@ fn metric(ws: &Workspace, stage: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{stage} has no metric {name}"))
 }
 
+/// SFT at least halves the held-out loss; both DPO schemes reach 0.9
+/// held-out preference accuracy.
+fn learns_in_both_schemes(ws: &Workspace) {
+    let (before, after) = (
+        metric(ws, "sft", "before/eval/loss"),
+        metric(ws, "sft", "eval/loss"),
+    );
+    assert!(after <= before / 2.0, "SFT eval loss {before} -> {after}");
+    for stage in ["dpo_continued", "dpo_fresh"] {
+        let acc = metric(ws, stage, "eval/rewards/accuracies");
+        assert!(acc >= 0.9, "{stage}: held-out preference accuracy {acc}");
+    }
+}
+
+/// What the `sft` adapter says it was trained against.
+fn base_note(ws: &Workspace) -> serde_json::Value {
+    let file = artifact(ws, "sft").join("base_quantization.json");
+    serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+}
+
 fn artifact(ws: &Workspace, stage: &str) -> PathBuf {
     PathBuf::from(shown(ws, stage)["path"].as_str().unwrap())
 }
@@ -96,15 +116,7 @@ fn a_q4_k_base_with_checkpointing_still_learns_in_both_schemes_and_measures_its_
     );
     ws.runner(&["run", "recipe.toml"]).ok();
 
-    let (before, after) = (
-        metric(&ws, "sft", "before/eval/loss"),
-        metric(&ws, "sft", "eval/loss"),
-    );
-    assert!(after <= before / 2.0, "SFT eval loss {before} -> {after}");
-    for stage in ["dpo_continued", "dpo_fresh"] {
-        let acc = metric(&ws, stage, "eval/rewards/accuracies");
-        assert!(acc >= 0.9, "{stage}: held-out preference accuracy {acc}");
-    }
+    learns_in_both_schemes(&ws);
 
     // The merge dequantises: the saved weights carry the q4_k rounding of
     // the base, and the re-quantized model (as dpo_fresh loads it) more.
@@ -201,4 +213,86 @@ fn quantize_is_in_the_base_key_and_a_killed_quantized_run_resumes_to_the_same_by
         straight == resumed,
         "the resumed run ends with the same adapter bytes"
     );
+}
+
+/// `quantize = "fp8"`: 128 × 128 blocks, partial on this small model (one
+/// block a matrix); both schemes learn, the merge measures what the FP8
+/// codes cost, and the base's bits a weight are FP8's.
+#[test]
+fn an_fp8_base_learns_in_both_schemes_and_measures_its_error() {
+    let ws = Workspace::new();
+    ws.write("recipe.toml", &recipe("fp8", 40));
+    let plan = ws.runner(&["plan", "recipe.toml"]).ok();
+    assert!(plan.stdout.contains("float8_e4m3fn"), "{}", plan.stdout);
+    ws.runner(&["run", "recipe.toml"]).ok();
+    learns_in_both_schemes(&ws);
+    // One byte a weight plus one f32 per block: 64×64 and 64×256 matrices
+    // hold one or two partial 128×128 blocks, so more than 8 bits.
+    let bits = metric(&ws, "sft", "base/bits_per_weight");
+    assert!(bits > 8.0 && bits < 8.1, "{bits}");
+    let note = base_note(&ws);
+    assert_eq!(
+        (&note["quantize"], &note["formats"]["fp8"]),
+        (&"fp8".into(), &14.into()),
+        "{note}"
+    );
+    let saved = metric(&ws, "merged", "merge/weight_max_abs_err");
+    let loaded = metric(&ws, "merged", "merge/loaded/weight_max_abs_err");
+    assert!(
+        saved > 1e-5 && loaded >= saved,
+        "saved {saved}, loaded {loaded}"
+    );
+    // The merge is written dense: a checkpoint transformers reads as such.
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(artifact(&ws, "merged").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(config.get("quantization_config").is_none());
+    let (straight, resumed) = crate::stages::straight_and_resumed_sft(&recipe("fp8", 20));
+    assert!(
+        straight == resumed,
+        "a killed FP8 run resumes to the same bytes"
+    );
+}
+
+/// transformers' FP8 checkpoint as a base: its projections stay FP8 codes
+/// (the plan says so), SFT trains on them, the merge is measured.
+#[test]
+fn an_fp8_checkpoint_trains_as_it_is_stored() {
+    let ws = Workspace::new();
+    let dst = ws.path("models/fp8");
+    std::fs::create_dir_all(&dst).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fp8/llama3");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(file), dst.join(file)).unwrap();
+    }
+    lora_runner::model::formats::tokenizer::write_builtin_tokenizer(&dst, 64).unwrap();
+    let text = recipe("none", 20)
+        .replace(
+            "init = { hidden = 64, layers = 2, heads = 4, kv_heads = 2, ffn = 256, vocab = 100 }\nquantize = \"none\"",
+            "path = \"models/fp8\"",
+        );
+    assert!(text.contains("path = \"models/fp8\""));
+    ws.write("recipe.toml", &text);
+    let plan = ws.runner(&["plan", "recipe.toml"]).ok();
+    assert!(
+        plan.stdout
+            .contains("FP8 codes (float8_e4m3fn, an f32 scale per 16 × 16 block)"),
+        "{}",
+        plan.stdout
+    );
+    ws.runner(&["run", "recipe.toml", "--until", "merged"]).ok();
+    let note = base_note(&ws);
+    assert!(
+        note["quantize"].is_null() && note["formats"]["fp8"] == 14,
+        "{note}"
+    );
+    let (before, after) = (
+        metric(&ws, "sft", "before/eval/loss"),
+        metric(&ws, "sft", "eval/loss"),
+    );
+    assert!(after < before, "SFT eval loss {before} -> {after}");
+    // Measured against an f32 merge into the dequantised codes; the merge
+    // is written in the checkpoint's f32, so it is that merge exactly.
+    assert_eq!(metric(&ws, "merged", "merge/weight_max_abs_err"), 0.0);
 }

@@ -9,6 +9,7 @@
 
 use crate::model::error::{ModelError, Result};
 use crate::model::formats::io::read_json;
+use crate::model::kernels::fp8::{self, Fp8Weight};
 use crate::model::kernels::quantized::FrozenWeight;
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Tensor};
@@ -122,12 +123,19 @@ impl CheckpointFiles {
         self.routing.contains_key(name)
     }
 
+    /// The dtype `name` is stored in, when it is there and candle has it.
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let idx = *self.routing.get(name)?;
+        let view = self.files[idx].1.get(name).ok()?;
+        DType::try_from(view.dtype()).ok()
+    }
+
     /// Dtype of the first floating-point tensor, used when config.json does not say.
     pub fn first_float_dtype(&self) -> Option<DType> {
         for (_, st) in &self.files {
             for (_, view) in st.tensors() {
                 if let Ok(dt) = DType::try_from(view.dtype()) {
-                    if dt.is_float() {
+                    if dt.is_float() && dt != DType::F8E4M3 {
                         return Some(dt);
                     }
                 }
@@ -165,6 +173,15 @@ impl CheckpointFiles {
             });
         }
         let stored = DType::try_from(view.dtype()).ok();
+        if stored == Some(DType::F8E4M3) && dtype != DType::F8E4M3 {
+            // Codes without their block scales are not the weight.
+            return Err(ModelError::Safetensors {
+                path: path.clone(),
+                message: format!(
+                    "tensor {name:?} is stored as FP8 codes, which need the checkpoint's quantization_config and weight_scale_inv"
+                ),
+            });
+        }
         let data = &self.data[idx];
         let t = match (stored, data.offsets.get(name)) {
             (Some(stored), Some(&(offset, len))) => {
@@ -265,6 +282,7 @@ fn read_tensor(
         DType::U32 => read::<u32>((path, file), offset, len, shape),
         DType::I64 => read::<i64>((path, file), offset, len, shape),
         DType::U8 => read::<u8>((path, file), offset, len, shape),
+        DType::F8E4M3 => read::<float8::F8E4M3>((path, file), offset, len, shape),
         other => Err(ModelError::Safetensors {
             path: path.to_path_buf(),
             message: format!("tensors of dtype {other:?} are not supported"),
@@ -328,6 +346,8 @@ pub struct WeightLoader<'a> {
     pub device: &'a Device,
     /// How the decoder layers' projections are held (None: dense in `dtype`).
     pub quantize: Option<crate::model::kernels::quantized::Quantization>,
+    /// The checkpoint's FP8 scale block, when it is an FP8 one.
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 impl WeightLoader<'_> {
@@ -339,6 +359,14 @@ impl WeightLoader<'_> {
     /// GGUF's quantized projections stay in their own blocks (LoRA trains on
     /// the model the user runs) unless another format is asked for.
     pub fn projection(&self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
+        if let Some(fp8) = self.fp8_projection(name, shape)? {
+            use crate::model::kernels::quantized::Quantization;
+            return Ok(match self.quantize {
+                // An FP8 checkpoint trains on its own codes and scales.
+                None | Some(Quantization::Fp8) => FrozenWeight::Fp8(std::sync::Arc::new(fp8)),
+                Some(q) => FrozenWeight::quantize(fp8.dequantize(DType::F32)?, q, self.device)?,
+            });
+        }
         if let (WeightSource::Gguf(g), None) = (self.files, self.quantize) {
             if g.is_quantized(name) {
                 let q = g.tensor(name, shape, self.device)?;
@@ -352,6 +380,26 @@ impl WeightLoader<'_> {
                 Ok(FrozenWeight::quantize(dense, q, self.device)?)
             }
         }
+    }
+}
+
+impl WeightLoader<'_> {
+    /// An FP8 checkpoint's projection stored as codes: with its
+    /// `weight_scale_inv`, on the device. None for a weight stored otherwise
+    /// (transformers' `modules_to_not_convert`).
+    fn fp8_projection(&self, name: &str, shape: &[usize]) -> Result<Option<Fp8Weight>> {
+        let (Some(block), WeightSource::Safetensors(files)) = (self.fp8_block, self.files) else {
+            return Ok(None);
+        };
+        if files.stored_dtype(name) != Some(DType::F8E4M3) {
+            return Ok(None);
+        }
+        let codes = files.load(name, shape, DType::F8E4M3, &Device::Cpu)?;
+        let scale_name = format!("{}_scale_inv", name);
+        let grid = fp8::block_grid(shape[0], shape[1], block);
+        let scales = files.load(&scale_name, &grid, DType::F32, &Device::Cpu)?;
+        let weight = Fp8Weight::from_parts(codes, scales, block)?.to_device(self.device)?;
+        Ok(Some(weight))
     }
 }
 

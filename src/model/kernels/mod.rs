@@ -1,6 +1,6 @@
 //! The CPU kernels under the layers: custom candle ops whose backward
 //! computes only the gradients training needs (`ops`, `fused_attention`,
-//! `fused_linear`, `quantized`), activation checkpointing (`recompute`),
+//! `fused_linear`, `quantized`, with FP8 blocks in `fp8`), activation checkpointing (`recompute`),
 //! seeded randomness (`rng`), and what they share: one numeric trait and
 //! one dtype dispatch (`float`), storage access, threads and products
 //! (`cpu`). Elsewhere than on the CPU each op falls back to a composition
@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod float;
+pub mod fp8;
 pub mod fused_attention;
 pub mod fused_linear;
 pub mod ops;

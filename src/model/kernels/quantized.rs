@@ -23,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, W
 
 use crate::model::kernels::cpu::{self, matmul, Mat, Threads};
 use crate::model::kernels::float::per_float_dtype;
+use crate::model::kernels::fp8::{self, Fp8Weight};
 use serde::{Deserialize, Serialize};
 
 /// How a base's projections are held.
@@ -36,6 +37,10 @@ pub enum Quantization {
     /// of 32, 5.5 bits), as llama.cpp falls back.
     #[serde(rename = "q4_k")]
     Q4K,
+    /// float8_e4m3fn in transformers' fine-grained layout: 128 × 128 blocks
+    /// with one f32 scale each (8.002 bits a weight).
+    #[serde(rename = "fp8")]
+    Fp8,
 }
 
 impl Quantization {
@@ -43,6 +48,7 @@ impl Quantization {
         match self {
             Quantization::Q8_0 => "q8_0",
             Quantization::Q4K => "q4_k",
+            Quantization::Fp8 => "fp8",
         }
     }
 
@@ -53,6 +59,9 @@ impl Quantization {
             Quantization::Q4K => {
                 "4.5 bits a weight; q5_0, 5.5 bits, where a row is not a multiple of 256"
             }
+            Quantization::Fp8 => {
+                "float8_e4m3fn with an f32 scale per 128 × 128 block, 8.002 bits a weight"
+            }
         }
     }
 
@@ -62,11 +71,22 @@ impl Quantization {
         let preferred: &[GgmlDType] = match self {
             Quantization::Q8_0 => &[GgmlDType::Q8_0],
             Quantization::Q4K => &[GgmlDType::Q4K, GgmlDType::Q5_0],
+            Quantization::Fp8 => &[],
         };
         preferred
             .iter()
             .copied()
             .find(|f| in_features.is_multiple_of(f.block_size()))
+    }
+
+    /// Bits a weight of an [out, in] projection takes held this way
+    /// (scales included); None when it stays dense.
+    pub fn bits_for(self, out: usize, in_features: usize) -> Option<f64> {
+        match self {
+            Quantization::Fp8 => Some(fp8::bits_per_weight(fp8::DEFAULT_BLOCK))
+                .filter(|_| out > 0 && in_features > 0),
+            blocks => blocks.format_for(in_features).map(Self::bits_per_weight),
+        }
     }
 
     /// Bits a weight takes in `format` (scales included).
@@ -101,6 +121,8 @@ pub fn format_name(format: GgmlDType) -> &'static str {
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    /// float8_e4m3fn codes with block scales (`fp8`).
+    Fp8(Arc<Fp8Weight>),
 }
 
 impl FrozenWeight {
@@ -109,6 +131,7 @@ impl FrozenWeight {
         let dims = match self {
             FrozenWeight::Dense(t) => t.dims(),
             FrozenWeight::Quantized(q) => q.shape().dims(),
+            FrozenWeight::Fp8(f) => f.codes.dims(),
         };
         (dims[0], dims[1])
     }
@@ -116,15 +139,24 @@ impl FrozenWeight {
     pub fn as_dense(&self) -> Option<&Tensor> {
         match self {
             FrozenWeight::Dense(t) => Some(t),
-            FrozenWeight::Quantized(_) => None,
+            FrozenWeight::Quantized(_) | FrozenWeight::Fp8(_) => None,
         }
     }
 
-    /// The block format when quantized.
+    /// The GGUF block format when held in one.
     pub fn format(&self) -> Option<GgmlDType> {
         match self {
-            FrozenWeight::Dense(_) => None,
+            FrozenWeight::Dense(_) | FrozenWeight::Fp8(_) => None,
             FrozenWeight::Quantized(q) => Some(q.dtype()),
+        }
+    }
+
+    /// "dense", a GGUF block format's name, or "fp8".
+    pub fn label(&self) -> &'static str {
+        match self {
+            FrozenWeight::Dense(_) => "dense",
+            FrozenWeight::Quantized(q) => format_name(q.dtype()),
+            FrozenWeight::Fp8(_) => "fp8",
         }
     }
 
@@ -133,6 +165,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(t) => t.to_dtype(dtype),
             FrozenWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            FrozenWeight::Fp8(f) => f.dequantize(dtype),
         }
     }
 
@@ -141,6 +174,7 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             FrozenWeight::Quantized(q) => q.storage_size_in_bytes(),
+            FrozenWeight::Fp8(f) => f.bytes(),
         }
     }
 
@@ -152,6 +186,10 @@ impl FrozenWeight {
         device: &Device,
     ) -> candle_core::Result<Self> {
         let (_, in_features) = dense.dims2()?;
+        if quantization == Quantization::Fp8 {
+            let weight = Fp8Weight::quantize(&dense, fp8::DEFAULT_BLOCK, device)?;
+            return Ok(FrozenWeight::Fp8(Arc::new(weight)));
+        }
         match quantization.format_for(in_features) {
             Some(format) => {
                 let cpu = dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -179,6 +217,10 @@ pub fn frozen_projection(
                 Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
                 None => Ok(y),
             }
+        }
+        FrozenWeight::Fp8(f) => {
+            let w = f.dequantize(x.dtype())?;
+            crate::model::kernels::ops::frozen_linear(x, &w, bias)
         }
     }
 }

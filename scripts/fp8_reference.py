@@ -1,0 +1,123 @@
+"""A tiny FP8 checkpoint in transformers' fine-grained layout, its logits by
+dequantising in torch, and torch's own float8_e4m3fn codes of edge values.
+
+Writes tests/fixtures/fp8/:
+- llama3/: tests/fixtures/families/llama3 with its seven projections per
+  layer quantized as transformers 5.24's Fp8Quantize does
+  (integrations/finegrained_fp8.py): per block of 16 x 16, scale =
+  448 / max|w| (1 for an all-zero block), codes = clamp(w * scale, ±448)
+  cast to float8_e4m3fn, weight_scale_inv = 1 / scale in f32; embeddings,
+  norms and the head stay as stored. config.json carries
+  quantization_config = {quant_method: "fp8", fmt: "e4m3",
+  weight_block_size: [16, 16], activation_scheme: "dynamic"}.
+- reference.safetensors: the logits of reference.json's rows from the
+  model whose projections are the dequantised codes (codes * scale_inv,
+  float64, eager attention), and `dequantised.<name>` of one projection.
+- codes.json: f32 values (zeros, every subnormal, ties, the largest
+  normals, ±448 and beyond, NaN, random values) and torch's float8_e4m3fn
+  byte for each after clamping to ±448, and without clamping.
+
+tests/model/fp8.rs compares lora-runner with them. Run it in a venv outside
+the repository with torch 2.15 and transformers 5.24 (../shared/peer-bench):
+
+    python scripts/fp8_reference.py tests/fixtures
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+BLOCK = [16, 16]
+FP8_MAX = 448.0
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize(w):
+    rows, cols = w.shape
+    bm, bn = BLOCK
+    blocks = w.to(torch.float32).reshape(rows // bm, bm, cols // bn, bn)
+    max_abs = blocks.abs().amax(dim=(-3, -1))
+    safe = torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
+    scales = torch.where(max_abs > 0, FP8_MAX / safe, torch.ones_like(safe))
+    inv = (1.0 / scales).to(torch.float32)
+    scaled = blocks * scales.unsqueeze(-1).unsqueeze(-3)
+    codes = torch.clamp(scaled, min=-FP8_MAX, max=FP8_MAX).to(torch.float8_e4m3fn).reshape(rows, cols)
+    return codes, inv
+
+
+def dequantize(codes, inv):
+    rows, cols = codes.shape
+    bm, bn = BLOCK
+    scale = inv.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
+    return codes.to(torch.float64) * scale.to(torch.float64)
+
+
+def edge_values():
+    values = [0.0, -0.0, 448.0, -448.0, 464.0, 480.0, 500.0, -1e6, 1e30, float("nan"), float("inf"),
+              float("-inf"), 240.0, 256.0, 2.0 ** -6, 2.0 ** -7, 2.0 ** -10, 2.0 ** -11, 1e-30]
+    # every subnormal (k / 8 * 2^-6), the midpoints between them, and between normals
+    values += [k * 2.0 ** -9 for k in range(1, 8)] + [(k + 0.5) * 2.0 ** -9 for k in range(0, 8)]
+    values += [1.0 + (k + 0.5) / 8 for k in range(8)] + [416.0 + 16.0, 432.0]
+    gen = torch.Generator().manual_seed(5)
+    values += (torch.randn(400, generator=gen) * 100).tolist() + (torch.randn(200, generator=gen) * 0.01).tolist()
+    x = torch.tensor(values, dtype=torch.float32)
+    clamped = torch.clamp(x, min=-FP8_MAX, max=FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    raw = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    as_json = [v if v == v and abs(v) != float("inf") else str(v) for v in x.tolist()]
+    return {"values": as_json, "clamped_codes": clamped.tolist(), "raw_codes": raw.tolist()}
+
+
+def main():
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
+    source = root / "families" / "llama3"
+    out = root / "fp8"
+    folder = out / "llama3"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(source / "model.safetensors"))
+    stored, dense = {}, {}
+    for name, t in tensors.items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS:
+            codes, inv = quantize(t)
+            stored[name] = codes
+            stored[name[: -len("weight")] + "weight_scale_inv"] = inv
+            dense[name] = dequantize(codes, inv).to(torch.float32)
+        else:
+            stored[name] = t
+            dense[name] = t
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": BLOCK,
+                                     "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # Reference logits: the dequantised projections in a dense model, f64.
+    rows = json.loads((source / "reference.json").read_text())["rows"]
+    dense_dir = out / "dense-tmp"
+    dense_dir.mkdir(exist_ok=True)
+    shutil.copy(source / "config.json", dense_dir / "config.json")
+    save_file(dense, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, attn_implementation="eager",
+                                                 dtype=torch.float64).eval()
+    shutil.rmtree(dense_dir)
+    reference = {}
+    with torch.no_grad():
+        for i, ids in enumerate(rows):
+            reference[f"logits.{i}"] = model(input_ids=torch.tensor([ids])).logits[0].contiguous()
+    name = "model.layers.1.mlp.down_proj.weight"
+    reference[f"dequantised.{name}"] = dense[name].to(torch.float64).contiguous()
+    save_file(reference, str(out / "reference.safetensors"))
+    summary = {"rows": rows, "block": BLOCK,
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    (out / "reference.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "codes.json").write_text(json.dumps(edge_values()) + "\n")
+    print(json.dumps(summary["versions"]))
+
+
+if __name__ == "__main__":
+    main()
