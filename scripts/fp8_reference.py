@@ -13,6 +13,12 @@ Writes tests/fixtures/fp8/:
 - reference.safetensors: the logits of reference.json's rows from the
   model whose projections are the dequantised codes (codes * scale_inv,
   float64, eager attention), and `dequantised.<name>` of one projection.
+- written.json, when tests/fixtures/fp8/written/ (an FP8 checkpoint this
+  program wrote: a merge with `quantize = "fp8"` onto llama3/, 128 x 128
+  blocks, so partial ones) and trained/ (a LoRA adapter it trained on
+  llama3/'s FP8 codes) exist: transformers' logits of written/ as it loads
+  FP8 on a CPU (dequantised), and PEFT's loss with trained/ on llama3/
+  loaded by transformers and on the dense original families/llama3.
 - codes.json: f32 values (zeros, every subnormal, ties, the largest
   normals, ±448 and beyond, NaN, random values) and torch's float8_e4m3fn
   byte for each after clamping to ±448, and without clamping.
@@ -32,6 +38,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
+
+from peft_load_exported import mean_nll  # beside this script
 
 BLOCK = [16, 16]
 FP8_MAX = 448.0
@@ -71,6 +79,30 @@ def edge_values():
     raw = x.to(torch.float8_e4m3fn).view(torch.uint8)
     as_json = [v if v == v and abs(v) != float("inf") else str(v) for v in x.tolist()]
     return {"values": as_json, "clamped_codes": clamped.tolist(), "raw_codes": raw.tolist()}
+
+
+def written(out, source, rows):
+    from peft import PeftModel
+    model = AutoModelForCausalLM.from_pretrained(out / "written", attn_implementation="eager").eval()
+    projection = model.model.layers[0].self_attn.q_proj
+    result = {"written_loaded_as": f"{type(projection).__name__} {projection.weight.dtype}"}
+    with torch.no_grad():
+        result["written_logits"] = [model(input_ids=torch.tensor([ids])).logits[0].double().tolist()
+                                    for ids in rows]
+    fp8 = AutoModelForCausalLM.from_pretrained(out / "llama3", attn_implementation="eager").eval()
+    result["trained_loss_on_fp8"] = mean_nll(PeftModel.from_pretrained(fp8, out / "trained").eval(), rows)
+    dense = load_alone(source)
+    result["trained_loss_on_original"] = mean_nll(PeftModel.from_pretrained(dense, out / "trained").eval(), rows)
+    return result
+
+
+def load_alone(folder):
+    # families/llama3 also holds a LoRA adapter that from_pretrained would apply.
+    import tempfile
+    with tempfile.TemporaryDirectory() as alone:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(folder / name, alone)
+        return AutoModelForCausalLM.from_pretrained(alone, attn_implementation="eager").eval()
 
 
 def main():
@@ -116,6 +148,8 @@ def main():
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     (out / "reference.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "codes.json").write_text(json.dumps(edge_values()) + "\n")
+    if (out / "written").exists() and (out / "trained").exists():
+        (out / "written.json").write_text(json.dumps(written(out, source, rows), indent=1) + "\n")
     print(json.dumps(summary["versions"]))
 
 

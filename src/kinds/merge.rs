@@ -35,9 +35,10 @@ pub struct MergeParams {
     #[serde(default = "default_shard")]
     pub shard_bytes: Sp<u64>,
     /// How the stages that load the merged model hold its projections
-    /// ("none", "q8_0", "q4_k"); the `model` stage's way when left out. A
-    /// quantized `model` is dequantised for the merge and the merged model
-    /// saved dense in `dtype`.
+    /// ("none", "q8_0", "q4_k", "fp8"); the `model` stage's way when left
+    /// out. A quantized `model` is dequantised for the merge and the merged
+    /// model saved dense in `dtype`; with "fp8" it is saved as an FP8
+    /// checkpoint in transformers' fine-grained layout (128 × 128 blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<Sp<Quantize>>,
     /// Held-out rows (SFT format, relative to the recipe) on which the
@@ -162,17 +163,30 @@ impl Kind for Merge {
         inputs::load_adapter(&mut model, &adapter)?;
         let merged = merge_lora(&model)?;
         drop(model);
-        save_model_folder(
-            &merged,
-            &ctx.out_dir,
-            Some(&source.dir),
-            p.shard_bytes.value,
-        )?;
-        drop(merged);
         let held = match &p.quantize {
             Some(q) => q.value.quantization(),
             None => source.quantize,
         };
+        // Held as FP8: written as an FP8 checkpoint (transformers' layout),
+        // which loading stages read as it is; otherwise dense.
+        match held {
+            Some(crate::model::kernels::quantized::Quantization::Fp8) => {
+                crate::model::merge::save_fp8_model_folder(
+                    &merged,
+                    &ctx.out_dir,
+                    Some(&source.dir),
+                    p.shard_bytes.value,
+                    crate::model::kernels::fp8::DEFAULT_BLOCK,
+                )?
+            }
+            _ => save_model_folder(
+                &merged,
+                &ctx.out_dir,
+                Some(&source.dir),
+                p.shard_bytes.value,
+            )?,
+        }
+        drop(merged);
         inputs::write_quantization(&ctx.out_dir, held)?;
         // A GGUF's blocks and an FP8 checkpoint's codes are a conversion
         // too: the merge is measured against an f32 merge into the

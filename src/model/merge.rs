@@ -64,13 +64,40 @@ pub fn save_model_folder(
     source_dir: Option<&Path>,
     max_shard_bytes: u64,
 ) -> Result<()> {
+    save_folder(decoder, dir, source_dir, max_shard_bytes, None)
+}
+
+/// [`save_model_folder`] with the decoder layers' projections written as
+/// FP8 codes in transformers' fine-grained layout: `float8_e4m3fn` weights,
+/// an f32 `weight_scale_inv` per `block`, and config.json's
+/// `quantization_config` saying so (what transformers and vLLM load).
+pub fn save_fp8_model_folder(
+    decoder: &Decoder,
+    dir: &Path,
+    source_dir: Option<&Path>,
+    max_shard_bytes: u64,
+    block: [usize; 2],
+) -> Result<()> {
+    save_folder(decoder, dir, source_dir, max_shard_bytes, Some(block))
+}
+
+fn save_folder(
+    decoder: &Decoder,
+    dir: &Path,
+    source_dir: Option<&Path>,
+    max_shard_bytes: u64,
+    fp8_block: Option<[usize; 2]>,
+) -> Result<()> {
     if decoder.linears().any(|l| l.lora.is_some()) {
         return Err(ModelError::Input(
             "the model still has LoRA adapters; merge_lora it before saving".into(),
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let tensors = decoder.base_tensors()?;
+    let mut tensors = decoder.base_tensors()?;
+    if let Some(block) = fp8_block {
+        tensors = fp8_projections(decoder, tensors, block)?;
+    }
     // Greedy sharding in checkpoint order.
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut current = 0u64;
@@ -119,14 +146,50 @@ pub fn save_model_folder(
     };
     if let Some(obj) = config.as_object_mut() {
         obj.insert("torch_dtype".into(), json!(torch_dtype_name(decoder.dtype)));
-        // The weights written are dense, whatever the source held (FP8).
-        obj.remove("quantization_config");
+        match fp8_block {
+            Some(block) => {
+                obj.insert(
+                    "quantization_config".into(),
+                    json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": block,
+                           "activation_scheme": "dynamic"}),
+                );
+            }
+            // The weights written are dense, whatever the source held.
+            None => {
+                obj.remove("quantization_config");
+            }
+        }
     }
     write_json_atomic(&dir.join("config.json"), &config)?;
     if let Some(src) = source_dir {
         copy_tokenizer_files(src, dir)?;
     }
     Ok(())
+}
+
+/// `tensors` with each decoder-layer projection weight replaced by its FP8
+/// codes and, after it, its `weight_scale_inv`.
+fn fp8_projections(
+    decoder: &Decoder,
+    tensors: Vec<(String, Tensor)>,
+    block: [usize; 2],
+) -> Result<Vec<(String, Tensor)>> {
+    use crate::model::formats::names;
+    use crate::model::kernels::fp8::Fp8Weight;
+    let projections: std::collections::HashSet<String> =
+        decoder.linears().map(|l| names::weight(&l.name)).collect();
+    let mut out = Vec::with_capacity(tensors.len() + projections.len());
+    for (name, t) in tensors {
+        if projections.contains(&name) {
+            let fp8 = Fp8Weight::quantize(&t, block, &candle_core::Device::Cpu)?;
+            let scale_name = format!("{name}_scale_inv");
+            out.push((name, fp8.codes));
+            out.push((scale_name, fp8.scale_inv));
+        } else {
+            out.push((name, t));
+        }
+    }
+    Ok(out)
 }
 
 /// Copies tokenizer and generation files that exist in `src` into `dst`.

@@ -286,3 +286,91 @@ fn unsupported_fp8_settings_are_refused_by_name() {
         );
     }
 }
+
+/// An FP8 checkpoint this program wrote (a merge with `quantize = "fp8"`,
+/// fixtures/fp8/written) loads in transformers (which dequantises FP8 on a
+/// CPU) with the logits this program computes from it; writing a model
+/// again gives the same layout (tensor names, dtypes, shapes, config).
+#[test]
+fn fp8_checkpoints_written_here_load_in_transformers() {
+    with_big_stack(|| {
+        let dir = fixtures().join("fp8/written");
+        let expected = json(fixtures().join("fp8/written.json"));
+        let rows: Vec<Vec<u32>> =
+            serde_json::from_value(json(fixtures().join("fp8/reference.json"))["rows"].clone())
+                .unwrap();
+        let model = load(&dir, DType::F32);
+        assert!(model
+            .linears()
+            .all(|l| matches!(l.weight, FrozenWeight::Fp8(_))));
+        for (i, row) in rows.iter().enumerate() {
+            let want: Vec<Vec<f64>> =
+                serde_json::from_value(expected["written_logits"][i].clone()).unwrap();
+            let want = Tensor::new(want, &Device::Cpu).unwrap();
+            let spread = max_abs_diff(&want, &want.zeros_like().unwrap());
+            let diff = max_abs_diff(&row_logits(&model, row), &want);
+            assert!(diff < 1e-5 * spread, "row {i}: {diff} of {spread}");
+        }
+        let again = tempfile::tempdir().unwrap();
+        lora_runner::model::merge::save_fp8_model_folder(
+            &model,
+            again.path(),
+            Some(&dir),
+            u64::MAX,
+            fp8::DEFAULT_BLOCK,
+        )
+        .unwrap();
+        let layout = |dir: &std::path::Path| {
+            let mut t: Vec<(String, DType, Vec<usize>)> =
+                candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(n, t)| (n, t.dtype(), t.dims().to_vec()))
+                    .collect();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            (
+                t,
+                json(dir.join("config.json"))["quantization_config"].clone(),
+            )
+        };
+        assert_eq!(layout(again.path()), layout(&dir));
+    });
+}
+
+/// Scheme one's adapter, trained here on FP8 codes (fixtures/fp8/trained),
+/// gives PEFT on transformers' load of the FP8 checkpoint, and on its dense
+/// original, the loss this program computes on each.
+#[test]
+fn an_adapter_trained_on_fp8_codes_gives_peft_the_same_loss() {
+    with_big_stack(|| {
+        let expected = json(fixtures().join("fp8/written.json"));
+        let rows: Vec<Vec<u32>> =
+            serde_json::from_value(json(fixtures().join("fp8/reference.json"))["rows"].clone())
+                .unwrap();
+        let mean = |dir: PathBuf| {
+            let mut model = load(&dir, DType::F64);
+            load_adapter(&mut model, &fixtures().join("fp8/trained")).unwrap();
+            let count: usize = rows.iter().map(|r| r.len() - 1).sum();
+            let total: f64 = rows
+                .iter()
+                .map(|r| crate::support::model::mean_nll(&model, r) * (r.len() - 1) as f64)
+                .sum();
+            total / count as f64
+        };
+        for (base, key) in [
+            (fixtures().join("fp8/llama3"), "trained_loss_on_fp8"),
+            (
+                crate::support::model::fixture_family("llama3"),
+                "trained_loss_on_original",
+            ),
+        ] {
+            // The families folder holds a plain adapter too; only its base is read.
+            let ours = mean(base);
+            let peft = expected[key].as_f64().unwrap();
+            assert!(
+                (ours - peft).abs() < 1e-5 * peft,
+                "{key}: ours {ours}, PEFT {peft}"
+            );
+        }
+    });
+}
