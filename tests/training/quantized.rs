@@ -80,6 +80,49 @@ fn metric(ws: &Workspace, stage: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{stage} has no metric {name}"))
 }
 
+/// The merge's saved-weights error recomputed from the files: the largest
+/// |W_merged − (W_base + s·B·A)| with the base dense in f32 and s·B·A from
+/// the `sft` adapter's tensors and config.
+fn saved_error_from_files(ws: &Workspace) -> f64 {
+    let f32_cpu = lora_runner::model::decoder::LoadOptions {
+        dtype: Some(candle_core::DType::F32),
+        device: candle_core::Device::Cpu,
+    };
+    let base = lora_runner::model::Decoder::load(&artifact(ws, "base"), &f32_cpu).unwrap();
+    let merged = lora_runner::model::Decoder::load(&artifact(ws, "merged"), &f32_cpu).unwrap();
+    let sft = artifact(ws, "sft");
+    let tensors = candle_core::safetensors::load(
+        sft.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sft.join("adapter_config.json")).unwrap()).unwrap();
+    let scale = config["lora_alpha"].as_f64().unwrap() / config["r"].as_f64().unwrap();
+    let mut largest = 0f64;
+    for (b, m) in base.linears().zip(merged.linears()) {
+        let lora = |which: &str| {
+            tensors[&format!("base_model.model.{}.lora_{which}.weight", b.name)]
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+        };
+        let delta = (lora("B").matmul(&lora("A")).unwrap() * scale).unwrap();
+        let f64_of = |l: &lora_runner::model::decoder::Linear| {
+            l.weight.to_dense(candle_core::DType::F64).unwrap()
+        };
+        let diff = (f64_of(m) - (f64_of(b) + delta).unwrap()).unwrap();
+        let d = diff
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        largest = largest.max(d);
+    }
+    largest
+}
+
 /// SFT at least halves the held-out loss; both DPO schemes reach 0.9
 /// held-out preference accuracy.
 fn learns_in_both_schemes(ws: &Workspace) {
@@ -126,44 +169,7 @@ fn a_q4_k_base_with_checkpointing_still_learns_in_both_schemes_and_measures_its_
         saved > 1e-4 && loaded >= saved,
         "saved {saved}, loaded {loaded}"
     );
-    // The saved weights' error, recomputed here from the files: the base
-    // dense in f32 plus s·B·A from the adapter's tensors and config.
-    let f32_cpu = lora_runner::model::decoder::LoadOptions {
-        dtype: Some(candle_core::DType::F32),
-        device: candle_core::Device::Cpu,
-    };
-    let base = lora_runner::model::Decoder::load(&artifact(&ws, "base"), &f32_cpu).unwrap();
-    let merged = lora_runner::model::Decoder::load(&artifact(&ws, "merged"), &f32_cpu).unwrap();
-    let sft = artifact(&ws, "sft");
-    let tensors = candle_core::safetensors::load(
-        sft.join("adapter_model.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(sft.join("adapter_config.json")).unwrap()).unwrap();
-    let scale = config["lora_alpha"].as_f64().unwrap() / config["r"].as_f64().unwrap();
-    let mut largest = 0f64;
-    for (b, m) in base.linears().zip(merged.linears()) {
-        let lora = |which: &str| {
-            tensors[&format!("base_model.model.{}.lora_{which}.weight", b.name)]
-                .to_dtype(candle_core::DType::F64)
-                .unwrap()
-        };
-        let delta = (lora("B").matmul(&lora("A")).unwrap() * scale).unwrap();
-        let f64_of = |l: &lora_runner::model::decoder::Linear| {
-            l.weight.to_dense(candle_core::DType::F64).unwrap()
-        };
-        let diff = (f64_of(m) - (f64_of(b) + delta).unwrap()).unwrap();
-        let d = diff
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        largest = largest.max(d);
-    }
+    let largest = saved_error_from_files(&ws);
     assert!(
         (largest - saved).abs() <= 1e-6 * saved,
         "recorded {saved}, recomputed {largest}"
@@ -175,6 +181,7 @@ fn a_q4_k_base_with_checkpointing_still_learns_in_both_schemes_and_measures_its_
 
     // Scheme one's adapter is an ordinary PEFT adapter that says what it
     // was trained against, and loads onto the full-precision base.
+    let sft = artifact(&ws, "sft");
     let note: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sft.join("base_quantization.json")).unwrap())
             .unwrap();
