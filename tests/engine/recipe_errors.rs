@@ -291,6 +291,22 @@ fn continuing_an_adapter_may_not_change_its_shape() {
     let path = ws.write("recipe.toml", &text);
     let recipe = lora_runner::recipe::load(&path, &support::kinds::registry()).unwrap();
     lora_runner::graph::build(&recipe).expect("matching shape is fine");
+
+    // DoRA is part of the shape: a default turning it off is refused.
+    let text = with_base(
+        &ws,
+        &format!(
+            "[defaults.dpo]\nlora = {{ dora = false }}\n\n{SFT}lora = {{ r = 8, dora = true }}\n\n\
+             [stages.d]\nkind = \"dpo\"\nmodel = \"base\"\nadapter = \"sft\"\ndata = {{ train = \"data/sft.jsonl\" }}\n"
+        ),
+    );
+    let (loc, msg, help) = one(&error_of(&ws, &text));
+    assert_eq!(loc, "9:17", "points at the default that changes dora");
+    assert_eq!(
+        msg,
+        "stage `d` continues adapter `sft` but sets lora.dora = false (the adapter has true)"
+    );
+    assert!(help.contains("rslora and dora"), "{help}");
 }
 
 #[test]
