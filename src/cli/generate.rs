@@ -260,16 +260,6 @@ fn speakers(
     Ok(out)
 }
 
-/// The text to print after `shown` (what was printed so far) once the
-/// completion reads `text`: its new end, held back while it ends in an
-/// incomplete character (a byte-level token can split one).
-fn new_text<'a>(shown: &str, text: &'a str) -> Option<&'a str> {
-    if text.ends_with('\u{FFFD}') {
-        return None;
-    }
-    text.strip_prefix(shown).filter(|t| !t.is_empty())
-}
-
 pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
     use std::io::Write;
     let prompts = prompts_of(args)?;
@@ -305,20 +295,14 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
             if !args.json {
                 write(&mut stdout, &format!("{} ({mode}): ", s.stage))?;
             }
-            let (mut so_far, mut shown) = (Vec::new(), String::new());
+            let mut stream = crate::data::tokenizer::StreamDecoder::new(&s.tokenizer, &stop);
             let mut broken: Option<Error> = None;
             let mut on_token = |_row: usize, token: u32| {
-                so_far.push(token);
                 if !args.json {
-                    let text = s
-                        .tokenizer
-                        .decode_completion(&so_far, &stop)
-                        .unwrap_or_default();
-                    if let Some(piece) = new_text(&shown, &text) {
-                        if let Err(e) = write(&mut stdout, piece) {
+                    if let Some(piece) = stream.push(token) {
+                        if let Err(e) = write(&mut stdout, &piece) {
                             broken = Some(e);
                         }
-                        shown = text;
                     }
                 }
                 broken.is_none() && !interrupt.load(std::sync::atomic::Ordering::SeqCst)
@@ -337,11 +321,7 @@ pub fn generate(ctx: &Context, args: &GenerateArgs) -> Result<(), Error> {
                 true => serde_json::json!({"stage": s.stage, "prompt": prompt, "prompt_index": i,
                                            "mode": mode, "completion": completion})
                 .to_string(),
-                // Whatever the stream held back (an unfinished character).
-                false => completion
-                    .strip_prefix(shown.as_str())
-                    .unwrap_or("")
-                    .to_string(),
+                false => stream.rest(&completion),
             };
             write(&mut stdout, &format!("{line}\n"))?;
             if interrupt.load(std::sync::atomic::Ordering::SeqCst) {

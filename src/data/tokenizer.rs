@@ -155,3 +155,66 @@ impl ModelTokenizer {
             .map_err(|e| RowError::Encode(format!("decoding a completion: {e}")))
     }
 }
+
+/// Text of a growing completion, a piece per token, decoding only a short
+/// window (as text-generation-inference does): the tokens since the
+/// previous piece and the few before them, whose text is subtracted, so a
+/// tokenizer that decodes a token differently after another (a leading
+/// space) still gives the right piece. A piece ending in an unfinished
+/// character (a byte-level token can split one) waits for the next token.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a ModelTokenizer,
+    stop: &'a [u32],
+    tokens: Vec<u32>,
+    /// Start of the window decoded for context.
+    prefix: usize,
+    /// Tokens before this one have been printed.
+    read: usize,
+    printed: String,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tokenizer: &'a ModelTokenizer, stop: &'a [u32]) -> Self {
+        StreamDecoder {
+            tokenizer,
+            stop,
+            tokens: Vec::new(),
+            prefix: 0,
+            read: 0,
+            printed: String::new(),
+        }
+    }
+
+    fn decode(&self, tokens: &[u32]) -> String {
+        self.tokenizer
+            .decode_completion(tokens, self.stop)
+            .unwrap_or_default()
+    }
+
+    /// The new text once `token` is added, if any is ready.
+    pub fn push(&mut self, token: u32) -> Option<String> {
+        self.tokens.push(token);
+        let before = self.decode(&self.tokens[self.prefix..self.read]);
+        let now = self.decode(&self.tokens[self.prefix..]);
+        if now.ends_with('\u{FFFD}') {
+            return None;
+        }
+        let piece = now.strip_prefix(before.as_str())?.to_string();
+        if piece.is_empty() {
+            return None;
+        }
+        self.prefix = self.read;
+        self.read = self.tokens.len();
+        self.printed.push_str(&piece);
+        Some(piece)
+    }
+
+    /// What the whole completion adds to what was printed (what the
+    /// window held back); the whole completion's text is decoded once.
+    pub fn rest(&self, completion: &str) -> String {
+        completion
+            .strip_prefix(self.printed.as_str())
+            .unwrap_or("")
+            .to_string()
+    }
+}

@@ -502,3 +502,54 @@ fn smollm2_tokenizer_gives_llama_cpp_ids_on_a_few_hundred_strings() {
         assert_eq!(ours.get_ids(), want.as_slice(), "{text:?}");
     }
 }
+
+/// `runner generate`'s streaming: each token's piece, decoded in a short
+/// window, adds up to the whole completion's text, and no piece carries a
+/// half character. SentencePiece (leading spaces that depend on the token
+/// before; byte fallback spreading a character over several tokens) on the
+/// spm fixture's rows, and SmolLM2's byte-level BPE when it is fetched.
+#[test]
+fn streamed_pieces_add_up_to_the_decoded_completion() {
+    use lora_runner::data::tokenizer::StreamDecoder;
+    use lora_runner::data::ModelTokenizer;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm");
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("ids.json")).unwrap()).unwrap();
+    let mut files = vec![dir.join("model.gguf")];
+    files.extend(smollm2());
+    for file in files {
+        let gguf = GgufModel::open(&file).unwrap();
+        let folder = folder(&gguf, &file);
+        let tokenizer = ModelTokenizer::load(&folder.path().join("tokenizer.json")).unwrap();
+        let mut texts: Vec<String> = fixture["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["text"].as_str().unwrap().to_string())
+            .filter(|t| !t.contains("<|"))
+            .collect();
+        texts.push("Écris une phrase, s'il te plaît: « déjà vu » 🙂 → 東京".into());
+        let (mut pieces_seen, mut held_back) = (0, 0);
+        for text in texts {
+            let ids = tokenizer.encode(&text, false).unwrap();
+            let whole = tokenizer.decode_completion(&ids, &[]).unwrap();
+            let mut stream = StreamDecoder::new(&tokenizer, &[]);
+            let mut streamed = String::new();
+            for &id in &ids {
+                match stream.push(id) {
+                    Some(piece) => {
+                        assert!(!piece.contains('\u{FFFD}') || whole.contains('\u{FFFD}'));
+                        streamed.push_str(&piece);
+                        pieces_seen += 1;
+                    }
+                    None => held_back += 1,
+                }
+            }
+            streamed.push_str(&stream.rest(&whole));
+            assert_eq!(streamed, whole, "{}: {text:?}", file.display());
+        }
+        assert!(pieces_seen > 50, "{}", file.display());
+        // Byte fallback and byte-level BPE split the accents and the emoji.
+        assert!(held_back > 0, "{}: nothing was held back", file.display());
+    }
+}
