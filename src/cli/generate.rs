@@ -170,12 +170,8 @@ fn sampling_of(args: &GenerateArgs, seed: u64) -> Result<(String, Sampling), Err
             args.top_p
         )));
     }
-    let mode = match args.top_p {
-        1.0 => format!("sampled (temperature {})", args.temperature),
-        p => format!("sampled (temperature {}, top_p {p})", args.temperature),
-    };
     Ok((
-        mode,
+        crate::metrics::samples::sampled_mode(args.temperature, args.top_p),
         Sampling::Sample {
             temperature: args.temperature,
             top_p: args.top_p,

@@ -161,6 +161,8 @@ impl Kind for Merge {
         };
         let mut model = inputs::load_with(&source, &options)?;
         inputs::load_adapter(&mut model, &adapter)?;
+        // An FP8 checkpoint's codes are a conversion, as a GGUF's blocks are.
+        let stored_fp8 = model.config.fp8_block.is_some();
         let merged = merge_lora(&model)?;
         drop(model);
         let held = match &p.quantize {
@@ -191,12 +193,11 @@ impl Kind for Merge {
         // A GGUF's blocks and an FP8 checkpoint's codes are a conversion
         // too: the merge is measured against an f32 merge into the
         // dequantised weights.
-        let blocks = source
-            .dir
-            .join(crate::model::formats::gguf::GGUF_FILE)
-            .is_file()
-            || crate::model::ModelConfig::from_file(&source.dir.join("config.json"))
-                .is_ok_and(|c| c.fp8_block.is_some());
+        let blocks = stored_fp8
+            || source
+                .dir
+                .join(crate::model::formats::gguf::GGUF_FILE)
+                .is_file();
         if source.quantize.is_none() && held.is_none() && p.eval.is_none() && !blocks {
             return Ok(());
         }

@@ -36,6 +36,15 @@ pub fn encode_prompt(
     ids.map_err(|e| anyhow::anyhow!("prompt {prompt:?}: {e}"))
 }
 
+/// How a sampled completion is labelled: "sampled (temperature T)", with
+/// the nucleus when it is not the whole distribution.
+pub fn sampled_mode(temperature: f64, top_p: f64) -> String {
+    match top_p {
+        1.0 => format!("sampled (temperature {temperature})"),
+        p => format!("sampled (temperature {temperature}, top_p {p})"),
+    }
+}
+
 /// Greedy completions of `prompts` (and sampled ones when `temperature` > 0,
 /// seeded), stopping at the tokenizer's EOS.
 /// `chat`: each prompt is one user message, rendered by this template with
@@ -61,7 +70,7 @@ pub fn complete(
     let mut modes = vec![("greedy".to_string(), Sampling::Greedy)];
     if temperature > 0.0 {
         modes.push((
-            format!("sampled (temperature {temperature})"),
+            sampled_mode(temperature, 1.0),
             Sampling::Sample {
                 temperature,
                 top_p: 1.0,

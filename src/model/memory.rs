@@ -116,10 +116,10 @@ pub fn weights_bytes(
     let mut weights = heads * vocab * h * dt + (2 * l + 1) * h * dt;
     for (projection, _) in c.projections() {
         let (out, inp) = c.projection_shape(projection).expect("known projection");
-        let bits = match quantization.and_then(|qz| qz.bits_for(out, inp)) {
-            Some(bits) => bits,
-            None => stored_bits.unwrap_or(8.0 * dt as f64),
-        };
+        let bits = quantization
+            .and_then(|qz| qz.bits_for(inp))
+            .or(stored_bits)
+            .unwrap_or(8.0 * dt as f64);
         weights += l * ((out * inp) as f64 * bits / 8.0).ceil() as u64;
         if c.projection_has_bias(projection) {
             weights += l * out as u64 * dt;

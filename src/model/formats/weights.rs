@@ -381,9 +381,7 @@ impl WeightLoader<'_> {
             }
         }
     }
-}
 
-impl WeightLoader<'_> {
     /// An FP8 checkpoint's projection stored as codes: with its
     /// `weight_scale_inv`, on the device. None for a weight stored otherwise
     /// (transformers' `modules_to_not_convert`).
@@ -395,9 +393,13 @@ impl WeightLoader<'_> {
             return Ok(None);
         }
         let codes = files.load(name, shape, DType::F8E4M3, &Device::Cpu)?;
-        let scale_name = format!("{}_scale_inv", name);
         let grid = fp8::block_grid(shape[0], shape[1], block);
-        let scales = files.load(&scale_name, &grid, DType::F32, &Device::Cpu)?;
+        let scales = files.load(
+            &format!("{name}_scale_inv"),
+            &grid,
+            DType::F32,
+            &Device::Cpu,
+        )?;
         let weight = Fp8Weight::from_parts(codes, scales, block)?.to_device(self.device)?;
         Ok(Some(weight))
     }

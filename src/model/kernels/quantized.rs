@@ -79,12 +79,11 @@ impl Quantization {
             .find(|f| in_features.is_multiple_of(f.block_size()))
     }
 
-    /// Bits a weight of an [out, in] projection takes held this way
-    /// (scales included); None when it stays dense.
-    pub fn bits_for(self, out: usize, in_features: usize) -> Option<f64> {
+    /// Bits a weight of a projection with rows of `in_features` takes held
+    /// this way (scales included); None when it stays dense.
+    pub fn bits_for(self, in_features: usize) -> Option<f64> {
         match self {
-            Quantization::Fp8 => Some(fp8::bits_per_weight(fp8::DEFAULT_BLOCK))
-                .filter(|_| out > 0 && in_features > 0),
+            Quantization::Fp8 => Some(fp8::bits_per_weight(fp8::DEFAULT_BLOCK)),
             blocks => blocks.format_for(in_features).map(Self::bits_per_weight),
         }
     }
