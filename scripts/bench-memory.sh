@@ -11,6 +11,11 @@
 #
 #   scripts/bench-memory.sh                      # all of it
 #   SEQS="512" CONFIGS="f32 q4_k" scripts/bench-memory.sh
+#   LORA_RUNNER_GENERIC_OPS=1 scripts/bench-memory.sh   # the GPU's code path
+# The runner keeps freed blocks under 32 MiB for speed (cli/process.rs), which
+# adds allocator slack to the peak, more on the GPU path (many 1-32 MiB
+# intermediates); GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576 maps every
+# block from 1 MiB, so the peak is nearer the live tensors (and steps slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNNER=${RUNNER:-target/release/runner}

@@ -6,7 +6,10 @@
 #   2. the demo recipe in bf16 on the GPU, with its learning metrics;
 #   3. SFT and DPO tokens/s and peak GPU memory on a Qwen2-0.5B-shaped `init` model
 #      (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864, vocab 151936, seq 512,
-#      LoRA r 16 on all seven projections).
+#      LoRA r 16 on all seven projections);
+#   4. long sequences on the same shape: one SFT stage of 3 steps, batch 1, bf16, at 2048
+#      tokens (checkpointing off and on) and 8192 (on), each its own process with its own
+#      peak GPU memory and tokens/s: what the tiled attention and the chunked head need.
 # Prints one table. DEVICE=cpu SHAPE=tiny runs the same steps on a CPU, small, to try the script.
 # On a GPU machine: RUNNER_BIN=target/cuda/runner (from scripts/build-cuda.sh) \
 #   LD_LIBRARY_PATH=<PyTorch's nvidia/cu13/lib> bash scripts/gpu-check.sh
@@ -75,16 +78,56 @@ adapter = "sft"
 data = { train = "$out/dpo.jsonl" }
 train = { steps = 10, batch = 2, lr = 1e-5, seq_len = $seq, checkpoint_every = 0 }
 TOML
-peak_file="$out/gpu-mem.txt"; : > "$peak_file"
-if command -v nvidia-smi > /dev/null; then
-  ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$peak_file"; sleep 0.5; done ) &
-  poller=$!
-fi
-"$runner" --cache "$out/cache" --device "$device" run recipes/.gpu-bench.toml > /dev/null 2> "$out/bench.log"
-[ -n "${poller:-}" ] && kill "$poller"
-peak_gpu=$(sort -n "$peak_file" | tail -1); peak_gpu="${peak_gpu:-n/a} MiB"
+# Runs `runner run "$@"` while polling nvidia-smi; prints the peak memory used (MiB).
+peak_of() {
+  local peak_file="$out/gpu-mem.txt" poller=""
+  : > "$peak_file"
+  if command -v nvidia-smi > /dev/null; then
+    ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> "$peak_file"; sleep 0.5; done ) &
+    poller=$!
+  fi
+  "$runner" --cache "$out/cache" --device "$device" run "$@" > /dev/null 2>> "$out/bench.log" || echo "failed: $*" >> "$out/bench.log"
+  [ -n "$poller" ] && kill "$poller"
+  local peak; peak=$(sort -n "$peak_file" | tail -1)
+  echo "${peak:-n/a} MiB"
+}
+peak_gpu=$(peak_of recipes/.gpu-bench.toml)
 sft_tps=$(metric recipes/.gpu-bench.toml sft tokens_per_s)
 dpo_tps=$(metric recipes/.gpu-bench.toml dpo tokens_per_s)
+
+# 4. Long sequences, one process each (the base made once beforehand).
+if [ "${SHAPE:-qwen2-0.5b}" = tiny ]; then long_seqs="128 512"; else long_seqs="2048 8192"; fi
+long_max=${long_seqs##* }
+python3 - "$out" "$long_max" <<'PY'
+import json, random, sys
+out, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(1)
+text = "".join(rng.choice("abcdefghij") for _ in range(n + 64))
+with open(f"{out}/long.jsonl", "w") as f:
+    f.write(json.dumps({"prompt": text[: n - 48], "completion": text[n - 48 :]}) + "\n")
+PY
+long_rows=""
+"$runner" --cache "$out/cache" --device "$device" run recipes/.gpu-bench.toml --until base > /dev/null 2>> "$out/bench.log"
+for long in $long_seqs; do
+  for ckpt in false true; do
+    [ "$long" = "$long_max" ] && [ "$ckpt" = false ] && continue
+    r="recipes/.gpu-long-$long-$ckpt.toml"
+    sed -n '1,/^\[stages.sft\]/p' recipes/.gpu-bench.toml | sed '$d' > "$r"
+    cat >> "$r" <<TOML
+[stages.sft]
+kind = "sft"
+model = "base"
+data = { train = "$out/long.jsonl" }
+lora = { r = 16, alpha = 32, targets = "all-linear" }
+train = { steps = 3, batch = 1, lr = 1e-4, seq_len = $long, checkpointing = $ckpt, checkpoint_every = 0 }
+TOML
+    peak=$(peak_of "$r" --only sft)
+    tps=$(metric "$r" sft tokens_per_s)
+    long_rows="$long_rows| 4. SFT at $long tokens, checkpointing $ckpt: peak GPU memory, tokens/s | $peak, $tps |
+"
+    rm -f "$r"
+  done
+done
 
 gpu=$(command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name --format=csv,noheader | head -1 || echo "$device")
 cat <<TABLE
@@ -96,4 +139,5 @@ cat <<TABLE
 | 3. SFT tokens/s (${SHAPE:-qwen2-0.5b}, seq $seq, batch 4, bf16) | $sft_tps |
 | 3. DPO tokens/s (batch 2 pairs) | $dpo_tps |
 | 3. peak GPU memory (nvidia-smi, whole run) | $peak_gpu |
+${long_rows%$'\n'}
 TABLE

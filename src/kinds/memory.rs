@@ -47,6 +47,5 @@ pub fn estimate(
         checkpointing: train.checkpointing.value,
         reference_model: batch.reference,
         fused: crate::model::memory::fused_path(on_gpu, dtype),
-        on_gpu,
     }))
 }

@@ -251,7 +251,6 @@ fn memory_estimate(
             checkpointing: model.checkpointing(),
             reference_model: batch.reference,
             fused: crate::model::memory::fused_path(!model.device.is_cpu(), model.dtype),
-            on_gpu: !model.device.is_cpu(),
         },
     ))
 }

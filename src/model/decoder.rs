@@ -14,6 +14,7 @@ use crate::model::config::ModelConfig;
 use crate::model::error::{ModelError, Result};
 use crate::model::formats::names;
 use crate::model::formats::weights::{parse_torch_dtype, WeightLoader, WeightSource};
+use crate::model::kernels::head_logprobs::head_token_logprobs;
 use crate::model::kernels::ops::frozen_matmul;
 use crate::model::kernels::quantized::Quantization;
 use crate::model::kernels::recompute::{
@@ -448,6 +449,21 @@ impl Decoder {
                 )));
             }
             tok.push(id);
+        }
+        if !crate::model::kernels::cpu::fused_for(&self.device, self.dtype) {
+            // The compositions (a GPU, half precision): chunked logits, and
+            // for backward one [hidden] gradient a row instead of them.
+            let rows = self.gather_rows(hidden, &positions)?;
+            let weight = self.lm_head_weight();
+            let product = |x: &Tensor| upcast(&frozen_matmul(x, weight)?);
+            return Ok(head_token_logprobs(
+                &rows,
+                weight,
+                &product,
+                self.config.final_logit_softcapping,
+                &tok,
+                HEAD_CHUNK_ROWS,
+            )?);
         }
         if self.checkpointing {
             // The [rows, vocab] logits exist for one chunk of rows at a time.

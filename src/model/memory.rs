@@ -16,9 +16,12 @@
 //! - with checkpointing: one hidden state per layer, one layer's activations
 //!   and their gradients while it is recomputed, and one chunk of 256 rows of
 //!   head logits.
-//! - on candle's compositions (a GPU, or half precision on the CPU) every
-//!   intermediate is kept, and the attention keeps heads × seq_len scores
-//!   per token and layer.
+//! - on candle's compositions (a GPU, or half precision on the CPU) the
+//!   same, plus the copies between graph nodes (merged heads, split values,
+//!   a residual sum: hidden + q + kv), one attention tile's scores and
+//!   their gradients while it runs (`TILE_SCORES` elements), and for the
+//!   head one f32 [hidden] gradient a supervised token and two f32
+//!   [256, vocab] tensors of one chunk while it runs.
 //!
 //! Checked against measured peak RSS on a Qwen2-0.5B shape (README,
 //! `scripts/bench-memory.sh`).
@@ -58,7 +61,6 @@ pub struct StepShape<'a> {
     /// The fused CPU ops run (CPU, f32 or f64); otherwise candle's
     /// compositions, as on a GPU.
     pub fused: bool,
-    pub on_gpu: bool,
 }
 
 /// A stage that holds the whole model in `dtype` and `copies` more copies
@@ -193,15 +195,17 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
     // Elements kept per token and layer by the fused CPU ops; dropout masks
     // are per targeted module, summed over all layers already.
     let fused_layer = (5 * h + 3 * q + 3 * kv + 3 * f) * dt;
-    // What the families' compositions add on the fused path: Gemma 2's
-    // soft-capped attention keeps its f32 scores, their tanh and the
-    // probabilities over each row's keys; GeGLU keeps gelu(gate) and the
-    // product; a soft-capped head keeps three more f32 logit tensors.
+    // What the families' compositions add on the fused path: GeGLU keeps
+    // gelu(gate) and the product; a soft-capped head keeps three more f32
+    // logit tensors. Gemma 2's soft-capped attention runs tiled (below).
     let family = c.architecture.family();
-    let softcapped = match c.attn_logit_softcapping {
-        Some(_) => 12 * c.num_attention_heads as u64 * s.seq_len as u64,
-        None => 0,
-    };
+    // One attention tile's f32 probabilities, their gradient, its difference
+    // from the row sums and the product, and the probabilities and their
+    // gradient in the compute dtype, while it runs in backward: the tiled
+    // attention's only scores (every device but the fused CPU op's).
+    let tile = (s.rows as u64 * c.num_attention_heads as u64 * (s.seq_len as u64).pow(2))
+        .min(crate::model::kernels::tiled_attention::TILE_SCORES as u64);
+    let tile_bytes = tile * (16 + 2 * dt);
     let geglu = match family.activation {
         Activation::GeluTanh => 2 * f * dt,
         Activation::Silu => 0,
@@ -212,34 +216,52 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         0
     };
     let masks = if s.dropout { masks * dt } else { 0 };
-    let (per_layer, recompute, head) = if s.fused {
-        // Logits in f32 for the fused log-softmax.
-        (fused_layer + softcapped + geglu, 2, 4 * vocab + capped_head)
+    // (per token and layer, head per supervised token kept, head per token
+    // of one chunk, once per step).
+    let (per_layer, head_kept, head_chunk, transient) = if s.fused {
+        // Logits in f32 for the fused log-softmax; under checkpointing one
+        // chunk of them at a time.
+        let logits = 4 * vocab + capped_head;
+        let (kept, chunk) = if s.checkpointing {
+            (0, logits)
+        } else {
+            (logits, 0)
+        };
+        let tiled = if c.attn_logit_softcapping.is_some() {
+            tile_bytes
+        } else {
+            0
+        };
+        (fused_layer + geglu, kept, chunk, tiled)
     } else {
-        // candle's compositions keep every intermediate (2.5 times the fused
-        // ops' activations, measured) and the attention's scores and
-        // probabilities, in f32 and in the compute dtype, over each row's keys.
-        let scores = if dt == 4 { 8 } else { 2 * dt + 8 };
-        let attention = scores * c.num_attention_heads as u64 * s.seq_len as u64;
-        let upcast = if dt == 4 { 0 } else { dt };
-        // The CPU's log-softmax is fused on the f32 logits; the GPU's keeps
-        // four [positions, vocab] f32 tensors.
-        let log_softmax = if s.on_gpu { 16 } else { 4 };
-        (
-            fused_layer * 5 / 2 + attention,
-            3,
-            (upcast + log_softmax) * vocab + capped_head,
-        )
+        // The compositions' graph nodes keep what the fused ops keep, plus
+        // the copies between them: the heads merged for the output
+        // projection, the values split into heads, the attention's output
+        // and the residual sum before the norm (h + q + kv). Each LoRA
+        // projection, norm, rope and SwiGLU is one node keeping its inputs
+        // (`fused_linear::lora_linear_composed`, `recompute`); the attention
+        // is tiled.
+        // The head keeps one f32 [hidden] gradient a supervised token; two
+        // of a chunk's f32 [rows, vocab] tensors (logits, probabilities,
+        // their gradient), and the gradient in the compute dtype, exist
+        // while it runs.
+        let chunk = (8 + dt) * vocab + capped_head;
+        let copies = (h + q + kv) * dt;
+        (fused_layer + copies + geglu, 4 * h, chunk, tile_bytes)
     };
     let dora_kept = dora_kept * dt;
-    let activations = if s.checkpointing {
-        tokens * l * h * dt
-            + recompute * tokens * per_layer
-            + (masks + recompute * dora_kept) * tokens / l.max(1)
-            + tokens.min(HEAD_CHUNK_ROWS as u64) * head
-    } else {
-        tokens * l * per_layer + (masks + dora_kept) * tokens + tokens * head
-    };
+    let head = tokens * head_kept + tokens.min(HEAD_CHUNK_ROWS as u64) * head_chunk;
+    let activations = transient
+        + head
+        + if s.checkpointing {
+            // A hidden state a layer; one layer's activations and their
+            // gradients while it is recomputed.
+            tokens * l * h * dt
+                + 2 * tokens * per_layer
+                + (masks + 2 * dora_kept) * tokens / l.max(1)
+        } else {
+            tokens * l * per_layer + (masks + dora_kept) * tokens
+        };
     let training = weights + adapter + activations;
     let reference = if s.reference_model { 2 * weights } else { 0 };
     MemoryEstimate {

@@ -32,8 +32,10 @@ pub(crate) type Targets = Vec<(usize, usize, u32)>;
 /// (`Decoder::forward` at `Rows::At`, which also runs the last layer's
 /// query, output and MLP products only at the target positions): the same
 /// log-probs, without computing the padding (a sixth of the tokens on the
-/// peer benchmark's data). Other layouts, batches of more than
-/// `PACK_MAX_TOKENS` real tokens, and the composition attention run padded.
+/// peer benchmark's data), on every device: both attentions (fused, tiled)
+/// compute only the keys each sequence sees. Other layouts and batches of
+/// more than `PACK_MAX_TOKENS` real tokens (whose [tokens, tokens] mask
+/// would outgrow a padded batch's) run padded.
 /// With `want_sum_sq`, also each target's log Σ p² (no graph; WPO).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn masked_logprobs(
@@ -53,12 +55,8 @@ pub(crate) fn masked_logprobs(
         .collect();
     let targets = next_token_targets(&id_rows, &loss_rows)?;
     anyhow::ensure!(!targets.is_empty(), "a batch with no completion tokens");
-    // Only the fused attention skips the keys a packed sequence cannot see;
-    // the composition (GPU, half precision) would compute and keep scores
-    // for every pair of the packed row: rows² times a padded batch's.
-    let fused_attention = crate::model::kernels::cpu::fused_for(device, model.dtype);
     let packable = right_padded_lengths(attention_mask, t)
-        .filter(|lengths| fused_attention && lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
+        .filter(|lengths| lengths.iter().sum::<usize>() <= PACK_MAX_TOKENS);
     let (logprobs, sum_sq) = match packable {
         Some(lengths) => {
             let sequences: Vec<&[u32]> = id_rows

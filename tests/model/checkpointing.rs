@@ -226,3 +226,10 @@ fn output_head_in_chunks_of_rows_equals_the_whole() {
         }
     });
 }
+
+/// The same on the GPU's path, where each recomputed layer's attention is
+/// itself tiled and recomputes its tiles inside the layer's backward.
+#[test]
+fn checkpointed_gradients_equal_plain_ones_on_the_generic_path() {
+    passes_on_the_generic_path("checkpointing::checkpointed_gradients_equal_plain_ones");
+}

@@ -1,10 +1,12 @@
-//! The fused attention op against the composition of candle ops it
-//! replaces (forward and the gradients of q, k and v), against central
-//! finite differences at the causal boundary, and across thread counts.
+//! The fused attention op and the tiled one (every other device) against
+//! the composition of candle ops they replace (forward and the gradients of
+//! q, k and v), against central finite differences at the causal and tile
+//! boundaries, and across thread counts.
 
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor, Var};
 use lora_runner::model::kernels::fused_attention::{attention, attention_slow, AttentionMask};
+use lora_runner::model::kernels::tiled_attention::{tile_tokens, tiled_attention, TILE_SCORES};
 
 /// The model's additive mask [B, t, past + t] for rows whose positions are
 /// real (true) or padding: causal, padding hidden, optional sliding window.
@@ -105,10 +107,11 @@ fn inputs(c: &Case, dtype: DType) -> Inputs {
     }
 }
 
-type Attention = fn(&Tensor, &Tensor, &Tensor, &AttentionMask) -> candle_core::Result<Tensor>;
-
 /// Output and the gradients of sum(output ∘ weights) by q, k, v.
-fn run(f: Attention, x: &Inputs) -> [Tensor; 4] {
+fn run(
+    f: impl Fn(&Tensor, &Tensor, &Tensor, &AttentionMask) -> candle_core::Result<Tensor>,
+    x: &Inputs,
+) -> [Tensor; 4] {
     let out = f(x.q.as_tensor(), x.k.as_tensor(), x.v.as_tensor(), &x.mask).unwrap();
     let grads = out
         .mul(&x.weights)
@@ -133,7 +136,9 @@ fn fused_attention_matches_the_composition_with_gradients() {
                     .iter()
                     .zip(fast.iter().zip(&slow))
                 {
-                    let d = max_abs_diff(f, s);
+                    // In f64: an f32 cast of two f64 values can land a
+                    // whole f32 ulp apart (3.7e-9 here) however close they are.
+                    let d = max_abs_diff_f64(f, s);
                     assert!(d < tol, "{}, {dtype:?}: {what} differs by {d}", c.name);
                 }
             }
@@ -233,4 +238,202 @@ fn fused_attention_is_bitwise_the_same_on_one_thread_and_on_two() {
         };
         assert_eq!(on(1), on(2));
     });
+}
+
+/// The mask of sequences of `lengths` packed into one row: each sees its
+/// own earlier tokens (within `window`), as `AttentionContext::packed`.
+fn packed_mask(lengths: &[usize], window: Option<usize>) -> AttentionMask {
+    let total: usize = lengths.iter().sum();
+    let mut m = vec![-1e30f32; total * total];
+    let mut start = 0;
+    for &len in lengths {
+        for pos in 0..len {
+            let query = start + pos;
+            for key in start..=query {
+                if window.is_none_or(|w| query - key < w) {
+                    m[query * total + key] = 0.0;
+                }
+            }
+        }
+        start += len;
+    }
+    AttentionMask::from_vec(m, (1, total, total), &Device::Cpu).unwrap()
+}
+
+/// The cases above plus packed rows (with and without a window), each
+/// with its inputs.
+fn tiled_cases(dtype: DType) -> Vec<(String, Inputs)> {
+    let mut out: Vec<(String, Inputs)> = cases()
+        .iter()
+        .map(|c| (c.name.to_string(), inputs(c, dtype)))
+        .collect();
+    for (name, window) in [("packed", None), ("packed, window 5", Some(5))] {
+        let lengths = [9, 20, 1, 13];
+        let c = Case {
+            name: "packed",
+            real: vec![row(43, 0, 0)],
+            past: 0,
+            kv_heads: 2,
+            rep: 2,
+            hd: 4,
+            window: None,
+        };
+        let mut x = inputs(&c, dtype);
+        x.mask = packed_mask(&lengths, window);
+        out.push((name.to_string(), x));
+    }
+    out
+}
+
+#[test]
+fn tiled_attention_matches_the_composition_with_gradients_at_any_tile_size() {
+    with_big_stack(|| {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            for (name, x) in tiled_cases(dtype) {
+                for softcap in [None, Some(2.0)] {
+                    let slow = run(|q, k, v, m| attention_slow(q, k, v, m, softcap), &x);
+                    // One token a tile, tiles that end off every boundary,
+                    // the 64-row block, and one tile for everything.
+                    for tile in [1, 7, 16, 64, 1000] {
+                        let tiled = run(
+                            |q, k, v, m| tiled_attention(q, k, v, m, softcap, Some(tile)),
+                            &x,
+                        );
+                        for (what, (f, s)) in ["output", "dq", "dk", "dv"]
+                            .iter()
+                            .zip(tiled.iter().zip(&slow))
+                        {
+                            let d = max_abs_diff_f64(f, s);
+                            assert!(
+                                d < tol,
+                                "{name}, {dtype:?}, tile {tile}, cap {softcap:?}: {what} differs by {d}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn tiled_attention_in_bf16_stays_with_the_composition() {
+    with_big_stack(|| {
+        for (name, x) in tiled_cases(DType::BF16) {
+            let slow = run(|q, k, v, m| attention_slow(q, k, v, m, None), &x);
+            let tiled = run(|q, k, v, m| tiled_attention(q, k, v, m, None, Some(16)), &x);
+            for (what, (f, s)) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(tiled.iter().zip(&slow))
+            {
+                // bf16 keeps 8 bits: the tiles sum keys' gradients in f32,
+                // the composition in bf16, so they agree to bf16's rounding.
+                let scale = max_abs_diff_f64(s, &s.zeros_like().unwrap()).max(1.0);
+                let d = max_abs_diff_f64(f, s) / scale;
+                assert!(d < 2e-2, "{name}, bf16: {what} differs by {d} (relative)");
+            }
+        }
+    });
+}
+
+#[test]
+fn tiled_attention_gradients_match_finite_differences_at_tile_and_causal_edges() {
+    with_big_stack(|| {
+        let c = &cases()[0];
+        let mut x = inputs(c, DType::F64);
+        // As above: no loss reads a query that sees no key.
+        let sees_a_key = x
+            .mask
+            .dense()
+            .max_keepdim(2)
+            .unwrap()
+            .ge(-1e29)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap()
+            .repeat((1, c.kv_heads, c.rep, c.hd))
+            .unwrap();
+        x.weights = x.weights.mul(&sees_a_key).unwrap();
+        let tile = 16;
+        let f = |q: &Tensor, k: &Tensor| {
+            tiled_attention(q, k, x.v.as_tensor(), &x.mask, None, Some(tile))
+                .unwrap()
+                .mul(&x.weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let [_, dq, dk, _] = run(
+            |q, k, v, m| tiled_attention(q, k, v, m, None, Some(tile)),
+            &x,
+        );
+        let (t, hd) = (c.real[0].len(), c.hd);
+        let dq = dq.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let dk = dk.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-5;
+        let (q0, k0) = (x.q.as_tensor(), x.k.as_tensor());
+        // The first query that sees a key, the last of a tile and the first
+        // of the next, and a padded query of row 1.
+        for (b, tok) in [(0usize, 5usize), (0, 15), (0, 16), (1, 60)] {
+            let i = ((b * c.kv_heads) * c.rep * t + tok) * hd;
+            let numeric = (f(&nudge(q0, i, h), k0) - f(&nudge(q0, i, -h), k0)) / (2.0 * h);
+            assert!(
+                (numeric - dq[i]).abs() < 1e-6,
+                "dq at row {b} token {tok}: {} vs {numeric}",
+                dq[i]
+            );
+        }
+        // The key on the diagonal of a tile's first query (which the tile
+        // before never sees), the last key a tile sees, the last real key
+        // of row 1.
+        for (b, tok) in [(0usize, 16usize), (0, 31), (1, 49)] {
+            let i = ((b * c.kv_heads) * t + tok) * hd + 1;
+            let numeric = (f(q0, &nudge(k0, i, h)) - f(q0, &nudge(k0, i, -h))) / (2.0 * h);
+            assert!(
+                (numeric - dk[i]).abs() < 1e-6,
+                "dk at row {b} key {tok}: {} vs {numeric}",
+                dk[i]
+            );
+        }
+        let hidden = (c.kv_heads * t + 69) * hd;
+        assert_eq!(dk[hidden..hidden + hd], vec![0.0; hd][..]);
+    });
+}
+
+#[test]
+fn tiled_attention_without_a_graph_returns_the_same_output() {
+    with_big_stack(|| {
+        for (name, x) in tiled_cases(DType::F64) {
+            let (q, k, v) = (
+                x.q.as_tensor().detach(),
+                x.k.as_tensor().detach(),
+                x.v.as_tensor().detach(),
+            );
+            let tiled = tiled_attention(&q, &k, &v, &x.mask, None, Some(7)).unwrap();
+            assert!(!tiled.track_op(), "{name}: a graph without Vars");
+            let slow = attention_slow(&q, &k, &v, &x.mask, None).unwrap();
+            assert!(max_abs_diff_f64(&tiled, &slow) < 1e-12, "{name}");
+        }
+    });
+}
+
+#[test]
+fn a_tile_holds_at_most_its_budget_of_scores() {
+    // The 0.5B shape at 2048 and 8192 tokens, a 7B shape at 8192.
+    for (rows, heads, keys) in [(1, 14, 2048), (1, 14, 8192), (1, 28, 8192), (4, 28, 32768)] {
+        let tile = tile_tokens(rows, heads, keys, keys);
+        assert_eq!(tile % 16, 0);
+        assert!(
+            tile == 16 || rows * heads * tile * keys <= TILE_SCORES,
+            "{rows}×{heads}×{tile}×{keys}"
+        );
+        assert!(rows * heads * (tile + 16) * keys > TILE_SCORES || tile == keys);
+    }
+    // Never more tokens than there are, never none.
+    assert_eq!(tile_tokens(1, 2, 10, 10), 10);
+    assert_eq!(tile_tokens(1, 1, 0, 0), 1);
 }

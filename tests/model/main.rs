@@ -12,6 +12,7 @@ mod fused_linear;
 mod generate;
 mod gguf;
 mod gguf_export;
+mod head_logprobs;
 mod init_and_tokenizer;
 mod loading_errors;
 mod lora_gradients;

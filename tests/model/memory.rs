@@ -63,7 +63,6 @@ fn the_estimate_counts_the_weights_and_adapter_a_loaded_model_holds() {
             checkpointing: false,
             reference_model: false,
             fused: dtype == DType::F32,
-            on_gpu: false,
         };
         let e = estimate(&shape);
         assert_eq!(

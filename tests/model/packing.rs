@@ -1,6 +1,6 @@
 //! Padding-free packing: sequences packed into one row give the log-probs
 //! and LoRA gradients of the same sequences right-padded into a batch, with
-//! and without a sliding window.
+//! and without a sliding window, on the fused path and on the GPU's.
 
 use crate::support::model::*;
 use candle_core::{DType, Device, Tensor};
@@ -114,6 +114,21 @@ fn packed_sequences_give_the_padded_log_probs_and_gradients() {
         let in_one = padded(&model, &joined).narrow(0, 9 + 3, 69).unwrap();
         assert!(max_abs_diff(&alone, &in_one) > 1e-3);
     });
+}
+
+/// The same on the GPU's path: tiled attention (16-token tiles, which the
+/// 70-token sequence crosses and which straddle the packed sequences) and
+/// the head's log-probs without their logits.
+#[test]
+fn packed_sequences_give_the_padded_log_probs_and_gradients_on_the_generic_path() {
+    passes_on_the_generic_path("packing::packed_sequences_give_the_padded_log_probs_and_gradients");
+}
+
+#[test]
+fn selected_positions_give_the_full_pass_log_probs_and_gradients_on_the_generic_path() {
+    passes_on_the_generic_path(
+        "packing::selected_positions_give_the_full_pass_log_probs_and_gradients",
+    );
 }
 
 /// `forward` at `Rows::At`: the last layer computes only the selected

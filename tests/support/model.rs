@@ -119,11 +119,14 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Runs test `name` of this test binary again in a child process with
 /// `LORA_RUNNER_GENERIC_OPS=1`: the compositions a GPU runs, on the CPU
-/// (the switch is read once per process), and checks that it passed.
+/// (the switch is read once per process), with attention tiles of 16
+/// query tokens so that tiny models cross tile boundaries, and checks that
+/// it passed.
 pub fn passes_on_the_generic_path(name: &str) {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--test-threads=1"])
         .env("LORA_RUNNER_GENERIC_OPS", "1")
+        .env("LORA_RUNNER_ATTENTION_TILE", "16")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use crate::model::kernels::cpu::{self, fused_for, matmul, Mat, Threads};
 use crate::model::kernels::float::{per_float_dtype, Float};
 use crate::model::kernels::ops::masked_softmax;
+use crate::model::kernels::tiled_attention::tiled_attention;
 
 /// Query rows per block: the transient scores of a block are
 /// `QUERY_BLOCK × visible keys`, a few hundred KiB at 4096 keys.
@@ -78,6 +79,11 @@ impl AttentionMask {
     /// The mask as a tensor [B, t, T] (f32).
     pub fn dense(&self) -> &Tensor {
         &self.dense
+    }
+
+    /// Each mask row's visible keys (row b·t + token), see `visible_keys`.
+    pub fn visible(&self) -> &[Range<usize>] {
+        &self.visible
     }
 
     /// The mask of the query tokens `rows` only ([B, rows.len(), T]): what
@@ -522,8 +528,9 @@ impl CustomOp3 for FusedAttention {
 /// of each KV head are its query heads' t tokens, stacked), k and v
 /// [B, G, T, hd], and a mask [B, t, T] shared by the heads. With `softcap`
 /// (Gemma 2), the scores are cap·tanh(q·kᵀ / cap) before the mask.
-/// Fused on the CPU for f32 and f64 without a soft-cap; otherwise
-/// [`attention_slow`].
+/// Fused on the CPU for f32 and f64 without a soft-cap; otherwise in
+/// tiles of queries (`tiled_attention`), which keep no scores for backward
+/// and equal [`attention_slow`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -536,7 +543,7 @@ pub fn attention(
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
-        attention_slow(q, k, v, mask, softcap)
+        tiled_attention(q, k, v, mask, softcap, None)
     }
 }
 

@@ -17,6 +17,7 @@ use crate::model::kernels::cpu::{self, fused_for, matmul, Mat, Threads};
 use crate::model::kernels::float::{per_float_dtype, Float};
 use crate::model::kernels::ops::{frozen_linear, mul_by_constant};
 use crate::model::kernels::quantized::{frozen_projection, FrozenWeight};
+use crate::model::kernels::recompute::{precomputed_forward, Precomputed};
 
 struct LoraLinear {
     /// [out, in], frozen; a quantized one is dequantised for each product.
@@ -347,7 +348,7 @@ pub fn lora_linear_on(
             .chain(adapter.dropout)
             .all(|t| t.dtype() == dtype);
     if !(fused_for(x.device(), dtype) && same_dtype) {
-        return frozen_projection(x, weight, bias)? + adapter_delta(x, adapter)?;
+        return lora_linear_composed(x, (weight, bias), adapter);
     }
     let (a, b) = (adapter.a, adapter.b);
     let Some((&inp, lead)) = x.dims().split_last() else {
@@ -402,4 +403,117 @@ pub fn adapter_delta(x: &Tensor, adapter: &Adapter) -> candle_core::Result<Tenso
     let mut dims = lead.to_vec();
     dims.push(b.dim(0)?);
     h.reshape(dims)
+}
+
+/// [`lora_linear_on`] on every other device (the GPU, half precision): the
+/// same y out of candle's ops, as one graph node that keeps only x (and
+/// A, B), not the composition's [N, out] frozen product, adapter output and
+/// sum (two [N, out] tensors a projection, most of what the compositions
+/// kept for a layer). Backward computes dx, dA and dB from dy with candle's
+/// products, in x's dtype, as autograd would.
+pub fn lora_linear_composed(
+    x: &Tensor,
+    (weight, bias): (&FrozenWeight, Option<&Tensor>),
+    adapter: &Adapter,
+) -> candle_core::Result<Tensor> {
+    let (a, b) = (adapter.a.detach(), adapter.b.detach());
+    let detached = Adapter {
+        a: &a,
+        b: &b,
+        ..*adapter
+    };
+    let xd = x.detach();
+    let y = (frozen_projection(&xd, weight, bias)? + adapter_delta(&xd, &detached)?)?;
+    if !(x.track_op() || adapter.a.track_op() || adapter.b.track_op()) {
+        return Ok(y);
+    }
+    let op = ComposedLoraLinear {
+        weight: weight.clone(),
+        bias: bias.map(Tensor::detach),
+        dropout: adapter.dropout.map(Tensor::detach),
+        scale: adapter.scale,
+        output: Precomputed::new(y)?,
+    };
+    x.apply_op3(adapter.a, adapter.b, op)
+}
+
+struct ComposedLoraLinear {
+    weight: FrozenWeight,
+    bias: Option<Tensor>,
+    /// Shaped like x.
+    dropout: Option<Tensor>,
+    scale: f64,
+    output: Precomputed,
+}
+
+impl ComposedLoraLinear {
+    /// dy·W [n, in] for dy [n, out] in the compute dtype.
+    fn input_gradient(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        match &self.weight {
+            FrozenWeight::Dense(w) => dy.matmul(&w.to_dtype(dtype)?),
+            FrozenWeight::Fp8(f) => dy.matmul(&f.dequantize(dtype)?),
+            // The block formats' own product carries their backward: run
+            // it on x as a Var and take x's gradient.
+            quantized @ FrozenWeight::Quantized(_) => {
+                let var = candle_core::Var::from_tensor(x)?;
+                let y = frozen_projection(var.as_tensor(), quantized, self.bias.as_ref())?;
+                let grads = (y * dy)?.sum_all()?.backward()?;
+                match grads.get(var.as_tensor()) {
+                    Some(g) => Ok(g.clone()),
+                    None => x.zeros_like(),
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for ComposedLoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear-composed"
+    }
+
+    precomputed_forward!(3);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dtype = x.dtype();
+        let dims = x.dims().to_vec();
+        let Some((&inp, lead)) = dims.split_last() else {
+            bail!("lora-linear: scalar input")
+        };
+        let rows: usize = lead.iter().product();
+        let out = b.dim(0)?;
+        let x2 = x.detach().reshape((rows, inp))?;
+        let dy = grad.detach().reshape((rows, out))?.to_dtype(dtype)?;
+        let xin = match &self.dropout {
+            Some(m) => (&x2 * m.reshape((rows, inp))?.to_dtype(dtype)?)?,
+            None => x2.clone(),
+        };
+        let a_c = a.detach().to_dtype(dtype)?;
+        let b_s = (b.detach().to_dtype(dtype)? * self.scale)?;
+        // dy·(sB) [n, r]: what both dx's adapter term and dA start from.
+        let dyb = dy.matmul(&b_s)?;
+        let dx = x.track_op().then(|| -> candle_core::Result<Tensor> {
+            let mut through_adapter = dyb.matmul(&a_c)?;
+            if let Some(m) = &self.dropout {
+                through_adapter = (through_adapter * m.reshape((rows, inp))?.to_dtype(dtype)?)?;
+            }
+            (self.input_gradient(&x2, &dy)? + through_adapter)?.reshape(dims.as_slice())
+        });
+        let da = a
+            .track_op()
+            .then(|| dyb.t()?.matmul(&xin)?.to_dtype(a.dtype()));
+        let db = b.track_op().then(|| {
+            let h = xin.matmul(&a_c.t()?)?;
+            (dy.t()?.matmul(&h)? * self.scale)?.to_dtype(b.dtype())
+        });
+        Ok((dx.transpose()?, da.transpose()?, db.transpose()?))
+    }
 }

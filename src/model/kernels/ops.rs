@@ -10,10 +10,12 @@
 
 use crate::model::kernels::cpu::{self, fused_kernels};
 use crate::model::kernels::float::{per_float_dtype, Float};
+use crate::model::kernels::recompute::{recomputed_pair, recomputed_rows};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType, D,
 };
+use std::sync::Arc;
 
 fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
@@ -348,7 +350,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     if fused_kernels(gate.device()) {
         gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
     } else {
-        swiglu_slow(gate, up)
+        // Keeps gate and up only, not silu(gate) and its input's copy.
+        recomputed_pair(gate, up, Arc::new(swiglu_slow))
     }
 }
 
@@ -717,8 +720,17 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
     if fused_kernels(x.device()) {
         x.contiguous()?
             .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
-    } else {
+    } else if w.track_op() {
         rms_norm_slow(x, w, eps)
+    } else {
+        // A frozen weight (every norm here): keeps x only, not its f32
+        // copy, square and normalised rows.
+        let w = w.clone();
+        recomputed_rows(
+            x,
+            x.dim(0)?,
+            Arc::new(move |_, x| rms_norm_slow(x, &w, eps)),
+        )
     }
 }
 
@@ -945,7 +957,13 @@ pub fn split_heads(
             adjoint: false,
         })
     } else {
-        split_heads_slow(x, heads, rotary, scale)
+        // Keeps x only, not rope's half-products and copies.
+        let rotary = rotary.cloned();
+        recomputed_rows(
+            x,
+            x.dim(0)?,
+            Arc::new(move |_, x| split_heads_slow(x, heads, rotary.as_ref(), scale)),
+        )
     }
 }
 

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp1, Shape, Storage, Tensor, TensorId, Var};
 
 use crate::model::layers::attention::AttentionContext;
 use crate::model::layers::layer::DecoderLayer;
@@ -117,10 +117,10 @@ struct Recompute {
 
 /// An output computed before its graph node exists, handed over once by the
 /// node's forward (which must return fresh storage: a copy, contiguous from 0).
-struct Precomputed(Mutex<Option<Tensor>>);
+pub(crate) struct Precomputed(Mutex<Option<Tensor>>);
 
 impl Precomputed {
-    fn new(output: Tensor) -> candle_core::Result<Self> {
+    pub(crate) fn new(output: Tensor) -> candle_core::Result<Self> {
         let output = if output.layout().start_offset() == 0 && output.is_contiguous() {
             output
         } else {
@@ -137,7 +137,7 @@ impl Precomputed {
             .ok_or_else(|| candle_core::Error::Msg("a recomputed op ran twice".into()))
     }
 
-    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+    pub(crate) fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
         let output = self.take()?;
         let (storage, layout) = output.storage_and_layout();
         match &*storage {
@@ -147,7 +147,7 @@ impl Precomputed {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    pub(crate) fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let output = self.take()?;
         let (storage, layout) = output.storage_and_layout();
         match &*storage {
@@ -156,6 +156,79 @@ impl Precomputed {
         }
     }
 }
+
+/// The forward functions of a custom op whose output was computed before
+/// its node (a `Precomputed` in the op's field `output`), for ops of one,
+/// two or three tensors: they hand that output over, on the CPU or the GPU.
+macro_rules! precomputed_forward {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.output.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.output.cuda()
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.output.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.output.cuda()
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.output.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.output.cuda()
+        }
+    };
+}
+pub(crate) use precomputed_forward;
 
 /// `x` itself when it is in the graph, else a Var copy of it: a custom op
 /// on a tensor outside the graph gets no backward call.
@@ -172,18 +245,7 @@ impl CustomOp1 for Recompute {
         "checkpointed-layer"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    precomputed_forward!(1);
 
     fn bwd(
         &self,
@@ -253,18 +315,7 @@ impl CustomOp1 for RecomputeRows {
         "recomputed-rows"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.output.cuda()
-    }
+    precomputed_forward!(1);
 
     fn bwd(
         &self,
@@ -286,5 +337,60 @@ impl CustomOp1 for RecomputeRows {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Some(Tensor::cat(&parts, 0)?))
+    }
+}
+
+/// A function of two tensors of the same graph.
+pub type PairFunction = Arc<dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// `f(a, b)` keeping only `a` and `b` for backward, which runs `f` again
+/// with a graph: for compositions whose intermediates cost more memory
+/// than a second forward costs time (SwiGLU's on the GPU's path). `f` must
+/// not depend on Vars (their gradients would be lost).
+pub fn recomputed_pair(a: &Tensor, b: &Tensor, f: PairFunction) -> candle_core::Result<Tensor> {
+    let output = f(&a.detach(), &b.detach())?;
+    if !(a.track_op() || b.track_op()) {
+        return Ok(output);
+    }
+    a.apply_op2(
+        b,
+        RecomputePair {
+            f,
+            output: Precomputed::new(output)?,
+        },
+    )
+}
+
+struct RecomputePair {
+    f: PairFunction,
+    output: Precomputed,
+}
+
+impl candle_core::CustomOp2 for RecomputePair {
+    fn name(&self) -> &'static str {
+        "recomputed-pair"
+    }
+
+    precomputed_forward!(2);
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (va, vb) = (
+            Var::from_tensor(&a.detach())?,
+            Var::from_tensor(&b.detach())?,
+        );
+        let out = (self.f)(va.as_tensor(), vb.as_tensor())?;
+        let grads = (out * grad_res.detach())?.sum_all()?.backward()?;
+        let of = |var: &Var, arg: &Tensor| {
+            arg.track_op()
+                .then(|| grads.get(var.as_tensor()).cloned())
+                .flatten()
+        };
+        Ok((of(&va, a), of(&vb, b)))
     }
 }
