@@ -139,20 +139,28 @@ struct Block {
     keys: usize,
 }
 
+/// The keys any of `rows` sees: from the first row's earliest visible key to
+/// the latest (0..0 for no rows). Blocks of queries, fused or tiled, compute
+/// only these.
+pub fn key_span<'a>(rows: impl IntoIterator<Item = &'a Range<usize>>) -> Range<usize> {
+    let (lo, hi) = rows.into_iter().fold((usize::MAX, 0), |(lo, hi), r| {
+        (lo.min(r.start), hi.max(r.end))
+    });
+    lo.min(hi)..hi
+}
+
 fn blocks(d: Dims, visible: &[Range<usize>]) -> Vec<Block> {
     let mut out = Vec::new();
     for head in 0..d.rep {
         for token in (0..d.tq).step_by(QUERY_BLOCK) {
             let len = QUERY_BLOCK.min(d.tq - token);
-            let rows = &visible[token..token + len];
-            let key0 = rows.iter().map(|r| r.start).min().unwrap_or(0);
-            let end = rows.iter().map(|r| r.end).max().unwrap_or(0);
+            let span = key_span(&visible[token..token + len]);
             out.push(Block {
                 first: head * d.tq + token,
                 token,
                 len,
-                key0,
-                keys: end - key0,
+                key0: span.start,
+                keys: span.len(),
             });
         }
     }

@@ -429,7 +429,6 @@ pub fn lora_linear_composed(
     }
     let op = ComposedLoraLinear {
         weight: weight.clone(),
-        bias: bias.map(Tensor::detach),
         dropout: adapter.dropout.map(Tensor::detach),
         scale: adapter.scale,
         output: Precomputed::new(y)?,
@@ -439,33 +438,10 @@ pub fn lora_linear_composed(
 
 struct ComposedLoraLinear {
     weight: FrozenWeight,
-    bias: Option<Tensor>,
     /// Shaped like x.
     dropout: Option<Tensor>,
     scale: f64,
     output: Precomputed,
-}
-
-impl ComposedLoraLinear {
-    /// dy·W [n, in] for dy [n, out] in the compute dtype.
-    fn input_gradient(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        match &self.weight {
-            FrozenWeight::Dense(w) => dy.matmul(&w.to_dtype(dtype)?),
-            FrozenWeight::Fp8(f) => dy.matmul(&f.dequantize(dtype)?),
-            // The block formats' own product carries their backward: run
-            // it on x as a Var and take x's gradient.
-            quantized @ FrozenWeight::Quantized(_) => {
-                let var = candle_core::Var::from_tensor(x)?;
-                let y = frozen_projection(var.as_tensor(), quantized, self.bias.as_ref())?;
-                let grads = (y * dy)?.sum_all()?.backward()?;
-                match grads.get(var.as_tensor()) {
-                    Some(g) => Ok(g.clone()),
-                    None => x.zeros_like(),
-                }
-            }
-        }
-    }
 }
 
 impl CustomOp3 for ComposedLoraLinear {
@@ -492,9 +468,13 @@ impl CustomOp3 for ComposedLoraLinear {
         let out = b.dim(0)?;
         let x2 = x.detach().reshape((rows, inp))?;
         let dy = grad.detach().reshape((rows, out))?.to_dtype(dtype)?;
-        let xin = match &self.dropout {
-            Some(m) => (&x2 * m.reshape((rows, inp))?.to_dtype(dtype)?)?,
-            None => x2.clone(),
+        let mask = match &self.dropout {
+            Some(m) => Some(m.reshape((rows, inp))?.to_dtype(dtype)?),
+            None => None,
+        };
+        let xin = match &mask {
+            Some(m) => (&x2 * m)?,
+            None => x2,
         };
         let a_c = a.detach().to_dtype(dtype)?;
         let b_s = (b.detach().to_dtype(dtype)? * self.scale)?;
@@ -502,10 +482,13 @@ impl CustomOp3 for ComposedLoraLinear {
         let dyb = dy.matmul(&b_s)?;
         let dx = x.track_op().then(|| -> candle_core::Result<Tensor> {
             let mut through_adapter = dyb.matmul(&a_c)?;
-            if let Some(m) = &self.dropout {
-                through_adapter = (through_adapter * m.reshape((rows, inp))?.to_dtype(dtype)?)?;
+            if let Some(m) = &mask {
+                through_adapter = (through_adapter * m)?;
             }
-            (self.input_gradient(&x2, &dy)? + through_adapter)?.reshape(dims.as_slice())
+            // dy·W, W dequantised for this product only, as the frozen
+            // projections' own backward does.
+            let frozen = dy.matmul(&self.weight.to_dense(dtype)?)?;
+            (frozen + through_adapter)?.reshape(dims.as_slice())
         });
         let da = a
             .track_op()
