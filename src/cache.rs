@@ -108,6 +108,8 @@ pub enum Integrity {
 pub struct Cache {
     pub root: PathBuf,
     pub hasher: Hasher,
+    /// The shared cache this one reads from and writes to (`[cache] remote`).
+    pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
 }
 
 const FOLDERS: [&str; 8] = [
@@ -131,6 +133,7 @@ impl Cache {
         Ok(Cache {
             hasher: Hasher::new(root.join("memo")),
             root,
+            remote: None,
         })
     }
 
@@ -174,6 +177,10 @@ impl Cache {
             }
         }
         Ok(out)
+    }
+
+    pub fn write_key_record(&self, record: &KeyRecord) -> std::io::Result<()> {
+        fsutil::write_json_atomic(&self.key_path(&record.key), record)
     }
 
     pub fn remove_key_record(&self, key: &str) -> std::io::Result<()> {
@@ -252,11 +259,44 @@ impl Cache {
         fsutil::write_json_atomic(&staging.join(MANIFEST), &manifest)?;
         fsutil::fsync_tree(staging)?;
 
-        let target = self.artifact_dir(&id);
+        self.install(staging, &manifest, &tree)?;
+        Ok((id, manifest))
+    }
+
+    /// Take in an artifact made elsewhere (downloaded from the remote):
+    /// `staging` holds its files and `manifest`, which must name exactly
+    /// what is there. Checked, then installed as `promote` installs.
+    pub fn adopt(&self, staging: &Path, manifest: &Manifest) -> std::io::Result<()> {
+        let tree = self.hasher.tree(staging, &UNHASHED)?;
+        if artifact_id(&manifest.key, &tree.hash) != manifest.artifact
+            || tree.files != manifest.files
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the files of artifact {} do not match its id",
+                    short(&manifest.artifact)
+                ),
+            ));
+        }
+        fsutil::fsync_tree(staging)?;
+        self.install(staging, manifest, &tree)
+    }
+
+    /// Rename a whole, fsynced staging folder into `artifacts/` and then
+    /// write the key record, so a key never points at a partial artifact.
+    fn install(
+        &self,
+        staging: &Path,
+        manifest: &Manifest,
+        tree: &TreeDigest,
+    ) -> std::io::Result<()> {
+        let id = &manifest.artifact;
+        let target = self.artifact_dir(id);
         if target.exists() {
             // A crash after the rename and before the key record: the same
             // key made these bytes before; keep a whole copy.
-            if self.verify(&id) == Integrity::Whole {
+            if self.verify(id) == Integrity::Whole {
                 std::fs::remove_dir_all(staging)?;
             } else {
                 fsutil::replace_dir(staging, &target)?;
@@ -268,14 +308,12 @@ impl Cache {
         for (rel, hash) in &tree.files {
             let _ = self.hasher.seed(&target.join(rel), hash);
         }
-        let record = KeyRecord {
+        self.write_key_record(&KeyRecord {
             key: manifest.key.clone(),
             artifact: id.clone(),
             stage: manifest.stage.clone(),
             finished: manifest.finished.clone(),
-        };
-        fsutil::write_json_atomic(&self.key_path(&manifest.key), &record)?;
-        Ok((id, manifest))
+        })
     }
 
     fn record_path(&self, recipe: &Path, stage: &str) -> PathBuf {

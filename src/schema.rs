@@ -12,6 +12,7 @@ pub fn recipe_schema(registry: &Registry) -> Value {
     let header = generator.subschema_for::<crate::recipe::RecipeHeader>();
     let executor = generator.subschema_for::<crate::recipe::executor::ExecutorSection>();
     let tracking = generator.subschema_for::<crate::tracking::TrackingSection>();
+    let cache = generator.subschema_for::<crate::recipe::CacheSection>();
     let mut stage_variants = Vec::new();
     let mut defaults = Map::new();
     let mut kinds = Vec::new();
@@ -66,6 +67,7 @@ pub fn recipe_schema(registry: &Registry) -> Value {
             "defaults": { "type": "object", "additionalProperties": false, "properties": defaults },
             "executor": executor.to_value(),
             "tracking": tracking.to_value(),
+            "cache": cache.to_value(),
             "stages": {
                 "type": "object",
                 "description": "Stages by name; references between them make the DAG.",

@@ -408,6 +408,7 @@ pub trait StageKind: Send + Sync {
     fn files(&self, params: &dyn Params, recipe_dir: &Path) -> Vec<FileInput>;
     fn uses_device(&self) -> bool;
     fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String>;
+    fn shared(&self, params: &dyn Params) -> bool;
     fn plan_note(&self, params: &dyn Params) -> Option<String>;
     fn plan_memory(&self, stage: StageView<'_>, on_gpu: bool) -> Option<MemoryEstimate>;
     fn answer(&self, params: &dyn Params, ask: &mut Ask<'_>);
@@ -474,6 +475,13 @@ pub trait Kind: Send + Sync + 'static {
     /// artifact no longer stands for what is on disk, if it does not.
     fn outside_changed(&self, _params: &Self::Params, _artifact: &Path) -> Option<String> {
         None
+    }
+
+    /// Whether the stage's artifact goes to and comes from a remote cache.
+    /// Not for stages whose result is a file outside the cache, or a copy
+    /// of one every machine must have to plan at all.
+    fn shared(&self, _params: &Self::Params) -> bool {
+        true
     }
 
     /// Something `plan` should say about the stage beyond its status
@@ -565,6 +573,9 @@ impl<K: Kind> StageKind for K {
     }
     fn outside_changed(&self, params: &dyn Params, artifact: &Path) -> Option<String> {
         Kind::outside_changed(self, typed::<K>(params), artifact)
+    }
+    fn shared(&self, params: &dyn Params) -> bool {
+        Kind::shared(self, typed::<K>(params))
     }
     fn plan_note(&self, params: &dyn Params) -> Option<String> {
         Kind::plan_note(self, typed::<K>(params))

@@ -20,6 +20,10 @@ pub struct Context<'a> {
     pub threads: Option<usize>,
     /// `--device`, overriding the recipe's.
     pub device: Option<DeviceSpec>,
+    /// `--remote`, overriding the recipe's `[cache] remote`.
+    pub remote: Option<String>,
+    /// `--no-remote`.
+    pub no_remote: bool,
 }
 
 /// A recipe loaded and type-checked.
@@ -29,8 +33,29 @@ pub struct Checked {
 }
 
 impl Context<'_> {
+    /// The cache, with the remote of `--remote` (or RUNNER_REMOTE) if any.
     pub fn open_cache(&self) -> Result<Cache, Error> {
-        Cache::open(&self.cache).map_err(Error::io(format!("cache {}", self.cache.display())))
+        self.open_cache_for(None)
+    }
+
+    /// The cache, with the remote of `--remote`, else of the recipe's
+    /// `[cache] remote`; none with `--no-remote`.
+    pub fn open_cache_for(&self, recipe: Option<&Recipe>) -> Result<Cache, Error> {
+        let mut cache = Cache::open(&self.cache)
+            .map_err(Error::io(format!("cache {}", self.cache.display())))?;
+        let url = match self.no_remote {
+            true => None,
+            false => self
+                .remote
+                .as_ref()
+                .or_else(|| recipe.and_then(|r| r.remote.as_ref())),
+        };
+        if let Some(url) = url {
+            let remote = crate::remote::Remote::open(url)
+                .map_err(Error::remote(format!("remote cache {url}")))?;
+            cache.remote = Some(std::sync::Arc::new(remote));
+        }
+        Ok(cache)
     }
 
     pub fn check(&self, path: &Path) -> Result<Checked, Error> {
@@ -68,6 +93,7 @@ impl Context<'_> {
         plan::plan(&checked.recipe, &checked.dag, cache, &overrides).map_err(|e| match e {
             plan::PlanError::Recipe(e) => Error::Recipe(e),
             plan::PlanError::Io(e) => Error::io(format!("cache {}", cache.root.display()))(e),
+            plan::PlanError::Remote(e) => Error::remote("looking stages up in the remote cache")(e),
         })
     }
 
@@ -109,7 +135,7 @@ impl Context<'_> {
     /// `recipe` checked, the cache opened, and the plan made with no stage forced.
     pub fn check_and_plan(&self, recipe: &Path) -> Result<(Checked, Cache, Plan), Error> {
         let checked = self.check(recipe)?;
-        let cache = self.open_cache()?;
+        let cache = self.open_cache_for(Some(&checked.recipe))?;
         let plan = self.plan(&checked, &cache, &[])?;
         Ok((checked, cache, plan))
     }
@@ -146,6 +172,10 @@ pub fn cached_in(plan: &Plan, recipe: &Path, stage: &str) -> Result<String, Erro
 pub fn exec_error(e: ExecError) -> Error {
     match e {
         ExecError::Io(e) => Error::io("running stages")(e),
+        ExecError::Remote(why) => Error::Environment {
+            context: "the remote cache".into(),
+            source: anyhow::anyhow!(why),
+        },
         other => Error::Select(other),
     }
 }

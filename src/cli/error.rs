@@ -73,6 +73,12 @@ pub enum Error {
         context: String,
         source: anyhow::Error,
     },
+    /// The remote cache: its settings are wrong (usage) or it failed.
+    #[error("{context}: {source}{}", if matches!(source, crate::remote::RemoteError::Request { .. }) { " (--no-remote: use the local cache only)" } else { "" })]
+    Remote {
+        context: String,
+        source: crate::remote::RemoteError,
+    },
     /// One or more stages failed; each was reported as it failed.
     #[error("a stage failed")]
     StageFailed,
@@ -80,6 +86,12 @@ pub enum Error {
     /// disk): the machine's failure, reported with the file as it failed.
     #[error("a stage could not write its results (the disk or the cache failed, not the stage)")]
     StageUnwritable,
+    /// Stages finished here but could not be uploaded to the remote cache
+    /// (each reported as it failed): the cache failed, not the stages.
+    #[error(
+        "{0} stage(s) finished here but their upload to the remote failed; `runner push` retries"
+    )]
+    Unpushed(usize),
     /// Ctrl-C; running stages checkpointed.
     #[error("interrupted")]
     Interrupted,
@@ -89,6 +101,11 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Compare(e) if e.is_environment() => exit::ENVIRONMENT,
+            Error::Remote {
+                source: crate::remote::RemoteError::Config(_),
+                ..
+            } => exit::USAGE,
+            Error::Remote { .. } => exit::ENVIRONMENT,
             Error::Recipe(_)
             | Error::RecipeUnreadable { .. }
             | Error::NoStage { .. }
@@ -100,7 +117,7 @@ impl Error {
             | Error::Usage(_) => exit::USAGE,
             Error::Io { .. } | Error::Environment { .. } => exit::ENVIRONMENT,
             Error::StageFailed => exit::STAGE_FAILED,
-            Error::StageUnwritable => exit::ENVIRONMENT,
+            Error::StageUnwritable | Error::Unpushed(_) => exit::ENVIRONMENT,
             Error::Interrupted => exit::INTERRUPTED,
         }
     }
@@ -125,6 +142,12 @@ impl Error {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }
+    }
+
+    /// A remote cache's failure, saying what was being done.
+    pub fn remote(context: impl Into<String>) -> impl FnOnce(crate::remote::RemoteError) -> Error {
+        let context = context.into();
+        move |source| Error::Remote { context, source }
     }
 
     /// Any other failure outside the recipe, saying what was being done.

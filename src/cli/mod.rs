@@ -14,6 +14,7 @@ mod process;
 mod run;
 mod schema;
 mod selftest;
+mod share;
 mod slurm;
 
 pub use error::{exit, Error};
@@ -48,6 +49,16 @@ pub struct Cli {
     /// that compute.
     #[arg(long, global = true, env = "RUNNER_DEVICE", value_name = "DEVICE")]
     pub device: Option<DeviceSpec>,
+    /// A shared cache on S3-compatible storage (s3://bucket/prefix): stages not
+    /// in the local cache are downloaded from it, finished ones uploaded.
+    /// Overrides the recipe's `[cache] remote`. Endpoint, region and
+    /// credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, ...
+    /// or ~/.aws (README, "Sharing results").
+    #[arg(long, global = true, env = "RUNNER_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Use the local cache only, whatever the recipe or RUNNER_REMOTE say.
+    #[arg(long, global = true, env = "RUNNER_NO_REMOTE")]
+    pub no_remote: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,6 +99,11 @@ pub enum Command {
     Selftest,
     /// Remove artifacts no given recipe or pin reaches (dry run unless --delete).
     Gc(pins::GcArgs),
+    /// Upload the recipe's cached stages (default: all) to the remote cache.
+    Push(share::ShareArgs),
+    /// Download the recipe's stages (default: all) from the remote cache,
+    /// each checked against its recorded hashes.
+    Pull(share::ShareArgs),
 }
 
 /// The command line, with the stage kinds of `registry` and the exit codes in `--help`.
@@ -137,11 +153,14 @@ where
     };
     process::set_threads(cli.threads);
     process::keep_freed_memory();
+    process::pass_remote_on(cli.remote.as_deref(), cli.no_remote);
     let ctx = Context {
         registry,
         cache: cli.cache,
         threads: cli.threads,
         device: cli.device,
+        remote: cli.remote,
+        no_remote: cli.no_remote,
     };
     match dispatch(&ctx, &cli.command) {
         Ok(()) => exit::OK,
@@ -169,5 +188,7 @@ fn dispatch(ctx: &Context, command: &Command) -> Result<(), Error> {
         Command::Unpin(args) => pins::unpin(ctx, args),
         Command::Selftest => selftest::selftest(ctx),
         Command::Gc(args) => pins::gc(ctx, args),
+        Command::Push(args) => share::push(ctx, args),
+        Command::Pull(args) => share::pull(ctx, args),
     }
 }

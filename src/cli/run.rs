@@ -105,8 +105,8 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
     for name in args.only.iter().chain(&args.until) {
         one_stage(&checked, &args.recipe, name)?;
     }
-    let cache = ctx.open_cache()?;
-    let plan = ctx.plan(&checked, &cache, &force)?;
+    let cache = ctx.open_cache_for(Some(&checked.recipe))?;
+    let mut plan = ctx.plan(&checked, &cache, &force)?;
     let selection = Selection {
         only: args.only.clone(),
         until: args.until.clone(),
@@ -128,6 +128,18 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
     }
     let interrupt = process::install_interrupt();
     let reporter = crate::progress::reporter();
+    // Slurm jobs pull their own inputs where they run.
+    if args.executor != ExecutorKind::Slurm {
+        executor::share::pull_needed(
+            &checked.recipe,
+            &cache,
+            &mut plan,
+            &selected,
+            reporter.as_ref(),
+            &interrupt,
+        )
+        .map_err(exec_error)?;
+    }
     let work = Work {
         recipe: &checked.recipe,
         cache: &cache,
@@ -206,6 +218,9 @@ fn on_slurm(work: &Work, args: &RunArgs) -> Result<Option<Report>, Error> {
         force: work.force,
         ignore_memory_check: args.ignore_memory_check,
     };
+    let reach = slurm::cache_reach(work.cache)
+        .map_err(Error::environment("checking the cache for Slurm jobs"))?;
+    eprintln!("[runner] slurm: {reach}");
     let submitted = slurm::submit(
         &slurm::Slurm,
         work.recipe,
@@ -318,6 +333,9 @@ fn finish(outcome: &Report, interrupt: &AtomicBool) -> Result<(), Error> {
     }
     if outcome.failed() {
         return Err(Error::StageFailed);
+    }
+    if !outcome.unpushed.is_empty() {
+        return Err(Error::Unpushed(outcome.unpushed.len()));
     }
     Ok(())
 }

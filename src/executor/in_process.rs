@@ -64,6 +64,14 @@ pub fn execute(
                     p.name,
                     cache::short(artifact)
                 ));
+                let stage = &recipe.stages[p.index];
+                if stage.kind.shared(stage.params.as_ref()) {
+                    if let Err(why) =
+                        super::share::push_one(cache, &p.name, artifact, reporter, interrupt)
+                    {
+                        report.unpushed.push(why);
+                    }
+                }
             }
             Outcome::Cached => {
                 let record = cache.key_record(&p.key).expect("just found");

@@ -8,6 +8,7 @@
 
 pub mod in_process;
 pub mod parallel;
+pub mod share;
 pub mod slurm;
 
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub enum Outcome {
 pub struct Report {
     /// (stage, outcome) in execution order.
     pub stages: Vec<(String, Outcome)>,
+    /// Stages that finished here but whose upload to the remote failed (why).
+    pub unpushed: Vec<String>,
 }
 
 impl Report {
@@ -77,6 +80,9 @@ pub enum ExecError {
     InputNotCached { stage: String, input: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The remote cache failed (reading or writing).
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// Stage indices selected to run, in plan order.
@@ -133,6 +139,9 @@ pub struct StageCommand {
     pub tensorboard: Option<PathBuf>,
     /// The MLflow server (the recipe's `[tracking]` or `--mlflow`).
     pub mlflow: Option<String>,
+    /// The remote cache, passed on as `--remote` (a Slurm job may not see
+    /// the submitting shell's environment).
+    pub remote: Option<String>,
 }
 
 impl StageCommand {
@@ -146,6 +155,9 @@ impl StageCommand {
         ];
         if let Some(d) = &self.device {
             args.extend(["--device".to_string(), d.clone()]);
+        }
+        if let Some(url) = &self.remote {
+            args.extend(["--remote".to_string(), url.clone()]);
         }
         args.extend([
             "run".to_string(),

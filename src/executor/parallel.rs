@@ -132,6 +132,7 @@ pub fn run_parallel(
             .zip(schedule.outcomes)
             .filter_map(|(p, o)| o.map(|o| (p.name.clone(), o)))
             .collect(),
+        unpushed: Vec::new(),
     })
 }
 
@@ -267,6 +268,8 @@ impl<'a> Schedule<'a> {
             ignore_memory_check: settings.ignore_memory_check,
             tensorboard: self.recipe.tensorboard.clone(),
             mlflow: self.recipe.mlflow.clone(),
+            // Children inherit RUNNER_REMOTE and see the same recipe.
+            remote: None,
         };
         Command::new(&command.program)
             .args(command.args())

@@ -74,27 +74,78 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The batch script of one stage. It refuses to run when it cannot see the
-/// marker the submitting host wrote into the cache: a cache on storage that
-/// the node does not share.
+/// The batch script of one stage. Without a remote cache it refuses to run
+/// when it cannot see the marker the submitting host wrote into the cache:
+/// a cache on storage that the node does not share. With one, such a node
+/// (or any, with RUNNER_NODE_CACHE set) uses a cache folder of its own and
+/// the job pulls its inputs from the remote and pushes its result there.
 fn script(command: &StageCommand, marker: &Path) -> String {
-    let args: Vec<String> = command.args().iter().map(|a| quote(a)).collect();
+    // After `--cache PATH`: the cache is chosen in the script.
+    let args: Vec<String> = command.args()[2..].iter().map(|a| quote(a)).collect();
+    let choose = match &command.remote {
+        None => format!(
+            "cache={cache}\n\
+             if [ ! -f {marker} ]; then\n  \
+               echo \"runner: job on $(hostname) cannot see the cache {shown} (the cache must be on storage every node sees, or set a remote cache)\" >&2\n  \
+               exit 3\n\
+             fi\n",
+            cache = quote(&command.cache.display().to_string()),
+            shown = command.cache.display(),
+            marker = quote(&marker.display().to_string()),
+        ),
+        Some(url) => format!(
+            "cache={cache}\n\
+             if [ -n \"${{RUNNER_NODE_CACHE:-}}\" ]; then\n  \
+               cache=\"$RUNNER_NODE_CACHE\"\n\
+             elif [ ! -f {marker} ]; then\n  \
+               cache=\"${{TMPDIR:-/tmp}}/runner-cache-$(id -u)\"\n\
+             fi\n\
+             echo \"runner: job on $(hostname): cache $cache, results shared through {url}\" >&2\n",
+            cache = quote(&command.cache.display().to_string()),
+            marker = quote(&marker.display().to_string()),
+        ),
+    };
     format!(
         "#!/bin/sh\n\
          # Written by runner: stage `{stage}` of {recipe}, on the cache {cache}.\n\
-         if [ ! -f {marker} ]; then\n  \
-           echo \"runner: job on $(hostname) cannot see the cache {cache} (the cache must be on storage every node sees)\" >&2\n  \
-           exit 3\n\
-         fi\n\
+         {choose}\
          export RUNNER_PLAIN=1\n\
-         exec {program} {args}\n",
+         exec {program} --cache \"$cache\" {args}\n",
         stage = command.stage,
         recipe = command.recipe.display(),
         cache = command.cache.display(),
-        marker = quote(&marker.display().to_string()),
         program = quote(&command.program.display().to_string()),
         args = args.join(" "),
     )
+}
+
+/// How jobs will reach the cache, said at submission: through the remote,
+/// or through this cache folder, which must then have working file locks.
+pub fn cache_reach(cache: &Cache) -> anyhow::Result<String> {
+    if let Some(remote) = &cache.remote {
+        return Ok(format!(
+            "jobs share results through the remote {}; a node that cannot see {} uses a cache folder of its own",
+            remote.url(),
+            cache.root.display()
+        ));
+    }
+    let probe = cache.root.join("locks").join("probe.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&probe)
+        .with_context(|| format!("opening {}", probe.display()))?;
+    match file.try_lock_shared() {
+        Ok(()) | Err(std::fs::TryLockError::WouldBlock) => Ok(format!(
+            "jobs share the cache folder {} (file locks work here; it must be on storage every node sees)",
+            cache.root.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => bail!(
+            "the cache folder {} has no working file locks ({e}): jobs need a cache on storage with locks, or a remote cache ([cache] remote, --remote)",
+            cache.root.display()
+        ),
+    }
 }
 
 /// Submit every selected stage that is not cached, in plan order, each after
@@ -160,6 +211,7 @@ pub fn submit(
             ignore_memory_check: submission.ignore_memory_check,
             tensorboard: recipe.tensorboard.clone(),
             mlflow: recipe.mlflow.clone(),
+            remote: cache.remote.as_ref().map(|r| r.url().to_string()),
         };
         let dir = job_dir(cache, &p.key);
         std::fs::create_dir_all(&dir)?;
@@ -398,7 +450,16 @@ pub fn wait(
                 reporter.stage_line(&format!("{}: job {} {}", s.stage, s.id, state.label()));
                 last.insert(s.stage.clone(), state.clone());
             }
-            let artifact = || cache.key_record(&s.key).map(|r| r.artifact);
+            // A job on a node with a cache of its own leaves its result on the remote.
+            let artifact = || {
+                cache.key_record(&s.key).map(|r| r.artifact).or_else(|| {
+                    let remote = cache.remote.as_ref()?;
+                    crate::sharing::remote_record(remote, &s.key)
+                        .ok()
+                        .flatten()
+                        .map(|r| r.artifact)
+                })
+            };
             let outcome = match &state {
                 JobState::Pending(_) => None,
                 JobState::Running => {
@@ -458,6 +519,7 @@ pub fn wait(
             .iter()
             .filter_map(|s| outcomes.remove(&s.stage).map(|o| (s.stage.clone(), o)))
             .collect(),
+        unpushed: Vec::new(),
     })
 }
 
@@ -518,12 +580,82 @@ mod tests {
             ignore_memory_check: false,
             tensorboard: None,
             mlflow: None,
+            remote: None,
         };
         let text = script(&command, Path::new("/shared/it's/cache/jobs/k/submitted"));
         assert!(text.contains("if [ ! -f '/shared/it'\\''s/cache/jobs/k/submitted' ]"));
+        assert!(text.contains("cache='/shared/it'\\''s/cache'\n"));
         assert!(text.contains(
-            "exec '/opt/run ner/runner' '--cache' '/shared/it'\\''s/cache' '--threads' '2' 'run' '/r/sweep.toml' '--only' 'dpo@beta=0.5'\n"
+            "exec '/opt/run ner/runner' --cache \"$cache\" '--threads' '2' 'run' '/r/sweep.toml' '--only' 'dpo@beta=0.5'\n"
         ));
+    }
+
+    /// The script run by sh with `echo` as the program: which cache a job
+    /// uses, with and without a remote, with the marker seen or not.
+    #[test]
+    fn the_script_picks_the_cache_a_job_can_reach() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        let marker = shared.join("submitted");
+        let run = |remote: Option<&str>, node_cache: Option<&str>| {
+            let command = StageCommand {
+                program: "/bin/echo".into(),
+                cache: shared.clone(),
+                recipe: "/r/x.toml".into(),
+                stage: "sft".into(),
+                threads: 1,
+                device: None,
+                force: false,
+                ignore_memory_check: false,
+                tensorboard: None,
+                mlflow: None,
+                remote: remote.map(str::to_string),
+            };
+            let path = dir.path().join("job.sh");
+            std::fs::write(&path, script(&command, &marker)).unwrap();
+            let mut sh = std::process::Command::new("sh");
+            sh.arg(&path)
+                .env("TMPDIR", dir.path())
+                .env_remove("RUNNER_NODE_CACHE");
+            if let Some(n) = node_cache {
+                sh.env("RUNNER_NODE_CACHE", n);
+            }
+            let out = sh.output().unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            )
+        };
+        let uid = String::from_utf8(
+            std::process::Command::new("id")
+                .arg("-u")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let own = format!("{}/runner-cache-{}", dir.path().display(), uid.trim());
+        let shared_s = shared.display().to_string();
+        // The marker unseen: no remote, no job; with one, a cache of its own.
+        assert_eq!(run(None, None).0, Some(3));
+        let (code, out) = run(Some("s3://b-1/p"), None);
+        assert_eq!(code, Some(0));
+        assert_eq!(
+            out,
+            format!("--cache {own} --threads 1 --remote s3://b-1/p run /r/x.toml --only sft")
+        );
+        // The marker seen: the shared cache, unless RUNNER_NODE_CACHE says otherwise.
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::write(&marker, "now").unwrap();
+        assert!(run(None, None)
+            .1
+            .starts_with(&format!("--cache {shared_s} ")));
+        assert!(run(Some("s3://b-1/p"), None)
+            .1
+            .starts_with(&format!("--cache {shared_s} ")));
+        assert!(run(Some("s3://b-1/p"), Some("/scratch/n"))
+            .1
+            .starts_with("--cache /scratch/n "));
     }
 
     #[test]

@@ -413,6 +413,13 @@ impl Kind for Base {
         key
     }
 
+    /// A model made by `init` is shared; one read from a file or folder is
+    /// not: every machine needs that file to plan (it is in the key), and
+    /// the artifact is a copy of it or a reference to it.
+    fn shared(&self, p: &BaseParams) -> bool {
+        p.init.is_some()
+    }
+
     fn plan_note(&self, p: &BaseParams) -> Option<String> {
         if p.dequantizes_gguf() {
             return Some("the GGUF's blocks dequantised once, to f32, when this stage runs".into());

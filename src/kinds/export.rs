@@ -154,6 +154,11 @@ impl Kind for Export {
         vec![stage_ref("from", &p.from, EXPORTABLE)]
     }
 
+    /// The result is the folder written at `path`, on this machine.
+    fn shared(&self, _p: &ExportParams) -> bool {
+        false
+    }
+
     fn outside_changed(&self, p: &ExportParams, artifact: &Path) -> Option<String> {
         let record: serde_json::Value = std::fs::read(artifact.join("export.json"))
             .ok()

@@ -70,6 +70,8 @@ pub enum Reason {
     ArtifactMissing,
     /// The artifact's files no longer hash to its name.
     ArtifactCorrupt(String),
+    /// The remote records the key, but what it holds failed its check.
+    RemoteUnusable(String),
     /// This recipe never ran a stage of this name.
     NewStage,
     KindChanged {
@@ -124,6 +126,7 @@ impl std::fmt::Display for Reason {
             Reason::OutsideChanged(why) => f.write_str(why),
             Reason::ArtifactMissing => write!(f, "cached artifact missing"),
             Reason::ArtifactCorrupt(why) => write!(f, "cached artifact corrupt ({why})"),
+            Reason::RemoteUnusable(why) => write!(f, "the remote's copy is unusable ({why})"),
             Reason::NewStage => write!(f, "new stage"),
             Reason::KindChanged { old, new } => write!(f, "kind changed: {old} → {new}"),
             Reason::VersionChanged { kind, old, new } => write!(
@@ -153,6 +156,8 @@ impl std::fmt::Display for Reason {
 pub enum Status {
     /// A whole artifact exists for the key.
     Cached { artifact: String },
+    /// Not here, but the remote cache has the key's artifact: `run` downloads it.
+    Remote { artifact: String },
     /// Must run from the start.
     Run,
     /// Must run, continuing from a checkpoint.
@@ -163,13 +168,14 @@ impl Status {
     pub fn label(&self) -> String {
         match self {
             Status::Cached { .. } => "cached".into(),
+            Status::Remote { .. } => "cached (remote)".into(),
             Status::Run => "run".into(),
             Status::Resume { step } => format!("resume from step {step}"),
         }
     }
 
     pub fn will_run(&self) -> bool {
-        !matches!(self, Status::Cached { .. })
+        !matches!(self, Status::Cached { .. } | Status::Remote { .. })
     }
 }
 
@@ -194,6 +200,9 @@ impl PlannedStage {
             match &self.status {
                 Status::Cached { artifact } => {
                     format!("cached artifact {}", crate::cache::short(artifact))
+                }
+                Status::Remote { artifact } => {
+                    format!("artifact {} on the remote", crate::cache::short(artifact))
                 }
                 _ => String::new(),
             }
@@ -248,6 +257,9 @@ pub enum PlanError {
     Recipe(#[from] RecipeError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Looking a key up in the remote cache failed.
+    #[error("{0}")]
+    Remote(#[from] crate::remote::RemoteError),
 }
 
 /// Compute keys, statuses and reasons for every stage, in execution order.
@@ -323,7 +335,7 @@ pub fn plan(
             key_inputs,
             files: details,
         };
-        decide(&mut p, recipe, cache, overrides, &planned);
+        decide(&mut p, recipe, cache, overrides, &planned)?;
         planned.push(p);
     }
     if !problems.is_empty() {
@@ -341,7 +353,7 @@ fn decide(
     cache: &Cache,
     overrides: &Overrides,
     earlier: &[PlannedStage],
-) {
+) -> Result<(), PlanError> {
     let resume = cache.resume_step(&p.key);
     let not_cached = |reasons: Vec<Reason>| match resume {
         Some(step) => (Status::Resume { step }, reasons),
@@ -375,6 +387,19 @@ fn decide(
     };
     p.status = status;
     p.reasons = reasons;
+    // Not here: the shared cache may have it (a forced stage runs anyway).
+    let stage = &recipe.stages[p.index];
+    if let (Some(remote), true) = (&cache.remote, p.status.will_run()) {
+        if !p.reasons.contains(&Reason::Forced) && stage.kind.shared(stage.params.as_ref()) {
+            if let Some(record) = crate::sharing::remote_record(remote, &p.key)? {
+                p.status = Status::Remote {
+                    artifact: record.artifact,
+                };
+                p.reasons.clear();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Compare with the stage's last record in this recipe and say what changed.

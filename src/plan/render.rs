@@ -20,7 +20,7 @@ pub struct PlanJson {
 pub struct PlanStageJson {
     pub name: String,
     pub kind: String,
-    /// "cached", "run" or "resume".
+    /// "cached", "remote" (cached on the remote cache), "run" or "resume".
     pub status: String,
     /// For "resume": the checkpoint's step.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,7 +31,7 @@ pub struct PlanStageJson {
     pub reasons: Vec<String>,
     /// The full stage key (blake3, hex).
     pub key: String,
-    /// The cached artifact, when there is one.
+    /// The cached artifact (here or on the remote), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub artifact: Option<String>,
     /// Names of the stages it reads from.
@@ -80,6 +80,7 @@ pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
                 kind: p.kind.clone(),
                 status: match p.status {
                     Status::Cached { .. } => "cached",
+                    Status::Remote { .. } => "remote",
                     Status::Run => "run",
                     Status::Resume { .. } => "resume",
                 }
@@ -92,7 +93,9 @@ pub fn plan_json(recipe: &Recipe, plan: &Plan) -> PlanJson {
                 reasons: p.reasons.iter().map(ToString::to_string).collect(),
                 key: p.key.clone(),
                 artifact: match &p.status {
-                    Status::Cached { artifact } => Some(artifact.clone()),
+                    Status::Cached { artifact } | Status::Remote { artifact } => {
+                        Some(artifact.clone())
+                    }
                     _ => None,
                 },
                 deps: dep_names(recipe, p),

@@ -35,6 +35,18 @@ pub struct RecipeHeader {
     pub device: Sp<DeviceSpec>,
 }
 
+/// The `[cache]` table: where results are shared beyond this machine's cache folder.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// A shared cache on S3-compatible storage, "s3://bucket/prefix": stages
+    /// not in the local cache are looked up there and downloaded, and every
+    /// stage that finishes is uploaded. Endpoint, region and credentials come
+    /// from the AWS environment variables and files (README, "Sharing
+    /// results"). `--remote` / RUNNER_REMOTE override it, `--no-remote` ignores it.
+    pub remote: Option<Sp<String>>,
+}
+
 /// A whole recipe, parsed and checked stage by stage (the DAG is checked in `graph`).
 #[derive(Debug)]
 pub struct Recipe {
@@ -53,6 +65,8 @@ pub struct Recipe {
     pub tensorboard: Option<PathBuf>,
     /// `[tracking] mlflow` (or `--mlflow`, `MLFLOW_TRACKING_URI`).
     pub mlflow: Option<String>,
+    /// `[cache] remote`, checked to be an S3 URL.
+    pub remote: Option<String>,
 }
 
 impl Recipe {
@@ -95,7 +109,9 @@ pub enum LoadError {
     Invalid(#[from] RecipeError),
 }
 
-const TOP_LEVEL: [&str; 5] = ["recipe", "defaults", "stages", "executor", "tracking"];
+const TOP_LEVEL: [&str; 6] = [
+    "recipe", "defaults", "stages", "executor", "tracking", "cache",
+];
 
 /// Read and parse a recipe file.
 pub fn load(path: &Path, registry: &Registry) -> Result<Recipe, LoadError> {
@@ -221,6 +237,26 @@ pub fn parse(
         }
         None => Default::default(),
     };
+    let cache = match root.get("cache") {
+        Some(value) => {
+            match CacheSection::deserialize(toml::de::ValueDeserializer::from(value.clone())) {
+                Ok(c) => c,
+                Err(e) => {
+                    problems.push(toml_problem(&e, "in [cache]"));
+                    Default::default()
+                }
+            }
+        }
+        None => Default::default(),
+    };
+    if let Some(remote) = &cache.remote {
+        if let Err(why) = crate::remote::parse_url(&remote.value) {
+            problems.push(
+                Problem::new(format!("[cache] remote: {why}"))
+                    .at(remote.span.clone(), "expected s3://bucket/prefix"),
+            );
+        }
+    }
     let recipe_dir = canonical.parent().unwrap_or(Path::new("."));
     match header {
         Some(header) if problems.is_empty() => Ok(Recipe {
@@ -232,6 +268,7 @@ pub fn parse(
             executor,
             tensorboard: tracking.tensorboard.map(|d| recipe_dir.join(d)),
             mlflow: tracking.mlflow,
+            remote: cache.remote.map(|r| r.value),
         }),
         _ => Err(fail(problems)),
     }

@@ -13,12 +13,14 @@ const LEAVES: &[&str] = &[
     "diag",
     "fsutil",
     "machine",
+    "remote",
     "sink",
     "tracking",
     "units",
 ];
 const ENGINE: &[&str] = &[
-    "cache", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "schema", "stage",
+    "cache", "executor", "gc", "graph", "hashing", "plan", "progress", "recipe", "schema",
+    "sharing", "stage",
 ];
 const ML: &[&str] = &["data", "metrics", "model", "train"];
 const STAGE_LAYER: &[&str] = &["compare", "device", "kinds"];

@@ -21,6 +21,7 @@ mod preference_loss;
 mod quantized;
 mod real_model;
 mod reference;
+mod remote;
 mod shards;
 mod slurm;
 mod stages;

@@ -10,20 +10,17 @@ fn data(name: &str) -> String {
     crate::support::recipe_data(name).display().to_string()
 }
 
-#[test]
-fn the_same_recipe_makes_the_same_artifacts_in_two_caches() {
-    let ws = Workspace::new();
-    let elsewhere = tempfile::tempdir().unwrap();
+/// Both schemes in five stages on a tiny model (`sft_lr` varies the SFT);
+/// also the remote-cache tests' recipe.
+pub fn recipe(sft_lr: &str) -> String {
     let (sft, dpo) = (data("sft_train.jsonl"), data("dpo_train.jsonl"));
-    ws.write(
-        "recipe.toml",
-        &format!(
-            r#"[recipe]
+    format!(
+        r#"[recipe]
 name = "port"
 seed = 3
 
 [defaults.sft]
-train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 32 }}
+train = {{ steps = 2, batch = 2, lr = {sft_lr}, seq_len = 32 }}
 [defaults.dpo]
 train = {{ steps = 2, batch = 2, lr = 1e-3, seq_len = 32 }}
 
@@ -54,8 +51,14 @@ model = "merged"
 lora = {{ r = 2, alpha = 4 }}
 data = {{ train = "{dpo}" }}
 "#
-        ),
-    );
+    )
+}
+
+#[test]
+fn the_same_recipe_makes_the_same_artifacts_in_two_caches() {
+    let ws = Workspace::new();
+    let elsewhere = tempfile::tempdir().unwrap();
+    ws.write("recipe.toml", &recipe("1e-3"));
     assert!(lora_runner::cache::UNHASHED.contains(&lora_runner::train::trainer::TIMINGS_FILE));
     let caches = [ws.path("one"), elsewhere.path().join("two")];
     let mut ids = Vec::new();

@@ -99,6 +99,65 @@ fn a_sweep_through_slurm_matches_a_local_run_and_resubmitting_submits_nothing() 
     );
 }
 
+/// With a remote cache, jobs need no cache folder the submitting host sees:
+/// each job (here told so with RUNNER_NODE_CACHE) uses a folder of its own,
+/// pulls its inputs from the remote and pushes its result, and `afterok`
+/// still orders them.
+#[test]
+fn a_sweep_through_slurm_shares_results_through_the_remote_without_a_shared_cache() {
+    if !cluster() {
+        return;
+    }
+    let Some(bucket) = crate::remote::server() else {
+        return;
+    };
+    let url = crate::remote::prefix(&bucket, "slurm");
+    let text = sweep_recipe(6, "");
+    let local = Workspace::new();
+    local.write("r.toml", &text);
+    local.runner(&["--threads", "1", "run", "r.toml"]).ok();
+
+    let ws = Workspace::new();
+    ws.write("r.toml", &text);
+    let node = ws.path("node-cache").display().to_string();
+    let run = ws.runner_limited(
+        "true",
+        &[
+            "--remote",
+            &url,
+            "run",
+            "r.toml",
+            "--executor",
+            "slurm",
+            "--wait",
+        ],
+        &[("RUNNER_NODE_CACHE", &node)],
+    );
+    assert_eq!(run.code, exit::OK, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("slurm: jobs share results through the remote"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("9 job(s) submitted"), "{}", run.stderr);
+    // The jobs computed in their own cache; the submitting cache has nothing yet.
+    assert!(ws.artifacts().is_empty(), "{:?}", ws.artifacts());
+    assert!(!crate::support::list(&Path::new(&node).join("artifacts")).is_empty());
+    let pulled = ws.runner(&["--remote", &url, "pull", "r.toml"]).ok();
+    assert!(
+        pulled.stderr.contains("9 stage(s) pulled"),
+        "{}",
+        pulled.stderr
+    );
+    for stage in DPO_VARIANTS {
+        assert!(
+            adapter_bytes(&ws, "r.toml", stage) == adapter_bytes(&local, "r.toml", stage),
+            "{stage}: the job's adapter, through the remote, equals the local one"
+        );
+    }
+}
+
 #[test]
 fn a_job_cancelled_mid_training_resumes_when_resubmitted_to_the_same_bytes() {
     if !cluster() {

@@ -1,0 +1,439 @@
+//! The local cache's artifacts shared through a remote (`remote`).
+//!
+//! Layout under the remote's prefix, as in the local cache:
+//! - `artifacts/<id>/<file>`: every file of an artifact, its manifest.json last;
+//! - `keys/<key>.json`: the key record, written last and create-only, so it
+//!   only ever names an artifact uploaded whole, and the first machine to
+//!   finish a stage wins when two race.
+//!
+//! Nothing read from the remote is trusted: a pulled artifact's files are
+//! hashed as they arrive and checked against its manifest and id before the
+//! local cache takes them in.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cache::{self, Cache, KeyRecord, Manifest, MANIFEST, SOURCE_FILE, UNHASHED};
+use crate::hashing;
+use crate::remote::{interrupted, Remote, RemoteError};
+use crate::stage::Progress;
+
+fn key_path(key: &str) -> String {
+    format!("keys/{key}.json")
+}
+
+fn artifact_path(artifact: &str, file: &str) -> String {
+    format!("artifacts/{artifact}/{file}")
+}
+
+/// The remote's record of `key`; None when it has none (or one that cannot
+/// be read, which a push then replaces).
+pub fn remote_record(remote: &Remote, key: &str) -> Result<Option<KeyRecord>, RemoteError> {
+    Ok(remote
+        .get(&key_path(key))?
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+}
+
+/// What a push did.
+#[derive(Debug, PartialEq)]
+pub enum Pushed {
+    /// Uploaded: this many files, this many bytes.
+    Uploaded { files: usize, bytes: u64 },
+    /// The remote already has a result for the key (this artifact, or
+    /// another machine's that finished first).
+    AlreadyThere { artifact: String },
+    /// Not shared: the artifact only refers to files on this machine.
+    NotShared(&'static str),
+}
+
+/// Upload `artifact` (whole in the local cache) and then its key record.
+pub fn push(
+    cache: &Cache,
+    remote: &Remote,
+    artifact: &str,
+    progress: &dyn Progress,
+    interrupt: &AtomicBool,
+) -> Result<Pushed, RemoteError> {
+    let dir = cache.artifact_dir(artifact);
+    if dir.join(SOURCE_FILE).is_file() {
+        return Ok(Pushed::NotShared(
+            "it refers to a model folder on this machine; every machine plans from its own copy",
+        ));
+    }
+    let manifest = cache.manifest(artifact).ok_or_else(|| {
+        RemoteError::Io(std::io::Error::other(format!(
+            "artifact {} has no readable {MANIFEST}",
+            cache::short(artifact)
+        )))
+    })?;
+    if let Some(record) = remote_record(remote, &manifest.key)? {
+        return Ok(Pushed::AlreadyThere {
+            artifact: record.artifact,
+        });
+    }
+    let mut files: Vec<String> = manifest.files.keys().cloned().collect();
+    // Unhashed companions (timings) travel too when present; the manifest goes last.
+    files.extend(
+        UNHASHED
+            .iter()
+            .filter(|f| **f != MANIFEST && dir.join(f).is_file())
+            .map(|f| f.to_string()),
+    );
+    files.push(MANIFEST.to_string());
+    let total: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+        .sum();
+    progress.set_total(total);
+    let mut done = 0u64;
+    for file in &files {
+        if interrupt.load(Ordering::SeqCst) {
+            return Err(interrupted());
+        }
+        let path = dir.join(file);
+        remote.upload(&artifact_path(artifact, file), &path, &mut |sent| {
+            progress.set_position(done + sent, &format!("{} uploaded", mib(done + sent)));
+            !interrupt.load(Ordering::SeqCst)
+        })?;
+        done += std::fs::metadata(&path).map_or(0, |m| m.len());
+    }
+    let record = KeyRecord {
+        key: manifest.key.clone(),
+        artifact: artifact.to_string(),
+        stage: manifest.stage.clone(),
+        finished: manifest.finished.clone(),
+    };
+    let bytes = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
+    if remote.put_new(&key_path(&manifest.key), &bytes)? {
+        Ok(Pushed::Uploaded {
+            files: files.len(),
+            bytes: total,
+        })
+    } else {
+        let winner = remote_record(remote, &manifest.key)?.map_or_else(String::new, |r| r.artifact);
+        Ok(Pushed::AlreadyThere { artifact: winner })
+    }
+}
+
+/// What a pull found.
+#[derive(Debug, PartialEq)]
+pub enum Pulled {
+    /// Downloaded, checked and recorded in the local cache.
+    Whole { artifact: String, bytes: u64 },
+    /// The remote has no record of the key (any more).
+    Missing,
+    /// What the remote holds is not what its record promises: not used.
+    Corrupt(String),
+}
+
+/// Download the artifact the remote records for `key` into the local cache.
+/// A copy that fails its check loses its key record on the remote, so the
+/// stage recomputed here is uploaded in its place.
+pub fn pull(
+    cache: &Cache,
+    remote: &Remote,
+    key: &str,
+    progress: &dyn Progress,
+    interrupt: &AtomicBool,
+) -> Result<Pulled, RemoteError> {
+    let pulled = pull_checked(cache, remote, key, progress, interrupt)?;
+    if matches!(pulled, Pulled::Corrupt(_)) {
+        remote.delete(&key_path(key))?;
+    }
+    Ok(pulled)
+}
+
+fn pull_checked(
+    cache: &Cache,
+    remote: &Remote,
+    key: &str,
+    progress: &dyn Progress,
+    interrupt: &AtomicBool,
+) -> Result<Pulled, RemoteError> {
+    // Under the stage's lock: a run here computing or pulling the same key
+    // finishes first, and then there is nothing to download.
+    let _lock = cache.lock_stage(key, |_| {})?;
+    if let Some(local) = cache.key_record(key) {
+        if cache.verify(&local.artifact) == cache::Integrity::Whole {
+            return Ok(Pulled::Whole {
+                artifact: local.artifact,
+                bytes: 0,
+            });
+        }
+    }
+    let Some(record) = remote_record(remote, key)? else {
+        return Ok(Pulled::Missing);
+    };
+    let id = record.artifact;
+    let Some(bytes) = remote.get(&artifact_path(&id, MANIFEST))? else {
+        return Ok(Pulled::Corrupt(format!(
+            "{} is missing",
+            remote.show(&artifact_path(&id, MANIFEST))
+        )));
+    };
+    let manifest: Manifest = match serde_json::from_slice(&bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            return Ok(Pulled::Corrupt(format!(
+                "{} cannot be read: {e}",
+                remote.show(&artifact_path(&id, MANIFEST))
+            )))
+        }
+    };
+    if manifest.artifact != id
+        || manifest.key != key
+        || cache::artifact_id(key, &hashing::tree_hash(&manifest.files)) != id
+    {
+        return Ok(Pulled::Corrupt(format!(
+            "the manifest of artifact {} does not match its id and key",
+            cache::short(&id)
+        )));
+    }
+    if cache.verify(&id) == cache::Integrity::Whole {
+        // The artifact is here under another name's record (a gc'd key, a
+        // copied cache): only the key record was missing.
+        cache.write_key_record(&KeyRecord {
+            key: key.to_string(),
+            artifact: id.clone(),
+            stage: manifest.stage.clone(),
+            finished: manifest.finished.clone(),
+        })?;
+        return Ok(Pulled::Whole {
+            artifact: id,
+            bytes: 0,
+        });
+    }
+    let staging = cache.staging_dir(key)?;
+    let result = download_into(
+        &staging, remote, &id, &manifest, &bytes, progress, interrupt,
+    );
+    match result {
+        Ok(Ok(total)) => match cache.adopt(&staging, &manifest) {
+            Ok(()) => Ok(Pulled::Whole {
+                artifact: id,
+                bytes: total,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Ok(Pulled::Corrupt(e.to_string()))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                Err(e.into())
+            }
+        },
+        Ok(Err(why)) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Ok(Pulled::Corrupt(why))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+/// Every file of the artifact into `staging`, each hashed as it arrives:
+/// Ok(Err(why)) when one is missing or not what the manifest says.
+fn download_into(
+    staging: &Path,
+    remote: &Remote,
+    id: &str,
+    manifest: &Manifest,
+    manifest_bytes: &[u8],
+    progress: &dyn Progress,
+    interrupt: &AtomicBool,
+) -> Result<Result<u64, String>, RemoteError> {
+    let mut done = 0u64;
+    let prefix = artifact_path(id, "");
+    let total: u64 = remote
+        .list(&prefix)?
+        .iter()
+        .filter(|o| {
+            o.path
+                .strip_prefix(&prefix)
+                .is_some_and(|rel| manifest.files.contains_key(rel))
+        })
+        .map(|o| o.size)
+        .sum();
+    progress.set_total(total);
+    for (rel, expected) in &manifest.files {
+        if interrupt.load(Ordering::SeqCst) {
+            return Err(interrupted());
+        }
+        if rel
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Ok(Err(format!(
+                "the manifest names a file outside its folder: `{rel}`"
+            )));
+        }
+        let dest = staging.join(rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut hasher = blake3::Hasher::new();
+        let found = remote.download(&artifact_path(id, rel), &dest, &mut |chunk| {
+            hasher.update(chunk);
+            done += chunk.len() as u64;
+            progress.set_position(done, &format!("{} downloaded", mib(done)));
+            !interrupt.load(Ordering::SeqCst)
+        })?;
+        if !found {
+            return Ok(Err(format!(
+                "{} is missing",
+                remote.show(&artifact_path(id, rel))
+            )));
+        }
+        let hash = hasher.finalize().to_hex().to_string();
+        if &hash != expected {
+            return Ok(Err(format!(
+                "{} does not match its recorded hash",
+                remote.show(&artifact_path(id, rel))
+            )));
+        }
+    }
+    for extra in UNHASHED.iter().filter(|f| **f != MANIFEST) {
+        // Timings are not covered by the id: a missing one is no loss.
+        remote.download(&artifact_path(id, extra), &staging.join(extra), &mut |_| {
+            true
+        })?;
+    }
+    crate::fsutil::write_atomic(&staging.join(MANIFEST), manifest_bytes)?;
+    Ok(Ok(done))
+}
+
+fn mib(bytes: u64) -> String {
+    crate::units::human_bytes(bytes, crate::units::ByteDigits::OneDecimal)
+}
+
+/// `runner gc --on-remote`: remove from the remote every artifact that no
+/// key in `keep_keys` and no artifact in `pinned` reaches (through key
+/// records and lineage), and every key record of an artifact removed.
+/// Artifacts with an object younger than `grace` stay: they may be an
+/// upload in progress whose key record is not written yet. A dry run
+/// unless `delete`; returns the report.
+pub fn collect_remote(
+    remote: &Remote,
+    keep_keys: &[String],
+    pinned: &[String],
+    grace: std::time::Duration,
+    delete: bool,
+) -> Result<String, RemoteError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::fmt::Write;
+
+    let mut records: BTreeMap<String, KeyRecord> = BTreeMap::new();
+    let keys = remote.list("keys/")?;
+    for object in &keys {
+        let Some(key) = object
+            .path
+            .strip_prefix("keys/")
+            .and_then(|k| k.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        if let Some(record) = remote_record(remote, key)? {
+            records.insert(key.to_string(), record);
+        }
+    }
+    let mut reachable: BTreeSet<String> = BTreeSet::new();
+    let mut stack: Vec<String> = keep_keys
+        .iter()
+        .filter_map(|k| records.get(k).map(|r| r.artifact.clone()))
+        .chain(pinned.iter().cloned())
+        .collect();
+    while let Some(a) = stack.pop() {
+        if reachable.insert(a.clone()) {
+            if let Some(bytes) = remote.get(&artifact_path(&a, MANIFEST))? {
+                if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+                    stack.extend(m.parents.into_iter().map(|p| p.artifact));
+                }
+            }
+        }
+    }
+    // Artifacts by id: their objects, total size, and whether any is recent.
+    let now = std::time::SystemTime::now();
+    let recent = |o: &crate::remote::Listed| {
+        o.modified
+            .is_none_or(|t| now.duration_since(t).unwrap_or_default() < grace)
+    };
+    let mut artifacts: BTreeMap<String, (Vec<String>, u64, bool)> = BTreeMap::new();
+    for object in remote.list("artifacts/")? {
+        let Some((id, _)) = object
+            .path
+            .strip_prefix("artifacts/")
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            continue;
+        };
+        let entry = artifacts.entry(id.to_string()).or_default();
+        entry.0.push(object.path.clone());
+        entry.1 += object.size;
+        entry.2 |= recent(&object);
+    }
+    let keep: BTreeSet<&String> = keep_keys.iter().collect();
+    let mut out = String::new();
+    let verb = if delete { "removed" } else { "would remove" };
+    let (mut items, mut bytes, mut young) = (0usize, 0u64, 0usize);
+    // Key records first: a record never outlives its artifact.
+    for (key, record) in &records {
+        if keep.contains(key) || reachable.contains(&record.artifact) {
+            continue;
+        }
+        if delete {
+            remote.delete(&key_path(key))?;
+        }
+        items += 1;
+        let _ = writeln!(
+            out,
+            "{verb} {} (stage {})",
+            remote.show(&key_path(key)),
+            record.stage
+        );
+    }
+    for (id, (objects, size, is_recent)) in &artifacts {
+        if reachable.contains(id) {
+            continue;
+        }
+        if *is_recent {
+            young += 1;
+            continue;
+        }
+        if delete {
+            // The manifest first: a reader then sees no artifact, never a partial one.
+            let manifest = artifact_path(id, MANIFEST);
+            remote.delete(&manifest)?;
+            for object in objects.iter().filter(|o| **o != manifest) {
+                remote.delete(object)?;
+            }
+        }
+        items += 1;
+        bytes += size;
+        let _ = writeln!(
+            out,
+            "{verb} {} ({})",
+            remote.show(&artifact_path(id, "")),
+            mib(*size)
+        );
+    }
+    if young > 0 {
+        let _ = writeln!(
+            out,
+            "kept {young} unreached artifact(s) written in the last {} (an upload may be under way)",
+            humantime::format_duration(grace)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{verb} {items} item(s), {}{}",
+        mib(bytes),
+        if delete {
+            ""
+        } else {
+            " (dry run: add --delete)"
+        }
+    );
+    Ok(out)
+}
