@@ -93,9 +93,14 @@ impl Remote {
         let (endpoint, style) = match env("AWS_ENDPOINT_URL_S3").or_else(|| env("AWS_ENDPOINT_URL"))
         {
             Some(e) => (e, UrlStyle::Path),
+            // A dotted name breaks TLS as a host name: path style for it.
             None => (
                 format!("https://s3.{region}.amazonaws.com"),
-                UrlStyle::VirtualHost,
+                if bucket.contains('.') {
+                    UrlStyle::Path
+                } else {
+                    UrlStyle::VirtualHost
+                },
             ),
         };
         let endpoint = endpoint
@@ -247,9 +252,9 @@ impl Remote {
             let mut response = request.send(bytes)?;
             match response.status().as_u16() {
                 200..=299 => Ok(Answer::Done(true)),
-                // 412: another writer got there first; 409: S3's answer when
-                // two conditional writes race.
-                412 | 409 if only_new => Ok(Answer::Done(false)),
+                // 412: another writer got there first. (409, two conditional
+                // writes racing, is retried as AWS asks: the other may fail.)
+                412 if only_new => Ok(Answer::Done(false)),
                 _ => Ok(Answer::Status(describe(&mut response))),
             }
         })
@@ -453,7 +458,8 @@ impl Remote {
     }
 
     /// `send` tried up to `TRIES` times on a network error or a 5xx (or
-    /// 429) answer, backing off; any other answer is final.
+    /// 429, or 409: conditional writes racing) answer, backing off; any
+    /// other answer is final.
     fn retrying<T>(
         &self,
         what: &str,
@@ -468,7 +474,9 @@ impl Remote {
             match send() {
                 Ok(Answer::Done(value)) => return Ok(value),
                 Ok(Answer::Status(why))
-                    if why.starts_with("HTTP 5") || why.starts_with("HTTP 429") =>
+                    if ["HTTP 5", "HTTP 429", "HTTP 409"]
+                        .iter()
+                        .any(|s| why.starts_with(s)) =>
                 {
                     last = why
                 }

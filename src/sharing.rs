@@ -26,8 +26,8 @@ fn artifact_path(artifact: &str, file: &str) -> String {
     format!("artifacts/{artifact}/{file}")
 }
 
-/// The remote's record of `key`; None when it has none (or one that cannot
-/// be read, which a push then replaces).
+/// The remote's record of `key`; None when it has none, or one that cannot
+/// be read (which a push then replaces).
 pub fn remote_record(remote: &Remote, key: &str) -> Result<Option<KeyRecord>, RemoteError> {
     Ok(remote
         .get(&key_path(key))?
@@ -66,10 +66,16 @@ pub fn push(
             cache::short(artifact)
         )))
     })?;
-    if let Some(record) = remote_record(remote, &manifest.key)? {
-        return Ok(Pushed::AlreadyThere {
-            artifact: record.artifact,
-        });
+    if let Some(bytes) = remote.get(&key_path(&manifest.key))? {
+        match serde_json::from_slice::<KeyRecord>(&bytes) {
+            Ok(record) => {
+                return Ok(Pushed::AlreadyThere {
+                    artifact: record.artifact,
+                })
+            }
+            // Not a record any reader takes: replaced by this one.
+            Err(_) => remote.delete(&key_path(&manifest.key))?,
+        }
     }
     let mut files: Vec<String> = manifest.files.keys().cloned().collect();
     // Unhashed companions (timings) travel too when present; the manifest goes last.
@@ -110,7 +116,8 @@ pub fn push(
             bytes: total,
         })
     } else {
-        let winner = remote_record(remote, &manifest.key)?.map_or_else(String::new, |r| r.artifact);
+        let winner = remote_record(remote, &manifest.key)?
+            .map_or_else(|| "(unreadable)".to_string(), |r| r.artifact);
         Ok(Pushed::AlreadyThere { artifact: winner })
     }
 }
@@ -136,11 +143,14 @@ pub fn pull(
     progress: &dyn Progress,
     interrupt: &AtomicBool,
 ) -> Result<Pulled, RemoteError> {
-    let pulled = pull_checked(cache, remote, key, progress, interrupt)?;
-    if matches!(pulled, Pulled::Corrupt(_)) {
-        remote.delete(&key_path(key))?;
+    match pull_checked(cache, remote, key, progress, interrupt)? {
+        // Read-only credentials cannot remove it: still recomputed here.
+        Pulled::Corrupt(why) => Ok(Pulled::Corrupt(match remote.delete(&key_path(key)) {
+            Ok(()) => why,
+            Err(e) => format!("{why}; its key record stays on the remote: {e}"),
+        })),
+        other => Ok(other),
     }
-    Ok(pulled)
 }
 
 fn pull_checked(

@@ -211,16 +211,17 @@ fn one_stage(checked: &Checked, recipe: &Path, name: &str) -> Result<(), Error> 
 /// (None: submitted, not followed).
 fn on_slurm(work: &Work, args: &RunArgs) -> Result<Option<Report>, Error> {
     let wait = args.wait;
+    let (reach, own_caches) = slurm::cache_reach(work.cache)
+        .map_err(Error::environment("checking the cache for Slurm jobs"))?;
+    eprintln!("[runner] slurm: {reach}");
     let submission = slurm::Submission {
         program: work.program.clone(),
         threads: work.threads,
         device: work.device.clone(),
         force: work.force,
         ignore_memory_check: args.ignore_memory_check,
+        own_caches,
     };
-    let reach = slurm::cache_reach(work.cache)
-        .map_err(Error::environment("checking the cache for Slurm jobs"))?;
-    eprintln!("[runner] slurm: {reach}");
     let submitted = slurm::submit(
         &slurm::Slurm,
         work.recipe,

@@ -93,9 +93,13 @@ pub fn push(ctx: &Context, args: &ShareArgs) -> Result<(), Error> {
 pub fn pull(ctx: &Context, args: &ShareArgs) -> Result<(), Error> {
     let (checked, cache, mut plan, indices) = prepare(ctx, args)?;
     let remote = cache.remote.clone().expect("checked in prepare");
+    let _shared = cache.lock_shared().map_err(Error::io(format!(
+        "locking the cache {}",
+        cache.root.display()
+    )))?;
     let interrupt = process::install_interrupt();
     let reporter = crate::progress::reporter();
-    let (mut pulled, mut missing) = (0, 0);
+    let (mut pulled, mut missing, mut failed) = (0, 0, 0);
     for p in plan
         .stages
         .iter_mut()
@@ -114,7 +118,8 @@ pub fn pull(ctx: &Context, args: &ShareArgs) -> Result<(), Error> {
                 .map_err(exec_error)?;
                 match p.status {
                     Status::Cached { .. } => pulled += 1,
-                    _ => missing += 1,
+                    // Reported as it failed its check; computed by the next run.
+                    _ => failed += 1,
                 }
             }
             Status::Cached { .. } => reporter.stage_done(&format!("{}: already here", p.name)),
@@ -128,6 +133,16 @@ pub fn pull(ctx: &Context, args: &ShareArgs) -> Result<(), Error> {
         }
     }
     reporter.finish();
-    eprintln!("{pulled} stage(s) pulled, {missing} not available");
+    eprintln!("{pulled} stage(s) pulled, {missing} not on the remote, {failed} failed their check");
+    // Named stages that are not here now: a script should not go on to use them.
+    if failed > 0 || (missing > 0 && !args.stages.is_empty()) {
+        return Err(Error::Environment {
+            context: format!("pulling from {}", remote.url()),
+            source: anyhow::anyhow!(
+                "{} of the stages asked for are not in the local cache",
+                failed + if args.stages.is_empty() { 0 } else { missing }
+            ),
+        });
+    }
     Ok(())
 }

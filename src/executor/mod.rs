@@ -106,15 +106,29 @@ pub fn select(
     }
     if let Some(only) = &selection.only {
         let i = index_of(only)?;
+        let mut local = Vec::new();
         for (_, d) in dag.deps(i) {
-            if plan.by_index(d).status.will_run() {
-                return Err(ExecError::InputNotCached {
-                    stage: only.clone(),
-                    input: recipe.stages[d].name.value.clone(),
-                });
+            if !plan.by_index(d).status.will_run() {
+                continue;
             }
+            // An input no cache shares (a base read from a file here) is
+            // made here first: a job with a cache of its own cannot get it
+            // from anywhere else, and it costs a copy or a reference.
+            let input = &recipe.stages[d];
+            let from_inputs_at_hand = dag
+                .deps(d)
+                .iter()
+                .all(|(_, dd)| !plan.by_index(*dd).status.will_run());
+            if !input.kind.shared(input.params.as_ref()) && from_inputs_at_hand {
+                local.push(d);
+                continue;
+            }
+            return Err(ExecError::InputNotCached {
+                stage: only.clone(),
+                input: input.name.value.clone(),
+            });
         }
-        chosen.retain(|&c| c == i);
+        chosen.retain(|&c| c == i || local.contains(&c));
     }
     Ok(chosen)
 }

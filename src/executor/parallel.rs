@@ -82,6 +82,8 @@ struct Schedule<'a> {
     free: Vec<usize>,
     /// Each stage's memory estimate (0 when it has none), by position.
     estimates: Vec<u64>,
+    /// Stages that finished but whose upload to the remote failed.
+    unpushed: Vec<String>,
 }
 
 /// Run the selected stages of a plan, `settings.jobs` at a time.
@@ -132,7 +134,7 @@ pub fn run_parallel(
             .zip(schedule.outcomes)
             .filter_map(|(p, o)| o.map(|o| (p.name.clone(), o)))
             .collect(),
-        unpushed: Vec::new(),
+        unpushed: schedule.unpushed,
     })
 }
 
@@ -173,6 +175,7 @@ impl<'a> Schedule<'a> {
             settings,
             reporter,
             estimates,
+            unpushed: Vec::new(),
             outcomes: vec![None; stages.len()],
             states: vec![State::Waiting; stages.len()],
             stages,
@@ -295,6 +298,13 @@ impl<'a> Schedule<'a> {
             .collect()
     }
 
+    /// The artifact of `key` when the cache holds it whole.
+    fn finished_whole(&self, key: &str) -> Option<String> {
+        let record = self.cache.key_record(key)?;
+        (self.cache.verify(&record.artifact) == crate::cache::Integrity::Whole)
+            .then_some(record.artifact)
+    }
+
     /// A child ended: its stage's outcome, its slot free again.
     fn finished(&mut self, done: Finished) {
         self.free.push(done.slot);
@@ -312,6 +322,20 @@ impl<'a> Schedule<'a> {
             },
             // The child's exit code for an interruption (cli's exit::INTERRUPTED).
             Some(130) => Outcome::Interrupted,
+            // Exit 3 with the artifact whole in the cache: the stage finished
+            // and only its upload to the remote failed (the child said so).
+            Some(3) if self.finished_whole(&p.key).is_some() => {
+                let artifact = self.finished_whole(&p.key).expect("just checked");
+                self.artifacts.insert(p.index, artifact.clone());
+                self.unpushed.push(format!(
+                    "{}: finished, but its upload to the remote failed",
+                    p.name
+                ));
+                Outcome::Ran {
+                    artifact,
+                    seconds: done.seconds,
+                }
+            }
             Some(code) => {
                 let why = done.failure.clone().unwrap_or_else(|| {
                     let what = if code < 0 {

@@ -31,6 +31,8 @@ pub fn pull_needed(
     let Some(remote) = cache.remote.clone() else {
         return Ok(());
     };
+    // As a run does: `gc --delete` waits for the downloads to be in place.
+    let _shared = cache.lock_shared()?;
     // Rounds: a remote copy that fails its check makes its stage run, and
     // then its own inputs are needed too.
     loop {

@@ -57,6 +57,9 @@ pub struct Submitted {
     pub id: String,
     pub fresh: bool,
     pub output: PathBuf,
+    /// Its result goes to the remote cache (`Kind::shared`); one that does
+    /// not stays on its job's node when the job has a cache of its own.
+    pub shared: bool,
 }
 
 /// What a submission needs besides the plan.
@@ -68,6 +71,8 @@ pub struct Submission<'a> {
     pub force: &'a [String],
     /// `--ignore-memory-check`: each job's check on its node is skipped too.
     pub ignore_memory_check: bool,
+    /// Every job uses a cache folder of its own (`cache_reach`).
+    pub own_caches: bool,
 }
 
 fn quote(s: &str) -> String {
@@ -77,9 +82,11 @@ fn quote(s: &str) -> String {
 /// The batch script of one stage. Without a remote cache it refuses to run
 /// when it cannot see the marker the submitting host wrote into the cache:
 /// a cache on storage that the node does not share. With one, such a node
-/// (or any, with RUNNER_NODE_CACHE set) uses a cache folder of its own and
+/// (or any, with RUNNER_NODE_CACHE set, or every one when `own_caches`: the
+/// shared folder's locks do not work) uses a cache folder of its own, and
 /// the job pulls its inputs from the remote and pushes its result there.
-fn script(command: &StageCommand, marker: &Path) -> String {
+/// `%j` in RUNNER_NODE_CACHE is the job id, as in sbatch's file names.
+fn script(command: &StageCommand, marker: &Path, own_caches: bool) -> String {
     // After `--cache PATH`: the cache is chosen in the script.
     let args: Vec<String> = command.args()[2..].iter().map(|a| quote(a)).collect();
     let choose = match &command.remote {
@@ -96,13 +103,15 @@ fn script(command: &StageCommand, marker: &Path) -> String {
         Some(url) => format!(
             "cache={cache}\n\
              if [ -n \"${{RUNNER_NODE_CACHE:-}}\" ]; then\n  \
-               cache=\"$RUNNER_NODE_CACHE\"\n\
-             elif [ ! -f {marker} ]; then\n  \
+               cache=\"$(printf '%s' \"$RUNNER_NODE_CACHE\" | sed \"s/%j/${{SLURM_JOB_ID:-0}}/g\")\"\n\
+             elif {own} || [ ! -f {marker} ]; then\n  \
                cache=\"${{TMPDIR:-/tmp}}/runner-cache-$(id -u)\"\n\
              fi\n\
-             echo \"runner: job on $(hostname): cache $cache, results shared through {url}\" >&2\n",
+             echo \"runner: job on $(hostname): cache $cache, results shared through \"{url} >&2\n",
             cache = quote(&command.cache.display().to_string()),
             marker = quote(&marker.display().to_string()),
+            url = quote(url),
+            own = own_caches,
         ),
     };
     format!(
@@ -119,16 +128,43 @@ fn script(command: &StageCommand, marker: &Path) -> String {
     )
 }
 
-/// How jobs will reach the cache, said at submission: through the remote,
-/// or through this cache folder, which must then have working file locks.
-pub fn cache_reach(cache: &Cache) -> anyhow::Result<String> {
-    if let Some(remote) = &cache.remote {
-        return Ok(format!(
-            "jobs share results through the remote {}; a node that cannot see {} uses a cache folder of its own",
-            remote.url(),
-            cache.root.display()
-        ));
+/// How jobs will reach the cache, said at submission: through this cache
+/// folder, which needs working file locks, or through the remote. True:
+/// every job uses a cache folder of its own (a remote, and no locks here).
+pub fn cache_reach(cache: &Cache) -> anyhow::Result<(String, bool)> {
+    let locks = locks_work(cache);
+    match (&cache.remote, locks) {
+        (Some(remote), Ok(())) => Ok((
+            format!(
+                "jobs share results through the remote {}; a node that cannot see {} uses a cache folder of its own",
+                remote.url(),
+                cache.root.display()
+            ),
+            false,
+        )),
+        (Some(remote), Err(e)) => Ok((
+            format!(
+                "jobs share results through the remote {}; {e}, so every job uses a cache folder of its own",
+                remote.url()
+            ),
+            true,
+        )),
+        (None, Ok(())) => Ok((
+            format!(
+                "jobs share the cache folder {} (file locks work here; it must be on storage every node sees)",
+                cache.root.display()
+            ),
+            false,
+        )),
+        (None, Err(e)) => bail!(
+            "{e}: jobs need a cache on storage with locks, or a remote cache ([cache] remote, --remote)"
+        ),
     }
+}
+
+/// Whether advisory locks work in the cache folder (a Lustre mount with
+/// `flock` off refuses them).
+fn locks_work(cache: &Cache) -> anyhow::Result<()> {
     let probe = cache.root.join("locks").join("probe.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -137,12 +173,9 @@ pub fn cache_reach(cache: &Cache) -> anyhow::Result<String> {
         .open(&probe)
         .with_context(|| format!("opening {}", probe.display()))?;
     match file.try_lock_shared() {
-        Ok(()) | Err(std::fs::TryLockError::WouldBlock) => Ok(format!(
-            "jobs share the cache folder {} (file locks work here; it must be on storage every node sees)",
-            cache.root.display()
-        )),
+        Ok(()) | Err(std::fs::TryLockError::WouldBlock) => Ok(()),
         Err(std::fs::TryLockError::Error(e)) => bail!(
-            "the cache folder {} has no working file locks ({e}): jobs need a cache on storage with locks, or a remote cache ([cache] remote, --remote)",
+            "the cache folder {} has no working file locks ({e})",
             cache.root.display()
         ),
     }
@@ -158,11 +191,24 @@ pub fn submit(
     selected: &[usize],
     submission: &Submission,
 ) -> anyhow::Result<Vec<Submitted>> {
-    let to_run: Vec<&PlannedStage> = plan
+    let mut to_run: Vec<&PlannedStage> = plan
         .stages
         .iter()
         .filter(|p| selected.contains(&p.index) && p.status.will_run())
         .collect();
+    if cache.remote.is_some() {
+        // A stage no cache shares (a base read from a file) that others read
+        // runs inside each of their jobs (`select`), which may have caches
+        // of their own; a job of its own would leave it on its node.
+        let read: Vec<usize> = to_run
+            .iter()
+            .flat_map(|p| p.deps.iter().map(|(_, d)| *d))
+            .collect();
+        to_run.retain(|p| {
+            let stage = &recipe.stages[p.index];
+            stage.kind.shared(stage.params.as_ref()) || !read.contains(&p.index)
+        });
+    }
     let records: BTreeMap<usize, JobRecord> = to_run
         .iter()
         .filter_map(|p| Some((p.index, job_record(cache, &p.key)?)))
@@ -186,6 +232,7 @@ pub fn submit(
                     id: record.id.clone(),
                     fresh: false,
                     output: record.output.clone(),
+                    shared: stage.kind.shared(stage.params.as_ref()),
                 });
                 continue;
             }
@@ -218,7 +265,10 @@ pub fn submit(
         let marker = dir.join("submitted");
         crate::fsutil::write_atomic(&marker, crate::cache::now_rfc3339().as_bytes())?;
         let script_path = dir.join("job.sh");
-        crate::fsutil::write_atomic(&script_path, script(&command, &marker).as_bytes())?;
+        crate::fsutil::write_atomic(
+            &script_path,
+            script(&command, &marker, submission.own_caches).as_bytes(),
+        )?;
         let after: Vec<String> = p
             .deps
             .iter()
@@ -252,6 +302,7 @@ pub fn submit(
             id,
             fresh: true,
             output,
+            shared: stage.kind.shared(stage.params.as_ref()),
         });
     }
     Ok(out)
@@ -477,6 +528,11 @@ pub fn wait(
                         artifact,
                         seconds: 0.0,
                     },
+                    // Completed on a node with a cache of its own, which keeps it.
+                    None if !s.shared && cache.remote.is_some() => Outcome::Ran {
+                        artifact: String::new(),
+                        seconds: 0.0,
+                    },
                     None => Outcome::Failed(format!(
                         "job {} ended without the stage's artifact; see {}",
                         s.id,
@@ -496,6 +552,9 @@ pub fn wait(
             if let Some(outcome) = outcome {
                 bars.remove(&s.stage);
                 let line = match &outcome {
+                    Outcome::Ran { artifact, .. } if artifact.is_empty() => {
+                        format!("{}: done (kept in its job's own cache)", s.stage)
+                    }
                     Outcome::Ran { artifact, .. } => {
                         format!("{}: done ({})", s.stage, crate::cache::short(artifact))
                     }
@@ -582,7 +641,11 @@ mod tests {
             mlflow: None,
             remote: None,
         };
-        let text = script(&command, Path::new("/shared/it's/cache/jobs/k/submitted"));
+        let text = script(
+            &command,
+            Path::new("/shared/it's/cache/jobs/k/submitted"),
+            false,
+        );
         assert!(text.contains("if [ ! -f '/shared/it'\\''s/cache/jobs/k/submitted' ]"));
         assert!(text.contains("cache='/shared/it'\\''s/cache'\n"));
         assert!(text.contains(
@@ -597,7 +660,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shared = dir.path().join("shared");
         let marker = shared.join("submitted");
-        let run = |remote: Option<&str>, node_cache: Option<&str>| {
+        let run = |remote: Option<&str>, node_cache: Option<&str>, own: bool| {
             let command = StageCommand {
                 program: "/bin/echo".into(),
                 cache: shared.clone(),
@@ -612,9 +675,10 @@ mod tests {
                 remote: remote.map(str::to_string),
             };
             let path = dir.path().join("job.sh");
-            std::fs::write(&path, script(&command, &marker)).unwrap();
+            std::fs::write(&path, script(&command, &marker, own)).unwrap();
             let mut sh = std::process::Command::new("sh");
             sh.arg(&path)
+                .current_dir(dir.path())
                 .env("TMPDIR", dir.path())
                 .env_remove("RUNNER_NODE_CACHE");
             if let Some(n) = node_cache {
@@ -637,8 +701,8 @@ mod tests {
         let own = format!("{}/runner-cache-{}", dir.path().display(), uid.trim());
         let shared_s = shared.display().to_string();
         // The marker unseen: no remote, no job; with one, a cache of its own.
-        assert_eq!(run(None, None).0, Some(3));
-        let (code, out) = run(Some("s3://b-1/p"), None);
+        assert_eq!(run(None, None, false).0, Some(3));
+        let (code, out) = run(Some("s3://b-1/p"), None, false);
         assert_eq!(code, Some(0));
         assert_eq!(
             out,
@@ -647,15 +711,29 @@ mod tests {
         // The marker seen: the shared cache, unless RUNNER_NODE_CACHE says otherwise.
         std::fs::create_dir_all(&shared).unwrap();
         std::fs::write(&marker, "now").unwrap();
-        assert!(run(None, None)
+        assert!(run(None, None, false)
             .1
             .starts_with(&format!("--cache {shared_s} ")));
-        assert!(run(Some("s3://b-1/p"), None)
+        assert!(run(Some("s3://b-1/p"), None, false)
             .1
             .starts_with(&format!("--cache {shared_s} ")));
-        assert!(run(Some("s3://b-1/p"), Some("/scratch/n"))
+        assert!(run(Some("s3://b-1/p"), Some("/scratch/n"), false)
             .1
             .starts_with("--cache /scratch/n "));
+        // Locks that do not work in the shared folder: every job its own.
+        assert!(run(Some("s3://b-1/p"), None, true)
+            .1
+            .starts_with(&format!("--cache {own} ")));
+        // `%j` is the job id; a URL is data to the shell, never code.
+        let (code, out) = run(
+            Some("s3://b-1/$(touch x)`y`\"z"),
+            Some("/scratch/%j/c"),
+            false,
+        );
+        assert_eq!(code, Some(0));
+        assert!(out.starts_with("--cache /scratch/0/c "), "{out}");
+        assert!(out.contains("--remote s3://b-1/$(touch x)`y`\"z "), "{out}");
+        assert!(!dir.path().join("x").exists());
     }
 
     #[test]

@@ -61,7 +61,8 @@ pub fn check(
     let mut out = MemoryCheck::default();
     let b = |n: u64| human_bytes(n, ByteDigits::ThreeSignificant);
     for p in &plan.stages {
-        if matches!(p.status, Status::Cached { .. }) || only.is_some_and(|o| !o.contains(&p.index))
+        if matches!(p.status, Status::Cached { .. } | Status::Remote { .. })
+            || only.is_some_and(|o| !o.contains(&p.index))
         {
             continue;
         }

@@ -190,8 +190,20 @@ pub fn plan_text(recipe: &Recipe, plan: &Plan, cache: &Cache) -> String {
         }))
         .collect();
     let notes = format!("{}{notes}", sweep_lines(recipe));
+    let remote = plan
+        .stages
+        .iter()
+        .filter(|s| matches!(s.status, Status::Remote { .. }))
+        .count();
+    let (remote, place) = match &cache.remote {
+        Some(r) => (
+            format!(", {remote} to download from the remote"),
+            format!(", remote {}", r.url()),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "plan for {} (recipe `{}`, cache {})\n{}{notes}{} of {} stage(s) to run\n",
+        "plan for {} (recipe `{}`, cache {}{place})\n{}{notes}{} of {} stage(s) to run{remote}\n",
         recipe.path.display(),
         recipe.header.name.value,
         cache.root.display(),

@@ -207,7 +207,19 @@ fn a_stage_killed_mid_write_leaves_no_artifact_and_reruns() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(100));
+    // And until it has checkpointed a step (a fixed sleep was not always
+    // enough on a loaded 2-core machine).
+    let work = ws.cache().join("work");
+    while !support::list(&work)
+        .iter()
+        .any(|k| work.join(k).join("resume.json").exists())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "stage never checkpointed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(
@@ -340,6 +352,18 @@ fn only_until_and_force_select_stages() {
         (ws.executions("a"), ws.executions("b"), ws.executions("c")),
         (1, 1, 0)
     );
+
+    // An input no cache shares (a base read from a file) is made here
+    // first: a Slurm job with a cache of its own has it from nowhere else.
+    let local = Workspace::new();
+    local.write(
+        "recipe.toml",
+        &CHAIN.replace("message = \"A\"", "message = \"A\"\nlocal = true"),
+    );
+    local.write("data.txt", "data;");
+    let run = local.child(&["run", "recipe.toml", "--only", "b"]).ok();
+    assert!(run.stderr.contains("2 stage(s) ran"), "{}", run.stderr);
+    assert_eq!((local.executions("a"), local.executions("b")), (1, 1));
 
     ws.child(&["run", "recipe.toml", "--force", "b", "--only", "b"])
         .ok();

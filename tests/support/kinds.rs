@@ -29,6 +29,9 @@ pub struct EmitParams {
     pub steps: Sp<u64>,
     #[serde(default)]
     pub sleep_ms: Sp<u64>,
+    /// Not shared through a remote cache (as a base read from a file).
+    #[serde(default)]
+    pub local: Option<Sp<bool>>,
 }
 
 fn one() -> Sp<u64> {
@@ -62,6 +65,9 @@ impl Kind for Emit {
         let mut v = serde_json::to_value(p).unwrap();
         // Timing does not change the result.
         v.as_object_mut().unwrap().remove("sleep_ms");
+        if p.local.is_none() {
+            v.as_object_mut().unwrap().remove("local");
+        }
         v
     }
     fn refs(&self, p: &EmitParams) -> Vec<StageRef> {
@@ -69,6 +75,9 @@ impl Kind for Emit {
             .iter()
             .map(|i| stage_ref("input", i, MODEL))
             .collect()
+    }
+    fn shared(&self, p: &EmitParams) -> bool {
+        !p.local.as_ref().is_some_and(|l| l.value)
     }
     fn files(&self, p: &EmitParams, recipe_dir: &std::path::Path) -> Vec<FileInput> {
         p.data

@@ -100,9 +100,9 @@ fn a_sweep_through_slurm_matches_a_local_run_and_resubmitting_submits_nothing() 
 }
 
 /// With a remote cache, jobs need no cache folder the submitting host sees:
-/// each job (here told so with RUNNER_NODE_CACHE) uses a folder of its own,
-/// pulls its inputs from the remote and pushes its result, and `afterok`
-/// still orders them.
+/// each job (here told so with RUNNER_NODE_CACHE, `%j` its job id) uses a
+/// folder of its own, pulls its inputs from the remote and pushes its
+/// result, and `afterok` still orders them.
 #[test]
 fn a_sweep_through_slurm_shares_results_through_the_remote_without_a_shared_cache() {
     if !cluster() {
@@ -119,7 +119,7 @@ fn a_sweep_through_slurm_shares_results_through_the_remote_without_a_shared_cach
 
     let ws = Workspace::new();
     ws.write("r.toml", &text);
-    let node = ws.path("node-cache").display().to_string();
+    let node = ws.path("node-%j").display().to_string();
     let run = ws.runner_limited(
         "true",
         &[
@@ -141,9 +141,28 @@ fn a_sweep_through_slurm_shares_results_through_the_remote_without_a_shared_cach
         run.stderr
     );
     assert!(run.stderr.contains("9 job(s) submitted"), "{}", run.stderr);
-    // The jobs computed in their own cache; the submitting cache has nothing yet.
+    // The jobs computed in caches of their own, each pulling its inputs;
+    // the submitting cache has nothing yet.
     assert!(ws.artifacts().is_empty(), "{:?}", ws.artifacts());
-    assert!(!crate::support::list(&Path::new(&node).join("artifacts")).is_empty());
+    let own: Vec<String> = crate::support::list(&ws.path(""))
+        .into_iter()
+        .filter(|n| n.starts_with("node-"))
+        .collect();
+    assert_eq!(own.len(), 9, "{own:?}");
+    let mut logs = String::new();
+    for job in crate::support::list(&ws.cache().join("jobs")) {
+        for file in crate::support::list(&ws.cache().join("jobs").join(&job)) {
+            if file.starts_with("slurm-") {
+                logs += &std::fs::read_to_string(ws.cache().join("jobs").join(&job).join(file))
+                    .unwrap();
+            }
+        }
+    }
+    assert_eq!(
+        logs.matches(": downloaded from the remote").count(),
+        13,
+        "{logs}"
+    );
     let pulled = ws.runner(&["--remote", &url, "pull", "r.toml"]).ok();
     assert!(
         pulled.stderr.contains("9 stage(s) pulled"),
