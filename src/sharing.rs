@@ -103,6 +103,8 @@ pub fn push(
         })?;
         done += std::fs::metadata(&path).map_or(0, |m| m.len());
     }
+    // What the stage derived and other stages reuse (reference log-probs).
+    push_derived(cache, remote, &manifest.derived, progress, interrupt)?;
     let record = KeyRecord {
         key: manifest.key.clone(),
         artifact: artifact.to_string(),
@@ -219,10 +221,13 @@ fn pull_checked(
     );
     match result {
         Ok(Ok(total)) => match cache.adopt(&staging, &manifest) {
-            Ok(()) => Ok(Pulled::Whole {
-                artifact: id,
-                bytes: total,
-            }),
+            Ok(()) => {
+                let derived = pull_derived(cache, remote, &manifest.derived, progress, interrupt)?;
+                Ok(Pulled::Whole {
+                    artifact: id,
+                    bytes: total + derived,
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 let _ = std::fs::remove_dir_all(&staging);
                 Ok(Pulled::Corrupt(e.to_string()))
@@ -318,6 +323,138 @@ fn mib(bytes: u64) -> String {
     crate::units::human_bytes(bytes, crate::units::ByteDigits::OneDecimal)
 }
 
+fn derived_index(name: &str) -> String {
+    format!("derived/{name}.json")
+}
+
+/// Upload the derived folders a stage used (`derived/<name>/…`) that the
+/// remote lacks, each followed by its index (file → blake3), create-only:
+/// a reader takes a derived folder only through its index.
+fn push_derived(
+    cache: &Cache,
+    remote: &Remote,
+    names: &[String],
+    progress: &dyn Progress,
+    interrupt: &AtomicBool,
+) -> Result<(), RemoteError> {
+    for name in names {
+        let dir = cache.root.join("derived").join(name);
+        if !dir.is_dir() || remote.get(&derived_index(name))?.is_some() {
+            continue;
+        }
+        let tree = cache.hasher.tree(&dir, &[])?;
+        for rel in tree.files.keys() {
+            if interrupt.load(Ordering::SeqCst) {
+                return Err(interrupted());
+            }
+            remote.upload(
+                &format!("derived/{name}/{rel}"),
+                &dir.join(rel),
+                &mut |_| !interrupt.load(Ordering::SeqCst),
+            )?;
+        }
+        let index = serde_json::to_vec_pretty(&tree.files).map_err(std::io::Error::other)?;
+        remote.put_new(&derived_index(name), &index)?;
+        progress.log(&format!(
+            "uploaded derived data {name} ({} files)",
+            tree.files.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Download the derived folders a pulled stage used that are not here, so
+/// stages computed here reuse them (another DPO variant's reference
+/// log-probs). Each file is checked against the index; a folder that fails
+/// is left out (it is recomputed when needed) and said so. Bytes downloaded.
+fn pull_derived(
+    cache: &Cache,
+    remote: &Remote,
+    names: &[String],
+    progress: &dyn Progress,
+    interrupt: &AtomicBool,
+) -> Result<u64, RemoteError> {
+    let mut bytes = 0;
+    for name in names {
+        let target = cache.root.join("derived").join(name);
+        if target.exists() {
+            continue;
+        }
+        let Some(index) = remote.get(&derived_index(name))? else {
+            continue;
+        };
+        let Ok(files) =
+            serde_json::from_slice::<std::collections::BTreeMap<String, String>>(&index)
+        else {
+            progress.log(&format!(
+                "derived data {name}: its index on the remote cannot be read; not used"
+            ));
+            continue;
+        };
+        // The lock `Cache::derived` and the reference pass take.
+        let _lock = cache.lock_stage(&format!("derived-{name}"), |_| {})?;
+        if target.exists() {
+            continue;
+        }
+        let staging = cache.staging_dir(name)?;
+        let mut fetched = 0u64;
+        let mut bad = None;
+        for (rel, expected) in &files {
+            if interrupt.load(Ordering::SeqCst) {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(interrupted());
+            }
+            if rel
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+            {
+                bad = Some(format!(
+                    "the index names a file outside its folder: `{rel}`"
+                ));
+                break;
+            }
+            let dest = staging.join(rel);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let mut hasher = blake3::Hasher::new();
+            let found = remote.download(&format!("derived/{name}/{rel}"), &dest, &mut |chunk| {
+                hasher.update(chunk);
+                fetched += chunk.len() as u64;
+                !interrupt.load(Ordering::SeqCst)
+            });
+            match found {
+                Ok(true) if hasher.finalize().to_hex().as_str() == expected => {}
+                Ok(_) => {
+                    bad = Some(format!(
+                        "{rel} is missing or does not match its recorded hash"
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    return Err(e);
+                }
+            }
+        }
+        match bad {
+            Some(why) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                progress.log(&format!(
+                    "derived data {name} on the remote: {why}; not used"
+                ));
+            }
+            None => {
+                crate::fsutil::fsync_tree(&staging)?;
+                std::fs::rename(&staging, &target)?;
+                crate::fsutil::fsync_dir(&cache.root.join("derived"))?;
+                bytes += fetched;
+            }
+        }
+    }
+    Ok(bytes)
+}
+
 /// `runner gc --on-remote`: remove from the remote every artifact that no
 /// key in `keep_keys` and no artifact in `pinned` reaches (through key
 /// records and lineage), and every key record of an artifact removed.
@@ -354,11 +491,13 @@ pub fn collect_remote(
         .filter_map(|k| records.get(k).map(|r| r.artifact.clone()))
         .chain(pinned.iter().cloned())
         .collect();
+    let mut used: BTreeSet<String> = BTreeSet::new();
     while let Some(a) = stack.pop() {
         if reachable.insert(a.clone()) {
             if let Some(bytes) = remote.get(&artifact_path(&a, MANIFEST))? {
                 if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
                     stack.extend(m.parents.into_iter().map(|p| p.artifact));
+                    used.extend(m.derived);
                 }
             }
         }
@@ -425,6 +564,41 @@ pub fn collect_remote(
             out,
             "{verb} {} ({})",
             remote.show(&artifact_path(id, "")),
+            mib(*size)
+        );
+    }
+    // Derived folders no kept artifact used: the index first, then the files.
+    let mut derived: BTreeMap<String, (Vec<String>, u64, bool)> = BTreeMap::new();
+    for object in remote.list("derived/")? {
+        let Some(rest) = object.path.strip_prefix("derived/") else {
+            continue;
+        };
+        let name = match rest.split_once('/') {
+            Some((name, _)) => name,
+            None => rest.strip_suffix(".json").unwrap_or(rest),
+        };
+        let entry = derived.entry(name.to_string()).or_default();
+        entry.0.push(object.path.clone());
+        entry.1 += object.size;
+        entry.2 |= recent(&object);
+    }
+    for (name, (objects, size, is_recent)) in &derived {
+        if used.contains(name) || *is_recent {
+            continue;
+        }
+        if delete {
+            let index = derived_index(name);
+            remote.delete(&index)?;
+            for object in objects.iter().filter(|o| **o != index) {
+                remote.delete(object)?;
+            }
+        }
+        items += 1;
+        bytes += size;
+        let _ = writeln!(
+            out,
+            "{verb} {} ({})",
+            remote.show(&format!("derived/{name}/")),
             mib(*size)
         );
     }

@@ -381,14 +381,18 @@ fn gc_on_the_remote_keeps_what_the_recipes_reach_and_removes_the_rest() {
     let young = gc(&[]);
     assert!(young.contains("kept 2 unreached artifact(s)"), "{young}");
     let dry = gc(&["--grace", "0s"]);
-    assert!(dry.contains("would remove 4 item(s)"), "{dry}");
+    // The old recipe's sft and continued (keys and artifacts), and the
+    // reference log-probs only its continued used (tokenized data is shared).
+    assert!(dry.contains("would remove 5 item(s)"), "{dry}");
+    assert_eq!(dry.matches("/derived/reference-logps-").count(), 1, "{dry}");
+    assert!(!dry.contains("/derived/tokens-"), "{dry}");
     assert_eq!(
         remote.list("keys/").unwrap().len(),
         5,
         "a dry run removes nothing"
     );
     let done = gc(&["--grace", "0s", "--delete"]);
-    assert!(done.contains("removed 4 item(s)"), "{done}");
+    assert!(done.contains("removed 5 item(s)"), "{done}");
     assert_eq!(remote.list("keys/").unwrap().len(), 3);
     // What the kept recipe needs still downloads whole; the other recipe's stages are gone.
     let fresh = cache_arg(&ws, "fresh");
@@ -506,4 +510,71 @@ fn a_big_file_uploads_in_parts_and_downloads_whole() {
         &[("RUNNER_REMOTE_PART_MIB", "1")],
     );
     assert_eq!(bad.code, exit::USAGE, "{}", bad.stderr);
+}
+
+/// Derived data travels with the stage that made it: a cache that pulls
+/// one DPO variant also gets its reference log-probs, and the variant it
+/// computes itself (same reference, another beta) reuses every pair.
+#[test]
+fn a_pulled_variants_reference_log_probs_serve_the_variant_computed_here() {
+    let Some(bucket) = server() else { return };
+    let url = prefix(&bucket, "derived");
+    let ws = Workspace::new();
+    ws.write("r.toml", &crate::sweeps::sweep_recipe(4, ""));
+    let caches: Vec<String> = (0..3).map(|i| cache_arg(&ws, &format!("c{i}"))).collect();
+    let runner = |cache: &str, args: &[&str]| {
+        let mut all = vec!["--cache", cache, "--remote", url.as_str()];
+        all.extend_from_slice(args);
+        ws.runner(&all).ok()
+    };
+    let variant = |cache: &str| {
+        runner(
+            cache,
+            &[
+                "run",
+                "r.toml",
+                "--until",
+                "continued@beta=0.5",
+                "--force",
+                "continued@beta=0.5",
+            ],
+        );
+        ws.runner(&[
+            "--cache",
+            cache,
+            "show",
+            "r.toml",
+            "continued@beta=0.5",
+            "--json",
+        ])
+        .ok()
+        .json()["manifest"]["metrics"]
+            .clone()
+    };
+    runner(
+        &caches[0],
+        &["run", "r.toml", "--until", "continued@beta=0.1"],
+    );
+    // With the 0.1 variant pulled first, its reference log-probs come too.
+    let pulled = runner(&caches[1], &["pull", "r.toml", "continued@beta=0.1"]);
+    assert!(
+        pulled.stderr.contains("continued@beta=0.1: downloaded"),
+        "{}",
+        pulled.stderr
+    );
+    let reused = variant(&caches[1]);
+    // Without it, the reference pass runs here.
+    let alone = variant(&caches[2]);
+    let computed = alone["reference/pairs_computed"].as_u64().unwrap();
+    assert!(computed > 0, "{alone}");
+    assert_eq!(
+        reused["reference/pairs_computed"].as_u64(),
+        Some(0),
+        "{reused}"
+    );
+    assert_eq!(
+        reused["reference/pairs_reused"].as_u64(),
+        Some(computed),
+        "{reused}"
+    );
 }
