@@ -217,7 +217,13 @@ fn pull_checked(
     }
     let staging = cache.staging_dir(key)?;
     let result = download_into(
-        &staging, remote, &id, &manifest, &bytes, progress, interrupt,
+        &cache.hasher,
+        &staging,
+        remote,
+        &manifest,
+        &bytes,
+        progress,
+        interrupt,
     );
     match result {
         Ok(Ok(total)) => match cache.adopt(&staging, &manifest) {
@@ -251,14 +257,16 @@ fn pull_checked(
 /// Every file of the artifact into `staging`, each hashed as it arrives:
 /// Ok(Err(why)) when one is missing or not what the manifest says.
 fn download_into(
+    memo: &crate::hashing::Hasher,
     staging: &Path,
     remote: &Remote,
-    id: &str,
     manifest: &Manifest,
     manifest_bytes: &[u8],
     progress: &dyn Progress,
     interrupt: &AtomicBool,
 ) -> Result<Result<u64, String>, RemoteError> {
+    // Checked against the key and the files before any download.
+    let id = manifest.artifact.as_str();
     let mut done = 0u64;
     let prefix = artifact_path(id, "");
     let total: u64 = remote
@@ -308,6 +316,8 @@ fn download_into(
                 remote.show(&artifact_path(id, rel))
             )));
         }
+        // Hashed as it arrived: `adopt` then checks the tree without reading it again.
+        memo.seed(&dest, &hash)?;
     }
     for extra in UNHASHED.iter().filter(|f| **f != MANIFEST) {
         // Timings are not covered by the id: a missing one is no loss.
@@ -455,6 +465,31 @@ fn pull_derived(
     Ok(bytes)
 }
 
+/// Objects listed under `folder` by the name below it (`artifacts/<id>/…`;
+/// `derived/<name>/…` with its index `derived/<name>.json`): their paths,
+/// total size, and whether any is `recent`.
+fn grouped(
+    objects: Vec<crate::remote::Listed>,
+    folder: &str,
+    recent: &dyn Fn(&crate::remote::Listed) -> bool,
+) -> std::collections::BTreeMap<String, (Vec<String>, u64, bool)> {
+    let mut out: std::collections::BTreeMap<String, (Vec<String>, u64, bool)> = Default::default();
+    for object in objects {
+        let Some(rest) = object.path.strip_prefix(folder) else {
+            continue;
+        };
+        let name = match rest.split_once('/') {
+            Some((name, _)) => name,
+            None => rest.strip_suffix(".json").unwrap_or(rest),
+        };
+        let entry = out.entry(name.to_string()).or_default();
+        entry.1 += object.size;
+        entry.2 |= recent(&object);
+        entry.0.push(object.path);
+    }
+    out
+}
+
 /// `runner gc --on-remote`: remove from the remote every artifact that no
 /// key in `keep_keys` and no artifact in `pinned` reaches (through key
 /// records and lineage), and every key record of an artifact removed.
@@ -508,20 +543,7 @@ pub fn collect_remote(
         o.modified
             .is_none_or(|t| now.duration_since(t).unwrap_or_default() < grace)
     };
-    let mut artifacts: BTreeMap<String, (Vec<String>, u64, bool)> = BTreeMap::new();
-    for object in remote.list("artifacts/")? {
-        let Some((id, _)) = object
-            .path
-            .strip_prefix("artifacts/")
-            .and_then(|rest| rest.split_once('/'))
-        else {
-            continue;
-        };
-        let entry = artifacts.entry(id.to_string()).or_default();
-        entry.0.push(object.path.clone());
-        entry.1 += object.size;
-        entry.2 |= recent(&object);
-    }
+    let artifacts = grouped(remote.list("artifacts/")?, "artifacts/", &recent);
     let keep: BTreeSet<&String> = keep_keys.iter().collect();
     let mut out = String::new();
     let verb = if delete { "removed" } else { "would remove" };
@@ -568,20 +590,7 @@ pub fn collect_remote(
         );
     }
     // Derived folders no kept artifact used: the index first, then the files.
-    let mut derived: BTreeMap<String, (Vec<String>, u64, bool)> = BTreeMap::new();
-    for object in remote.list("derived/")? {
-        let Some(rest) = object.path.strip_prefix("derived/") else {
-            continue;
-        };
-        let name = match rest.split_once('/') {
-            Some((name, _)) => name,
-            None => rest.strip_suffix(".json").unwrap_or(rest),
-        };
-        let entry = derived.entry(name.to_string()).or_default();
-        entry.0.push(object.path.clone());
-        entry.1 += object.size;
-        entry.2 |= recent(&object);
-    }
+    let derived = grouped(remote.list("derived/")?, "derived/", &recent);
     for (name, (objects, size, is_recent)) in &derived {
         if used.contains(name) || *is_recent {
             continue;

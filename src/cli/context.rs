@@ -168,6 +168,24 @@ pub fn cached_in(plan: &Plan, recipe: &Path, stage: &str) -> Result<String, Erro
     }
 }
 
+/// The stages named on the command line (`--force`, `push`, `pull`), a
+/// swept stage's own name standing for all its variants.
+pub fn named_stages(
+    checked: &Checked,
+    recipe: &Path,
+    names: &[String],
+) -> Result<Vec<String>, Error> {
+    let mut out = Vec::new();
+    for name in names {
+        let named = checked.recipe.stages_named(name);
+        if named.is_empty() {
+            return Err(Error::no_stage(name, recipe));
+        }
+        out.extend(named.into_iter().map(str::to_string));
+    }
+    Ok(out)
+}
+
 /// Errors of selecting and running stages: a name or an order the user got wrong, or I/O.
 pub fn exec_error(e: ExecError) -> Error {
     match e {

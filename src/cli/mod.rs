@@ -153,7 +153,6 @@ where
     };
     process::set_threads(cli.threads);
     process::keep_freed_memory();
-    process::pass_remote_on(cli.remote.as_deref(), cli.no_remote);
     let ctx = Context {
         registry,
         cache: cli.cache,

@@ -37,19 +37,6 @@ pub fn set_threads(threads: Option<usize>) {
     }
 }
 
-/// Stage processes (`--jobs`) and Slurm jobs (sbatch exports the
-/// environment) are `runner` too: `--remote` / `--no-remote` reach them as
-/// RUNNER_REMOTE / RUNNER_NO_REMOTE. Done before any other thread exists.
-pub fn pass_remote_on(remote: Option<&str>, no_remote: bool) {
-    if let Some(url) = remote {
-        std::env::set_var("RUNNER_REMOTE", url);
-    }
-    if no_remote {
-        std::env::set_var("RUNNER_NO_REMOTE", "true");
-        std::env::remove_var("RUNNER_REMOTE");
-    }
-}
-
 /// Training allocates and frees the same few-MiB activations every step.
 /// glibc's defaults hand such blocks back to the kernel (mmap, heap trim)
 /// and fault them in again next time: 5% of an SFT step in kernel page

@@ -101,7 +101,7 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
     if let Some(uri) = &args.mlflow {
         checked.recipe.mlflow = Some(uri.clone());
     }
-    let force = forced_stages(&checked, &args.recipe, &args.force)?;
+    let force = super::context::named_stages(&checked, &args.recipe, &args.force)?;
     for name in args.only.iter().chain(&args.until) {
         one_stage(&checked, &args.recipe, name)?;
     }
@@ -176,19 +176,6 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<(), Error> {
         compare_schemes(ctx, &checked, &cache);
     }
     Ok(())
-}
-
-/// `--force` names, a swept stage's own name standing for all its variants.
-fn forced_stages(checked: &Checked, recipe: &Path, force: &[String]) -> Result<Vec<String>, Error> {
-    let mut forced = Vec::new();
-    for name in force {
-        let named = checked.recipe.stages_named(name);
-        if named.is_empty() {
-            return Err(Error::no_stage(name, recipe));
-        }
-        forced.extend(named.into_iter().map(str::to_string));
-    }
-    Ok(forced)
 }
 
 /// `--only` and `--until` take one stage: a swept one by its variant.

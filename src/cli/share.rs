@@ -2,7 +2,7 @@
 //! remote cache, explicitly (`run` pulls what it needs and pushes what it
 //! makes on its own).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::context::{exec_error, Checked};
 use super::{process, Context, Error};
@@ -33,7 +33,7 @@ fn prepare(
             if ctx.no_remote { " (and drop --no-remote)" } else { "" }
         )));
     }
-    let chosen = chosen(&checked, &args.recipe, &args.stages)?;
+    let chosen = super::context::named_stages(&checked, &args.recipe, &args.stages)?;
     let indices = plan
         .stages
         .iter()
@@ -41,18 +41,6 @@ fn prepare(
         .map(|p| p.index)
         .collect();
     Ok((checked, cache, plan, indices))
-}
-
-fn chosen(checked: &Checked, recipe: &Path, names: &[String]) -> Result<Vec<String>, Error> {
-    let mut out = Vec::new();
-    for name in names {
-        let named = checked.recipe.stages_named(name);
-        if named.is_empty() {
-            return Err(Error::no_stage(name, recipe));
-        }
-        out.extend(named.into_iter().map(str::to_string));
-    }
-    Ok(out)
 }
 
 pub fn push(ctx: &Context, args: &ShareArgs) -> Result<(), Error> {

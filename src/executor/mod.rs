@@ -153,8 +153,9 @@ pub struct StageCommand {
     pub tensorboard: Option<PathBuf>,
     /// The MLflow server (the recipe's `[tracking]` or `--mlflow`).
     pub mlflow: Option<String>,
-    /// The remote cache, passed on as `--remote` (a Slurm job may not see
-    /// the submitting shell's environment).
+    /// The remote cache the parent uses, passed on as `--remote URL`, or
+    /// `--no-remote` when it uses none: the stage's process decides as
+    /// the parent did, whatever its environment says.
     pub remote: Option<String>,
 }
 
@@ -170,8 +171,9 @@ impl StageCommand {
         if let Some(d) = &self.device {
             args.extend(["--device".to_string(), d.clone()]);
         }
-        if let Some(url) = &self.remote {
-            args.extend(["--remote".to_string(), url.clone()]);
+        match &self.remote {
+            Some(url) => args.extend(["--remote".to_string(), url.clone()]),
+            None => args.push("--no-remote".to_string()),
         }
         args.extend([
             "run".to_string(),

@@ -271,8 +271,7 @@ impl<'a> Schedule<'a> {
             ignore_memory_check: settings.ignore_memory_check,
             tensorboard: self.recipe.tensorboard.clone(),
             mlflow: self.recipe.mlflow.clone(),
-            // Children inherit RUNNER_REMOTE and see the same recipe.
-            remote: None,
+            remote: self.cache.remote.as_ref().map(|r| r.url().to_string()),
         };
         Command::new(&command.program)
             .args(command.args())

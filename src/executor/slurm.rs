@@ -649,7 +649,7 @@ mod tests {
         assert!(text.contains("if [ ! -f '/shared/it'\\''s/cache/jobs/k/submitted' ]"));
         assert!(text.contains("cache='/shared/it'\\''s/cache'\n"));
         assert!(text.contains(
-            "exec '/opt/run ner/runner' --cache \"$cache\" '--threads' '2' 'run' '/r/sweep.toml' '--only' 'dpo@beta=0.5'\n"
+            "exec '/opt/run ner/runner' --cache \"$cache\" '--threads' '2' '--no-remote' 'run' '/r/sweep.toml' '--only' 'dpo@beta=0.5'\n"
         ));
     }
 

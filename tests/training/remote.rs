@@ -43,22 +43,16 @@ const STAGES: [&str; 5] = ["base", "sft", "continued", "merged", "fresh"];
 
 /// Every file of every artifact of a cache: (artifact/relative path, bytes).
 fn artifact_files(cache: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
     let root = cache.join("artifacts");
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.file_name().unwrap() != "manifest.json" {
-                let rel = path.strip_prefix(&root).unwrap().display().to_string();
-                out.push((rel, std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
+    lora_runner::hashing::payload_files(&root, &[])
+        .unwrap()
+        .into_iter()
+        .filter(|path| path.file_name().unwrap() != "manifest.json")
+        .map(|path| {
+            let rel = path.strip_prefix(&root).unwrap().display().to_string();
+            (rel, std::fs::read(&path).unwrap())
+        })
+        .collect()
 }
 
 fn cache_arg(ws: &Workspace, name: &str) -> String {
