@@ -22,6 +22,12 @@ Writes tests/fixtures/fp8/:
 - codes.json: f32 values (zeros, every subnormal, ties, the largest
   normals, ±448 and beyond, NaN, random values) and torch's float8_e4m3fn
   byte for each after clamping to ±448, and without clamping.
+- llama3-e5m2/: the same checkpoint with float8_e5m2 codes (fmt "e5m2"),
+  blocks of 24 x 16 (partial along the rows), scale = 57344 / max|w|;
+  e5m2.safetensors: its logits from the dequantised weights (f64) and one
+  dequantised projection; e5m2.json: torch's value of each of the 256
+  float8_e5m2 bytes, and what transformers makes of the checkpoint (its
+  FP8Linear holds float8_e4m3fn, so it cannot read e5m2 codes as they are).
 
 tests/model/fp8.rs compares lora-runner with them. Run it in a venv outside
 the repository with torch 2.15 and transformers 5.24 (../shared/peer-bench):
@@ -59,9 +65,27 @@ def quantize(w):
     return codes, inv
 
 
-def dequantize(codes, inv):
+def quantize_blocks(w, block, fp8_max, dtype):
+    """Any block size (the last blocks may be partial): zero-padded to whole
+    blocks, which changes no block's maximum, then cropped."""
+    rows, cols = w.shape
+    bm, bn = block
+    grid = (-(-rows // bm), -(-cols // bn))
+    padded = torch.zeros(grid[0] * bm, grid[1] * bn, dtype=torch.float32)
+    padded[:rows, :cols] = w.to(torch.float32)
+    blocks = padded.reshape(grid[0], bm, grid[1], bn)
+    max_abs = blocks.abs().amax(dim=(-3, -1))
+    safe = torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
+    scales = torch.where(max_abs > 0, fp8_max / safe, torch.ones_like(safe))
+    inv = (1.0 / scales).to(torch.float32)
+    scaled = blocks * scales.unsqueeze(-1).unsqueeze(-3)
+    codes = torch.clamp(scaled, min=-fp8_max, max=fp8_max).to(dtype)
+    return codes.reshape(grid[0] * bm, grid[1] * bn)[:rows, :cols].contiguous(), inv
+
+
+def dequantize(codes, inv, block=BLOCK):
     rows, cols = codes.shape
-    bm, bn = BLOCK
+    bm, bn = block
     scale = inv.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
     return codes.to(torch.float64) * scale.to(torch.float64)
 
@@ -105,6 +129,70 @@ def load_alone(folder):
         return AutoModelForCausalLM.from_pretrained(alone, attn_implementation="eager").eval()
 
 
+def write_checkpoint(folder, source, tensors, fmt, block, quantize_fn):
+    """`source` with its projections as codes and scales from `quantize_fn`,
+    in `folder`; returns the tensors with the projections dequantised."""
+    stored, dense = {}, {}
+    for name, t in tensors.items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS:
+            codes, inv = quantize_fn(t)
+            stored[name] = codes
+            stored[name[: -len("weight")] + "weight_scale_inv"] = inv
+            dense[name] = dequantize(codes, inv, block).to(torch.float32)
+        else:
+            stored[name] = t
+            dense[name] = t
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": fmt, "weight_block_size": block,
+                                     "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dense
+
+
+E5M2_BLOCK = [24, 16]
+E5M2_MAX = 57344.0
+
+
+def e5m2(out, source, tensors, rows):
+    folder = out / "llama3-e5m2"
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = write_checkpoint(folder, source, tensors, "e5m2", E5M2_BLOCK,
+                             lambda t: quantize_blocks(t, E5M2_BLOCK, E5M2_MAX, torch.float8_e5m2))
+    reference = reference_tensors(source, dense, rows, "model.layers.0.mlp.gate_proj.weight")
+    save_file(reference, str(out / "e5m2.safetensors"))
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e5m2).to(torch.float32).tolist()
+    summary = {"block": E5M2_BLOCK, "decoded": [v if v == v and abs(v) != float("inf") else str(v) for v in values]}
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits = loaded(input_ids=torch.tensor([rows[0]])).logits[0].double()
+        projection = loaded.model.layers[0].self_attn.q_proj
+        summary["transformers"] = {
+            "loaded_as": f"{type(projection).__name__} {projection.weight.dtype}",
+            "max_logit_error": (logits - reference["logits.0"]).abs().max().item()}
+    except Exception as e:  # what transformers says is the finding
+        summary["transformers"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    (out / "e5m2.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def reference_tensors(source, dense, rows, name):
+    """The logits of `rows` from the model of the dequantised projections
+    (f64, eager attention), and `name`'s dequantised weight."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(source / "config.json", Path(folder) / "config.json")
+        save_file(dense, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager",
+                                                     dtype=torch.float64).eval()
+    reference = {}
+    with torch.no_grad():
+        for i, ids in enumerate(rows):
+            reference[f"logits.{i}"] = model(input_ids=torch.tensor([ids])).logits[0].contiguous()
+    reference[f"dequantised.{name}"] = dense[name].to(torch.float64).contiguous()
+    return reference
+
+
 def main():
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
     source = root / "families" / "llama3"
@@ -112,37 +200,11 @@ def main():
     folder = out / "llama3"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(source / "model.safetensors"))
-    stored, dense = {}, {}
-    for name, t in tensors.items():
-        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in PROJECTIONS:
-            codes, inv = quantize(t)
-            stored[name] = codes
-            stored[name[: -len("weight")] + "weight_scale_inv"] = inv
-            dense[name] = dequantize(codes, inv).to(torch.float32)
-        else:
-            stored[name] = t
-            dense[name] = t
-    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": BLOCK,
-                                     "activation_scheme": "dynamic"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    dense = write_checkpoint(folder, source, tensors, "e4m3", BLOCK, quantize)
 
     # Reference logits: the dequantised projections in a dense model, f64.
     rows = json.loads((source / "reference.json").read_text())["rows"]
-    dense_dir = out / "dense-tmp"
-    dense_dir.mkdir(exist_ok=True)
-    shutil.copy(source / "config.json", dense_dir / "config.json")
-    save_file(dense, str(dense_dir / "model.safetensors"), metadata={"format": "pt"})
-    model = AutoModelForCausalLM.from_pretrained(dense_dir, attn_implementation="eager",
-                                                 dtype=torch.float64).eval()
-    shutil.rmtree(dense_dir)
-    reference = {}
-    with torch.no_grad():
-        for i, ids in enumerate(rows):
-            reference[f"logits.{i}"] = model(input_ids=torch.tensor([ids])).logits[0].contiguous()
-    name = "model.layers.1.mlp.down_proj.weight"
-    reference[f"dequantised.{name}"] = dense[name].to(torch.float64).contiguous()
+    reference = reference_tensors(source, dense, rows, "model.layers.1.mlp.down_proj.weight")
     save_file(reference, str(out / "reference.safetensors"))
     summary = {"rows": rows, "block": BLOCK,
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
@@ -150,6 +212,7 @@ def main():
     (out / "codes.json").write_text(json.dumps(edge_values()) + "\n")
     if (out / "written").exists() and (out / "trained").exists():
         (out / "written.json").write_text(json.dumps(written(out, source, rows), indent=1) + "\n")
+    e5m2(out, source, tensors, rows)
     print(json.dumps(summary["versions"]))
 
 

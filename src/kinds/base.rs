@@ -367,8 +367,9 @@ impl Kind for Base {
                 false if config.is_file() => {
                     Some(crate::model::ModelConfig::from_file(&config).inspect(|c| {
                         // An FP8 checkpoint's projections are held in their own blocks.
-                        p.stored_bits =
-                            c.fp8_block.map(crate::model::kernels::fp8::bits_per_weight);
+                        p.stored_bits = c
+                            .fp8
+                            .map(|s| crate::model::kernels::fp8::bits_per_weight(s.block));
                     }))
                 }
                 false => None,
@@ -429,10 +430,12 @@ impl Kind for Base {
                 "projections kept in the GGUF's own blocks, dequantised per product".into(),
             );
         }
-        let fp8 = p.loaded.as_ref().and_then(|c| c.fp8_block);
-        if let (Some([rows, cols]), true) = (fp8, no_quantize(&p.quantize)) {
+        let fp8 = p.loaded.as_ref().and_then(|c| c.fp8);
+        if let (Some(scheme), true) = (fp8, no_quantize(&p.quantize)) {
+            let [rows, cols] = scheme.block;
             return Some(format!(
-                "projections kept in the checkpoint's FP8 codes (float8_e4m3fn, an f32 scale per {rows} × {cols} block), dequantised per product"
+                "projections kept in the checkpoint's FP8 codes ({}, an f32 scale per {rows} × {cols} block), dequantised per product",
+                scheme.format.torch_name()
             ));
         }
         let q = p.quantize.as_ref()?.value.quantization()?;

@@ -162,7 +162,7 @@ impl Kind for Merge {
         let mut model = inputs::load_with(&source, &options)?;
         inputs::load_adapter(&mut model, &adapter)?;
         // An FP8 checkpoint's codes are a conversion, as a GGUF's blocks are.
-        let stored_fp8 = model.config.fp8_block.is_some();
+        let stored_fp8 = model.config.fp8.is_some();
         let merged = merge_lora(&model)?;
         drop(model);
         let held = match &p.quantize {

@@ -8,6 +8,7 @@ pub use crate::model::family::Architecture;
 use crate::model::family::{DefaultWindows, Family, NormPlacement, QkNorm};
 use crate::model::formats::io::read_json;
 use crate::model::formats::names::{self, Group};
+use crate::model::kernels::fp8::{Fp8Format, Fp8Scheme};
 pub use crate::model::rope::Rope;
 use crate::model::rope::RopeScaling;
 use serde_json::{json, Map, Value};
@@ -50,15 +51,16 @@ pub struct ModelConfig {
     pub final_logit_softcapping: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
-    /// An FP8 checkpoint (`quantization_config.quant_method = "fp8"`): the
-    /// block of its `weight_scale_inv` scales.
-    pub fp8_block: Option<[usize; 2]>,
+    /// An FP8 checkpoint (`quantization_config.quant_method = "fp8"`): its
+    /// codes' format and the block of its `weight_scale_inv` scales.
+    pub fp8: Option<Fp8Scheme>,
 }
 
-/// The block size of transformers' fine-grained FP8 `quantization_config`
-/// (`quant_method = "fp8"`, `fmt = "e4m3"`, dynamic activations, f32
-/// scales); anything else in it is refused by name.
-fn fp8_block(q: &Value) -> std::result::Result<[usize; 2], String> {
+/// The scheme of transformers' fine-grained FP8 `quantization_config`
+/// (`quant_method = "fp8"`, `fmt = "e4m3"` or `"e5m2"` (e4m3 when absent,
+/// as transformers assumes), dynamic activations, f32 scales); anything
+/// else in it is refused by name.
+fn fp8_scheme(q: &Value) -> std::result::Result<Fp8Scheme, String> {
     let text = |key: &str| q.get(key).and_then(Value::as_str);
     let method = text("quant_method").unwrap_or("?");
     if method != "fp8" {
@@ -67,15 +69,24 @@ fn fp8_block(q: &Value) -> std::result::Result<[usize; 2], String> {
         ));
     }
     let unsupported = |what: String| Err(format!("quantization_config: {what} is not supported"));
-    if let Some(fmt) = text("fmt").filter(|f| *f != "e4m3") {
-        return unsupported(format!("fmt {fmt:?} (only \"e4m3\", float8_e4m3fn)"));
-    }
+    let format = match text("fmt") {
+        None => Fp8Format::E4M3,
+        Some(fmt) => match Fp8Format::parse(fmt) {
+            Some(f) => f,
+            None => {
+                return unsupported(format!(
+                    "fmt {fmt:?} (only \"e4m3\", float8_e4m3fn, and \"e5m2\", float8_e5m2)"
+                ))
+            }
+        },
+    };
     if let Some(a) = text("activation_scheme").filter(|a| *a != "dynamic") {
         return unsupported(format!(
             "activation_scheme {a:?} (its static activation scales would be ignored; only \"dynamic\")"
         ));
     }
-    if let Some(f) = text("scale_fmt").filter(|f| *f != "float32") {
+    // transformers writes "float" (its default) for f32 scales.
+    if let Some(f) = text("scale_fmt").filter(|f| !matches!(*f, "float" | "float32")) {
         return unsupported(format!("scale_fmt {f:?} (only f32 scales)"));
     }
     let known = [
@@ -98,7 +109,10 @@ fn fp8_block(q: &Value) -> std::result::Result<[usize; 2], String> {
             .map(|v| v.as_u64().filter(|&n| n > 0).map(|n| n as usize))
             .collect::<Option<Vec<usize>>>()
     }) {
-        Some(Some(b)) if b.len() == 2 => Ok([b[0], b[1]]),
+        Some(Some(b)) if b.len() == 2 => Ok(Fp8Scheme {
+            format,
+            block: [b[0], b[1]],
+        }),
         _ => unsupported(format!(
             "weight_block_size {} (two positive integers are needed; per-tensor scales are not read)",
             q.get("weight_block_size").unwrap_or(&Value::Null)
@@ -570,9 +584,9 @@ impl ModelConfig {
                 architectures: architectures.clone(),
             })?;
         let family = architecture.family();
-        let fp8_block = match r.get("quantization_config") {
+        let fp8 = match r.get("quantization_config") {
             None => None,
-            Some(q) => Some(fp8_block(q).map_err(|e| r.error(e))?),
+            Some(q) => Some(fp8_scheme(q).map_err(|e| r.error(e))?),
         };
         if let Some(m) = r.get("auto_map") {
             return Err(r.error(format!(
@@ -703,7 +717,7 @@ impl ModelConfig {
             final_logit_softcapping: final_cap,
             bos_token_id: v.get("bos_token_id").and_then(first_token_id),
             eos_token_id: v.get("eos_token_id").and_then(first_token_id),
-            fp8_block,
+            fp8,
         };
         // Shapes no machine holds are refused before anything allocates.
         let parameters = config.parameter_count();

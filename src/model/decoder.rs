@@ -165,7 +165,7 @@ impl Decoder {
             dtype,
             device: &opts.device,
             quantize,
-            fp8_block: config.fp8_block,
+            fp8: config.fp8,
         };
         Self::from_checkpoint(config, &w)
     }

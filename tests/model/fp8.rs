@@ -5,6 +5,8 @@
 //! checkpoint's logits against a model of its dequantised weights, LoRA
 //! gradients on FP8 codes against the same weights held dense, partial
 //! blocks, and every unsupported `quantization_config` refused by name.
+//! The same for float8_e5m2 codes (fixtures/fp8/llama3-e5m2): torch's value
+//! of each of the 256 bytes, logits, and gradients.
 
 use crate::support::model::{
     max_abs_diff_f64 as max_abs_diff, passes_on_the_generic_path, row_logits, row_logprob_sum,
@@ -136,13 +138,23 @@ fn fp8_checkpoint_gives_the_logits_of_its_dequantised_weights() {
         )
         .unwrap();
         let model = load(&fixtures().join("fp8/llama3"), DType::F64);
-        for (i, row) in rows.iter().enumerate() {
-            let want = &tensors[&format!("logits.{i}")];
-            let spread = max_abs_diff(want, &want.zeros_like().unwrap());
-            let diff = max_abs_diff(&row_logits(&model, row), want);
-            assert!(diff < 1e-5 * spread, "row {i}: {diff} of {spread}");
-        }
+        assert_reference_logits(&model, &rows, &tensors);
     });
+}
+
+/// `model`'s logits of `rows` are `tensors`' `logits.{i}` to 1e-5 of their
+/// spread.
+fn assert_reference_logits(
+    model: &Decoder,
+    rows: &[Vec<u32>],
+    tensors: &std::collections::HashMap<String, Tensor>,
+) {
+    for (i, row) in rows.iter().enumerate() {
+        let want = &tensors[&format!("logits.{i}")];
+        let spread = max_abs_diff(want, &want.zeros_like().unwrap());
+        let diff = max_abs_diff(&row_logits(model, row), want);
+        assert!(diff < 1e-5 * spread, "row {i}: {diff} of {spread}");
+    }
 }
 
 /// A PEFT adapter trained on an FP8 base: its loss and gradients equal
@@ -150,13 +162,25 @@ fn fp8_checkpoint_gives_the_logits_of_its_dequantised_weights() {
 /// projections written as a plain checkpoint).
 #[test]
 fn lora_on_fp8_codes_gives_the_gradients_of_the_dense_weights() {
-    with_big_stack(|| {
-        let fp8_model = load(&fixtures().join("fp8/llama3"), DType::F64);
+    lora_on_codes_matches_dense("fp8/llama3");
+}
+
+#[test]
+fn lora_on_e5m2_codes_gives_the_gradients_of_the_dense_weights() {
+    lora_on_codes_matches_dense("fp8/llama3-e5m2");
+}
+
+fn lora_on_codes_matches_dense(folder: &'static str) {
+    with_big_stack(move || {
+        let fp8_model = load(&fixtures().join(folder), DType::F64);
+        assert!(fp8_model
+            .linears()
+            .all(|l| matches!(l.weight, FrozenWeight::Fp8(_))));
         let dense_dir = tempfile::tempdir().unwrap();
         lora_runner::model::merge::save_model_folder(
             &fp8_model,
             dense_dir.path(),
-            Some(&fixtures().join("fp8/llama3")),
+            Some(&fixtures().join(folder)),
             u64::MAX,
         )
         .unwrap();
@@ -195,6 +219,109 @@ fn lora_on_fp8_codes_gives_the_gradients_of_the_dense_weights() {
 #[test]
 fn lora_on_fp8_codes_on_the_gpu_code_path() {
     passes_on_the_generic_path("fp8::lora_on_fp8_codes_gives_the_gradients_of_the_dense_weights");
+}
+
+#[test]
+fn lora_on_e5m2_codes_on_the_gpu_code_path() {
+    passes_on_the_generic_path("fp8::lora_on_e5m2_codes_gives_the_gradients_of_the_dense_weights");
+}
+
+/// Each float8_e5m2 byte has torch's value, bit for bit: zeros, the three
+/// subnormal steps of 2^-16, normals up to ±57344, ±inf and the NaNs.
+#[test]
+fn e5m2_bytes_have_torchs_values() {
+    let fixture = json(fixtures().join("fp8/e5m2.json"));
+    let decoded = fixture["decoded"].as_array().unwrap();
+    assert_eq!(decoded.len(), 256);
+    let (mut nans, mut infinities) = (0, 0);
+    for (b, want) in decoded.iter().enumerate() {
+        let got = fp8::e5m2_value(b as u8);
+        match want.as_str() {
+            Some("nan") => {
+                nans += 1;
+                assert!(got.is_nan(), "{b:#x}: {got}")
+            }
+            Some("inf") | Some("-inf") => {
+                infinities += 1;
+                assert_eq!(got.to_string(), want.as_str().unwrap(), "{b:#x}")
+            }
+            _ => {
+                let want = want.as_f64().unwrap() as f32;
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{b:#x}: {got} against {want}"
+                );
+            }
+        }
+    }
+    assert_eq!((nans, infinities), (6, 2));
+    assert_eq!(fp8::e5m2_value(0x7b), 57344.0);
+    assert_eq!(fp8::e5m2_value(0x01), 2f32.powi(-16));
+}
+
+/// An e5m2 checkpoint (24 × 16 blocks, partial along the rows): held as
+/// its bytes, one dequantised projection as torch's, and its logits those
+/// of its dequantised weights.
+#[test]
+fn e5m2_checkpoint_gives_the_logits_of_its_dequantised_weights() {
+    with_big_stack(|| {
+        let reference = json(fixtures().join("fp8/reference.json"));
+        let rows: Vec<Vec<u32>> = serde_json::from_value(reference["rows"].clone()).unwrap();
+        let tensors =
+            candle_core::safetensors::load(fixtures().join("fp8/e5m2.safetensors"), &Device::Cpu)
+                .unwrap();
+        let model = load(&fixtures().join("fp8/llama3-e5m2"), DType::F64);
+        let name = "model.layers.0.mlp.gate_proj";
+        let FrozenWeight::Fp8(w) = &model.linear(name).unwrap().weight else {
+            panic!("{name} is not held as FP8 codes")
+        };
+        assert_eq!(w.format, fp8::Fp8Format::E5M2);
+        assert_eq!((w.codes.dtype(), w.block), (DType::U8, [24, 16]));
+        let (out, inp) = w.dims();
+        assert_eq!(
+            w.bytes(),
+            out * inp + 4 * out.div_ceil(24) * inp.div_ceil(16)
+        );
+        let want = &tensors[&format!("dequantised.{name}.weight")];
+        let spread = max_abs_diff(want, &want.zeros_like().unwrap());
+        let got = w.dequantize(DType::F64).unwrap();
+        assert!(max_abs_diff(&got, want) <= spread * 2f64.powi(-23));
+        assert_reference_logits(&model, &rows, &tensors);
+    });
+}
+
+/// A checkpoint whose `fmt` and tensors disagree is refused, naming the
+/// tensor, not read as the other format; FP8 codes are never read as a
+/// dense weight.
+#[test]
+fn e5m2_codes_under_an_e4m3_config_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures().join("fp8/llama3-e5m2");
+    std::fs::copy(
+        source.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config = json(source.join("config.json"));
+    config["quantization_config"]["fmt"] = serde_json::json!("e4m3");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let opts = LoadOptions {
+        dtype: Some(DType::F32),
+        device: Device::Cpu,
+    };
+    let err = Decoder::load(dir.path(), &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("F8_E5M2") && err.contains("fmt \"e4m3\"") && err.contains("proj.weight"),
+        "{err}"
+    );
+    config
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_config");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = Decoder::load(dir.path(), &opts).unwrap_err().to_string();
+    assert!(err.contains("FP8 codes (F8_E5M2)"), "{err}");
 }
 
 /// Blocks that do not divide the weight: the last row and column of blocks
@@ -250,7 +377,7 @@ fn unsupported_fp8_settings_are_refused_by_name() {
             serde_json::json!("awq"),
             "quant_method \"awq\"",
         ),
-        ("fmt", serde_json::json!("e5m2"), "fmt \"e5m2\""),
+        ("fmt", serde_json::json!("e3m4"), "fmt \"e3m4\""),
         (
             "activation_scheme",
             serde_json::json!("static"),

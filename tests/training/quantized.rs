@@ -270,10 +270,30 @@ fn an_fp8_base_learns_in_both_schemes_and_measures_its_error() {
 /// (the plan says so), SFT trains on them, the merge is measured.
 #[test]
 fn an_fp8_checkpoint_trains_as_it_is_stored() {
+    a_checkpoint_trains_as_it_is_stored(
+        "llama3",
+        "FP8 codes (float8_e4m3fn, an f32 scale per 16 × 16 block)",
+        "fp8",
+    );
+}
+
+/// The same with float8_e5m2 codes and 24 × 16 blocks.
+#[test]
+fn an_e5m2_checkpoint_trains_as_it_is_stored() {
+    a_checkpoint_trains_as_it_is_stored(
+        "llama3-e5m2",
+        "FP8 codes (float8_e5m2, an f32 scale per 24 × 16 block)",
+        "fp8_e5m2",
+    );
+}
+
+fn a_checkpoint_trains_as_it_is_stored(fixture: &str, planned: &str, label: &str) {
     let ws = Workspace::new();
     let dst = ws.path("models/fp8");
     std::fs::create_dir_all(&dst).unwrap();
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fp8/llama3");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fp8")
+        .join(fixture);
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(src.join(file), dst.join(file)).unwrap();
     }
@@ -286,16 +306,11 @@ fn an_fp8_checkpoint_trains_as_it_is_stored() {
     assert!(text.contains("path = \"models/fp8\""));
     ws.write("recipe.toml", &text);
     let plan = ws.runner(&["plan", "recipe.toml"]).ok();
-    assert!(
-        plan.stdout
-            .contains("FP8 codes (float8_e4m3fn, an f32 scale per 16 × 16 block)"),
-        "{}",
-        plan.stdout
-    );
+    assert!(plan.stdout.contains(planned), "{}", plan.stdout);
     ws.runner(&["run", "recipe.toml", "--until", "merged"]).ok();
     let note = base_note(&ws);
     assert!(
-        note["quantize"].is_null() && note["formats"]["fp8"] == 14,
+        note["quantize"].is_null() && note["formats"][label] == 14,
         "{note}"
     );
     let (before, after) = (

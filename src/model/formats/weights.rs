@@ -123,11 +123,10 @@ impl CheckpointFiles {
         self.routing.contains_key(name)
     }
 
-    /// The dtype `name` is stored in, when it is there and candle has it.
-    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+    /// The dtype `name` is stored in, when it is there.
+    pub fn stored_dtype(&self, name: &str) -> Option<safetensors::Dtype> {
         let idx = *self.routing.get(name)?;
-        let view = self.files[idx].1.get(name).ok()?;
-        DType::try_from(view.dtype()).ok()
+        Some(self.files[idx].1.get(name).ok()?.dtype())
     }
 
     /// Dtype of the first floating-point tensor, used when config.json does not say.
@@ -152,6 +151,77 @@ impl CheckpointFiles {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let (idx, view) = self.locate(name, shape)?;
+        let path = &self.files[idx].0;
+        let stored = view.dtype();
+        if matches!(
+            stored,
+            safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2
+        ) {
+            // Codes without their block scales are not the weight.
+            return Err(ModelError::Safetensors {
+                path: path.clone(),
+                message: format!(
+                    "tensor {name:?} is stored as FP8 codes ({stored:?}), which need the checkpoint's quantization_config and weight_scale_inv"
+                ),
+            });
+        }
+        let t = match (DType::try_from(stored), self.data[idx].offsets.get(name)) {
+            (Ok(stored), Some(&(offset, len))) => {
+                read_tensor((path, &self.data[idx].file), offset, len, stored, shape)?
+            }
+            _ => view
+                .load(&Device::Cpu)
+                .map_err(|e| ModelError::Safetensors {
+                    path: path.clone(),
+                    message: format!("tensor {name:?}: {e}"),
+                })?,
+        };
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// A projection's FP8 codes as they are stored, on the CPU, in
+    /// `format.held_dtype()`; stored in another dtype than `format` is an
+    /// error (a checkpoint whose config and tensors disagree).
+    pub fn load_fp8_codes(
+        &self,
+        name: &str,
+        shape: &[usize],
+        format: fp8::Fp8Format,
+    ) -> Result<Tensor> {
+        let (idx, view) = self.locate(name, shape)?;
+        let path = &self.files[idx].0;
+        let bad = |message: String| ModelError::Safetensors {
+            path: path.clone(),
+            message,
+        };
+        if view.dtype() != format.stored_dtype() {
+            return Err(bad(format!(
+                "tensor {name:?} is stored as {:?}, but quantization_config says fmt {:?} ({:?})",
+                view.dtype(),
+                format.name(),
+                format.stored_dtype()
+            )));
+        }
+        let &(offset, len) = self.data[idx]
+            .offsets
+            .get(name)
+            .ok_or_else(|| bad(format!("tensor {name:?} has no data_offsets")))?;
+        read_tensor(
+            (path, &self.data[idx].file),
+            offset,
+            len,
+            format.held_dtype(),
+            shape,
+        )
+    }
+
+    /// The file index and view of `name`, whose shape must be `shape`.
+    fn locate(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(usize, safetensors::tensor::TensorView<'_>)> {
         let idx = *self
             .routing
             .get(name)
@@ -172,29 +242,7 @@ impl CheckpointFiles {
                 actual: view.shape().to_vec(),
             });
         }
-        let stored = DType::try_from(view.dtype()).ok();
-        if stored == Some(DType::F8E4M3) && dtype != DType::F8E4M3 {
-            // Codes without their block scales are not the weight.
-            return Err(ModelError::Safetensors {
-                path: path.clone(),
-                message: format!(
-                    "tensor {name:?} is stored as FP8 codes, which need the checkpoint's quantization_config and weight_scale_inv"
-                ),
-            });
-        }
-        let data = &self.data[idx];
-        let t = match (stored, data.offsets.get(name)) {
-            (Some(stored), Some(&(offset, len))) => {
-                read_tensor((path, &data.file), offset, len, stored, shape)?
-            }
-            _ => view
-                .load(&Device::Cpu)
-                .map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    message: format!("tensor {name:?}: {e}"),
-                })?,
-        };
-        Ok(t.to_dtype(dtype)?.to_device(device)?)
+        Ok((idx, view))
     }
 
     /// Names in the checkpoint, sorted.
@@ -346,8 +394,8 @@ pub struct WeightLoader<'a> {
     pub device: &'a Device,
     /// How the decoder layers' projections are held (None: dense in `dtype`).
     pub quantize: Option<crate::model::kernels::quantized::Quantization>,
-    /// The checkpoint's FP8 scale block, when it is an FP8 one.
-    pub fp8_block: Option<[usize; 2]>,
+    /// How an FP8 checkpoint stores its projections, when it is one.
+    pub fp8: Option<fp8::Fp8Scheme>,
 }
 
 impl WeightLoader<'_> {
@@ -386,21 +434,25 @@ impl WeightLoader<'_> {
     /// `weight_scale_inv`, on the device. None for a weight stored otherwise
     /// (transformers' `modules_to_not_convert`).
     fn fp8_projection(&self, name: &str, shape: &[usize]) -> Result<Option<Fp8Weight>> {
-        let (Some(block), WeightSource::Safetensors(files)) = (self.fp8_block, self.files) else {
+        let (Some(scheme), WeightSource::Safetensors(files)) = (self.fp8, self.files) else {
             return Ok(None);
         };
-        if files.stored_dtype(name) != Some(DType::F8E4M3) {
+        let stored = files.stored_dtype(name);
+        if !matches!(
+            stored,
+            Some(safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2)
+        ) {
             return Ok(None);
         }
-        let codes = files.load(name, shape, DType::F8E4M3, &Device::Cpu)?;
-        let grid = fp8::block_grid(shape[0], shape[1], block);
+        let codes = files.load_fp8_codes(name, shape, scheme.format)?;
+        let grid = fp8::block_grid(shape[0], shape[1], scheme.block);
         let scales = files.load(
             &format!("{name}_scale_inv"),
             &grid,
             DType::F32,
             &Device::Cpu,
         )?;
-        let weight = Fp8Weight::from_parts(codes, scales, block)?.to_device(self.device)?;
+        let weight = Fp8Weight::from_parts(codes, scales, scheme)?.to_device(self.device)?;
         Ok(Some(weight))
     }
 }

@@ -2,9 +2,11 @@
 //! DeepSeek's official FP8 checkpoints): float8_e4m3fn codes [out, in] and
 //! one f32 `weight_scale_inv` per block of `block[0]` rows × `block[1]`
 //! columns (the last blocks may be partial), W = codes · scale_inv.
+//! float8_e5m2 codes (`fmt = "e5m2"`) are read too.
 //!
-//! The codes stay in memory as they are (one byte a weight, candle's
-//! `F8E4M3`); each product dequantises its projection (as the quantized
+//! The codes stay in memory as they are (one byte a weight: candle's
+//! `F8E4M3`, or for e5m2, which candle 0.11 has no dtype for, the raw bytes
+//! as `U8`); each product dequantises its projection (as the quantized
 //! GGUF blocks are), so a step is exact in the dequantised weight. Making
 //! codes from a dense weight follows transformers 5.24's `Fp8Quantize`
 //! (scale = 448 / max|w| per block, 1 for an all-zero block;
@@ -20,6 +22,74 @@ pub const FP8_MAX: f32 = 448.0;
 /// Block size when quantizing a dense base (`quantize = "fp8"`): Qwen3's
 /// and DeepSeek-V3's.
 pub const DEFAULT_BLOCK: [usize; 2] = [128, 128];
+
+/// The 8-bit float a checkpoint's codes are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp8Format {
+    /// float8_e4m3fn: 4 exponent bits, 3 mantissa bits, no infinities,
+    /// largest finite 448. Every FP8 checkpoint published so far.
+    E4M3,
+    /// float8_e5m2: f16's upper byte (5 exponent bits, 2 mantissa bits,
+    /// infinities and NaNs as in IEEE), largest finite 57344.
+    E5M2,
+}
+
+impl Fp8Format {
+    /// From `quantization_config.fmt`.
+    pub fn parse(fmt: &str) -> Option<Self> {
+        match fmt {
+            "e4m3" => Some(Fp8Format::E4M3),
+            "e5m2" => Some(Fp8Format::E5M2),
+            _ => None,
+        }
+    }
+
+    /// As `quantization_config.fmt` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fp8Format::E4M3 => "e4m3",
+            Fp8Format::E5M2 => "e5m2",
+        }
+    }
+
+    /// As torch names the dtype.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Fp8Format::E4M3 => "float8_e4m3fn",
+            Fp8Format::E5M2 => "float8_e5m2",
+        }
+    }
+
+    /// The candle dtype the codes are held in.
+    pub fn held_dtype(self) -> DType {
+        match self {
+            Fp8Format::E4M3 => DType::F8E4M3,
+            Fp8Format::E5M2 => DType::U8,
+        }
+    }
+
+    /// The safetensors dtype the codes are stored as.
+    pub fn stored_dtype(self) -> safetensors::Dtype {
+        match self {
+            Fp8Format::E4M3 => safetensors::Dtype::F8_E4M3,
+            Fp8Format::E5M2 => safetensors::Dtype::F8_E5M2,
+        }
+    }
+}
+
+/// How an FP8 checkpoint stores its projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fp8Scheme {
+    pub format: Fp8Format,
+    /// Rows × columns of weights sharing one scale.
+    pub block: [usize; 2],
+}
+
+/// The value of a float8_e5m2 byte: it is the upper byte of an IEEE f16,
+/// so the f16 with these bits, exactly (subnormals, ±inf and NaN included).
+pub fn e5m2_value(code: u8) -> f32 {
+    half::f16::from_bits(u16::from(code) << 8).to_f32()
+}
 
 /// The float8_e4m3fn byte of `x` after clamping to ±448 (NaN stays NaN).
 pub fn code(x: f32) -> u8 {
@@ -38,25 +108,28 @@ pub fn block_grid(out: usize, inp: usize, block: [usize; 2]) -> [usize; 2] {
 
 #[derive(Clone, Debug)]
 pub struct Fp8Weight {
-    /// [out, in], `F8E4M3`.
+    /// [out, in], in `format.held_dtype()`.
     pub codes: Tensor,
+    pub format: Fp8Format,
     /// [ceil(out / block[0]), ceil(in / block[1])], f32.
     pub scale_inv: Tensor,
     pub block: [usize; 2],
 }
 
 impl Fp8Weight {
-    /// Checks that the codes and scales fit each other and `block`.
+    /// Checks that the codes and scales fit each other and `scheme`.
     pub fn from_parts(
         codes: Tensor,
         scale_inv: Tensor,
-        block: [usize; 2],
+        scheme: Fp8Scheme,
     ) -> candle_core::Result<Self> {
+        let Fp8Scheme { format, block } = scheme;
         let (out, inp) = codes.dims2()?;
         let grid = block_grid(out, inp, block);
-        if codes.dtype() != DType::F8E4M3 || scale_inv.dims() != grid || block.contains(&0) {
+        if codes.dtype() != format.held_dtype() || scale_inv.dims() != grid || block.contains(&0) {
             candle_core::bail!(
-                "an FP8 weight {:?} ({:?}) with blocks {block:?} needs {grid:?} f32 scales, found {:?}",
+                "an FP8 {} weight {:?} ({:?}) with blocks {block:?} needs {grid:?} f32 scales, found {:?}",
+                format.name(),
                 codes.dims(),
                 codes.dtype(),
                 scale_inv.dims()
@@ -64,6 +137,7 @@ impl Fp8Weight {
         }
         Ok(Fp8Weight {
             codes,
+            format,
             scale_inv: scale_inv.to_dtype(DType::F32)?,
             block,
         })
@@ -108,6 +182,7 @@ impl Fp8Weight {
         }
         Ok(Fp8Weight {
             codes: Tensor::from_vec(codes, (out, inp), &Device::Cpu)?.to_device(device)?,
+            format: Fp8Format::E4M3,
             scale_inv: Tensor::from_vec(scale_inv, (rows, cols), &Device::Cpu)?
                 .to_device(device)?,
             block,
@@ -131,7 +206,23 @@ impl Fp8Weight {
             .reshape((rows * bm, cols * bn))?
             .narrow(0, 0, out)?
             .narrow(1, 0, inp)?;
-        (self.codes.to_dtype(DType::F32)? * scale)?.to_dtype(dtype)
+        (self.values()? * scale)?.to_dtype(dtype)
+    }
+
+    /// The codes' values in f32, unscaled.
+    fn values(&self) -> candle_core::Result<Tensor> {
+        match self.format {
+            Fp8Format::E4M3 => self.codes.to_dtype(DType::F32),
+            // A 256-entry table indexed by the bytes: index_select takes
+            // u8 ids on every device.
+            Fp8Format::E5M2 => {
+                let table: Vec<f32> = (0..=255u8).map(e5m2_value).collect();
+                let table = Tensor::from_vec(table, 256, self.codes.device())?;
+                table
+                    .index_select(&self.codes.flatten_all()?, 0)?
+                    .reshape(self.codes.shape())
+            }
+        }
     }
 
     /// Bytes held: the codes and the scales.
@@ -142,6 +233,7 @@ impl Fp8Weight {
     pub fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
         Ok(Fp8Weight {
             codes: self.codes.to_device(device)?,
+            format: self.format,
             scale_inv: self.scale_inv.to_device(device)?,
             block: self.block,
         })

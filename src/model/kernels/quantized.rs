@@ -120,7 +120,8 @@ pub fn format_name(format: GgmlDType) -> &'static str {
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
-    /// float8_e4m3fn codes with block scales (`fp8`).
+    /// FP8 codes with block scales (`fp8`: float8_e4m3fn; or a
+    /// checkpoint's float8_e5m2).
     Fp8(Arc<Fp8Weight>),
 }
 
@@ -150,12 +151,15 @@ impl FrozenWeight {
         }
     }
 
-    /// "dense", a GGUF block format's name, or "fp8".
+    /// "dense", a GGUF block format's name, "fp8" (e4m3) or "fp8_e5m2".
     pub fn label(&self) -> &'static str {
         match self {
             FrozenWeight::Dense(_) => "dense",
             FrozenWeight::Quantized(q) => format_name(q.dtype()),
-            FrozenWeight::Fp8(_) => "fp8",
+            FrozenWeight::Fp8(f) => match f.format {
+                fp8::Fp8Format::E4M3 => "fp8",
+                fp8::Fp8Format::E5M2 => "fp8_e5m2",
+            },
         }
     }
 
