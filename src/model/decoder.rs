@@ -462,7 +462,7 @@ impl Decoder {
                 &product,
                 self.config.final_logit_softcapping,
                 &tok,
-                HEAD_CHUNK_ROWS,
+                crate::model::kernels::head_logprobs::chunk_rows(self.config.vocab_size),
             )?);
         }
         if self.checkpointing {

@@ -21,7 +21,8 @@
 //!   a residual sum: hidden + q + kv), one attention tile's scores and
 //!   their gradients while it runs (`TILE_SCORES` elements), and for the
 //!   head one f32 [hidden] gradient a supervised token and two f32
-//!   [256, vocab] tensors of one chunk while it runs.
+//!   [rows, vocab] tensors of one chunk while it runs (`rows` from
+//!   `head_logprobs::budget_rows`: 64 MiB of f32 logits, at most 256).
 //!
 //! Checked against measured peak RSS on a Qwen2-0.5B shape (README,
 //! `scripts/bench-memory.sh`).
@@ -218,7 +219,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
     let masks = if s.dropout { masks * dt } else { 0 };
     // (per token and layer, head per supervised token kept, head per token
     // of one chunk, once per step).
-    let (per_layer, head_kept, head_chunk, transient) = if s.fused {
+    let (per_layer, head_kept, (head_chunk, chunk_rows), transient) = if s.fused {
         // Logits in f32 for the fused log-softmax; under checkpointing one
         // chunk of them at a time.
         let logits = 4 * vocab + capped_head;
@@ -232,7 +233,7 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         } else {
             0
         };
-        (fused_layer + geglu, kept, chunk, tiled)
+        (fused_layer + geglu, kept, (chunk, HEAD_CHUNK_ROWS), tiled)
     } else {
         // The compositions' graph nodes keep what the fused ops keep, plus
         // the copies between them: the heads merged for the output
@@ -247,10 +248,16 @@ pub fn estimate(s: &StepShape) -> MemoryEstimate {
         // while it runs.
         let chunk = (8 + dt) * vocab + capped_head;
         let copies = (h + q + kv) * dt;
-        (fused_layer + copies + geglu, 4 * h, chunk, tile_bytes)
+        let rows = crate::model::kernels::head_logprobs::budget_rows(c.vocab_size);
+        (
+            fused_layer + copies + geglu,
+            4 * h,
+            (chunk, rows),
+            tile_bytes,
+        )
     };
     let dora_kept = dora_kept * dt;
-    let head = tokens * head_kept + tokens.min(HEAD_CHUNK_ROWS as u64) * head_chunk;
+    let head = tokens * head_kept + tokens.min(chunk_rows as u64) * head_chunk;
     let activations = transient
         + head
         + if s.checkpointing {

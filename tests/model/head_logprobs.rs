@@ -162,3 +162,31 @@ fn head_logprobs_refuse_a_target_count_that_is_not_the_row_count() {
     .unwrap_err();
     assert!(err.to_string().contains("3 rows but 1 targets"), "{err}");
 }
+
+/// A chunk's f32 logits stay within `CHUNK_BYTES` for any vocabulary that
+/// allows 16 rows, in whole 16-row steps, never past 256 rows: 96 rows of
+/// Qwen's 151936 entries, 64 of Gemma 3's 262144, 256 of a small vocabulary.
+#[test]
+fn head_chunks_are_bounded_by_bytes() {
+    use lora_runner::model::kernels::head_logprobs::{budget_rows, CHUNK_BYTES};
+    assert_eq!(budget_rows(151_936), 96);
+    assert_eq!(budget_rows(262_144), 64);
+    assert_eq!(budget_rows(100), 256);
+    assert_eq!(budget_rows(0), 256);
+    assert_eq!(budget_rows(10_000_000), 16);
+    for vocab in [1, 1000, 32_000, 65_537, 128_256, 151_936, 256_000, 1 << 20] {
+        let rows = budget_rows(vocab);
+        assert!(
+            rows.is_multiple_of(16) && (16..=256).contains(&rows),
+            "{vocab}: {rows}"
+        );
+        assert!(
+            rows == 16 || rows * vocab * 4 <= CHUNK_BYTES,
+            "{vocab}: {rows}"
+        );
+        assert!(
+            rows == 256 || (rows + 16) * vocab * 4 > CHUNK_BYTES,
+            "{vocab}: {rows}"
+        );
+    }
+}

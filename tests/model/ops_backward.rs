@@ -378,3 +378,12 @@ fn swiglu_matches_composition_including_saturated_and_zero_gates() {
         assert_eq!(dg, vec![0.5, -1.0, 2.0]);
     });
 }
+
+/// The GPU's SwiGLU node (its backward written out in candle ops) against
+/// the same composition, at the same edges.
+#[test]
+fn swiglu_matches_composition_on_the_gpu_code_path() {
+    passes_on_the_generic_path(
+        "ops_backward::swiglu_matches_composition_including_saturated_and_zero_gates",
+    );
+}

@@ -16,6 +16,32 @@ use candle_core::{CustomOp1, DType, Tensor, D};
 
 use crate::model::kernels::recompute::{precomputed_forward, Precomputed};
 
+/// Bytes one f32 [rows, vocab] tensor of a chunk may take. A chunk's
+/// forward has up to three alive at once (logits, their exp, the
+/// probabilities or their gradient), so this bounds the head's transient
+/// at 192 MiB whatever the vocabulary: for Qwen's 151936 entries 96 rows
+/// (256 rows were 467 MB, the largest transient of a checkpointed step).
+pub const CHUNK_BYTES: usize = 64 << 20;
+
+/// Rows a chunk takes for a `vocab`-entry head: as many as fit
+/// `CHUNK_BYTES` in f32, a multiple of 16 from 16 to 256
+/// (`LORA_RUNNER_HEAD_CHUNK_ROWS=N` overrides it, for measurements).
+pub fn chunk_rows(vocab: usize) -> usize {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let from_env = *ROWS.get_or_init(|| {
+        std::env::var("LORA_RUNNER_HEAD_CHUNK_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+    });
+    from_env.unwrap_or_else(|| budget_rows(vocab))
+}
+
+/// `chunk_rows` without the override: what the memory estimate counts.
+pub fn budget_rows(vocab: usize) -> usize {
+    (CHUNK_BYTES / (4 * vocab.max(1))).clamp(16, 256) / 16 * 16
+}
+
 /// The logits of rows [n, hidden], in f32 (f64 for an f64 model), before
 /// any soft-cap: the head's product as the model computes it.
 pub type HeadProduct<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
