@@ -412,6 +412,35 @@ fn unsupported_fp8_settings_are_refused_by_name() {
             "{key}: {err}"
         );
     }
+    // What transformers itself writes for f32 scales, and a config without
+    // `fmt` (e4m3, as transformers assumes), are read.
+    for (key, value) in [
+        ("scale_fmt", serde_json::json!("float")),
+        ("scale_fmt", serde_json::json!("float32")),
+        ("fmt", serde_json::json!(null)),
+    ] {
+        let mut config = base.clone();
+        match value.is_null() {
+            true => config["quantization_config"]
+                .as_object_mut()
+                .unwrap()
+                .remove(key),
+            false => config["quantization_config"]
+                .as_object_mut()
+                .unwrap()
+                .insert(key.into(), value.clone()),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let read = lora_runner::model::config::ModelConfig::from_file(&path)
+            .unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+        let scheme = read.fp8.unwrap();
+        assert_eq!(
+            (scheme.format, scheme.block),
+            (fp8::Fp8Format::E4M3, [16, 16])
+        );
+    }
 }
 
 /// An FP8 checkpoint this program wrote (a merge with `quantize = "fp8"`,
