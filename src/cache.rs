@@ -353,11 +353,11 @@ impl Cache {
         build: impl FnOnce(&Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<PathBuf> {
         let name = format!("{kind}-{key}");
-        let target = self.root.join("derived").join(&name);
+        let target = self.derived_path(&name);
         if target.is_dir() {
             return Ok(target);
         }
-        let _lock = self.lock_stage(&format!("derived-{name}"), |_| {})?;
+        let _lock = self.lock_derived(&name)?;
         if target.is_dir() {
             return Ok(target);
         }
@@ -366,8 +366,26 @@ impl Cache {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
         }
-        fsutil::fsync_tree(&staging)?;
-        std::fs::rename(&staging, &target)?;
+        Ok(self.install_derived(&staging, &name)?)
+    }
+
+    /// Where the derived folder `name` (`<kind>-<key>`) is.
+    pub fn derived_path(&self, name: &str) -> PathBuf {
+        self.root.join("derived").join(name)
+    }
+
+    /// The lock of the derived folder `name`, held by whoever makes or
+    /// grows it (a build, the reference pass, a pull).
+    pub fn lock_derived(&self, name: &str) -> std::io::Result<StageLock> {
+        self.lock_stage(&format!("derived-{name}"), |_| {})
+    }
+
+    /// A folder complete in `staging` put in place as the derived folder
+    /// `name`, durably (under `lock_derived`).
+    pub fn install_derived(&self, staging: &Path, name: &str) -> std::io::Result<PathBuf> {
+        let target = self.derived_path(name);
+        fsutil::fsync_tree(staging)?;
+        std::fs::rename(staging, &target)?;
         fsutil::fsync_dir(&self.root.join("derived"))?;
         Ok(target)
     }
@@ -377,7 +395,7 @@ impl Cache {
     /// computation stopped halfway keeps what it finished and a later one
     /// adds only what is missing (reference log-probs, batch by batch).
     pub fn derived_growing(&self, kind: &str, key: &str) -> std::io::Result<PathBuf> {
-        let target = self.root.join("derived").join(format!("{kind}-{key}"));
+        let target = self.derived_path(&format!("{kind}-{key}"));
         std::fs::create_dir_all(&target)?;
         fsutil::fsync_dir(&self.root.join("derived"))?;
         Ok(target)

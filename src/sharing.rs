@@ -10,7 +10,7 @@
 //! hashed as they arrive and checked against its manifest and id before the
 //! local cache takes them in.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cache::{self, Cache, KeyRecord, Manifest, MANIFEST, SOURCE_FILE, UNHASHED};
@@ -281,43 +281,22 @@ fn download_into(
         .sum();
     progress.set_total(total);
     for (rel, expected) in &manifest.files {
-        if interrupt.load(Ordering::SeqCst) {
-            return Err(interrupted());
+        let fetched = fetch_checked(
+            remote,
+            (&artifact_path(id, ""), "manifest"),
+            staging,
+            (rel, expected),
+            interrupt,
+            &mut |n| {
+                done += n;
+                progress.set_position(done, &format!("{} downloaded", mib(done)));
+            },
+        )?;
+        match fetched {
+            // Hashed as it arrived: `adopt` then checks the tree without reading it again.
+            Ok(dest) => memo.seed(&dest, expected)?,
+            Err(why) => return Ok(Err(why)),
         }
-        if rel
-            .split('/')
-            .any(|part| part.is_empty() || part == "." || part == "..")
-        {
-            return Ok(Err(format!(
-                "the manifest names a file outside its folder: `{rel}`"
-            )));
-        }
-        let dest = staging.join(rel);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut hasher = blake3::Hasher::new();
-        let found = remote.download(&artifact_path(id, rel), &dest, &mut |chunk| {
-            hasher.update(chunk);
-            done += chunk.len() as u64;
-            progress.set_position(done, &format!("{} downloaded", mib(done)));
-            !interrupt.load(Ordering::SeqCst)
-        })?;
-        if !found {
-            return Ok(Err(format!(
-                "{} is missing",
-                remote.show(&artifact_path(id, rel))
-            )));
-        }
-        let hash = hasher.finalize().to_hex().to_string();
-        if &hash != expected {
-            return Ok(Err(format!(
-                "{} does not match its recorded hash",
-                remote.show(&artifact_path(id, rel))
-            )));
-        }
-        // Hashed as it arrived: `adopt` then checks the tree without reading it again.
-        memo.seed(&dest, &hash)?;
     }
     for extra in UNHASHED.iter().filter(|f| **f != MANIFEST) {
         // Timings are not covered by the id: a missing one is no loss.
@@ -327,6 +306,52 @@ fn download_into(
     }
     crate::fsutil::write_atomic(&staging.join(MANIFEST), manifest_bytes)?;
     Ok(Ok(done))
+}
+
+/// The object `folder` + `rel` downloaded to `staging/rel`, hashed as it
+/// arrives (`counted` gets each chunk's length): Ok(Err(why)) when `rel`
+/// leaves its folder (as the `listing`, a manifest or an index, names it),
+/// the object is missing, or its blake3 is not `expected`.
+fn fetch_checked(
+    remote: &Remote,
+    (folder, listing): (&str, &str),
+    staging: &Path,
+    (rel, expected): (&str, &str),
+    interrupt: &AtomicBool,
+    counted: &mut dyn FnMut(u64),
+) -> Result<Result<PathBuf, String>, RemoteError> {
+    if interrupt.load(Ordering::SeqCst) {
+        return Err(interrupted());
+    }
+    if rel
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Ok(Err(format!(
+            "the {listing} names a file outside its folder: `{rel}`"
+        )));
+    }
+    let dest = staging.join(rel);
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let object = format!("{folder}{rel}");
+    let mut hasher = blake3::Hasher::new();
+    let found = remote.download(&object, &dest, &mut |chunk| {
+        hasher.update(chunk);
+        counted(chunk.len() as u64);
+        !interrupt.load(Ordering::SeqCst)
+    })?;
+    if !found {
+        return Ok(Err(format!("{} is missing", remote.show(&object))));
+    }
+    if hasher.finalize().to_hex().as_str() != expected {
+        return Ok(Err(format!(
+            "{} does not match its recorded hash",
+            remote.show(&object)
+        )));
+    }
+    Ok(Ok(dest))
 }
 
 fn mib(bytes: u64) -> String {
@@ -348,7 +373,7 @@ fn push_derived(
     interrupt: &AtomicBool,
 ) -> Result<(), RemoteError> {
     for name in names {
-        let dir = cache.root.join("derived").join(name);
+        let dir = cache.derived_path(name);
         if !dir.is_dir() || remote.get(&derived_index(name))?.is_some() {
             continue;
         }
@@ -386,7 +411,7 @@ fn pull_derived(
 ) -> Result<u64, RemoteError> {
     let mut bytes = 0;
     for name in names {
-        let target = cache.root.join("derived").join(name);
+        let target = cache.derived_path(name);
         if target.exists() {
             continue;
         }
@@ -401,8 +426,7 @@ fn pull_derived(
             ));
             continue;
         };
-        // The lock `Cache::derived` and the reference pass take.
-        let _lock = cache.lock_stage(&format!("derived-{name}"), |_| {})?;
+        let _lock = cache.lock_derived(name)?;
         if target.exists() {
             continue;
         }
@@ -410,35 +434,18 @@ fn pull_derived(
         let mut fetched = 0u64;
         let mut bad = None;
         for (rel, expected) in &files {
-            if interrupt.load(Ordering::SeqCst) {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Err(interrupted());
-            }
-            if rel
-                .split('/')
-                .any(|part| part.is_empty() || part == "." || part == "..")
-            {
-                bad = Some(format!(
-                    "the index names a file outside its folder: `{rel}`"
-                ));
-                break;
-            }
-            let dest = staging.join(rel);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let mut hasher = blake3::Hasher::new();
-            let found = remote.download(&format!("derived/{name}/{rel}"), &dest, &mut |chunk| {
-                hasher.update(chunk);
-                fetched += chunk.len() as u64;
-                !interrupt.load(Ordering::SeqCst)
-            });
-            match found {
-                Ok(true) if hasher.finalize().to_hex().as_str() == expected => {}
-                Ok(_) => {
-                    bad = Some(format!(
-                        "{rel} is missing or does not match its recorded hash"
-                    ));
+            let got = fetch_checked(
+                remote,
+                (&format!("derived/{name}/"), "index"),
+                &staging,
+                (rel, expected),
+                interrupt,
+                &mut |n| fetched += n,
+            );
+            match got {
+                Ok(Ok(_)) => {}
+                Ok(Err(why)) => {
+                    bad = Some(why);
                     break;
                 }
                 Err(e) => {
@@ -455,9 +462,7 @@ fn pull_derived(
                 ));
             }
             None => {
-                crate::fsutil::fsync_tree(&staging)?;
-                std::fs::rename(&staging, &target)?;
-                crate::fsutil::fsync_dir(&cache.root.join("derived"))?;
+                cache.install_derived(&staging, name)?;
                 bytes += fetched;
             }
         }
@@ -488,6 +493,16 @@ fn grouped(
         entry.0.push(object.path);
     }
     out
+}
+
+/// Deletes `objects`, `first` (the object readers take the group through)
+/// before the others.
+fn delete_group(remote: &Remote, first: &str, objects: &[String]) -> Result<(), RemoteError> {
+    remote.delete(first)?;
+    for object in objects.iter().filter(|o| *o != first) {
+        remote.delete(object)?;
+    }
+    Ok(())
 }
 
 /// `runner gc --on-remote`: remove from the remote every artifact that no
@@ -572,13 +587,9 @@ pub fn collect_remote(
             young += 1;
             continue;
         }
+        // The manifest first: a reader then sees no artifact, never a partial one.
         if delete {
-            // The manifest first: a reader then sees no artifact, never a partial one.
-            let manifest = artifact_path(id, MANIFEST);
-            remote.delete(&manifest)?;
-            for object in objects.iter().filter(|o| **o != manifest) {
-                remote.delete(object)?;
-            }
+            delete_group(remote, &artifact_path(id, MANIFEST), objects)?;
         }
         items += 1;
         bytes += size;
@@ -596,11 +607,7 @@ pub fn collect_remote(
             continue;
         }
         if delete {
-            let index = derived_index(name);
-            remote.delete(&index)?;
-            for object in objects.iter().filter(|o| **o != index) {
-                remote.delete(object)?;
-            }
+            delete_group(remote, &derived_index(name), objects)?;
         }
         items += 1;
         bytes += size;

@@ -308,8 +308,15 @@ impl<'a> Schedule<'a> {
     fn finished(&mut self, done: Finished) {
         self.free.push(done.slot);
         let p = self.stages[done.position];
-        let outcome = match done.exit {
-            Some(0) => match self.cache.key_record(&p.key) {
+        // Exit 3 with the artifact whole in the cache: the stage finished
+        // and only its upload to the remote failed (the child said so).
+        // Checked once: verifying reads the artifact's files.
+        let unpushed = match done.exit {
+            Some(3) => self.finished_whole(&p.key),
+            _ => None,
+        };
+        let outcome = match (done.exit, unpushed) {
+            (Some(0), _) => match self.cache.key_record(&p.key) {
                 Some(record) => {
                     self.artifacts.insert(p.index, record.artifact.clone());
                     Outcome::Ran {
@@ -320,11 +327,8 @@ impl<'a> Schedule<'a> {
                 None => Outcome::Failed("its process ended without an artifact".into()),
             },
             // The child's exit code for an interruption (cli's exit::INTERRUPTED).
-            Some(130) => Outcome::Interrupted,
-            // Exit 3 with the artifact whole in the cache: the stage finished
-            // and only its upload to the remote failed (the child said so).
-            Some(3) if self.finished_whole(&p.key).is_some() => {
-                let artifact = self.finished_whole(&p.key).expect("just checked");
+            (Some(130), _) => Outcome::Interrupted,
+            (Some(3), Some(artifact)) => {
                 self.artifacts.insert(p.index, artifact.clone());
                 self.unpushed.push(format!(
                     "{}: finished, but its upload to the remote failed",
@@ -335,7 +339,7 @@ impl<'a> Schedule<'a> {
                     seconds: done.seconds,
                 }
             }
-            Some(code) => {
+            (Some(code), _) => {
                 let why = done.failure.clone().unwrap_or_else(|| {
                     let what = if code < 0 {
                         format!("killed by signal {}", -code)
@@ -353,7 +357,7 @@ impl<'a> Schedule<'a> {
                     _ => Outcome::Failed(why),
                 }
             }
-            None => Outcome::Failed("its process could not be waited for".into()),
+            (None, _) => Outcome::Failed("its process could not be waited for".into()),
         };
         if !matches!(outcome, Outcome::Ran { .. }) {
             self.missing

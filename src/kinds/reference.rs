@@ -95,9 +95,7 @@ pub fn reference_scores(
     }
     let key = crate::hashing::derived_key(&key);
     let dir = ctx.derived_growing("reference-logps", &key)?;
-    let _lock = ctx
-        .cache
-        .lock_stage(&format!("derived-reference-logps-{key}"), |_| {})?;
+    let _lock = ctx.cache.lock_derived(&format!("reference-logps-{key}"))?;
     let load = || -> anyhow::Result<crate::model::decoder::Decoder> {
         let mut model = inputs::load_model(&reference.model, dtype, device)?;
         if let Some((adapter, _)) = &reference.adapter {

@@ -571,4 +571,36 @@ fn a_pulled_variants_reference_log_probs_serve_the_variant_computed_here() {
         Some(computed),
         "{reused}"
     );
+
+    // A derived file changed on the remote: the folder is left out, said
+    // so naming the object, and the stage itself still arrives whole.
+    let remote = Remote::open(&url).unwrap();
+    let object = remote
+        .list("derived/reference-logps-")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.path)
+        .find(|p| !p.ends_with(".json") || p.matches('/').count() > 1)
+        .expect("a reference log-prob file on the remote");
+    let mut bytes = remote.get(&object).unwrap().unwrap();
+    bytes[0] ^= 1;
+    remote.put(&object, &bytes).unwrap();
+    let bad_cache = cache_arg(&ws, "c3");
+    let pulled = runner(&bad_cache, &["pull", "r.toml", "continued@beta=0.1"]);
+    assert!(
+        pulled
+            .stderr
+            .contains("does not match its recorded hash; not used")
+            && pulled.stderr.contains(&object),
+        "{}",
+        pulled.stderr
+    );
+    let derived = std::path::Path::new(&bad_cache).join("derived");
+    assert!(
+        !crate::support::list(&derived)
+            .iter()
+            .any(|n| n.starts_with("reference-logps-")),
+        "{:?}",
+        crate::support::list(&derived)
+    );
 }
