@@ -211,6 +211,9 @@ fn split_and_merge_heads_match_composition() {
         };
         let err = ops::split_heads(&x, bad, None, 1.0).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
+        let o = randn(&[1, 3, 4, 8], DType::F32);
+        let err = ops::merge_heads(&o, bad).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
     });
 }
 

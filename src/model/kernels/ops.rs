@@ -241,9 +241,35 @@ impl CustomOp2 for MulByConstant {
 /// x * c for a constant c (same shape); no gradient is kept for c.
 pub fn mul_by_constant(x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
     if fused_kernels(x.device()) {
-        x.contiguous()?.apply_op2(&c.contiguous()?, MulByConstant)
-    } else {
-        x.mul(&c.detach())
+        return x.contiguous()?.apply_op2(&c.contiguous()?, MulByConstant);
+    }
+    let output = x.detach().mul(&c.detach())?;
+    if !x.track_op() {
+        return Ok(output);
+    }
+    x.apply_op1(ComposedMulByConstant {
+        constant: c.detach(),
+        output: Precomputed::new(output)?,
+    })
+}
+
+/// `mul_by_constant` on the compositions (a GPU): candle's own product
+/// would also compute, zero and add a gradient for the constant (a dropout
+/// mask as large as the activations) in every LoRA projection's backward.
+struct ComposedMulByConstant {
+    constant: Tensor,
+    output: Precomputed,
+}
+
+impl CustomOp1 for ComposedMulByConstant {
+    fn name(&self) -> &'static str {
+        "mul-by-constant-composed"
+    }
+
+    precomputed_forward!(1);
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.detach().mul(&self.constant)?))
     }
 }
 
@@ -1000,13 +1026,17 @@ pub fn split_heads(
     rotary: Option<&Rotary>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    let op = SplitHeads {
+        heads,
+        rotary: rotary.cloned(),
+        scale,
+        adjoint: false,
+    };
+    // On every path, so that a layout that does not fit is named as such
+    // rather than as a reshape's buffer size.
+    op.batch_tokens(x.layout())?;
     if fused_kernels(x.device()) {
-        x.contiguous()?.apply_op1(SplitHeads {
-            heads,
-            rotary: rotary.cloned(),
-            scale,
-            adjoint: false,
-        })
+        x.contiguous()?.apply_op1(op)
     } else {
         // Keeps x only, not rope's half-products and copies.
         let rotary = rotary.cloned();
@@ -1039,13 +1069,15 @@ pub fn split_heads_slow(
 /// Attention's output [B, kv_heads, rep·t, hd] back to [B, t, heads·hd],
 /// the layout the output projection reads.
 pub fn merge_heads(o: &Tensor, heads: Heads) -> candle_core::Result<Tensor> {
+    let op = SplitHeads {
+        heads,
+        rotary: None,
+        scale: 1.0,
+        adjoint: true,
+    };
+    op.batch_tokens(o.layout())?;
     if fused_kernels(o.device()) {
-        o.contiguous()?.apply_op1(SplitHeads {
-            heads,
-            rotary: None,
-            scale: 1.0,
-            adjoint: true,
-        })
+        o.contiguous()?.apply_op1(op)
     } else {
         merge_heads_slow(o, heads)
     }
