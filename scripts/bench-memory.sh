@@ -12,6 +12,8 @@
 #   scripts/bench-memory.sh                      # all of it
 #   SEQS="512" CONFIGS="f32 q4_k" scripts/bench-memory.sh
 #   LORA_RUNNER_GENERIC_OPS=1 scripts/bench-memory.sh   # the GPU's code path
+#   INIT='{ arch = "qwen2", hidden = 256, layers = 4, heads = 4, kv_heads = 2, ffn = 512, vocab = 1000 }' \
+#     SEQS=8192 scripts/bench-memory.sh          # another shape
 # The runner keeps freed blocks under 32 MiB for speed (cli/process.rs), which
 # adds allocator slack to the peak, more on the GPU path (many 1-32 MiB
 # intermediates); GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576 maps every
@@ -23,6 +25,7 @@ OUT=${OUT:-target/bench-memory}
 SEQS=${SEQS:-"512 2048"}
 CONFIGS=${CONFIGS:-"f32 bf16 q8_0 q4_k"}
 CHECKPOINTING=${CHECKPOINTING:-"false true"}
+INIT=${INIT:-'{ arch = "qwen2", hidden = 896, layers = 24, heads = 14, kv_heads = 2, ffn = 4864, vocab = 151936 }'}
 [ -x "$RUNNER" ] || cargo build --release
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -44,7 +47,7 @@ seed = 0
 
 [stages.base]
 kind = "base"
-init = { arch = "qwen2", hidden = 896, layers = 24, heads = 14, kv_heads = 2, ffn = 4864, vocab = 151936 }
+init = $INIT
 quantize = "$quantize"
 
 [stages.sft]

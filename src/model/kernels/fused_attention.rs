@@ -53,14 +53,48 @@ impl Dims {
     }
 }
 
+/// The value that hides a key in the model's masks: finite, so a row that
+/// sees no key (padding) never produces NaN.
+pub const HIDDEN: f32 = -1e30;
+
 /// An additive attention mask [B, t, T] (f32: 0 shows a key, -1e30 hides
 /// it) shared by all heads and layers, with each row's visible keys (see
 /// `visible_keys`), found once per forward pass rather than in every layer.
+///
+/// Where every row sees exactly one span of keys (causal, windowed, packed
+/// or left-padded rows: the model's masks), only the spans are kept: the
+/// CPU's fused kernel reads them, and on other devices each attention tile
+/// builds its part of the mask from two u32 a row. The dense mask would
+/// take 4·t² bytes (256 MiB at 8192 tokens, 4 GiB at 32768). A mask with a
+/// hole keeps its values.
 #[derive(Clone, Debug)]
 pub struct AttentionMask {
-    dense: Tensor,
+    values: MaskValues,
+    dims: (usize, usize, usize),
     visible: Arc<[Range<usize>]>,
 }
+
+#[derive(Clone, Debug)]
+enum MaskValues {
+    Dense(Tensor),
+    /// Each row's visible keys (empty for a row that sees none), on the
+    /// host for the CPU kernel and as first and one-past-last key, u32
+    /// [B, t, 1] each, on the device for the tiles.
+    /// `dense` holds the values too where tiles read them (not the fused
+    /// CPU kernel) and they take at most `DENSE_KEPT_BYTES`: narrowing them
+    /// is one pass, where building a tile's mask from the spans is four.
+    Spans {
+        host: Arc<[Range<usize>]>,
+        starts: Tensor,
+        ends: Tensor,
+        dense: Option<Tensor>,
+    },
+}
+
+/// The largest mask also kept dense for the tiles: 64 MiB, 4096 tokens in
+/// one packed row. Measured on the GPU path at 2048 tokens of the 0.5B
+/// shape, building every tile's mask from spans took 1.06× the step's time.
+const DENSE_KEPT_BYTES: usize = 64 << 20;
 
 impl AttentionMask {
     /// The mask of row-major `values` shaped (B, t, T), on `device`.
@@ -69,16 +103,138 @@ impl AttentionMask {
         (b, t, keys): (usize, usize, usize),
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let visible = visible_keys(&values, keys).into();
-        Ok(AttentionMask {
-            dense: Tensor::from_vec(values, (b, t, keys), device)?,
+        if values.len() != b * t * keys {
+            bail!(
+                "attention mask: {} values for {:?}",
+                values.len(),
+                (b, t, keys)
+            );
+        }
+        match exact_spans(&values, keys) {
+            Some(spans) => Self::from_spans(&spans, (b, t, keys), device),
+            None => Self::from_vec_dense(values, (b, t, keys), device),
+        }
+    }
+
+    /// The mask in which row b·t + token sees exactly the keys
+    /// `spans[b·t + token]` (none when empty) and hides the rest.
+    pub fn from_spans(
+        spans: &[Range<usize>],
+        (b, t, keys): (usize, usize, usize),
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        if spans.len() != b * t {
+            bail!(
+                "attention mask: {} rows of spans for {:?}",
+                spans.len(),
+                (b, t, keys)
+            );
+        }
+        if let Some(bad) = spans.iter().find(|s| s.start > s.end || s.end > keys) {
+            bail!("attention mask: span {bad:?} is outside {keys} keys");
+        }
+        let column = |end: bool| {
+            let v: Vec<u32> = spans
+                .iter()
+                .map(|s| if end { s.end } else { s.start } as u32)
+                .collect();
+            Tensor::from_vec(v, (b, t, 1), device)
+        };
+        let visible = spans
+            .iter()
+            .map(|s| if s.is_empty() { 0..keys } else { s.clone() })
+            .collect();
+        let mut mask = AttentionMask {
+            values: MaskValues::Spans {
+                host: spans.into(),
+                starts: column(false)?,
+                ends: column(true)?,
+                dense: None,
+            },
+            dims: (b, t, keys),
             visible,
+        };
+        if !cpu::fused_kernels(device) && b * t * keys * 4 <= DENSE_KEPT_BYTES {
+            let values = mask.dense()?;
+            if let MaskValues::Spans { dense, .. } = &mut mask.values {
+                *dense = Some(values);
+            }
+        }
+        Ok(mask)
+    }
+
+    /// The mask of `values` kept as they are, even where spans would do
+    /// (for comparisons).
+    pub fn from_vec_dense(
+        values: Vec<f32>,
+        (b, t, keys): (usize, usize, usize),
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Ok(AttentionMask {
+            visible: visible_keys(&values, keys).into(),
+            values: MaskValues::Dense(Tensor::from_vec(values, (b, t, keys), device)?),
+            dims: (b, t, keys),
         })
     }
 
-    /// The mask as a tensor [B, t, T] (f32).
-    pub fn dense(&self) -> &Tensor {
-        &self.dense
+    /// (B, t, T): rows, query tokens, keys.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        self.dims
+    }
+
+    pub fn device(&self) -> &Device {
+        match &self.values {
+            MaskValues::Dense(m) => m.device(),
+            MaskValues::Spans { starts, .. } => starts.device(),
+        }
+    }
+
+    /// Whether only the spans are kept (no [B, t, T] tensor).
+    pub fn is_spans(&self) -> bool {
+        matches!(self.values, MaskValues::Spans { .. })
+    }
+
+    /// The mask as a tensor [B, t, T] (f32), built from the spans when
+    /// only they are kept.
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
+        let (_, t, keys) = self.dims;
+        self.tile(0..t, 0..keys)
+    }
+
+    /// The mask of query tokens `tokens` over keys `keys`, [B, tokens, keys].
+    pub fn tile(&self, tokens: Range<usize>, keys: Range<usize>) -> candle_core::Result<Tensor> {
+        match &self.values {
+            MaskValues::Dense(m) | MaskValues::Spans { dense: Some(m), .. } => m
+                .narrow(1, tokens.start, tokens.len())?
+                .narrow(2, keys.start, keys.len()),
+            MaskValues::Spans { starts, ends, .. } => {
+                let (b, len, nk) = (self.dims.0, tokens.len(), keys.len());
+                let (starts, ends) = (
+                    starts.narrow(1, tokens.start, len)?,
+                    ends.narrow(1, tokens.start, len)?,
+                );
+                let key = Tensor::arange(keys.start as u32, keys.end as u32, starts.device())?
+                    .reshape((1, 1, nk))?;
+                let seen = key
+                    .broadcast_ge(&starts)?
+                    .mul(&key.broadcast_lt(&ends)?)?
+                    .to_dtype(DType::F32)?;
+                // 1 → 0 and 0 → HIDDEN, exactly (1e30 − 1e30 is 0 in f32).
+                seen.affine(-f64::from(HIDDEN), f64::from(HIDDEN))?
+                    .reshape((b, len, nk))
+            }
+        }
+    }
+
+    /// This mask as spans when every row is one span; None when its values
+    /// are needed. For comparisons: it reads the mask back to the host.
+    pub fn as_spans(&self) -> candle_core::Result<Option<Self>> {
+        let (b, t, keys) = self.dims;
+        let values = self.dense()?.flatten_all()?.to_vec1::<f32>()?;
+        let Some(spans) = exact_spans(&values, keys) else {
+            return Ok(None);
+        };
+        Ok(Some(Self::from_spans(&spans, (b, t, keys), self.device())?))
     }
 
     /// Each mask row's visible keys (row b·t + token), see `visible_keys`.
@@ -90,7 +246,7 @@ impl AttentionMask {
     /// attention needs when only some positions' outputs are wanted. `idx`
     /// holds the same rows as a u32 tensor.
     pub fn select_queries(&self, rows: &[usize], idx: &Tensor) -> candle_core::Result<Self> {
-        let (b, t, _) = self.dense.dims3()?;
+        let (b, t, keys) = self.dims;
         if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
             bail!("query row {bad} is outside a mask of {t} queries");
         }
@@ -98,11 +254,48 @@ impl AttentionMask {
             .flat_map(|batch| rows.iter().map(move |&r| batch * t + r))
             .map(|i| self.visible[i].clone())
             .collect();
+        let values = match &self.values {
+            MaskValues::Dense(m) => MaskValues::Dense(m.index_select(idx, 1)?),
+            MaskValues::Spans {
+                host,
+                starts,
+                ends,
+                dense,
+            } => MaskValues::Spans {
+                host: (0..b)
+                    .flat_map(|batch| rows.iter().map(move |&r| host[batch * t + r].clone()))
+                    .collect(),
+                starts: starts.index_select(idx, 1)?,
+                ends: ends.index_select(idx, 1)?,
+                dense: dense.as_ref().map(|m| m.index_select(idx, 1)).transpose()?,
+            },
+        };
         Ok(AttentionMask {
-            dense: self.dense.index_select(idx, 1)?,
+            values,
+            dims: (b, rows.len(), keys),
             visible,
         })
     }
+}
+
+/// Each row's visible keys when every row shows exactly one span (0) and
+/// hides the rest (`HIDDEN`), as the model's masks do; None otherwise (a
+/// row with a hole, or other values), which keeps the dense values.
+fn exact_spans(mask: &[f32], keys: usize) -> Option<Vec<Range<usize>>> {
+    if keys == 0 {
+        return None;
+    }
+    mask.chunks_exact(keys)
+        .map(|row| {
+            let first = row.iter().position(|&m| m == 0.0).unwrap_or(0);
+            let end = row.iter().rposition(|&m| m == 0.0).map_or(0, |l| l + 1);
+            let exact = row.iter().enumerate().all(|(j, &m)| {
+                let shown = j >= first && j < end;
+                m.to_bits() == if shown { 0f32 } else { HIDDEN }.to_bits()
+            });
+            exact.then_some(first..end.max(first))
+        })
+        .collect()
 }
 
 /// The attention op; the mask rides along as a constant, since it gets no
@@ -167,9 +360,27 @@ fn blocks(d: Dims, visible: &[Range<usize>]) -> Vec<Block> {
     out
 }
 
+/// One batch row's mask as the CPU kernel reads it: the values [t, T], or
+/// each token's span of visible keys (empty when it sees none).
+#[derive(Clone, Copy)]
+enum HostMask<'a> {
+    Values(&'a [f32]),
+    Spans(&'a [Range<usize>]),
+}
+
+impl<'a> HostMask<'a> {
+    /// Batch row `b`'s part, of `tq` tokens over `keys` keys.
+    fn of_row(self, b: usize, tq: usize, keys: usize) -> Self {
+        match self {
+            HostMask::Values(m) => HostMask::Values(&m[b * tq * keys..][..tq * keys]),
+            HostMask::Spans(s) => HostMask::Spans(&s[b * tq..][..tq]),
+        }
+    }
+}
+
 /// probs[len, keys] = softmax(q_block · k[key0..key0 + keys]ᵀ + mask) row
 /// by row, with the same arithmetic as the model's masked softmax.
-fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], probs: &mut [T]) {
+fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: HostMask, probs: &mut [T]) {
     let (len, nk, hd) = (blk.len, blk.keys, d.hd);
     let probs = &mut probs[..len * nk];
     matmul(
@@ -184,21 +395,53 @@ fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: &[f32], p
         Threads::One,
     );
     for (i, row) in probs.chunks_exact_mut(nk).enumerate() {
-        let m = &mask[(blk.token + i) * d.keys + blk.key0..][..nk];
-        for (s, &mv) in row.iter_mut().zip(m) {
-            *s += T::of_f32(mv);
-        }
-        let max = row_max(row);
-        // A hidden key's exp underflows to exactly 0 when the row sees some
-        // key: skip it. A row that sees none spreads evenly, as the
-        // composition does.
-        let sees_none = max <= T::of_f32(HIDDEN_BELOW);
-        for (s, &mv) in row.iter_mut().zip(m) {
-            *s = if sees_none || mv > HIDDEN_BELOW {
-                (*s - max).exp_fast()
-            } else {
-                T::zero()
-            };
+        let token = blk.token + i;
+        match mask {
+            HostMask::Values(m) => {
+                let m = &m[token * d.keys + blk.key0..][..nk];
+                for (s, &mv) in row.iter_mut().zip(m) {
+                    *s += T::of_f32(mv);
+                }
+                let max = row_max(row);
+                // A hidden key's exp underflows to exactly 0 when the row
+                // sees some key: skip it. A row that sees none spreads
+                // evenly, as the composition does.
+                let sees_none = max <= T::of_f32(HIDDEN_BELOW);
+                for (s, &mv) in row.iter_mut().zip(m) {
+                    *s = if sees_none || mv > HIDDEN_BELOW {
+                        (*s - max).exp_fast()
+                    } else {
+                        T::zero()
+                    };
+                }
+            }
+            HostMask::Spans(spans) => {
+                let clip = |j: usize| j.clamp(blk.key0, blk.key0 + nk) - blk.key0;
+                let span = &spans[token];
+                let shown = clip(span.start)..clip(span.end).max(clip(span.start));
+                if shown.is_empty() {
+                    // Sees none: every key hidden alike, as the values say.
+                    for s in row.iter_mut() {
+                        *s += T::of_f32(HIDDEN);
+                    }
+                    let max = row_max(row);
+                    for s in row.iter_mut() {
+                        *s = (*s - max).exp_fast();
+                    }
+                } else {
+                    // The hidden keys' exp is exactly 0 and they do not
+                    // change the max: the values' arithmetic, bit for bit,
+                    // over the shown keys only.
+                    let (before, rest) = row.split_at_mut(shown.start);
+                    let (seen, after) = rest.split_at_mut(shown.len());
+                    let max = row_max(seen);
+                    for s in seen.iter_mut() {
+                        *s = (*s - max).exp_fast();
+                    }
+                    before.fill(T::zero());
+                    after.fill(T::zero());
+                }
+            }
         }
         let inv = T::one() / row_sum(row);
         for s in row.iter_mut() {
@@ -261,7 +504,7 @@ fn forward_unit<T: Float>(
     d: Dims,
     blocks: &[Block],
     (q, k, v): (&[T], &[T], &[T]),
-    mask: &[f32],
+    mask: HostMask,
     out: &mut [T],
 ) {
     let hd = d.hd;
@@ -289,7 +532,7 @@ fn backward_unit<T: Float>(
     blocks: &[Block],
     (q, k, v): (&[T], &[T], &[T]),
     (out, dout): (&[T], &[T]),
-    mask: &[f32],
+    mask: HostMask,
     dq: &mut [T],
     dk: &mut [T],
     dv: &mut [T],
@@ -364,7 +607,7 @@ impl FusedAttention {
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> candle_core::Result<Dims> {
         let (b, g, r, hd) = q.shape().dims4()?;
         let (kb, kg, t, khd) = k.shape().dims4()?;
-        let (mb, tq, mt) = self.mask.dense.dims3()?;
+        let (mb, tq, mt) = self.mask.dims();
         let consistent = k.shape() == v.shape()
             && (kb, kg, khd) == (b, g, hd)
             && (mb, mt) == (b, t)
@@ -376,7 +619,7 @@ impl FusedAttention {
                 q.dims(),
                 k.dims(),
                 v.dims(),
-                self.mask.dense.dims()
+                self.mask.dims()
             );
         }
         Ok(Dims {
@@ -389,17 +632,20 @@ impl FusedAttention {
         })
     }
 
-    /// The mask as f32 values with each mask row's visible keys.
+    /// The mask as the kernel reads it, with each mask row's visible keys.
     fn with_mask<R>(
         &self,
-        f: impl FnOnce(&[f32], &[Range<usize>]) -> candle_core::Result<R>,
+        f: impl FnOnce(HostMask, &[Range<usize>]) -> candle_core::Result<R>,
     ) -> candle_core::Result<R> {
-        cpu::with_cpu("fused-attention", &[&self.mask.dense], |c| {
-            f(
-                cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?,
-                &self.mask.visible,
-            )
-        })
+        match &self.mask.values {
+            MaskValues::Spans { host, .. } => f(HostMask::Spans(host), &self.mask.visible),
+            MaskValues::Dense(dense) => cpu::with_cpu("fused-attention", &[dense], |c| {
+                f(
+                    HostMask::Values(cpu_slice::<f32>(c[0].0, c[0].1, "the mask")?),
+                    &self.mask.visible,
+                )
+            }),
+        }
     }
 
     fn forward<T: Float>(&self, d: Dims, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
@@ -417,7 +663,7 @@ impl FusedAttention {
                         d,
                         &bl,
                         (&q[unit * rows * hd..][..rows * hd], &k[kv.clone()], &v[kv]),
-                        &mask[b * d.tq * keys..][..d.tq * keys],
+                        mask.of_row(b, d.tq, keys),
                         out,
                     );
                 });
@@ -454,7 +700,7 @@ impl FusedAttention {
                         &bl,
                         (&q[qr.clone()], &k[kv.clone()], &v[kv]),
                         (&out[qr.clone()], &dout[qr]),
-                        &mask[b * d.tq * keys..][..d.tq * keys],
+                        mask.of_row(b, d.tq, keys),
                         dq,
                         dk,
                         dv,
@@ -573,6 +819,6 @@ pub fn attention_slow(
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
-    let probs = masked_softmax(&scores, &mask.dense)?.to_dtype(q.dtype())?;
+    let probs = masked_softmax(&scores, &mask.dense()?)?.to_dtype(q.dtype())?;
     probs.matmul(v)
 }

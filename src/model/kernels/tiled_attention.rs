@@ -64,7 +64,7 @@ pub fn tiled_attention(
     tile: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let (b, g, r, hd) = q.dims4()?;
-    let (_, t, keys) = mask.dense().dims3()?;
+    let (_, t, keys) = mask.dims();
     if t == 0 {
         return q.zeros_like();
     }
@@ -156,9 +156,7 @@ impl Tile {
             d.narrow(q, &self.tokens)?,
             k.narrow(2, self.keys.start, nk)?,
             v.narrow(2, self.keys.start, nk)?,
-            mask.dense()
-                .narrow(1, self.tokens.start, self.tokens.len())?
-                .narrow(2, self.keys.start, nk)?,
+            mask.tile(self.tokens.clone(), self.keys.clone())?,
         ])
     }
 

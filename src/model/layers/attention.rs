@@ -9,17 +9,13 @@ use crate::model::error::Result;
 use crate::model::family::QkNorm;
 use crate::model::formats::names;
 use crate::model::formats::weights::WeightLoader;
-use crate::model::kernels::fused_attention::{attention, AttentionMask};
+use crate::model::kernels::fused_attention::{attention, AttentionMask, HIDDEN};
 use crate::model::kernels::ops::{merge_heads, split_heads, Heads, Rotary};
 use crate::model::layers::linear::Linear;
 use crate::model::layers::norm::Norm;
 use crate::model::mode::Mode;
 use crate::model::rope::RopeTable;
 use candle_core::{Device, Tensor, D};
-
-/// Additive mask value for disallowed attention; finite so a fully masked
-/// (padding) row never produces NaN.
-const MASKED: f32 = -1e30;
 
 /// cos and sin of `positions` (each row's list) at the table's
 /// frequencies, times its attention factor, as [B, t, head_dim / 2] f32.
@@ -106,7 +102,7 @@ impl AttentionContext {
                 for (key, &is_real) in row.iter().enumerate() {
                     let allowed =
                         key <= query && is_real && sliding_window.is_none_or(|w| query - key < w);
-                    mask.push(if allowed { 0.0 } else { MASKED });
+                    mask.push(if allowed { 0.0 } else { HIDDEN });
                 }
             }
         }
@@ -128,7 +124,9 @@ impl AttentionContext {
     ) -> Result<Self> {
         let total: usize = lengths.iter().sum();
         let mut positions = Vec::with_capacity(total);
-        let mut mask = vec![MASKED; total * total];
+        // Each query's visible keys as a span: never a total² mask (4 GiB
+        // at 32768 tokens), on the host or the device (`AttentionMask`).
+        let mut spans = Vec::with_capacity(total);
         let mut start = 0;
         for &len in lengths {
             for pos in 0..len {
@@ -136,13 +134,13 @@ impl AttentionContext {
                 let query = start + pos;
                 let first =
                     start + pos.saturating_sub(sliding_window.map_or(pos, |w| w.saturating_sub(1)));
-                mask[query * total + first..=query * total + query].fill(0.0);
+                spans.push(first..query + 1);
             }
             start += len;
         }
         Ok(AttentionContext {
             rotary: rope.map(|r| rotary(r, &[positions], device)).transpose()?,
-            mask: AttentionMask::from_vec(mask, (1, total, total), device)?,
+            mask: AttentionMask::from_spans(&spans, (1, total, total), device)?,
         })
     }
 }
@@ -161,7 +159,7 @@ pub struct QuerySelection {
 impl QuerySelection {
     pub fn new(ctx: &AttentionContext, rows: &[usize]) -> Result<Self> {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::from_vec(idx, rows.len(), ctx.mask.dense().device())?;
+        let idx = Tensor::from_vec(idx, rows.len(), ctx.mask.device())?;
         let rotary = match &ctx.rotary {
             Some(r) => Some(Rotary {
                 cos: r.cos.index_select(&idx, 1)?,
