@@ -78,6 +78,9 @@ print(s.get("memory", {}).get("estimate_bytes", 0) / 2**30)')
       fi
       peak=$(awk '/^[0-9]+$/ { printf("%.2f", $1 / 1048576) }' "$OUT/time")
       artifact=$("$RUNNER" show "$r" sft --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["path"])')
+      # From the artifact's timings: a rerun whose result is byte-identical
+      # keeps the first run's artifact, so this is the first run's figure;
+      # time repetitions with /usr/bin/time's wall instead.
       tps=$(python3 -c '
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1]) if "tokens_per_s" in l]
