@@ -82,7 +82,7 @@ enum MaskValues {
     /// [B, t, 1] each, on the device for the tiles.
     /// `dense` holds the values too where tiles read them (not the fused
     /// CPU kernel) and they take at most `DENSE_KEPT_BYTES`: narrowing them
-    /// is one pass, where building a tile's mask from the spans is four.
+    /// is one pass, where building a tile's mask from the spans is five.
     Spans {
         host: Arc<[Range<usize>]>,
         starts: Tensor,
@@ -226,17 +226,6 @@ impl AttentionMask {
         }
     }
 
-    /// This mask as spans when every row is one span; None when its values
-    /// are needed. For comparisons: it reads the mask back to the host.
-    pub fn as_spans(&self) -> candle_core::Result<Option<Self>> {
-        let (b, t, keys) = self.dims;
-        let values = self.dense()?.flatten_all()?.to_vec1::<f32>()?;
-        let Some(spans) = exact_spans(&values, keys) else {
-            return Ok(None);
-        };
-        Ok(Some(Self::from_spans(&spans, (b, t, keys), self.device())?))
-    }
-
     /// Each mask row's visible keys (row b·t + token), see `visible_keys`.
     pub fn visible(&self) -> &[Range<usize>] {
         &self.visible
@@ -250,10 +239,12 @@ impl AttentionMask {
         if let Some(&bad) = rows.iter().find(|&&r| r >= t) {
             bail!("query row {bad} is outside a mask of {t} queries");
         }
-        let visible = (0..b)
-            .flat_map(|batch| rows.iter().map(move |&r| batch * t + r))
-            .map(|i| self.visible[i].clone())
-            .collect();
+        let pick = |of: &[Range<usize>]| -> Arc<[Range<usize>]> {
+            (0..b)
+                .flat_map(|batch| rows.iter().map(move |&r| of[batch * t + r].clone()))
+                .collect()
+        };
+        let visible = pick(&self.visible);
         let values = match &self.values {
             MaskValues::Dense(m) => MaskValues::Dense(m.index_select(idx, 1)?),
             MaskValues::Spans {
@@ -262,9 +253,7 @@ impl AttentionMask {
                 ends,
                 dense,
             } => MaskValues::Spans {
-                host: (0..b)
-                    .flat_map(|batch| rows.iter().map(move |&r| host[batch * t + r].clone()))
-                    .collect(),
+                host: pick(host),
                 starts: starts.index_select(idx, 1)?,
                 ends: ends.index_select(idx, 1)?,
                 dense: dense.as_ref().map(|m| m.index_select(idx, 1)).transpose()?,
@@ -418,7 +407,8 @@ fn block_probs<T: Float>(d: Dims, blk: &Block, q: &[T], k: &[T], mask: HostMask,
             HostMask::Spans(spans) => {
                 let clip = |j: usize| j.clamp(blk.key0, blk.key0 + nk) - blk.key0;
                 let span = &spans[token];
-                let shown = clip(span.start)..clip(span.end).max(clip(span.start));
+                // Clipping keeps start <= end (`from_spans` checks it).
+                let shown = clip(span.start)..clip(span.end);
                 if shown.is_empty() {
                     // Sees none: every key hidden alike, as the values say.
                     for s in row.iter_mut() {

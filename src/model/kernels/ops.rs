@@ -1039,7 +1039,7 @@ pub fn split_heads(
         x.contiguous()?.apply_op1(op)
     } else {
         // Keeps x only, not rope's half-products and copies.
-        let rotary = rotary.cloned();
+        let rotary = op.rotary;
         recomputed_rows(
             x,
             x.dim(0)?,
